@@ -1,0 +1,47 @@
+"""The FastAPI application: routes, error handlers, body limits and metrics."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from services.api import errors
+from services.api.middleware import BodyLimit, Metrics
+from services.api.routes import broadcasts, channels, contacts, conversations, health, media
+from shared.settings import Settings, get_settings
+
+DESCRIPTION = """
+Broadcast one message to a chosen audience on one channel, now or later, and see exactly who
+got it. Every `/v1` route needs `Authorization: Bearer <token>` (make one with
+`bcast token create --workspace NAME`); each workspace sees only its own rows.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API application."""
+    settings = settings or get_settings()
+    app = FastAPI(title="bcast", version="0.1.0", description=DESCRIPTION)
+    errors.install(app)
+    app.add_exception_handler(IntegrityError, _on_integrity_error)
+    for module in (health, channels, contacts, broadcasts, conversations, media):
+        app.include_router(module.router)
+
+    def limit_for(path: str) -> int:
+        if path == "/v1/contacts/import":
+            return settings.import_max_body_bytes
+        if path == "/v1/media":
+            # Room for the multipart framing around the largest allowed image.
+            return settings.media_max_bytes + 64 * 1024
+        return settings.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(Metrics)
+    return app
+
+
+async def _on_integrity_error(_: Request, exc: Exception) -> JSONResponse:
+    # A concurrent request wrote the same unique row first; the checks before the write
+    # answer the common case with a specific message.
+    message = "conflicts with a row written at the same time; read it back or retry"
+    return JSONResponse(status_code=409, content={"detail": message, "message": message})

@@ -1,0 +1,61 @@
+"""Dependencies every route can ask for: a database session and the caller's workspace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from shared.db.engine import get_sessionmaker
+from shared.domain.tokens import workspace_for_token
+from shared.media_store import LocalMediaStore, MediaStore
+from shared.settings import Settings, get_settings
+
+
+def get_session() -> Iterator[Session]:
+    """A session for one request. Writes commit explicitly in the route; anything not
+    committed is rolled back when the request ends.
+    """
+    with get_sessionmaker()() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+_bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")
+
+
+def current_workspace(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> int:
+    """The workspace of the bearer token, or 401."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    workspace_id = workspace_for_token(session, credentials.credentials)
+    if workspace_id is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked bearer token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    session.commit()
+    return workspace_id
+
+
+CurrentWorkspace = Annotated[int, Depends(current_workspace)]
+
+
+def get_media_store(settings: SettingsDep) -> MediaStore:
+    return LocalMediaStore(settings.media_dir)
+
+
+MediaStoreDep = Annotated[MediaStore, Depends(get_media_store)]

@@ -1,0 +1,320 @@
+"""Broadcast tasks: create, list, read, modify, pause, resume, cancel, and who was reached."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from services.api.deps import CurrentWorkspace, SessionDep
+from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.schemas import (
+    BroadcastCreate,
+    BroadcastOut,
+    BroadcastPatch,
+    Counts,
+    Page,
+    RecipientOut,
+)
+from shared.db.engine import get_sessionmaker
+from shared.db.models import Broadcast, Delivery
+from shared.domain.audience import AudienceSpec
+from shared.domain.broadcasts import (
+    Changes,
+    Content,
+    NewBroadcast,
+    broadcasts_query,
+    cancel_broadcast,
+    counts,
+    create_broadcast,
+    get_broadcast,
+    modify_broadcast,
+    pause_broadcast,
+    recipients_query,
+    request_hash,
+    resume_broadcast,
+)
+from shared.domain.errors import ValidationFailed
+from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
+
+router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Repeat a create safely: the same key with the same body returns the same broadcast.",
+    ),
+]
+BroadcastStatusFilter = Annotated[
+    list[str] | None,
+    Query(
+        alias="status",
+        description="pending, in_progress, paused, canceled, completed; repeat or comma-separate.",
+    ),
+]
+DeliveryStatusFilter = Annotated[
+    list[str] | None,
+    Query(
+        alias="status",
+        description="queued, sending, sent, failed, canceled, skipped; repeat or comma-separate.",
+    ),
+]
+E = TypeVar("E", BroadcastStatus, DeliveryStatus)
+
+
+def broadcast_out(broadcast: Broadcast) -> BroadcastOut:
+    return BroadcastOut(
+        id=broadcast.id,
+        name=broadcast.name,
+        channel_id=broadcast.channel_id,
+        origin=Origin(broadcast.origin),
+        conversation_id=broadcast.conversation_id,
+        audience=AudienceSpec.model_validate(broadcast.audience),
+        content=Content.model_validate(broadcast.content),
+        send_at=broadcast.send_at,
+        status=BroadcastStatus(broadcast.status),
+        status_reason=broadcast.status_reason,
+        audience_size=broadcast.audience_size,
+        counts=Counts(**counts(broadcast)),
+        created_at=broadcast.created_at,
+        updated_at=broadcast.updated_at,
+        started_at=broadcast.started_at,
+        finished_at=broadcast.finished_at,
+    )
+
+
+def parse_statuses(values: list[str] | None, enum: type[E]) -> list[E]:
+    """``["pending,paused", "completed"]`` -> the three statuses; a 422 names any unknown one."""
+    allowed = [s.value for s in enum]
+    out: list[E] = []
+    for value in (v.strip() for raw in values or [] for v in raw.split(",")):
+        if not value:
+            continue
+        if value not in allowed:
+            raise ValidationFailed.one(
+                "status", f"{value!r} is not a status; allowed: {', '.join(allowed)}", "enum"
+            )
+        out.append(enum(value))
+    return out
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "An Idempotency-Key replay."}},
+)
+def post_broadcast(
+    body: BroadcastCreate,
+    response: Response,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    idempotency_key: IdempotencyKey = None,
+) -> BroadcastOut:
+    """Create a broadcast: one channel, an audience, the content, and a send time (null for
+    now, or at least 5 minutes ahead). It starts ``pending``.
+    """
+    broadcast, created = create_broadcast(
+        session,
+        workspace,
+        NewBroadcast(
+            name=body.name,
+            channel_id=body.channel_id,
+            audience=body.audience,
+            content=body.content,
+            send_at=body.send_at,
+        ),
+        idempotency_key=idempotency_key,
+        body_hash=request_hash(body.model_dump(mode="json")) if idempotency_key else None,
+    )
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return broadcast_out(broadcast)
+
+
+@router.get("")
+def list_broadcasts(
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    status_: BroadcastStatusFilter = None,
+    origin: Origin | None = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[BroadcastOut]:
+    """Broadcasts newest first, filtered by status (several at once) and origin."""
+    query = broadcasts_query(
+        workspace,
+        statuses=parse_statuses(status_, BroadcastStatus),
+        origin=origin,
+        before_id=cursor_id(cursor),
+    )
+    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
+    return Page(items=[broadcast_out(r[0]) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{broadcast_id}")
+def read_broadcast(
+    broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace
+) -> BroadcastOut:
+    """A broadcast with its counts: total, queued, sent, failed, canceled, skipped."""
+    return broadcast_out(get_broadcast(session, workspace, broadcast_id))
+
+
+@router.patch("/{broadcast_id}")
+def patch_broadcast(
+    broadcast_id: int, body: BroadcastPatch, session: SessionDep, workspace: CurrentWorkspace
+) -> BroadcastOut:
+    """Change a broadcast before its first send (pending, or paused before it started).
+    A new ``send_at`` must again be at least 5 minutes ahead, or null for immediately.
+    """
+    given = frozenset(body.model_fields_set)
+    if not given:
+        raise ValidationFailed.one(
+            "body", "changes nothing: give name, channel_id, audience, content or send_at", "empty"
+        )
+    for field in ("name", "channel_id", "audience", "content"):
+        if field in given and getattr(body, field) is None:
+            raise ValidationFailed.one(field, "may not be null", "null")
+    broadcast = modify_broadcast(
+        session,
+        workspace,
+        broadcast_id,
+        Changes(
+            fields=given,
+            name=body.name,
+            channel_id=body.channel_id,
+            audience=body.audience,
+            content=body.content,
+            send_at=body.send_at,
+        ),
+    )
+    session.commit()
+    return broadcast_out(broadcast)
+
+
+@router.post("/{broadcast_id}/pause")
+def pause(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+    """Pause a pending or sending broadcast; no provider call starts after this returns."""
+    broadcast = pause_broadcast(session, workspace, broadcast_id)
+    session.commit()
+    return broadcast_out(broadcast)
+
+
+@router.post("/{broadcast_id}/resume")
+def resume(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+    """Resume a paused broadcast; it goes on with exactly the recipients not yet sent to."""
+    broadcast = resume_broadcast(session, workspace, broadcast_id)
+    session.commit()
+    return broadcast_out(broadcast)
+
+
+@router.post("/{broadcast_id}/cancel")
+def cancel(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+    """Cancel for good: recipients not yet sent to become canceled; sent ones stay sent."""
+    broadcast = cancel_broadcast(session, workspace, broadcast_id)
+    session.commit()
+    return broadcast_out(broadcast)
+
+
+CSV_HEADER = (
+    "contact_id",
+    "name",
+    "address",
+    "status",
+    "attempts",
+    "last_error",
+    "provider_message_id",
+    "sent_at",
+)
+
+
+@router.get(
+    "/{broadcast_id}/recipients",
+    response_model=Page[RecipientOut],
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+)
+def recipients(
+    broadcast_id: int,
+    request: Request,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    status_: DeliveryStatusFilter = None,
+    format_: Annotated[str | None, Query(alias="format", pattern="^(json|csv)$")] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> Page[RecipientOut] | Response:
+    """Who the broadcast reached and who not, and why: JSON pages, or the whole list as CSV
+    with ``Accept: text/csv`` (or ``?format=csv``).
+    """
+    get_broadcast(session, workspace, broadcast_id)
+    statuses = parse_statuses(status_, DeliveryStatus)
+    wants_csv = format_ == "csv" or (
+        format_ is None and "text/csv" in request.headers.get("accept", "")
+    )
+    if wants_csv:
+        return StreamingResponse(
+            _csv_rows(workspace, broadcast_id, statuses),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="broadcast-{broadcast_id}-recipients.csv"'
+            },
+        )
+    query = recipients_query(workspace, broadcast_id, statuses=statuses, after_id=cursor_id(cursor))
+    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
+    return Page(items=[_recipient(d, name) for d, name in rows], next_cursor=next_cursor)
+
+
+def _recipient(delivery: Delivery, name: str) -> RecipientOut:
+    return RecipientOut(
+        delivery_id=delivery.id,
+        contact_id=delivery.contact_id,
+        name=name,
+        address=delivery.address,
+        status=DeliveryStatus(delivery.status),
+        attempts=delivery.attempts,
+        last_error=delivery.last_error,
+        provider_message_id=delivery.provider_message_id,
+        sent_at=delivery.sent_at,
+        updated_at=delivery.updated_at,
+    )
+
+
+def _csv_rows(workspace: int, broadcast_id: int, statuses: list[DeliveryStatus]) -> Iterator[bytes]:
+    """The CSV export, streamed from a server-side cursor so memory stays flat."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_HEADER)
+    with get_sessionmaker()() as session:
+        result = session.execute(
+            recipients_query(workspace, broadcast_id, statuses=statuses),
+            execution_options={"yield_per": 1000},
+        )
+        for delivery, name in result:
+            writer.writerow(
+                (
+                    delivery.contact_id,
+                    _cell(name),
+                    delivery.address,
+                    delivery.status,
+                    delivery.attempts,
+                    _cell(delivery.last_error or ""),
+                    delivery.provider_message_id or "",
+                    delivery.sent_at.isoformat() if delivery.sent_at else "",
+                )
+            )
+            if buffer.tell() > 64 * 1024:
+                yield buffer.getvalue().encode()
+                buffer.seek(0)
+                buffer.truncate()
+    yield buffer.getvalue().encode()
+
+
+def _cell(value: str) -> str:
+    """Free text as a CSV cell that a spreadsheet shows as text and never runs as a formula."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value

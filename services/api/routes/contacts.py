@@ -1,0 +1,160 @@
+"""Contacts (one by one, or imported in bulk) and the audience preview."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import APIRouter, Request, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.api.deps import CurrentWorkspace, SessionDep, SettingsDep
+from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.schemas import (
+    AudiencePreviewIn,
+    AudiencePreviewOut,
+    ContactOut,
+    ContactPatch,
+    ImportOut,
+    Page,
+)
+from shared.db.models import Contact
+from shared.domain.audience import audience_query, check_audience
+from shared.domain.broadcasts import get_channel
+from shared.domain.contacts import (
+    CSV_COLUMNS,
+    ContactIn,
+    contacts_query,
+    create_contact,
+    get_contact,
+    import_contacts,
+    parse_import,
+    tags_of,
+    update_contact,
+)
+from shared.domain.errors import ValidationFailed
+
+router = APIRouter(prefix="/v1", tags=["contacts"])
+
+
+def contacts_out(session: Session, contacts: Sequence[Contact]) -> list[ContactOut]:
+    tags = tags_of(session, [c.id for c in contacts])
+    return [
+        ContactOut(
+            id=c.id,
+            account_id=c.account_id,
+            address=c.address,
+            name=c.name,
+            tags=tags.get(c.id, []),
+            opted_out=c.opted_out_at is not None,
+            unreachable=c.unreachable_at is not None,
+            unreachable_reason=c.unreachable_reason,
+            created_at=c.created_at,
+        )
+        for c in contacts
+    ]
+
+
+@router.post("/contacts", status_code=status.HTTP_201_CREATED)
+def post_contact(body: ContactIn, session: SessionDep, workspace: CurrentWorkspace) -> ContactOut:
+    """Add a contact to an account; tags are given by name and created when new."""
+    contact = create_contact(session, workspace, body)
+    session.commit()
+    return contacts_out(session, [contact])[0]
+
+
+@router.get("/contacts")
+def list_contacts(
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    account_id: int | None = None,
+    tag_id: int | None = None,
+    opted_out: bool | None = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> Page[ContactOut]:
+    query = contacts_query(workspace, account_id=account_id, tag_id=tag_id, opted_out=opted_out)
+    if (before := cursor_id(cursor)) is not None:
+        query = query.where(Contact.id < before)
+    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
+    return Page(items=contacts_out(session, [r[0] for r in rows]), next_cursor=next_cursor)
+
+
+@router.get("/contacts/{contact_id}")
+def read_contact(contact_id: int, session: SessionDep, workspace: CurrentWorkspace) -> ContactOut:
+    return contacts_out(session, [get_contact(session, workspace, contact_id)])[0]
+
+
+@router.patch("/contacts/{contact_id}")
+def patch_contact(
+    contact_id: int, body: ContactPatch, session: SessionDep, workspace: CurrentWorkspace
+) -> ContactOut:
+    """Rename, retag, or opt a contact out (or back in)."""
+    contact = update_contact(
+        session, workspace, contact_id, name=body.name, tags=body.tags, opted_out=body.opted_out
+    )
+    session.commit()
+    return contacts_out(session, [contact])[0]
+
+
+_IMPORT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "items": {"$ref": "#/components/schemas/ContactIn"}}
+            },
+            "text/csv": {
+                "schema": {"type": "string"},
+                "example": ",".join(CSV_COLUMNS) + "\n1,+4915112345678,Ann,vip;berlin,false\n",
+            },
+        },
+    }
+}
+
+
+@router.post("/contacts/import", openapi_extra=_IMPORT_DOC)
+async def import_contacts_route(
+    request: Request, session: SessionDep, workspace: CurrentWorkspace, settings: SettingsDep
+) -> ImportOut:
+    """Import up to 100,000 contacts as a JSON array or CSV (header line first; ``tags``
+    separated by ``;``). All rows are written or none: any bad row fails the whole import,
+    and the answer lists the bad rows. Known contacts (same account and address) are updated.
+    """
+    body = await request.body()
+    content_type = request.headers.get("content-type", "")
+
+    def write() -> ImportOut:
+        rows = parse_import(body, content_type, max_rows=settings.import_max_rows)
+        result = import_contacts(session, workspace, rows)
+        session.commit()
+        return ImportOut(received=result.received, created=result.created, updated=result.updated)
+
+    return await run_in_threadpool(write)
+
+
+@router.post("/audiences/preview", tags=["audiences"])
+def preview_audience(
+    body: AudiencePreviewIn, session: SessionDep, workspace: CurrentWorkspace
+) -> AudiencePreviewOut:
+    """How many contacts a filter reaches on a channel, and the first of them."""
+    get_channel(session, workspace, body.channel_id)
+    try:
+        count = check_audience(session, workspace, body.channel_id, body)
+    except ValidationFailed as exc:
+        if any(e.type != "empty_audience" for e in exc.errors):
+            raise
+        count = 0
+    ids = session.execute(
+        audience_query(workspace, body.channel_id, body)
+        .with_only_columns(Contact.id)
+        .order_by(Contact.id)
+        .limit(body.limit)
+    ).scalars()
+    contacts = (
+        session.execute(select(Contact).where(Contact.id.in_(list(ids))).order_by(Contact.id))
+        .scalars()
+        .all()
+    )
+    return AudiencePreviewOut(count=count, contacts=contacts_out(session, contacts))

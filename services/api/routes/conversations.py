@@ -1,0 +1,140 @@
+"""Conversations and their timed sends (broadcasts with origin ``conversation``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy import select
+
+from services.api.deps import CurrentWorkspace, SessionDep
+from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.routes.broadcasts import IdempotencyKey, broadcast_out
+from services.api.schemas import (
+    BroadcastOut,
+    ConversationCreate,
+    ConversationOut,
+    Page,
+    TimedSendCreate,
+)
+from shared.db.models import Account, Broadcast, Contact, Conversation
+from shared.domain.broadcasts import (
+    broadcasts_query,
+    conversation_broadcast,
+    create_broadcast,
+    request_hash,
+)
+from shared.domain.errors import FieldError, NotFound, ValidationFailed
+from shared.domain.lifecycle import Origin
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, responses={200: {"description": "It already existed."}}
+)
+def post_conversation(
+    body: ConversationCreate, response: Response, session: SessionDep, workspace: CurrentWorkspace
+) -> ConversationOut:
+    """Open the conversation between an account and one of its contacts (or get the open one)."""
+    account = session.get(Account, body.account_id)
+    contact = session.get(Contact, body.contact_id)
+    errors = []
+    if account is None or account.workspace_id != workspace:
+        errors.append(FieldError("account_id", f"account {body.account_id} not found", "not_found"))
+    if contact is None or contact.workspace_id != workspace:
+        errors.append(FieldError("contact_id", f"contact {body.contact_id} not found", "not_found"))
+    elif contact.account_id != body.account_id:
+        errors.append(
+            FieldError(
+                "contact_id",
+                f"contact {body.contact_id} belongs to account {contact.account_id}, not {body.account_id}",
+                "wrong_account",
+            )
+        )
+    if errors:
+        raise ValidationFailed(errors)
+    existing = session.execute(
+        select(Conversation).where(
+            Conversation.account_id == body.account_id, Conversation.contact_id == body.contact_id
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return ConversationOut.model_validate(existing)
+    conversation = Conversation(
+        workspace_id=workspace, account_id=body.account_id, contact_id=body.contact_id
+    )
+    session.add(conversation)
+    session.commit()
+    return ConversationOut.model_validate(conversation)
+
+
+@router.get("")
+def list_conversations(
+    session: SessionDep, workspace: CurrentWorkspace, limit: Limit = 100, cursor: Cursor = None
+) -> Page[ConversationOut]:
+    query = (
+        select(Conversation)
+        .where(Conversation.workspace_id == workspace)
+        .order_by(Conversation.id.desc())
+    )
+    if (before := cursor_id(cursor)) is not None:
+        query = query.where(Conversation.id < before)
+    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
+    return Page(items=[ConversationOut.model_validate(r[0]) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{conversation_id}")
+def read_conversation(
+    conversation_id: int, session: SessionDep, workspace: CurrentWorkspace
+) -> ConversationOut:
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None or conversation.workspace_id != workspace:
+        raise NotFound("conversation", conversation_id)
+    return ConversationOut.model_validate(conversation)
+
+
+@router.post(
+    "/{conversation_id}/timed-sends",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "An Idempotency-Key replay."}},
+)
+def post_timed_send(
+    conversation_id: int,
+    body: TimedSendCreate,
+    response: Response,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    idempotency_key: IdempotencyKey = None,
+) -> BroadcastOut:
+    """Schedule a message to this conversation's contact. It is a broadcast with origin
+    ``conversation`` and one recipient, listed, paused and canceled like any other.
+    """
+    new = conversation_broadcast(session, workspace, conversation_id, body.content, body.send_at)
+    payload = {"conversation_id": conversation_id, **body.model_dump(mode="json")}
+    broadcast, created = create_broadcast(
+        session,
+        workspace,
+        new,
+        idempotency_key=idempotency_key,
+        body_hash=request_hash(payload) if idempotency_key else None,
+    )
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return broadcast_out(broadcast)
+
+
+@router.get("/{conversation_id}/timed-sends")
+def list_timed_sends(
+    conversation_id: int,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[BroadcastOut]:
+    read_conversation(conversation_id, session, workspace)
+    query = broadcasts_query(
+        workspace, origin=Origin.CONVERSATION, before_id=cursor_id(cursor)
+    ).where(Broadcast.conversation_id == conversation_id)
+    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
+    return Page(items=[broadcast_out(r[0]) for r in rows], next_cursor=next_cursor)

@@ -1,0 +1,65 @@
+"""Image uploads for message content."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Response, UploadFile, status
+
+from services.api.deps import CurrentWorkspace, MediaStoreDep, SessionDep, SettingsDep
+from services.api.schemas import MediaOut
+from shared.db.models import Media
+from shared.domain.errors import NotFound
+from shared.domain.media import create_media
+
+router = APIRouter(prefix="/v1/media", tags=["media"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def upload(
+    file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP or GIF image.")],
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    store: MediaStoreDep,
+    settings: SettingsDep,
+) -> MediaOut:
+    """Upload one image. Its content is decoded to prove what it is; the filename and the
+    declared type are not trusted.
+    """
+    data = file.file.read(settings.media_max_bytes + 1)
+    media = create_media(
+        session,
+        store,
+        workspace,
+        filename=file.filename or "",
+        data=data,
+        max_bytes=settings.media_max_bytes,
+        max_pixels=settings.media_max_pixels,
+    )
+    try:
+        session.commit()
+    except BaseException:
+        store.delete(media.storage_key)
+        raise
+    return MediaOut.model_validate(media)
+
+
+@router.get("/{media_id}")
+def read_media(media_id: int, session: SessionDep, workspace: CurrentWorkspace) -> MediaOut:
+    return MediaOut.model_validate(_media(session, workspace, media_id))
+
+
+@router.get("/{media_id}/content", response_class=Response)
+def media_content(
+    media_id: int, session: SessionDep, workspace: CurrentWorkspace, store: MediaStoreDep
+) -> Response:
+    """The image bytes, for the operator's console."""
+    media = _media(session, workspace, media_id)
+    return Response(store.get(media.storage_key), media_type=media.content_type)
+
+
+def _media(session: SessionDep, workspace: int, media_id: int) -> Media:
+    media = session.get(Media, media_id)
+    if media is None or media.workspace_id != workspace:
+        raise NotFound("media", media_id)
+    return media

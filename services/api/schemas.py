@@ -1,0 +1,246 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from shared.domain.audience import AudienceFilter, AudienceSpec
+from shared.domain.broadcasts import Content
+from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Id = Annotated[int, Field(gt=0)]
+T = TypeVar("T")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass ``next_cursor`` back as ``cursor`` for the next (null: the end)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+# --- channels, accounts, tags ------------------------------------------------------------
+
+
+class ChannelCreate(_In):
+    name: Name
+    kind: ChannelKind
+    config: dict[str, Any] = Field(
+        description="Per kind: webhook {url, secret}; telegram {bot_token, api_base_url}; "
+        "whatsapp {access_token, phone_number_id, api_version, api_base_url}; "
+        "smtp {host, port, username, password, starttls, from_address}."
+    )
+    rate_limit_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="Sends per second across all dispatchers; default: the provider's own limit.",
+    )
+
+
+class ChannelOut(BaseModel):
+    id: int
+    name: str
+    kind: ChannelKind
+    config: dict[str, Any] = Field(description="Secret values are shown as ********.")
+    rate_limit_per_second: float
+    created_at: datetime
+
+
+class AccountCreate(_In):
+    channel_id: Id
+    name: Name
+
+
+class AccountOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel_id: int
+    name: str
+    created_at: datetime
+
+
+class TagCreate(_In):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class TagOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    created_at: datetime
+
+
+# --- contacts -------------------------------------------------------------------------------
+
+
+class ContactOut(BaseModel):
+    id: int
+    account_id: int
+    address: str
+    name: str
+    tags: list[str]
+    opted_out: bool
+    unreachable: bool
+    unreachable_reason: str | None
+    created_at: datetime
+
+
+class ContactPatch(_In):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None = None
+    tags: (
+        list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]]
+        | None
+    ) = Field(default=None, max_length=50, description="Replaces the contact's tags.")
+    opted_out: bool | None = None
+
+
+class ImportOut(BaseModel):
+    received: int
+    created: int
+    updated: int
+
+
+class AudiencePreviewIn(AudienceFilter):
+    channel_id: Id
+    limit: int = Field(default=50, ge=1, le=500, description="Contacts on the first page.")
+
+
+class AudiencePreviewOut(BaseModel):
+    count: int
+    contacts: list[ContactOut]
+
+
+# --- broadcasts -----------------------------------------------------------------------------
+
+
+def _one_channel(value: Any) -> Any:
+    if isinstance(value, list):
+        raise ValueError(
+            f"a broadcast goes out on exactly one channel; got a list of {len(value)}: "
+            "give one channel id"
+        )
+    return value
+
+
+class BroadcastCreate(_In):
+    name: Name
+    channel_id: Id
+    audience: AudienceSpec
+    content: Content
+    send_at: datetime | None = Field(
+        default=None,
+        description="null sends immediately; otherwise an ISO-8601 time with offset, "
+        "at least 5 minutes ahead.",
+    )
+    channel_ids: SkipJsonSchema[list[int] | None] = Field(default=None, exclude=True)
+
+    _single_channel = field_validator("channel_id", mode="before")(_one_channel)
+
+    @field_validator("channel_ids")
+    @classmethod
+    def _no_channel_list(cls, value: list[int] | None) -> None:
+        raise ValueError(
+            "a broadcast goes out on exactly one channel: give channel_id, not channel_ids"
+        )
+
+
+class BroadcastPatch(_In):
+    name: Name | None = None
+    channel_id: Id | None = None
+    audience: AudienceSpec | None = None
+    content: Content | None = None
+    send_at: datetime | None = Field(
+        default=None, description="null means immediately (once the broadcast is pending)."
+    )
+
+    _single_channel = field_validator("channel_id", mode="before")(_one_channel)
+
+
+class Counts(BaseModel):
+    total: int = Field(description="Recipients snapshotted when sending started.")
+    queued: int = Field(description="Not yet final: waiting, being sent, or to be retried.")
+    sent: int
+    failed: int
+    canceled: int
+    skipped: int
+
+
+class BroadcastOut(BaseModel):
+    id: int
+    name: str
+    channel_id: int
+    origin: Origin
+    conversation_id: int | None
+    audience: AudienceSpec
+    content: Content
+    send_at: datetime
+    status: BroadcastStatus
+    status_reason: str | None
+    audience_size: int = Field(description="Contacts the audience matched when last written.")
+    counts: Counts
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RecipientOut(BaseModel):
+    delivery_id: int
+    contact_id: int
+    name: str
+    address: str
+    status: DeliveryStatus
+    attempts: int
+    last_error: str | None
+    provider_message_id: str | None
+    sent_at: datetime | None
+    updated_at: datetime
+
+
+# --- conversations, media -------------------------------------------------------------------
+
+
+class ConversationCreate(_In):
+    account_id: Id
+    contact_id: Id
+
+
+class ConversationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    account_id: int
+    contact_id: int
+    created_at: datetime
+
+
+class TimedSendCreate(_In):
+    content: Content
+    send_at: datetime | None = Field(
+        default=None, description="null sends immediately; otherwise at least 5 minutes ahead."
+    )
+
+
+class MediaOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    content_type: str
+    size_bytes: int
+    width: int
+    height: int
+    sha256: str
+    filename: str
+    created_at: datetime

@@ -1,0 +1,61 @@
+"""Engine and session factory for the one Postgres database bcast keeps its state in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import get_settings
+
+
+def sqlalchemy_url(database_url: str) -> URL:
+    """Turn a plain ``postgresql://`` URL into one that names the psycopg 3 driver."""
+    url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+    return url.set(drivername="postgresql+psycopg")
+
+
+def libpq_url(database_url: str) -> str:
+    """The same URL in the form libpq (and so ``psycopg.connect``) accepts."""
+    return (
+        sqlalchemy_url(database_url)
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+
+
+def make_engine(
+    database_url: str, *, pool_size: int = 5, application_name: str = "bcast"
+) -> Engine:
+    """Create an engine for ``database_url``; every service holds one per process."""
+    return create_engine(
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"application_name": application_name},
+    )
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    """The process-wide engine built from settings."""
+    settings = get_settings()
+    return make_engine(settings.database_url, pool_size=settings.db_pool_size)
+
+
+@lru_cache(maxsize=1)
+def get_sessionmaker() -> sessionmaker[Session]:
+    """The process-wide session factory."""
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One unit of work: commit when the block ends normally, roll back when it raises."""
+    with get_sessionmaker().begin() as session:
+        yield session

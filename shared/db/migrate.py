@@ -1,0 +1,40 @@
+"""Create the database if it is missing and bring its schema to the newest migration."""
+
+from __future__ import annotations
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+from psycopg import sql
+from sqlalchemy import make_url
+
+from shared.db.engine import libpq_url
+
+
+def alembic_config(database_url: str) -> Config:
+    """An Alembic config pointing at the packaged migrations and at ``database_url``."""
+    config = Config()
+    config.set_main_option("script_location", "shared.db:migrations")
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def create_database_if_missing(database_url: str) -> bool:
+    """Create the database named in ``database_url``; return True when it was created."""
+    url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+    name = url.database
+    if not name:
+        raise ValueError("the database URL names no database")
+    admin = libpq_url(url.set(database="postgres").render_as_string(hide_password=False))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return True
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Create the database if needed and run every migration up to ``revision``."""
+    create_database_if_missing(database_url)
+    command.upgrade(alembic_config(database_url), revision)

@@ -1,0 +1,278 @@
+"""SQLAlchemy models: the whole of bcast's state. Every row belongs to a workspace."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shared.domain.lifecycle import (
+    BROADCAST_ORIGINS,
+    BROADCAST_STATUSES,
+    CHANNEL_KINDS,
+    DELIVERY_STATUSES,
+)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    listed = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({listed})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        dict[str, Any]: JSONB,
+        datetime: DateTime(timezone=True),
+        int: BigInteger,
+    }
+
+
+def _pk() -> Mapped[int]:
+    return mapped_column(BigInteger, Identity(always=True), primary_key=True)
+
+
+def _workspace_fk() -> Mapped[int]:
+    return mapped_column(ForeignKey("workspace.id", ondelete="CASCADE"), nullable=False)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now(), nullable=False)
+
+
+class Workspace(Base):
+    __tablename__ = "workspace"
+
+    id: Mapped[int] = _pk()
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 digest is stored."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    name: Mapped[str] = mapped_column(Text, server_default="")
+    token_hash: Mapped[str] = mapped_column(Text, unique=True)
+    #: The first characters of the token, enough to tell tokens apart in a listing.
+    prefix: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Channel(Base):
+    __tablename__ = "channel"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name"),
+        CheckConstraint(_in("kind", CHANNEL_KINDS), name="kind"),
+        CheckConstraint("rate_limit_per_second > 0", name="rate_limit_positive"),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    rate_limit_per_second: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Account(Base):
+    """A channel's sending identity: a WhatsApp number, a Telegram bot, a mailbox."""
+
+    __tablename__ = "account"
+    __table_args__ = (
+        UniqueConstraint("channel_id", "name"),
+        Index(None, "workspace_id", "id"),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channel.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Contact(Base):
+    """A person reachable through one account, at one address."""
+
+    __tablename__ = "contact"
+    __table_args__ = (
+        UniqueConstraint("account_id", "address"),
+        Index(None, "workspace_id", "id"),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    account_id: Mapped[int] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text, server_default="")
+    opted_out_at: Mapped[datetime | None]
+    unreachable_at: Mapped[datetime | None]
+    unreachable_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+
+
+class Tag(Base):
+    __tablename__ = "tag"
+    __table_args__ = (
+        Index("uq_tag_workspace_id_lower_name", "workspace_id", text("lower(name)"), unique=True),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    name: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ContactTag(Base):
+    __tablename__ = "contact_tag"
+    # The primary key serves "tags of a contact"; this index serves audience resolution by tag.
+    __table_args__ = (Index(None, "tag_id", "contact_id"),)
+
+    contact_id: Mapped[int] = mapped_column(
+        ForeignKey("contact.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tag.id", ondelete="CASCADE"), primary_key=True)
+    workspace_id: Mapped[int] = _workspace_fk()
+
+
+class Conversation(Base):
+    __tablename__ = "conversation"
+    __table_args__ = (
+        UniqueConstraint("account_id", "contact_id"),
+        Index(None, "workspace_id", "id"),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    account_id: Mapped[int] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"))
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contact.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Media(Base):
+    """An uploaded image; its bytes live in the media store under ``storage_key``."""
+
+    __tablename__ = "media"
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    content_type: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(Text)
+    storage_key: Mapped[str] = mapped_column(Text, unique=True)
+    filename: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Broadcast(Base):
+    """One message to one audience on one channel: the task operators see and steer."""
+
+    __tablename__ = "broadcast"
+    __table_args__ = (
+        CheckConstraint(_in("status", BROADCAST_STATUSES), name="status"),
+        CheckConstraint(_in("origin", BROADCAST_ORIGINS), name="origin"),
+        Index("ix_broadcast_workspace_id_id", "workspace_id", text("id DESC")),
+        Index("ix_broadcast_workspace_id_status_id", "workspace_id", "status", text("id DESC")),
+        Index("ix_broadcast_workspace_id_origin_id", "workspace_id", "origin", text("id DESC")),
+        # The scheduler's due-task pick reads only this small partial index.
+        Index("ix_broadcast_due", "send_at", postgresql_where=text("status = 'pending'")),
+        Index(
+            "uq_broadcast_workspace_id_idempotency_key",
+            "workspace_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    name: Mapped[str] = mapped_column(Text)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channel.id", ondelete="CASCADE"))
+    origin: Mapped[str] = mapped_column(Text, server_default="broadcast")
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversation.id", ondelete="SET NULL")
+    )
+    audience: Mapped[dict[str, Any]]
+    content: Mapped[dict[str, Any]]
+    send_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    #: Why the task is in its status when that is not the operator's own doing.
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    #: Audience size when the task was written; the snapshot at start fixes ``total_count``.
+    audience_size: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    total_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    sent_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    failed_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    canceled_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    skipped_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    request_hash: Mapped[str | None] = mapped_column(Text)
+    #: Set when an operator resumes a task the scheduler held back for being too late.
+    late_start_approved: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Delivery(Base):
+    """One recipient of one broadcast, snapshotted when the broadcast starts."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        UniqueConstraint("broadcast_id", "contact_id"),
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
+        Index(None, "broadcast_id", "status", "id"),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contact.id", ondelete="CASCADE"))
+    #: The contact's address when the audience was snapshotted.
+    address: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+    sent_at: Mapped[datetime | None]

@@ -1,0 +1,1 @@
+"""Domain rules: lifecycle, audience, channels, broadcasts, contacts, media, tokens."""

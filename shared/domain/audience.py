@@ -1,0 +1,219 @@
+"""Audience: which contacts a broadcast goes to, as one SQL query used everywhere.
+
+The same query answers the preview, checks a new broadcast, and (in the dispatcher) snapshots
+the recipients when the broadcast starts, so what an operator previews is what gets sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from shared.db.models import Account, Contact, ContactTag, Tag
+from shared.db.sql import in_ids, not_in_ids
+from shared.domain.errors import FieldError, ValidationFailed
+
+#: Most ids one audience list may carry (a manual selection of a whole imported list).
+MAX_IDS = 100_000
+#: How many wrong ids one error answer names before it stops listing.
+MAX_LISTED_ERRORS = 10
+
+Id = Annotated[int, Field(gt=0)]
+
+
+class AudienceFilter(BaseModel):
+    """Filter contacts of a channel by accounts and/or tags (both multi-select)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account_ids: list[Id] = Field(default_factory=list, max_length=1000)
+    tag_ids: list[Id] = Field(default_factory=list, max_length=1000)
+    tag_match: Literal["any", "all"] = "any"
+
+
+class AudienceSpec(AudienceFilter):
+    """The filter, then everyone it matches (``all``, minus exclusions) or a hand-picked subset."""
+
+    selection: Literal["all", "manual"] = "all"
+    contact_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS)
+    exclude_contact_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS)
+
+    @model_validator(mode="after")
+    def _selection_fits(self) -> AudienceSpec:
+        if self.selection == "manual":
+            if not self.contact_ids:
+                raise ValueError("selection 'manual' needs contact_ids: the hand-picked contacts")
+            if self.exclude_contact_ids:
+                raise ValueError(
+                    "exclude_contact_ids applies to selection 'all' only; with 'manual' "
+                    "list just the wanted contacts in contact_ids"
+                )
+        elif self.contact_ids:
+            raise ValueError(
+                "contact_ids applies to selection 'manual' only; with 'all' use "
+                "exclude_contact_ids to leave contacts out"
+            )
+        return self
+
+
+def audience_query(
+    workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+) -> Select[int, int, str]:
+    """``SELECT contact.id, contact.account_id, contact.address`` of every recipient.
+
+    Contacts of the channel's accounts only, opted-out contacts never, narrowed by the spec.
+    """
+    conditions = [
+        Contact.workspace_id == workspace_id,
+        Account.channel_id == channel_id,
+        Contact.opted_out_at.is_(None),
+    ]
+    if spec.account_ids:
+        conditions.append(in_ids(Contact.account_id, spec.account_ids))
+    if spec.tag_ids:
+        tag_ids = spec.tag_ids
+        if spec.tag_match == "any":
+            conditions.append(
+                select(ContactTag.contact_id)
+                .where(ContactTag.contact_id == Contact.id, in_ids(ContactTag.tag_id, tag_ids))
+                .exists()
+            )
+        else:
+            matched = (
+                select(func.count())
+                .select_from(ContactTag)
+                .where(ContactTag.contact_id == Contact.id, in_ids(ContactTag.tag_id, tag_ids))
+                .scalar_subquery()
+            )
+            conditions.append(matched == len(set(tag_ids)))
+    if isinstance(spec, AudienceSpec):
+        if spec.selection == "manual":
+            conditions.append(in_ids(Contact.id, spec.contact_ids))
+        elif spec.exclude_contact_ids:
+            conditions.append(not_in_ids(Contact.id, spec.exclude_contact_ids))
+    return (
+        select(Contact.id, Contact.account_id, Contact.address)
+        .join(Account, Account.id == Contact.account_id)
+        .where(*conditions)
+    )
+
+
+def count_audience(
+    session: Session, workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+) -> int:
+    """How many contacts the spec reaches right now."""
+    query = audience_query(workspace_id, channel_id, spec).subquery()
+    return int(session.execute(select(func.count()).select_from(query)).scalar_one())
+
+
+def check_audience(
+    session: Session,
+    workspace_id: int,
+    channel_id: int,
+    spec: AudienceFilter | AudienceSpec,
+    *,
+    field: str = "audience",
+) -> int:
+    """Check every id in the spec against the workspace and channel; return the audience size.
+
+    Raises ``ValidationFailed`` naming each unknown or foreign id, a manual pick outside the
+    filtered audience, or an audience that matches nobody.
+    """
+    errors: list[FieldError] = []
+    if spec.account_ids:
+        rows = session.execute(
+            select(Account.id, Account.channel_id).where(
+                Account.workspace_id == workspace_id, in_ids(Account.id, spec.account_ids)
+            )
+        ).all()
+        channel_of = {r.id: r.channel_id for r in rows}
+
+        def wrong_account(account_id: int) -> bool:
+            return channel_of.get(account_id) != channel_id
+
+        for i, account_id in _listed(spec.account_ids, wrong_account):
+            if account_id not in channel_of:
+                errors.append(
+                    FieldError(
+                        f"{field}.account_ids[{i}]", f"account {account_id} not found", "not_found"
+                    )
+                )
+            elif channel_of[account_id] != channel_id:
+                errors.append(
+                    FieldError(
+                        f"{field}.account_ids[{i}]",
+                        f"account {account_id} belongs to channel {channel_of[account_id]}, "
+                        f"not to the broadcast's channel {channel_id}; a broadcast uses one channel",
+                        "wrong_channel",
+                    )
+                )
+    if spec.tag_ids:
+        known = set(
+            session.execute(
+                select(Tag.id).where(Tag.workspace_id == workspace_id, in_ids(Tag.id, spec.tag_ids))
+            ).scalars()
+        )
+        errors.extend(
+            FieldError(f"{field}.tag_ids[{i}]", f"tag {tag_id} not found", "not_found")
+            for i, tag_id in _listed(spec.tag_ids, _not_in(known))
+        )
+    if isinstance(spec, AudienceSpec):
+        for name in ("contact_ids", "exclude_contact_ids"):
+            ids: list[int] = getattr(spec, name)
+            if not ids:
+                continue
+            existing = _existing_contacts(session, workspace_id, ids)
+            errors.extend(
+                FieldError(f"{field}.{name}[{i}]", f"contact {cid} not found", "not_found")
+                for i, cid in _listed(ids, _not_in(existing))
+            )
+        if spec.selection == "manual" and not errors:
+            inside = set(
+                session.execute(
+                    audience_query(workspace_id, channel_id, spec).with_only_columns(Contact.id)
+                ).scalars()
+            )
+            errors.extend(
+                FieldError(
+                    f"{field}.contact_ids[{i}]",
+                    f"contact {cid} is not in the filtered audience (another channel or "
+                    "account, missing tags, or opted out)",
+                    "outside_audience",
+                )
+                for i, cid in _listed(spec.contact_ids, _not_in(inside))
+            )
+    if errors:
+        raise ValidationFailed(errors)
+    size = count_audience(session, workspace_id, channel_id, spec)
+    if size == 0:
+        raise ValidationFailed.one(
+            field, "matches no contacts: widen the accounts, tags or selection", "empty_audience"
+        )
+    return size
+
+
+def _existing_contacts(session: Session, workspace_id: int, ids: Sequence[int]) -> set[int]:
+    return set(
+        session.execute(
+            select(Contact.id).where(Contact.workspace_id == workspace_id, in_ids(Contact.id, ids))
+        ).scalars()
+    )
+
+
+def _not_in(known: set[int]) -> Callable[[int], bool]:
+    return lambda value: value not in known
+
+
+def _listed(ids: Sequence[int], wrong: Callable[[int], bool]) -> list[tuple[int, int]]:
+    """(index, id) pairs of the ids that are wrong, at most ``MAX_LISTED_ERRORS`` of them."""
+    out: list[tuple[int, int]] = []
+    for i, value in enumerate(ids):
+        if wrong(value):
+            out.append((i, value))
+            if len(out) == MAX_LISTED_ERRORS:
+                break
+    return out

@@ -1,0 +1,408 @@
+"""Broadcast tasks: create, modify, list, and the operator's pause / resume / cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db.models import Account, Broadcast, Channel, Contact, Conversation, Delivery
+from shared.domain.audience import AudienceSpec, check_audience
+from shared.domain.errors import NotFound, StateConflict, ValidationFailed
+from shared.domain.lifecycle import (
+    ACTION_ALLOWED_FROM,
+    BroadcastStatus,
+    DeliveryStatus,
+    Origin,
+    allowed_phrase,
+)
+from shared.domain.media import MAX_IMAGES, check_media_ids
+
+#: A scheduled send must lie at least this far ahead when it is written.
+MIN_LEAD = timedelta(minutes=5)
+#: And at most this far.
+MAX_LEAD = timedelta(days=366)
+MAX_TEXT = 4096
+
+
+class Content(BaseModel):
+    """What is sent: text, images, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, max_length=MAX_TEXT)
+    media_ids: list[int] = Field(default_factory=list)
+
+    @field_validator("media_ids")
+    @classmethod
+    def _at_most_ten(cls, value: list[int]) -> list[int]:
+        if len(value) > MAX_IMAGES:
+            raise ValueError(f"has {len(value)} images; a message may carry at most {MAX_IMAGES}")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Content:
+        if self.text is not None and not self.text.strip():
+            self.text = None
+        if self.text is None and not self.media_ids:
+            raise ValueError("is empty: give text, media_ids, or both")
+        return self
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def resolve_send_at(send_at: datetime | None, now: datetime, *, field: str = "send_at") -> datetime:
+    """``None`` means now; a given time must carry a UTC offset and lie 5 minutes to a year ahead."""
+    if send_at is None:
+        return now
+    if send_at.tzinfo is None or send_at.utcoffset() is None:
+        raise ValidationFailed.one(
+            field,
+            "needs a UTC offset, e.g. 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00",
+            "timezone_missing",
+        )
+    if send_at < now + MIN_LEAD:
+        ahead = (send_at - now).total_seconds()
+        raise ValidationFailed.one(
+            field,
+            f"is {ahead:.0f} s from now; a scheduled send must be at least 5 minutes ahead "
+            "(or null to send immediately)",
+            "too_soon",
+        )
+    if send_at > now + MAX_LEAD:
+        raise ValidationFailed.one(field, "is more than a year ahead", "too_late")
+    return send_at.astimezone(UTC)
+
+
+def request_hash(payload: dict[str, Any]) -> str:
+    """A stable digest of a request body, for Idempotency-Key replays."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_channel(
+    session: Session, workspace_id: int, channel_id: int, *, field: str = "channel_id"
+) -> Channel:
+    """The workspace's channel, or a 422 naming ``field``."""
+    channel = session.get(Channel, channel_id)
+    if channel is None or channel.workspace_id != workspace_id:
+        raise ValidationFailed.one(field, f"channel {channel_id} not found", "not_found")
+    return channel
+
+
+@dataclass(frozen=True)
+class NewBroadcast:
+    name: str
+    channel_id: int
+    audience: AudienceSpec
+    content: Content
+    send_at: datetime | None
+    origin: Origin = Origin.BROADCAST
+    conversation_id: int | None = None
+
+
+def create_broadcast(
+    session: Session,
+    workspace_id: int,
+    new: NewBroadcast,
+    *,
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
+) -> tuple[Broadcast, bool]:
+    """Write a pending broadcast; return it and whether it was created now.
+
+    With an ``idempotency_key`` a repeat of the same request returns the broadcast the first
+    one made; the same key with another body is refused.
+    """
+    if idempotency_key is not None:
+        earlier = _by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
+        if earlier is not None:
+            return earlier, False
+    now = utcnow()
+    send_at = resolve_send_at(new.send_at, now)
+    get_channel(session, workspace_id, new.channel_id)
+    size = check_audience(session, workspace_id, new.channel_id, new.audience)
+    check_media_ids(session, workspace_id, new.content.media_ids, field="content.media_ids")
+    broadcast = Broadcast(
+        workspace_id=workspace_id,
+        name=new.name,
+        channel_id=new.channel_id,
+        origin=new.origin.value,
+        conversation_id=new.conversation_id,
+        audience=new.audience.model_dump(mode="json"),
+        content=new.content.model_dump(mode="json"),
+        send_at=send_at,
+        status=BroadcastStatus.PENDING.value,
+        audience_size=size,
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+    )
+    if idempotency_key is None:
+        session.add(broadcast)
+        session.flush()
+        return broadcast, True
+    # A concurrent request with the same key may win the race: let the unique index decide.
+    try:
+        with session.begin_nested():
+            session.add(broadcast)
+            session.flush()
+    except IntegrityError:
+        earlier = _by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
+        if earlier is None:
+            raise
+        return earlier, False
+    return broadcast, True
+
+
+def _by_idempotency_key(
+    session: Session, workspace_id: int, key: str, body_hash: str | None
+) -> Broadcast | None:
+    earlier = session.execute(
+        select(Broadcast).where(
+            Broadcast.workspace_id == workspace_id, Broadcast.idempotency_key == key
+        )
+    ).scalar_one_or_none()
+    if earlier is not None and earlier.request_hash != body_hash:
+        raise ValidationFailed.one(
+            "Idempotency-Key",
+            f"was already used for broadcast {earlier.id} with a different body; "
+            "use a new key for a different request",
+            "idempotency_key_reused",
+        )
+    return earlier
+
+
+def get_broadcast(
+    session: Session, workspace_id: int, broadcast_id: int, *, lock: bool = False
+) -> Broadcast:
+    query = select(Broadcast).where(
+        Broadcast.id == broadcast_id, Broadcast.workspace_id == workspace_id
+    )
+    if lock:
+        query = query.with_for_update()
+    broadcast = session.execute(query).scalar_one_or_none()
+    if broadcast is None:
+        raise NotFound("broadcast", broadcast_id)
+    return broadcast
+
+
+def counts(broadcast: Broadcast) -> dict[str, int]:
+    """Recipients by delivery status; ``queued`` counts every one not yet final."""
+    done = (
+        broadcast.sent_count
+        + broadcast.failed_count
+        + broadcast.canceled_count
+        + broadcast.skipped_count
+    )
+    return {
+        "total": broadcast.total_count,
+        "queued": broadcast.total_count - done,
+        "sent": broadcast.sent_count,
+        "failed": broadcast.failed_count,
+        "canceled": broadcast.canceled_count,
+        "skipped": broadcast.skipped_count,
+    }
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, *, field: str = "cursor") -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise ValidationFailed.one(
+            field, "is not a cursor this API handed out", "cursor_invalid"
+        ) from None
+
+
+def broadcasts_query(
+    workspace_id: int,
+    *,
+    statuses: Sequence[BroadcastStatus] = (),
+    origin: Origin | None = None,
+    before_id: int | None = None,
+) -> Select[Broadcast]:
+    """Broadcasts of a workspace, newest first."""
+    query = select(Broadcast).where(Broadcast.workspace_id == workspace_id)
+    if statuses:
+        query = query.where(Broadcast.status.in_([s.value for s in statuses]))
+    if origin is not None:
+        query = query.where(Broadcast.origin == origin.value)
+    if before_id is not None:
+        query = query.where(Broadcast.id < before_id)
+    return query.order_by(Broadcast.id.desc())
+
+
+def _require(broadcast: Broadcast, action: str) -> None:
+    if broadcast.status not in ACTION_ALLOWED_FROM[action]:
+        raise StateConflict(
+            f"broadcast {broadcast.id} is {broadcast.status}; {action} is allowed only while "
+            f"{allowed_phrase(action)}"
+        )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Fields a PATCH may change; ``fields`` says which were given (send_at may be given as None)."""
+
+    fields: frozenset[str]
+    name: str | None = None
+    channel_id: int | None = None
+    audience: AudienceSpec | None = None
+    content: Content | None = None
+    send_at: datetime | None = None
+
+
+def modify_broadcast(
+    session: Session, workspace_id: int, broadcast_id: int, changes: Changes
+) -> Broadcast:
+    """Change a broadcast before its first send: while pending, or paused before it started."""
+    broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
+    _require(broadcast, "modify")
+    if broadcast.started_at is not None:
+        raise StateConflict(
+            f"broadcast {broadcast.id} has started sending; it can be modified only before its "
+            "first send (while pending, or paused before it started)"
+        )
+    if broadcast.origin == Origin.CONVERSATION.value and changes.fields & {
+        "channel_id",
+        "audience",
+    }:
+        raise ValidationFailed.one(
+            "audience",
+            "a conversation's timed send always goes to that conversation's contact",
+            "fixed_audience",
+        )
+    now = utcnow()
+    if "send_at" in changes.fields:
+        broadcast.send_at = resolve_send_at(changes.send_at, now)
+    if changes.name is not None:
+        broadcast.name = changes.name
+    channel_id = changes.channel_id if changes.channel_id is not None else broadcast.channel_id
+    if changes.channel_id is not None:
+        get_channel(session, workspace_id, changes.channel_id)
+        broadcast.channel_id = changes.channel_id
+    if changes.channel_id is not None or changes.audience is not None:
+        audience = changes.audience or AudienceSpec.model_validate(broadcast.audience)
+        broadcast.audience_size = check_audience(session, workspace_id, channel_id, audience)
+        broadcast.audience = audience.model_dump(mode="json")
+    if changes.content is not None:
+        check_media_ids(session, workspace_id, changes.content.media_ids, field="content.media_ids")
+        broadcast.content = changes.content.model_dump(mode="json")
+    broadcast.updated_at = now
+    session.flush()
+    return broadcast
+
+
+def pause_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> Broadcast:
+    """Stop sending: once this commits, no dispatcher starts another provider call for it."""
+    broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
+    _require(broadcast, "pause")
+    broadcast.status = BroadcastStatus.PAUSED.value
+    broadcast.status_reason = None
+    broadcast.updated_at = utcnow()
+    session.flush()
+    return broadcast
+
+
+def resume_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> Broadcast:
+    """Go on: a task that never started is pending again (and may start late, the operator
+    having said so); one that had started continues with exactly its unsent recipients.
+    """
+    broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
+    _require(broadcast, "resume")
+    if broadcast.started_at is None:
+        broadcast.status = BroadcastStatus.PENDING.value
+        broadcast.late_start_approved = True
+    else:
+        broadcast.status = BroadcastStatus.IN_PROGRESS.value
+    broadcast.status_reason = None
+    broadcast.updated_at = utcnow()
+    session.flush()
+    return broadcast
+
+
+def cancel_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> Broadcast:
+    """Stop for good: recipients not yet sent to become ``canceled``; sent ones stay sent."""
+    broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
+    _require(broadcast, "cancel")
+    canceled = session.execute(  # type: ignore[attr-defined]
+        update(Delivery)
+        .where(
+            Delivery.broadcast_id == broadcast.id, Delivery.status == DeliveryStatus.QUEUED.value
+        )
+        .values(status=DeliveryStatus.CANCELED.value, updated_at=func.now(), lease_expires_at=None)
+    ).rowcount
+    now = utcnow()
+    broadcast.canceled_count += int(canceled or 0)
+    broadcast.status = BroadcastStatus.CANCELED.value
+    broadcast.status_reason = None
+    broadcast.updated_at = now
+    broadcast.finished_at = now
+    session.flush()
+    return broadcast
+
+
+def recipients_query(
+    workspace_id: int,
+    broadcast_id: int,
+    *,
+    statuses: Sequence[DeliveryStatus] = (),
+    after_id: int | None = None,
+) -> Select[Delivery, str]:
+    """Deliveries of a broadcast with the contact's name, in snapshot order."""
+    query = (
+        select(Delivery, Contact.name)
+        .join(Contact, Contact.id == Delivery.contact_id)
+        .where(Delivery.broadcast_id == broadcast_id, Delivery.workspace_id == workspace_id)
+    )
+    if statuses:
+        query = query.where(Delivery.status.in_([s.value for s in statuses]))
+    if after_id is not None:
+        query = query.where(Delivery.id > after_id)
+    return query.order_by(Delivery.id)
+
+
+def conversation_broadcast(
+    session: Session,
+    workspace_id: int,
+    conversation_id: int,
+    content: Content,
+    send_at: datetime | None,
+) -> NewBroadcast:
+    """The broadcast a conversation's timed send becomes: that conversation's one contact."""
+    row = session.execute(
+        select(Conversation, Contact.name, Account.channel_id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .join(Account, Account.id == Conversation.account_id)
+        .where(Conversation.id == conversation_id, Conversation.workspace_id == workspace_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound("conversation", conversation_id)
+    conversation, contact_name, channel_id = row
+    return NewBroadcast(
+        name=f"Timed send to {contact_name or 'contact ' + str(conversation.contact_id)}",
+        channel_id=channel_id,
+        audience=AudienceSpec(
+            account_ids=[conversation.account_id],
+            selection="manual",
+            contact_ids=[conversation.contact_id],
+        ),
+        content=content,
+        send_at=send_at,
+        origin=Origin.CONVERSATION,
+        conversation_id=conversation.id,
+    )

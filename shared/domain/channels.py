@@ -1,0 +1,133 @@
+"""Channel kinds: their config, which config keys are secret, and what an address looks like."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from shared.domain.errors import ValidationFailed
+from shared.domain.lifecycle import ChannelKind
+
+#: What the API shows in place of a secret config value.
+REDACTED = "********"
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class WebhookConfig(_Config):
+    url: AnyHttpUrl
+    secret: str = Field(min_length=16, description="HMAC-SHA256 key that signs every request body")
+
+
+class TelegramConfig(_Config):
+    bot_token: str = Field(min_length=1, pattern=r"^\d+:[A-Za-z0-9_-]+$")
+    api_base_url: AnyHttpUrl = AnyHttpUrl("https://api.telegram.org")
+
+
+class WhatsappConfig(_Config):
+    access_token: str = Field(min_length=1)
+    phone_number_id: str = Field(min_length=1, pattern=r"^\d+$")
+    api_version: str = Field(default="v21.0", pattern=r"^v\d+\.\d+$")
+    api_base_url: AnyHttpUrl = AnyHttpUrl("https://graph.facebook.com")
+
+
+class SmtpConfig(_Config):
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = True
+    from_address: str = Field(min_length=3)
+
+    @field_validator("from_address")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if not EMAIL.fullmatch(value):
+            raise ValueError("must be an email address such as news@example.com")
+        return value
+
+
+CONFIG_MODELS: dict[ChannelKind, type[_Config]] = {
+    ChannelKind.WEBHOOK: WebhookConfig,
+    ChannelKind.TELEGRAM: TelegramConfig,
+    ChannelKind.WHATSAPP: WhatsappConfig,
+    ChannelKind.SMTP: SmtpConfig,
+}
+
+#: Config keys never shown back to anyone, per kind.
+SECRET_KEYS: dict[ChannelKind, frozenset[str]] = {
+    ChannelKind.WEBHOOK: frozenset({"secret"}),
+    ChannelKind.TELEGRAM: frozenset({"bot_token"}),
+    ChannelKind.WHATSAPP: frozenset({"access_token"}),
+    ChannelKind.SMTP: frozenset({"password"}),
+}
+
+#: The provider's own limit, used when a channel is created without one.
+DEFAULT_RATE_LIMIT_PER_SECOND: dict[ChannelKind, float] = {
+    ChannelKind.WEBHOOK: 100.0,
+    ChannelKind.TELEGRAM: 30.0,
+    ChannelKind.WHATSAPP: 80.0,
+    ChannelKind.SMTP: 10.0,
+}
+
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_E164 = re.compile(r"\+?[1-9]\d{6,14}")
+_TELEGRAM_CHAT = re.compile(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31}")
+
+#: Per kind: the address pattern and how it is described to a user who got it wrong.
+ADDRESS_RULES: dict[ChannelKind, tuple[re.Pattern[str], str]] = {
+    ChannelKind.WEBHOOK: (re.compile(r"\S(.*\S)?", re.DOTALL), "a non-blank string"),
+    ChannelKind.TELEGRAM: (_TELEGRAM_CHAT, "a Telegram chat id (digits) or @username"),
+    ChannelKind.WHATSAPP: (_E164, "a phone number in E.164 form, e.g. +4915112345678"),
+    ChannelKind.SMTP: (EMAIL, "an email address such as ann@example.com"),
+}
+MAX_ADDRESS_LENGTH = 320
+
+
+def validate_config(
+    kind: ChannelKind, config: dict[str, Any], field: str = "config"
+) -> dict[str, Any]:
+    """Check ``config`` against the kind's schema; return it normalised (defaults filled in)."""
+    model = CONFIG_MODELS[kind]
+    try:
+        parsed = model.model_validate(config)
+    except ValidationError as exc:
+        allowed = ", ".join(model.model_fields)
+        raise ValidationFailed.from_pydantic(
+            exc,
+            prefix=field,
+            extra_message=f"unknown key for a {kind.value} channel; allowed keys: {allowed}",
+        ) from None
+    return parsed.model_dump(mode="json")
+
+
+def redact_config(kind: ChannelKind, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be shown: every secret value replaced by ``REDACTED``."""
+    secrets = SECRET_KEYS[kind]
+    return {k: (REDACTED if k in secrets and v not in (None, "") else v) for k, v in config.items()}
+
+
+def normalize_address(kind: ChannelKind, address: str) -> str:
+    """The canonical form of an address for ``kind``; raises ``ValueError`` saying what is allowed."""
+    value = address.strip()
+    if kind is ChannelKind.SMTP:
+        value = value.lower()
+    elif kind is ChannelKind.WHATSAPP:
+        value = re.sub(r"[\s().-]", "", value)
+    pattern, described = ADDRESS_RULES[kind]
+    if len(value) > MAX_ADDRESS_LENGTH or not pattern.fullmatch(value):
+        raise ValueError(f"{address!r} is not a valid {kind.value} address: expected {described}")
+    if kind is ChannelKind.WHATSAPP and not value.startswith("+"):
+        value = "+" + value
+    return value

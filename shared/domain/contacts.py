@@ -1,0 +1,407 @@
+"""Contacts and tags: one at a time, or imported by the hundred thousand in one transaction."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from sqlalchemy import Select, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared.db.models import Account, Channel, Contact, ContactTag, Tag
+from shared.db.sql import in_ids
+from shared.domain.channels import normalize_address
+from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed, describe
+from shared.domain.lifecycle import ChannelKind
+
+TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+#: How many row errors one failed import lists before it summarises the rest.
+MAX_IMPORT_ERRORS = 100
+#: Columns a CSV import understands; ``tags`` holds names separated by ``;``.
+CSV_COLUMNS = ("account_id", "address", "name", "tags", "opted_out")
+
+
+class ContactIn(BaseModel):
+    """One contact as a client writes it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    account_id: int = Field(gt=0)
+    address: str = Field(min_length=1, max_length=320)
+    name: str = Field(default="", max_length=200)
+    tags: list[TagName] = Field(default_factory=list, max_length=50)
+    opted_out: bool = False
+
+
+_ROWS = TypeAdapter(list[ContactIn])
+
+
+def ensure_tags(session: Session, workspace_id: int, names: Iterable[str]) -> dict[str, int]:
+    """Ids of the named tags (case-insensitive), creating the missing ones. Keys are lowercased."""
+    wanted = {n.strip().lower(): n.strip() for n in names if n.strip()}
+    if not wanted:
+        return {}
+    session.execute(
+        insert(Tag)
+        .values([{"workspace_id": workspace_id, "name": n} for n in wanted.values()])
+        .on_conflict_do_nothing()
+    )
+    rows = session.execute(
+        select(Tag.id, func.lower(Tag.name)).where(
+            Tag.workspace_id == workspace_id, func.lower(Tag.name).in_(list(wanted))
+        )
+    ).all()
+    return {name: tag_id for tag_id, name in rows}
+
+
+def create_tag(session: Session, workspace_id: int, name: str) -> Tag:
+    """A new tag; a name already taken (ignoring case) is a conflict."""
+    exists = session.execute(
+        select(Tag.id).where(Tag.workspace_id == workspace_id, func.lower(Tag.name) == name.lower())
+    ).scalar_one_or_none()
+    if exists is not None:
+        raise StateConflict(f"tag {name!r} already exists (id {exists})")
+    tag = Tag(workspace_id=workspace_id, name=name)
+    session.add(tag)
+    session.flush()
+    return tag
+
+
+def account_kinds(
+    session: Session, workspace_id: int, account_ids: Iterable[int]
+) -> dict[int, ChannelKind]:
+    """Channel kind of each account of the workspace among ``account_ids``."""
+    rows = session.execute(
+        select(Account.id, Channel.kind)
+        .join(Channel, Channel.id == Account.channel_id)
+        .where(Account.workspace_id == workspace_id, in_ids(Account.id, account_ids))
+    ).all()
+    return {account_id: ChannelKind(kind) for account_id, kind in rows}
+
+
+def create_contact(session: Session, workspace_id: int, data: ContactIn) -> Contact:
+    """One new contact; its tags are created by name when missing."""
+    kinds = account_kinds(session, workspace_id, [data.account_id])
+    if data.account_id not in kinds:
+        raise ValidationFailed.one(
+            "account_id", f"account {data.account_id} not found", "not_found"
+        )
+    try:
+        address = normalize_address(kinds[data.account_id], data.address)
+    except ValueError as exc:
+        raise ValidationFailed.one("address", str(exc)) from None
+    existing = session.execute(
+        select(Contact.id).where(Contact.account_id == data.account_id, Contact.address == address)
+    ).scalar_one_or_none()
+    if existing is not None:
+        raise StateConflict(
+            f"account {data.account_id} already has a contact at {address!r} (id {existing})"
+        )
+    contact = Contact(
+        workspace_id=workspace_id,
+        account_id=data.account_id,
+        address=address,
+        name=data.name,
+        opted_out_at=func.now() if data.opted_out else None,
+    )
+    session.add(contact)
+    session.flush()
+    set_tags(session, workspace_id, contact.id, data.tags)
+    return contact
+
+
+def set_tags(session: Session, workspace_id: int, contact_id: int, names: Sequence[str]) -> None:
+    """Make the contact's tags exactly ``names``."""
+    tag_ids = set(ensure_tags(session, workspace_id, names).values())
+    current = set(
+        session.execute(
+            select(ContactTag.tag_id).where(ContactTag.contact_id == contact_id)
+        ).scalars()
+    )
+    if current - tag_ids:
+        session.execute(
+            delete(ContactTag).where(
+                ContactTag.contact_id == contact_id, in_ids(ContactTag.tag_id, current - tag_ids)
+            )
+        )
+    if tag_ids - current:
+        session.execute(
+            insert(ContactTag).values(
+                [
+                    {"contact_id": contact_id, "tag_id": t, "workspace_id": workspace_id}
+                    for t in tag_ids - current
+                ]
+            )
+        )
+
+
+def get_contact(session: Session, workspace_id: int, contact_id: int) -> Contact:
+    contact = session.get(Contact, contact_id)
+    if contact is None or contact.workspace_id != workspace_id:
+        raise NotFound("contact", contact_id)
+    return contact
+
+
+def update_contact(
+    session: Session,
+    workspace_id: int,
+    contact_id: int,
+    *,
+    name: str | None = None,
+    tags: Sequence[str] | None = None,
+    opted_out: bool | None = None,
+) -> Contact:
+    """Change a contact's name, tags or opt-out; fields left None stay as they are."""
+    contact = get_contact(session, workspace_id, contact_id)
+    values: dict[str, Any] = {}
+    if name is not None:
+        values["name"] = name
+    if opted_out is not None and opted_out != (contact.opted_out_at is not None):
+        values["opted_out_at"] = func.now() if opted_out else None
+    if values:
+        session.execute(
+            update(Contact).where(Contact.id == contact_id).values(**values, updated_at=func.now())
+        )
+    if tags is not None:
+        set_tags(session, workspace_id, contact_id, tags)
+    session.refresh(contact)
+    return contact
+
+
+def tags_of(session: Session, contact_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Tag names of each contact, sorted."""
+    if not contact_ids:
+        return {}
+    rows = session.execute(
+        select(ContactTag.contact_id, Tag.name)
+        .join(Tag, Tag.id == ContactTag.tag_id)
+        .where(in_ids(ContactTag.contact_id, contact_ids))
+        .order_by(ContactTag.contact_id, func.lower(Tag.name))
+    ).all()
+    out: dict[int, list[str]] = {cid: [] for cid in contact_ids}
+    for contact_id, name in rows:
+        out[contact_id].append(name)
+    return out
+
+
+def contacts_query(
+    workspace_id: int,
+    *,
+    account_id: int | None = None,
+    tag_id: int | None = None,
+    opted_out: bool | None = None,
+) -> Select[Contact]:
+    """Contacts of a workspace, newest first, narrowed by the given filters."""
+    query = select(Contact).where(Contact.workspace_id == workspace_id)
+    if account_id is not None:
+        query = query.where(Contact.account_id == account_id)
+    if tag_id is not None:
+        query = query.where(
+            select(ContactTag.contact_id)
+            .where(ContactTag.contact_id == Contact.id, ContactTag.tag_id == tag_id)
+            .exists()
+        )
+    if opted_out is not None:
+        query = query.where(
+            Contact.opted_out_at.is_not(None) if opted_out else Contact.opted_out_at.is_(None)
+        )
+    return query.order_by(Contact.id.desc())
+
+
+# --- import -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    received: int
+    created: int
+    updated: int
+
+
+def parse_import(body: bytes, content_type: str, *, max_rows: int) -> list[ContactIn]:
+    """Rows of a JSON array or a CSV file (header line first), all valid, or ``ValidationFailed``
+    listing what is wrong row by row.
+    """
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type in ("text/csv", "application/csv"):
+        raw = _csv_rows(body)
+    elif media_type in ("application/json", ""):
+        try:
+            raw = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValidationFailed.one(
+                "body", f"is not valid JSON: {exc}", "json_invalid"
+            ) from None
+        if not isinstance(raw, list):
+            raise ValidationFailed.one("body", "must be a JSON array of contacts", "list_type")
+    else:
+        raise ValidationFailed.one(
+            "Content-Type", f"{media_type!r} is not importable; send application/json or text/csv"
+        )
+    if not raw:
+        raise ValidationFailed.one("body", "holds no contacts", "empty")
+    if len(raw) > max_rows:
+        raise ValidationFailed.one(
+            "body",
+            f"holds {len(raw):,} contacts; one import takes at most {max_rows:,}",
+            "too_long",
+        )
+    try:
+        return _ROWS.validate_python(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        listed = [
+            FieldError(_row_field(err["loc"]), describe(err), err["type"])
+            for err in errors[:MAX_IMPORT_ERRORS]
+        ]
+        if len(errors) > MAX_IMPORT_ERRORS:
+            listed.append(
+                FieldError("body", f"and {len(errors) - MAX_IMPORT_ERRORS} more errors", "more")
+            )
+        raise ValidationFailed(listed) from None
+
+
+def _row_field(loc: Sequence[int | str]) -> str:
+    index, *rest = loc
+    return f"rows[{index}]" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+
+
+def _csv_rows(body: bytes) -> list[dict[str, Any]]:
+    try:
+        decoded = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValidationFailed.one("body", "CSV must be UTF-8 encoded", "encoding") from None
+    reader = csv.DictReader(io.StringIO(decoded, newline=""))
+    header = reader.fieldnames or []
+    unknown = [c for c in header if c not in CSV_COLUMNS]
+    missing = [c for c in ("account_id", "address") if c not in header]
+    if unknown or missing:
+        problems = [f"unknown: {', '.join(unknown)}"] if unknown else []
+        problems += [f"missing: {', '.join(missing)}"] if missing else []
+        raise ValidationFailed.one(
+            "body",
+            f"CSV header must name columns from {', '.join(CSV_COLUMNS)} (account_id and "
+            f"address required); {'; '.join(problems)}",
+            "csv_header",
+        )
+    rows: list[dict[str, Any]] = []
+    errors: list[FieldError] = []
+    for i, record in enumerate(reader):
+        if None in record:
+            errors.append(
+                FieldError(
+                    f"rows[{i}]",
+                    f"CSV line {reader.line_num} has more cells than the header",
+                    "csv_row",
+                )
+            )
+            continue
+        row: dict[str, Any] = {k: v for k, v in record.items() if v is not None}
+        if "tags" in row:
+            row["tags"] = [t for t in row["tags"].split(";") if t.strip()]
+        if row.get("opted_out") == "":
+            del row["opted_out"]
+        rows.append(row)
+    if errors:
+        raise ValidationFailed(errors[:MAX_IMPORT_ERRORS])
+    return rows
+
+
+def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) -> ImportResult:
+    """Write every row or none: new contacts are created, known ones (same account and
+    address) get the new name and the extra tags. An import never clears an opt-out.
+    """
+    kinds = account_kinds(session, workspace_id, {r.account_id for r in rows})
+    errors: list[FieldError] = []
+    seen: dict[tuple[int, str], int] = {}
+    normalized: list[str] = []
+    for i, row in enumerate(rows):
+        kind = kinds.get(row.account_id)
+        if kind is None:
+            errors.append(
+                FieldError(
+                    f"rows[{i}].account_id", f"account {row.account_id} not found", "not_found"
+                )
+            )
+            normalized.append("")
+            continue
+        try:
+            address = normalize_address(kind, row.address)
+        except ValueError as exc:
+            errors.append(FieldError(f"rows[{i}].address", str(exc)))
+            normalized.append("")
+            continue
+        first = seen.setdefault((row.account_id, address), i)
+        if first != i:
+            errors.append(
+                FieldError(
+                    f"rows[{i}].address",
+                    f"repeats rows[{first}] (same account and address)",
+                    "duplicate",
+                )
+            )
+        normalized.append(address)
+        if len(errors) >= MAX_IMPORT_ERRORS:
+            break
+    if errors:
+        raise ValidationFailed(errors)
+
+    tag_ids = ensure_tags(session, workspace_id, {t for r in rows for t in r.tags})
+    session.execute(
+        text(
+            "CREATE TEMP TABLE contact_import (account_id bigint, address text, name text,"
+            " opted_out boolean, tag_ids bigint[]) ON COMMIT DROP"
+        )
+    )
+    driver = session.connection().connection.driver_connection
+    assert driver is not None
+    with (
+        driver.cursor() as cursor,
+        cursor.copy(
+            "COPY contact_import (account_id, address, name, opted_out, tag_ids) FROM STDIN"
+        ) as copy,
+    ):
+        for row, address in zip(rows, normalized, strict=True):
+            copy.write_row(
+                (
+                    row.account_id,
+                    address,
+                    row.name,
+                    row.opted_out,
+                    [tag_ids[t.lower()] for t in row.tags],
+                )
+            )
+    counts = session.execute(
+        text(
+            """
+            WITH upserted AS (
+                INSERT INTO contact (workspace_id, account_id, address, name, opted_out_at)
+                SELECT :workspace_id, account_id, address, name,
+                       CASE WHEN opted_out THEN now() END
+                FROM contact_import
+                ON CONFLICT (account_id, address) DO UPDATE
+                SET name = CASE WHEN EXCLUDED.name <> '' THEN EXCLUDED.name ELSE contact.name END,
+                    opted_out_at = COALESCE(contact.opted_out_at, EXCLUDED.opted_out_at),
+                    updated_at = now()
+                RETURNING id, account_id, address, (xmax = 0) AS inserted
+            ), tagged AS (
+                INSERT INTO contact_tag (contact_id, tag_id, workspace_id)
+                SELECT u.id, t.tag_id, :workspace_id
+                FROM upserted u
+                JOIN contact_import i USING (account_id, address)
+                CROSS JOIN LATERAL unnest(i.tag_ids) AS t(tag_id)
+                ON CONFLICT DO NOTHING
+            )
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+            FROM upserted
+            """
+        ),
+        {"workspace_id": workspace_id},
+    ).one()
+    return ImportResult(received=len(rows), created=int(counts[0]), updated=int(counts[1]))

@@ -1,0 +1,62 @@
+"""The five task statuses and the moves between them (see the architecture page)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BroadcastStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    PAUSED = "paused"
+    CANCELED = "canceled"
+    COMPLETED = "completed"
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    #: Never attempted because the contact is known to be unreachable or opted out.
+    SKIPPED = "skipped"
+
+
+class Origin(StrEnum):
+    BROADCAST = "broadcast"
+    CONVERSATION = "conversation"
+
+
+class ChannelKind(StrEnum):
+    WEBHOOK = "webhook"
+    TELEGRAM = "telegram"
+    WHATSAPP = "whatsapp"
+    SMTP = "smtp"
+
+
+BROADCAST_STATUSES: tuple[str, ...] = tuple(s.value for s in BroadcastStatus)
+DELIVERY_STATUSES: tuple[str, ...] = tuple(s.value for s in DeliveryStatus)
+BROADCAST_ORIGINS: tuple[str, ...] = tuple(o.value for o in Origin)
+CHANNEL_KINDS: tuple[str, ...] = tuple(k.value for k in ChannelKind)
+
+FINAL_BROADCAST_STATUSES = frozenset({BroadcastStatus.CANCELED, BroadcastStatus.COMPLETED})
+FINAL_DELIVERY_STATUSES = frozenset(
+    {DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.CANCELED, DeliveryStatus.SKIPPED}
+)
+
+#: Operator actions and the statuses each may start from.
+ACTION_ALLOWED_FROM: dict[str, frozenset[BroadcastStatus]] = {
+    "pause": frozenset({BroadcastStatus.PENDING, BroadcastStatus.IN_PROGRESS}),
+    "resume": frozenset({BroadcastStatus.PAUSED}),
+    "cancel": frozenset(
+        {BroadcastStatus.PENDING, BroadcastStatus.IN_PROGRESS, BroadcastStatus.PAUSED}
+    ),
+    "modify": frozenset({BroadcastStatus.PENDING, BroadcastStatus.PAUSED}),
+}
+
+
+def allowed_phrase(action: str) -> str:
+    """``'pending or in_progress'``: the statuses from which ``action`` is allowed, in words."""
+    names = sorted(s.value for s in ACTION_ALLOWED_FROM[action])
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

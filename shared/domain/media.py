@@ -1,0 +1,152 @@
+"""Uploaded images: checked for what they really are, stored, and recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db.models import Media
+from shared.db.sql import in_ids
+from shared.domain.errors import FieldError, ValidationFailed
+from shared.media_store import MediaStore
+
+#: Pillow format name -> the content type providers are told.
+ALLOWED_FORMATS = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+}
+#: Most images one message may carry.
+MAX_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    content_type: str
+    width: int
+    height: int
+
+
+def inspect_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, field: str = "file"
+) -> ImageInfo:
+    """Decode ``data`` and say what image it is; refuse anything that is not a whole image
+    of an allowed format within the size limits. The filename and declared type are ignored.
+    """
+    allowed = ", ".join(sorted(ALLOWED_FORMATS.values()))
+    if not data:
+        raise ValidationFailed.one(field, "is empty; upload an image file", "empty_file")
+    if len(data) > max_bytes:
+        raise ValidationFailed.one(
+            field,
+            f"is {len(data):,} bytes; images may be at most {max_bytes:,} bytes",
+            "too_large",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt = probe.format or ""
+                width, height = probe.size
+                if fmt not in ALLOWED_FORMATS:
+                    raise ValidationFailed.one(
+                        field,
+                        f"is a {fmt or 'unknown'} image; allowed: {allowed}",
+                        "unsupported_image",
+                    )
+                if width * height > max_pixels:
+                    raise ValidationFailed.one(
+                        field,
+                        f"is {width}x{height} pixels; images may have at most {max_pixels:,} pixels",
+                        "too_many_pixels",
+                    )
+                probe.verify()
+            # verify() checks structure only; decoding every pixel proves the image is whole.
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+    except ValidationFailed:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValidationFailed.one(
+            field, f"is not an image; allowed: {allowed}", "not_an_image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValidationFailed.one(
+            field, f"is a damaged or truncated image ({exc})", "damaged_image"
+        ) from None
+    return ImageInfo(ALLOWED_FORMATS[fmt], width, height)
+
+
+def create_media(
+    session: Session,
+    store: MediaStore,
+    workspace_id: int,
+    *,
+    filename: str,
+    data: bytes,
+    max_bytes: int,
+    max_pixels: int,
+) -> Media:
+    """Check and store an upload, then record it. If the row cannot be written the stored
+    bytes are removed again, so nothing is left half-written.
+    """
+    info = inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    key = f"{workspace_id}/{uuid.uuid4().hex}"
+    store.put(key, data)
+    try:
+        media = Media(
+            workspace_id=workspace_id,
+            content_type=info.content_type,
+            size_bytes=len(data),
+            width=info.width,
+            height=info.height,
+            sha256=hashlib.sha256(data).hexdigest(),
+            storage_key=key,
+            filename=filename[:255],
+        )
+        session.add(media)
+        session.flush()
+    except BaseException:
+        store.delete(key)
+        raise
+    return media
+
+
+def check_media_ids(
+    session: Session, workspace_id: int, media_ids: list[int], *, field: str
+) -> None:
+    """Every id must be an upload of this workspace; at most ``MAX_IMAGES``, no repeats."""
+    if len(media_ids) > MAX_IMAGES:
+        raise ValidationFailed.one(
+            field,
+            f"has {len(media_ids)} images; a message may carry at most {MAX_IMAGES}",
+            "too_many_images",
+        )
+    errors = [
+        FieldError(f"{field}[{i}]", f"media {mid} appears twice", "duplicate")
+        for i, mid in enumerate(media_ids)
+        if mid in media_ids[:i]
+    ]
+    if media_ids:
+        known = set(
+            session.execute(
+                select(Media.id).where(
+                    Media.workspace_id == workspace_id, in_ids(Media.id, media_ids)
+                )
+            ).scalars()
+        )
+        errors += [
+            FieldError(f"{field}[{i}]", f"media {mid} not found", "not_found")
+            for i, mid in enumerate(media_ids)
+            if mid not in known
+        ]
+    if errors:
+        raise ValidationFailed(errors)
