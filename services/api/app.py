@@ -31,8 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if path == "/v1/contacts/import":
             return settings.import_max_body_bytes
         if path == "/v1/media":
-            # Room for the multipart framing around the largest allowed image.
-            return settings.media_max_bytes + 64 * 1024
+            # Room above the image limit, so an image a little too large gets a 422 that
+            # says by how much, rather than a bare 413.
+            return settings.media_max_bytes * 4
         return settings.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)

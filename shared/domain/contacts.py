@@ -377,6 +377,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
                     [tag_ids[t.lower()] for t in row.tags],
                 )
             )
+    session.execute(text("ANALYZE contact_import"))
     counts = session.execute(
         text(
             """

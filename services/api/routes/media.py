@@ -26,7 +26,7 @@ def upload(
     """Upload one image. Its content is decoded to prove what it is; the filename and the
     declared type are not trusted.
     """
-    data = file.file.read(settings.media_max_bytes + 1)
+    data = file.file.read()
     media = create_media(
         session,
         store,

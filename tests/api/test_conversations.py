@@ -1,0 +1,115 @@
+"""A conversation's timed send is a broadcast with origin ``conversation`` and one recipient."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import Api
+
+
+@pytest.fixture
+def conversation(api: Api) -> dict[str, Any]:
+    account = api.account(api.channel("telegram")["id"])
+    contact = api.contact(account["id"], "123456789", name="Ann")
+    api.contact(account["id"], "987654321", name="Bob")
+    conv: dict[str, Any] = api.ok(
+        "post",
+        "/v1/conversations",
+        201,
+        json={"account_id": account["id"], "contact_id": contact["id"]},
+    )
+    return conv
+
+
+def test_opening_a_conversation_twice_returns_the_same_one(
+    api: Api, conversation: dict[str, Any]
+) -> None:
+    again = api.post(
+        "/v1/conversations",
+        json={"account_id": conversation["account_id"], "contact_id": conversation["contact_id"]},
+    )
+    assert again.status_code == 200
+    assert again.json()["id"] == conversation["id"]
+
+
+def test_contact_of_another_account_is_refused(api: Api, conversation: dict[str, Any]) -> None:
+    other = api.account(api.channel("telegram")["id"])
+    response = api.post(
+        "/v1/conversations",
+        json={"account_id": other["id"], "contact_id": conversation["contact_id"]},
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "contact_id"
+
+
+def test_timed_send_is_a_one_recipient_broadcast_in_the_list(
+    api: Api, conversation: dict[str, Any]
+) -> None:
+    when = (datetime.now(UTC) + timedelta(minutes=30)).isoformat()
+    b = api.ok(
+        "post",
+        f"/v1/conversations/{conversation['id']}/timed-sends",
+        201,
+        json={"content": {"text": "see you"}, "send_at": when},
+    )
+    assert b["origin"] == "conversation"
+    assert b["conversation_id"] == conversation["id"]
+    assert b["audience"]["selection"] == "manual"
+    assert b["audience"]["contact_ids"] == [conversation["contact_id"]]
+    assert b["audience_size"] == 1
+    assert b["name"] == "Timed send to Ann"
+    plain = api.broadcast(b["channel_id"])
+    everything = [x["id"] for x in api.ok("get", "/v1/broadcasts")["items"]]
+    assert everything == [plain["id"], b["id"]]
+    only_conversations = api.ok("get", "/v1/broadcasts?origin=conversation")["items"]
+    assert [x["id"] for x in only_conversations] == [b["id"]]
+    only_broadcasts = api.ok("get", "/v1/broadcasts?origin=broadcast")["items"]
+    assert [x["id"] for x in only_broadcasts] == [plain["id"]]
+    listed = api.ok("get", f"/v1/conversations/{conversation['id']}/timed-sends")["items"]
+    assert [x["id"] for x in listed] == [b["id"]]
+
+
+def test_timed_send_follows_the_five_minute_rule(api: Api, conversation: dict[str, Any]) -> None:
+    soon = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    response = api.post(
+        f"/v1/conversations/{conversation['id']}/timed-sends",
+        json={"content": {"text": "x"}, "send_at": soon},
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "send_at"
+
+
+def test_timed_send_audience_cannot_be_changed(api: Api, conversation: dict[str, Any]) -> None:
+    when = (datetime.now(UTC) + timedelta(minutes=30)).isoformat()
+    b = api.ok(
+        "post",
+        f"/v1/conversations/{conversation['id']}/timed-sends",
+        201,
+        json={"content": {"text": "x"}, "send_at": when},
+    )
+    response = api.patch(f"/v1/broadcasts/{b['id']}", json={"audience": {}})
+    assert response.status_code == 422
+    assert "conversation's contact" in response.json()["detail"][0]["msg"]
+    assert (
+        api.ok("patch", f"/v1/broadcasts/{b['id']}", json={"content": {"text": "changed"}})[
+            "content"
+        ]["text"]
+        == "changed"
+    )
+
+
+def test_timed_send_honours_idempotency_key(api: Api, conversation: dict[str, Any]) -> None:
+    body = {"content": {"text": "x"}}
+    url = f"/v1/conversations/{conversation['id']}/timed-sends"
+    first = api.post(url, json=body, headers={"Idempotency-Key": "t-1"})
+    second = api.post(url, json=body, headers={"Idempotency-Key": "t-1"})
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+
+
+def test_unknown_conversation_is_404(api: Api) -> None:
+    response = api.post("/v1/conversations/987654321/timed-sends", json={"content": {"text": "x"}})
+    assert response.status_code == 404

@@ -1,0 +1,104 @@
+"""The ``bcast`` command as an operator runs it: real processes, real database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx2 as httpx
+import psycopg
+import pytest
+
+from shared.db.engine import libpq_url
+from shared.domain.tokens import hash_token
+from tests.conftest import _drop_database
+
+BCAST = [sys.executable, "-m", "services.cli"]
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BCAST, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture
+def fresh_env(database_url: str) -> Iterator[dict[str, str]]:
+    """Environment naming a database that does not exist yet."""
+    name = database_url.rsplit("/", 1)[1] + "_cli"
+    env = {**os.environ, "BCAST_DATABASE_URL": database_url.rsplit("/", 1)[0] + "/" + name}
+    yield env
+    _drop_database(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_db_upgrade_creates_and_migrates_then_token_create_and_api_work(
+    fresh_env: dict[str, str],
+) -> None:
+    upgraded = run("db", "upgrade", env=fresh_env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "created database" in upgraded.stdout
+    assert "created database" not in run("db", "upgrade", env=fresh_env).stdout
+
+    made = run("token", "create", "--workspace", "acme", env=fresh_env)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("bcast_")
+    with psycopg.connect(libpq_url(fresh_env["BCAST_DATABASE_URL"])) as conn:
+        stored = conn.execute("SELECT token_hash FROM api_token").fetchall()
+        workspaces = conn.execute("SELECT name FROM workspace").fetchall()
+    assert stored == [(hash_token(token),)]
+    assert workspaces == [("acme",)]
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*BCAST, "api", "--port", str(port)],
+        env=fresh_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the API did not come up"
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/channels").status_code == 401
+        ok = httpx.get(f"{base}/v1/channels", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+        assert ok.json() == {"items": [], "next_cursor": None}
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0].decode()
+    assert token not in output, "the token never appears in the logs"
+
+
+def test_a_second_token_for_the_same_workspace_joins_it(fresh_env: dict[str, str]) -> None:
+    assert run("db", "upgrade", env=fresh_env).returncode == 0
+    first = run("token", "create", "--workspace", "acme", env=fresh_env).stdout.strip()
+    second = run("token", "create", "--workspace", "acme", env=fresh_env).stdout.strip()
+    assert first != second
+    with psycopg.connect(libpq_url(fresh_env["BCAST_DATABASE_URL"])) as conn:
+        assert conn.execute(
+            "SELECT count(DISTINCT workspace_id), count(*) FROM api_token"
+        ).fetchone() == (1, 2)
+
+
+def test_bad_database_url_is_a_clear_error(fresh_env: dict[str, str]) -> None:
+    result = run("db", "upgrade", env={**fresh_env, "BCAST_DATABASE_URL": "mysql://x/y"})
+    assert result.returncode != 0
+    assert "postgresql://" in result.stderr + result.stdout

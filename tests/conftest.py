@@ -1,0 +1,171 @@
+"""Fixtures: one fresh Postgres database per test run, and an API client per workspace.
+
+Tests talk to the real Postgres; every test makes its own workspace, so tests never see
+each other's rows and need no cleanup between them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from psycopg import sql
+
+from shared.db import migrate
+from shared.db.engine import get_engine, get_sessionmaker, libpq_url
+from shared.settings import Settings, get_settings
+
+ADMIN_URL = os.environ.get("BCAST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _drop_database(name: str) -> None:
+    with psycopg.connect(libpq_url(ADMIN_URL), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database made for this test run, migrated to head, dropped at the end."""
+    name = f"bcast_test_{os.getpid()}_{secrets.token_hex(3)}"
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    os.environ["BCAST_DATABASE_URL"] = url
+    os.environ["BCAST_MEDIA_DIR"] = str(tmp_path_factory.mktemp("media"))
+    _clear_caches()
+    migrate.upgrade(url)
+    yield url
+    get_engine().dispose()
+    _clear_caches()
+    _drop_database(name)
+
+
+def _clear_caches() -> None:
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> FastAPI:
+    from services.api.app import create_app
+
+    return create_app(settings)
+
+
+class Api:
+    """A client signed in to one workspace, with shortcuts for the rows most tests need."""
+
+    def __init__(self, client: TestClient, token: str, workspace_id: int) -> None:
+        self.client = client
+        self.token = token
+        self.workspace_id = workspace_id
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.client.get(path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.client.post(path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def patch(self, path: str, **kw: Any) -> Any:
+        return self.client.patch(path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def ok(self, method: str, path: str, expect: int = 200, **kw: Any) -> Any:
+        response = getattr(self, method)(path, **kw)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def channel(self, kind: str = "webhook", **overrides: Any) -> dict[str, Any]:
+        configs = {
+            "webhook": {"url": "http://127.0.0.1:9/hook", "secret": "s3cret-webhook-key-0001"},
+            "telegram": {"bot_token": "123456:ABCdef_ghi-jkl"},
+            "whatsapp": {"access_token": "EAAG-secret-token", "phone_number_id": "1065"},
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": 2525,
+                "from_address": "news@example.com",
+                "password": "smtp-pass-1",
+            },
+        }
+        body = {
+            "name": f"{kind}-{secrets.token_hex(3)}",
+            "kind": kind,
+            "config": configs[kind],
+            **overrides,
+        }
+        result: dict[str, Any] = self.ok("post", "/v1/channels", 201, json=body)
+        return result
+
+    def account(self, channel_id: int, name: str | None = None) -> dict[str, Any]:
+        body = {"channel_id": channel_id, "name": name or f"acct-{secrets.token_hex(3)}"}
+        result: dict[str, Any] = self.ok("post", "/v1/accounts", 201, json=body)
+        return result
+
+    def contact(
+        self, account_id: int, address: str, *, tags: list[str] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        body = {"account_id": account_id, "address": address, "tags": tags or [], **kw}
+        result: dict[str, Any] = self.ok("post", "/v1/contacts", 201, json=body)
+        return result
+
+    def tag_id(self, name: str) -> int:
+        tags = self.ok("get", "/v1/tags")["items"]
+        return int(next(t["id"] for t in tags if t["name"].lower() == name.lower()))
+
+    def broadcast(
+        self, channel_id: int, audience: dict[str, Any] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        body = {
+            "name": "test broadcast",
+            "channel_id": channel_id,
+            "audience": audience or {},
+            "content": {"text": "hello"},
+            **kw,
+        }
+        result: dict[str, Any] = self.ok("post", "/v1/broadcasts", 201, json=body)
+        return result
+
+
+def new_workspace(client: TestClient, name: str | None = None) -> Api:
+    from shared.db.engine import transaction
+    from shared.domain.tokens import create_token
+
+    with transaction() as session:
+        token = create_token(session, name or f"ws-{secrets.token_hex(4)}")
+    return Api(client, token.token, token.workspace_id)
+
+
+@pytest.fixture(scope="session")
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def api(client: TestClient) -> Api:
+    """A fresh workspace and a client signed in to it."""
+    return new_workspace(client)
+
+
+@pytest.fixture
+def other_api(client: TestClient) -> Api:
+    """A second, unrelated workspace."""
+    return new_workspace(client)
+
+
+@pytest.fixture
+def media_dir(settings: Settings) -> Path:
+    return settings.media_dir

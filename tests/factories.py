@@ -1,0 +1,73 @@
+"""Rows the pipeline writes, made directly, so API tests can look at any state of a task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select, update
+
+from shared.db.engine import transaction
+from shared.db.models import Broadcast, Contact, Delivery
+
+
+def start_with_deliveries(
+    broadcast_id: int, statuses: Sequence[str], *, errors: Sequence[str | None] = ()
+) -> list[int]:
+    """Mark the broadcast started and give it one delivery per status, to its audience's
+    first contacts (in id order); return the delivery ids.
+    """
+    with transaction() as session:
+        broadcast = session.get(Broadcast, broadcast_id)
+        assert broadcast is not None
+        contacts = session.execute(
+            select(Contact.id, Contact.address)
+            .where(Contact.workspace_id == broadcast.workspace_id)
+            .order_by(Contact.id)
+            .limit(len(statuses))
+        ).all()
+        assert len(contacts) == len(statuses), "not enough contacts for the deliveries asked for"
+        ids = []
+        for i, ((contact_id, address), status) in enumerate(zip(contacts, statuses, strict=True)):
+            delivery = Delivery(
+                workspace_id=broadcast.workspace_id,
+                broadcast_id=broadcast_id,
+                contact_id=contact_id,
+                address=address,
+                status=status,
+                attempts=0 if status == "queued" else 1,
+                last_error=errors[i] if i < len(errors) else None,
+                provider_message_id=f"pm-{i}" if status == "sent" else None,
+                sent_at=func.now() if status == "sent" else None,
+            )
+            session.add(delivery)
+            session.flush()
+            ids.append(delivery.id)
+        session.execute(
+            update(Broadcast)
+            .where(Broadcast.id == broadcast_id)
+            .values(
+                status="in_progress",
+                started_at=func.now(),
+                total_count=len(statuses),
+                sent_count=statuses.count("sent"),
+                failed_count=statuses.count("failed"),
+                canceled_count=statuses.count("canceled"),
+            )
+        )
+    return ids
+
+
+def set_status(broadcast_id: int, status: str) -> None:
+    with transaction() as session:
+        session.execute(update(Broadcast).where(Broadcast.id == broadcast_id).values(status=status))
+
+
+def delivery_statuses(broadcast_id: int) -> list[str]:
+    with transaction() as session:
+        return list(
+            session.execute(
+                select(Delivery.status)
+                .where(Delivery.broadcast_id == broadcast_id)
+                .order_by(Delivery.id)
+            ).scalars()
+        )
