@@ -1,0 +1,1 @@
+"""The dispatcher: dramatiq actors that snapshot audiences and send to each recipient."""

@@ -1,0 +1,1 @@
+"""The scheduler: claims due broadcasts and hands them to the dispatchers through RabbitMQ."""
