@@ -1,6 +1,20 @@
-"""The ``bcast`` command: one entry point that runs each service and the operator's tools."""
+"""The ``bcast`` command: one entry point that runs each service and the operator's tools.
+
+This module is the composition root: it starts services, but services never import it or
+each other.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import typer
 
@@ -14,6 +28,13 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.WARNING)
 
 
 @db_app.command("upgrade")
@@ -54,6 +75,167 @@ def api(
         log_level="info",
         access_log=False,
     )
+
+
+@app.command("scheduler")
+def scheduler(
+    metrics_port: int | None = typer.Option(
+        None, help="Prometheus port (default BCAST_SCHEDULER_METRICS_PORT; 0 turns it off)."
+    ),
+) -> None:
+    """Start due broadcasts and keep sending ones moving (any number may run)."""
+    from prometheus_client import start_http_server
+
+    from services.scheduler.scheduler import Scheduler, install_signal_handlers
+
+    _logging()
+    settings = get_settings()
+    port = settings.scheduler_metrics_port if metrics_port is None else metrics_port
+    if port:
+        start_http_server(port, addr=settings.metrics_host)
+    loop = Scheduler(settings)
+    install_signal_handlers(loop)
+    logging.getLogger("bcast.scheduler").info("scheduler running")
+    loop.run()
+
+
+@app.command("dispatcher")
+def dispatcher(
+    processes: int = typer.Option(2, help="Worker processes."),
+    threads: int = typer.Option(8, help="Threads per process (batches sent at once)."),
+    metrics_port: int | None = typer.Option(
+        None, help="Prometheus port (default BCAST_DISPATCHER_METRICS_PORT; 0 turns it off)."
+    ),
+) -> None:
+    """Run dramatiq workers that snapshot audiences and send to each recipient."""
+    from shared.broker import SEND_QUEUE, START_QUEUE
+
+    settings = get_settings()
+    port = settings.dispatcher_metrics_port if metrics_port is None else metrics_port
+    # Worker processes start fresh (spawn) and find these before prometheus_client loads,
+    # so their metrics are summed across processes by dramatiq's exposition server.
+    prom_dir = Path(tempfile.mkdtemp(prefix="bcast-dispatcher-metrics-"))
+    os.environ.update(
+        PROMETHEUS_MULTIPROC_DIR=str(prom_dir),
+        prometheus_multiproc_dir=str(prom_dir),
+        dramatiq_prom_db=str(prom_dir),
+        dramatiq_prom_host=settings.metrics_host,
+        dramatiq_prom_port=str(port),
+        BCAST_DISPATCHER_METRICS_PORT=str(port),
+    )
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    args = make_argument_parser().parse_args(  # type: ignore[no-untyped-call]
+        [
+            "services.dispatcher.actors",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--queues",
+            START_QUEUE,
+            SEND_QUEUE,
+            "--use-spawn",
+            "--worker-shutdown-timeout",
+            "30000",
+        ]
+    )
+    try:
+        code = dramatiq_main(args)  # type: ignore[no-untyped-call]
+    finally:
+        shutil.rmtree(prom_dir, ignore_errors=True)
+    raise typer.Exit(code or 0)
+
+
+@app.command("simulator")
+def simulator(
+    host: str = typer.Option("127.0.0.1", help="Listen address."),
+    port: int = typer.Option(9100, help="Listen port."),
+) -> None:
+    """Run the provider simulator (webhook, and the providers' API shapes) for tests and demos."""
+    from services.simulator.app import serve
+
+    serve(host, port)
+
+
+@app.command("up")
+def up(
+    processes: int = typer.Option(2, help="Dispatcher worker processes."),
+    threads: int = typer.Option(8, help="Threads per dispatcher process."),
+    with_simulator: bool = typer.Option(False, "--with-simulator", help="Also run the simulator."),
+    simulator_port: int = typer.Option(9100, help="Simulator port, with --with-simulator."),
+) -> None:
+    """API, scheduler and dispatchers (and the simulator) in one command; Ctrl-C or SIGTERM
+    stops them all.
+    """
+    me = [sys.executable, "-m", "services.cli"]
+    commands = [
+        [*me, "api"],
+        [*me, "scheduler"],
+        [*me, "dispatcher", "--processes", str(processes), "--threads", str(threads)],
+    ]
+    if with_simulator:
+        commands.insert(0, [*me, "simulator", "--port", str(simulator_port)])
+    children = [(c[3], subprocess.Popen(c, start_new_session=True)) for c in commands]  # noqa: S603
+    stopping = False
+
+    def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not stopping:
+        for name, child in children:
+            if child.poll() is not None:
+                typer.echo(
+                    f"{name} exited with {child.returncode}; stopping everything",
+                    err=True,
+                )
+                stopping, code = True, 1
+        time.sleep(0.2)
+    for _, child in children:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    for _, child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    raise typer.Exit(code)
+
+
+@app.command("demo")
+def demo(
+    contacts: int = typer.Option(1000, help="Contacts to create."),
+    api_url: str = typer.Option("http://127.0.0.1:8000", help="The running API."),
+    simulator_url: str = typer.Option("http://127.0.0.1:9100", help="The running simulator."),
+    rate: float = typer.Option(500.0, help="The demo channel's rate limit per second."),
+) -> None:
+    """Create a workspace, a webhook channel to the simulator, CONTACTS tagged contacts and a
+    broadcast to the tagged ones, then follow it to the end.
+    """
+    from services.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(api_url=api_url, simulator_url=simulator_url, contacts=contacts, rate=rate)
+    )
+
+
+@app.command("watch")
+def watch(
+    broadcast_id: int = typer.Argument(..., help="The broadcast to follow."),
+    api_url: str = typer.Option("http://127.0.0.1:8000", help="The running API."),
+    token: str = typer.Option(..., envvar="BCAST_TOKEN", help="Bearer token (or BCAST_TOKEN)."),
+) -> None:
+    """Follow a broadcast with a progress bar of sent, failed and queued until it ends."""
+    from services.demo import Client, follow
+
+    follow(Client(api_url, token), broadcast_id)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    #: Where the schedulers' and dispatchers' Prometheus endpoints listen.
+    metrics_host: str = "127.0.0.1"
     #: The address operators and providers reach the API at; used to build media URLs.
     public_url: str = ""
     media_dir: Path = Path("var/media")
@@ -35,6 +37,33 @@ class Settings(BaseSettings):
     import_max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     import_max_rows: int = Field(default=100_000, gt=0)
     db_pool_size: int = Field(default=10, gt=0)
+
+    # --- scheduler ---
+    #: Longest the scheduler sleeps without looking for due tasks (LISTEN/NOTIFY wakes it sooner).
+    scheduler_poll_seconds: float = Field(default=1.0, gt=0)
+    #: A task found this much past its send time (after downtime) is paused, not fired.
+    overdue_limit_seconds: float = Field(default=3600.0, gt=0)
+    #: A sending task with no progress for this long is handed to the dispatchers again.
+    stall_seconds: float = Field(default=60.0, gt=0)
+    scheduler_metrics_port: int = 9102
+
+    # --- dispatcher ---
+    #: Delivery ids per ``send_batch`` message.
+    batch_size: int = Field(default=500, gt=0)
+    #: Rows claimed from the database at a time inside a batch.
+    claim_size: int = Field(default=100, gt=0)
+    #: How long a claimed row stays a worker's before another may take it back.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    #: Provider calls in flight per dispatcher process.
+    max_in_flight: int = Field(default=128, gt=0)
+    send_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Attempts per recipient before a transient error becomes a failure.
+    max_attempts: int = Field(default=5, gt=0)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    #: Longest one ``send_batch`` message runs before it hands the rest to a new message.
+    batch_max_seconds: float = Field(default=120.0, gt=0)
+    dispatcher_metrics_port: int = 9101
 
     @field_validator("database_url")
     @classmethod

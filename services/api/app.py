@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(IntegrityError, _on_integrity_error)
     for module in (health, channels, contacts, broadcasts, conversations, media):
         app.include_router(module.router)
+    app.include_router(media.public_router)
 
     def limit_for(path: str) -> int:
         if path == "/v1/contacts/import":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
@@ -66,11 +68,17 @@ def _created_at() -> Mapped[datetime]:
     return mapped_column(server_default=func.now(), nullable=False)
 
 
+#: 244 random bits from Postgres' own generator, as hex.
+RANDOM_KEY_SQL = "replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')"
+
+
 class Workspace(Base):
     __tablename__ = "workspace"
 
     id: Mapped[int] = _pk()
     name: Mapped[str] = mapped_column(Text, unique=True)
+    #: Signs this workspace's expiring media URLs; never leaves the server.
+    signing_key: Mapped[str] = mapped_column(Text, server_default=text(RANDOM_KEY_SQL))
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -211,6 +219,8 @@ class Broadcast(Base):
         Index("ix_broadcast_workspace_id_origin_id", "workspace_id", "origin", text("id DESC")),
         # The scheduler's due-task pick reads only this small partial index.
         Index("ix_broadcast_due", "send_at", postgresql_where=text("status = 'pending'")),
+        # The scheduler's sweep of sending tasks, across workspaces.
+        Index("ix_broadcast_in_progress", "id", postgresql_where=text("status = 'in_progress'")),
         Index(
             "uq_broadcast_workspace_id_idempotency_key",
             "workspace_id",
@@ -245,6 +255,10 @@ class Broadcast(Base):
     request_hash: Mapped[str | None] = mapped_column(Text)
     #: Set when an operator resumes a task the scheduler held back for being too late.
     late_start_approved: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    #: When the audience was copied into delivery rows; it is copied once, never again.
+    snapshot_at: Mapped[datetime | None]
+    #: Last sign of sending progress; the scheduler re-dispatches a task that goes quiet.
+    heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None]
@@ -259,6 +273,12 @@ class Delivery(Base):
         UniqueConstraint("broadcast_id", "contact_id"),
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
         Index(None, "broadcast_id", "status", "id"),
+        # The sweeper's look for leases of dead workers reads only rows being sent.
+        Index(
+            "ix_delivery_lease_expires_at_sending",
+            "lease_expires_at",
+            postgresql_where=text("status = 'sending'"),
+        ),
     )
 
     id: Mapped[int] = _pk()
@@ -272,7 +292,44 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None]
+    #: Which claim holds the row while ``sending``; results of a lost lease are ignored.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
     sent_at: Mapped[datetime | None]
+
+
+class DispatchOutbox(Base):
+    """A broadcast to hand to the dispatchers. Written in the same transaction that makes the
+    task ``in_progress``; the scheduler publishes it to RabbitMQ and only then deletes it, so a
+    crash between the commit and the publish loses nothing.
+    """
+
+    __tablename__ = "dispatch_outbox"
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ChannelRate(Base):
+    """A channel's shared rate limit state (GCRA): the time its next send may go out.
+
+    Every dispatcher takes its send slots from this one row, so the limit holds across all
+    processes and machines; a provider's Retry-After pushes ``tat`` for everyone.
+    """
+
+    __tablename__ = "channel_rate"
+
+    channel_id: Mapped[int] = mapped_column(
+        ForeignKey("channel.id", ondelete="CASCADE"), primary_key=True
+    )
+    workspace_id: Mapped[int] = _workspace_fk()
+    #: Theoretical arrival time: the earliest moment the next slot may start.
+    tat: Mapped[datetime] = mapped_column(server_default=func.now())
+    #: Set by a provider's "slow down" answer: no slot starts before it.
+    blocked_until: Mapped[datetime | None]
+    block_reason: Mapped[str | None] = mapped_column(Text)

@@ -16,7 +16,15 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db.models import Account, Broadcast, Channel, Contact, Conversation, Delivery
+from shared.db.models import (
+    Account,
+    Broadcast,
+    Channel,
+    Contact,
+    Conversation,
+    Delivery,
+    DispatchOutbox,
+)
 from shared.domain.audience import AudienceSpec, check_audience
 from shared.domain.errors import NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
@@ -329,6 +337,11 @@ def resume_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> 
         broadcast.late_start_approved = True
     else:
         broadcast.status = BroadcastStatus.IN_PROGRESS.value
+        broadcast.heartbeat_at = utcnow()
+        # The scheduler hands it to the dispatchers again; the API never talks to RabbitMQ.
+        session.add(
+            DispatchOutbox(workspace_id=workspace_id, broadcast_id=broadcast.id, reason="resume")
+        )
     broadcast.status_reason = None
     broadcast.updated_at = utcnow()
     session.flush()

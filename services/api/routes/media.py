@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile, status
+from sqlalchemy import select
 
 from services.api.deps import CurrentWorkspace, MediaStoreDep, SessionDep, SettingsDep
 from services.api.schemas import MediaOut
-from shared.db.models import Media
+from shared.db.models import Media, Workspace
 from shared.domain.errors import NotFound
-from shared.domain.media import create_media
+from shared.domain.media import create_media, signature_valid
 
 router = APIRouter(prefix="/v1/media", tags=["media"])
 
@@ -63,3 +65,34 @@ def _media(session: SessionDep, workspace: int, media_id: int) -> Media:
     if media is None or media.workspace_id != workspace:
         raise NotFound("media", media_id)
     return media
+
+
+public_router = APIRouter(tags=["media"])
+
+
+@public_router.get(
+    "/media/{media_id}",
+    response_class=Response,
+    responses={403: {"description": "The signature is wrong or the URL has expired."}},
+)
+def signed_media(
+    media_id: int,
+    expires: int,
+    signature: str,
+    session: SessionDep,
+    store: MediaStoreDep,
+) -> Response:
+    """An image at the expiring signed URL given to providers in outgoing messages."""
+    row = session.execute(
+        select(Media, Workspace.signing_key)
+        .join(Workspace, Workspace.id == Media.workspace_id)
+        .where(Media.id == media_id)
+    ).one_or_none()
+    if row is None or not signature_valid(row[1], media_id, expires, signature, now=time.time()):
+        return Response(status_code=403, content=b"invalid or expired media link")
+    media = row[0]
+    return Response(
+        store.get(media.storage_key),
+        media_type=media.content_type,
+        headers={"Cache-Control": "private, max-age=3600"},
+    )

@@ -1,0 +1,22 @@
+"""Channel adapters, one module per provider, all behind ``base.ChannelAdapter``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.channels.webhook import WebhookAdapter
+from shared.domain.lifecycle import ChannelKind
+
+
+class UnsupportedChannel(Exception):
+    """No adapter for this channel kind in this build."""
+
+
+def make_adapter(kind: str, config: dict[str, Any], http: aiohttp.ClientSession) -> ChannelAdapter:
+    """The adapter for one channel."""
+    if kind == ChannelKind.WEBHOOK:
+        return WebhookAdapter(config, http)
+    raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

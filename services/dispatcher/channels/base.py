@@ -1,0 +1,94 @@
+"""The one small interface every channel adapter implements, and the three outcomes of a send."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+#: Longest provider answer kept as a failure reason.
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """An image attached to a message: where a provider can fetch it, and what it is."""
+
+    media_id: int
+    url: str
+    content_type: str
+    storage_key: str
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """What goes to every recipient of one broadcast."""
+
+    broadcast_id: int
+    text: str | None
+    media: tuple[MediaRef, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The provider accepted the message."""
+
+    provider_message_id: str | None
+
+
+@dataclass(frozen=True)
+class Transient:
+    """Try again later: throttled, provider trouble, timeout. ``retry_after`` in seconds, if told."""
+
+    reason: str
+    retry_after: float | None = None
+    #: The provider asked this whole channel to slow down (HTTP 429 and the like).
+    throttled: bool = False
+
+
+@dataclass(frozen=True)
+class Permanent:
+    """It will never work for this recipient; ``reason`` says why, in the provider's words."""
+
+    reason: str
+    #: The recipient cannot be reached on this channel at all (blocked the bot, no such user).
+    unreachable: bool = False
+
+
+Outcome = Sent | Transient | Permanent
+
+
+class ChannelAdapter(Protocol):
+    """Turns one message for one address into one provider call, and its answer into an outcome.
+
+    ``idempotency_key`` is the delivery id: a provider that honours it never delivers twice.
+    """
+
+    async def send(
+        self, message: OutboundMessage, address: str, idempotency_key: str
+    ) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def reason(text: str) -> str:
+    """A failure reason cut to ``MAX_REASON`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

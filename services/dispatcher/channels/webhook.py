@@ -1,0 +1,96 @@
+"""Signed webhook: POST the message as JSON, signed with HMAC-SHA256 of the body."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import aiohttp
+
+from services.dispatcher.channels.base import (
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+    parse_retry_after,
+    reason,
+)
+
+SIGNATURE_HEADER = "X-Bcast-Signature"
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The signature header value a receiver recomputes to trust the body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class WebhookAdapter:
+    """POST ``{"idempotency_key", "broadcast_id", "to", "text", "media"}`` to ``config.url``.
+
+    2xx is sent (the answer's ``id``, if any, is the provider message id); 429, 5xx and
+    timeouts are transient (``Retry-After`` honoured); any other answer is permanent.
+
+    Parameters:
+      config: the channel config: ``url`` and ``secret``.
+      http: the process's shared client session (keep-alive pool).
+    """
+
+    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+        self.url = str(config["url"])
+        self.secret = str(config["secret"]).encode()
+        self.http = http
+
+    async def send(self, message: OutboundMessage, address: str, idempotency_key: str) -> Outcome:
+        body = json.dumps(
+            {
+                "idempotency_key": idempotency_key,
+                "broadcast_id": message.broadcast_id,
+                "to": address,
+                "text": message.text,
+                "media": [{"url": m.url, "content_type": m.content_type} for m in message.media],
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": idempotency_key,
+            SIGNATURE_HEADER: sign(self.secret, body),
+        }
+        try:
+            async with self.http.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                answer = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except TimeoutError:
+            return Transient("provider timed out")
+        except aiohttp.ClientError as exc:
+            return Transient(reason(f"connection error: {exc}"))
+        text = answer.decode("utf-8", "replace")
+        if 200 <= status < 300:
+            return Sent(_message_id(answer))
+        if status == 429:
+            return Transient(
+                reason(f"HTTP 429: {text}"), parse_retry_after(retry_after), throttled=True
+            )
+        if status >= 500:
+            return Transient(reason(f"HTTP {status}: {text}"), parse_retry_after(retry_after))
+        return Permanent(reason(f"HTTP {status}: {text}"))
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the HTTP session belongs to the process."""
+
+
+def _message_id(answer: bytes) -> str | None:
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and data.get("id") is not None:
+        return str(data["id"])
+    return None

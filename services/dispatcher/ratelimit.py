@@ -1,0 +1,115 @@
+"""A channel's rate limit, held exactly across every dispatcher process and machine.
+
+The state is one row per channel in Postgres (``channel_rate``), run as GCRA: ``tat`` is the
+earliest moment the next send may start. Taking ``n`` slots moves ``tat`` forward by ``n/rate``
+in one UPDATE, so slots of all workers interleave without overlap: however many processes
+send, no two slots are closer than ``1/rate``. A provider's 429 / Retry-After pushes
+``blocked_until`` for the channel and NOTIFYs ``bcast_channel``; every worker stops calling that
+channel until then, while other channels keep their full speed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from psycopg_pool import AsyncConnectionPool
+
+from services.dispatcher.status import CHANNEL_CHANNEL
+
+#: Slots taken per round trip cover at most this much time, so a pause wastes little.
+GRANT_SECONDS = 0.2
+#: Fraction of the configured rate actually used: room for network jitter, so the provider
+#: never sees more than the limit in any one-second window.
+HEADROOM = 0.97
+
+
+class RateLimiter:
+    """Hands out send slots for channels, shared through Postgres.
+
+    Parameters:
+      pool: autocommit connections.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+        self._known: set[int] = set()
+        #: channel id -> wall-clock time before which no call may start.
+        self._blocked_until: dict[int, float] = {}
+
+    def grant_size(self, rate: float, wanted: int) -> int:
+        return max(1, min(wanted, int(rate * HEADROOM * GRANT_SECONDS)))
+
+    async def reserve(self, channel_id: int, workspace_id: int, rate: float, n: int) -> list[float]:
+        """Take ``n`` consecutive slots; return the wall-clock time of each."""
+        effective = rate * HEADROOM
+        span = n / effective
+        async with self.pool.connection() as conn:
+            if channel_id not in self._known:
+                await conn.execute(
+                    "INSERT INTO channel_rate (channel_id, workspace_id) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (channel_id, workspace_id),
+                )
+                self._known.add(channel_id)
+            row = await (
+                await conn.execute(
+                    """
+                    UPDATE channel_rate
+                    SET tat = greatest(tat, clock_timestamp(), coalesce(blocked_until, '-infinity'))
+                              + %s * interval '1 second'
+                    WHERE channel_id = %s
+                    RETURNING extract(epoch FROM tat - clock_timestamp())::float8,
+                              extract(epoch FROM blocked_until)::float8
+                    """,
+                    (span, channel_id),
+                )
+            ).fetchone()
+        assert row is not None
+        ahead, blocked = row
+        now = time.time()
+        if blocked is not None and blocked > now:
+            self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), blocked)
+        first = now + ahead - span
+        return [first + i / effective for i in range(n)]
+
+    async def throttle(self, channel_id: int, seconds: float, reason: str) -> None:
+        """The provider said slow down: nobody calls this channel for ``seconds``."""
+        until = time.time() + seconds
+        self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), until)
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                """
+                WITH pushed AS (
+                    UPDATE channel_rate
+                    SET blocked_until = greatest(coalesce(blocked_until, '-infinity'),
+                                                 clock_timestamp() + %(s)s * interval '1 second'),
+                        tat = greatest(tat, clock_timestamp() + %(s)s * interval '1 second'),
+                        block_reason = %(r)s
+                    WHERE channel_id = %(c)s
+                    RETURNING blocked_until
+                )
+                SELECT pg_notify(%(n)s, %(c)s::text || ':' || extract(epoch FROM blocked_until)::text)
+                FROM pushed
+                """,
+                {"s": seconds, "r": reason, "c": channel_id, "n": CHANNEL_CHANNEL},
+            )
+
+    def blocked_for(self, channel_id: int) -> float:
+        """Seconds this channel is still told to wait (0 when free)."""
+        until = self._blocked_until.get(channel_id)
+        if until is None:
+            return 0.0
+        left = until - time.time()
+        if left <= 0:
+            del self._blocked_until[channel_id]
+            return 0.0
+        return left
+
+    def hear(self, payload: str) -> None:
+        """A ``bcast_channel`` notice from another worker: ``"<channel id>:<epoch until>"``."""
+        try:
+            raw_id, raw_until = payload.split(":", 1)
+            channel_id, until = int(raw_id), float(raw_until)
+        except ValueError:
+            return
+        self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), until)

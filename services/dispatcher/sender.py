@@ -1,0 +1,463 @@
+"""The send loop: one readable pass over a range of deliveries.
+
+``run_batch`` claims rows still ``queued`` in its range, takes a rate-limit slot for each,
+checks just before every provider call that the broadcast is still ``in_progress``, sends with
+the delivery id as idempotency key, and records the outcome. What it deliberately does not do:
+decide anything from memory that Postgres has not committed. A row is ``sending`` only under
+this claim's lease token; results are written only where that token still holds, so a row
+taken back from a slow or dead worker is never counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import tenacity
+from psycopg.rows import dict_row
+
+from services.dispatcher import metrics
+from services.dispatcher.channels import make_adapter
+from services.dispatcher.channels.base import (
+    ChannelAdapter,
+    MediaRef,
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+)
+from services.dispatcher.runtime import Runtime
+from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus
+from shared.domain.media import signed_media_url
+
+log = logging.getLogger(__name__)
+
+#: Results are written when this many are waiting, or after FLUSH_SECONDS.
+FLUSH_ROWS = 100
+FLUSH_SECONDS = 0.05
+#: Wait used when a provider throttles without saying how long.
+DEFAULT_THROTTLE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    contact_id: int
+    address: str
+    attempts: int
+
+
+@dataclass
+class Job:
+    """Everything about one broadcast a batch needs, loaded once per batch."""
+
+    broadcast_id: int
+    workspace_id: int
+    channel_id: int
+    kind: str
+    rate: float
+    message: OutboundMessage
+    adapter: ChannelAdapter
+
+
+@dataclass
+class BatchResult:
+    """What the actor must arrange after a batch: a retry later, or the rest now."""
+
+    retry_in: float | None = None
+    more: bool = False
+
+
+@dataclass
+class _Record:
+    id: int
+    status: str
+    provider_message_id: str | None = None
+    error: str | None = None
+    next_attempt_in: float | None = None
+    #: -1 gives back the attempt a claim counted, for rows that were never sent.
+    attempts_delta: int = 0
+
+
+@dataclass
+class Recorder:
+    """Collects outcomes and writes them in batches, one transaction per write, with the
+    broadcast's counters moved in the same transaction.
+    """
+
+    rt: Runtime
+    job: Job
+    token: uuid.UUID
+    pending: list[_Record] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    completed: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.rt.settings
+        self.backoff = tenacity.wait_fixed(
+            s.retry_base_seconds / 2
+        ) + tenacity.wait_random_exponential(
+            multiplier=s.retry_base_seconds, max=s.retry_max_seconds
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        state.attempt_number = attempt
+        return float(self.backoff(state))
+
+    def outcome(self, row: Claimed, outcome: Outcome) -> None:
+        kind = self.job.kind
+        if isinstance(outcome, Sent):
+            self.pending.append(
+                _Record(row.id, "sent", provider_message_id=outcome.provider_message_id)
+            )
+            metrics.DELIVERIES.labels(kind, "sent").inc()
+        elif isinstance(outcome, Permanent):
+            self.pending.append(_Record(row.id, "failed", error=outcome.reason))
+            metrics.DELIVERIES.labels(kind, "failed").inc()
+        elif row.attempts >= self.rt.settings.max_attempts:
+            error = f"gave up after {row.attempts} attempts: {outcome.reason}"
+            self.pending.append(_Record(row.id, "failed", error=error))
+            metrics.DELIVERIES.labels(kind, "failed").inc()
+        else:
+            wait = max(outcome.retry_after or 0.0, self._backoff(row.attempts))
+            self.pending.append(
+                _Record(row.id, "queued", error=outcome.reason, next_attempt_in=wait)
+            )
+            metrics.DELIVERIES.labels(kind, "retry").inc()
+
+    def release(self, row: Claimed, *, after: float | None = None) -> None:
+        """Give a row back untouched by any provider call (pause, cancel, channel blocked)."""
+        self.pending.append(_Record(row.id, "queued", next_attempt_in=after, attempts_delta=-1))
+        metrics.DELIVERIES.labels(self.job.kind, "released").inc()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            if not self.pending:
+                return
+            records, self.pending = self.pending, []
+            started = time.perf_counter()
+            async with self.rt.pool.connection() as conn, conn.transaction():
+                row = await (
+                    await conn.execute(
+                        "SELECT status FROM broadcast WHERE id = %s FOR UPDATE",
+                        (self.job.broadcast_id,),
+                    )
+                ).fetchone()
+                canceled = row is not None and row[0] == BroadcastStatus.CANCELED
+                statuses = [
+                    DeliveryStatus.CANCELED.value if canceled and r.status == "queued" else r.status
+                    for r in records
+                ]
+                cur = await conn.execute(
+                    """
+                    UPDATE delivery d
+                    SET status = v.status,
+                        provider_message_id = coalesce(v.pmid, d.provider_message_id),
+                        last_error = CASE WHEN v.status = 'sent' THEN NULL
+                                          ELSE coalesce(v.err, d.last_error) END,
+                        sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE d.sent_at END,
+                        next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
+                                               ELSE now() + v.wait * interval '1 second' END,
+                        attempts = d.attempts + v.delta,
+                        lease_expires_at = NULL,
+                        lease_token = NULL,
+                        updated_at = now()
+                    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])
+                         AS v(id, status, pmid, err, wait, delta)
+                    WHERE d.id = v.id AND d.status = 'sending' AND d.lease_token = %s
+                    RETURNING v.status
+                    """,
+                    (
+                        [r.id for r in records],
+                        statuses,
+                        [r.provider_message_id for r in records],
+                        [r.error for r in records],
+                        [r.next_attempt_in for r in records],
+                        [r.attempts_delta for r in records],
+                        self.token,
+                    ),
+                )
+                written = [r[0] for r in await cur.fetchall()]
+                sent, failed, gone = (
+                    written.count("sent"),
+                    written.count("failed"),
+                    written.count("canceled"),
+                )
+                done = await (
+                    await conn.execute(
+                        """
+                        UPDATE broadcast
+                        SET sent_count = sent_count + %(sent)s,
+                            failed_count = failed_count + %(failed)s,
+                            canceled_count = canceled_count + %(gone)s,
+                            heartbeat_at = now(),
+                            status = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                                           AND sent_count + failed_count + canceled_count
+                                               + skipped_count + %(delta)s >= total_count
+                                          THEN 'completed' ELSE status END,
+                            finished_at = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                                           AND sent_count + failed_count + canceled_count
+                                               + skipped_count + %(delta)s >= total_count
+                                          THEN now() ELSE finished_at END
+                        WHERE id = %(id)s
+                        RETURNING status
+                        """,
+                        {
+                            "sent": sent,
+                            "failed": failed,
+                            "gone": gone,
+                            "delta": sent + failed + gone,
+                            "id": self.job.broadcast_id,
+                        },
+                    )
+                ).fetchone()
+                self.completed = done is not None and done[0] == BroadcastStatus.COMPLETED
+            metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+
+
+async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
+    """The broadcast, its channel and its message; None when it is not being sent."""
+    async with rt.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT b.id, b.workspace_id, b.status, b.content, c.id AS channel_id, c.kind,
+                   c.config, c.rate_limit_per_second, w.signing_key
+            FROM broadcast b
+            JOIN channel c ON c.id = b.channel_id
+            JOIN workspace w ON w.id = b.workspace_id
+            WHERE b.id = %s
+            """,
+            (broadcast_id,),
+        )
+        row = await cur.fetchone()
+        if row is None or row["status"] != BroadcastStatus.IN_PROGRESS:
+            return None
+        media_ids = [int(m) for m in row["content"].get("media_ids") or []]
+        await cur.execute(
+            "SELECT id, content_type, storage_key FROM media WHERE id = ANY(%s) AND workspace_id = %s",
+            (media_ids, row["workspace_id"]),
+        )
+        media_rows = await cur.fetchall()
+    by_id = {m["id"]: m for m in media_rows}
+    base = rt.settings.public_base_url()
+    now = time.time()
+    media = tuple(
+        MediaRef(
+            media_id=mid,
+            url=signed_media_url(base, row["signing_key"], mid, now=now),
+            content_type=by_id[mid]["content_type"],
+            storage_key=by_id[mid]["storage_key"],
+        )
+        for mid in media_ids
+        if mid in by_id
+    )
+    message = OutboundMessage(
+        broadcast_id=broadcast_id, text=row["content"].get("text"), media=media
+    )
+    return Job(
+        broadcast_id=broadcast_id,
+        workspace_id=row["workspace_id"],
+        channel_id=row["channel_id"],
+        kind=row["kind"],
+        rate=float(row["rate_limit_per_second"]),
+        message=message,
+        adapter=rt.adapter(row["channel_id"], row["kind"], row["config"], make_adapter),
+    )
+
+
+async def claim(
+    rt: Runtime, job: Job, first_id: int, last_id: int, token: uuid.UUID, limit: int
+) -> list[Claimed]:
+    """Take up to ``limit`` due, queued rows of the range, under ``token``'s lease, if the
+    broadcast is still being sent. Rows another worker holds are skipped, not waited for.
+    """
+    async with rt.pool.connection() as conn:
+        rows = await (
+            await conn.execute(
+                """
+                WITH picked AS (
+                    SELECT id FROM delivery
+                    WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s AND status = 'queued'
+                      AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                    ORDER BY id
+                    LIMIT %(n)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE delivery d
+                SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s,
+                    lease_expires_at = now() + %(lease)s * interval '1 second', updated_at = now()
+                FROM picked
+                WHERE d.id = picked.id
+                  AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+                RETURNING d.id, d.contact_id, d.address, d.attempts
+                """,
+                {
+                    "b": job.broadcast_id,
+                    "lo": first_id,
+                    "hi": last_id,
+                    "n": limit,
+                    "t": token,
+                    "lease": rt.settings.lease_seconds,
+                },
+            )
+        ).fetchall()
+    return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+
+
+async def renew_leases(rt: Runtime, token: uuid.UUID) -> None:
+    """Keep this claim's rows ours while they wait for slots or answers."""
+    every = rt.settings.lease_seconds / 3
+    while True:
+        await asyncio.sleep(every)
+        async with rt.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE delivery SET lease_expires_at = now() + %s * interval '1 second' "
+                "WHERE lease_token = %s AND status = 'sending'",
+                (rt.settings.lease_seconds, token),
+            )
+
+
+async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int) -> BatchResult:
+    """Send every due, queued delivery of ``broadcast_id`` with id in ``[first_id, last_id]``."""
+    job = await load_job(rt, broadcast_id)
+    if job is None:
+        return BatchResult()
+    board, limiter = rt.status, rt.limiter
+    await board.track(broadcast_id)
+    token = uuid.uuid4()
+    recorder = Recorder(rt, job, token)
+    renewing = asyncio.create_task(renew_leases(rt, token))
+    flushing = asyncio.create_task(_flush_often(recorder))
+    sends: set[asyncio.Task[None]] = set()
+    deadline = time.monotonic() + rt.settings.batch_max_seconds
+    out_of_time = False
+    try:
+        while board.is_sending(broadcast_id):
+            if time.monotonic() > deadline:
+                out_of_time = True
+                break
+            rows = deque(await claim(rt, job, first_id, last_id, token, rt.settings.claim_size))
+            if not rows:
+                break
+            while rows and board.is_sending(broadcast_id):
+                n = limiter.grant_size(job.rate, len(rows))
+                slots = await limiter.reserve(job.channel_id, job.workspace_id, job.rate, n)
+                for at in slots:
+                    await rt.in_flight.acquire()
+                    task = asyncio.create_task(_send_one(rt, job, recorder, rows.popleft(), at))
+                    sends.add(task)
+                    task.add_done_callback(sends.discard)
+            for row in rows:
+                recorder.release(row)
+        if sends:
+            await asyncio.gather(*sends)
+    finally:
+        for task in sends:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*sends, return_exceptions=True)
+        renewing.cancel()
+        flushing.cancel()
+        await asyncio.shield(recorder.flush())
+        await asyncio.shield(_release_held(rt, token, job))
+        board.untrack(broadcast_id)
+    if recorder.completed:
+        return BatchResult()
+    return BatchResult(
+        retry_in=await _next_retry_in(rt, broadcast_id, first_id, last_id), more=out_of_time
+    )
+
+
+async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at: float) -> None:
+    try:
+        wait = at - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, wait))
+        if not rt.status.is_sending(job.broadcast_id):
+            recorder.release(row)
+            return
+        blocked = rt.limiter.blocked_for(job.channel_id)
+        if blocked > 0:
+            recorder.release(row, after=blocked)
+            return
+        metrics.IN_FLIGHT.labels(job.kind).inc()
+        started = time.perf_counter()
+        try:
+            outcome = await job.adapter.send(job.message, row.address, str(row.id))
+        except Exception as exc:  # an adapter bug must not strand the row
+            log.exception("adapter %s failed on delivery %s", job.kind, row.id)
+            outcome = Transient(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            metrics.IN_FLIGHT.labels(job.kind).dec()
+            metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
+        if isinstance(outcome, Transient) and outcome.throttled:
+            metrics.THROTTLED.labels(job.kind).inc()
+            await rt.limiter.throttle(
+                job.channel_id, outcome.retry_after or DEFAULT_THROTTLE_SECONDS, outcome.reason
+            )
+        recorder.outcome(row, outcome)
+    except asyncio.CancelledError:
+        recorder.release(row)
+        raise
+    finally:
+        rt.in_flight.release()
+
+
+async def _flush_often(recorder: Recorder) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        if recorder.pending:
+            await recorder.flush()
+
+
+async def _release_held(rt: Runtime, token: uuid.UUID, job: Job) -> None:
+    """Rows still held by this claim when the batch ends (an interrupted batch) go back."""
+    async with rt.pool.connection() as conn, conn.transaction():
+        row = await (
+            await conn.execute(
+                "SELECT status FROM broadcast WHERE id = %s FOR UPDATE", (job.broadcast_id,)
+            )
+        ).fetchone()
+        canceled = row is not None and row[0] == BroadcastStatus.CANCELED
+        cur = await conn.execute(
+            """
+            UPDATE delivery
+            SET status = %s, attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
+                updated_at = now()
+            WHERE lease_token = %s AND status = 'sending'
+            """,
+            ("canceled" if canceled else "queued", token),
+        )
+        if canceled and cur.rowcount:
+            await conn.execute(
+                "UPDATE broadcast SET canceled_count = canceled_count + %s WHERE id = %s",
+                (cur.rowcount, job.broadcast_id),
+            )
+
+
+async def _next_retry_in(
+    rt: Runtime, broadcast_id: int, first_id: int, last_id: int
+) -> float | None:
+    """Seconds until the earliest queued row of the range is due, if any is queued."""
+    async with rt.pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                """
+                SELECT extract(epoch FROM min(coalesce(next_attempt_at, now())) - now())::float8
+                FROM delivery
+                WHERE broadcast_id = %s AND id BETWEEN %s AND %s AND status = 'queued'
+                """,
+                (broadcast_id, first_id, last_id),
+            )
+        ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return max(0.0, float(row[0]))
