@@ -138,88 +138,96 @@ class Recorder:
         metrics.DELIVERIES.labels(self.job.kind, "released").inc()
 
     async def flush(self) -> None:
+        """Write what is pending. Records leave ``pending`` only once their transaction has
+        committed: a write that fails keeps them for the next try, and they never count as
+        done while their rows are still ``sending`` (which would let the rows be sent again).
+        """
         async with self.lock:
             if not self.pending:
                 return
-            records, self.pending = self.pending, []
+            records = list(self.pending)
             started = time.perf_counter()
-            async with self.rt.pool.connection() as conn, conn.transaction():
-                row = await (
-                    await conn.execute(
-                        "SELECT status FROM broadcast WHERE id = %s FOR UPDATE",
-                        (self.job.broadcast_id,),
-                    )
-                ).fetchone()
-                canceled = row is not None and row[0] == BroadcastStatus.CANCELED
-                statuses = [
-                    DeliveryStatus.CANCELED.value if canceled and r.status == "queued" else r.status
-                    for r in records
-                ]
-                cur = await conn.execute(
-                    """
-                    UPDATE delivery d
-                    SET status = v.status,
-                        provider_message_id = coalesce(v.pmid, d.provider_message_id),
-                        last_error = CASE WHEN v.status = 'sent' THEN NULL
-                                          ELSE coalesce(v.err, d.last_error) END,
-                        sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE d.sent_at END,
-                        next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
-                                               ELSE now() + v.wait * interval '1 second' END,
-                        attempts = d.attempts + v.delta,
-                        lease_expires_at = NULL,
-                        lease_token = NULL,
-                        updated_at = now()
-                    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])
-                         AS v(id, status, pmid, err, wait, delta)
-                    WHERE d.id = v.id AND d.status = 'sending' AND d.lease_token = %s
-                    RETURNING v.status
-                    """,
-                    (
-                        [r.id for r in records],
-                        statuses,
-                        [r.provider_message_id for r in records],
-                        [r.error for r in records],
-                        [r.next_attempt_in for r in records],
-                        [r.attempts_delta for r in records],
-                        self.token,
-                    ),
-                )
-                written = [r[0] for r in await cur.fetchall()]
-                sent, failed, gone = (
-                    written.count("sent"),
-                    written.count("failed"),
-                    written.count("canceled"),
-                )
-                done = await (
-                    await conn.execute(
-                        """
-                        UPDATE broadcast
-                        SET sent_count = sent_count + %(sent)s,
-                            failed_count = failed_count + %(failed)s,
-                            canceled_count = canceled_count + %(gone)s,
-                            heartbeat_at = now(),
-                            status = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
-                                           AND sent_count + failed_count + canceled_count
-                                               + skipped_count + %(delta)s >= total_count
-                                          THEN 'completed' ELSE status END,
-                            finished_at = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
-                                           AND sent_count + failed_count + canceled_count
-                                               + skipped_count + %(delta)s >= total_count
-                                          THEN now() ELSE finished_at END
-                        WHERE id = %(id)s
-                        RETURNING status
-                        """,
-                        {
-                            "sent": sent,
-                            "failed": failed,
-                            "gone": gone,
-                            "delta": sent + failed + gone,
-                            "id": self.job.broadcast_id,
-                        },
-                    )
-                ).fetchone()
-                self.completed = done is not None and done[0] == BroadcastStatus.COMPLETED
+            await self._write(records)
+            del self.pending[: len(records)]
             metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+
+    async def _write(self, records: list[_Record]) -> None:
+        async with self.rt.pool.connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(
+                    "SELECT status FROM broadcast WHERE id = %s FOR UPDATE",
+                    (self.job.broadcast_id,),
+                )
+            ).fetchone()
+            canceled = row is not None and row[0] == BroadcastStatus.CANCELED
+            statuses = [
+                DeliveryStatus.CANCELED.value if canceled and r.status == "queued" else r.status
+                for r in records
+            ]
+            cur = await conn.execute(
+                """
+                UPDATE delivery d
+                SET status = v.status,
+                    provider_message_id = coalesce(v.pmid, d.provider_message_id),
+                    last_error = CASE WHEN v.status = 'sent' THEN NULL
+                                      ELSE coalesce(v.err, d.last_error) END,
+                    sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE d.sent_at END,
+                    next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
+                                           ELSE now() + v.wait * interval '1 second' END,
+                    attempts = d.attempts + v.delta,
+                    lease_expires_at = NULL,
+                    lease_token = NULL,
+                    updated_at = now()
+                FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])
+                     AS v(id, status, pmid, err, wait, delta)
+                WHERE d.id = v.id AND d.status = 'sending' AND d.lease_token = %s
+                RETURNING v.status
+                """,
+                (
+                    [r.id for r in records],
+                    statuses,
+                    [r.provider_message_id for r in records],
+                    [r.error for r in records],
+                    [r.next_attempt_in for r in records],
+                    [r.attempts_delta for r in records],
+                    self.token,
+                ),
+            )
+            written = [r[0] for r in await cur.fetchall()]
+            sent, failed, gone = (
+                written.count("sent"),
+                written.count("failed"),
+                written.count("canceled"),
+            )
+            done = await (
+                await conn.execute(
+                    """
+                    UPDATE broadcast
+                    SET sent_count = sent_count + %(sent)s,
+                        failed_count = failed_count + %(failed)s,
+                        canceled_count = canceled_count + %(gone)s,
+                        heartbeat_at = now(),
+                        status = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                                       AND sent_count + failed_count + canceled_count
+                                           + skipped_count + %(delta)s >= total_count
+                                      THEN 'completed' ELSE status END,
+                        finished_at = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                                       AND sent_count + failed_count + canceled_count
+                                           + skipped_count + %(delta)s >= total_count
+                                      THEN now() ELSE finished_at END
+                    WHERE id = %(id)s
+                    RETURNING status
+                    """,
+                    {
+                        "sent": sent,
+                        "failed": failed,
+                        "gone": gone,
+                        "delta": sent + failed + gone,
+                        "id": self.job.broadcast_id,
+                    },
+                )
+            ).fetchone()
+            self.completed = done is not None and done[0] == BroadcastStatus.COMPLETED
 
 
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
@@ -334,7 +342,8 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
     token = uuid.uuid4()
     recorder = Recorder(rt, job, token)
     renewing = asyncio.create_task(renew_leases(rt, token))
-    flushing = asyncio.create_task(_flush_often(recorder))
+    stop_flushing = asyncio.Event()
+    flushing = asyncio.create_task(_flush_often(recorder, stop_flushing))
     sends: set[asyncio.Task[None]] = set()
     deadline = time.monotonic() + rt.settings.batch_max_seconds
     out_of_time = False
@@ -364,9 +373,15 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*sends, return_exceptions=True)
         renewing.cancel()
-        flushing.cancel()
-        await asyncio.shield(recorder.flush())
-        await asyncio.shield(_release_held(rt, token, job))
+        # Never cancel a write in flight: its rows would look unsent and go out again.
+        stop_flushing.set()
+        await asyncio.shield(flushing)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(recorder.flush())
+        # Rows whose outcome could not be written stay ``sending``: their lease runs out and
+        # the sweeper decides, rather than this batch sending them again.
+        unwritten = [r.id for r in recorder.pending]
+        await asyncio.shield(_release_held(rt, token, job, keep=unwritten))
         board.untrack(broadcast_id)
     if recorder.completed:
         return BatchResult()
@@ -411,14 +426,18 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
         rt.in_flight.release()
 
 
-async def _flush_often(recorder: Recorder) -> None:
-    while True:
-        await asyncio.sleep(FLUSH_SECONDS)
+async def _flush_often(recorder: Recorder, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
         if recorder.pending:
-            await recorder.flush()
+            try:
+                await recorder.flush()
+            except Exception:
+                log.exception("writing send results failed; keeping them for the next write")
 
 
-async def _release_held(rt: Runtime, token: uuid.UUID, job: Job) -> None:
+async def _release_held(rt: Runtime, token: uuid.UUID, job: Job, *, keep: list[int]) -> None:
     """Rows still held by this claim when the batch ends (an interrupted batch) go back."""
     async with rt.pool.connection() as conn, conn.transaction():
         row = await (
@@ -432,9 +451,9 @@ async def _release_held(rt: Runtime, token: uuid.UUID, job: Job) -> None:
             UPDATE delivery
             SET status = %s, attempts = attempts - 1, lease_token = NULL, lease_expires_at = NULL,
                 updated_at = now()
-            WHERE lease_token = %s AND status = 'sending'
+            WHERE lease_token = %s AND status = 'sending' AND id <> ALL(%s)
             """,
-            ("canceled" if canceled else "queued", token),
+            ("canceled" if canceled else "queued", token, keep),
         )
         if canceled and cur.rowcount:
             await conn.execute(
