@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Api, System, wait_for
+from tests.e2e.conftest import Api, System
 
 pytestmark = pytest.mark.e2e
 
@@ -154,7 +154,7 @@ def test_a_contact_added_after_the_start_does_not_receive_it(api: Api) -> None:
 
 
 def test_permanent_failures_are_listed_with_reasons_and_in_the_csv(api: Api) -> None:
-    channel, hook = api.webhook_channel(fail_addresses=["bad-1", "bad-2"])
+    channel, _hook = api.webhook_channel(fail_addresses=["bad-1", "bad-2"])
     account = api.account(channel["id"])
     api.import_contacts(account["id"], ["ok-1", "bad-1", "ok-2", "bad-2"])
     b = api.broadcast(channel["id"], {})
@@ -201,7 +201,7 @@ def test_transient_failures_are_retried_and_end_sent(api: Api) -> None:
 
 
 def test_a_recipient_that_keeps_failing_transiently_fails_after_the_last_attempt(api: Api) -> None:
-    channel, hook = api.webhook_channel(transient_first=99)
+    channel, _hook = api.webhook_channel(transient_first=99)
     account = api.account(channel["id"])
     api.import_contacts(account["id"], ["flaky"])
     b = api.broadcast(channel["id"], {})
