@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up and run bcast on this machine: venv, Postgres and RabbitMQ, migrations, a token for
-# the "demo" workspace, then the API in the foreground (Ctrl-C stops it).
+# Set up and run the whole of bcast on this machine: venv, Postgres and RabbitMQ, migrations,
+# then the API, a scheduler, dispatchers and the provider simulator, and a demo broadcast that
+# is followed to the end. Everything keeps running afterwards; Ctrl-C stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -8,13 +9,35 @@ bash deploy/local/venv.sh
 bash deploy/local/services.sh
 
 export BCAST_DATABASE_URL=${BCAST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/bcast}
+export BCAST_API_PORT=${BCAST_API_PORT:-8000}
+export BCAST_PUBLIC_URL=${BCAST_PUBLIC_URL:-http://127.0.0.1:$BCAST_API_PORT}
+SIM_PORT=${BCAST_SIMULATOR_PORT:-9100}
+api="http://127.0.0.1:$BCAST_API_PORT"
+sim="http://127.0.0.1:$SIM_PORT"
+
 .venv/bin/bcast db upgrade
-token=$(.venv/bin/bcast token create --workspace demo --name up.sh)
-port=${BCAST_API_PORT:-8000}
+
+.venv/bin/bcast up --with-simulator --simulator-port "$SIM_PORT" "$@" &
+up_pid=$!
+trap 'kill -TERM "$up_pid" 2>/dev/null; wait "$up_pid" 2>/dev/null || true' INT TERM EXIT
+
+for _ in $(seq 1 120); do
+  if curl -fsS "$api/readyz" >/dev/null 2>&1 && curl -fsS "$sim/_sim/health" >/dev/null 2>&1; then
+    break
+  fi
+  if ! kill -0 "$up_pid" 2>/dev/null; then
+    echo "bcast up stopped before it was ready" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+
+.venv/bin/bcast demo --contacts "${BCAST_DEMO_CONTACTS:-2000}" --api-url "$api" --simulator-url "$sim"
+
 cat <<MSG
-bcast is starting on http://127.0.0.1:$port  (OpenAPI: http://127.0.0.1:$port/docs)
-A token for the "demo" workspace, shown once:
-  export BCAST_TOKEN=$token
-  curl -H "Authorization: Bearer \$BCAST_TOKEN" http://127.0.0.1:$port/v1/broadcasts
+
+bcast is running:  API $api  (OpenAPI: $api/docs)   metrics :9101 (dispatchers) :9102 (scheduler) $api/metrics
+Make a token:      .venv/bin/bcast token create --workspace NAME
+Ctrl-C stops everything.
 MSG
-exec .venv/bin/bcast api
+wait "$up_pid"
