@@ -20,7 +20,7 @@ PROVIDER_LATENCY = Histogram(
 )
 RATE_WAIT = Histogram(
     "bcast_rate_limit_wait_seconds",
-    "Time a send waited for its slot under the channel's rate limit.",
+    "How far ahead the last of a group of send slots lay when the group was taken.",
     ["kind"],
     buckets=(0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
@@ -31,7 +31,7 @@ THROTTLED = Counter(
 )
 IN_FLIGHT = Gauge(
     "bcast_provider_requests_in_flight",
-    "Provider calls under way.",
+    "Provider calls under way (or waiting for their slot), as of the last result write.",
     ["kind"],
     multiprocess_mode="livesum",
 )

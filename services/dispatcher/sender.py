@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import tenacity
@@ -83,6 +83,8 @@ class _Record:
     next_attempt_in: float | None = None
     #: -1 gives back the attempt a claim counted, for rows that were never sent.
     attempts_delta: int = 0
+    #: The metrics label: sent, failed, retry or released.
+    outcome: str = "sent"
 
 
 @dataclass
@@ -150,6 +152,12 @@ class Recorder:
             await self._write(records)
             del self.pending[: len(records)]
             metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+            # Counted per write, not per send: each metric update costs a shared-memory write.
+            for outcome, count in Counter(r.outcome for r in records).items():
+                metrics.DELIVERIES.labels(self.job.kind, outcome).inc(count)
+            metrics.IN_FLIGHT.labels(self.job.kind).set(
+                self.rt.settings.max_in_flight - self.rt.in_flight._value
+            )
 
     async def _write(self, records: list[_Record]) -> None:
         async with self.rt.pool.connection() as conn, conn.transaction():
@@ -358,6 +366,7 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
             while rows and board.is_sending(broadcast_id):
                 n = limiter.grant_size(job.rate, len(rows))
                 slots = await limiter.reserve(job.channel_id, job.workspace_id, job.rate, n)
+                metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, slots[-1] - time.time()))
                 for at in slots:
                     await rt.in_flight.acquire()
                     task = asyncio.create_task(_send_one(rt, job, recorder, rows.popleft(), at))
@@ -395,7 +404,6 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
         wait = at - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, wait))
         if not rt.status.is_sending(job.broadcast_id):
             recorder.release(row)
             return
@@ -403,7 +411,6 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
         if blocked > 0:
             recorder.release(row, after=blocked)
             return
-        metrics.IN_FLIGHT.labels(job.kind).inc()
         started = time.perf_counter()
         try:
             outcome = await job.adapter.send(job.message, row.address, str(row.id))
@@ -411,7 +418,6 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
             log.exception("adapter %s failed on delivery %s", job.kind, row.id)
             outcome = Transient(f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            metrics.IN_FLIGHT.labels(job.kind).dec()
             metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
         if isinstance(outcome, Transient) and outcome.throttled:
             metrics.THROTTLED.labels(job.kind).inc()

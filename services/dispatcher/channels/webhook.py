@@ -42,19 +42,19 @@ class WebhookAdapter:
         self.url = str(config["url"])
         self.secret = str(config["secret"]).encode()
         self.http = http
+        self._cached: tuple[OutboundMessage, bytes] | None = None
 
     async def send(self, message: OutboundMessage, address: str, idempotency_key: str) -> Outcome:
-        body = json.dumps(
-            {
-                "idempotency_key": idempotency_key,
-                "broadcast_id": message.broadcast_id,
-                "to": address,
-                "text": message.text,
-                "media": [{"url": m.url, "content_type": m.content_type} for m in message.media],
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode()
+        body = b"".join(
+            (
+                b'{"idempotency_key":',
+                _json(idempotency_key),
+                b',"to":',
+                _json(address),
+                b",",
+                self._rest(message),
+            )
+        )
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": idempotency_key,
@@ -84,6 +84,25 @@ class WebhookAdapter:
 
     async def close(self) -> None:
         """Nothing of its own to close: the HTTP session belongs to the process."""
+
+    def _rest(self, message: OutboundMessage) -> bytes:
+        """The part of the body every recipient shares, encoded once per message."""
+        if self._cached is None or self._cached[0] is not message:
+            rest = _json(
+                {
+                    "broadcast_id": message.broadcast_id,
+                    "text": message.text,
+                    "media": [
+                        {"url": m.url, "content_type": m.content_type} for m in message.media
+                    ],
+                }
+            )[1:]
+            self._cached = (message, rest)
+        return self._cached[1]
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _message_id(answer: bytes) -> str | None:

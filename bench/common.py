@@ -1,0 +1,134 @@
+"""Shared pieces of the benchmarks: a throwaway database and vhost, and child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from shared.db import migrate
+from shared.db.engine import libpq_url
+
+BCAST = [sys.executable, "-m", "services.cli"]
+ADMIN_URL = os.environ.get("BCAST_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A migrated database that is dropped afterwards."""
+    name = f"bcast_bench_{secrets.token_hex(4)}"
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    migrate.upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(libpq_url(ADMIN_URL), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextlib.contextmanager
+def scratch_vhost() -> Iterator[str]:
+    name = f"bcast_bench_{secrets.token_hex(4)}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield name
+    finally:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True
+        )
+
+
+class Children:
+    """bcast processes started for a benchmark, stopped when it ends."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.logs = Path(tempfile.mkdtemp(prefix="bcast-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._files: list[Any] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
+        self._files.append(log)
+        proc = subprocess.Popen(
+            [*BCAST, *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for f in self._files:
+            f.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in [pid, *_descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for child in (
+        Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if Path(f"/proc/{pid}").exists()
+        else []
+    ):
+        out.append(int(child))
+        out.extend(_descendants(int(child)))
+    return out
