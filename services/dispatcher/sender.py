@@ -114,30 +114,26 @@ class Recorder:
         return float(self.backoff(state))
 
     def outcome(self, row: Claimed, outcome: Outcome) -> None:
-        kind = self.job.kind
+        """Turn a provider's answer into the row's next state (a retry while attempts last)."""
         if isinstance(outcome, Sent):
-            self.pending.append(
-                _Record(row.id, "sent", provider_message_id=outcome.provider_message_id)
-            )
-            metrics.DELIVERIES.labels(kind, "sent").inc()
+            record = _Record(row.id, "sent", provider_message_id=outcome.provider_message_id)
         elif isinstance(outcome, Permanent):
-            self.pending.append(_Record(row.id, "failed", error=outcome.reason))
-            metrics.DELIVERIES.labels(kind, "failed").inc()
+            record = _Record(row.id, "failed", error=outcome.reason, outcome="failed")
         elif row.attempts >= self.rt.settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.reason}"
-            self.pending.append(_Record(row.id, "failed", error=error))
-            metrics.DELIVERIES.labels(kind, "failed").inc()
+            record = _Record(row.id, "failed", error=error, outcome="failed")
         else:
             wait = max(outcome.retry_after or 0.0, self._backoff(row.attempts))
-            self.pending.append(
-                _Record(row.id, "queued", error=outcome.reason, next_attempt_in=wait)
+            record = _Record(
+                row.id, "queued", error=outcome.reason, next_attempt_in=wait, outcome="retry"
             )
-            metrics.DELIVERIES.labels(kind, "retry").inc()
+        self.pending.append(record)
 
     def release(self, row: Claimed, *, after: float | None = None) -> None:
         """Give a row back untouched by any provider call (pause, cancel, channel blocked)."""
-        self.pending.append(_Record(row.id, "queued", next_attempt_in=after, attempts_delta=-1))
-        metrics.DELIVERIES.labels(self.job.kind, "released").inc()
+        self.pending.append(
+            _Record(row.id, "queued", next_attempt_in=after, attempts_delta=-1, outcome="released")
+        )
 
     async def flush(self) -> None:
         """Write what is pending. Records leave ``pending`` only once their transaction has
