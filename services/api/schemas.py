@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -104,6 +104,10 @@ class ContactPatch(_In):
         | None
     ) = Field(default=None, max_length=50, description="Replaces the contact's tags.")
     opted_out: bool | None = None
+    unreachable: Literal[False] | None = Field(
+        default=None,
+        description="false clears an unreachable mark (e.g. the user unblocked the bot).",
+    )
 
 
 class ImportOut(BaseModel):
@@ -118,7 +122,10 @@ class AudiencePreviewIn(AudienceFilter):
 
 
 class AudiencePreviewOut(BaseModel):
-    count: int
+    count: int = Field(description="Contacts the broadcast would be sent to.")
+    unreachable: int = Field(
+        description="Matching contacts a provider called unreachable: they would be skipped."
+    )
     contacts: list[ContactOut]
 
 

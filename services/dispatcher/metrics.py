@@ -9,7 +9,7 @@ from prometheus_client import Counter, Gauge, Histogram
 DELIVERIES = Counter(
     "bcast_deliveries_total",
     "Recipients finished or put back, by channel kind and outcome "
-    "(sent, failed, retry, released, canceled).",
+    "(sent, failed, retry, throttled, released).",
     ["kind", "outcome"],
 )
 PROVIDER_LATENCY = Histogram(

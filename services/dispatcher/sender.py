@@ -31,6 +31,7 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
+    join_ids,
 )
 from services.dispatcher.runtime import Runtime
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus
@@ -51,6 +52,9 @@ class Claimed:
     contact_id: int
     address: str
     attempts: int
+    #: Calls of a several-call message an earlier attempt already made.
+    parts_done: int
+    provider_message_id: str | None
 
 
 @dataclass
@@ -83,8 +87,11 @@ class _Record:
     next_attempt_in: float | None = None
     #: -1 gives back the attempt a claim counted, for rows that were never sent.
     attempts_delta: int = 0
-    #: The metrics label: sent, failed, retry or released.
+    #: The metrics label: sent, failed, retry, throttled or released.
     outcome: str = "sent"
+    parts_done: int | None = None
+    #: Set when the provider said this contact cannot be reached at all.
+    unreachable_contact: int | None = None
 
 
 @dataclass
@@ -116,16 +123,46 @@ class Recorder:
     def outcome(self, row: Claimed, outcome: Outcome) -> None:
         """Turn a provider's answer into the row's next state (a retry while attempts last)."""
         if isinstance(outcome, Sent):
-            record = _Record(row.id, "sent", provider_message_id=outcome.provider_message_id)
+            ids = [outcome.provider_message_id] if outcome.provider_message_id else []
+            record = _Record(
+                row.id, "sent", provider_message_id=join_ids(row.provider_message_id, ids)
+            )
         elif isinstance(outcome, Permanent):
-            record = _Record(row.id, "failed", error=outcome.reason, outcome="failed")
+            record = _Record(
+                row.id,
+                "failed",
+                error=outcome.reason,
+                outcome="failed",
+                unreachable_contact=row.contact_id if outcome.unreachable else None,
+            )
+        elif outcome.throttled:
+            # The provider pushed back on the whole channel: not this recipient's failure, so
+            # the attempt is given back and the row waits as long as it was told.
+            ids = [outcome.provider_message_id] if outcome.provider_message_id else []
+            record = _Record(
+                row.id,
+                "queued",
+                error=outcome.reason,
+                next_attempt_in=outcome.retry_after or DEFAULT_THROTTLE_SECONDS,
+                attempts_delta=-1,
+                outcome="throttled",
+                parts_done=outcome.parts_done,
+                provider_message_id=join_ids(row.provider_message_id, ids),
+            )
         elif row.attempts >= self.rt.settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.reason}"
             record = _Record(row.id, "failed", error=error, outcome="failed")
         else:
             wait = max(outcome.retry_after or 0.0, self._backoff(row.attempts))
+            ids = [outcome.provider_message_id] if outcome.provider_message_id else []
             record = _Record(
-                row.id, "queued", error=outcome.reason, next_attempt_in=wait, outcome="retry"
+                row.id,
+                "queued",
+                error=outcome.reason,
+                next_attempt_in=wait,
+                outcome="retry",
+                parts_done=outcome.parts_done,
+                provider_message_id=join_ids(row.provider_message_id, ids),
             )
         self.pending.append(record)
 
@@ -173,6 +210,7 @@ class Recorder:
                 UPDATE delivery d
                 SET status = v.status,
                     provider_message_id = coalesce(v.pmid, d.provider_message_id),
+                    parts_done = coalesce(v.parts, d.parts_done),
                     last_error = CASE WHEN v.status = 'sent' THEN NULL
                                       ELSE coalesce(v.err, d.last_error) END,
                     sent_at = CASE WHEN v.status = 'sent' THEN now() ELSE d.sent_at END,
@@ -182,8 +220,9 @@ class Recorder:
                     lease_expires_at = NULL,
                     lease_token = NULL,
                     updated_at = now()
-                FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])
-                     AS v(id, status, pmid, err, wait, delta)
+                FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::int[],
+                            %s::int[])
+                     AS v(id, status, pmid, err, wait, delta, parts)
                 WHERE d.id = v.id AND d.status = 'sending' AND d.lease_token = %s
                 RETURNING v.status
                 """,
@@ -194,10 +233,23 @@ class Recorder:
                     [r.error for r in records],
                     [r.next_attempt_in for r in records],
                     [r.attempts_delta for r in records],
+                    [r.parts_done for r in records],
                     self.token,
                 ),
             )
             written = [r[0] for r in await cur.fetchall()]
+            unreachable = [r for r in records if r.unreachable_contact is not None]
+            if unreachable:
+                # Later broadcasts skip this contact, reporting the provider's reason.
+                await conn.execute(
+                    """
+                    UPDATE contact c
+                    SET unreachable_at = now(), unreachable_reason = v.reason, updated_at = now()
+                    FROM unnest(%s::bigint[], %s::text[]) AS v(id, reason)
+                    WHERE c.id = v.id AND c.unreachable_at IS NULL
+                    """,
+                    ([r.unreachable_contact for r in unreachable], [r.error for r in unreachable]),
+                )
             sent, failed, gone = (
                 written.count("sent"),
                 written.count("failed"),
@@ -308,7 +360,8 @@ async def claim(
                 FROM picked
                 WHERE d.id = picked.id
                   AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
-                RETURNING d.id, d.contact_id, d.address, d.attempts
+                RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
+                          d.provider_message_id
                 """,
                 {
                     "b": job.broadcast_id,
@@ -409,7 +462,9 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
             return
         started = time.perf_counter()
         try:
-            outcome = await job.adapter.send(job.message, row.address, str(row.id))
+            outcome = await job.adapter.send(
+                job.message, row.address, str(row.id), parts_done=row.parts_done
+            )
         except Exception as exc:  # an adapter bug must not strand the row
             log.exception("adapter %s failed on delivery %s", job.kind, row.id)
             outcome = Transient(f"internal error: {type(exc).__name__}: {exc}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from sqlalchemy import func, literal, select, text, update
+from sqlalchemy import case, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -34,29 +34,47 @@ def snapshot(session: Session, broadcast: Broadcast) -> int | None:
     if broadcast.snapshot_at is not None:
         return None
     spec = AudienceSpec.model_validate(broadcast.audience)
-    recipients = audience_query(broadcast.workspace_id, broadcast.channel_id, spec).where(
-        Contact.created_at <= broadcast.started_at
-    )
+    recipients = audience_query(
+        broadcast.workspace_id, broadcast.channel_id, spec, reachable=None
+    ).where(Contact.created_at <= broadcast.started_at)
+    # Contacts a provider called unreachable are recorded as skipped, with the reason.
+    unreachable = Contact.unreachable_at.is_not(None)
     source = recipients.with_only_columns(
         literal(broadcast.workspace_id),
         literal(broadcast.id),
         Contact.id,
         Contact.address,
+        case((unreachable, literal(DeliveryStatus.SKIPPED.value)), else_=literal("queued")),
+        case(
+            (
+                unreachable,
+                "skipped: contact unreachable: " + func.coalesce(Contact.unreachable_reason, ""),
+            ),
+            else_=None,
+        ),
     ).order_by(Contact.id)
     session.execute(
         insert(Delivery)
-        .from_select(["workspace_id", "broadcast_id", "contact_id", "address"], source)
+        .from_select(
+            ["workspace_id", "broadcast_id", "contact_id", "address", "status", "last_error"],
+            source,
+        )
         .on_conflict_do_nothing(index_elements=["broadcast_id", "contact_id"])
     )
-    total = session.execute(
-        select(func.count()).select_from(Delivery).where(Delivery.broadcast_id == broadcast.id)
-    ).scalar_one()
+    counted = session.execute(
+        select(
+            func.count(),
+            func.count().filter(Delivery.status == DeliveryStatus.SKIPPED.value),
+        ).where(Delivery.broadcast_id == broadcast.id)
+    ).one()
+    total, skipped = int(counted[0]), int(counted[1])
     values: dict[str, object] = {
         "snapshot_at": func.now(),
         "total_count": total,
+        "skipped_count": skipped,
         "heartbeat_at": func.now(),
     }
-    if total == 0:
+    if total == skipped:
         values.update(status=BroadcastStatus.COMPLETED.value, finished_at=func.now())
     session.execute(update(Broadcast).where(Broadcast.id == broadcast.id).values(**values))
     metrics.SNAPSHOT_ROWS.inc(total)

@@ -1,7 +1,9 @@
 """The simulator's HTTP app.
 
-Provider side:
-  ``POST /hooks/{name}``  the signed webhook format.
+Provider side (``name`` picks a simulated endpoint with its own switches and records):
+  ``POST /hooks/{name}``                                        the signed webhook format
+  ``POST /telegram/{name}/bot{token}/{method}``                 the Telegram Bot API
+  ``POST /whatsapp/{name}/{version}/{phone_number_id}/messages``  the WhatsApp Cloud API
 Control side (for tests and benchmarks):
   ``PUT /_sim/hooks/{name}``           set how the hook behaves (see ``HookConfig``)
   ``GET /_sim/hooks/{name}/stats``     counts: requests, accepted, unique keys, duplicates, ...
@@ -84,26 +86,66 @@ class Simulator:
         window = [t for t in hook.arrivals[-int(limit) - 2 :] if t > now - 1.0]
         return len(window) > limit
 
-    async def webhook(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    def receive(self, name: str, record: dict[str, Any]) -> tuple[Hook, float]:
+        """Note a request's arrival; return its hook and the arrival time."""
         hook = self.hook(name)
-        config = hook.config
-        body = await request.read()
         now = time.time()
         hook.arrivals.append(now)
+        record["t"] = now
+        hook.records.append(record)
+        return hook, now
+
+    async def lag(self, hook: Hook) -> None:
+        config = hook.config
+        if config.latency_ms or config.latency_jitter_ms:
+            await asyncio.sleep(
+                (config.latency_ms + hook.rng.uniform(0, config.latency_jitter_ms)) / 1000
+            )
+
+    def decide(self, hook: Hook, key: str, to: Any, now: float) -> tuple[str, str]:
+        """What to answer, whatever the provider's shape: (verdict, detail).
+
+        Verdicts: ``ok`` (detail: the message id), ``duplicate`` (detail: the first id),
+        ``throttled``, ``unavailable``, ``unreachable``, ``bad_signature``.
+        """
+        config = hook.config
+        if hook.records[-1].get("signature_ok") is False:
+            return "bad_signature", "bad signature"
+        if self.over_rate(hook, now):
+            return "throttled", "rate limit exceeded"
+        if config.throttle_ratio and hook.rng.random() < config.throttle_ratio:
+            return "throttled", "slow down"
+        if config.error_ratio and hook.rng.random() < config.error_ratio:
+            return "unavailable", "temporarily unavailable"
+        seen = hook.attempts.get(key, 0)
+        hook.attempts[key] = seen + 1
+        if seen < config.transient_first:
+            return "unavailable", f"transient failure {seen + 1} of {config.transient_first}"
+        if str(to) in config.fail_addresses:
+            return "unreachable", f"no such recipient: {to}"
+        if key in hook.accepted:
+            hook.duplicates += 1
+            return "duplicate", hook.accepted[key]
+        self.next_id += 1
+        hook.accepted[key] = f"sim-{self.next_id}"
+        return "ok", hook.accepted[key]
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        """The signed webhook: 2xx with ``id``, 429 + Retry-After, 503, 404, 401."""
+        body = await request.read()
         try:
             payload = json.loads(body)
         except ValueError:
             return web.json_response({"error": "body is not JSON"}, status=400)
+        hook = self.hook(request.match_info["name"])
         signature_ok: bool | None = None
-        if config.secret:
+        if hook.config.secret:
             expected = (
-                "sha256=" + hmac.new(config.secret.encode(), body, hashlib.sha256).hexdigest()
+                "sha256=" + hmac.new(hook.config.secret.encode(), body, hashlib.sha256).hexdigest()
             )
             signature_ok = hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, ""))
         key = str(payload.get("idempotency_key"))
         record: dict[str, Any] = {
-            "t": now,
             "key": key,
             "to": payload.get("to"),
             "text": payload.get("text"),
@@ -112,42 +154,95 @@ class Simulator:
             "signature_ok": signature_ok,
             "idempotency_header": request.headers.get("Idempotency-Key"),
         }
-        hook.records.append(record)
-        if config.latency_ms or config.latency_jitter_ms:
-            await asyncio.sleep(
-                (config.latency_ms + hook.rng.uniform(0, config.latency_jitter_ms)) / 1000
-            )
-        status, answer, headers = self._decide(hook, key, payload, now)
+        hook, now = self.receive(request.match_info["name"], record)
+        await self.lag(hook)
+        verdict, detail = self.decide(hook, key, record["to"], now)
+        status, answer, headers = {
+            "ok": (200, {"id": detail}, {}),
+            "duplicate": (200, {"id": detail, "duplicate": True}, {}),
+            "throttled": (429, {"error": detail}, {"Retry-After": f"{hook.config.retry_after:g}"}),
+            "unavailable": (503, {"error": detail}, {}),
+            "unreachable": (404, {"error": detail}, {}),
+            "bad_signature": (401, {"error": detail}, {}),
+        }[verdict]
         record["status"] = status
         return web.json_response(answer, status=status, headers=headers)
 
-    def _decide(
-        self, hook: Hook, key: str, payload: dict[str, Any], now: float
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        config = hook.config
-        retry = {"Retry-After": f"{config.retry_after:g}"}
-        if config.secret and not hmac.compare_digest(
-            (hook.records[-1]["signature_ok"] and "ok") or "", "ok"
-        ):
-            return 401, {"error": "bad signature"}, {}
-        if self.over_rate(hook, now):
-            return 429, {"error": "rate limit exceeded"}, retry
-        if config.throttle_ratio and hook.rng.random() < config.throttle_ratio:
-            return 429, {"error": "slow down"}, retry
-        if config.error_ratio and hook.rng.random() < config.error_ratio:
-            return 503, {"error": "temporarily unavailable"}, {}
-        seen = hook.attempts.get(key, 0)
-        hook.attempts[key] = seen + 1
-        if seen < config.transient_first:
-            return 503, {"error": f"transient failure {seen + 1} of {config.transient_first}"}, {}
-        if payload.get("to") in config.fail_addresses:
-            return 404, {"error": f"no such recipient: {payload.get('to')}"}, {}
-        if key in hook.accepted:
-            hook.duplicates += 1
-            return 200, {"id": hook.accepted[key], "duplicate": True}, {}
-        self.next_id += 1
-        hook.accepted[key] = f"sim-{self.next_id}"
-        return 200, {"id": hook.accepted[key]}, {}
+    async def telegram(self, request: web.Request) -> web.Response:
+        """Bot API shape: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error_code", ...}``."""
+        method = request.match_info["method"]
+        payload = await request.json()
+        record: dict[str, Any] = {
+            "key": request.headers.get("Idempotency-Key"),
+            "method": method,
+            "token": request.match_info["token"],
+            "to": payload.get("chat_id"),
+            "text": payload.get("text") or payload.get("caption"),
+            "photo": payload.get("photo"),
+            "media": payload.get("media"),
+            "signature_ok": None,
+        }
+        hook, now = self.receive(request.match_info["name"], record)
+        await self.lag(hook)
+        verdict, detail = self.decide(hook, str(record["key"]), record["to"], now)
+        if verdict in ("ok", "duplicate"):
+            message_id = int(detail.removeprefix("sim-"))
+            count = len(payload.get("media") or []) if method == "sendMediaGroup" else 1
+            result: Any = {"message_id": message_id, "chat": {"id": record["to"]}}
+            if method == "sendMediaGroup":
+                result = [{"message_id": message_id * 100 + i} for i in range(count)]
+            record["status"] = 200
+            return web.json_response({"ok": True, "result": result})
+        status, description, extra = {
+            "throttled": (
+                429,
+                f"Too Many Requests: retry after {hook.config.retry_after:g}",
+                {"parameters": {"retry_after": hook.config.retry_after}},
+            ),
+            "unavailable": (502, "Bad Gateway", {}),
+            "unreachable": (403, "Forbidden: bot was blocked by the user", {}),
+        }[verdict]
+        record["status"] = status
+        return web.json_response(
+            {"ok": False, "error_code": status, "description": description, **extra}, status=status
+        )
+
+    async def whatsapp(self, request: web.Request) -> web.Response:
+        """Cloud API shape: ``{"messages": [{"id": "wamid..."}]}`` or ``{"error": {"code", ...}}``."""
+        payload = await request.json()
+        kind = payload.get("type")
+        body = payload.get(kind) or {}
+        record: dict[str, Any] = {
+            "key": request.headers.get("Idempotency-Key"),
+            "authorization": request.headers.get("Authorization"),
+            "phone_number_id": request.match_info["phone_number_id"],
+            "version": request.match_info["version"],
+            "to": payload.get("to"),
+            "type": kind,
+            "text": body.get("body") if kind == "text" else body.get("caption"),
+            "link": body.get("link"),
+            "signature_ok": None,
+        }
+        hook, now = self.receive(request.match_info["name"], record)
+        await self.lag(hook)
+        verdict, detail = self.decide(hook, str(record["key"]), record["to"], now)
+        if verdict in ("ok", "duplicate"):
+            record["status"] = 200
+            return web.json_response(
+                {
+                    "messaging_product": "whatsapp",
+                    "contacts": [{"input": record["to"], "wa_id": str(record["to"]).lstrip("+")}],
+                    "messages": [{"id": f"wamid.{detail}"}],
+                }
+            )
+        status, code, message = {
+            "throttled": (429, 130429, "Rate limit hit"),
+            "unavailable": (503, 131016, "Service unavailable"),
+            "unreachable": (400, 131026, "Message undeliverable"),
+        }[verdict]
+        record["status"] = status
+        error = {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "sim"}
+        return web.json_response({"error": error}, status=status)
 
     def stats(self, hook: Hook) -> dict[str, Any]:
         statuses = [r.get("status") for r in hook.records]
@@ -204,6 +299,8 @@ def make_app() -> web.Application:
         return web.json_response({"status": "ok"})
 
     app.router.add_post("/hooks/{name}", sim.webhook)
+    app.router.add_post("/telegram/{name}/bot{token}/{method}", sim.telegram)
+    app.router.add_post("/whatsapp/{name}/{version}/{phone_number_id}/messages", sim.whatsapp)
     app.router.add_put("/_sim/hooks/{name}", put_hook)
     app.router.add_get("/_sim/hooks/{name}/stats", get_stats)
     app.router.add_get("/_sim/hooks/{name}/requests", get_requests)

@@ -291,6 +291,8 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(Text)
+    #: Provider calls of a several-call message already accepted; a retry starts after them.
+    parts_done: Mapped[int] = mapped_column(Integer, server_default="0")
     lease_expires_at: Mapped[datetime | None]
     #: Which claim holds the row while ``sending``; results of a lost lease are ignored.
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

@@ -61,17 +61,27 @@ class AudienceSpec(AudienceFilter):
 
 
 def audience_query(
-    workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+    workspace_id: int,
+    channel_id: int,
+    spec: AudienceFilter | AudienceSpec,
+    *,
+    reachable: bool | None = True,
 ) -> Select[int, int, str]:
     """``SELECT contact.id, contact.account_id, contact.address`` of every recipient.
 
     Contacts of the channel's accounts only, opted-out contacts never, narrowed by the spec.
+    ``reachable``: True leaves out contacts a provider called unreachable, False keeps only
+    them (they are reported as skipped), None takes both.
     """
     conditions = [
         Contact.workspace_id == workspace_id,
         Account.channel_id == channel_id,
         Contact.opted_out_at.is_(None),
     ]
+    if reachable is not None:
+        conditions.append(
+            Contact.unreachable_at.is_(None) if reachable else Contact.unreachable_at.is_not(None)
+        )
     if spec.account_ids:
         conditions.append(in_ids(Contact.account_id, spec.account_ids))
     if spec.tag_ids:
@@ -103,10 +113,15 @@ def audience_query(
 
 
 def count_audience(
-    session: Session, workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+    session: Session,
+    workspace_id: int,
+    channel_id: int,
+    spec: AudienceFilter | AudienceSpec,
+    *,
+    reachable: bool | None = True,
 ) -> int:
-    """How many contacts the spec reaches right now."""
-    query = audience_query(workspace_id, channel_id, spec).subquery()
+    """How many contacts the spec reaches right now (see ``audience_query`` for ``reachable``)."""
+    query = audience_query(workspace_id, channel_id, spec, reachable=reachable).subquery()
     return int(session.execute(select(func.count()).select_from(query)).scalar_one())
 
 
@@ -174,7 +189,9 @@ def check_audience(
         if spec.selection == "manual" and not errors:
             inside = set(
                 session.execute(
-                    audience_query(workspace_id, channel_id, spec).with_only_columns(Contact.id)
+                    audience_query(
+                        workspace_id, channel_id, spec, reachable=None
+                    ).with_only_columns(Contact.id)
                 ).scalars()
             )
             errors.extend(
@@ -190,8 +207,14 @@ def check_audience(
         raise ValidationFailed(errors)
     size = count_audience(session, workspace_id, channel_id, spec)
     if size == 0:
+        unreachable = count_audience(session, workspace_id, channel_id, spec, reachable=False)
+        because = (
+            f" ({unreachable} matching contacts are marked unreachable)" if unreachable else ""
+        )
         raise ValidationFailed.one(
-            field, "matches no contacts: widen the accounts, tags or selection", "empty_audience"
+            field,
+            f"matches no contacts{because}: widen the accounts, tags or selection",
+            "empty_audience",
         )
     return size
 

@@ -156,10 +156,15 @@ def update_contact(
     name: str | None = None,
     tags: Sequence[str] | None = None,
     opted_out: bool | None = None,
+    clear_unreachable: bool = False,
 ) -> Contact:
-    """Change a contact's name, tags or opt-out; fields left None stay as they are."""
+    """Change a contact's name, tags or opt-out, or clear its unreachable mark; fields left
+    None stay as they are.
+    """
     contact = get_contact(session, workspace_id, contact_id)
     values: dict[str, Any] = {}
+    if clear_unreachable:
+        values.update(unreachable_at=None, unreachable_reason=None)
     if name is not None:
         values["name"] = name
     if opted_out is not None and opted_out != (contact.opted_out_at is not None):

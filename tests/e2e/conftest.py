@@ -167,6 +167,38 @@ class Api:
         )
         return channel, hook
 
+    def channel(self, kind: str, rate: float = 5000.0, **sim: Any) -> tuple[dict[str, Any], str]:
+        """A channel of ``kind`` pointed at a fresh simulator endpoint; returns (channel, name)."""
+        if kind == "webhook":
+            return self.webhook_channel(rate, **sim)
+        name = f"{kind[:2]}-{secrets.token_hex(4)}"
+        r = self.system.sim.put(f"/_sim/hooks/{name}", json=sim)
+        assert r.status_code == 200, r.text
+        config: dict[str, Any] = {
+            "telegram": {
+                "bot_token": f"{secrets.randbelow(10**9)}:AA{secrets.token_urlsafe(16)}",
+                "api_base_url": f"{self.system.sim_url}/telegram/{name}",
+            },
+            "whatsapp": {
+                "access_token": f"EAAG{secrets.token_urlsafe(24)}",
+                "phone_number_id": "106540352242922",
+                "api_version": "v21.0",
+                "api_base_url": f"{self.system.sim_url}/whatsapp/{name}",
+            },
+        }[kind]
+        self.secrets = [
+            *getattr(self, "secrets", []),
+            config.get("bot_token") or config["access_token"],
+        ]
+        channel = self.ok(
+            "POST",
+            "/v1/channels",
+            201,
+            json={"name": name, "kind": kind, "config": config, "rate_limit_per_second": rate},
+        )
+        channel["secret"] = self.secrets[-1]
+        return channel, name
+
     def account(self, channel_id: int) -> dict[str, Any]:
         return dict(
             self.ok(

@@ -20,7 +20,7 @@ from services.api.schemas import (
     Page,
 )
 from shared.db.models import Contact
-from shared.domain.audience import audience_query, check_audience
+from shared.domain.audience import audience_query, check_audience, count_audience
 from shared.domain.broadcasts import get_channel
 from shared.domain.contacts import (
     CSV_COLUMNS,
@@ -92,7 +92,13 @@ def patch_contact(
 ) -> ContactOut:
     """Rename, retag, or opt a contact out (or back in)."""
     contact = update_contact(
-        session, workspace, contact_id, name=body.name, tags=body.tags, opted_out=body.opted_out
+        session,
+        workspace,
+        contact_id,
+        name=body.name,
+        tags=body.tags,
+        opted_out=body.opted_out,
+        clear_unreachable=body.unreachable is False,
     )
     session.commit()
     return contacts_out(session, [contact])[0]
@@ -157,4 +163,7 @@ def preview_audience(
         .scalars()
         .all()
     )
-    return AudiencePreviewOut(count=count, contacts=contacts_out(session, contacts))
+    unreachable = count_audience(session, workspace, body.channel_id, body, reachable=False)
+    return AudiencePreviewOut(
+        count=count, unreachable=unreachable, contacts=contacts_out(session, contacts)
+    )

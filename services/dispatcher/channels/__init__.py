@@ -7,7 +7,9 @@ from typing import Any
 import aiohttp
 
 from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
+from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from shared.domain.lifecycle import ChannelKind
 
 
@@ -19,4 +21,8 @@ def make_adapter(kind: str, config: dict[str, Any], http: aiohttp.ClientSession)
     """The adapter for one channel."""
     if kind == ChannelKind.WEBHOOK:
         return WebhookAdapter(config, http)
+    if kind == ChannelKind.TELEGRAM:
+        return TelegramAdapter(config, http)
+    if kind == ChannelKind.WHATSAPP:
+        return WhatsappAdapter(config, http)
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

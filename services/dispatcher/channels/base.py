@@ -45,6 +45,9 @@ class Transient:
     retry_after: float | None = None
     #: The provider asked this whole channel to slow down (HTTP 429 and the like).
     throttled: bool = False
+    #: Parts of a several-call message the provider already accepted (kept for the retry).
+    parts_done: int = 0
+    provider_message_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,19 @@ Outcome = Sent | Transient | Permanent
 
 
 class ChannelAdapter(Protocol):
-    """Turns one message for one address into one provider call, and its answer into an outcome.
+    """Turns one message for one address into provider calls, and the answers into an outcome.
 
     ``idempotency_key`` is the delivery id: a provider that honours it never delivers twice.
     """
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str
-    ) -> Outcome: ...
+        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+    ) -> Outcome:
+        """Send to one address. A message that takes several provider calls (several images
+        on a provider without albums) skips the first ``parts_done`` calls, which an earlier
+        attempt already made, so a retry never repeats them.
+        """
+        ...
 
     async def close(self) -> None: ...
 
@@ -92,3 +100,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def join_ids(earlier: str | None, more: list[str]) -> str | None:
+    """Provider message ids of a several-call message, comma-separated."""
+    ids = [*(earlier.split(",") if earlier else []), *more]
+    return ",".join(ids) or None

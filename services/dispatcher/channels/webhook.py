@@ -44,7 +44,9 @@ class WebhookAdapter:
         self.http = http
         self._cached: tuple[OutboundMessage, bytes] | None = None
 
-    async def send(self, message: OutboundMessage, address: str, idempotency_key: str) -> Outcome:
+    async def send(
+        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+    ) -> Outcome:
         body = b"".join(
             (
                 b'{"idempotency_key":',

@@ -1,0 +1,132 @@
+"""Telegram Bot API: ``sendMessage``, ``sendPhoto``, ``sendMediaGroup`` for several images.
+
+A 429 carries ``parameters.retry_after``; 403 (the user blocked the bot, or deactivated) and
+"chat not found" mean the contact is unreachable; other 4xx are permanent; 5xx and network
+trouble are transient. Images go as the API's signed, expiring URLs (Telegram fetches them).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from services.dispatcher.channels.base import (
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+    join_ids,
+    reason,
+)
+
+#: Longest caption Telegram accepts; longer text goes as its own message after the images.
+MAX_CAPTION = 1024
+UNREACHABLE_HINTS = ("chat not found", "user is deactivated", "bot was blocked", "user not found")
+
+
+class TelegramAdapter:
+    """Parameters:
+    config: ``bot_token`` and ``api_base_url``.
+    http: the process's shared client session.
+    """
+
+    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+        self.token = str(config["bot_token"])
+        self.base = f"{str(config['api_base_url']).rstrip('/')}/bot{self.token}"
+        self.http = http
+
+    def calls(self, message: OutboundMessage, chat_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """The API calls that deliver ``message``, in order."""
+        text, media = message.text, message.media
+        caption = text if text and len(text) <= MAX_CAPTION else None
+        calls: list[tuple[str, dict[str, Any]]] = []
+        if len(media) == 1:
+            photo: dict[str, Any] = {"chat_id": chat_id, "photo": media[0].url}
+            if caption:
+                photo["caption"] = caption
+            calls.append(("sendPhoto", photo))
+        elif media:
+            group = [{"type": "photo", "media": m.url} for m in media]
+            if caption:
+                group[0]["caption"] = caption
+            calls.append(("sendMediaGroup", {"chat_id": chat_id, "media": group}))
+        if text and (not media or caption is None):
+            calls.append(("sendMessage", {"chat_id": chat_id, "text": text}))
+        return calls
+
+    async def send(
+        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+    ) -> Outcome:
+        calls = self.calls(message, address)
+        ids: list[str] = []
+        for index, (method, payload) in enumerate(calls):
+            if index < parts_done:
+                continue
+            key = idempotency_key if len(calls) == 1 else f"{idempotency_key}-{index}"
+            outcome = await self._call(method, payload, key)
+            if not isinstance(outcome, Sent):
+                if isinstance(outcome, Transient):
+                    return Transient(
+                        outcome.reason,
+                        outcome.retry_after,
+                        throttled=outcome.throttled,
+                        parts_done=index,
+                        provider_message_id=join_ids(None, ids),
+                    )
+                return outcome
+            if outcome.provider_message_id:
+                ids.append(outcome.provider_message_id)
+        return Sent(join_ids(None, ids))
+
+    async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
+        try:
+            async with self.http.post(
+                f"{self.base}/{method}", json=payload, headers={"Idempotency-Key": key}
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except TimeoutError:
+            return Transient("Telegram timed out")
+        except aiohttp.ClientError as exc:
+            return Transient(self._scrub(f"connection error: {exc}"))
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {}
+        if status == 200 and answer.get("ok"):
+            return Sent(_message_id(answer.get("result")))
+        code = int(answer.get("error_code") or status)
+        description = str(answer.get("description") or raw.decode("utf-8", "replace"))
+        text = reason(self._scrub(f"Telegram {code}: {description}"))
+        if code == 429:
+            retry_after = (answer.get("parameters") or {}).get("retry_after")
+            return Transient(
+                text, float(retry_after) if retry_after is not None else None, throttled=True
+            )
+        if code >= 500:
+            return Transient(text)
+        unreachable = code == 403 or any(h in description.lower() for h in UNREACHABLE_HINTS)
+        return Permanent(text, unreachable=unreachable)
+
+    def _scrub(self, text: str) -> str:
+        # The bot token is part of every URL; it must never reach a stored reason.
+        return text.replace(self.token, "<bot token>")
+
+    async def close(self) -> None:
+        """The HTTP session belongs to the process."""
+
+
+def _message_id(result: Any) -> str | None:
+    if isinstance(result, dict) and "message_id" in result:
+        return str(result["message_id"])
+    if isinstance(result, list):
+        return (
+            ",".join(
+                str(r["message_id"]) for r in result if isinstance(r, dict) and "message_id" in r
+            )
+            or None
+        )
+    return None

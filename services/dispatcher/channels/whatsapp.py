@@ -1,0 +1,132 @@
+"""WhatsApp Cloud API: ``POST /{version}/{phone_number_id}/messages`` with text or image messages.
+
+WhatsApp has no albums: several images are several messages (the text as the first caption),
+and a retry skips the ones already accepted. Errors are judged by their code: throughput and
+temporary codes (130429, 131056, 80007, 131000, 131016, ...) are transient; an undeliverable
+or unregistered recipient (131026, 133010) is permanent and marks the contact unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from services.dispatcher.channels.base import (
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+    join_ids,
+    reason,
+)
+
+MAX_CAPTION = 1024
+#: Rate and throughput limits: the whole channel must slow down.
+THROTTLE_CODES = frozenset({4, 80007, 130429, 131056, 613})
+#: Temporary trouble on the provider's side.
+TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 133004}) | THROTTLE_CODES
+#: The recipient is not reachable on WhatsApp at all.
+UNREACHABLE_CODES = frozenset({131026, 133010, 131021})
+#: Wait when a throughput error gives no Retry-After.
+THROTTLE_WAIT = 1.0
+
+
+class WhatsappAdapter:
+    """Parameters:
+    config: ``access_token``, ``phone_number_id``, ``api_version``, ``api_base_url``.
+    http: the process's shared client session.
+    """
+
+    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+        base = str(config["api_base_url"]).rstrip("/")
+        self.url = f"{base}/{config['api_version']}/{config['phone_number_id']}/messages"
+        self.token = str(config["access_token"])
+        self.http = http
+
+    def parts(self, message: OutboundMessage) -> list[dict[str, Any]]:
+        """One message body per call, in order."""
+        text, media = message.text, message.media
+        caption = text if text and len(text) <= MAX_CAPTION else None
+        parts: list[dict[str, Any]] = []
+        if text and media and caption is None:
+            parts.append({"type": "text", "text": {"body": text, "preview_url": False}})
+        for i, m in enumerate(media):
+            image: dict[str, Any] = {"link": m.url}
+            if i == 0 and caption:
+                image["caption"] = caption
+            parts.append({"type": "image", "image": image})
+        if text and not media:
+            parts.append({"type": "text", "text": {"body": text, "preview_url": False}})
+        return parts
+
+    async def send(
+        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+    ) -> Outcome:
+        parts = self.parts(message)
+        ids: list[str] = []
+        for index, part in enumerate(parts):
+            if index < parts_done:
+                continue
+            key = idempotency_key if len(parts) == 1 else f"{idempotency_key}-{index}"
+            body = {
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "to": address,
+                **part,
+            }
+            outcome = await self._call(body, key)
+            if isinstance(outcome, Transient):
+                return Transient(
+                    outcome.reason,
+                    outcome.retry_after,
+                    throttled=outcome.throttled,
+                    parts_done=index,
+                    provider_message_id=join_ids(None, ids),
+                )
+            if isinstance(outcome, Permanent):
+                return outcome
+            if outcome.provider_message_id:
+                ids.append(outcome.provider_message_id)
+        return Sent(join_ids(None, ids))
+
+    async def _call(self, body: dict[str, Any], key: str) -> Outcome:
+        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
+        try:
+            async with self.http.post(self.url, json=body, headers=headers) as resp:
+                status = resp.status
+                raw = await resp.read()
+                retry_after = resp.headers.get("Retry-After")
+        except TimeoutError:
+            return Transient("WhatsApp timed out")
+        except aiohttp.ClientError as exc:
+            return Transient(reason(f"connection error: {exc}"))
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {}
+        if 200 <= status < 300:
+            messages = answer.get("messages") or [{}]
+            return Sent(messages[0].get("id"))
+        error = answer.get("error") or {}
+        code = int(error.get("code") or 0)
+        details = (error.get("error_data") or {}).get("details")
+        described = error.get("message") or raw.decode("utf-8", "replace")
+        text = reason(
+            f"WhatsApp {code or status}: {described}" + (f" ({details})" if details else "")
+        )
+        if code in THROTTLE_CODES or status == 429:
+            wait = (
+                float(retry_after)
+                if retry_after and retry_after.replace(".", "", 1).isdigit()
+                else THROTTLE_WAIT
+            )
+            return Transient(text, wait, throttled=True)
+        if code in TRANSIENT_CODES or status >= 500:
+            return Transient(text)
+        return Permanent(text, unreachable=code in UNREACHABLE_CODES)
+
+    async def close(self) -> None:
+        """The HTTP session belongs to the process."""

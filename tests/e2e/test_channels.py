@@ -1,0 +1,183 @@
+"""Each provider adapter against the simulator speaking that provider's API shape."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import Api
+
+pytestmark = pytest.mark.e2e
+
+
+def images(api: Api, n: int) -> list[int]:
+    ids = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(buf, "JPEG")
+        ids.append(
+            api.ok(
+                "POST", "/v1/media", 201, files={"file": (f"{i}.jpg", buf.getvalue(), "image/jpeg")}
+            )["id"]
+        )
+    return ids
+
+
+def send(
+    api: Api, channel: dict[str, Any], addresses: list[str], content: dict[str, Any]
+) -> dict[str, Any]:
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], addresses)
+    b = api.broadcast(channel["id"], {"account_ids": [account["id"]]}, content=content)
+    return api.wait_status(b["id"], "completed")
+
+
+def recipients(api: Api, broadcast_id: int) -> list[dict[str, Any]]:
+    return list(
+        api.ok("GET", f"/v1/broadcasts/{broadcast_id}/recipients", params={"limit": 500})["items"]
+    )
+
+
+# --- Telegram -------------------------------------------------------------------------------
+
+
+def test_telegram_text_one_image_and_several_images(api: Api) -> None:
+    channel, name = api.channel("telegram")
+    media = images(api, 3)
+    send(api, channel, ["1001"], {"text": "plain text"})
+    send(api, channel, ["1002"], {"text": "one photo", "media_ids": media[:1]})
+    album = send(api, channel, ["1003"], {"text": "an album", "media_ids": media})
+    calls = {r["to"]: r for r in api.sim_requests(name)}
+    assert (calls["1001"]["method"], calls["1001"]["text"]) == ("sendMessage", "plain text")
+    assert (calls["1002"]["method"], calls["1002"]["text"]) == ("sendPhoto", "one photo")
+    assert "/media/" in calls["1002"]["photo"]
+    assert "signature=" in calls["1002"]["photo"]
+    group = calls["1003"]["media"]
+    assert calls["1003"]["method"] == "sendMediaGroup"
+    assert [m["type"] for m in group] == ["photo"] * 3
+    assert group[0]["caption"] == "an album"
+    assert "caption" not in group[1]
+    assert {r["token"] for r in api.sim_requests(name)} == {channel["secret"]}
+    [row] = recipients(api, album["id"])
+    assert len(row["provider_message_id"].split(",")) == 3
+
+
+def test_telegram_429_retry_after_is_honoured_then_sent(api: Api) -> None:
+    channel, name = api.channel("telegram", throttle_ratio=0.5, retry_after=1, seed=7)
+    done = send(api, channel, [str(2000 + i) for i in range(10)], {"text": "hi"})
+    assert done["counts"]["sent"] == 10
+    stats = api.sim_stats(name)
+    assert stats["throttled"] > 0
+    assert stats["accepted"] == 10
+    assert stats["duplicates"] == 0
+
+
+def test_telegram_transient_then_success(api: Api) -> None:
+    channel, name = api.channel("telegram", transient_first=1)
+    done = send(api, channel, ["3001", "3002"], {"text": "retry me"})
+    assert done["counts"]["sent"] == 2
+    assert {r["attempts"] for r in recipients(api, done["id"])} == {2}
+    assert api.sim_stats(name)["transient_errors"] == 2
+
+
+def test_telegram_blocked_bot_is_permanent_marks_unreachable_and_is_skipped_later(api: Api) -> None:
+    channel, name = api.channel("telegram", fail_addresses=["4002"])
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], ["4001", "4002"])
+    first = api.broadcast(channel["id"], {})
+    done = api.wait_status(first["id"], "completed")
+    assert (done["counts"]["sent"], done["counts"]["failed"]) == (1, 1)
+    [failed] = [r for r in recipients(api, first["id"]) if r["status"] == "failed"]
+    assert failed["last_error"] == "Telegram 403: Forbidden: bot was blocked by the user"
+    contact = api.ok("GET", f"/v1/contacts/{failed['contact_id']}")
+    assert contact["unreachable"] is True
+    assert contact["unreachable_reason"] == failed["last_error"]
+
+    preview = api.ok("POST", "/v1/audiences/preview", json={"channel_id": channel["id"]})
+    assert (preview["count"], preview["unreachable"]) == (1, 1)
+    second = api.broadcast(channel["id"], {})
+    later = api.wait_status(second["id"], "completed")
+    assert later["counts"] == {
+        "total": 2,
+        "queued": 0,
+        "sent": 1,
+        "failed": 0,
+        "canceled": 0,
+        "skipped": 1,
+    }
+    [skipped] = api.ok(
+        "GET", f"/v1/broadcasts/{second['id']}/recipients", params={"status": "skipped"}
+    )["items"]
+    assert skipped["address"] == "4002"
+    assert (
+        skipped["last_error"]
+        == "skipped: contact unreachable: Telegram 403: Forbidden: bot was blocked by the user"
+    )
+    assert [r["to"] for r in api.sim_requests(name)].count("4002") == 1, "never called again"
+    cleared = api.ok("PATCH", f"/v1/contacts/{failed['contact_id']}", json={"unreachable": False})
+    assert cleared["unreachable"] is False
+
+
+def test_telegram_token_never_appears_in_answers_or_reasons(api: Api) -> None:
+    channel, _ = api.channel("telegram")
+    listed = api.http.get("/v1/channels").text
+    assert channel["secret"] not in listed
+    assert channel["config"]["bot_token"] == "********"
+
+
+# --- WhatsApp -------------------------------------------------------------------------------
+
+
+def test_whatsapp_text_one_image_and_several_images(api: Api) -> None:
+    channel, name = api.channel("whatsapp")
+    media = images(api, 3)
+    send(api, channel, ["+4915100000001"], {"text": "plain text"})
+    send(api, channel, ["+4915100000002"], {"text": "one photo", "media_ids": media[:1]})
+    album = send(api, channel, ["+4915100000003"], {"text": "three photos", "media_ids": media})
+    calls = api.sim_requests(name)
+    by_to: dict[str, list[dict[str, Any]]] = {}
+    for r in calls:
+        by_to.setdefault(r["to"], []).append(r)
+    assert [(r["type"], r["text"]) for r in by_to["+4915100000001"]] == [("text", "plain text")]
+    assert [(r["type"], r["text"]) for r in by_to["+4915100000002"]] == [("image", "one photo")]
+    three = by_to["+4915100000003"]
+    assert [(r["type"], r["text"]) for r in three] == [
+        ("image", "three photos"),
+        ("image", None),
+        ("image", None),
+    ]
+    assert all("signature=" in r["link"] for r in three)
+    assert {r["authorization"] for r in calls} == {f"Bearer {channel['secret']}"}
+    assert {(r["version"], r["phone_number_id"]) for r in calls} == {("v21.0", "106540352242922")}
+    [row] = recipients(api, album["id"])
+    assert row["provider_message_id"].count("wamid.") == 3
+
+
+def test_whatsapp_several_images_retry_never_repeats_an_accepted_image(api: Api) -> None:
+    channel, name = api.channel("whatsapp", transient_first=1)
+    done = send(api, channel, ["+4915100000004"], {"text": "album", "media_ids": images(api, 3)})
+    assert done["counts"]["sent"] == 1
+    stats = api.sim_stats(name)
+    assert (stats["accepted"], stats["duplicates"], stats["transient_errors"]) == (3, 0, 3)
+    [row] = recipients(api, done["id"])
+    assert row["attempts"] == 4
+
+
+def test_whatsapp_throughput_error_is_transient_and_undeliverable_is_permanent(api: Api) -> None:
+    channel, name = api.channel(
+        "whatsapp", throttle_ratio=0.3, retry_after=0.5, seed=3, fail_addresses=["+4915100000009"]
+    )
+    done = send(
+        api,
+        channel,
+        [f"+49151000001{i:02d}" for i in range(10)] + ["+4915100000009"],
+        {"text": "hi"},
+    )
+    assert (done["counts"]["sent"], done["counts"]["failed"]) == (10, 1)
+    assert api.sim_stats(name)["throttled"] > 0
+    [failed] = [r for r in recipients(api, done["id"]) if r["status"] == "failed"]
+    assert failed["last_error"] == "WhatsApp 131026: Message undeliverable"
+    assert api.ok("GET", f"/v1/contacts/{failed['contact_id']}")["unreachable"] is True
