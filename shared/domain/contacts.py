@@ -358,6 +358,9 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
         raise ValidationFailed(errors)
 
     tag_ids = ensure_tags(session, workspace_id, {t for r in rows for t in r.tags})
+    # One import per transaction is the API's case; a second one in the same transaction
+    # starts from an empty staging table too.
+    session.execute(text("DROP TABLE IF EXISTS pg_temp.contact_import"))
     session.execute(
         text(
             "CREATE TEMP TABLE contact_import (account_id bigint, address text, name text,"

@@ -231,3 +231,21 @@ def test_import_over_the_row_limit_is_refused(api: Api, account: dict[str, Any])
     assert response.status_code == 422
     assert "at most 100,000" in response.json()["message"]
     assert contact_count(api.workspace_id) == 0
+
+
+def test_two_imports_in_one_transaction_both_land(api: Api, account: dict[str, Any]) -> None:
+    from shared.domain.contacts import ContactIn, import_contacts
+
+    with transaction() as session:
+        first = import_contacts(
+            session,
+            api.workspace_id,
+            [ContactIn(account_id=account["id"], address="+4915100000001")],
+        )
+        second = import_contacts(
+            session,
+            api.workspace_id,
+            [ContactIn(account_id=account["id"], address="+4915100000002")],
+        )
+    assert (first.created, second.created) == (1, 1)
+    assert contact_count(api.workspace_id) == 2
