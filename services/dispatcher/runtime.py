@@ -21,6 +21,7 @@ from services.dispatcher.channels.base import ChannelAdapter
 from services.dispatcher.ratelimit import RateLimiter
 from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
+from shared.media_store import LocalMediaStore, MediaStore
 from shared.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class Runtime:
         self._thread.start()
         self.conninfo = libpq_url(settings.database_url)
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
+        self.media: MediaStore = LocalMediaStore(settings.media_dir)
         self.call(self._open())
 
     async def _open(self) -> None:
@@ -66,13 +68,13 @@ class Runtime:
         channel_id: int,
         kind: str,
         config: dict[str, Any],
-        make: Callable[[str, dict[str, Any], aiohttp.ClientSession], ChannelAdapter],
+        make: Callable[[str, dict[str, Any], aiohttp.ClientSession, MediaStore], ChannelAdapter],
     ) -> ChannelAdapter:
         """One adapter per channel and config, reused by every batch of the process."""
         key = (channel_id, json.dumps(config, sort_keys=True))
         adapter = self._adapters.get(key)
         if adapter is None:
-            adapter = self._adapters[key] = make(kind, config, self.http)
+            adapter = self._adapters[key] = make(kind, config, self.http, self.media)
         return adapter
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:

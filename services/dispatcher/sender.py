@@ -295,7 +295,7 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
     async with rt.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             """
-            SELECT b.id, b.workspace_id, b.status, b.content, c.id AS channel_id, c.kind,
+            SELECT b.id, b.workspace_id, b.status, b.content, b.name, c.id AS channel_id, c.kind,
                    c.config, c.rate_limit_per_second, w.signing_key
             FROM broadcast b
             JOIN channel c ON c.id = b.channel_id
@@ -327,7 +327,7 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         if mid in by_id
     )
     message = OutboundMessage(
-        broadcast_id=broadcast_id, text=row["content"].get("text"), media=media
+        broadcast_id=broadcast_id, text=row["content"].get("text"), media=media, subject=row["name"]
     )
     return Job(
         broadcast_id=broadcast_id,

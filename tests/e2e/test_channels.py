@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from PIL import Image
 
 from tests.e2e.conftest import Api
+from tests.smtp_box import Mailbox
+from tests.smtp_box import start as start_smtp
 
 pytestmark = pytest.mark.e2e
 
@@ -181,3 +184,80 @@ def test_whatsapp_throughput_error_is_transient_and_undeliverable_is_permanent(a
     [failed] = [r for r in recipients(api, done["id"]) if r["status"] == "failed"]
     assert failed["last_error"] == "WhatsApp 131026: Message undeliverable"
     assert api.ok("GET", f"/v1/contacts/{failed['contact_id']}")["unreachable"] is True
+
+
+# --- SMTP -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mailbox() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    controller = start_smtp(box)
+    yield box, controller.port
+    controller.stop()
+
+
+def smtp_channel(api: Api, port: int) -> dict[str, Any]:
+    config = {
+        "host": "127.0.0.1",
+        "port": port,
+        "starttls": False,
+        "from_address": "news@shop.test",
+    }
+    return dict(
+        api.ok(
+            "POST",
+            "/v1/channels",
+            201,
+            json={
+                "name": f"mail-{port}",
+                "kind": "smtp",
+                "config": config,
+                "rate_limit_per_second": 200,
+            },
+        )
+    )
+
+
+def test_smtp_text_and_inline_images_through_the_pipeline(
+    api: Api, mailbox: tuple[Mailbox, int]
+) -> None:
+    box, port = mailbox
+    channel = smtp_channel(api, port)
+    media = images(api, 2)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], ["ann@x.test", "bob@x.test"])
+    text_only = api.broadcast(channel["id"], {}, name="Plain news", content={"text": "just text"})
+    api.wait_status(text_only["id"], "completed")
+    pictures = api.broadcast(
+        channel["id"], {}, name="Photo news", content={"text": "two photos", "media_ids": media}
+    )
+    api.wait_status(pictures["id"], "completed")
+    by_subject: dict[str, list[Any]] = {}
+    for msg in box.messages:
+        by_subject.setdefault(str(msg["Subject"]), []).append(msg)
+    assert sorted(m["To"] for m in by_subject["Plain news"]) == ["ann@x.test", "bob@x.test"]
+    assert sorted(m["To"] for m in by_subject["Photo news"]) == ["ann@x.test", "bob@x.test"]
+    photo = by_subject["Photo news"][0]
+    assert len([p for p in photo.walk() if p.get_content_type() == "image/jpeg"]) == 2
+    assert all(m["Message-ID"].startswith("<bcast-") for m in box.messages)
+    rows = recipients(api, pictures["id"])
+    assert {r["provider_message_id"] for r in rows} == {
+        m["Message-ID"] for m in by_subject["Photo news"]
+    }
+
+
+def test_smtp_transient_then_success_and_refused_mailbox_listed(
+    api: Api, mailbox: tuple[Mailbox, int]
+) -> None:
+    box, port = mailbox
+    box.transient_first = 1
+    box.refuse = {"gone@x.test"}
+    channel = smtp_channel(api, port)
+    done = send(api, channel, ["ann@x.test", "gone@x.test"], {"text": "hello"})
+    assert (done["counts"]["sent"], done["counts"]["failed"]) == (1, 1)
+    rows = {r["address"]: r for r in recipients(api, done["id"])}
+    assert rows["ann@x.test"]["attempts"] == 2
+    assert rows["gone@x.test"]["last_error"] == "SMTP 550: 5.1.1 No such user here"
+    assert api.ok("GET", f"/v1/contacts/{rows['gone@x.test']['contact_id']}")["unreachable"] is True
+    assert [m["To"] for m in box.messages] == ["ann@x.test"]

@@ -7,17 +7,21 @@ from typing import Any
 import aiohttp
 
 from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.channels.smtp import SmtpAdapter
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from shared.domain.lifecycle import ChannelKind
+from shared.media_store import MediaStore
 
 
 class UnsupportedChannel(Exception):
     """No adapter for this channel kind in this build."""
 
 
-def make_adapter(kind: str, config: dict[str, Any], http: aiohttp.ClientSession) -> ChannelAdapter:
+def make_adapter(
+    kind: str, config: dict[str, Any], http: aiohttp.ClientSession, store: MediaStore
+) -> ChannelAdapter:
     """The adapter for one channel."""
     if kind == ChannelKind.WEBHOOK:
         return WebhookAdapter(config, http)
@@ -25,4 +29,6 @@ def make_adapter(kind: str, config: dict[str, Any], http: aiohttp.ClientSession)
         return TelegramAdapter(config, http)
     if kind == ChannelKind.WHATSAPP:
         return WhatsappAdapter(config, http)
+    if kind == ChannelKind.SMTP:
+        return SmtpAdapter(config, store)
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

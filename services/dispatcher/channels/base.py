@@ -28,6 +28,8 @@ class OutboundMessage:
     broadcast_id: int
     text: str | None
     media: tuple[MediaRef, ...] = field(default_factory=tuple)
+    #: The broadcast's name: an email's subject.
+    subject: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""Email over SMTP: one MIME message per recipient, text plus the images inline.
+
+smtplib is blocking, so each send runs in a worker thread over a small pool of open
+connections (STARTTLS and login once per connection). Answers are judged by their SMTP code:
+4xx is transient, 5xx permanent; a refused mailbox (550, 551, 553) marks the contact
+unreachable. The Message-ID is derived from the idempotency key, so a repeat is recognisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import smtplib
+import ssl
+import threading
+from collections import deque
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any, cast
+
+from services.dispatcher.channels.base import (
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+    reason,
+)
+from shared.media_store import MediaStore
+
+#: Open connections kept per channel.
+POOL_SIZE = 8
+TIMEOUT_SECONDS = 30
+UNREACHABLE_CODES = frozenset({550, 551, 553})
+#: The server is shedding load: slow the whole channel down. (450/451/452 are about one
+#: mailbox, e.g. greylisting: that recipient is retried, the channel keeps its pace.)
+THROTTLE_CODES = frozenset({421})
+
+
+class SmtpAdapter:
+    """Parameters:
+    config: ``host``, ``port``, ``username``, ``password``, ``starttls``, ``from_address``.
+    store: where the images' bytes are, to embed them.
+    """
+
+    def __init__(self, config: dict[str, Any], store: MediaStore) -> None:
+        self.host = str(config["host"])
+        self.port = int(config.get("port") or 587)
+        self.username = config.get("username") or None
+        self.password = config.get("password") or None
+        self.starttls = bool(config.get("starttls", True))
+        self.from_address = str(config["from_address"])
+        self.store = store
+        self._pool: deque[smtplib.SMTP] = deque()
+        self._lock = threading.Lock()
+        self._images: tuple[OutboundMessage, list[tuple[bytes, str, str]]] | None = None
+
+    def build(self, message: OutboundMessage, address: str, idempotency_key: str) -> EmailMessage:
+        """The MIME message: text/plain, and with images an HTML part showing them inline."""
+        email = EmailMessage()
+        email["From"] = self.from_address
+        email["To"] = address
+        email["Subject"] = message.subject or "Message"
+        email["Date"] = formatdate(localtime=False)
+        email["Message-ID"] = f"<bcast-{idempotency_key}@{self.from_address.split('@')[-1]}>"
+        email["X-Bcast-Idempotency-Key"] = idempotency_key
+        text = message.text or ""
+        email.set_content(text)
+        if message.media:
+            images = self._image_parts(message)
+            cids = [make_msgid(domain="bcast")[1:-1] for _ in images]
+            body = html.escape(text).replace("\n", "<br>\n")
+            tags = "".join(f'<p><img src="cid:{cid}" alt=""></p>' for cid in cids)
+            email.add_alternative(f"<html><body><p>{body}</p>{tags}</body></html>", subtype="html")
+            html_part = cast(EmailMessage, email.get_payload()[1])  # type: ignore[index]
+            for (data, maintype, subtype), cid in zip(images, cids, strict=True):
+                html_part.add_related(
+                    data, maintype=maintype, subtype=subtype, cid=f"<{cid}>", disposition="inline"
+                )
+        return email
+
+    def _image_parts(self, message: OutboundMessage) -> list[tuple[bytes, str, str]]:
+        if self._images is None or self._images[0] is not message:
+            parts = []
+            for m in message.media:
+                maintype, _, subtype = m.content_type.partition("/")
+                parts.append((self.store.get(m.storage_key), maintype, subtype))
+            self._images = (message, parts)
+        return self._images[1]
+
+    async def send(
+        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+    ) -> Outcome:
+        try:
+            email = self.build(message, address, idempotency_key)
+        except OSError as exc:
+            return Transient(reason(f"could not read an image: {exc}"))
+        return await asyncio.to_thread(self._send, email, address)
+
+    def _send(self, email: EmailMessage, address: str) -> Outcome:
+        for fresh in (False, True):
+            try:
+                conn = self._connection(fresh)
+            except smtplib.SMTPAuthenticationError as exc:
+                return Permanent(
+                    reason(f"SMTP login refused: {exc.smtp_code} {_text(exc.smtp_error)}")
+                )
+            except (OSError, smtplib.SMTPException) as exc:
+                return Transient(reason(f"SMTP connection failed: {exc}"))
+            try:
+                conn.send_message(email, from_addr=self.from_address, to_addrs=[address])
+            except smtplib.SMTPServerDisconnected:
+                if not fresh:
+                    continue  # an idle pooled connection was closed by the server; try a new one
+                return Transient("SMTP server disconnected")
+            except smtplib.SMTPRecipientsRefused as exc:
+                self._give_back(conn)
+                code, text = exc.recipients.get(address, (550, b"refused"))
+                return _judge(code, f"SMTP {code}: {_text(text)}")
+            except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+                self._give_back(conn)
+                return _judge(exc.smtp_code, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}")
+            except (OSError, smtplib.SMTPException) as exc:
+                _close(conn)
+                return Transient(reason(f"SMTP error: {exc}"))
+            self._give_back(conn)
+            return Sent(str(email["Message-ID"]))
+        return Transient("SMTP server disconnected")
+
+    def _connection(self, fresh: bool) -> smtplib.SMTP:
+        if not fresh:
+            with self._lock:
+                if self._pool:
+                    return self._pool.popleft()
+        conn = smtplib.SMTP(self.host, self.port, timeout=TIMEOUT_SECONDS)
+        try:
+            conn.ehlo()
+            if self.starttls:
+                conn.starttls(context=ssl.create_default_context())
+                conn.ehlo()
+            if self.username:
+                conn.login(self.username, self.password or "")
+        except BaseException:
+            _close(conn)
+            raise
+        return conn
+
+    def _give_back(self, conn: smtplib.SMTP) -> None:
+        with self._lock:
+            if len(self._pool) < POOL_SIZE:
+                self._pool.append(conn)
+                return
+        _close(conn)
+
+    async def close(self) -> None:
+        with self._lock:
+            conns, self._pool = list(self._pool), deque()
+        for conn in conns:
+            await asyncio.to_thread(_quit, conn)
+
+
+def _judge(code: int, text: str) -> Outcome:
+    if code in THROTTLE_CODES:
+        return Transient(reason(text), throttled=True)
+    if 400 <= code < 500:
+        return Transient(reason(text))
+    return Permanent(reason(text), unreachable=code in UNREACHABLE_CODES)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _quit(conn: smtplib.SMTP) -> None:
+    try:
+        conn.quit()
+    except (OSError, smtplib.SMTPException):
+        _close(conn)
+
+
+def _close(conn: smtplib.SMTP) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()

@@ -1,0 +1,190 @@
+"""The SMTP adapter against a real SMTP server on loopback (aiosmtpd)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from services.dispatcher.channels.base import MediaRef, OutboundMessage, Permanent, Sent, Transient
+from services.dispatcher.channels.smtp import SmtpAdapter
+from shared.media_store import LocalMediaStore
+from tests.smtp_box import Mailbox, authenticator, start
+
+
+@pytest.fixture
+def mailbox() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    controller = start(box)
+    yield box, controller.port
+    controller.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalMediaStore:
+    return LocalMediaStore(tmp_path)
+
+
+def image(store: LocalMediaStore, key: str, color: str) -> MediaRef:
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), color).save(buf, "PNG")
+    store.put(key, buf.getvalue())
+    return MediaRef(
+        media_id=len(key), url=f"http://unused/{key}", content_type="image/png", storage_key=key
+    )
+
+
+def adapter(port: int, store: LocalMediaStore, **config: object) -> SmtpAdapter:
+    return SmtpAdapter(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "starttls": False,
+            "from_address": "news@shop.test",
+            **config,
+        },
+        store,
+    )
+
+
+def send(a: SmtpAdapter, message: OutboundMessage, to: str, key: str = "1") -> object:
+    async def go() -> object:
+        try:
+            return await a.send(message, to, key)
+        finally:
+            await a.close()
+
+    return asyncio.run(go())
+
+
+def test_text_only(mailbox: tuple[Mailbox, int], store: LocalMediaStore) -> None:
+    box, port = mailbox
+    result = send(
+        adapter(port, store),
+        OutboundMessage(1, "Hello\nthere", subject="Launch"),
+        "ann@x.test",
+        "77",
+    )
+    assert result == Sent("<bcast-77@shop.test>")
+    [msg] = box.messages
+    assert (msg["From"], msg["To"], msg["Subject"], msg["Message-ID"]) == (
+        "news@shop.test",
+        "ann@x.test",
+        "Launch",
+        "<bcast-77@shop.test>",
+    )
+    assert msg["X-Bcast-Idempotency-Key"] == "77"
+    assert msg.get_content().replace("\r\n", "\n").strip() == "Hello\nthere"
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_images_are_inline_in_an_html_part(
+    mailbox: tuple[Mailbox, int], store: LocalMediaStore, count: int
+) -> None:
+    box, port = mailbox
+    media = tuple(image(store, f"k{i}", c) for i, c in enumerate(["red", "green", "blue"][:count]))
+    assert isinstance(
+        send(adapter(port, store), OutboundMessage(1, "look <here>", media), "ann@x.test"), Sent
+    )
+    [msg] = box.messages
+    plain = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert plain is not None
+    assert html is not None
+    assert plain.get_content().strip() == "look <here>"
+    body = html.get_content()
+    assert "look &lt;here&gt;" in body
+    inline = [p for p in msg.walk() if p.get_content_type() == "image/png"]
+    assert len(inline) == count
+    for part, ref in zip(inline, media, strict=True):
+        assert part.get_payload(decode=True) == store.get(ref.storage_key)
+        assert f"cid:{part['Content-ID'].strip('<>')}" in body
+        assert part.get_content_disposition() == "inline"
+
+
+def test_4xx_is_transient_then_sends(mailbox: tuple[Mailbox, int], store: LocalMediaStore) -> None:
+    box, port = mailbox
+    box.transient_first = 1
+    a = adapter(port, store)
+    first = send(a, OutboundMessage(1, "x"), "ann@x.test")
+    assert isinstance(first, Transient)
+    assert first.reason.startswith("SMTP 451")
+    assert isinstance(send(a, OutboundMessage(1, "x"), "ann@x.test"), Sent)
+    assert len(box.messages) == 1
+
+
+def test_refused_mailbox_is_permanent_and_unreachable(
+    mailbox: tuple[Mailbox, int], store: LocalMediaStore
+) -> None:
+    box, port = mailbox
+    box.refuse = {"gone@x.test"}
+    result = send(adapter(port, store), OutboundMessage(1, "x"), "gone@x.test")
+    assert result == Permanent("SMTP 550: 5.1.1 No such user here", unreachable=True)
+    assert box.messages == []
+
+
+def test_server_down_is_transient(store: LocalMediaStore) -> None:
+    from tests.smtp_box import free_port
+
+    result = send(adapter(free_port(), store), OutboundMessage(1, "x"), "ann@x.test")
+    assert isinstance(result, Transient)
+    assert "connection" in result.reason
+
+
+def test_starttls_and_login(
+    store: LocalMediaStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    box = Mailbox()
+    controller = start(
+        box,
+        tls_context=context,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    try:
+        good = adapter(
+            controller.port, store, starttls=True, username="news", password="s3cret-pass"
+        )
+        assert isinstance(send(good, OutboundMessage(1, "secure"), "ann@x.test"), Sent)
+        bad = adapter(controller.port, store, starttls=True, username="news", password="wrong")
+        refused = send(bad, OutboundMessage(1, "secure"), "ann@x.test")
+        assert isinstance(refused, Permanent)
+        assert refused.reason.startswith("SMTP login refused: 535")
+        plain = adapter(controller.port, store, starttls=False)
+        assert isinstance(send(plain, OutboundMessage(1, "x"), "ann@x.test"), Permanent | Transient)
+    finally:
+        controller.stop()
+    assert len(box.messages) == 1
