@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 import tenacity
 from psycopg.rows import dict_row
 
@@ -46,6 +49,20 @@ FLUSH_SECONDS = 0.05
 #: (3%) absorbs lateness up to about 30 ms in any one-second window; this stays inside it.
 LATE_TOLERANCE = 0.025
 MAX_RESLOTS = 5
+#: SET clauses that complete an ``in_progress`` task once its counters, with ``%(delta)s``
+#: rows just made final, reach the total. (SET sees the counters as they were.)
+COMPLETE_IF_DONE = """
+    status = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                   AND sent_count + failed_count + canceled_count + skipped_count + %(delta)s
+                       >= total_count
+                  THEN 'completed' ELSE status END,
+    finished_at = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
+                   AND sent_count + failed_count + canceled_count + skipped_count + %(delta)s
+                       >= total_count
+                  THEN now() ELSE finished_at END
+"""
+#: How far ahead a batch claims rows and takes rate-limit slots.
+LOOKAHEAD_SECONDS = 1.0
 #: Wait used when a provider throttles without saying how long.
 DEFAULT_THROTTLE_SECONDS = 1.0
 
@@ -261,20 +278,13 @@ class Recorder:
             )
             done = await (
                 await conn.execute(
-                    """
+                    f"""
                     UPDATE broadcast
                     SET sent_count = sent_count + %(sent)s,
                         failed_count = failed_count + %(failed)s,
                         canceled_count = canceled_count + %(gone)s,
                         heartbeat_at = now(),
-                        status = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
-                                       AND sent_count + failed_count + canceled_count
-                                           + skipped_count + %(delta)s >= total_count
-                                      THEN 'completed' ELSE status END,
-                        finished_at = CASE WHEN status = 'in_progress' AND snapshot_at IS NOT NULL
-                                       AND sent_count + failed_count + canceled_count
-                                           + skipped_count + %(delta)s >= total_count
-                                      THEN now() ELSE finished_at END
+                        {COMPLETE_IF_DONE}
                     WHERE id = %(id)s
                     RETURNING status
                     """,
@@ -345,8 +355,10 @@ async def claim(
 ) -> list[Claimed]:
     """Take up to ``limit`` due, queued rows of the range, under ``token``'s lease, if the
     broadcast is still being sent. Rows another worker holds are skipped, not waited for.
+    Contacts who opted out (or became unreachable) since the snapshot are skipped first.
     """
     async with rt.pool.connection() as conn:
+        await _skip_gone_contacts(conn, job.broadcast_id, first_id, last_id)
         rows = await (
             await conn.execute(
                 """
@@ -378,6 +390,35 @@ async def claim(
             )
         ).fetchall()
     return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+
+
+async def _skip_gone_contacts(
+    conn: psycopg.AsyncConnection[Any], broadcast_id: int, first_id: int, last_id: int
+) -> None:
+    async with conn.transaction():
+        gone = await (
+            await conn.execute(
+                """
+                UPDATE delivery d
+                SET status = 'skipped', updated_at = now(),
+                    last_error = CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out'
+                                      ELSE 'skipped: contact unreachable: '
+                                           || coalesce(c.unreachable_reason, '') END
+                FROM contact c
+                WHERE c.id = d.contact_id AND d.broadcast_id = %s AND d.id BETWEEN %s AND %s
+                  AND d.status = 'queued'
+                  AND (c.opted_out_at IS NOT NULL OR c.unreachable_at IS NOT NULL)
+                RETURNING d.id
+                """,
+                (broadcast_id, first_id, last_id),
+            )
+        ).fetchall()
+        if gone:
+            await conn.execute(
+                f"UPDATE broadcast SET skipped_count = skipped_count + %(delta)s, {COMPLETE_IF_DONE} "
+                "WHERE id = %(id)s",
+                {"delta": len(gone), "id": broadcast_id},
+            )
 
 
 async def renew_leases(rt: Runtime, token: uuid.UUID) -> None:
@@ -413,7 +454,10 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
             if time.monotonic() > deadline:
                 out_of_time = True
                 break
-            rows = deque(await claim(rt, job, first_id, last_id, token, rt.settings.claim_size))
+            # About a second of sending at the channel's rate: rows held stay few, so a pause,
+            # an opt-out or another worker's share is felt within a second or so.
+            limit = max(1, min(rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD_SECONDS)))
+            rows = deque(await claim(rt, job, first_id, last_id, token, limit))
             if not rows:
                 break
             while rows and board.is_sending(broadcast_id):
@@ -431,6 +475,10 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
                     task = asyncio.create_task(_send_one(rt, job, recorder, rows.popleft(), at))
                     sends.add(task)
                     task.add_done_callback(sends.discard)
+                # Take no slots further ahead than the lookahead: wait for the ones taken.
+                ahead = slots[-1] - time.time() - LOOKAHEAD_SECONDS
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             for row in rows:
                 recorder.release(row)
         if sends:

@@ -30,6 +30,7 @@ from shared.domain.errors import NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
     BroadcastStatus,
+    ChannelKind,
     DeliveryStatus,
     Origin,
     allowed_phrase,
@@ -139,9 +140,15 @@ def create_broadcast(
             return earlier, False
     now = utcnow()
     send_at = resolve_send_at(new.send_at, now)
-    get_channel(session, workspace_id, new.channel_id)
+    channel = get_channel(session, workspace_id, new.channel_id)
     size = check_audience(session, workspace_id, new.channel_id, new.audience)
-    check_media_ids(session, workspace_id, new.content.media_ids, field="content.media_ids")
+    check_media_ids(
+        session,
+        workspace_id,
+        new.content.media_ids,
+        field="content.media_ids",
+        kind=ChannelKind(channel.kind),
+    )
     broadcast = Broadcast(
         workspace_id=workspace_id,
         name=new.name,
@@ -300,16 +307,23 @@ def modify_broadcast(
     if changes.name is not None:
         broadcast.name = changes.name
     channel_id = changes.channel_id if changes.channel_id is not None else broadcast.channel_id
+    channel = get_channel(session, workspace_id, channel_id)
     if changes.channel_id is not None:
-        get_channel(session, workspace_id, changes.channel_id)
         broadcast.channel_id = changes.channel_id
     if changes.channel_id is not None or changes.audience is not None:
         audience = changes.audience or AudienceSpec.model_validate(broadcast.audience)
         broadcast.audience_size = check_audience(session, workspace_id, channel_id, audience)
         broadcast.audience = audience.model_dump(mode="json")
-    if changes.content is not None:
-        check_media_ids(session, workspace_id, changes.content.media_ids, field="content.media_ids")
-        broadcast.content = changes.content.model_dump(mode="json")
+    if changes.content is not None or changes.channel_id is not None:
+        content = changes.content or Content.model_validate(broadcast.content)
+        check_media_ids(
+            session,
+            workspace_id,
+            content.media_ids,
+            field="content.media_ids",
+            kind=ChannelKind(channel.kind),
+        )
+        broadcast.content = content.model_dump(mode="json")
     broadcast.updated_at = now
     session.flush()
     return broadcast

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import Media
 from shared.db.sql import in_ids
 from shared.domain.errors import FieldError, ValidationFailed
+from shared.domain.lifecycle import ChannelKind
 from shared.media_store import MediaStore
 
 #: Pillow format name -> the content type providers are told.
@@ -121,10 +122,24 @@ def create_media(
     return media
 
 
+#: What each provider takes as an image, and how large (None: anything uploadable).
+PROVIDER_IMAGES: dict[ChannelKind, tuple[frozenset[str], int]] = {
+    ChannelKind.WHATSAPP: (frozenset({"image/jpeg", "image/png"}), 5 * 1024 * 1024),
+    ChannelKind.TELEGRAM: (frozenset({"image/jpeg", "image/png", "image/webp"}), 10 * 1024 * 1024),
+}
+
+
 def check_media_ids(
-    session: Session, workspace_id: int, media_ids: list[int], *, field: str
+    session: Session,
+    workspace_id: int,
+    media_ids: list[int],
+    *,
+    field: str,
+    kind: ChannelKind | None = None,
 ) -> None:
-    """Every id must be an upload of this workspace; at most ``MAX_IMAGES``, no repeats."""
+    """Every id must be an upload of this workspace; at most ``MAX_IMAGES``, no repeats; and
+    each image of a type and size the channel's provider takes.
+    """
     if len(media_ids) > MAX_IMAGES:
         raise ValidationFailed.one(
             field,
@@ -137,18 +152,41 @@ def check_media_ids(
         if mid in media_ids[:i]
     ]
     if media_ids:
-        known = set(
-            session.execute(
-                select(Media.id).where(
+        known = {
+            row.id: row
+            for row in session.execute(
+                select(Media.id, Media.content_type, Media.size_bytes).where(
                     Media.workspace_id == workspace_id, in_ids(Media.id, media_ids)
                 )
-            ).scalars()
-        )
+            )
+        }
         errors += [
             FieldError(f"{field}[{i}]", f"media {mid} not found", "not_found")
             for i, mid in enumerate(media_ids)
             if mid not in known
         ]
+        if kind in PROVIDER_IMAGES:
+            types, max_bytes = PROVIDER_IMAGES[kind]
+            allowed = ", ".join(sorted(types))
+            for i, mid in enumerate(media_ids):
+                media = known.get(mid)
+                if media is not None and media.content_type not in types:
+                    errors.append(
+                        FieldError(
+                            f"{field}[{i}]",
+                            f"media {mid} is {media.content_type}; {kind.value} takes {allowed}",
+                            "unsupported_by_channel",
+                        )
+                    )
+                elif media is not None and media.size_bytes > max_bytes:
+                    errors.append(
+                        FieldError(
+                            f"{field}[{i}]",
+                            f"media {mid} is {media.size_bytes:,} bytes; {kind.value} takes "
+                            f"images up to {max_bytes:,} bytes",
+                            "too_large_for_channel",
+                        )
+                    )
     if errors:
         raise ValidationFailed(errors)
 

@@ -458,3 +458,35 @@ def test_forbidden_transitions_answer_409_naming_the_allowed_statuses(
         == f"broadcast {b['id']} is {status}; {action} is allowed only while {allowed}"
     )
     assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == status
+
+
+def test_images_a_provider_does_not_take_are_refused_for_that_channel(api: Api) -> None:
+    whatsapp = api.channel("whatsapp")
+    api.contact(api.account(whatsapp["id"])["id"], "+4915100000001")
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buf, "GIF")
+    gif = api.ok("post", "/v1/media", 201, files={"file": ("a.gif", buf.getvalue(), "image/gif")})[
+        "id"
+    ]
+    png = upload_png(api)
+    response = api.post(
+        "/v1/broadcasts",
+        json={
+            "name": "b",
+            "channel_id": whatsapp["id"],
+            "audience": {},
+            "content": {"media_ids": [png, gif]},
+        },
+    )
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "content.media_ids[1]"
+    assert error["msg"] == f"media {gif} is image/gif; whatsapp takes image/jpeg, image/png"
+    webhook = api.channel("webhook")
+    api.contact(api.account(webhook["id"])["id"], "anyone")
+    b = api.broadcast(webhook["id"], content={"media_ids": [gif]}, send_at=ahead(hours=1))
+    moved = api.patch(
+        f"/v1/broadcasts/{b['id']}", json={"channel_id": whatsapp["id"], "audience": {}}
+    )
+    assert moved.status_code == 422
+    assert moved.json()["detail"][0]["field"] == "content.media_ids[0]"

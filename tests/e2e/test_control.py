@@ -86,3 +86,20 @@ def test_paused_before_start_is_not_started_when_due_and_resume_starts_it(api: A
     assert api.ok("POST", f"/v1/broadcasts/{b['id']}/resume")["status"] == "pending"
     api.wait_status(b["id"], "completed")
     assert api.sim_stats(hook)["accepted"] == 2
+
+
+def test_a_contact_who_opts_out_mid_send_is_skipped_not_sent(api: Api) -> None:
+    channel, hook = api.webhook_channel(rate=10)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], [f"o-{i:02d}" for i in range(40)])
+    ids = api.contacts(account["id"])
+    b = api.broadcast(channel["id"], {})
+    wait_for("the first sends", lambda: api.sim_stats(hook)["accepted"] >= 3)
+    api.ok("PATCH", f"/v1/contacts/{ids['o-39']}", json={"opted_out": True})
+    done = api.wait_status(b["id"], "completed", timeout=120)
+    assert (done["counts"]["sent"], done["counts"]["skipped"]) == (39, 1)
+    [skipped] = api.ok("GET", f"/v1/broadcasts/{b['id']}/recipients", params={"status": "skipped"})[
+        "items"
+    ]
+    assert (skipped["address"], skipped["last_error"]) == ("o-39", "skipped: contact opted out")
+    assert "o-39" not in {r["to"] for r in api.sim_requests(hook)}
