@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,7 +29,16 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     #: The address operators and providers reach the API at; used to build media URLs.
     public_url: str = ""
+    #: Where uploaded images are kept: ``local`` (``media_dir``) or ``s3`` (any S3-compatible store).
+    media_store: Literal["local", "s3"] = "local"
     media_dir: Path = Path("var/media")
+    s3_bucket: str = ""
+    #: Empty for AWS itself; the URL of MinIO, Ceph, R2 and the like otherwise.
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    s3_prefix: str = "media/"
     media_max_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
     media_max_pixels: int = Field(default=40_000_000, gt=0)
     #: Largest request body for ordinary JSON routes.
@@ -73,6 +83,12 @@ class Settings(BaseSettings):
                 "must be a postgresql:// URL, e.g. postgresql://postgres@127.0.0.1/bcast"
             )
         return value
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.media_store == "s3" and not self.s3_bucket:
+            raise ValueError("BCAST_MEDIA_STORE=s3 needs BCAST_S3_BUCKET")
+        return self
 
     def public_base_url(self) -> str:
         """The API's base URL as seen from outside, without a trailing slash."""

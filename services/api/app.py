@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from services.api import errors
 from services.api.middleware import BodyLimit, Metrics
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
+from shared.media_store import make_media_store
 from shared.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API application."""
     settings = settings or get_settings()
     app = FastAPI(title="bcast", version="0.1.0", description=DESCRIPTION)
+    app.state.media_store = make_media_store(settings)
     errors.install(app)
     app.add_exception_handler(IntegrityError, _on_integrity_error)
     for module in (health, channels, contacts, broadcasts, conversations, media):

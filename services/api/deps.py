@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.db.engine import get_sessionmaker
 from shared.domain.tokens import workspace_for_token
-from shared.media_store import LocalMediaStore, MediaStore
+from shared.media_store import MediaStore
 from shared.settings import Settings, get_settings
 
 
@@ -54,8 +54,10 @@ def current_workspace(
 CurrentWorkspace = Annotated[int, Depends(current_workspace)]
 
 
-def get_media_store(settings: SettingsDep) -> MediaStore:
-    return LocalMediaStore(settings.media_dir)
+def get_media_store(request: Request) -> MediaStore:
+    """The media store the app was built with (see ``create_app``)."""
+    store: MediaStore = request.app.state.media_store
+    return store
 
 
 MediaStoreDep = Annotated[MediaStore, Depends(get_media_store)]

@@ -21,7 +21,7 @@ from services.dispatcher.channels.base import ChannelAdapter
 from services.dispatcher.ratelimit import RateLimiter
 from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
-from shared.media_store import LocalMediaStore, MediaStore
+from shared.media_store import MediaStore, make_media_store
 from shared.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ class Runtime:
         self._thread.start()
         self.conninfo = libpq_url(settings.database_url)
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
-        self.media: MediaStore = LocalMediaStore(settings.media_dir)
+        self.media: MediaStore = make_media_store(settings)
         self.call(self._open())
 
     async def _open(self) -> None:
