@@ -111,6 +111,35 @@ class Children:
             f.close()
 
 
+def bench_env(db_url: str, vhost: str) -> dict[str, str]:
+    """The environment of every bcast process in a benchmark (metrics servers off)."""
+    return {
+        **os.environ,
+        "BCAST_DATABASE_URL": db_url,
+        "BCAST_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+        "BCAST_SCHEDULER_METRICS_PORT": "0",
+        "BCAST_DISPATCHER_METRICS_PORT": "0",
+    }
+
+
+def start_simulator(children: Children) -> str:
+    """Start the provider simulator; return its base URL once it answers."""
+    port = free_port()
+    children.start("simulator", "simulator", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    wait_for("the simulator", lambda: simulator_up(base))
+    return base
+
+
+def simulator_up(base: str) -> bool:
+    import httpx2
+
+    try:
+        return httpx2.get(f"{base}/_sim/health").status_code == 200
+    except httpx2.TransportError:
+        return False
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its descendants, from /proc."""
     total = 0.0

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import httpx
 
-from bench.common import Children, free_port, wait_for
+from bench.common import Children, start_simulator
 
 BODY = json.dumps(
     {"idempotency_key": "1", "broadcast_id": 1, "to": "bench", "text": "hello", "media": []}
@@ -72,13 +72,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--in-flight", type=int, default=64)
     args = parser.parse_args()
-    port = free_port()
     children = Children(dict(os.environ))
-    children.start("simulator", "simulator", "--port", str(port))
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for("the simulator", lambda: _up(base))
-        url = f"{base}/hooks/bench"
+        url = f"{start_simulator(children)}/hooks/bench"
         asyncio.run(with_aiohttp(url, 2000, args.in_flight))  # warm up both sides
         results = {}
         for name, run in (
@@ -99,13 +95,6 @@ def main() -> None:
         print(f"aiohttp throughput / httpx throughput: {h_wall / a_wall:.2f}x")
     finally:
         children.stop_all()
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/_sim/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ import time
 
 import httpx2 as httpx
 
-from bench.common import Children, free_port, scratch_database, scratch_vhost, wait_for
+from bench.common import (
+    Children,
+    bench_env,
+    scratch_database,
+    scratch_vhost,
+    start_simulator,
+    wait_for,
+)
 
 
 def main() -> None:
@@ -34,14 +41,7 @@ def main() -> None:
 
 
 def run(db_url: str, vhost: str, args: argparse.Namespace) -> None:
-    sim_port = free_port()
-    env = {
-        **os.environ,
-        "BCAST_DATABASE_URL": db_url,
-        "BCAST_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
-        "BCAST_SCHEDULER_METRICS_PORT": "0",
-        "BCAST_DISPATCHER_METRICS_PORT": "0",
-    }
+    env = bench_env(db_url, vhost)
     os.environ.update(env)
     from shared.db.engine import transaction
     from shared.db.models import Account, Broadcast, Channel
@@ -52,9 +52,7 @@ def run(db_url: str, vhost: str, args: argparse.Namespace) -> None:
 
     children = Children(env)
     try:
-        children.start("simulator", "simulator", "--port", str(sim_port))
-        sim = f"http://127.0.0.1:{sim_port}"
-        wait_for("the simulator", lambda: _up(sim))
+        sim = start_simulator(children)
         children.start("scheduler", "scheduler")
         children.start(
             "dispatcher", "dispatcher", "--processes", str(args.processes), "--threads", "4"
@@ -138,13 +136,6 @@ def run(db_url: str, vhost: str, args: argparse.Namespace) -> None:
         f"ratio achieved / limit: min {min(fractions):.3f}  mean {sum(fractions) / len(fractions):.3f}; "
         f"never above the limit in any 1 s window: {all(s['max_in_any_second'] <= args.limit for s in stats)}"
     )
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/_sim/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":

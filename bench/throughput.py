@@ -19,7 +19,15 @@ import time
 
 import httpx2 as httpx
 
-from bench.common import Children, cpu_seconds, free_port, scratch_database, scratch_vhost, wait_for
+from bench.common import (
+    Children,
+    bench_env,
+    cpu_seconds,
+    scratch_database,
+    scratch_vhost,
+    start_simulator,
+    wait_for,
+)
 from bench.http_client import with_aiohttp
 
 
@@ -36,14 +44,7 @@ def main() -> None:
 
 
 def run(db_url: str, vhost: str, n: int, processes: int, threads: int) -> None:
-    sim_port = free_port()
-    env = {
-        **os.environ,
-        "BCAST_DATABASE_URL": db_url,
-        "BCAST_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
-        "BCAST_SCHEDULER_METRICS_PORT": "0",
-        "BCAST_DISPATCHER_METRICS_PORT": "0",
-    }
+    env = bench_env(db_url, vhost)
     os.environ.update(env)
     from shared.db.engine import transaction
     from shared.db.models import Account, Channel
@@ -54,9 +55,7 @@ def run(db_url: str, vhost: str, n: int, processes: int, threads: int) -> None:
 
     children = Children(env)
     try:
-        children.start("simulator", "simulator", "--port", str(sim_port))
-        sim = f"http://127.0.0.1:{sim_port}"
-        wait_for("the simulator", lambda: _up(sim))
+        sim = start_simulator(children)
         asyncio.run(with_aiohttp(f"{sim}/hooks/warm", 2000, 64))
         raw_wall, _ = asyncio.run(with_aiohttp(f"{sim}/hooks/raw", n, 64))
         raw_rate = n / raw_wall
@@ -135,13 +134,6 @@ def run(db_url: str, vhost: str, n: int, processes: int, threads: int) -> None:
         f"dispatcher CPU per recipient       {cpu / n * 1e6:8.0f} µs   (scheduler: {sched_cpu / n * 1e6:.1f} µs)"
     )
     print(f"ratio pipeline / raw simulator     {send_rate / raw_rate:8.2f}")
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/_sim/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.domain.broadcasts import decode_cursor, encode_cursor
 
-R = TypeVar("R")
+T = TypeVar("T")
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 Cursor = Annotated[str | None, Query(description="next_cursor from the previous page.")]
@@ -29,3 +29,16 @@ def fetch_page(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (encode_cursor(id_of(rows[-1])) if more and rows else None)
+
+
+def newest_first(
+    session: Session, query: Select[T], id_column: Any, limit: int, cursor: str | None
+) -> tuple[list[T], str | None]:
+    """One page of ``query``'s rows, newest (highest id) first, after ``cursor``."""
+    before = cursor_id(cursor)
+    if before is not None:
+        query = query.where(id_column < before)
+    rows, next_cursor = fetch_page(
+        session, query.order_by(id_column.desc()), limit, lambda r: r[0].id
+    )
+    return [r[0] for r in rows], next_cursor

@@ -8,6 +8,7 @@ for the same message: the work they do is decided by rows in Postgres, not by th
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import dramatiq
 from dramatiq.middleware.prometheus import Prometheus
@@ -35,6 +36,14 @@ dramatiq.set_broker(broker)
 
 #: Below RabbitMQ's consumer_timeout (30 min), so a long message is never requeued under us.
 TIME_LIMIT_MS = 10 * 60 * 1000
+#: Retries of a message whose actor raised (database or broker trouble); delivery-level
+#: retries are decided per recipient in Postgres, not here.
+ACTOR_OPTIONS: dict[str, Any] = {
+    "max_retries": 20,
+    "min_backoff": 1000,
+    "max_backoff": 60_000,
+    "time_limit": TIME_LIMIT_MS,
+}
 
 
 def enqueue_batch(
@@ -43,14 +52,7 @@ def enqueue_batch(
     broker.enqueue(send_batch_message(broadcast_id, first_id, last_id), delay=delay_ms)
 
 
-@dramatiq.actor(
-    actor_name=START_ACTOR,
-    queue_name=START_QUEUE,
-    max_retries=20,
-    min_backoff=1000,
-    max_backoff=60_000,
-    time_limit=TIME_LIMIT_MS,
-)
+@dramatiq.actor(actor_name=START_ACTOR, queue_name=START_QUEUE, **ACTOR_OPTIONS)
 def start_broadcast(broadcast_id: int) -> None:
     """Snapshot the audience (once) and enqueue a ``send_batch`` per range of queued rows."""
     batches = snapshot.start(
@@ -62,14 +64,7 @@ def start_broadcast(broadcast_id: int) -> None:
     log.info("broadcast %s: %s batches enqueued", broadcast_id, batches)
 
 
-@dramatiq.actor(
-    actor_name=SEND_ACTOR,
-    queue_name=SEND_QUEUE,
-    max_retries=20,
-    min_backoff=1000,
-    max_backoff=60_000,
-    time_limit=TIME_LIMIT_MS,
-)
+@dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, **ACTOR_OPTIONS)
 def send_batch(broadcast_id: int, first_id: int, last_id: int) -> None:
     """Send the queued deliveries of one id range; arrange retries and the rest, if any."""
     rt = get_runtime()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, all_, any_, bindparam
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from shared.domain.errors import NotFound
 
 
 def id_array(ids: Iterable[int]) -> Any:
@@ -26,3 +29,20 @@ def not_in_ids(column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
     """``column <> ALL(:ids)``."""
     result: ColumnElement[bool] = column != all_(id_array(ids))
     return result
+
+
+class _Owned(Protocol):
+    workspace_id: Any
+
+
+M = TypeVar("M", bound=_Owned)
+
+
+def owned(session: Session, model: type[M], id_: int, workspace_id: int, kind: str) -> M:
+    """The row of ``model`` with this id in this workspace; ``NotFound`` for any other
+    workspace's row exactly as for a missing one, so ids reveal nothing across workspaces.
+    """
+    row = session.get(model, id_)
+    if row is None or row.workspace_id != workspace_id:
+        raise NotFound(kind, id_)
+    return row

@@ -248,17 +248,14 @@ def broadcasts_query(
     *,
     statuses: Sequence[BroadcastStatus] = (),
     origin: Origin | None = None,
-    before_id: int | None = None,
 ) -> Select[Broadcast]:
-    """Broadcasts of a workspace, newest first."""
+    """Broadcasts of a workspace, narrowed by status and origin."""
     query = select(Broadcast).where(Broadcast.workspace_id == workspace_id)
     if statuses:
         query = query.where(Broadcast.status.in_([s.value for s in statuses]))
     if origin is not None:
         query = query.where(Broadcast.origin == origin.value)
-    if before_id is not None:
-        query = query.where(Broadcast.id < before_id)
-    return query.order_by(Broadcast.id.desc())
+    return query
 
 
 def _require(broadcast: Broadcast, action: str) -> None:

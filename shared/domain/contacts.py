@@ -15,9 +15,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.db.models import Account, Channel, Contact, ContactTag, Tag
-from shared.db.sql import in_ids
+from shared.db.sql import in_ids, owned
 from shared.domain.channels import normalize_address
-from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed, describe
+from shared.domain.errors import FieldError, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
 
 TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
@@ -142,10 +142,7 @@ def set_tags(session: Session, workspace_id: int, contact_id: int, names: Sequen
 
 
 def get_contact(session: Session, workspace_id: int, contact_id: int) -> Contact:
-    contact = session.get(Contact, contact_id)
-    if contact is None or contact.workspace_id != workspace_id:
-        raise NotFound("contact", contact_id)
-    return contact
+    return owned(session, Contact, contact_id, workspace_id, "contact")
 
 
 def update_contact(
@@ -202,7 +199,7 @@ def contacts_query(
     tag_id: int | None = None,
     opted_out: bool | None = None,
 ) -> Select[Contact]:
-    """Contacts of a workspace, newest first, narrowed by the given filters."""
+    """Contacts of a workspace, narrowed by the given filters."""
     query = select(Contact).where(Contact.workspace_id == workspace_id)
     if account_id is not None:
         query = query.where(Contact.account_id == account_id)
@@ -216,7 +213,7 @@ def contacts_query(
         query = query.where(
             Contact.opted_out_at.is_not(None) if opted_out else Contact.opted_out_at.is_(None)
         )
-    return query.order_by(Contact.id.desc())
+    return query
 
 
 # --- import -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from services.api.deps import CurrentWorkspace, SessionDep
-from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.pagination import Cursor, Limit, cursor_id, fetch_page, newest_first
 from services.api.schemas import (
     BroadcastCreate,
     BroadcastOut,
@@ -89,6 +89,16 @@ def broadcast_out(broadcast: Broadcast) -> BroadcastOut:
     )
 
 
+def answer_created(
+    session: SessionDep, response: Response, broadcast: Broadcast, created: bool
+) -> BroadcastOut:
+    """Commit a create; an Idempotency-Key replay answers 200 with the first broadcast."""
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return broadcast_out(broadcast)
+
+
 def parse_statuses(values: list[str] | None, enum: type[E]) -> list[E]:
     """``["pending,paused", "completed"]`` -> the three statuses; a 422 names any unknown one."""
     allowed = [s.value for s in enum]
@@ -132,10 +142,7 @@ def post_broadcast(
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")) if idempotency_key else None,
     )
-    session.commit()
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return broadcast_out(broadcast)
+    return answer_created(session, response, broadcast, created)
 
 
 @router.get("")
@@ -149,13 +156,10 @@ def list_broadcasts(
 ) -> Page[BroadcastOut]:
     """Broadcasts newest first, filtered by status (several at once) and origin."""
     query = broadcasts_query(
-        workspace,
-        statuses=parse_statuses(status_, BroadcastStatus),
-        origin=origin,
-        before_id=cursor_id(cursor),
+        workspace, statuses=parse_statuses(status_, BroadcastStatus), origin=origin
     )
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[broadcast_out(r[0]) for r in rows], next_cursor=next_cursor)
+    rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
+    return Page(items=[broadcast_out(b) for b in rows], next_cursor=next_cursor)
 
 
 @router.get("/{broadcast_id}")

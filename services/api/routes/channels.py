@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 from sqlalchemy import select
 
 from services.api.deps import CurrentWorkspace, SessionDep
-from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AccountCreate,
     AccountOut,
@@ -17,10 +17,11 @@ from services.api.schemas import (
     TagOut,
 )
 from shared.db.models import Account, Channel, Tag
+from shared.db.sql import owned
 from shared.domain.broadcasts import get_channel
 from shared.domain.channels import DEFAULT_RATE_LIMIT_PER_SECOND, redact_config, validate_config
 from shared.domain.contacts import create_tag
-from shared.domain.errors import NotFound, StateConflict
+from shared.domain.errors import StateConflict
 from shared.domain.lifecycle import ChannelKind
 
 router = APIRouter(prefix="/v1", tags=["channels"])
@@ -66,19 +67,14 @@ def create_channel(
 def list_channels(
     session: SessionDep, workspace: CurrentWorkspace, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[ChannelOut]:
-    query = select(Channel).where(Channel.workspace_id == workspace).order_by(Channel.id.desc())
-    if (before := cursor_id(cursor)) is not None:
-        query = query.where(Channel.id < before)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[channel_out(r[0]) for r in rows], next_cursor=next_cursor)
+    query = select(Channel).where(Channel.workspace_id == workspace)
+    rows, next_cursor = newest_first(session, query, Channel.id, limit, cursor)
+    return Page(items=[channel_out(c) for c in rows], next_cursor=next_cursor)
 
 
 @router.get("/channels/{channel_id}")
 def read_channel(channel_id: int, session: SessionDep, workspace: CurrentWorkspace) -> ChannelOut:
-    channel = session.get(Channel, channel_id)
-    if channel is None or channel.workspace_id != workspace:
-        raise NotFound("channel", channel_id)
-    return channel_out(channel)
+    return channel_out(owned(session, Channel, channel_id, workspace, "channel"))
 
 
 @router.post("/accounts", status_code=status.HTTP_201_CREATED, tags=["accounts"])
@@ -108,21 +104,16 @@ def list_accounts(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[AccountOut]:
-    query = select(Account).where(Account.workspace_id == workspace).order_by(Account.id.desc())
+    query = select(Account).where(Account.workspace_id == workspace)
     if channel_id is not None:
         query = query.where(Account.channel_id == channel_id)
-    if (before := cursor_id(cursor)) is not None:
-        query = query.where(Account.id < before)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[AccountOut.model_validate(r[0]) for r in rows], next_cursor=next_cursor)
+    rows, next_cursor = newest_first(session, query, Account.id, limit, cursor)
+    return Page(items=[AccountOut.model_validate(a) for a in rows], next_cursor=next_cursor)
 
 
 @router.get("/accounts/{account_id}", tags=["accounts"])
 def read_account(account_id: int, session: SessionDep, workspace: CurrentWorkspace) -> AccountOut:
-    account = session.get(Account, account_id)
-    if account is None or account.workspace_id != workspace:
-        raise NotFound("account", account_id)
-    return AccountOut.model_validate(account)
+    return AccountOut.model_validate(owned(session, Account, account_id, workspace, "account"))
 
 
 @router.post("/tags", status_code=status.HTTP_201_CREATED, tags=["tags"])
@@ -136,18 +127,11 @@ def post_tag(body: TagCreate, session: SessionDep, workspace: CurrentWorkspace) 
 def list_tags(
     session: SessionDep, workspace: CurrentWorkspace, limit: Limit = 500, cursor: Cursor = None
 ) -> Page[TagOut]:
-    query = select(Tag).where(Tag.workspace_id == workspace).order_by(Tag.id.desc())
-    if (before := cursor_id(cursor)) is not None:
-        query = query.where(Tag.id < before)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[TagOut.model_validate(r[0]) for r in rows], next_cursor=next_cursor)
+    query = select(Tag).where(Tag.workspace_id == workspace)
+    rows, next_cursor = newest_first(session, query, Tag.id, limit, cursor)
+    return Page(items=[TagOut.model_validate(t) for t in rows], next_cursor=next_cursor)
 
 
 @router.get("/tags/{tag_id}", tags=["tags"])
 def read_tag(tag_id: int, session: SessionDep, workspace: CurrentWorkspace) -> TagOut:
-    tag = session.execute(
-        select(Tag).where(Tag.id == tag_id, Tag.workspace_id == workspace)
-    ).scalar_one_or_none()
-    if tag is None:
-        raise NotFound("tag", tag_id)
-    return TagOut.model_validate(tag)
+    return TagOut.model_validate(owned(session, Tag, tag_id, workspace, "tag"))

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.api.deps import CurrentWorkspace, SessionDep, SettingsDep
-from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
+from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AudiencePreviewIn,
     AudiencePreviewOut,
@@ -75,10 +75,8 @@ def list_contacts(
     cursor: Cursor = None,
 ) -> Page[ContactOut]:
     query = contacts_query(workspace, account_id=account_id, tag_id=tag_id, opted_out=opted_out)
-    if (before := cursor_id(cursor)) is not None:
-        query = query.where(Contact.id < before)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=contacts_out(session, [r[0] for r in rows]), next_cursor=next_cursor)
+    rows, next_cursor = newest_first(session, query, Contact.id, limit, cursor)
+    return Page(items=contacts_out(session, rows), next_cursor=next_cursor)
 
 
 @router.get("/contacts/{contact_id}")

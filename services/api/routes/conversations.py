@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
 from services.api.deps import CurrentWorkspace, SessionDep
-from services.api.pagination import Cursor, Limit, cursor_id, fetch_page
-from services.api.routes.broadcasts import IdempotencyKey, broadcast_out
+from services.api.pagination import Cursor, Limit, newest_first
+from services.api.routes.broadcasts import IdempotencyKey, answer_created, broadcast_out
 from services.api.schemas import (
     BroadcastOut,
     ConversationCreate,
@@ -16,13 +16,14 @@ from services.api.schemas import (
     TimedSendCreate,
 )
 from shared.db.models import Account, Broadcast, Contact, Conversation
+from shared.db.sql import owned
 from shared.domain.broadcasts import (
     broadcasts_query,
     conversation_broadcast,
     create_broadcast,
     request_hash,
 )
-from shared.domain.errors import FieldError, NotFound, ValidationFailed
+from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.lifecycle import Origin
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
@@ -72,24 +73,16 @@ def post_conversation(
 def list_conversations(
     session: SessionDep, workspace: CurrentWorkspace, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[ConversationOut]:
-    query = (
-        select(Conversation)
-        .where(Conversation.workspace_id == workspace)
-        .order_by(Conversation.id.desc())
-    )
-    if (before := cursor_id(cursor)) is not None:
-        query = query.where(Conversation.id < before)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[ConversationOut.model_validate(r[0]) for r in rows], next_cursor=next_cursor)
+    query = select(Conversation).where(Conversation.workspace_id == workspace)
+    rows, next_cursor = newest_first(session, query, Conversation.id, limit, cursor)
+    return Page(items=[ConversationOut.model_validate(c) for c in rows], next_cursor=next_cursor)
 
 
 @router.get("/{conversation_id}")
 def read_conversation(
     conversation_id: int, session: SessionDep, workspace: CurrentWorkspace
 ) -> ConversationOut:
-    conversation = session.get(Conversation, conversation_id)
-    if conversation is None or conversation.workspace_id != workspace:
-        raise NotFound("conversation", conversation_id)
+    conversation = owned(session, Conversation, conversation_id, workspace, "conversation")
     return ConversationOut.model_validate(conversation)
 
 
@@ -118,10 +111,7 @@ def post_timed_send(
         idempotency_key=idempotency_key,
         body_hash=request_hash(payload) if idempotency_key else None,
     )
-    session.commit()
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return broadcast_out(broadcast)
+    return answer_created(session, response, broadcast, created)
 
 
 @router.get("/{conversation_id}/timed-sends")
@@ -133,8 +123,8 @@ def list_timed_sends(
     cursor: Cursor = None,
 ) -> Page[BroadcastOut]:
     read_conversation(conversation_id, session, workspace)
-    query = broadcasts_query(
-        workspace, origin=Origin.CONVERSATION, before_id=cursor_id(cursor)
-    ).where(Broadcast.conversation_id == conversation_id)
-    rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[broadcast_out(r[0]) for r in rows], next_cursor=next_cursor)
+    query = broadcasts_query(workspace, origin=Origin.CONVERSATION).where(
+        Broadcast.conversation_id == conversation_id
+    )
+    rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
+    return Page(items=[broadcast_out(b) for b in rows], next_cursor=next_cursor)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from services.api.deps import CurrentWorkspace, MediaStoreDep, SessionDep, SettingsDep
 from services.api.schemas import MediaOut
 from shared.db.models import Media, Workspace
-from shared.domain.errors import NotFound
+from shared.db.sql import owned
 from shared.domain.media import create_media, signature_valid
 
 router = APIRouter(prefix="/v1/media", tags=["media"])
@@ -61,10 +61,7 @@ def media_content(
 
 
 def _media(session: SessionDep, workspace: int, media_id: int) -> Media:
-    media = session.get(Media, media_id)
-    if media is None or media.workspace_id != workspace:
-        raise NotFound("media", media_id)
-    return media
+    return owned(session, Media, media_id, workspace, "media")
 
 
 public_router = APIRouter(tags=["media"])
