@@ -530,8 +530,11 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
                 job.message, row.address, str(row.id), parts_done=row.parts_done
             )
         except Exception as exc:  # an adapter bug must not strand the row
-            log.exception("adapter %s failed on delivery %s", job.kind, row.id)
-            outcome = Transient(f"internal error: {type(exc).__name__}: {exc}")
+            # The exception's text may quote a URL with a credential in it (a bot token):
+            # it stays out of the stored reason and out of the log unless debugging.
+            log.error("adapter %s raised %s on delivery %s", job.kind, type(exc).__name__, row.id)
+            log.debug("adapter failure", exc_info=True)
+            outcome = Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
         finally:
             metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
         if isinstance(outcome, Transient) and outcome.throttled:
