@@ -101,7 +101,7 @@ class Children:
     def stop_all(self) -> None:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGTERM)
         for proc in self.procs:
             try:
                 proc.wait(timeout=40)

@@ -198,7 +198,9 @@ def up(
         time.sleep(0.2)
     for _, child in children:
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+            # The child alone: a dispatcher passes SIGTERM on to its workers itself, and a
+            # second one would make them stop hard instead of giving back what they hold.
+            os.kill(child.pid, signal.SIGTERM)
     deadline = time.monotonic() + 40
     for _, child in children:
         try:

@@ -64,7 +64,9 @@ def start_broadcast(broadcast_id: int) -> None:
     log.info("broadcast %s: %s batches enqueued", broadcast_id, batches)
 
 
-@dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, **ACTOR_OPTIONS)
+# notify_shutdown: on SIGTERM the batch is interrupted at once and gives back the rows it
+# holds (another worker takes them), instead of sending on until the shutdown timeout.
+@dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, notify_shutdown=True, **ACTOR_OPTIONS)
 def send_batch(broadcast_id: int, first_id: int, last_id: int) -> None:
     """Send the queued deliveries of one id range; arrange retries and the rest, if any."""
     rt = get_runtime()

@@ -8,10 +8,12 @@ every provider call of the process shares one event loop and one connection pool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,6 +27,9 @@ from shared.media_store import MediaStore, make_media_store
 from shared.settings import Settings, get_settings
 
 T = TypeVar("T")
+#: How long an interrupted batch may take to give back its rows and write its results.
+CLEANUP_SECONDS = 15.0
+WAIT_SLICE = 0.25
 
 
 class Runtime:
@@ -78,14 +83,27 @@ class Runtime:
         return adapter
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for it; if the waiting thread is interrupted
-        (time limit, shutdown), the coroutine is cancelled too and allowed to clean up.
+        """Run ``coro`` on the loop and wait for it. If the waiting thread is interrupted
+        (dramatiq's time limit or shutdown notice), the coroutine is cancelled and given up to
+        ``CLEANUP_SECONDS`` to give back what it holds before the interruption goes on.
         """
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        finished = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
         try:
-            return future.result()
+            while True:
+                # Short waits: dramatiq interrupts a thread only between bytecodes.
+                with contextlib.suppress(FutureTimeout):
+                    return future.result(timeout=WAIT_SLICE)
         except BaseException:
             future.cancel()
+            finished.wait(CLEANUP_SECONDS)
             raise
 
     def close(self) -> None:

@@ -127,6 +127,8 @@ class Recorder:
     pending: list[_Record] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     completed: bool = False
+    #: Send tasks whose provider call has started.
+    calling: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         s = self.rt.settings
@@ -484,8 +486,11 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
         if sends:
             await asyncio.gather(*sends)
     finally:
+        # Sends still waiting for their slot are called off (their rows go back); a call
+        # already at the provider is let finish, so its answer is written, not guessed.
         for task in sends:
-            task.cancel()
+            if task not in recorder.calling:
+                task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*sends, return_exceptions=True)
         renewing.cancel()
@@ -507,6 +512,7 @@ async def run_batch(rt: Runtime, broadcast_id: int, first_id: int, last_id: int)
 
 
 async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at: float) -> None:
+    recorded = False
     try:
         for _ in range(MAX_RESLOTS):
             wait = at - time.time()
@@ -525,6 +531,9 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
             recorder.release(row, after=blocked)
             return
         started = time.perf_counter()
+        this = asyncio.current_task()
+        assert this is not None
+        recorder.calling.add(this)
         try:
             outcome = await job.adapter.send(
                 job.message, row.address, str(row.id), parts_done=row.parts_done
@@ -537,14 +546,17 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
             outcome = Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
         finally:
             metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
+        recorder.outcome(row, outcome)
+        recorded = True
+        recorder.calling.discard(this)
         if isinstance(outcome, Transient) and outcome.throttled:
             metrics.THROTTLED.labels(job.kind).inc()
             await rt.limiter.throttle(
                 job.channel_id, outcome.retry_after or DEFAULT_THROTTLE_SECONDS, outcome.reason
             )
-        recorder.outcome(row, outcome)
     except asyncio.CancelledError:
-        recorder.release(row)
+        if not recorded:
+            recorder.release(row)
         raise
     finally:
         rt.in_flight.release()

@@ -83,10 +83,16 @@ class Procs:
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 40) -> None:
+        """Stop a process as its supervisor would: the signal to the process itself (it passes
+        SIGTERM on to its own workers), SIGKILL to its whole group, or after ``timeout``.
+        """
         proc = self.running.pop(name)
         self.files.pop(name).close()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

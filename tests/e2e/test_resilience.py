@@ -135,3 +135,32 @@ def test_a_task_found_long_overdue_is_paused_with_a_reason_and_resumes_on_reques
     api.ok("POST", f"/v1/broadcasts/{b['id']}/resume")
     api.wait_status(b["id"], "completed")
     assert api.sim_stats(hook)["accepted"] == 1
+
+
+def test_a_dispatcher_stopped_mid_send_gives_back_its_rows_and_nothing_repeats(
+    api: Api, system: System
+) -> None:
+    procs = system.procs
+    procs.stop("dispatcher")
+    procs.start("leaving", "dispatcher", "--processes", "1", "--threads", "4")
+    try:
+        channel, hook = api.webhook_channel(rate=40, latency_ms=20)
+        account = api.account(channel["id"])
+        api.import_contacts(account["id"], [f"g-{i}" for i in range(300)])
+        b = api.broadcast(channel["id"], {})
+        wait_for("sending to be under way", lambda: api.sim_stats(hook)["accepted"] >= 60)
+        procs.stop("leaving")  # SIGTERM, as a deploy or a scale-down would
+        # Gone, and it kept nothing: every row is sent or back in the queue, none held.
+        held = system.sql(
+            "SELECT count(*) FROM delivery WHERE broadcast_id = %s AND status = 'sending'",
+            (b["id"],),
+        )
+        assert held == [(0,)]
+        sent_so_far = api.sim_stats(hook)["accepted"]
+        assert sent_so_far < 300
+    finally:
+        procs.start("dispatcher", "dispatcher", "--processes", "1", "--threads", "4")
+    done = api.wait_status(b["id"], "completed", timeout=120)
+    assert done["counts"]["sent"] == 300
+    stats = api.sim_stats(hook)
+    assert (stats["accepted"], stats["duplicates"], stats["requests"]) == (300, 0, 300)
