@@ -61,6 +61,9 @@ class Runtime:
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.settings.max_in_flight, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=self.settings.send_timeout_seconds),
+            # Providers' cookies mean nothing to a sender, and parsing them costs CPU per call.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": "bcast"},
         )
         self.in_flight = asyncio.Semaphore(self.settings.max_in_flight)
         self.status = StatusBoard(self.conninfo, self.pool)
