@@ -31,7 +31,7 @@ THROTTLED = Counter(
 )
 IN_FLIGHT = Gauge(
     "bcast_provider_requests_in_flight",
-    "Provider calls under way (or waiting for their slot), as of the last result write.",
+    "Provider calls under way, as of the last result write.",
     ["kind"],
     multiprocess_mode="livesum",
 )

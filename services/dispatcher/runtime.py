@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -46,6 +47,8 @@ class Runtime:
         self._thread.start()
         self.conninfo = libpq_url(settings.database_url)
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
+        #: Provider calls under way in this process, by channel kind.
+        self.calls: Counter[str] = Counter()
         self.media: MediaStore = make_media_store(settings)
         self.call(self._open())
 

@@ -42,8 +42,7 @@ from shared.domain.media import signed_media_url
 
 log = logging.getLogger(__name__)
 
-#: Results are written when this many are waiting, or after FLUSH_SECONDS.
-FLUSH_ROWS = 100
+#: Results waiting are written together this often (one transaction per write).
 FLUSH_SECONDS = 0.05
 #: A send starting later than this after its slot takes a new one. The limiter's headroom
 #: (3%) absorbs lateness up to about 30 ms in any one-second window; this stays inside it.
@@ -211,9 +210,7 @@ class Recorder:
             # Counted per write, not per send: each metric update costs a shared-memory write.
             for outcome, count in Counter(r.outcome for r in records).items():
                 metrics.DELIVERIES.labels(self.job.kind, outcome).inc(count)
-            metrics.IN_FLIGHT.labels(self.job.kind).set(
-                self.rt.settings.max_in_flight - self.rt.in_flight._value
-            )
+            metrics.IN_FLIGHT.labels(self.job.kind).set(self.rt.calls[self.job.kind])
 
     async def _write(self, records: list[_Record]) -> None:
         async with self.rt.pool.connection() as conn, conn.transaction():
@@ -397,7 +394,16 @@ async def claim(
 async def _skip_gone_contacts(
     conn: psycopg.AsyncConnection[Any], broadcast_id: int, first_id: int, last_id: int
 ) -> None:
+    gone_query = """
+        SELECT d.id FROM delivery d JOIN contact c ON c.id = d.contact_id
+        WHERE d.broadcast_id = %s AND d.id BETWEEN %s AND %s AND d.status = 'queued'
+          AND (c.opted_out_at IS NOT NULL OR c.unreachable_at IS NOT NULL)
+    """
+    if not await (await conn.execute(gone_query, (broadcast_id, first_id, last_id))).fetchone():
+        return  # the common case: one cheap read, no lock
     async with conn.transaction():
+        # The task first, then its rows: the order every writer here (and a cancel) keeps.
+        await conn.execute("SELECT 1 FROM broadcast WHERE id = %s FOR UPDATE", (broadcast_id,))
         gone = await (
             await conn.execute(
                 """
@@ -534,6 +540,7 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
         this = asyncio.current_task()
         assert this is not None
         recorder.calling.add(this)
+        rt.calls[job.kind] += 1
         try:
             outcome = await job.adapter.send(
                 job.message, row.address, str(row.id), parts_done=row.parts_done
@@ -545,6 +552,7 @@ async def _send_one(rt: Runtime, job: Job, recorder: Recorder, row: Claimed, at:
             log.debug("adapter failure", exc_info=True)
             outcome = Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
         finally:
+            rt.calls[job.kind] -= 1
             metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
         recorder.outcome(row, outcome)
         recorded = True
