@@ -1,0 +1,83 @@
+"""Pure pieces of the send path: how messages are split into provider calls, Retry-After."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from services.dispatcher.channels.base import MediaRef, OutboundMessage, join_ids, parse_retry_after
+from services.dispatcher.channels.telegram import TelegramAdapter
+from services.dispatcher.channels.whatsapp import WhatsappAdapter
+from services.simulator.app import max_in_window
+from shared.domain.channels import normalize_address
+from shared.domain.lifecycle import ChannelKind
+
+IMG = tuple(MediaRef(i, f"https://api.test/media/{i}", "image/jpeg", f"k{i}") for i in range(3))
+
+
+def telegram() -> TelegramAdapter:
+    return TelegramAdapter({"bot_token": "1:abc", "api_base_url": "https://tg.test/"}, None)  # type: ignore[arg-type]
+
+
+def whatsapp() -> WhatsappAdapter:
+    config = {
+        "access_token": "t",
+        "phone_number_id": "1",
+        "api_version": "v21.0",
+        "api_base_url": "https://wa.test",
+    }
+    return WhatsappAdapter(config, None)  # type: ignore[arg-type]
+
+
+def test_telegram_long_text_with_images_goes_after_them_as_its_own_message() -> None:
+    long = "x" * 1500
+    calls = telegram().calls(OutboundMessage(1, long, IMG), "42")
+    assert [m for m, _ in calls] == ["sendMediaGroup", "sendMessage"]
+    assert "caption" not in calls[0][1]["media"][0]
+    assert calls[1][1] == {"chat_id": "42", "text": long}
+    assert telegram().base == "https://tg.test/bot1:abc"
+
+
+def test_whatsapp_long_text_with_images_goes_first_then_one_message_per_image() -> None:
+    parts = whatsapp().parts(OutboundMessage(1, "y" * 1500, IMG))
+    assert [p["type"] for p in parts] == ["text", "image", "image", "image"]
+    assert all("caption" not in p["image"] for p in parts[1:])
+    short = whatsapp().parts(OutboundMessage(1, "hi", IMG[:2]))
+    assert [p["image"].get("caption") for p in short] == ["hi", None]
+    assert whatsapp().url == "https://wa.test/v21.0/1/messages"
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0.5") == 0.5
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(later, now=now.timestamp()) == pytest.approx(30.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_join_ids_keeps_earlier_parts() -> None:
+    assert join_ids(None, []) is None
+    assert join_ids("a,b", ["c"]) == "a,b,c"
+
+
+def test_most_arrivals_in_any_half_open_second() -> None:
+    assert max_in_window([0.0, 0.5, 0.99, 1.0, 1.5], 1.0) == 3
+    assert max_in_window([i * 0.05 for i in range(40)], 1.0) == 20
+    assert max_in_window([], 1.0) == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "stored"),
+    [
+        (ChannelKind.WHATSAPP, "49 (151) 123-45678", "+4915112345678"),
+        (ChannelKind.SMTP, " Ann@Example.COM ", "ann@example.com"),
+        (ChannelKind.TELEGRAM, "-1001234", "-1001234"),
+        (ChannelKind.TELEGRAM, "@some_channel", "@some_channel"),
+    ],
+)
+def test_addresses_are_stored_in_one_form(kind: ChannelKind, given: str, stored: str) -> None:
+    assert normalize_address(kind, given) == stored
