@@ -74,7 +74,22 @@ def snapshot(session: Session, broadcast: Broadcast) -> int | None:
         "skipped_count": skipped,
         "heartbeat_at": func.now(),
     }
-    if total == skipped:
+    # The task's lock only now, so a pause or cancel is never kept waiting by a long copy. A
+    # cancel that committed meanwhile found no rows to cancel: the new rows are canceled here.
+    status = session.execute(
+        select(Broadcast.status).where(Broadcast.id == broadcast.id).with_for_update()
+    ).scalar_one()
+    if status == BroadcastStatus.CANCELED:
+        canceled = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.broadcast_id == broadcast.id,
+                Delivery.status == DeliveryStatus.QUEUED.value,
+            )
+            .values(status=DeliveryStatus.CANCELED.value, updated_at=func.now())
+        ).rowcount  # type: ignore[attr-defined]
+        values["canceled_count"] = Broadcast.canceled_count + int(canceled or 0)
+    elif total == skipped and status == BroadcastStatus.IN_PROGRESS:
         values.update(status=BroadcastStatus.COMPLETED.value, finished_at=func.now())
     session.execute(update(Broadcast).where(Broadcast.id == broadcast.id).values(**values))
     metrics.SNAPSHOT_ROWS.inc(total)
