@@ -251,9 +251,10 @@ def test_same_idempotency_key_and_body_returns_the_same_broadcast(
     }
     first = api.post("/v1/broadcasts", json=body, headers={"Idempotency-Key": "order-1"})
     again = api.post("/v1/broadcasts", json=body, headers={"Idempotency-Key": "order-1"})
-    assert first.status_code == 201
-    assert again.status_code == 200
-    assert again.json()["id"] == first.json()["id"]
+    assert first.status_code == again.status_code == 201
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
     assert broadcast_rows(api.workspace_id) == 1
 
 

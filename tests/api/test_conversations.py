@@ -106,7 +106,8 @@ def test_timed_send_honours_idempotency_key(api: Api, conversation: dict[str, An
     url = f"/v1/conversations/{conversation['id']}/timed-sends"
     first = api.post(url, json=body, headers={"Idempotency-Key": "t-1"})
     second = api.post(url, json=body, headers={"Idempotency-Key": "t-1"})
-    assert (first.status_code, second.status_code) == (201, 200)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert second.headers["idempotent-replayed"] == "true"
     assert first.json()["id"] == second.json()["id"]
 
 

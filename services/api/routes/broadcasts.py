@@ -92,10 +92,12 @@ def broadcast_out(broadcast: Broadcast) -> BroadcastOut:
 def answer_created(
     session: SessionDep, response: Response, broadcast: Broadcast, created: bool
 ) -> BroadcastOut:
-    """Commit a create; an Idempotency-Key replay answers 200 with the first broadcast."""
+    """Commit a create. An Idempotency-Key replay gets the first answer again (201, the same
+    broadcast), marked ``Idempotent-Replayed: true``.
+    """
     session.commit()
     if not created:
-        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
     return broadcast_out(broadcast)
 
 
@@ -117,7 +119,12 @@ def parse_statuses(values: list[str] | None, enum: type[E]) -> list[E]:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"description": "An Idempotency-Key replay."}},
+    responses={
+        201: {
+            "description": "Created; or, for a repeated Idempotency-Key with the same body, the "
+            "same broadcast again with the header Idempotent-Replayed: true."
+        }
+    },
 )
 def post_broadcast(
     body: BroadcastCreate,

@@ -89,7 +89,12 @@ def read_conversation(
 @router.post(
     "/{conversation_id}/timed-sends",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"description": "An Idempotency-Key replay."}},
+    responses={
+        201: {
+            "description": "Created; or, for a repeated Idempotency-Key with the same body, the "
+            "same broadcast again with the header Idempotent-Replayed: true."
+        }
+    },
 )
 def post_timed_send(
     conversation_id: int,
