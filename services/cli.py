@@ -232,12 +232,20 @@ def demo(
 def watch(
     broadcast_id: int = typer.Argument(..., help="The broadcast to follow."),
     api_url: str = typer.Option("http://127.0.0.1:8000", help="The running API."),
-    token: str = typer.Option(..., envvar="BCAST_TOKEN", help="Bearer token (or BCAST_TOKEN)."),
+    token: str | None = typer.Option(
+        None,
+        envvar="BCAST_TOKEN",
+        help="Bearer token (or BCAST_TOKEN); without one the database is read directly.",
+    ),
 ) -> None:
     """Follow a broadcast with a progress bar of sent, failed and queued until it ends."""
-    from services.demo import Client, follow
+    from services.demo import Client, follow, from_database
 
-    follow(Client(api_url, token), broadcast_id)
+    if token:
+        client = Client(api_url, token)
+        follow(lambda: client.request("GET", f"/v1/broadcasts/{broadcast_id}"), broadcast_id)
+    else:
+        follow(lambda: from_database(broadcast_id), broadcast_id)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.db.engine import transaction
+from shared.db.models import Broadcast
+from shared.domain.broadcasts import counts
 from shared.domain.tokens import create_token
 
 FINAL = {"completed", "canceled"}
@@ -42,7 +45,25 @@ class Client:
             raise SystemExit(f"{method} {path} -> {exc.code}: {exc.read().decode()}") from None
 
 
-def follow(api: Client, broadcast_id: int, *, poll: float = 0.25) -> dict[str, Any]:
+def from_database(broadcast_id: int) -> dict[str, Any]:
+    """The broadcast as the API shows it, read straight from the database (for an operator
+    on a machine of the deployment, without a token).
+    """
+    with transaction() as session:
+        broadcast = session.get(Broadcast, broadcast_id)
+        if broadcast is None:
+            raise SystemExit(f"broadcast {broadcast_id} not found")
+        return {
+            "id": broadcast.id,
+            "status": broadcast.status,
+            "audience_size": broadcast.audience_size,
+            "counts": counts(broadcast),
+        }
+
+
+def follow(
+    fetch: Callable[[], dict[str, Any]], broadcast_id: int, *, poll: float = 0.25
+) -> dict[str, Any]:
     """Show a progress bar until the broadcast is completed or canceled; return it."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -57,7 +78,7 @@ def follow(api: Client, broadcast_id: int, *, poll: float = 0.25) -> dict[str, A
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task("", total=1, sent=0, failed=0, queued=0, canceled=0)
         while True:
-            b = api.request("GET", f"/v1/broadcasts/{broadcast_id}")
+            b = fetch()
             c = b["counts"]
             total = c["total"] or b["audience_size"]
             done = c["sent"] + c["failed"] + c["canceled"] + c["skipped"]
@@ -134,7 +155,7 @@ def run_demo(*, api_url: str, simulator_url: str, contacts: int, rate: float) ->
     print(
         f"broadcast {broadcast['id']} created; following it (the API token is in BCAST_TOKEN form below)"
     )
-    final = follow(api, broadcast["id"])
+    final = follow(lambda: api.request("GET", f"/v1/broadcasts/{broadcast['id']}"), broadcast["id"])
     stats = sim.request("GET", f"/_sim/hooks/{hook}/stats")
     failed = api.request("GET", f"/v1/broadcasts/{broadcast['id']}/recipients?status=failed")[
         "items"

@@ -55,6 +55,17 @@ def test_demo_runs_the_whole_story_and_watch_follows_a_broadcast(api: Api, syste
     assert f"broadcast {b['id']} completed" in watched.stdout
     assert "sent 30" in watched.stdout
     assert api.get(b["id"])["status"] == "completed"
+    direct = subprocess.run(
+        [*BCAST, "watch", str(b["id"])],
+        env={**system.procs.env, "COLUMNS": "160"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert direct.returncode == 0, direct.stderr
+    assert f"broadcast {b['id']} completed" in direct.stdout
+    assert "sent 30" in direct.stdout
 
 
 def test_up_starts_every_service_and_sigterm_stops_them_all(system: System) -> None:
