@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -174,7 +173,3 @@ def run_demo(*, api_url: str, simulator_url: str, contacts: int, rate: float) ->
         and stats["accepted"] == expected_sent
     )
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit("run through `bcast demo`")
