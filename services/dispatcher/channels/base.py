@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,3 +109,34 @@ def join_ids(earlier: str | None, more: list[str]) -> str | None:
     """Provider message ids of a several-call message, comma-separated."""
     ids = [*(earlier.split(",") if earlier else []), *more]
     return ",".join(ids) or None
+
+
+async def send_in_parts(
+    count: int,
+    parts_done: int,
+    idempotency_key: str,
+    call: Callable[[int, str], Awaitable[Outcome]],
+) -> Outcome:
+    """Make the calls of a several-call message in order, from ``parts_done`` on.
+
+    ``call(index, key)`` makes one call; each gets its own idempotency key when there are
+    several. A transient failure reports how many parts the provider accepted, so the retry
+    starts after them; the ids of accepted parts are kept, comma-separated.
+    """
+    ids: list[str] = []
+    for index in range(parts_done, count):
+        key = idempotency_key if count == 1 else f"{idempotency_key}-{index}"
+        outcome = await call(index, key)
+        if isinstance(outcome, Transient):
+            return Transient(
+                outcome.reason,
+                outcome.retry_after,
+                throttled=outcome.throttled,
+                parts_done=index,
+                provider_message_id=join_ids(None, ids),
+            )
+        if isinstance(outcome, Permanent):
+            return outcome
+        if outcome.provider_message_id:
+            ids.append(outcome.provider_message_id)
+    return Sent(join_ids(None, ids))

@@ -18,8 +18,8 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
-    join_ids,
     reason,
+    send_in_parts,
 )
 
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
@@ -61,25 +61,12 @@ class TelegramAdapter:
         self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
     ) -> Outcome:
         calls = self.calls(message, address)
-        ids: list[str] = []
-        for index, (method, payload) in enumerate(calls):
-            if index < parts_done:
-                continue
-            key = idempotency_key if len(calls) == 1 else f"{idempotency_key}-{index}"
-            outcome = await self._call(method, payload, key)
-            if not isinstance(outcome, Sent):
-                if isinstance(outcome, Transient):
-                    return Transient(
-                        outcome.reason,
-                        outcome.retry_after,
-                        throttled=outcome.throttled,
-                        parts_done=index,
-                        provider_message_id=join_ids(None, ids),
-                    )
-                return outcome
-            if outcome.provider_message_id:
-                ids.append(outcome.provider_message_id)
-        return Sent(join_ids(None, ids))
+
+        async def call(index: int, key: str) -> Outcome:
+            method, payload = calls[index]
+            return await self._call(method, payload, key)
+
+        return await send_in_parts(len(calls), parts_done, idempotency_key, call)
 
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
         try:

@@ -19,8 +19,8 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
-    join_ids,
     reason,
+    send_in_parts,
 )
 
 MAX_CAPTION = 1024
@@ -66,31 +66,17 @@ class WhatsappAdapter:
         self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
     ) -> Outcome:
         parts = self.parts(message)
-        ids: list[str] = []
-        for index, part in enumerate(parts):
-            if index < parts_done:
-                continue
-            key = idempotency_key if len(parts) == 1 else f"{idempotency_key}-{index}"
+
+        async def call(index: int, key: str) -> Outcome:
             body = {
                 "messaging_product": "whatsapp",
                 "recipient_type": "individual",
                 "to": address,
-                **part,
+                **parts[index],
             }
-            outcome = await self._call(body, key)
-            if isinstance(outcome, Transient):
-                return Transient(
-                    outcome.reason,
-                    outcome.retry_after,
-                    throttled=outcome.throttled,
-                    parts_done=index,
-                    provider_message_id=join_ids(None, ids),
-                )
-            if isinstance(outcome, Permanent):
-                return outcome
-            if outcome.provider_message_id:
-                ids.append(outcome.provider_message_id)
-        return Sent(join_ids(None, ids))
+            return await self._call(body, key)
+
+        return await send_in_parts(len(parts), parts_done, idempotency_key, call)
 
     async def _call(self, body: dict[str, Any], key: str) -> Outcome:
         headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
