@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.api.deps import CurrentWorkspace, SessionDep, SettingsDep
@@ -150,14 +149,13 @@ def preview_audience(
         if any(e.type != "empty_audience" for e in exc.errors):
             raise
         count = 0
-    ids = session.execute(
-        audience_query(workspace, body.channel_id, body)
-        .with_only_columns(Contact.id)
-        .order_by(Contact.id)
-        .limit(body.limit)
-    ).scalars()
     contacts = (
-        session.execute(select(Contact).where(Contact.id.in_(list(ids))).order_by(Contact.id))
+        session.execute(
+            audience_query(workspace, body.channel_id, body)
+            .with_only_columns(Contact)
+            .order_by(Contact.id)
+            .limit(body.limit)
+        )
         .scalars()
         .all()
     )
