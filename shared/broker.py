@@ -1,8 +1,8 @@
 """RabbitMQ through dramatiq: the broker and the messages services send each other.
 
-Messages carry pointers to work (a broadcast id, a range of delivery ids), never the only copy
-of anything: each can be lost or delivered twice without losing or duplicating a send. The
-scheduler enqueues ``start_broadcast`` by name, so it never imports the dispatcher.
+Messages carry pointers to work (a broadcast id, a batch id), never the only copy of anything:
+each can be lost or delivered twice without losing or duplicating a send. The scheduler
+enqueues both kinds by name, so it never imports the dispatcher.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 #: Queue of "start this broadcast" messages (snapshot the audience, enqueue batches).
 START_QUEUE = "bcast_start"
 START_ACTOR = "start_broadcast"
-#: Queue of "send these deliveries" messages.
+#: Queue of "run this batch" messages.
 SEND_QUEUE = "bcast_send"
 SEND_ACTOR = "send_batch"
 
@@ -29,11 +29,7 @@ def start_message(broadcast_id: int) -> Message[None]:
     )
 
 
-def send_batch_message(broadcast_id: int, first_id: int, last_id: int) -> Message[None]:
+def send_batch_message(batch_id: int) -> Message[None]:
     return Message(
-        queue_name=SEND_QUEUE,
-        actor_name=SEND_ACTOR,
-        args=(broadcast_id, first_id, last_id),
-        kwargs={},
-        options={},
+        queue_name=SEND_QUEUE, actor_name=SEND_ACTOR, args=(batch_id,), kwargs={}, options={}
     )

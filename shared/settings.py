@@ -58,20 +58,32 @@ class Settings(BaseSettings):
     scheduler_metrics_port: int = 9102
 
     # --- dispatcher ---
-    #: Delivery ids per ``send_batch`` message.
+    #: Deliveries per batch (the unit a dispatcher takes, runs under a lease, and gives back).
     batch_size: int = Field(default=500, gt=0)
     #: Rows claimed from the database at a time inside a batch.
     claim_size: int = Field(default=100, gt=0)
-    #: How long a claimed row stays a worker's before another may take it back.
-    lease_seconds: float = Field(default=30.0, gt=0)
+    #: How long a batch (and the rows its run holds) stays a dispatcher's without a renewal.
+    lease_seconds: float = Field(default=30.0, ge=3)
     #: Provider calls in flight per dispatcher process.
     max_in_flight: int = Field(default=128, gt=0)
+    #: Sends of one channel scheduled or in flight per dispatcher process: a slow provider
+    #: takes at most this share of the process.
+    channel_max_in_flight: int = Field(default=64, gt=0)
+    #: Most batches of one broadcast in flight at once across all dispatchers (fewer for
+    #: channels whose rate one batch can reach).
+    broadcast_max_batches: int = Field(default=16, gt=0)
+    #: Most batches one dispatcher process runs at once.
+    dispatcher_max_batches: int = Field(default=256, gt=0)
+    #: Postgres connections of each dispatcher process's pool (plus one that listens for
+    #: pauses and throttles), whatever its thread count.
+    dispatcher_db_connections: int = Field(default=3, ge=2)
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Attempts per recipient before a transient error becomes a failure.
     max_attempts: int = Field(default=5, gt=0)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
-    #: Longest one ``send_batch`` message runs before it hands the rest to a new message.
+    #: Longest one run of a batch lasts before it hands the rest back, so work spreads over
+    #: dispatchers as they come and go.
     batch_max_seconds: float = Field(default=120.0, gt=0)
     dispatcher_metrics_port: int = 9101
 

@@ -23,6 +23,9 @@ class Mailbox:
         self.refuse: set[str] = set()
         self.transient_first = 0
         self.tries: Counter[str] = Counter()
+        #: Sessions that greeted (EHLO), and those that ended with QUIT (a polite close).
+        self.greetings = 0
+        self.quits = 0
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self,
@@ -39,6 +42,24 @@ class Mailbox:
             return "451 4.3.0 Try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: Any,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        self.greetings += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_QUIT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Session, envelope: Envelope
+    ) -> str:
+        self.quits += 1
+        return "221 Bye"
 
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Session, envelope: Envelope

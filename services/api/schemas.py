@@ -182,6 +182,10 @@ class Counts(BaseModel):
     failed: int
     canceled: int
     skipped: int
+    partial: int = Field(
+        description="Several-part messages cut short after some parts were accepted: the "
+        "recipient got part of the message."
+    )
 
 
 class BroadcastOut(BaseModel):

@@ -1,8 +1,10 @@
 """The dispatcher's dramatiq actors. Run them with ``bcast dispatcher``.
 
-Each actor is a thin shell: ``start_broadcast`` snapshots and fans out, ``send_batch`` runs
-the send loop of ``sender.run_batch`` on the process's I/O loop. Both are safe to run twice
-for the same message: the work they do is decided by rows in Postgres, not by the message.
+Each actor is a thin shell over the process's runtime: ``start_broadcast`` copies an audience
+(once), ``send_batch`` hands a batch to the engine and is free again at once. Both are safe to
+run twice for the same message: the work they do is decided by rows in Postgres, not by the
+message. A message that arrives while the process is stopping goes back to the queue for
+another process.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware.prometheus import Prometheus
 
-from services.dispatcher import sender, snapshot
-from services.dispatcher.runtime import get_runtime
+from services.dispatcher import snapshot
+from services.dispatcher.runtime import RuntimeClosed, RuntimeMiddleware
 from shared.broker import (
     SEND_ACTOR,
     SEND_QUEUE,
@@ -22,14 +24,16 @@ from shared.broker import (
     START_QUEUE,
     make_broker,
     send_batch_message,
+    start_message,
 )
-from shared.db.engine import get_sessionmaker
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
 broker = make_broker(settings.broker_url)
+runtime = RuntimeMiddleware()
+broker.add_middleware(runtime)
 if settings.dispatcher_metrics_port:
     broker.add_middleware(Prometheus())
 dramatiq.set_broker(broker)
@@ -46,32 +50,25 @@ ACTOR_OPTIONS: dict[str, Any] = {
 }
 
 
-def enqueue_batch(
-    broadcast_id: int, first_id: int, last_id: int, *, delay_ms: int | None = None
-) -> None:
-    broker.enqueue(send_batch_message(broadcast_id, first_id, last_id), delay=delay_ms)
-
-
 @dramatiq.actor(actor_name=START_ACTOR, queue_name=START_QUEUE, **ACTOR_OPTIONS)
 def start_broadcast(broadcast_id: int) -> None:
-    """Snapshot the audience (once) and enqueue a ``send_batch`` per range of queued rows."""
-    batches = snapshot.start(
-        get_sessionmaker(),
-        broadcast_id,
-        batch_size=settings.batch_size,
-        enqueue_batch=enqueue_batch,
-    )
-    log.info("broadcast %s: %s batches enqueued", broadcast_id, batches)
+    """Copy the audience into delivery rows and batches (once); the scheduler hands the
+    batches out.
+    """
+    try:
+        rt = runtime.current()
+        rt.call(snapshot.start(rt, broadcast_id))
+    except RuntimeClosed:
+        broker.enqueue(start_message(broadcast_id))
 
 
-# notify_shutdown: on SIGTERM the batch is interrupted at once and gives back the rows it
-# holds (another worker takes them), instead of sending on until the shutdown timeout.
-@dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, notify_shutdown=True, **ACTOR_OPTIONS)
-def send_batch(broadcast_id: int, first_id: int, last_id: int) -> None:
-    """Send the queued deliveries of one id range; arrange retries and the rest, if any."""
-    rt = get_runtime()
-    result = rt.call(sender.run_batch(rt, broadcast_id, first_id, last_id))
-    if result.more:
-        enqueue_batch(broadcast_id, first_id, last_id)
-    elif result.retry_in is not None:
-        enqueue_batch(broadcast_id, first_id, last_id, delay_ms=int(result.retry_in * 1000) + 50)
+@dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, **ACTOR_OPTIONS)
+def send_batch(batch_id: int) -> None:
+    """Claim a batch and run it on this process's engine; the thread is free again at once."""
+    try:
+        rt = runtime.current()
+        adopted = rt.call(rt.engine.adopt(batch_id))
+    except RuntimeClosed:
+        adopted = False
+    if not adopted:
+        broker.enqueue(send_batch_message(batch_id))

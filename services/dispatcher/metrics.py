@@ -1,5 +1,7 @@
 """Dispatcher metrics. In worker processes these live in Prometheus' multiprocess directory
 and are served, summed over processes, by dramatiq's Prometheus middleware.
+
+Per-channel series carry the channel id (and its kind); never a recipient.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 DELIVERIES = Counter(
     "bcast_deliveries_total",
     "Recipients finished or put back, by channel kind and outcome "
-    "(sent, failed, retry, throttled, released).",
+    "(sent, failed, partial, retry, throttled, released).",
     ["kind", "outcome"],
 )
 PROVIDER_LATENCY = Histogram(
@@ -29,16 +31,50 @@ THROTTLED = Counter(
     "Times a provider told a channel to slow down (429 / Retry-After).",
     ["kind"],
 )
-IN_FLIGHT = Gauge(
-    "bcast_provider_requests_in_flight",
-    "Provider calls under way, as of the last result write.",
-    ["kind"],
+CHANNEL_SLOT_WAIT = Counter(
+    "bcast_channel_slot_wait_seconds_total",
+    "Seconds sends of a channel waited for their rate-limit slot (summed over sends).",
+    ["channel", "kind"],
+)
+CHANNEL_SENDS = Counter(
+    "bcast_channel_sends_total",
+    "Provider calls made for a channel.",
+    ["channel", "kind"],
+)
+CHANNEL_IN_FLIGHT = Gauge(
+    "bcast_channel_in_flight",
+    "Sends of a channel scheduled or under way (its lane), as of the last result write.",
+    ["channel", "kind"],
     multiprocess_mode="livesum",
+)
+CHANNEL_THROTTLED = Counter(
+    "bcast_channel_throttled_total",
+    "Times a provider told this channel to slow down (429 / Retry-After).",
+    ["channel", "kind"],
+)
+RESULTS_DROPPED = Counter(
+    "bcast_results_dropped_total",
+    "Send results not written because their run had lost its lease (the rows were taken back).",
+    ["kind"],
+)
+LEASES_LOST = Counter(
+    "bcast_batch_leases_lost_total",
+    "Batch runs that found their lease taken back while they ran.",
+)
+BATCH_RUNS = Gauge(
+    "bcast_batch_runs",
+    "Batches this dispatcher is running now.",
+    multiprocess_mode="livesum",
+)
+BATCH_ENDS = Counter(
+    "bcast_batch_runs_ended_total",
+    "Batch runs ended, by why: done, wait (given back until due), not_sending (paused, "
+    "canceled, completed), slice (handed back to spread the work), stopping, lease_lost, error.",
+    ["reason"],
 )
 SNAPSHOT_ROWS = Counter(
     "bcast_snapshot_recipients_total", "Recipients copied into delivery rows at broadcast start."
 )
-BATCHES = Counter("bcast_batches_enqueued_total", "send_batch messages enqueued.")
 FLUSH_LATENCY = Histogram(
     "bcast_result_flush_duration_seconds",
     "Time to write one batch of send results to Postgres.",

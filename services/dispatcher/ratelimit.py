@@ -3,14 +3,18 @@
 The state is one row per channel in Postgres (``channel_rate``), run as GCRA: ``tat`` is the
 earliest moment the next send may start. Taking ``n`` slots moves ``tat`` forward by ``n/rate``
 in one UPDATE, so slots of all workers interleave without overlap: however many processes
-send, no two slots are closer than ``1/rate``. A provider's 429 / Retry-After pushes
-``blocked_until`` for the channel and NOTIFYs ``bcast_channel``; every worker stops calling that
-channel until then, while other channels keep their full speed.
+send, no two slots are closer than ``1/rate``. A send loop takes only slots that start within
+a short horizon; when the channel is booked further ahead (other loops, other processes, a
+provider's Retry-After) it learns when the next slot is free and gives its work back until
+then instead of waiting. A provider's 429 / Retry-After pushes ``blocked_until`` for the
+channel and NOTIFYs ``bcast_channel``; every worker stops calling that channel until then,
+while other channels keep their full speed.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -21,6 +25,16 @@ GRANT_SECONDS = 0.2
 #: Fraction of the configured rate actually used: room for network jitter, so the provider
 #: never sees more than the limit in any one-second window.
 HEADROOM = 0.97
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """Send slots taken for one channel."""
+
+    #: Wall-clock start of each slot taken, in order (empty when none starts soon enough).
+    times: list[float]
+    #: Wall-clock time of the channel's first free slot after these.
+    next_free: float
 
 
 class RateLimiter:
@@ -37,12 +51,14 @@ class RateLimiter:
         self._blocked_until: dict[int, float] = {}
 
     def grant_size(self, rate: float, wanted: int) -> int:
+        """How many slots to take in one round trip."""
         return max(1, min(wanted, int(rate * HEADROOM * GRANT_SECONDS)))
 
-    async def reserve(self, channel_id: int, workspace_id: int, rate: float, n: int) -> list[float]:
-        """Take ``n`` consecutive slots; return the wall-clock time of each."""
+    async def reserve(
+        self, channel_id: int, workspace_id: int, rate: float, n: int, *, within: float
+    ) -> Slots:
+        """Take up to ``n`` consecutive slots, only those that start within ``within`` seconds."""
         effective = rate * HEADROOM
-        span = n / effective
         async with self.pool.connection() as conn:
             if channel_id not in self._known:
                 await conn.execute(
@@ -54,23 +70,38 @@ class RateLimiter:
             row = await (
                 await conn.execute(
                     """
-                    UPDATE channel_rate
-                    SET tat = greatest(tat, clock_timestamp(), coalesce(blocked_until, '-infinity'))
-                              + %s * interval '1 second'
-                    WHERE channel_id = %s
-                    RETURNING extract(epoch FROM tat - clock_timestamp())::float8,
-                              extract(epoch FROM blocked_until)::float8
+                    WITH cur AS (
+                        SELECT channel_id, clock_timestamp() AS now, blocked_until,
+                               greatest(tat, clock_timestamp(),
+                                        coalesce(blocked_until, '-infinity')) AS base
+                        FROM channel_rate WHERE channel_id = %(c)s FOR UPDATE
+                    ), took AS (
+                        SELECT *, CASE
+                            WHEN base > now + %(within)s * interval '1 second' THEN 0
+                            ELSE least(%(n)s, 1 + floor(extract(epoch FROM
+                                 now + %(within)s * interval '1 second' - base) * %(rate)s))::int
+                            END AS k
+                        FROM cur
+                    )
+                    UPDATE channel_rate r
+                    SET tat = took.base + took.k / %(rate)s * interval '1 second'
+                    FROM took WHERE r.channel_id = took.channel_id
+                    RETURNING took.k, extract(epoch FROM took.base - took.now)::float8,
+                              extract(epoch FROM took.blocked_until)::float8
                     """,
-                    (span, channel_id),
+                    {"c": channel_id, "within": within, "n": n, "rate": effective},
                 )
             ).fetchone()
         assert row is not None
-        ahead, blocked = row
+        taken, ahead, blocked = int(row[0]), float(row[1]), row[2]
         now = time.time()
         if blocked is not None and blocked > now:
             self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), blocked)
-        first = now + ahead - span
-        return [first + i / effective for i in range(n)]
+        first = now + ahead
+        return Slots(
+            times=[first + i / effective for i in range(taken)],
+            next_free=first + taken / effective,
+        )
 
     async def throttle(self, channel_id: int, seconds: float, reason: str) -> None:
         """The provider said slow down: nobody calls this channel for ``seconds``."""

@@ -1,8 +1,14 @@
-"""Per-process machinery the actors share: one asyncio loop in its own thread, holding the
-HTTP keep-alive pool, the Postgres pool, the broadcast status board and the rate limiter.
+"""What a dispatcher process shares, opened when its worker boots and closed when it stops.
 
-dramatiq runs actors in worker threads; each hands its coroutine to this loop and waits, so
-every provider call of the process shares one event loop and one connection pool.
+One asyncio loop in its own thread holds the Postgres pool (a fixed number of connections,
+whatever the thread count), the HTTP keep-alive pool, the status board, the rate limiter, one
+lane per channel, the process's call pool and the engine that runs batches. dramatiq's worker
+threads hand their work to this loop and are free again at once (``send_batch``), or wait for
+a bounded copy (``start_broadcast``).
+
+``RuntimeMiddleware`` opens it in ``after_worker_boot`` and closes it in
+``before_worker_shutdown``: every batch is given back, every SMTP connection QUITs, the HTTP
+session and the pools close.
 """
 
 from __future__ import annotations
@@ -10,53 +16,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import aiohttp
+import dramatiq
 from psycopg_pool import AsyncConnectionPool
 
 from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.engine import Engine
+from services.dispatcher.jobs import Job
+from services.dispatcher.pacing import CallPool, Lane
 from services.dispatcher.ratelimit import RateLimiter
 from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
 from shared.media_store import MediaStore, make_media_store
 from shared.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
-#: How long an interrupted batch may take to give back its rows and write its results.
+#: How long a stopping process waits for its runs to give their batches back.
+STOP_SECONDS = 20.0
+#: How long an interrupted actor's coroutine may take to give back what it holds.
 CLEANUP_SECONDS = 15.0
 WAIT_SLICE = 0.25
+#: Audience copies one process makes at once (each holds a pool connection while it runs).
+SNAPSHOTS_AT_ONCE = 1
+
+
+class RuntimeClosed(Exception):
+    """The runtime is not open (the worker is booting or stopping)."""
 
 
 class Runtime:
-    """Started once per process, on first use.
-
-    Parameters:
-      settings: the process settings.
+    """Parameters:
+    settings: the process settings.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.conninfo = libpq_url(settings.database_url)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="bcast-io", daemon=True)
-        self._thread.start()
-        self.conninfo = libpq_url(settings.database_url)
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
-        #: Provider calls under way in this process, by channel kind.
-        self.calls: Counter[str] = Counter()
+        self._lanes: dict[int, Lane] = {}
         self.media: MediaStore = make_media_store(settings)
+        self.closed = True
+
+    def open(self) -> None:
+        self._thread.start()
+        self.closed = False
         self.call(self._open())
 
     async def _open(self) -> None:
+        size = self.settings.dispatcher_db_connections
         self.pool = AsyncConnectionPool(
             self.conninfo,
-            min_size=2,
-            max_size=max(4, self.settings.db_pool_size),
+            min_size=size,
+            max_size=size,
             kwargs={"autocommit": True, "application_name": "bcast-dispatcher"},
             open=False,
         )
@@ -68,11 +90,13 @@ class Runtime:
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": "bcast"},
         )
-        self.in_flight = asyncio.Semaphore(self.settings.max_in_flight)
+        self.calls = CallPool(self.settings.max_in_flight)
         self.status = StatusBoard(self.conninfo, self.pool)
         await self.status.start()
         self.limiter = RateLimiter(self.pool)
         self.status.on_channel_notice = self.limiter.hear
+        self.snapshots = asyncio.Semaphore(SNAPSHOTS_AT_ONCE)
+        self.engine = Engine(self, self.settings.dispatcher_max_batches)
 
     def adapter(
         self,
@@ -81,18 +105,33 @@ class Runtime:
         config: dict[str, Any],
         make: Callable[[str, dict[str, Any], aiohttp.ClientSession, MediaStore], ChannelAdapter],
     ) -> ChannelAdapter:
-        """One adapter per channel and config, reused by every batch of the process."""
+        """One adapter per channel and config, reused by every run of the process."""
         key = (channel_id, json.dumps(config, sort_keys=True))
         adapter = self._adapters.get(key)
         if adapter is None:
             adapter = self._adapters[key] = make(kind, config, self.http, self.media)
         return adapter
 
+    def lane(self, job: Job) -> Lane:
+        """The channel's share of this process."""
+        cap = self.settings.channel_max_in_flight
+        if job.adapter.max_in_flight is not None:
+            cap = min(cap, job.adapter.max_in_flight)
+        lane = self._lanes.get(job.channel_id)
+        if lane is None:
+            lane = self._lanes[job.channel_id] = Lane(job.channel_id, cap)
+        elif lane.size != cap:
+            lane.size = cap
+        return lane
+
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for it. If the waiting thread is interrupted
         (dramatiq's time limit or shutdown notice), the coroutine is cancelled and given up to
         ``CLEANUP_SECONDS`` to give back what it holds before the interruption goes on.
         """
+        if self.closed:
+            coro.close()
+            raise RuntimeClosed("the dispatcher runtime is not open")
         finished = threading.Event()
 
         async def run() -> T:
@@ -113,26 +152,53 @@ class Runtime:
             raise
 
     def close(self) -> None:
+        """Give back every batch, then close adapters (SMTP QUIT), HTTP session and pools."""
+        if self.closed:
+            return
+
         async def _close() -> None:
-            await self.status.stop()
+            await self.engine.stop(STOP_SECONDS)
             for adapter in self._adapters.values():
-                await adapter.close()
+                with contextlib.suppress(Exception):
+                    await adapter.close()
             await self.http.close()
+            await self.status.stop()
             await self.pool.close()
 
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout=10)
+        try:
+            asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout=STOP_SECONDS + 15)
+        finally:
+            self.closed = True
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
 
 
-_runtime: Runtime | None = None
-_lock = threading.Lock()
+class RuntimeMiddleware(dramatiq.Middleware):
+    """Opens the process's runtime when a worker boots and closes it when the worker stops.
 
+    Parameters:
+      settings: read when the worker boots (defaults to the environment's).
+    """
 
-def get_runtime() -> Runtime:
-    """The process's runtime, started on first use."""
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = Runtime(get_settings())
-        return _runtime
+    def __init__(self, settings: Callable[[], Settings] = get_settings) -> None:
+        self._settings = settings
+        self.runtime: Runtime | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        runtime = Runtime(self._settings())
+        runtime.open()
+        self.runtime = runtime
+        log.info("dispatcher runtime open")
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            log.info("dispatcher stopping: giving back its batches")
+            runtime.close()
+            log.info("dispatcher runtime closed")
+
+    def current(self) -> Runtime:
+        """The open runtime; ``RuntimeClosed`` while the worker boots or stops."""
+        if self.runtime is None or self.runtime.closed:
+            raise RuntimeClosed("the dispatcher runtime is not open")
+        return self.runtime

@@ -1,8 +1,10 @@
 """What each broadcast being sent is doing right now, as this process knows it.
 
 A pause or cancel commits in Postgres; a trigger NOTIFYs ``bcast_broadcast`` and this board
-hears it within milliseconds. Every send checks the board just before its provider call, so
-no call starts after a pause is known. A poll every half second covers a dropped connection.
+hears it within milliseconds and tells the runs that follow the broadcast (so sends waiting
+for their slot give their rows back at once). Every send also checks the board just before
+its provider call, so no call starts after a pause is known. A poll every half second covers
+a dropped connection.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 
 import psycopg
@@ -39,7 +41,8 @@ class StatusBoard:
         self.conninfo = conninfo
         self.pool = pool
         self._status: dict[int, str] = {}
-        self._users: Counter[int] = Counter()
+        #: Who follows each broadcast: called with the new status when it changes.
+        self._users: defaultdict[int, list[Callable[[str], None]]] = defaultdict(list)
         self._tasks: list[asyncio.Task[None]] = []
         #: Called with the payload of every ``bcast_channel`` notification.
         self.on_channel_notice: Callable[[str], None] | None = None
@@ -54,16 +57,20 @@ class StatusBoard:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def track(self, broadcast_id: int) -> str:
-        """Start following a broadcast; return its current status."""
-        self._users[broadcast_id] += 1
+    async def track(self, broadcast_id: int, on_change: Callable[[str], None]) -> str:
+        """Start following a broadcast (``on_change`` hears each new status); return its
+        current status.
+        """
+        self._users[broadcast_id].append(on_change)
         await self._refresh([broadcast_id])
         return self._status.get(broadcast_id, "missing")
 
-    def untrack(self, broadcast_id: int) -> None:
-        self._users[broadcast_id] -= 1
-        if self._users[broadcast_id] <= 0:
-            del self._users[broadcast_id]
+    def untrack(self, broadcast_id: int, on_change: Callable[[str], None]) -> None:
+        users = self._users.get(broadcast_id, [])
+        if on_change in users:
+            users.remove(on_change)
+        if not users:
+            self._users.pop(broadcast_id, None)
             self._status.pop(broadcast_id, None)
 
     def is_sending(self, broadcast_id: int) -> bool:
@@ -81,8 +88,7 @@ class StatusBoard:
                 await conn.execute("SELECT id, status FROM broadcast WHERE id = ANY(%s)", (ids,))
             ).fetchall()
         for broadcast_id, status in rows:
-            if broadcast_id in self._users:
-                self._status[broadcast_id] = status
+            self._set(broadcast_id, status)
 
     async def _poll(self) -> None:
         while True:
@@ -114,6 +120,14 @@ class StatusBoard:
                 self.on_channel_notice(payload)
             return
         raw_id, _, status = payload.partition(":")
-        broadcast_id = int(raw_id)
-        if broadcast_id in self._users:
-            self._status[broadcast_id] = status
+        self._set(int(raw_id), status)
+
+    def _set(self, broadcast_id: int, status: str) -> None:
+        users = self._users.get(broadcast_id)
+        if not users:
+            return
+        changed = self._status.get(broadcast_id) != status
+        self._status[broadcast_id] = status
+        if changed:
+            for on_change in list(users):
+                on_change(status)

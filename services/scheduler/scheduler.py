@@ -4,14 +4,19 @@ Each pass:
   1. claims due tasks (``pending``, ``send_at <= now()``, ``FOR UPDATE SKIP LOCKED``) and, in
      the same transaction, moves them to ``in_progress`` and writes an outbox row for each, or
      pauses a task found too long overdue (after downtime) with a reason the operator sees;
-  2. publishes outbox rows to RabbitMQ (publisher confirms), deleting each only after the
-     broker confirmed it, so a crash between commit and publish loses nothing;
-  3. now and then sweeps: rows whose lease ran out (a dead dispatcher) go back to queued, and
-     a sending task with no progress for a while is handed to the dispatchers again.
-Between passes it sleeps until the next task is due, the poll interval runs out, or Postgres
-NOTIFYs a new task, a status change or an outbox row: immediate sends start at once.
+  2. publishes outbox rows (start messages) to RabbitMQ (publisher confirms), deleting each
+     only after the broker confirmed it, so a crash between commit and publish loses nothing;
+  3. relays batches: the due, ready batches of tasks being sent, at most a small window per
+     task (sized to its channel's rate), are marked queued and published the same way;
+  4. now and then sweeps: batches whose run's lease ran out (a dead dispatcher) are taken
+     back with exactly the rows they held, batch messages that were lost are published again,
+     and a task whose audience was never copied (a lost start message) is started again.
+Between passes it sleeps until the next task or batch is due, the poll interval runs out, or
+Postgres NOTIFYs a new task, a status change, an outbox row or a batch ready to go: immediate
+sends start at once.
 
-Any number of schedulers may run: SKIP LOCKED hands each due task and outbox row to one.
+Any number of schedulers may run: SKIP LOCKED hands each due task and outbox row to one, and
+one relays or sweeps at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
@@ -31,16 +37,20 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.broker import make_broker, start_message
-from shared.db.engine import get_sessionmaker, libpq_url
+from shared import delivery_store as store
+from shared.broker import make_broker, send_batch_message, start_message
+from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Tasks claimed per transaction.
 CLAIM_LIMIT = 100
-#: Outbox rows published per transaction.
+#: Outbox rows (and batches) published per transaction.
 RELAY_LIMIT = 200
+#: Sends per second one running batch is counted on for, when a task's window of batches in
+#: flight is sized to its channel's rate.
+SENDS_PER_BATCH = 500.0
 #: Seconds between sweeps.
 SWEEP_SECONDS = 5.0
 #: Advisory lock namespace: one scheduler sweeps at a time.
@@ -53,13 +63,29 @@ OVERDUE = Counter(
 PUBLISHED = Counter(
     "bcast_outbox_published_total", "Start messages published to RabbitMQ.", ["reason"]
 )
+BATCHES_PUBLISHED = Counter(
+    "bcast_batches_published_total", "Batch messages published to RabbitMQ by the relay."
+)
 REQUEUED = Counter(
     "bcast_leases_expired_total", "Deliveries taken back from a dispatcher whose lease ran out."
 )
+BATCHES_RECOVERED = Counter(
+    "bcast_batches_recovered_total",
+    "Batches handed out again: their run's lease ran out (lease) or their message was lost "
+    "(message).",
+    ["reason"],
+)
 STALLED = Counter(
-    "bcast_scheduler_redispatched_total", "Sending broadcasts handed out again after stalling."
+    "bcast_scheduler_redispatched_total",
+    "Started broadcasts whose audience was never copied, started again.",
 )
 OUTBOX_BACKLOG = Gauge("bcast_outbox_backlog", "Outbox rows waiting to be published.")
+BATCHES = Gauge(
+    "bcast_batches",
+    "Batches of broadcasts being sent, by state (ready: waiting its turn or its time; queued: "
+    "published; running: being sent).",
+    ["state"],
+)
 START_DELAY = Histogram(
     "bcast_start_delay_seconds",
     "From a task's send time to the scheduler starting it.",
@@ -154,61 +180,57 @@ def relay_outbox(session: Session, publish: Callable[[int], None]) -> int:
     return len(rows)
 
 
-def sweep(session: Session, stall: timedelta) -> tuple[int, int]:
-    """Take back rows of dead dispatchers and re-dispatch stalled tasks.
-    Returns (rows taken back, tasks re-dispatched). One scheduler sweeps at a time.
+def relay_batches(session: Session, publish: Callable[[int], None], *, max_window: int) -> int:
+    """Publish the batches the delivery store says are due and fit their task's window, in
+    one transaction that commits only after the broker confirmed every message (an outbox).
+    Returns how many were published.
+    """
+    picked = store.run(
+        raw_connection(session),
+        store.relay(per_batch_rate=SENDS_PER_BATCH, max_window=max_window, limit=RELAY_LIMIT),
+    )
+    for batch_id, _ in picked:
+        publish(batch_id)
+    BATCHES_PUBLISHED.inc(len(picked))
+    return len(picked)
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What one sweep did."""
+
+    taken_back: store.TakenBack = field(default_factory=store.TakenBack)
+    restarted: int = 0
+
+
+def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
+    """Recover from dead dispatchers and lost messages, exactly (the delivery store's
+    ``take_back``), start again tasks whose audience was never copied, and drop the batches
+    of finished tasks. One scheduler sweeps at a time.
     """
     if not session.execute(
         text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}
     ).scalar_one():
-        return 0, 0
-    taken_back = 0
-    expired = (
-        session.execute(
-            text(
-                "SELECT DISTINCT broadcast_id FROM delivery "
-                "WHERE status = 'sending' AND lease_expires_at < now()"
-            )
-        )
-        .scalars()
-        .all()
+        return Swept()
+    conn = raw_connection(session)
+    taken = store.run(
+        conn,
+        store.take_back(orphan_after=lease.total_seconds(), republish_after=stall.total_seconds()),
     )
-    for broadcast_id in expired:
-        # Lock the task first: a cancel committing meanwhile must not strand rows as queued.
-        status = session.execute(
-            text("SELECT status FROM broadcast WHERE id = :id FOR UPDATE"), {"id": broadcast_id}
-        ).scalar_one()
-        back = "canceled" if status == "canceled" else "queued"
-        count = session.execute(
-            text(
-                """
-                UPDATE delivery SET status = :back, lease_token = NULL, lease_expires_at = NULL,
-                       updated_at = now()
-                WHERE broadcast_id = :id AND status = 'sending' AND lease_expires_at < now()
-                """
-            ),
-            {"id": broadcast_id, "back": back},
-        ).rowcount  # type: ignore[attr-defined]
-        if back == "canceled":
-            session.execute(
-                text("UPDATE broadcast SET canceled_count = canceled_count + :n WHERE id = :id"),
-                {"n": count, "id": broadcast_id},
-            )
-        taken_back += count
-    REQUEUED.inc(taken_back)
+    REQUEUED.inc(taken.rows)
+    BATCHES_RECOVERED.labels("lease").inc(taken.batches)
+    BATCHES_RECOVERED.labels("message").inc(taken.republished)
+    # Started, but the audience was never copied: the start message was lost or its
+    # dispatcher died mid-copy (the copy is one transaction, so nothing half-done remains).
     stalled = (
         session.execute(
             text(
                 """
-            SELECT b.id FROM broadcast b
-            WHERE b.status = 'in_progress'
-              AND coalesce(b.heartbeat_at, b.started_at) < now() - :stall * interval '1 second'
-              AND (b.snapshot_at IS NULL OR EXISTS (
-                    SELECT 1 FROM delivery d
-                    WHERE d.broadcast_id = b.id AND d.status = 'queued'
-                      AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())))
-            FOR UPDATE OF b SKIP LOCKED
-            """
+                SELECT id FROM broadcast
+                WHERE status = 'in_progress' AND snapshot_at IS NULL
+                  AND coalesce(heartbeat_at, started_at) < now() - :stall * interval '1 second'
+                FOR UPDATE SKIP LOCKED
+                """
             ),
             {"stall": stall.total_seconds()},
         )
@@ -222,18 +244,11 @@ def sweep(session: Session, stall: timedelta) -> tuple[int, int]:
         )
         _to_outbox(session, list(stalled), "stalled")
         STALLED.inc(len(stalled))
-    # A task whose last rows ended outside the send loop (taken back, then canceled) completes here.
-    session.execute(
-        text(
-            """
-            UPDATE broadcast SET status = 'completed', finished_at = now(), updated_at = now()
-            WHERE status = 'in_progress' AND snapshot_at IS NOT NULL
-              AND sent_count + failed_count + canceled_count + skipped_count >= total_count
-            """
-        )
-    )
+    store.run(conn, store.drop_finished_batches())
+    for state, count in store.run(conn, store.batch_counts()).items():
+        BATCHES.labels(state).set(count)
     OUTBOX_BACKLOG.set(session.execute(text("SELECT count(*) FROM dispatch_outbox")).scalar_one())
-    return taken_back, len(stalled)
+    return Swept(taken, len(stalled))
 
 
 def _human(delta: timedelta) -> str:
@@ -263,6 +278,9 @@ class Scheduler:
     def publish(self, broadcast_id: int) -> None:
         self.broker.enqueue(start_message(broadcast_id))
 
+    def publish_batch(self, batch_id: int) -> None:
+        self.broker.enqueue(send_batch_message(batch_id))
+
     def run_pass(self) -> None:
         """One pass: claim, relay, and sweep when due."""
         started = time.perf_counter()
@@ -278,28 +296,50 @@ class Scheduler:
             with self.sessions() as session, session.begin():
                 if relay_outbox(session, self.publish) < RELAY_LIMIT:
                     break
+        while True:
+            with self.sessions() as session, session.begin():
+                published = relay_batches(
+                    session,
+                    self.publish_batch,
+                    max_window=self.settings.broadcast_max_batches,
+                )
+            if published < RELAY_LIMIT:
+                break
         if time.monotonic() - self._last_sweep >= SWEEP_SECONDS:
             self._last_sweep = time.monotonic()
             with self.sessions() as session, session.begin():
-                taken_back, redispatched = sweep(
-                    session, timedelta(seconds=self.settings.stall_seconds)
+                swept = sweep(
+                    session,
+                    lease=timedelta(seconds=self.settings.lease_seconds),
+                    stall=timedelta(seconds=self.settings.stall_seconds),
                 )
-            if taken_back or redispatched:
-                log.info(
-                    "sweep: %s rows taken back, %s tasks re-dispatched", taken_back, redispatched
+            taken = swept.taken_back
+            if taken.batches or taken.rows or taken.republished or swept.restarted:
+                log.warning(
+                    "sweep: %s batches of dead dispatchers taken back with %s rows, %s lost "
+                    "batch messages published again, %s broadcasts started again",
+                    taken.batches,
+                    taken.rows,
+                    taken.republished,
+                    swept.restarted,
                 )
         PASS_SECONDS.observe(time.perf_counter() - started)
 
     def next_wait(self) -> float:
-        """Seconds until the next pending task is due, capped by the poll interval."""
+        """Seconds until the next pending task or waiting batch is due, capped by the poll
+        interval.
+        """
+        wait = self.settings.scheduler_poll_seconds
         with self.sessions() as session:
             due = session.execute(
                 text("SELECT min(send_at) FROM broadcast WHERE status = 'pending'")
             ).scalar_one()
-        poll = self.settings.scheduler_poll_seconds
-        if due is None:
-            return poll
-        return float(max(0.0, min(poll, (due - datetime.now(UTC)).total_seconds())))
+            batch_due = store.run(raw_connection(session), store.next_relay_in())
+        if due is not None:
+            wait = min(wait, (due - datetime.now(UTC)).total_seconds())
+        if batch_due is not None:
+            wait = min(wait, batch_due)
+        return float(max(0.0, wait))
 
     def run(self) -> None:
         """Loop until ``stop()``; survive database or broker outages by retrying."""
@@ -323,12 +363,16 @@ class Scheduler:
         ) as listener:
             listener.execute("LISTEN bcast_broadcast")
             listener.execute("LISTEN bcast_outbox")
+            listener.execute("LISTEN bcast_batch")
             while not self.stopping.is_set():
                 self.run_pass()
                 wait = self.next_wait()
                 if wait > 0:
-                    # Wake at the next due time, the poll interval, or the first notice.
+                    # Wake at the next due time, the poll interval, or the first notice; then
+                    # take every notice already waiting, so one pass answers them all.
                     for _ in listener.notifies(timeout=wait, stop_after=1):
+                        pass
+                    for _ in listener.notifies(timeout=0.001):
                         pass
 
     def stop(self, *_: object) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, make_url
+import psycopg
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,3 +61,15 @@ def transaction() -> Iterator[Session]:
     """One unit of work: commit when the block ends normally, roll back when it raises."""
     with get_sessionmaker().begin() as session:
         yield session
+
+
+def raw_connection(session: Session) -> psycopg.Connection[Any]:
+    """The psycopg connection under ``session``, inside the session's transaction: the
+    delivery store's operations run on it and commit or roll back with the session's work.
+    """
+    conn = cast(psycopg.Connection[Any], session.connection().connection.driver_connection)
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        # The session's transaction begins with its first statement; begin it now, or the
+        # store's work would run (and commit) in a transaction of its own.
+        session.execute(text("SELECT 1"))
+    return conn

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.domain.lifecycle import (
+    BATCH_STATES,
     BROADCAST_ORIGINS,
     BROADCAST_STATUSES,
     CHANNEL_KINDS,
@@ -251,13 +252,15 @@ class Broadcast(Base):
     failed_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
     canceled_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
     skipped_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    partial_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(Text)
     request_hash: Mapped[str | None] = mapped_column(Text)
     #: Set when an operator resumes a task the scheduler held back for being too late.
     late_start_approved: Mapped[bool] = mapped_column(Boolean, server_default="false")
     #: When the audience was copied into delivery rows; it is copied once, never again.
     snapshot_at: Mapped[datetime | None]
-    #: Last sign of sending progress; the scheduler re-dispatches a task that goes quiet.
+    #: When the task was last handed to the dispatchers to start; the scheduler hands out again
+    #: a task whose audience was not copied within the stall time (a lost start message).
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
@@ -273,10 +276,10 @@ class Delivery(Base):
         UniqueConstraint("broadcast_id", "contact_id"),
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
         Index(None, "broadcast_id", "status", "id"),
-        # The sweeper's look for leases of dead workers reads only rows being sent.
+        # Rows held by one run of a batch; the sweeper finds those of dead runs by token.
         Index(
-            "ix_delivery_lease_expires_at_sending",
-            "lease_expires_at",
+            "ix_delivery_lease_token_sending",
+            "lease_token",
             postgresql_where=text("status = 'sending'"),
         ),
     )
@@ -293,13 +296,59 @@ class Delivery(Base):
     provider_message_id: Mapped[str | None] = mapped_column(Text)
     #: Provider calls of a several-call message already accepted; a retry starts after them.
     parts_done: Mapped[int] = mapped_column(Integer, server_default="0")
-    lease_expires_at: Mapped[datetime | None]
-    #: Which claim holds the row while ``sending``; results of a lost lease are ignored.
+    #: The run of a batch that holds the row while ``sending``; that run's lease (on its batch)
+    #: is the row's lease, and results written under any other token are ignored.
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
     sent_at: Mapped[datetime | None]
+
+
+class DeliveryBatch(Base):
+    """A range of one broadcast's deliveries, sent as one unit of work.
+
+    The snapshot cuts the audience into batches. The scheduler hands a batch to the dispatchers
+    when it is due (``ready`` -> ``queued``), at most a few per broadcast at once; a dispatcher
+    runs it under a lease it renews (``running``). A run that must wait (rate limit, Retry-After,
+    backoff) gives the batch back with the time it may go on (``ready``, ``due_at``), so waiting
+    holds no worker; a run whose lease ran out (a dead dispatcher) is taken back by the sweeper,
+    batch and rows, and nothing else is handed out again.
+    """
+
+    __tablename__ = "delivery_batch"
+    __table_args__ = (
+        CheckConstraint(_in("state", BATCH_STATES), name="state"),
+        Index(None, "broadcast_id", "state", "due_at"),
+        Index(
+            "ix_delivery_batch_lease_expires_at_running",
+            "lease_expires_at",
+            postgresql_where=text("state = 'running'"),
+        ),
+        Index(
+            "ix_delivery_batch_published_at_queued",
+            "published_at",
+            postgresql_where=text("state = 'queued'"),
+        ),
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _workspace_fk()
+    broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
+    first_id: Mapped[int] = mapped_column(BigInteger)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(Text, server_default="ready")
+    #: Not handed out before this moment.
+    due_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    #: The run that holds it while ``running``; its deliveries carry the same token.
+    run_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_expires_at: Mapped[datetime | None]
+    #: When a message pointing at it was last published.
+    published_at: Mapped[datetime | None]
+    #: How many runs it took (more than one: it waited, or a dispatcher died).
+    runs: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
 
 
 class DispatchOutbox(Base):

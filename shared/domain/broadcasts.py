@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import delivery_store
+from shared.db.engine import raw_connection
 from shared.db.models import (
     Account,
     Broadcast,
@@ -219,6 +221,7 @@ def counts(broadcast: Broadcast) -> dict[str, int]:
         + broadcast.failed_count
         + broadcast.canceled_count
         + broadcast.skipped_count
+        + broadcast.partial_count
     )
     return {
         "total": broadcast.total_count,
@@ -227,6 +230,7 @@ def counts(broadcast: Broadcast) -> dict[str, int]:
         "failed": broadcast.failed_count,
         "canceled": broadcast.canceled_count,
         "skipped": broadcast.skipped_count,
+        "partial": broadcast.partial_count,
     }
 
 
@@ -348,11 +352,16 @@ def resume_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> 
         broadcast.late_start_approved = True
     else:
         broadcast.status = BroadcastStatus.IN_PROGRESS.value
-        broadcast.heartbeat_at = utcnow()
-        # The scheduler hands it to the dispatchers again; the API never talks to RabbitMQ.
-        session.add(
-            DispatchOutbox(workspace_id=workspace_id, broadcast_id=broadcast.id, reason="resume")
-        )
+        if broadcast.snapshot_at is None:
+            # Paused before its audience was copied: it needs its start again. (Once copied,
+            # its batches are handed out by the scheduler as soon as it is in progress.) The
+            # API never talks to RabbitMQ: the scheduler publishes the outbox.
+            broadcast.heartbeat_at = utcnow()
+            session.add(
+                DispatchOutbox(
+                    workspace_id=workspace_id, broadcast_id=broadcast.id, reason="resume"
+                )
+            )
     broadcast.status_reason = None
     broadcast.updated_at = utcnow()
     session.flush()
@@ -363,20 +372,8 @@ def cancel_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> 
     """Stop for good: recipients not yet sent to become ``canceled``; sent ones stay sent."""
     broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
     _require(broadcast, "cancel")
-    canceled = session.execute(  # type: ignore[attr-defined]
-        update(Delivery)
-        .where(
-            Delivery.broadcast_id == broadcast.id, Delivery.status == DeliveryStatus.QUEUED.value
-        )
-        .values(status=DeliveryStatus.CANCELED.value, updated_at=func.now(), lease_expires_at=None)
-    ).rowcount
-    now = utcnow()
-    broadcast.canceled_count += int(canceled or 0)
-    broadcast.status = BroadcastStatus.CANCELED.value
-    broadcast.status_reason = None
-    broadcast.updated_at = now
-    broadcast.finished_at = now
-    session.flush()
+    delivery_store.run(raw_connection(session), delivery_store.cancel(broadcast.id))
+    session.refresh(broadcast)
     return broadcast
 
 

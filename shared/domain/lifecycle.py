@@ -21,6 +21,22 @@ class DeliveryStatus(StrEnum):
     CANCELED = "canceled"
     #: Never attempted because the contact is known to be unreachable or opted out.
     SKIPPED = "skipped"
+    #: A several-part message cut short after the provider accepted some of its parts: the
+    #: recipient got something, so this is neither sent nor failed.
+    PARTIAL = "partial"
+
+
+class BatchState(StrEnum):
+    """Where a batch (a range of one broadcast's deliveries, sent as one unit) stands."""
+
+    #: Waiting for its ``due_at``; the scheduler hands it out when it is due.
+    READY = "ready"
+    #: A message pointing at it is on its way to a dispatcher.
+    QUEUED = "queued"
+    #: A dispatcher is sending it, under a lease it keeps renewing.
+    RUNNING = "running"
+    #: None of its deliveries is left to send.
+    DONE = "done"
 
 
 class Origin(StrEnum):
@@ -39,10 +55,17 @@ BROADCAST_STATUSES: tuple[str, ...] = tuple(s.value for s in BroadcastStatus)
 DELIVERY_STATUSES: tuple[str, ...] = tuple(s.value for s in DeliveryStatus)
 BROADCAST_ORIGINS: tuple[str, ...] = tuple(o.value for o in Origin)
 CHANNEL_KINDS: tuple[str, ...] = tuple(k.value for k in ChannelKind)
+BATCH_STATES: tuple[str, ...] = tuple(s.value for s in BatchState)
 
 FINAL_BROADCAST_STATUSES = frozenset({BroadcastStatus.CANCELED, BroadcastStatus.COMPLETED})
 FINAL_DELIVERY_STATUSES = frozenset(
-    {DeliveryStatus.SENT, DeliveryStatus.FAILED, DeliveryStatus.CANCELED, DeliveryStatus.SKIPPED}
+    {
+        DeliveryStatus.SENT,
+        DeliveryStatus.FAILED,
+        DeliveryStatus.CANCELED,
+        DeliveryStatus.SKIPPED,
+        DeliveryStatus.PARTIAL,
+    }
 )
 
 #: Operator actions and the statuses each may start from.

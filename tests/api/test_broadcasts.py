@@ -69,6 +69,7 @@ def test_immediate_broadcast_is_pending_and_due_now(api: Api, setup: dict[str, A
         "failed": 0,
         "canceled": 0,
         "skipped": 0,
+        "partial": 0,
     }
     assert api.ok("get", f"/v1/broadcasts/{b['id']}") == b
 
@@ -432,6 +433,7 @@ def test_cancel_cancels_unsent_recipients_and_keeps_sent_ones(
         "failed": 1,
         "canceled": 2,
         "skipped": 0,
+        "partial": 0,
     }
     assert delivery_statuses(b["id"]) == ["sent", "failed", "canceled", "canceled"]
 

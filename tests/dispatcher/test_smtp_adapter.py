@@ -18,11 +18,27 @@ from shared.media_store import LocalMediaStore
 from tests.smtp_box import Mailbox, authenticator, start
 
 
+#: Adapters a test made, closed (connections QUIT) when it ends.
+_opened: list[SmtpAdapter] = []
+
+
+def _close_opened() -> None:
+    while _opened:
+        asyncio.run(_opened.pop().close())
+
+
+@pytest.fixture(autouse=True)
+def _close_adapters() -> Iterator[None]:
+    yield
+    _close_opened()
+
+
 @pytest.fixture
 def mailbox() -> Iterator[tuple[Mailbox, int]]:
     box = Mailbox()
     controller = start(box)
     yield box, controller.port
+    _close_opened()  # while the server still listens, so each QUIT is answered
     controller.stop()
 
 
@@ -41,7 +57,7 @@ def image(store: LocalMediaStore, key: str, color: str) -> MediaRef:
 
 
 def adapter(port: int, store: LocalMediaStore, **config: object) -> SmtpAdapter:
-    return SmtpAdapter(
+    made = SmtpAdapter(
         {
             "host": "127.0.0.1",
             "port": port,
@@ -51,16 +67,31 @@ def adapter(port: int, store: LocalMediaStore, **config: object) -> SmtpAdapter:
         },
         store,
     )
+    _opened.append(made)
+    return made
 
 
 def send(a: SmtpAdapter, message: OutboundMessage, to: str, key: str = "1") -> object:
-    async def go() -> object:
-        try:
-            return await a.send(message, to, key)
-        finally:
-            await a.close()
+    return asyncio.run(a.send(message, to, key))
 
-    return asyncio.run(go())
+
+def test_close_quits_every_pooled_connection(
+    mailbox: tuple[Mailbox, int], store: LocalMediaStore
+) -> None:
+    box, port = mailbox
+    a = adapter(port, store)
+
+    async def two_at_once_then_close() -> None:
+        await asyncio.gather(
+            a.send(OutboundMessage(1, "x"), "ann@x.test", "1"),
+            a.send(OutboundMessage(1, "x"), "bob@x.test", "2"),
+        )
+        await a.close()
+
+    asyncio.run(two_at_once_then_close())
+    assert len(box.messages) == 2
+    assert box.greetings >= 1
+    assert box.quits == box.greetings, "every connection the adapter opened said QUIT"
 
 
 def test_text_only(mailbox: tuple[Mailbox, int], store: LocalMediaStore) -> None:
@@ -186,5 +217,6 @@ def test_starttls_and_login(
         plain = adapter(controller.port, store, starttls=False)
         assert isinstance(send(plain, OutboundMessage(1, "x"), "ann@x.test"), Permanent | Transient)
     finally:
+        _close_opened()
         controller.stop()
     assert len(box.messages) == 1

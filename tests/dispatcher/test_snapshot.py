@@ -1,66 +1,54 @@
-"""The audience snapshot against the real database: once, and never stranding rows."""
+"""The audience a started broadcast copies: the preview's query, as it stood at the start."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from datetime import UTC, datetime
+from typing import Any
 
-from services.dispatcher.snapshot import snapshot
-from shared.db.engine import transaction
-from shared.db.models import Broadcast, Delivery
+import psycopg
+import pytest
+
+from services.dispatcher.snapshot import audience_source
+from shared import delivery_store as store
+from shared.db.engine import libpq_url
+from shared.domain.audience import AudienceSpec
 from tests.conftest import Api
 
 
-def started(api: Api, n: int) -> int:
+@pytest.fixture
+def conn(database_url: str) -> Any:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as c:
+        yield c
+
+
+def test_the_copy_takes_the_filtered_audience_as_it_stood_when_sending_started(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
     channel = api.channel()
     account = api.account(channel["id"])
-    for i in range(n):
-        api.contact(account["id"], f"snap-{i}")
-    b = api.broadcast(channel["id"])
-    with transaction() as session:
-        session.execute(
-            update(Broadcast)
-            .where(Broadcast.id == b["id"])
-            .values(status="in_progress", started_at=func.now())
-        )
-    return int(b["id"])
-
-
-def statuses(broadcast_id: int) -> list[str]:
-    with transaction() as session:
-        return sorted(
-            session.execute(
-                select(Delivery.status).where(Delivery.broadcast_id == broadcast_id)
-            ).scalars()
-        )
-
-
-def test_snapshot_copies_the_audience_once(api: Api) -> None:
-    broadcast_id = started(api, 3)
-    with transaction() as session:
-        b = session.get(Broadcast, broadcast_id)
-        assert b is not None
-        assert snapshot(session, b) == 3
-    with transaction() as session:
-        b = session.get(Broadcast, broadcast_id)
-        assert b is not None
-        assert snapshot(session, b) is None
-        assert (b.total_count, b.status) == (3, "in_progress")
-    assert statuses(broadcast_id) == ["queued"] * 3
-
-
-def test_a_cancel_during_the_copy_leaves_no_row_queued(api: Api) -> None:
-    broadcast_id = started(api, 4)
-    with transaction() as session:
-        b = session.get(Broadcast, broadcast_id)
-        assert b is not None
-        # The operator's cancel commits while the dispatcher is still copying.
-        with transaction() as other:
-            other.execute(
-                update(Broadcast).where(Broadcast.id == broadcast_id).values(status="canceled")
-            )
-        snapshot(session, b)
-    assert statuses(broadcast_id) == ["canceled"] * 4
-    with transaction() as session:
-        b = session.get(Broadcast, broadcast_id)
-        assert b is not None
-        assert (b.total_count, b.canceled_count, b.status) == (4, 4, "canceled")
+    vip = api.contact(account["id"], "vip-1", tags=["vip"])
+    plain = api.contact(account["id"], "plain-1")
+    gone = api.contact(account["id"], "vip-2", tags=["vip"], opted_out=True)
+    blocked = api.contact(account["id"], "vip-3", tags=["vip"])
+    conn.execute(
+        "UPDATE contact SET unreachable_at = now(), unreachable_reason = 'blocked' WHERE id = %s",
+        (blocked["id"],),
+    )
+    spec = AudienceSpec(tag_ids=[api.tag_id("vip")])
+    b = api.broadcast(channel["id"], spec.model_dump())
+    started = datetime.now(UTC)
+    api.contact(account["id"], "vip-late", tags=["vip"])  # after the start: not a recipient
+    conn.execute(
+        "UPDATE broadcast SET status = 'in_progress', started_at = %s WHERE id = %s",
+        (started, b["id"]),
+    )
+    source = audience_source(api.workspace_id, channel["id"], spec, started)
+    assert store.run(conn, store.snapshot(b["id"], source, batch_size=10)) == 2
+    copied = dict(
+        conn.execute(
+            "SELECT contact_id, status FROM delivery WHERE broadcast_id = %s", (b["id"],)
+        ).fetchall()
+    )
+    assert copied == {vip["id"]: "queued", blocked["id"]: "skipped"}
+    assert plain["id"] not in copied
+    assert gone["id"] not in copied

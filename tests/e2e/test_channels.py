@@ -110,6 +110,7 @@ def test_telegram_blocked_bot_is_permanent_marks_unreachable_and_is_skipped_late
         "failed": 0,
         "canceled": 0,
         "skipped": 1,
+        "partial": 0,
     }
     [skipped] = api.ok(
         "GET", f"/v1/broadcasts/{second['id']}/recipients", params={"status": "skipped"}

@@ -52,6 +52,7 @@ def test_immediate_broadcast_to_5000_tagged_contacts_reaches_each_exactly_once(
         "failed": 0,
         "canceled": 0,
         "skipped": 0,
+        "partial": 0,
     }
 
     stats = api.sim_stats(hook)

@@ -62,7 +62,7 @@ DeliveryStatusFilter = Annotated[
     list[str] | None,
     Query(
         alias="status",
-        description="queued, sending, sent, failed, canceled, skipped; repeat or comma-separate.",
+        description="queued, sending, sent, failed, canceled, skipped, partial; repeat or comma-separate.",
     ),
 ]
 E = TypeVar("E", BroadcastStatus, DeliveryStatus)
@@ -173,7 +173,7 @@ def list_broadcasts(
 def read_broadcast(
     broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace
 ) -> BroadcastOut:
-    """A broadcast with its counts: total, queued, sent, failed, canceled, skipped."""
+    """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial."""
     return broadcast_out(get_broadcast(session, workspace, broadcast_id))
 
 

@@ -60,6 +60,10 @@ class Permanent:
     reason: str
     #: The recipient cannot be reached on this channel at all (blocked the bot, no such user).
     unreachable: bool = False
+    #: Parts of a several-call message the provider accepted before this one was refused: the
+    #: recipient got part of the message.
+    parts_done: int = 0
+    provider_message_id: str | None = None
 
 
 Outcome = Sent | Transient | Permanent
@@ -70,6 +74,10 @@ class ChannelAdapter(Protocol):
 
     ``idempotency_key`` is the delivery id: a provider that honours it never delivers twice.
     """
+
+    #: Most calls this adapter can have under way at once (a connection pool's size), or None
+    #: when only the dispatcher's own caps apply.
+    max_in_flight: int | None
 
     async def send(
         self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
@@ -120,8 +128,9 @@ async def send_in_parts(
     """Make the calls of a several-call message in order, from ``parts_done`` on.
 
     ``call(index, key)`` makes one call; each gets its own idempotency key when there are
-    several. A transient failure reports how many parts the provider accepted, so the retry
-    starts after them; the ids of accepted parts are kept, comma-separated.
+    several. A failure reports how many parts the provider accepted (a transient one so the
+    retry starts after them, a permanent one so the recipient shows as partly reached); the ids
+    of accepted parts are kept, comma-separated.
     """
     ids: list[str] = []
     for index in range(parts_done, count):
@@ -136,7 +145,12 @@ async def send_in_parts(
                 provider_message_id=join_ids(None, ids),
             )
         if isinstance(outcome, Permanent):
-            return outcome
+            return Permanent(
+                outcome.reason,
+                unreachable=outcome.unreachable,
+                parts_done=index,
+                provider_message_id=join_ids(None, ids),
+            )
         if outcome.provider_message_id:
             ids.append(outcome.provider_message_id)
     return Sent(join_ids(None, ids))

@@ -1,7 +1,9 @@
 """Email over SMTP: one MIME message per recipient, text plus the images inline.
 
-smtplib is blocking, so each send runs in a worker thread over a small pool of open
-connections (STARTTLS and login once per connection). Answers are judged by their SMTP code:
+smtplib is blocking, so each send runs in one of the adapter's own threads (a slow relay
+takes only those, never the threads other channels need) over a small pool of open
+connections (STARTTLS and login once per connection); the dispatcher keeps no more calls
+under way than the pool holds. Answers are judged by their SMTP code:
 4xx is transient, 5xx permanent; a refused mailbox (550, 551, 553) marks the contact
 unreachable. The Message-ID is derived from the idempotency key, so a repeat is recognisable.
 """
@@ -15,6 +17,7 @@ import smtplib
 import ssl
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any, cast
@@ -44,6 +47,8 @@ class SmtpAdapter:
     store: where the images' bytes are, to embed them.
     """
 
+    max_in_flight: int | None = POOL_SIZE
+
     def __init__(self, config: dict[str, Any], store: MediaStore) -> None:
         self.host = str(config["host"])
         self.port = int(config.get("port") or 587)
@@ -55,6 +60,7 @@ class SmtpAdapter:
         self._pool: deque[smtplib.SMTP] = deque()
         self._lock = threading.Lock()
         self._images: tuple[OutboundMessage, list[tuple[bytes, str, str]]] | None = None
+        self._threads = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="bcast-smtp")
 
     def build(self, message: OutboundMessage, address: str, idempotency_key: str) -> EmailMessage:
         """The MIME message: text/plain, and with images an HTML part showing them inline."""
@@ -96,7 +102,8 @@ class SmtpAdapter:
             email = self.build(message, address, idempotency_key)
         except OSError as exc:
             return Transient(reason(f"could not read an image: {exc}"))
-        return await asyncio.to_thread(self._send, email, address)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._send, email, address)
 
     def _send(self, email: EmailMessage, address: str) -> Outcome:
         for fresh in (False, True):
@@ -154,10 +161,13 @@ class SmtpAdapter:
         _close(conn)
 
     async def close(self) -> None:
+        """QUIT every pooled connection, then stop the adapter's threads."""
         with self._lock:
             conns, self._pool = list(self._pool), deque()
+        loop = asyncio.get_running_loop()
         for conn in conns:
-            await asyncio.to_thread(_quit, conn)
+            await loop.run_in_executor(self._threads, _quit, conn)
+        self._threads.shutdown(wait=False)
 
 
 def _judge(code: int, text: str) -> Outcome:

@@ -33,6 +33,8 @@ class TelegramAdapter:
     http: the process's shared client session.
     """
 
+    max_in_flight: int | None = None
+
     def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
         self.token = str(config["bot_token"])
         self.base = f"{str(config['api_base_url']).rstrip('/')}/bot{self.token}"

@@ -38,6 +38,8 @@ class WebhookAdapter:
       http: the process's shared client session (keep-alive pool).
     """
 
+    max_in_flight: int | None = None
+
     def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
         self.url = str(config["url"])
         self.secret = str(config["secret"]).encode()

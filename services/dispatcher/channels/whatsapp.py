@@ -40,6 +40,8 @@ class WhatsappAdapter:
     http: the process's shared client session.
     """
 
+    max_in_flight: int | None = None
+
     def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
         base = str(config["api_base_url"]).rstrip("/")
         self.url = f"{base}/{config['api_version']}/{config['phone_number_id']}/messages"

@@ -1,0 +1,425 @@
+"""The send loop: one run of one batch, as one readable loop.
+
+``BatchRun.run`` claims the batch's due, queued rows (about a second of sending at the
+channel's rate), takes a lane place and a rate-limit slot for each, and starts one send task
+per row. Each send sleeps until its slot, takes a place in the process's call pool, checks that
+the task is still being sent and the run's lease still holds, calls the provider with the
+delivery id as idempotency key, and hands the answer to the recorder.
+
+What it deliberately does not do:
+  * wait long. When the channel's next slot, a Retry-After or every remaining row's backoff
+    lies beyond ``MAX_WAIT``, the run gives its batch back with the time it may go on, and the
+    engine takes other work; the scheduler hands the batch out again when it is due.
+  * decide anything from memory that Postgres has not committed: rows are ``sending`` only
+    under the run's token, and results are written only while that token holds.
+  * cancel a call already at the provider: on a stop it lets it finish and writes its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from services.dispatcher import metrics
+from services.dispatcher.channels.base import Outcome, Transient
+from services.dispatcher.jobs import Job, load_job
+from services.dispatcher.lease import RunLease
+from services.dispatcher.recorder import Recorder
+from services.dispatcher.retry import RetryPolicy
+from shared import delivery_store as store
+from shared.delivery_store import Batch, Claimed
+from shared.domain.lifecycle import BroadcastStatus
+
+if TYPE_CHECKING:
+    from services.dispatcher.pacing import Lane, Place
+    from services.dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Rows are claimed, and slots taken, for at most this far ahead.
+LOOKAHEAD = 1.0
+#: A run waits in place (a coroutine, no thread) at most this long for its channel's next
+#: slot or its rows' next attempt; longer, and it gives the batch back until then.
+MAX_WAIT = 2.0
+#: A send starting later than this after its slot takes a new one. The limiter's headroom
+#: (3%) absorbs lateness up to about 30 ms in any one-second window; this stays inside it.
+LATE_TOLERANCE = 0.025
+MAX_RESLOTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a run ended, and what becomes of its batch."""
+
+    #: done, wait, not_sending, slice, stopping, lease_lost or error (a metrics label).
+    reason: str
+    #: The batch has nothing left to send.
+    done: bool = False
+    #: Seconds until the batch may be handed out again.
+    due_in: float = 0.0
+    #: The engine may go on with the task's next batch.
+    go_on: bool = False
+
+
+def _releaser(place: Place) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback that gives a send's lane place back however the send ended (even a
+    task cancelled before it began)."""
+    return lambda _: place.release()
+
+
+class BatchRun:
+    """One run of one claimed batch.
+
+    Parameters:
+      rt: the process runtime.
+      batch: the claimed batch (its rows are held under ``batch.token``).
+      claimed_at: ``time.monotonic()`` just before the claim (the lease counts from there).
+      stopping: set when the process stops; the run gives its batch back at once.
+    """
+
+    def __init__(
+        self, rt: Runtime, batch: Batch, claimed_at: float, stopping: asyncio.Event
+    ) -> None:
+        self.rt = rt
+        self.batch = batch
+        self.claimed_at = claimed_at
+        self.stopping = stopping
+        s = rt.settings
+        self.policy = RetryPolicy(
+            max_attempts=s.max_attempts,
+            base_seconds=s.retry_base_seconds,
+            max_seconds=s.retry_max_seconds,
+        )
+        self.deadline = time.monotonic() + s.batch_max_seconds
+        #: Set when the run must stop starting calls (a stop, a pause, a lost lease); sends
+        #: waiting for their slot wake at once and give their rows back.
+        self.halt = asyncio.Event()
+        self.status = BroadcastStatus.IN_PROGRESS.value
+        self.sends: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> Ending:
+        """Send the batch; give it back, done or with the time it may go on."""
+        ending = await self._run()
+        metrics.BATCH_ENDS.labels(ending.reason).inc()
+        return ending
+
+    async def _run(self) -> Ending:
+        job = await load_job(self.rt, self.batch.broadcast_id)
+        if job is None:
+            ending = Ending("not_sending")
+            await self._end(ending, keep=[])
+            return ending
+        lane = self.rt.lane(job)
+        lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt.set)
+        recorder = Recorder(self.rt, job, self.batch, self.policy)
+        stop_flushing = asyncio.Event()
+        helpers = [
+            asyncio.create_task(lease.keep()),
+            asyncio.create_task(self._watch_stopping()),
+        ]
+        flushing = asyncio.create_task(recorder.keep_flushing(stop_flushing))
+        ending = Ending("error")
+        try:
+            self.status = await self.rt.status.track(self.batch.broadcast_id, self._heard)
+            ending = await self._send_all(job, lane, lease, recorder)
+        except Exception:
+            log.exception(
+                "broadcast %s batch %s: send loop failed; its rows go back",
+                self.batch.broadcast_id,
+                self.batch.id,
+                extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+            )
+        finally:
+            self.halt.set()
+            # Sends waiting for a slot give their rows back; calls at a provider finish.
+            if self.sends:
+                await asyncio.wait(self.sends)
+            stop_flushing.set()
+            await flushing
+            try:
+                await recorder.flush()
+            except Exception as exc:
+                log.error(
+                    "broadcast %s batch %s: last results could not be written (%s); their "
+                    "rows stay held until the lease runs out",
+                    self.batch.broadcast_id,
+                    self.batch.id,
+                    exc,
+                    extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                )
+            if lease.lost:
+                ending = Ending("lease_lost")
+            else:
+                await self._end(ending, keep=recorder.unwritten())
+            for helper in helpers:
+                helper.cancel()
+            self.rt.status.untrack(self.batch.broadcast_id, self._heard)
+            metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
+        return ending
+
+    async def _send_all(self, job: Job, lane: Lane, lease: RunLease, recorder: Recorder) -> Ending:
+        """The loop: claim, pace, send; until the batch is done or must be given back."""
+        claim_limit = max(
+            1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), lane.size)
+        )
+        async with asyncio.TaskGroup() as group:
+            while True:
+                if (stop := self._stop_reason(lease)) is not None:
+                    return stop
+                async with self.rt.pool.connection() as conn:
+                    rows = deque(await store.arun(conn, store.claim(self.batch, claim_limit)))
+                if not rows:
+                    ending = await self._nothing_due(recorder)
+                    if ending is not None:
+                        return ending
+                    continue
+                while rows:
+                    if (stop := self._stop_reason(lease)) is not None:
+                        for row in rows:
+                            recorder.release(row)
+                        return stop
+                    wait = await self._pace(job, lane, rows, group, lease, recorder)
+                    if wait is None:
+                        continue
+                    if wait > MAX_WAIT:
+                        for row in rows:
+                            recorder.release(row)
+                        return Ending("wait", due_in=wait, go_on=True)
+                    await self._sleep(wait)
+
+    async def _pace(
+        self,
+        job: Job,
+        lane: Lane,
+        rows: deque[Claimed],
+        group: asyncio.TaskGroup,
+        lease: RunLease,
+        recorder: Recorder,
+    ) -> float | None:
+        """Start sends for the next rows: lane places first, slots second (a slot taken must
+        never then wait for a place). Returns None when sends were started, else how long
+        until the channel has a slot within reach.
+        """
+        limiter = self.rt.limiter
+        async with lane.grant(limiter.grant_size(job.rate, len(rows))) as grant:
+            if self.halt.is_set():
+                return None  # the loop sees why and gives the rows back
+            taken_at = time.time()
+            slots = await limiter.reserve(
+                job.channel_id, job.workspace_id, job.rate, grant.size, within=LOOKAHEAD
+            )
+            if not slots.times:
+                return max(0.0, slots.next_free - LOOKAHEAD - time.time())
+            metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, slots.times[-1] - taken_at))
+            metrics.CHANNEL_SLOT_WAIT.labels(str(job.channel_id), job.kind).inc(
+                sum(max(0.0, at - taken_at) for at in slots.times)
+            )
+            for at in slots.times:
+                row = rows.popleft()
+                place = grant.hand_out()
+                task = group.create_task(self._send(job, row, at, lease, recorder))
+                self.sends.add(task)
+                task.add_done_callback(self.sends.discard)
+                task.add_done_callback(_releaser(place))
+        metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
+        return None
+
+    async def _send(
+        self, job: Job, row: Claimed, at: float, lease: RunLease, recorder: Recorder
+    ) -> None:
+        """One recipient: wait for the slot, call, record. A row never called goes back (a
+        database hiccup while taking a fresh slot costs the row a turn, not the run).
+        """
+        called = False
+        outcome: Outcome | None = None
+        after: float | None = None
+        try:
+            for _ in range(MAX_RESLOTS):
+                if not await self._sleep(at - time.time()):
+                    break
+                async with self.rt.calls.call(job.channel_id):
+                    if time.time() - at <= LATE_TOLERANCE:
+                        if self._may_call(lease):
+                            after = self.rt.limiter.blocked_for(job.channel_id) or None
+                            if after is None:
+                                called = True
+                                outcome = await self._call(job, row, recorder)
+                        break
+                # Too late for its slot (the process was busy): sent now it would crowd the
+                # next ones into a window over the limit. It takes a fresh slot instead.
+                slots = await self.rt.limiter.reserve(
+                    job.channel_id, job.workspace_id, job.rate, 1, within=LOOKAHEAD
+                )
+                if not slots.times:
+                    break
+                at = slots.times[0]
+        except asyncio.CancelledError:
+            if not called:
+                recorder.release(row)
+            raise
+        except Exception as exc:
+            log.warning(
+                "broadcast %s: taking a fresh slot for delivery %s failed (%s); it goes back",
+                job.broadcast_id,
+                row.id,
+                exc,
+                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+            )
+        if outcome is None:
+            recorder.release(row, after=after)
+            return
+        decision = recorder.outcome(row, outcome)
+        await self._after(job, decision.label, outcome)
+
+    async def _call(self, job: Job, row: Claimed, recorder: Recorder) -> Outcome:
+        """The provider call. Once made, it is let finish even if the run is cancelled, and
+        its answer is recorded: a call's fate is written, never guessed.
+        """
+        started = time.perf_counter()
+        call = asyncio.ensure_future(self._guarded(job, row))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            recorder.outcome(row, await call)
+            raise
+        finally:
+            metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
+
+    async def _guarded(self, job: Job, row: Claimed) -> Outcome:
+        try:
+            return await job.adapter.send(
+                job.message, row.address, str(row.id), parts_done=row.parts_done
+            )
+        except Exception as exc:  # an adapter bug must not strand the row
+            # The exception's text may quote a URL with a credential in it (a bot token): it
+            # stays out of the stored reason and out of the log unless debugging.
+            log.error(
+                "adapter %s raised %s on delivery %s",
+                job.kind,
+                type(exc).__name__,
+                row.id,
+                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+            )
+            log.debug("adapter failure", exc_info=True)
+            return Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
+
+    async def _after(self, job: Job, label: str, outcome: Outcome) -> None:
+        """A throttled channel is pushed back for every worker."""
+        if label != "throttled" or not isinstance(outcome, Transient):
+            return
+        channel = str(job.channel_id)
+        metrics.THROTTLED.labels(job.kind).inc()
+        metrics.CHANNEL_THROTTLED.labels(channel, job.kind).inc()
+        wait = outcome.retry_after or self.policy.throttle_seconds
+        if self.rt.limiter.blocked_for(job.channel_id) >= wait - 0.05:
+            return  # another send of this channel already passed the word on
+        log.info(
+            "broadcast %s: channel %s throttled by its provider for %.1f s: %s",
+            job.broadcast_id,
+            job.channel_id,
+            wait,
+            outcome.reason,
+            extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+        )
+        try:
+            await self.rt.limiter.throttle(job.channel_id, wait, outcome.reason)
+        except Exception as exc:
+            log.warning(
+                "broadcast %s: could not tell the other workers channel %s is throttled (%s)",
+                job.broadcast_id,
+                job.channel_id,
+                exc,
+                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+            )
+
+    async def _nothing_due(self, recorder: Recorder) -> Ending | None:
+        """No row to claim now: once this run's own sends are written, is the batch done, due
+        again soon (wait here, return None), or due later (give it back)?
+        """
+        if self.sends:
+            await asyncio.wait(set(self.sends))
+        await recorder.flush()
+        async with self.rt.pool.connection() as conn:
+            left = await store.arun(
+                conn,
+                store.progress(self.batch.broadcast_id, self.batch.first_id, self.batch.last_id),
+            )
+        if left.due:
+            # Due rows another transaction holds for a moment (a cancel, say): look again soon.
+            await self._sleep(0.05)
+            return None
+        if left.queued == 0 and left.sending == 0:
+            return Ending("done", done=True, go_on=True)
+        if left.queued == 0:
+            # Held by nobody alive (this run wrote all of its own): the sweeper takes them back.
+            return Ending("wait", due_in=self.rt.settings.lease_seconds, go_on=True)
+        wait = left.next_due_in or 0.0
+        if wait > MAX_WAIT:
+            return Ending("wait", due_in=wait, go_on=True)
+        await self._sleep(wait)
+        return None
+
+    def _stop_reason(self, lease: RunLease) -> Ending | None:
+        if self.stopping.is_set():
+            return Ending("stopping")
+        if self.status != BroadcastStatus.IN_PROGRESS:
+            return Ending("not_sending")
+        if not lease.held():
+            return Ending("lease_lost")
+        if time.monotonic() > self.deadline:
+            # Handed back so another dispatcher may take it: work spreads as dispatchers come.
+            return Ending("slice")
+        return None
+
+    def _may_call(self, lease: RunLease) -> bool:
+        return (
+            not self.halt.is_set()
+            and self.rt.status.is_sending(self.batch.broadcast_id)
+            and lease.held()
+        )
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking early on a halt; False when halted."""
+        if self.halt.is_set():
+            return False
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(self.halt.wait(), seconds)
+            except TimeoutError:
+                return True
+            return False
+        return True
+
+    def _heard(self, status: str) -> None:
+        self.status = status
+        if status != BroadcastStatus.IN_PROGRESS:
+            self.halt.set()
+
+    async def _watch_stopping(self) -> None:
+        await self.stopping.wait()
+        self.halt.set()
+
+    async def _end(self, ending: Ending, *, keep: list[int]) -> None:
+        """Give the batch back: rows still held come back, and the batch is done or ready."""
+        metrics.BATCH_ENDS.labels(ending.reason).inc()
+        try:
+            async with self.rt.pool.connection() as conn:
+                await store.arun(
+                    conn,
+                    store.end_run(self.batch, done=ending.done, due_in=ending.due_in, keep=keep),
+                )
+        except Exception as exc:
+            log.error(
+                "broadcast %s batch %s: could not give the batch back (%s); the sweeper takes "
+                "it back when its lease runs out",
+                self.batch.broadcast_id,
+                self.batch.id,
+                exc,
+                extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+            )

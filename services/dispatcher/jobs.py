@@ -1,0 +1,85 @@
+"""What a run needs to know about the broadcast it sends: channel, rate, message, adapter."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from psycopg.rows import dict_row
+
+from services.dispatcher.channels import make_adapter
+from services.dispatcher.channels.base import ChannelAdapter, MediaRef, OutboundMessage
+from shared.domain.lifecycle import BroadcastStatus
+from shared.domain.media import signed_media_url
+
+if TYPE_CHECKING:
+    from services.dispatcher.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything about one broadcast a run needs, loaded once per run."""
+
+    broadcast_id: int
+    workspace_id: int
+    channel_id: int
+    kind: str
+    rate: float
+    message: OutboundMessage
+    adapter: ChannelAdapter
+
+
+async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
+    """The broadcast, its channel and its message; None when it is not being sent. Media URLs
+    are signed afresh for each run, so a long broadcast never hands out an expired one.
+    """
+    async with rt.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT b.id, b.workspace_id, b.status, b.content, b.name, c.id AS channel_id, c.kind,
+                   c.config, c.rate_limit_per_second, w.signing_key
+            FROM broadcast b
+            JOIN channel c ON c.id = b.channel_id
+            JOIN workspace w ON w.id = b.workspace_id
+            WHERE b.id = %s
+            """,
+            (broadcast_id,),
+        )
+        row = await cur.fetchone()
+        if row is None or row["status"] != BroadcastStatus.IN_PROGRESS:
+            return None
+        media_ids = [int(m) for m in row["content"].get("media_ids") or []]
+        media_rows = []
+        if media_ids:
+            await cur.execute(
+                "SELECT id, content_type, storage_key FROM media "
+                "WHERE id = ANY(%s) AND workspace_id = %s",
+                (media_ids, row["workspace_id"]),
+            )
+            media_rows = await cur.fetchall()
+    by_id = {m["id"]: m for m in media_rows}
+    base = rt.settings.public_base_url()
+    now = time.time()
+    media = tuple(
+        MediaRef(
+            media_id=mid,
+            url=signed_media_url(base, row["signing_key"], mid, now=now),
+            content_type=by_id[mid]["content_type"],
+            storage_key=by_id[mid]["storage_key"],
+        )
+        for mid in media_ids
+        if mid in by_id
+    )
+    message = OutboundMessage(
+        broadcast_id=broadcast_id, text=row["content"].get("text"), media=media, subject=row["name"]
+    )
+    return Job(
+        broadcast_id=broadcast_id,
+        workspace_id=row["workspace_id"],
+        channel_id=row["channel_id"],
+        kind=row["kind"],
+        rate=float(row["rate_limit_per_second"]),
+        message=message,
+        adapter=rt.adapter(row["channel_id"], row["kind"], row["config"], make_adapter),
+    )

@@ -1,0 +1,201 @@
+"""Who may send now in one dispatcher process: a lane per channel, and a fair pool of calls.
+
+A **lane** is one channel's share of the process: it counts that channel's sends from the
+moment a rate-limit slot is taken for them until their provider call ends, and never lets more
+than the channel's cap be outstanding. A slow provider fills its own lane and no other; a send
+loop that finds its lane full waits in a coroutine, not in a thread.
+
+The **call pool** caps the provider calls under way in the whole process. A place in it is
+taken just before a call and given back as soon as the call ends (never while a send waits for
+its slot), and when calls wait for places the channels take turns: each channel with a waiter
+gets the next free place in round-robin order, so a busy channel cannot crowd out a quiet one.
+
+A waiter is woken with its place already taken for it, so nobody can slip in between. Places
+are handed out as objects whose ``release`` is idempotent; callers release them in a
+``finally`` or a task's done callback, so no exception or cancellation can leak one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Hashable
+
+
+class _Places:
+    """A count of places; waiters are woken in the order ``_next_waiter`` chooses."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+
+    @property
+    def free(self) -> int:
+        return max(0, self.size - self.used)
+
+    async def _take_one(self, key: Hashable) -> None:
+        if self.free and not self.waiting():
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(key, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back(1)  # woken with a place just as it was cancelled
+            else:
+                self._dequeue(key, waiter)
+            raise
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+        while self.free:
+            waiter = self._next_waiter()
+            if waiter is None:
+                return
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
+
+    def waiting(self) -> int:
+        raise NotImplementedError
+
+    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        raise NotImplementedError
+
+    def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        raise NotImplementedError
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        raise NotImplementedError
+
+
+class Place:
+    """One place of a lane or of the call pool; ``release`` gives it back once, however
+    often it is called.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _Places) -> None:
+        self._owner: _Places | None = owner
+
+    def release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.give_back(1)
+
+
+class Lane(_Places):
+    """One channel's share of a process: at most ``cap`` sends scheduled or under way.
+    Waiters are served first come, first served.
+
+    Parameters:
+      channel_id: the channel.
+      cap: the most sends of this channel outstanding in this process at once.
+    """
+
+    def __init__(self, channel_id: int, cap: int) -> None:
+        super().__init__(cap)
+        self.channel_id = channel_id
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def grant(self, up_to: int) -> AsyncIterator[Grant]:
+        """Wait for at least one free place and take up to ``up_to``; places not handed out
+        by the end of the block go back.
+        """
+        await self._take_one(None)
+        extra = min(max(0, up_to - 1), self.free)
+        self.used += extra
+        grant = Grant(self, 1 + extra)
+        try:
+            yield grant
+        finally:
+            grant.close()
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        self._waiters.append(waiter)
+
+    def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        return self._waiters.popleft() if self._waiters else None
+
+
+class Grant:
+    """Places taken from a lane at once; each send gets one with ``hand_out``."""
+
+    def __init__(self, lane: Lane, size: int) -> None:
+        self.lane = lane
+        self.size = size
+        self._left = size
+
+    def hand_out(self) -> Place:
+        if self._left == 0:
+            raise RuntimeError("no place left in this grant")
+        self._left -= 1
+        return Place(self.lane)
+
+    def close(self) -> None:
+        """Give back the places never handed out."""
+        left, self._left = self._left, 0
+        if left:
+            self.lane.give_back(left)
+
+
+class CallPool(_Places):
+    """Provider calls under way in one process, at most ``size``; channels waiting for a place
+    take turns.
+
+    Parameters:
+      size: the most calls under way at once in this process.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        #: Waiting calls by channel, channels in turn order.
+        self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def call(self, channel_id: int) -> AsyncIterator[None]:
+        """Hold a place for one provider call of ``channel_id``."""
+        await self._take_one(channel_id)
+        place = Place(self)
+        try:
+            yield
+        finally:
+            place.release()
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        self._waiting.setdefault(key, deque()).append(waiter)
+
+    def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(key)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(waiter)
+        if not queue:
+            del self._waiting[key]
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        if not self._waiting:
+            return None
+        key, queue = next(iter(self._waiting.items()))
+        waiter = queue.popleft()
+        if queue:
+            self._waiting.move_to_end(key)  # its next call waits for the other channels'
+        else:
+            del self._waiting[key]
+        return waiter

@@ -1,0 +1,151 @@
+"""Results of one run's sends, written to Postgres in batches.
+
+The recorder turns each provider answer into the row's next state (the retry policy decides),
+keeps it until it is written, and writes what it holds every ``FLUSH_SECONDS`` in one
+transaction of the delivery store (the task's counters move with it, in Postgres). What it
+deliberately does not do: forget a result before its write has committed (a failed write keeps
+everything for the next try), or write a result whose run lost its lease (the store refuses it,
+and the recorder says so, loudly, with a metric).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from services.dispatcher import metrics
+from services.dispatcher.channels.base import Outcome, Sent, join_ids
+from services.dispatcher.retry import Decision, RetryPolicy, decide
+from shared import delivery_store as store
+from shared.delivery_store import Batch, Claimed, Record
+from shared.domain.lifecycle import DeliveryStatus
+
+if TYPE_CHECKING:
+    from services.dispatcher.jobs import Job
+    from services.dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Results waiting are written together this often (one transaction per write).
+FLUSH_SECONDS = 0.05
+
+
+class Recorder:
+    """Collects the outcomes of one run and writes them.
+
+    Parameters:
+      rt: the process runtime (its database pool).
+      job: the broadcast being sent.
+      batch: the run: its rows are held under ``batch.token``.
+      policy: the retry policy.
+    """
+
+    def __init__(self, rt: Runtime, job: Job, batch: Batch, policy: RetryPolicy) -> None:
+        self.rt = rt
+        self.job = job
+        self.batch = batch
+        self.policy = policy
+        self.pending: list[tuple[Record, str]] = []
+        self._lock = asyncio.Lock()
+        self._jitter = random.Random()  # noqa: S311 - spreading retries, not secrecy
+
+    def outcome(self, row: Claimed, outcome: Outcome) -> Decision:
+        """Note a provider's answer for ``row``; return what the policy made of it."""
+        decision = decide(
+            self.policy,
+            outcome,
+            attempts=row.attempts,
+            parts_before=row.parts_done,
+            jitter=self._jitter.random(),
+        )
+        accepted = [outcome.provider_message_id] if outcome.provider_message_id else []
+        parts = None if isinstance(outcome, Sent) else outcome.parts_done or None
+        unreachable = getattr(outcome, "unreachable", False)
+        self.pending.append(
+            (
+                Record(
+                    row.id,
+                    decision.status,
+                    provider_message_id=join_ids(row.provider_message_id, accepted),
+                    error=decision.reason,
+                    delay=decision.delay,
+                    attempt_used=decision.attempt_used,
+                    parts_done=parts,
+                    unreachable_contact=row.contact_id if unreachable else None,
+                ),
+                decision.label,
+            )
+        )
+        return decision
+
+    def release(self, row: Claimed, *, after: float | None = None) -> None:
+        """Give a row back untouched by any provider call, claimable again after ``after``
+        seconds (or at once).
+        """
+        self.pending.append(
+            (Record(row.id, DeliveryStatus.QUEUED, delay=after, attempt_used=False), "released")
+        )
+
+    def unwritten(self) -> list[int]:
+        return [record.id for record, _ in self.pending]
+
+    async def flush(self) -> None:
+        """Write what is pending. Records leave ``pending`` only once their transaction has
+        committed: a write that fails keeps them for the next try, and they never count as
+        done while their rows are still ``sending`` (which would let the rows be sent again).
+        """
+        async with self._lock:
+            if not self.pending:
+                return
+            taken = list(self.pending)
+            started = time.perf_counter()
+            async with self.rt.pool.connection() as conn:
+                written = await store.arun(
+                    conn, store.record(self.batch, [record for record, _ in taken])
+                )
+            del self.pending[: len(taken)]
+        metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+        # Counted per write, not per send: each metric update costs a shared-memory write.
+        labels = Counter(label for _, label in taken)
+        for label, count in labels.items():
+            metrics.DELIVERIES.labels(self.job.kind, label).inc(count)
+        if calls := len(taken) - labels["released"]:
+            metrics.CHANNEL_SENDS.labels(str(self.job.channel_id), self.job.kind).inc(calls)
+        dropped = len(taken) - len(written)
+        if dropped:
+            metrics.RESULTS_DROPPED.labels(self.job.kind).inc(dropped)
+            log.error(
+                "broadcast %s batch %s: %s results not written: the run lost its lease and "
+                "the rows were taken back (another run sends them)",
+                self.batch.broadcast_id,
+                self.batch.id,
+                dropped,
+                extra={
+                    "broadcast_id": self.batch.broadcast_id,
+                    "batch_id": self.batch.id,
+                    "channel_id": self.job.channel_id,
+                },
+            )
+
+    async def keep_flushing(self, stop: asyncio.Event) -> None:
+        """Write every ``FLUSH_SECONDS`` until ``stop`` is set (the last write is the run's)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
+            if self.pending and not stop.is_set():
+                try:
+                    await self.flush()
+                except Exception as exc:  # the next write tries again; nothing is lost
+                    log.warning(
+                        "broadcast %s batch %s: writing results failed (%s); kept for the "
+                        "next write",
+                        self.batch.broadcast_id,
+                        self.batch.id,
+                        exc,
+                        extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                    )

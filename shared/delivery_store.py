@@ -1,0 +1,740 @@
+"""The delivery store: every transition of delivery rows and of the batches that carry them.
+
+The API's cancel, the snapshot, the scheduler's relay and sweeps, and the dispatchers' send loop
+all change delivery rows through this module and nowhere else, so each rule is stated once:
+
+* rows that come back unsent go back to ``queued``, or to ``canceled`` when their task was
+  canceled meanwhile (``_come_back``);
+* a writer locks the task row first, then its rows (``_lock_task``): the order every path keeps,
+  so a cancel and a send loop never deadlock;
+* a row is ``sending`` only under the token of one run of its batch, and results are written
+  only where that token still holds, so a row taken back is never counted twice;
+* task counters and completion follow from row transitions in Postgres itself (statement
+  triggers over transition tables, and one BEFORE UPDATE rule on the task; migration 0004):
+  no path here moves a counter, so none can forget or double one.
+
+Each operation is written once, as a generator of SQL statements (``Op``), with one
+placeholder style. ``run`` executes it on a psycopg connection, ``arun`` on an async one; both
+wrap it in one transaction (a savepoint when the caller's transaction is already open), so
+every transition commits whole or not at all. Tests run the same operations directly against
+Postgres, with no process started.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, TypeVar
+
+import psycopg
+
+from shared.domain.lifecycle import BatchState, BroadcastStatus, DeliveryStatus
+
+T = TypeVar("T")
+
+#: Advisory lock namespaces (first key; the second is the broadcast id where there is one).
+SNAPSHOT_LOCK = 0x6263_0001
+RELAY_LOCK = 0x6263_0003
+
+QUEUED = DeliveryStatus.QUEUED.value
+SENDING = DeliveryStatus.SENDING.value
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One SQL statement with ``%(name)s`` parameters."""
+
+    sql: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+#: A store operation: yields statements, receives their results, returns its answer.
+Op = Generator[Query, Result, T]
+
+
+def run(conn: psycopg.Connection[Any], op: Op[T]) -> T:
+    """Run ``op`` on ``conn`` in one transaction (a savepoint inside an open one)."""
+    with conn.transaction():
+        try:
+            query = next(op)
+            while True:
+                cur = conn.execute(query.sql, query.params)
+                query = op.send(Result(cur.fetchall() if cur.description else [], cur.rowcount))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def arun(conn: psycopg.AsyncConnection[Any], op: Op[T]) -> T:
+    """``run`` for an async connection."""
+    async with conn.transaction():
+        try:
+            query = next(op)
+            while True:
+                cur = await conn.execute(query.sql, query.params)
+                rows = await cur.fetchall() if cur.description else []
+                query = op.send(Result(rows, cur.rowcount))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+# --- the rules every path shares -------------------------------------------------------------
+
+
+def _lock_task(broadcast_id: int) -> Op[str | None]:
+    """Lock the task row and read its status. Always first, before any of its rows."""
+    result = yield Query(
+        "SELECT status FROM broadcast WHERE id = %(b)s FOR UPDATE", {"b": broadcast_id}
+    )
+    status: str | None = result.scalar()
+    return status
+
+
+def given_back_status(task_status: str | None) -> DeliveryStatus:
+    """Where a row goes when it comes back unsent: canceled if its task is, else queued."""
+    if task_status == BroadcastStatus.CANCELED:
+        return DeliveryStatus.CANCELED
+    return DeliveryStatus.QUEUED
+
+
+def _come_back(
+    broadcast_id: int,
+    task_status: str | None,
+    tokens: Sequence[uuid.UUID],
+    *,
+    only: Sequence[int] | None = None,
+    keep: Sequence[int] = (),
+    attempt_used: bool,
+    delay: float | None = None,
+) -> Op[int]:
+    """Rows held under ``tokens`` come back unsent (queued, or canceled with their task).
+
+    ``only``/``keep`` narrow which rows; ``attempt_used`` False gives back the attempt the claim
+    counted (the provider was never called); ``delay`` keeps the row from being claimed again
+    for that many seconds.
+    """
+    result = yield Query(
+        """
+        UPDATE delivery
+        SET status = %(back)s, lease_token = NULL, updated_at = now(),
+            attempts = attempts - %(give_back)s,
+            next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
+                                   ELSE now() + %(delay)s::float8 * interval '1 second' END
+        WHERE broadcast_id = %(b)s AND status = 'sending' AND lease_token = ANY(%(tokens)s)
+          AND (%(only)s::bigint[] IS NULL OR id = ANY(%(only)s))
+          AND id <> ALL(%(keep)s::bigint[])
+        """,
+        {
+            "back": given_back_status(task_status).value,
+            "give_back": 0 if attempt_used else 1,
+            "delay": delay,
+            "b": broadcast_id,
+            "tokens": list(tokens),
+            "only": list(only) if only is not None else None,
+            "keep": list(keep),
+        },
+    )
+    return result.rowcount
+
+
+def _cancel_queued(broadcast_id: int) -> Op[int]:
+    result = yield Query(
+        "UPDATE delivery SET status = 'canceled', updated_at = now() "
+        "WHERE broadcast_id = %(b)s AND status = 'queued'",
+        {"b": broadcast_id},
+    )
+    return result.rowcount
+
+
+# --- operator actions ------------------------------------------------------------------------
+
+
+def cancel(broadcast_id: int) -> Op[int]:
+    """Cancel a task for good: recipients not yet sent to become ``canceled``; rows a
+    dispatcher holds become canceled when they come back. Returns how many were canceled now.
+    The caller has checked that the task may be canceled.
+    """
+    yield from _lock_task(broadcast_id)
+    canceled = yield from _cancel_queued(broadcast_id)
+    yield Query(
+        """
+        UPDATE broadcast
+        SET status = 'canceled', status_reason = NULL, finished_at = now(), updated_at = now()
+        WHERE id = %(b)s
+        """,
+        {"b": broadcast_id},
+    )
+    return canceled
+
+
+# --- the snapshot ----------------------------------------------------------------------------
+
+
+def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
+    """Copy the audience into one delivery row per recipient and cut the rows into batches,
+    once. Returns how many rows were copied, or None when the copy was made before.
+
+    ``audience`` selects ``(contact_id, address, unreachable, unreachable_reason)``; contacts a
+    provider called unreachable are recorded as skipped with the reason. The copy runs inside
+    Postgres (``INSERT ... SELECT``), so memory stays flat for any audience; the task row is
+    locked only at the end, so a pause or cancel never waits for a long copy, and a cancel
+    that committed meanwhile cancels the rows just copied.
+    """
+    yield Query(
+        "SELECT pg_advisory_xact_lock(%(snap_ns)s, %(snap_b)s)",
+        {"snap_ns": SNAPSHOT_LOCK, "snap_b": broadcast_id},
+    )
+    task = (
+        yield Query(
+            "SELECT workspace_id, snapshot_at FROM broadcast WHERE id = %(snap_b)s",
+            {"snap_b": broadcast_id},
+        )
+    ).first()
+    if task is None or task[1] is not None:
+        return None
+    workspace_id = task[0]
+    params = {**audience.params, "snap_b": broadcast_id, "snap_ws": workspace_id}
+    copied = (
+        yield Query(
+            f"""
+            INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
+                                  last_error)
+            SELECT %(snap_ws)s, %(snap_b)s, a.contact_id, a.address,
+                   CASE WHEN a.unreachable THEN 'skipped' ELSE 'queued' END,
+                   CASE WHEN a.unreachable
+                        THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END
+            FROM ({audience.sql}) AS a(contact_id, address, unreachable, reason)
+            ORDER BY a.contact_id
+            ON CONFLICT (broadcast_id, contact_id) DO NOTHING
+            """,
+            params,
+        )
+    ).rowcount
+    yield Query(
+        """
+        INSERT INTO delivery_batch (workspace_id, broadcast_id, first_id, last_id)
+        SELECT %(snap_ws)s, %(snap_b)s, min(id), max(id)
+        FROM (
+            SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(size)s AS n
+            FROM delivery WHERE broadcast_id = %(snap_b)s AND status = 'queued'
+        ) AS run
+        GROUP BY n
+        """,
+        {"snap_b": broadcast_id, "snap_ws": workspace_id, "size": batch_size},
+    )
+    status = yield from _lock_task(broadcast_id)
+    if status == BroadcastStatus.CANCELED:
+        yield from _cancel_queued(broadcast_id)
+    # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
+    yield Query(
+        "UPDATE broadcast SET snapshot_at = now() WHERE id = %(snap_b)s", {"snap_b": broadcast_id}
+    )
+    return copied
+
+
+# --- batches: handed out, run under a lease, given back --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One run of a batch: its range of deliveries and the token its rows are held under."""
+
+    id: int
+    broadcast_id: int
+    first_id: int
+    last_id: int
+    token: uuid.UUID
+
+
+_RUNNING = """
+    state = 'running', run_token = %(t)s, runs = runs + 1, updated_at = now(),
+    lease_expires_at = now() + %(lease)s * interval '1 second'
+"""
+
+
+def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | None]:
+    """Take a batch a message pointed at, under a new run ``token``. None when it is running
+    elsewhere or done (a duplicate message), or when its task is not being sent: then the
+    batch goes back to ``ready`` for the relay to hand out once the task is sent again.
+    """
+    task = (
+        yield Query(
+            "SELECT t.status FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id "
+            "WHERE b.id = %(id)s",
+            {"id": batch_id},
+        )
+    ).scalar()
+    if task != BroadcastStatus.IN_PROGRESS:
+        yield Query(
+            "UPDATE delivery_batch SET state = 'ready', updated_at = now() "
+            "WHERE id = %(id)s AND state = 'queued'",
+            {"id": batch_id},
+        )
+        return None
+    row = (
+        yield Query(
+            f"""
+            UPDATE delivery_batch SET {_RUNNING}
+            WHERE id = %(id)s AND state IN ('ready', 'queued')
+            RETURNING id, broadcast_id, first_id, last_id
+            """,
+            {"id": batch_id, "t": token, "lease": lease},
+        )
+    ).first()
+    return Batch(row[0], row[1], row[2], row[3], token) if row else None
+
+
+def next_batch(broadcast_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | None]:
+    """Take the next due, ready batch of a task being sent (a run that finished its batch
+    goes on with the next, keeping the task's number of batches in flight the same).
+    """
+    row = (
+        yield Query(
+            f"""
+            UPDATE delivery_batch SET {_RUNNING}
+            WHERE id = (
+                SELECT id FROM delivery_batch
+                WHERE broadcast_id = %(b)s AND state = 'ready' AND due_at <= now()
+                ORDER BY due_at, id LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            ) AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+            RETURNING id, broadcast_id, first_id, last_id
+            """,
+            {"b": broadcast_id, "t": token, "lease": lease},
+        )
+    ).first()
+    return Batch(row[0], row[1], row[2], row[3], token) if row else None
+
+
+def renew(batch: Batch, *, lease: float) -> Op[bool]:
+    """Extend a run's lease; False when the run no longer holds its batch (taken back)."""
+    result = yield Query(
+        """
+        UPDATE delivery_batch SET lease_expires_at = now() + %(lease)s * interval '1 second'
+        WHERE id = %(id)s AND run_token = %(t)s AND state = 'running'
+        """,
+        {"id": batch.id, "t": batch.token, "lease": lease},
+    )
+    return result.rowcount == 1
+
+
+def end_run(batch: Batch, *, done: bool, due_in: float = 0.0, keep: Sequence[int] = ()) -> Op[int]:
+    """A run ends: rows it still holds come back unsent (their attempt given back), and its
+    batch is ``done`` or ``ready`` again, due in ``due_in`` seconds. Rows in ``keep`` (results
+    the run could not write) stay held; the sweeper decides about them when the lease runs
+    out. Returns how many rows came back.
+    """
+    status = yield from _lock_task(batch.broadcast_id)
+    back = yield from _come_back(
+        batch.broadcast_id, status, [batch.token], keep=keep, attempt_used=False
+    )
+    if keep:
+        return back
+    yield Query(
+        """
+        UPDATE delivery_batch
+        SET state = %(state)s, due_at = now() + %(due)s * interval '1 second', run_token = NULL,
+            lease_expires_at = NULL, updated_at = now()
+        WHERE id = %(id)s AND run_token = %(t)s
+        """,
+        {
+            "state": (BatchState.DONE if done else BatchState.READY).value,
+            "due": max(0.0, due_in),
+            "id": batch.id,
+            "t": batch.token,
+        },
+    )
+    return back
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What is left of a batch's range."""
+
+    queued: int
+    #: Queued rows whose next attempt is due now.
+    due: int
+    sending: int
+    #: Seconds until the earliest queued row is due (None when nothing is queued).
+    next_due_in: float | None
+
+
+def progress(broadcast_id: int, first_id: int, last_id: int) -> Op[Progress]:
+    row = (
+        yield Query(
+            """
+            SELECT count(*) FILTER (WHERE status = 'queued'),
+                   count(*) FILTER (WHERE status = 'queued'
+                                      AND (next_attempt_at IS NULL OR next_attempt_at <= now())),
+                   count(*) FILTER (WHERE status = 'sending'),
+                   extract(epoch FROM min(coalesce(next_attempt_at, now()))
+                                      FILTER (WHERE status = 'queued') - now())::float8
+            FROM delivery
+            WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s
+              AND status IN ('queued', 'sending')
+            """,
+            {"b": broadcast_id, "lo": first_id, "hi": last_id},
+        )
+    ).first()
+    assert row is not None
+    return Progress(
+        int(row[0]), int(row[1]), int(row[2]), None if row[3] is None else max(0.0, row[3])
+    )
+
+
+def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tuple[int, int]]]:
+    """Pick the batches to hand to the dispatchers now and mark them ``queued``; returns
+    (batch id, broadcast id) pairs. The caller publishes a message for each inside the same
+    transaction and commits only after the broker confirmed them (an outbox), so a crash
+    between the two leaves the batches queued, and the sweeper hands them out again.
+
+    The window: a task being sent has at most ``ceil(rate / per_batch_rate)`` batches in
+    flight (at least 2, at most ``max_window``): enough to reach its channel's rate, and few
+    enough that the send queue never holds more than a few messages per task, so a new task
+    never waits behind the backlog of another. One relay runs at a time (advisory lock).
+    """
+    locked = (yield Query("SELECT pg_try_advisory_xact_lock(%(k)s)", {"k": RELAY_LOCK})).scalar()
+    if not locked:
+        return []
+    result = yield Query(
+        """
+        WITH picked AS (
+            SELECT next.id
+            FROM broadcast t
+            JOIN channel c ON c.id = t.channel_id
+            CROSS JOIN LATERAL (
+                SELECT least(%(max)s, greatest(2, ceil(c.rate_limit_per_second / %(per)s)))::int
+                       - (SELECT count(*) FROM delivery_batch
+                          WHERE broadcast_id = t.id AND state IN ('queued', 'running')) AS room
+            ) AS w
+            CROSS JOIN LATERAL (
+                SELECT id FROM delivery_batch
+                WHERE broadcast_id = t.id AND state = 'ready' AND due_at <= now()
+                ORDER BY due_at, id
+                LIMIT greatest(w.room, 0)
+            ) AS next
+            WHERE t.status = 'in_progress'
+            LIMIT %(limit)s
+        )
+        UPDATE delivery_batch b
+        SET state = 'queued', published_at = now(), updated_at = now()
+        FROM picked
+        WHERE b.id = picked.id AND b.state = 'ready'
+        RETURNING b.id, b.broadcast_id
+        """,
+        {"max": max_window, "per": per_batch_rate, "limit": limit},
+    )
+    return sorted((int(r[0]), int(r[1])) for r in result.rows)
+
+
+def next_relay_in() -> Op[float | None]:
+    """Seconds until the next ready batch of a task being sent falls due (None: none waits).
+    Batches already due but held back by a full window are not waited for here: the batch that
+    leaves the window makes room and wakes the relay (``bcast_batch``).
+    """
+    seconds = (
+        yield Query(
+            """
+            SELECT extract(epoch FROM min(b.due_at) - now())::float8
+            FROM broadcast t JOIN delivery_batch b ON b.broadcast_id = t.id
+            WHERE t.status = 'in_progress' AND b.state = 'ready' AND b.due_at > now()
+            """
+        )
+    ).scalar()
+    return None if seconds is None else max(0.0, float(seconds))
+
+
+# --- the send loop's rows --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery row a run holds, with what it needs to send it."""
+
+    id: int
+    contact_id: int
+    address: str
+    #: Attempts so far, the one this claim starts included.
+    attempts: int
+    #: Calls of a several-call message an earlier attempt already made.
+    parts_done: int
+    provider_message_id: str | None
+
+
+def claim(batch: Batch, limit: int) -> Op[list[Claimed]]:
+    """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
+    still being sent. Rows of contacts who opted out or became unreachable since the snapshot
+    are skipped first. Rows another run holds are passed over, never waited for.
+    """
+    yield from _skip_gone(batch)
+    result = yield Query(
+        """
+        WITH picked AS (
+            SELECT id FROM delivery
+            WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s AND status = 'queued'
+              AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+            ORDER BY id
+            LIMIT %(n)s
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE delivery d
+        SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s, updated_at = now()
+        FROM picked
+        WHERE d.id = picked.id
+          AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+        RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done, d.provider_message_id
+        """,
+        {
+            "b": batch.broadcast_id,
+            "lo": batch.first_id,
+            "hi": batch.last_id,
+            "n": limit,
+            "t": batch.token,
+        },
+    )
+    return sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id)
+
+
+#: Queued rows of a batch whose contact opted out or was found unreachable since the snapshot.
+_GONE = """
+    d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.status = 'queued'
+    AND c.id = d.contact_id AND (c.opted_out_at IS NOT NULL OR c.unreachable_at IS NOT NULL)
+"""
+
+
+def _skip_gone(batch: Batch) -> Op[int]:
+    """Queued rows whose contact opted out or was found unreachable become ``skipped``."""
+    bounds = {"b": batch.broadcast_id, "lo": batch.first_id, "hi": batch.last_id}
+    # The common case is one cheap read and no lock.
+    if not (yield Query(f"SELECT 1 FROM delivery d, contact c WHERE {_GONE} LIMIT 1", bounds)).rows:
+        return 0
+    yield from _lock_task(batch.broadcast_id)
+    result = yield Query(
+        f"""
+        UPDATE delivery d
+        SET status = 'skipped', updated_at = now(),
+            last_error = CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out'
+                              ELSE 'skipped: contact unreachable: '
+                                   || coalesce(c.unreachable_reason, '') END
+        FROM contact c
+        WHERE {_GONE}
+        """,
+        bounds,
+    )
+    return result.rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The next state of one held row, as the retry policy decided it."""
+
+    id: int
+    #: ``sent``, ``failed``, ``partial``, or ``queued`` for another attempt later.
+    status: DeliveryStatus
+    provider_message_id: str | None = None
+    error: str | None = None
+    #: For ``queued``: seconds until the next attempt.
+    delay: float | None = None
+    #: False gives back the attempt the claim counted (the provider throttled the channel).
+    attempt_used: bool = True
+    #: Calls of a several-call message the provider has accepted so far.
+    parts_done: int | None = None
+    #: The contact to mark unreachable (the provider said it cannot be reached at all).
+    unreachable_contact: int | None = None
+
+
+def record(batch: Batch, records: Sequence[Record]) -> Op[list[int]]:
+    """Write the outcomes of a run's sends; returns the ids written. Rows whose lease the run
+    lost (taken back, perhaps sent by another run since) are not written: the caller reports
+    them. A retry of a canceled task's row makes it canceled instead.
+    """
+    status = yield from _lock_task(batch.broadcast_id)
+    back = given_back_status(status)
+    result = yield Query(
+        """
+        UPDATE delivery d
+        SET status = v.status,
+            provider_message_id = coalesce(v.pmid, d.provider_message_id),
+            parts_done = coalesce(v.parts, d.parts_done),
+            last_error = CASE WHEN v.status = 'sent' THEN NULL
+                              ELSE coalesce(v.err, d.last_error) END,
+            sent_at = CASE WHEN v.status IN ('sent', 'partial') THEN now() ELSE d.sent_at END,
+            next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
+                                   ELSE now() + v.wait * interval '1 second' END,
+            attempts = d.attempts - v.give_back,
+            lease_token = NULL,
+            updated_at = now()
+        FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(pmids)s::text[], %(errs)s::text[],
+                    %(waits)s::float8[], %(give_back)s::int[], %(parts)s::int[])
+             AS v(id, status, pmid, err, wait, give_back, parts)
+        WHERE d.id = v.id AND d.broadcast_id = %(b)s AND d.status = 'sending'
+          AND d.lease_token = %(t)s
+        RETURNING d.id
+        """,
+        {
+            "ids": [r.id for r in records],
+            "statuses": [
+                (back if r.status == DeliveryStatus.QUEUED else r.status).value for r in records
+            ],
+            "pmids": [r.provider_message_id for r in records],
+            "errs": [r.error for r in records],
+            "waits": [r.delay if r.status == DeliveryStatus.QUEUED else None for r in records],
+            "give_back": [0 if r.attempt_used else 1 for r in records],
+            "parts": [r.parts_done for r in records],
+            "b": batch.broadcast_id,
+            "t": batch.token,
+        },
+    )
+    written = [int(r[0]) for r in result.rows]
+    unreachable = [r for r in records if r.unreachable_contact is not None]
+    if unreachable:
+        # Later broadcasts skip this contact, reporting the provider's reason.
+        yield Query(
+            """
+            UPDATE contact c
+            SET unreachable_at = now(), unreachable_reason = v.reason, updated_at = now()
+            FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS v(id, reason)
+            WHERE c.id = v.id AND c.unreachable_at IS NULL
+            """,
+            {
+                "ids": [r.unreachable_contact for r in unreachable],
+                "reasons": [r.error for r in unreachable],
+            },
+        )
+    return written
+
+
+def release(batch: Batch, ids: Sequence[int], *, delay: float | None = None) -> Op[int]:
+    """Rows the run claimed but never sent come back (attempt given back), after ``delay``
+    seconds if given (the channel is told to wait).
+    """
+    status = yield from _lock_task(batch.broadcast_id)
+    return (
+        yield from _come_back(
+            batch.broadcast_id, status, [batch.token], only=ids, attempt_used=False, delay=delay
+        )
+    )
+
+
+# --- the sweeper -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    """What one sweep recovered."""
+
+    #: Batches whose run's lease ran out (a dead or stuck dispatcher), now ready again.
+    batches: int = 0
+    #: Rows those runs held, back in the queue (or canceled with their task).
+    rows: int = 0
+    #: Batches whose message was published long ago and never taken: handed out again.
+    republished: int = 0
+
+
+def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
+    """Recover from dispatchers that died or stalled, exactly: the batches whose run's lease
+    ran out become ready again and the rows their runs held go back; nothing else is handed
+    out again. Rows held under a token of no running batch for ``orphan_after`` seconds (left
+    by an older schema, or a run that lost its batch) go back too. Batches whose message was
+    published ``republish_after`` seconds ago and never taken (a lost message) are handed out
+    again; a duplicate message is harmless, since a batch is claimed once.
+    """
+    dead = (
+        yield Query(
+            "SELECT broadcast_id, id, run_token FROM delivery_batch "
+            "WHERE state = 'running' AND lease_expires_at < now() ORDER BY broadcast_id, id"
+        )
+    ).rows
+    batches = rows = 0
+    for broadcast_id, group in groupby(dead, key=lambda r: int(r[0])):
+        status = yield from _lock_task(broadcast_id)
+        # Only batches still dead once the task is locked (a late renewal may have saved one).
+        still = (
+            yield Query(
+                "SELECT id, run_token FROM delivery_batch WHERE id = ANY(%(ids)s) "
+                "AND state = 'running' AND lease_expires_at < now() FOR UPDATE",
+                {"ids": [int(r[1]) for r in group]},
+            )
+        ).rows
+        if not still:
+            continue
+        rows += yield from _come_back(
+            broadcast_id, status, [r[1] for r in still], attempt_used=True
+        )
+        yield Query(
+            "UPDATE delivery_batch SET state = 'ready', due_at = now(), run_token = NULL, "
+            "lease_expires_at = NULL, updated_at = now() WHERE id = ANY(%(ids)s)",
+            {"ids": [r[0] for r in still]},
+        )
+        batches += len(still)
+    orphaned = (
+        yield Query(
+            """
+            SELECT DISTINCT d.broadcast_id, d.lease_token FROM delivery d
+            WHERE d.status = 'sending' AND d.updated_at < now() - %(s)s * interval '1 second'
+              AND NOT EXISTS (SELECT 1 FROM delivery_batch b
+                              WHERE b.state = 'running' AND b.run_token = d.lease_token)
+            ORDER BY d.broadcast_id
+            """,
+            {"s": orphan_after},
+        )
+    ).rows
+    for broadcast_id, group in groupby(orphaned, key=lambda r: int(r[0])):
+        status = yield from _lock_task(broadcast_id)
+        tokens = [r[1] for r in group]
+        back = yield from _come_back(broadcast_id, status, tokens, attempt_used=True)
+        if back:
+            rows += back
+            # Their batches may have been finished meanwhile: send what came back.
+            yield Query(
+                """
+                UPDATE delivery_batch b SET state = 'ready', due_at = now(), updated_at = now()
+                WHERE b.broadcast_id = %(b)s AND b.state = 'done' AND EXISTS (
+                    SELECT 1 FROM delivery d WHERE d.broadcast_id = %(b)s AND d.status = 'queued'
+                      AND d.id BETWEEN b.first_id AND b.last_id)
+                """,
+                {"b": broadcast_id},
+            )
+    republished = (
+        yield Query(
+            "UPDATE delivery_batch SET state = 'ready', updated_at = now() "
+            "WHERE state = 'queued' AND published_at < now() - %(s)s * interval '1 second'",
+            {"s": republish_after},
+        )
+    ).rowcount
+    return TakenBack(batches=batches, rows=rows, republished=republished)
+
+
+def drop_finished_batches() -> Op[int]:
+    """Batches of tasks that are completed or canceled have nothing left to do: drop them."""
+    result = yield Query(
+        """
+        DELETE FROM delivery_batch b USING broadcast t
+        WHERE t.id = b.broadcast_id AND t.status IN ('completed', 'canceled')
+        """
+    )
+    return result.rowcount
+
+
+def batch_counts() -> Op[dict[str, int]]:
+    """Batches of tasks being sent, by state (for the scheduler's gauge and autoscaling)."""
+    result = yield Query(
+        "SELECT b.state, count(*) FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id "
+        "WHERE t.status = 'in_progress' GROUP BY b.state"
+    )
+    counts = {s.value: 0 for s in BatchState}
+    counts.update({str(r[0]): int(r[1]) for r in result.rows})
+    return counts

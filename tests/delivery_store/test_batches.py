@@ -1,0 +1,216 @@
+"""Batches: handed out within a window, run under a lease, given back, recovered exactly."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+
+from shared import delivery_store as store
+from shared.delivery_store import Record
+from shared.domain.lifecycle import DeliveryStatus
+from tests.conftest import Api
+from tests.delivery_store.conftest import LEASE, batches, new_task, rows, run_batch
+
+#: The relay's knobs as the scheduler sets them by default.
+RELAY: dict[str, Any] = {"per_batch_rate": 500.0, "max_window": 16, "limit": 1000}
+
+
+def relayed(conn: psycopg.Connection[Any], broadcast_id: int) -> list[int]:
+    """Run the relay; return the ids of this task's batches it handed out."""
+    return [b for b, t in store.run(conn, store.relay(**RELAY)) if t == broadcast_id]
+
+
+def states(conn: psycopg.Connection[Any], broadcast_id: int) -> list[str]:
+    return [b[1] for b in batches(conn, broadcast_id)]
+
+
+def test_the_relay_hands_out_a_window_of_batches_sized_to_the_channel_rate(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    slow = new_task(api, conn, 50, rate=80, batch_size=5)
+    fast = new_task(api, conn, 50, rate=4000, batch_size=5)
+    handed = [t for _, t in store.run(conn, store.relay(**RELAY))]
+    assert handed.count(slow.id) == 2, "80/s needs no more than the least window"
+    assert handed.count(fast.id) == 8, "4000/s at 500/s a batch"
+    handed = [t for _, t in store.run(conn, store.relay(**RELAY))]
+    assert slow.id not in handed, "its window is full"
+    assert fast.id not in handed, "its window is full"
+    # A batch that leaves the window (done) makes room for exactly one more.
+    batch = store.run(
+        conn, store.claim_batch(batches(conn, slow.id)[0][0], uuid.uuid4(), lease=LEASE)
+    )
+    assert batch is not None
+    store.run(conn, store.end_run(batch, done=True))
+    assert len(relayed(conn, slow.id)) == 1
+    assert states(conn, slow.id).count("ready") == 7
+
+
+def test_the_relay_leaves_batches_of_a_paused_task_and_ones_not_yet_due(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 6, batch_size=2)
+    # Only this task is being sent in this database from now on.
+    conn.execute(
+        "UPDATE broadcast SET status = 'canceled' WHERE status = 'in_progress' AND id <> %s",
+        (task.id,),
+    )
+    conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (task.id,))
+    assert relayed(conn, task.id) == []
+    conn.execute("UPDATE broadcast SET status = 'in_progress' WHERE id = %s", (task.id,))
+    conn.execute(
+        "UPDATE delivery_batch SET due_at = now() + interval '1 minute' WHERE broadcast_id = %s",
+        (task.id,),
+    )
+    assert relayed(conn, task.id) == []
+    wait = store.run(conn, store.next_relay_in())
+    assert wait is not None
+    assert 50 < wait <= 60
+    # Due, but its window is full: the relay is woken when room is made, not by the clock.
+    conn.execute("UPDATE delivery_batch SET due_at = now() WHERE broadcast_id = %s", (task.id,))
+    assert len(relayed(conn, task.id)) == 2
+    assert store.run(conn, store.next_relay_in()) is None
+
+
+def test_a_message_for_a_task_no_longer_sending_puts_its_batch_back_for_later(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 2)
+    [batch_id] = relayed(conn, task.id)
+    conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (task.id,))
+    assert store.run(conn, store.claim_batch(batch_id, uuid.uuid4(), lease=LEASE)) is None
+    assert states(conn, task.id) == ["ready"]
+    conn.execute("UPDATE broadcast SET status = 'in_progress' WHERE id = %s", (task.id,))
+    assert relayed(conn, task.id) == [batch_id]
+
+
+def test_a_run_that_must_wait_gives_its_batch_and_rows_back_until_it_is_due(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 3)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 3))
+    store.run(conn, store.record(batch, [Record(held[0].id, DeliveryStatus.SENT)]))
+    back = store.run(conn, store.end_run(batch, done=False, due_in=30))
+    assert back == 2
+    assert rows(conn, task.id) == {"sent": 1, "queued": 2}
+    attempts = conn.execute(
+        "SELECT attempts FROM delivery WHERE id = ANY(%s)", ([h.id for h in held[1:]],)
+    ).fetchall()
+    assert attempts == [(0,), (0,)]
+    assert states(conn, task.id) == ["ready"]
+    assert relayed(conn, task.id) == []
+    assert store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE)) is None
+
+
+def test_a_finished_run_goes_on_with_the_next_due_batch_of_its_task(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4, batch_size=2)
+    first = run_batch(conn, task.id, 0)
+    store.run(conn, store.end_run(first, done=True))
+    second = store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE))
+    assert second is not None
+    assert second.first_id > first.last_id
+    assert states(conn, task.id) == ["done", "running"]
+    assert store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE)) is None
+
+
+def test_progress_tells_done_from_waiting(api: Api, conn: psycopg.Connection[Any]) -> None:
+    task = new_task(api, conn, 3)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 3))
+    store.run(
+        conn,
+        store.record(
+            batch,
+            [
+                Record(held[0].id, DeliveryStatus.SENT),
+                Record(held[1].id, DeliveryStatus.QUEUED, delay=20),
+            ],
+        ),
+    )
+    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id))
+    assert (p.queued, p.due, p.sending) == (1, 0, 1)
+    assert p.next_due_in is not None
+    assert 15 < p.next_due_in <= 20
+    store.run(conn, store.record(batch, [Record(held[2].id, DeliveryStatus.FAILED)]))
+    conn.execute("UPDATE delivery SET next_attempt_at = now() WHERE id = %s", (held[1].id,))
+    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id))
+    assert (p.queued, p.due, p.sending, p.next_due_in) == (1, 1, 0, 0.0)
+
+
+def test_the_sweeper_recovers_exactly_the_batches_of_dead_runs(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 6, batch_size=2)
+    dead, alive, _ = (run_batch(conn, task.id, i) for i in range(3))
+    store.run(conn, store.claim(dead, 2))
+    store.run(conn, store.claim(alive, 2))
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (dead.id,),
+    )
+    taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+    assert (taken.batches, taken.rows, taken.republished) == (1, 2, 0)
+    assert states(conn, task.id) == ["ready", "running", "running"]
+    assert rows(conn, task.id) == {"queued": 4, "sending": 2}
+    # The attempt a dead run made may have reached the provider: it stays counted.
+    attempts = conn.execute(
+        "SELECT attempts FROM delivery WHERE id BETWEEN %s AND %s", (dead.first_id, dead.last_id)
+    ).fetchall()
+    assert attempts == [(1,), (1,)]
+    assert store.run(conn, store.renew(alive, lease=LEASE))
+
+
+def test_the_sweeper_takes_back_rows_held_under_no_running_batch(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 2)
+    batch = run_batch(conn, task.id)
+    store.run(conn, store.claim(batch, 2))
+    store.run(conn, store.end_run(batch, done=True, keep=[]))  # a bug: ended, rows held
+    conn.execute(
+        "UPDATE delivery SET status = 'sending', lease_token = %s, "
+        "updated_at = now() - interval '1 minute' WHERE broadcast_id = %s",
+        (uuid.uuid4(), task.id),
+    )
+    taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+    assert taken.rows == 2
+    assert rows(conn, task.id) == {"queued": 2}
+    assert states(conn, task.id) == ["ready"], "its batch is handed out again"
+
+
+def test_a_batch_whose_message_was_lost_is_handed_out_again(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 2)
+    [batch_id] = relayed(conn, task.id)
+    assert store.run(conn, store.take_back(orphan_after=30, republish_after=60)).republished == 0
+    conn.execute(
+        "UPDATE delivery_batch SET published_at = now() - interval '2 minutes' WHERE id = %s",
+        (batch_id,),
+    )
+    assert store.run(conn, store.take_back(orphan_after=30, republish_after=60)).republished == 1
+    assert relayed(conn, task.id) == [batch_id]
+
+
+def test_a_run_that_could_not_write_some_results_keeps_those_rows_and_its_batch(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 3)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 3))
+    back = store.run(conn, store.end_run(batch, done=False, keep=[held[0].id]))
+    assert back == 2
+    assert rows(conn, task.id) == {"sending": 1, "queued": 2}
+    assert states(conn, task.id) == ["running"], "the sweeper decides once the lease runs out"
+
+
+def test_batches_of_finished_tasks_are_dropped(api: Api, conn: psycopg.Connection[Any]) -> None:
+    done, going = new_task(api, conn, 2), new_task(api, conn, 2)
+    store.run(conn, store.cancel(done.id))
+    assert store.run(conn, store.drop_finished_batches()) >= 1
+    assert batches(conn, done.id) == []
+    assert len(batches(conn, going.id)) == 1

@@ -1,0 +1,182 @@
+"""Races between writers, played out on separate connections against the real database."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+
+from shared import delivery_store as store
+from shared.delivery_store import Record
+from shared.domain.lifecycle import DeliveryStatus
+from tests.conftest import Api
+from tests.delivery_store.conftest import (
+    LEASE,
+    assert_counters_match_rows,
+    batches,
+    new_task,
+    rows,
+    run_batch,
+    task_row,
+)
+
+
+def drive_until(conn: psycopg.Connection[Any], op: store.Op[Any], marker: str) -> store.Query:
+    """Run ``op``'s statements on ``conn`` up to (not including) the first containing
+    ``marker``; return that statement.
+    """
+    query = next(op)
+    while marker not in query.sql:
+        cur = conn.execute(query.sql, query.params)
+        query = op.send(store.Result(cur.fetchall() if cur.description else [], cur.rowcount))
+    return query
+
+
+def drive_rest(conn: psycopg.Connection[Any], op: store.Op[Any], query: store.Query) -> Any:
+    try:
+        while True:
+            cur = conn.execute(query.sql, query.params)
+            query = op.send(store.Result(cur.fetchall() if cur.description else [], cur.rowcount))
+    except StopIteration as done:
+        return done.value
+
+
+def test_two_runs_on_one_range_never_hold_the_same_row(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 10)
+    batch = run_batch(conn, task.id)
+    twin = store.Batch(batch.id, batch.broadcast_id, batch.first_id, batch.last_id, uuid.uuid4())
+    one, two = connect(), connect()
+    with one.transaction():
+        first = store.run(one, store.claim(batch, 6))
+        # The second claims while the first has not committed: it passes over locked rows.
+        with two.transaction():
+            second = store.run(two, store.claim(twin, 6))
+    assert len(first) == 6
+    assert len(second) == 4
+    assert not {r.id for r in first} & {r.id for r in second}
+
+
+def test_a_batch_is_claimed_by_one_run_only(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 3)
+    batch_id = batches(conn, task.id)[0][0]
+    results: list[object] = []
+    barrier = threading.Barrier(4)
+
+    def claim() -> None:
+        c = connect()
+        barrier.wait()
+        results.append(store.run(c, store.claim_batch(batch_id, uuid.uuid4(), lease=LEASE)))
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+
+
+def test_a_cancel_during_a_claim_leaves_nothing_stranded(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 5)
+    batch = run_batch(conn, task.id)
+    claiming, canceling = connect(), connect()
+    done = threading.Event()
+    with claiming.transaction():
+        held = store.run(claiming, store.claim(batch, 3))
+
+        def cancel() -> None:
+            store.run(canceling, store.cancel(task.id))
+            done.set()
+
+        thread = threading.Thread(target=cancel)
+        thread.start()
+        # The cancel waits for the rows the claim is taking.
+        assert not done.wait(0.5)
+    thread.join(10)
+    assert done.is_set()
+    assert rows(conn, task.id) == {"sending": 3, "canceled": 2}
+    # The run hears of the cancel before calling anyone and gives its rows back.
+    store.run(conn, store.end_run(batch, done=False))
+    assert rows(conn, task.id) == {"canceled": 5}
+    assert len(held) == 3
+    assert task_row(conn, task.id)["status"] == "canceled"
+    assert_counters_match_rows(conn, task.id)
+
+
+def test_a_cancel_that_commits_first_leaves_the_claim_nothing(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4)
+    batch = run_batch(conn, task.id)
+    store.run(conn, store.cancel(task.id))
+    assert store.run(conn, store.claim(batch, 4)) == []
+    assert rows(conn, task.id) == {"canceled": 4}
+
+
+def test_a_result_write_and_a_cancel_at_once_neither_deadlock_nor_lose_a_count(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 40)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 20))
+    writer, canceler = connect(), connect()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def write() -> None:
+        barrier.wait()
+        for h in held:
+            try:
+                store.run(writer, store.record(batch, [Record(h.id, DeliveryStatus.SENT)]))
+            except BaseException as exc:
+                errors.append(exc)
+
+    def cancel() -> None:
+        barrier.wait()
+        try:
+            store.run(canceler, store.cancel(task.id))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=cancel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert rows(conn, task.id) == {"sent": 20, "canceled": 20}
+    assert_counters_match_rows(conn, task.id)
+
+
+def test_a_renewal_that_comes_too_late_loses_to_the_sweeper(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 2)
+    batch = run_batch(conn, task.id)
+    store.run(conn, store.claim(batch, 2))
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch.id,),
+    )
+    sweeper = connect()
+    with sweeper.transaction():
+        op = store.take_back(orphan_after=30, republish_after=60)
+        query = drive_until(sweeper, op, "FOR UPDATE")
+        # The sweeper has seen the lease run out; the renewal arrives now and waits ...
+        renewed: list[bool] = []
+        renewing = threading.Thread(
+            target=lambda: renewed.append(store.run(connect(), store.renew(batch, lease=LEASE)))
+        )
+        drive_rest(sweeper, op, query)
+        renewing.start()
+    renewing.join(10)
+    # ... and finds the batch no longer its own.
+    assert renewed == [False]
+    assert rows(conn, task.id) == {"queued": 2}

@@ -1,0 +1,195 @@
+"""The send loop's transitions: claim, record, release, skip, and the operator's cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from shared import delivery_store as store
+from shared.delivery_store import Record
+from shared.domain.lifecycle import DeliveryStatus
+from tests.conftest import Api
+from tests.delivery_store.conftest import (
+    assert_counters_match_rows,
+    new_task,
+    rows,
+    run_batch,
+    task_row,
+)
+
+
+def delivery(conn: psycopg.Connection[Any], delivery_id: int) -> dict[str, Any]:
+    cur = conn.execute("SELECT * FROM delivery WHERE id = %s", (delivery_id,))
+    names = [d.name for d in cur.description or []]
+    row = cur.fetchone()
+    assert row is not None
+    return dict(zip(names, row, strict=True))
+
+
+def test_claim_takes_due_queued_rows_of_its_range_under_its_token(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 6, batch_size=3)
+    first = run_batch(conn, task.id, 0)
+    conn.execute(
+        "UPDATE delivery SET next_attempt_at = now() + interval '1 hour' WHERE id = %s",
+        (first.first_id,),
+    )
+    held = store.run(conn, store.claim(first, 10))
+    assert [h.id for h in held] == [first.first_id + 1, first.first_id + 2]
+    assert all(h.attempts == 1 for h in held)
+    for h in held:
+        row = delivery(conn, h.id)
+        assert (row["status"], row["lease_token"]) == ("sending", first.token)
+    assert store.run(conn, store.claim(first, 10)) == []
+
+
+def test_claim_takes_nothing_while_the_task_is_paused(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 2)
+    batch = run_batch(conn, task.id)
+    conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (task.id,))
+    assert store.run(conn, store.claim(batch, 10)) == []
+    assert rows(conn, task.id) == {"queued": 2}
+
+
+def test_contacts_who_opted_out_or_became_unreachable_are_skipped_with_the_reason(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 3)
+    conn.execute("UPDATE contact SET opted_out_at = now() WHERE id = %s", (task.contacts[0],))
+    conn.execute(
+        "UPDATE contact SET unreachable_at = now(), unreachable_reason = '403 blocked' "
+        "WHERE id = %s",
+        (task.contacts[1],),
+    )
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 10))
+    assert [h.contact_id for h in held] == [task.contacts[2]]
+    reasons = dict(
+        conn.execute(
+            "SELECT contact_id, last_error FROM delivery WHERE broadcast_id = %s "
+            "AND status = 'skipped'",
+            (task.id,),
+        ).fetchall()
+    )
+    assert reasons == {
+        task.contacts[0]: "skipped: contact opted out",
+        task.contacts[1]: "skipped: contact unreachable: 403 blocked",
+    }
+    assert_counters_match_rows(conn, task.id)
+
+
+def test_record_writes_each_outcome(api: Api, conn: psycopg.Connection[Any]) -> None:
+    task = new_task(api, conn, 5)
+    batch = run_batch(conn, task.id)
+    sent, failed, retry, throttled, gone = store.run(conn, store.claim(batch, 5))
+    written = store.run(
+        conn,
+        store.record(
+            batch,
+            [
+                Record(sent.id, DeliveryStatus.SENT, provider_message_id="wamid.1"),
+                Record(failed.id, DeliveryStatus.FAILED, error="HTTP 400: bad"),
+                Record(retry.id, DeliveryStatus.QUEUED, error="HTTP 503", delay=30, parts_done=1),
+                Record(
+                    throttled.id,
+                    DeliveryStatus.QUEUED,
+                    error="HTTP 429",
+                    delay=2,
+                    attempt_used=False,
+                ),
+                Record(
+                    gone.id,
+                    DeliveryStatus.FAILED,
+                    error="Telegram 403: bot was blocked",
+                    unreachable_contact=gone.contact_id,
+                ),
+            ],
+        ),
+    )
+    assert sorted(written) == sorted([sent.id, failed.id, retry.id, throttled.id, gone.id])
+    s = delivery(conn, sent.id)
+    assert (s["status"], s["provider_message_id"], s["lease_token"]) == ("sent", "wamid.1", None)
+    assert s["sent_at"] is not None
+    f = delivery(conn, failed.id)
+    assert (f["status"], f["last_error"], f["attempts"]) == ("failed", "HTTP 400: bad", 1)
+    r = delivery(conn, retry.id)
+    assert (r["status"], r["attempts"], r["parts_done"]) == ("queued", 1, 1)
+    assert r["next_attempt_at"] is not None
+    t = delivery(conn, throttled.id)
+    assert (t["status"], t["attempts"]) == ("queued", 0), "a throttled call uses no attempt"
+    unreachable = conn.execute(
+        "SELECT unreachable_reason FROM contact WHERE id = %s", (gone.contact_id,)
+    ).fetchone()
+    assert unreachable == ("Telegram 403: bot was blocked",)
+    # Not due yet: the next claim passes over both.
+    assert store.run(conn, store.claim(batch, 5)) == []
+
+
+def test_release_gives_back_the_attempt_and_can_hold_the_row_back(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 2)
+    batch = run_batch(conn, task.id)
+    a, b = store.run(conn, store.claim(batch, 2))
+    assert store.run(conn, store.release(batch, [a.id])) == 1
+    assert store.run(conn, store.release(batch, [b.id], delay=60)) == 1
+    assert (delivery(conn, a.id)["status"], delivery(conn, a.id)["attempts"]) == ("queued", 0)
+    assert [h.id for h in store.run(conn, store.claim(batch, 2))] == [a.id]
+
+
+def test_cancel_ends_every_row_not_yet_sent_and_sent_rows_stay_sent(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 6)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 4))
+    store.run(conn, store.record(batch, [Record(held[0].id, DeliveryStatus.SENT)]))
+    assert store.run(conn, store.cancel(task.id)) == 2, "the two never claimed"
+    assert rows(conn, task.id) == {"sent": 1, "sending": 3, "canceled": 2}
+    # Rows a dispatcher held when the cancel came: a call under way is written as it went,
+    # a retry becomes canceled, a row never sent comes back canceled.
+    store.run(
+        conn,
+        store.record(
+            batch,
+            [
+                Record(held[1].id, DeliveryStatus.SENT),
+                Record(held[2].id, DeliveryStatus.QUEUED, error="HTTP 503", delay=1),
+            ],
+        ),
+    )
+    store.run(conn, store.release(batch, [held[3].id]))
+    assert rows(conn, task.id) == {"sent": 2, "canceled": 4}
+    t = task_row(conn, task.id)
+    assert (t["status"], t["sent_count"], t["canceled_count"]) == ("canceled", 2, 4)
+    assert_counters_match_rows(conn, task.id)
+
+
+def test_results_of_a_run_that_lost_its_lease_are_not_written(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 3)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 3))
+    # The dispatcher stalls; its lease runs out and the sweeper takes its batch back.
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch.id,),
+    )
+    taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+    assert (taken.batches, taken.rows) == (1, 3)
+    assert rows(conn, task.id) == {"queued": 3}
+    assert not store.run(conn, store.renew(batch, lease=30))
+    # The stalled run wakes up with answers: none of them is written.
+    written = store.run(
+        conn, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held])
+    )
+    assert written == []
+    assert rows(conn, task.id) == {"queued": 3}
+    assert task_row(conn, task.id)["sent_count"] == 0
+    # And what it would give back is not its to give.
+    assert store.run(conn, store.release(batch, [h.id for h in held])) == 0
