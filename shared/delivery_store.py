@@ -13,20 +13,21 @@ all change delivery rows through this module and nowhere else, so each rule is s
   triggers over transition tables, and one BEFORE UPDATE rule on the task; migration 0004):
   no path here moves a counter, so none can forget or double one.
 
-Each operation is written once, as a generator of SQL statements (``Op``), with one
-placeholder style. ``run`` executes it on a psycopg connection, ``arun`` on an async one; both
-wrap it in one transaction (a savepoint when the caller's transaction is already open), so
-every transition commits whole or not at all. Tests run the same operations directly against
-Postgres, with no process started.
+Each operation is written once, with one placeholder style: as a generator of SQL statements
+(``Op``), or, for the send loop's hot paths, as a single statement (``One``). ``run`` executes
+either on a psycopg connection, ``arun`` on an async one; an ``Op`` runs in one transaction (a
+savepoint when the caller's transaction is already open), and a ``One`` is one statement,
+atomic by itself, so it costs one round trip. Every transition commits whole or not at all.
+Tests run the same operations directly against Postgres, with no process started.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 
@@ -66,8 +67,21 @@ class Result:
 Op = Generator[Query, Result, T]
 
 
-def run(conn: psycopg.Connection[Any], op: Op[T]) -> T:
+@dataclass(frozen=True, slots=True)
+class One(Generic[T]):
+    """A store operation that is a single statement (atomic by itself: no transaction, one
+    round trip) and the reading of its result.
+    """
+
+    query: Query
+    read: Callable[[Result], T]
+
+
+def run(conn: psycopg.Connection[Any], op: Op[T] | One[T]) -> T:
     """Run ``op`` on ``conn`` in one transaction (a savepoint inside an open one)."""
+    if isinstance(op, One):
+        cur = conn.execute(op.query.sql, op.query.params)
+        return op.read(Result(cur.fetchall() if cur.description else [], cur.rowcount))
     with conn.transaction():
         try:
             query = next(op)
@@ -78,8 +92,11 @@ def run(conn: psycopg.Connection[Any], op: Op[T]) -> T:
             return done.value  # type: ignore[no-any-return]
 
 
-async def arun(conn: psycopg.AsyncConnection[Any], op: Op[T]) -> T:
+async def arun(conn: psycopg.AsyncConnection[Any], op: Op[T] | One[T]) -> T:
     """``run`` for an async connection."""
+    if isinstance(op, One):
+        cur = await conn.execute(op.query.sql, op.query.params)
+        return op.read(Result(await cur.fetchall() if cur.description else [], cur.rowcount))
     async with conn.transaction():
         try:
             query = next(op)
@@ -103,11 +120,11 @@ def _lock_task(broadcast_id: int) -> Op[str | None]:
     return status
 
 
-def given_back_status(task_status: str | None) -> DeliveryStatus:
-    """Where a row goes when it comes back unsent: canceled if its task is, else queued."""
-    if task_status == BroadcastStatus.CANCELED:
-        return DeliveryStatus.CANCELED
-    return DeliveryStatus.QUEUED
+def given_back(task_status: str) -> str:
+    """Where a row goes when it comes back unsent: canceled if its task is, else queued
+    again. ``task_status`` is an SQL expression for the task's status (read under its lock).
+    """
+    return f"CASE WHEN {task_status} = 'canceled' THEN 'canceled' ELSE 'queued' END"
 
 
 def _come_back(
@@ -127,9 +144,9 @@ def _come_back(
     for that many seconds.
     """
     result = yield Query(
-        """
+        f"""
         UPDATE delivery
-        SET status = %(back)s, lease_token = NULL, updated_at = now(),
+        SET status = {given_back("%(task)s::text")}, lease_token = NULL, updated_at = now(),
             attempts = attempts - %(give_back)s,
             next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
                                    ELSE now() + %(delay)s::float8 * interval '1 second' END
@@ -138,7 +155,7 @@ def _come_back(
           AND id <> ALL(%(keep)s::bigint[])
         """,
         {
-            "back": given_back_status(task_status).value,
+            "task": task_status,
             "give_back": 0 if attempt_used else 1,
             "delay": delay,
             "b": broadcast_id,
@@ -319,16 +336,18 @@ def next_batch(broadcast_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch
     return Batch(row[0], row[1], row[2], row[3], token) if row else None
 
 
-def renew(batch: Batch, *, lease: float) -> Op[bool]:
+def renew(batch: Batch, *, lease: float) -> One[bool]:
     """Extend a run's lease; False when the run no longer holds its batch (taken back)."""
-    result = yield Query(
-        """
-        UPDATE delivery_batch SET lease_expires_at = now() + %(lease)s * interval '1 second'
-        WHERE id = %(id)s AND run_token = %(t)s AND state = 'running'
-        """,
-        {"id": batch.id, "t": batch.token, "lease": lease},
+    return One(
+        Query(
+            """
+            UPDATE delivery_batch SET lease_expires_at = now() + %(lease)s * interval '1 second'
+            WHERE id = %(id)s AND run_token = %(t)s AND state = 'running'
+            """,
+            {"id": batch.id, "t": batch.token, "lease": lease},
+        ),
+        lambda result: result.rowcount == 1,
     )
-    return result.rowcount == 1
 
 
 def end_run(batch: Batch, *, done: bool, due_in: float = 0.0, keep: Sequence[int] = ()) -> Op[int]:
@@ -372,9 +391,18 @@ class Progress:
     next_due_in: float | None
 
 
-def progress(broadcast_id: int, first_id: int, last_id: int) -> Op[Progress]:
-    row = (
-        yield Query(
+def progress(broadcast_id: int, first_id: int, last_id: int) -> One[Progress]:
+    """What is left of a batch's range."""
+
+    def read(result: Result) -> Progress:
+        row = result.first()
+        assert row is not None
+        return Progress(
+            int(row[0]), int(row[1]), int(row[2]), None if row[3] is None else max(0.0, row[3])
+        )
+
+    return One(
+        Query(
             """
             SELECT count(*) FILTER (WHERE status = 'queued'),
                    count(*) FILTER (WHERE status = 'queued'
@@ -387,11 +415,8 @@ def progress(broadcast_id: int, first_id: int, last_id: int) -> Op[Progress]:
               AND status IN ('queued', 'sending')
             """,
             {"b": broadcast_id, "lo": first_id, "hi": last_id},
-        )
-    ).first()
-    assert row is not None
-    return Progress(
-        int(row[0]), int(row[1]), int(row[2]), None if row[3] is None else max(0.0, row[3])
+        ),
+        read,
     )
 
 
@@ -474,38 +499,43 @@ class Claimed:
     provider_message_id: str | None
 
 
-def claim(batch: Batch, limit: int) -> Op[list[Claimed]]:
+def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
     still being sent. Rows of contacts who opted out or became unreachable since the snapshot
-    are skipped first. Rows another run holds are passed over, never waited for.
+    are left for ``skip_gone``. Rows another run holds are passed over, never waited for.
     """
-    yield from _skip_gone(batch)
-    result = yield Query(
-        """
-        WITH picked AS (
-            SELECT id FROM delivery
-            WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s AND status = 'queued'
-              AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-            ORDER BY id
-            LIMIT %(n)s
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE delivery d
-        SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s, updated_at = now()
-        FROM picked
-        WHERE d.id = picked.id
-          AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
-        RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done, d.provider_message_id
-        """,
-        {
-            "b": batch.broadcast_id,
-            "lo": batch.first_id,
-            "hi": batch.last_id,
-            "n": limit,
-            "t": batch.token,
-        },
+    return One(
+        Query(
+            """
+            WITH picked AS (
+                SELECT d.id FROM delivery d JOIN contact c ON c.id = d.contact_id
+                WHERE d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
+                  AND d.status = 'queued'
+                  AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
+                  AND c.opted_out_at IS NULL AND c.unreachable_at IS NULL
+                ORDER BY d.id
+                LIMIT %(n)s
+                FOR UPDATE OF d SKIP LOCKED
+            )
+            UPDATE delivery d
+            SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s,
+                updated_at = now()
+            FROM picked
+            WHERE d.id = picked.id
+              AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+            RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
+                      d.provider_message_id
+            """,
+            {
+                "b": batch.broadcast_id,
+                "lo": batch.first_id,
+                "hi": batch.last_id,
+                "n": limit,
+                "t": batch.token,
+            },
+        ),
+        lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
     )
-    return sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id)
 
 
 #: Queued rows of a batch whose contact opted out or was found unreachable since the snapshot.
@@ -515,8 +545,10 @@ _GONE = """
 """
 
 
-def _skip_gone(batch: Batch) -> Op[int]:
-    """Queued rows whose contact opted out or was found unreachable become ``skipped``."""
+def skip_gone(batch: Batch) -> Op[int]:
+    """Queued rows of the batch whose contact opted out or was found unreachable since the
+    snapshot become ``skipped``, with the reason. Returns how many.
+    """
     bounds = {"b": batch.broadcast_id, "lo": batch.first_id, "hi": batch.last_id}
     # The common case is one cheap read and no lock.
     if not (yield Query(f"SELECT 1 FROM delivery d, contact c WHERE {_GONE} LIMIT 1", bounds)).rows:
@@ -556,65 +588,69 @@ class Record:
     unreachable_contact: int | None = None
 
 
-def record(batch: Batch, records: Sequence[Record]) -> Op[list[int]]:
+def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
     """Write the outcomes of a run's sends; returns the ids written. Rows whose lease the run
     lost (taken back, perhaps sent by another run since) are not written: the caller reports
-    them. A retry of a canceled task's row makes it canceled instead.
+    them. A retry of a canceled task's row makes it canceled instead. One statement: the task
+    row is locked first (the ``task`` InitPlan runs before any delivery row is touched), then
+    the rows, then the contacts found unreachable.
     """
-    status = yield from _lock_task(batch.broadcast_id)
-    back = given_back_status(status)
-    result = yield Query(
-        """
-        UPDATE delivery d
-        SET status = v.status,
-            provider_message_id = coalesce(v.pmid, d.provider_message_id),
-            parts_done = coalesce(v.parts, d.parts_done),
-            last_error = CASE WHEN v.status = 'sent' THEN NULL
-                              ELSE coalesce(v.err, d.last_error) END,
-            sent_at = CASE WHEN v.status IN ('sent', 'partial') THEN now() ELSE d.sent_at END,
-            next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
-                                   ELSE now() + v.wait * interval '1 second' END,
-            attempts = d.attempts - v.give_back,
-            lease_token = NULL,
-            updated_at = now()
-        FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(pmids)s::text[], %(errs)s::text[],
-                    %(waits)s::float8[], %(give_back)s::int[], %(parts)s::int[])
-             AS v(id, status, pmid, err, wait, give_back, parts)
-        WHERE d.id = v.id AND d.broadcast_id = %(b)s AND d.status = 'sending'
-          AND d.lease_token = %(t)s
-        RETURNING d.id
-        """,
-        {
-            "ids": [r.id for r in records],
-            "statuses": [
-                (back if r.status == DeliveryStatus.QUEUED else r.status).value for r in records
-            ],
-            "pmids": [r.provider_message_id for r in records],
-            "errs": [r.error for r in records],
-            "waits": [r.delay if r.status == DeliveryStatus.QUEUED else None for r in records],
-            "give_back": [0 if r.attempt_used else 1 for r in records],
-            "parts": [r.parts_done for r in records],
-            "b": batch.broadcast_id,
-            "t": batch.token,
-        },
-    )
-    written = [int(r[0]) for r in result.rows]
-    unreachable = [r for r in records if r.unreachable_contact is not None]
-    if unreachable:
-        # Later broadcasts skip this contact, reporting the provider's reason.
-        yield Query(
-            """
-            UPDATE contact c
-            SET unreachable_at = now(), unreachable_reason = v.reason, updated_at = now()
-            FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS v(id, reason)
-            WHERE c.id = v.id AND c.unreachable_at IS NULL
+    return One(
+        Query(
+            f"""
+            WITH task AS (SELECT status FROM broadcast WHERE id = %(b)s FOR UPDATE),
+            v AS (
+                SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(pmids)s::text[],
+                                     %(errs)s::text[], %(waits)s::float8[], %(give_back)s::int[],
+                                     %(parts)s::int[], %(gone)s::bigint[])
+                    AS v(id, status, pmid, err, wait, give_back, parts, gone)
+            ),
+            written AS (
+                UPDATE delivery d
+                SET status = CASE WHEN v.status = 'queued'
+                                  THEN {given_back("(SELECT status FROM task)")}
+                                  ELSE v.status END,
+                    provider_message_id = coalesce(v.pmid, d.provider_message_id),
+                    parts_done = coalesce(v.parts, d.parts_done),
+                    last_error = CASE WHEN v.status = 'sent' THEN NULL
+                                      ELSE coalesce(v.err, d.last_error) END,
+                    sent_at = CASE WHEN v.status IN ('sent', 'partial') THEN now()
+                                   ELSE d.sent_at END,
+                    next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
+                                           ELSE now() + v.wait * interval '1 second' END,
+                    attempts = d.attempts - v.give_back,
+                    lease_token = NULL,
+                    updated_at = now()
+                FROM v
+                WHERE (SELECT status FROM task) IS NOT NULL
+                  AND d.id = v.id AND d.broadcast_id = %(b)s AND d.status = 'sending'
+                  AND d.lease_token = %(t)s
+                RETURNING d.id, v.gone, v.err
+            ),
+            marked AS (
+                -- Later broadcasts skip this contact, reporting the provider's reason.
+                UPDATE contact c
+                SET unreachable_at = now(), unreachable_reason = w.err, updated_at = now()
+                FROM written w
+                WHERE c.id = w.gone AND c.unreachable_at IS NULL
+            )
+            SELECT id FROM written
             """,
             {
-                "ids": [r.unreachable_contact for r in unreachable],
-                "reasons": [r.error for r in unreachable],
+                "ids": [r.id for r in records],
+                "statuses": [r.status.value for r in records],
+                "pmids": [r.provider_message_id for r in records],
+                "errs": [r.error for r in records],
+                "waits": [r.delay if r.status == DeliveryStatus.QUEUED else None for r in records],
+                "give_back": [0 if r.attempt_used else 1 for r in records],
+                "parts": [r.parts_done for r in records],
+                "gone": [r.unreachable_contact for r in records],
+                "b": batch.broadcast_id,
+                "t": batch.token,
             },
-        )
-    return written
+        ),
+        lambda result: [int(r[0]) for r in result.rows],
+    )
 
 
 def release(batch: Batch, ids: Sequence[int], *, delay: float | None = None) -> Op[int]:

@@ -1,10 +1,10 @@
 """The send loop: one run of one batch, as one readable loop.
 
 ``BatchRun.run`` claims the batch's due, queued rows (about a second of sending at the
-channel's rate), takes a lane place and a rate-limit slot for each, and starts one send task
-per row. Each send sleeps until its slot, takes a place in the process's call pool, checks that
-the task is still being sent and the run's lease still holds, calls the provider with the
-delivery id as idempotency key, and hands the answer to the recorder.
+channel's rate), takes lane places and rate-limit slots for them, and starts one send task per
+row. Each send sleeps until its slot, takes a place in the process's call pool, checks that the
+task is still being sent and the run's lease still holds, calls the provider with the delivery
+id as idempotency key, and hands the answer to the recorder.
 
 What it deliberately does not do:
   * wait long. When the channel's next slot, a Retry-After or every remaining row's backoff
@@ -12,7 +12,9 @@ What it deliberately does not do:
     engine takes other work; the scheduler hands the batch out again when it is due.
   * decide anything from memory that Postgres has not committed: rows are ``sending`` only
     under the run's token, and results are written only while that token holds.
-  * cancel a call already at the provider: on a stop it lets it finish and writes its answer.
+  * guess the fate of a call: a call at a provider when the run stops is let finish and its
+    answer written; one whose answer never came (the run was cancelled outright) keeps its row
+    held, and the sweeper sends it again under the same idempotency key once the lease is out.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ from services.dispatcher import metrics
 from services.dispatcher.channels.base import Outcome, Transient
 from services.dispatcher.jobs import Job, load_job
 from services.dispatcher.lease import RunLease
+from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
 from services.dispatcher.recorder import Recorder
 from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
@@ -47,10 +50,13 @@ LOOKAHEAD = 1.0
 #: A run waits in place (a coroutine, no thread) at most this long for its channel's next
 #: slot or its rows' next attempt; longer, and it gives the batch back until then.
 MAX_WAIT = 2.0
-#: A send starting later than this after its slot takes a new one. The limiter's headroom
-#: (3%) absorbs lateness up to about 30 ms in any one-second window; this stays inside it.
-LATE_TOLERANCE = 0.025
+#: Fresh slots a send late for its own may take before it gives its row back.
 MAX_RESLOTS = 5
+#: Waits shorter than this are not slept (a slot due now, give or take the clock's grain).
+MIN_SLEEP = 0.001
+#: When its lane is full, a run waits for this share of the lane to free up before taking
+#: slots, so a busy channel takes slots in groups, not one round trip per send.
+LANE_CHUNK = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +75,14 @@ class Ending:
 
 def _releaser(place: Place) -> Callable[[asyncio.Task[None]], None]:
     """A done callback that gives a send's lane place back however the send ended (even a
-    task cancelled before it began)."""
+    task cancelled before it began).
+    """
     return lambda _: place.release()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class BatchRun:
@@ -97,11 +109,18 @@ class BatchRun:
             max_seconds=s.retry_max_seconds,
         )
         self.deadline = time.monotonic() + s.batch_max_seconds
-        #: Set when the run must stop starting calls (a stop, a pause, a lost lease); sends
-        #: waiting for their slot wake at once and give their rows back.
-        self.halt = asyncio.Event()
+        #: Set when the run must start no more calls (a stop, a pause, a lost lease).
+        self.halted = False
         self.status = BroadcastStatus.IN_PROGRESS.value
         self.sends: set[asyncio.Task[None]] = set()
+        #: Rows whose provider call has started and whose answer is not yet recorded.
+        self.in_call: set[int] = set()
+        self._sleepers: set[asyncio.Future[None]] = set()
+        #: A fresh slot for a send that missed its own.
+        self._reslot: Callable[[], Awaitable[Slots]]
+        self._ids = {"broadcast_id": batch.broadcast_id, "batch_id": batch.id}
+
+    # --- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> Ending:
         """Send the batch; give it back, done or with the time it may go on."""
@@ -116,64 +135,67 @@ class BatchRun:
             await self._end(ending, keep=[])
             return ending
         lane = self.rt.lane(job)
-        lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt.set)
+        slots = self.rt.slots(job)
+        self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
+        lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt)
         recorder = Recorder(self.rt, job, self.batch, self.policy)
         stop_flushing = asyncio.Event()
         helpers = [
             asyncio.create_task(lease.keep()),
             asyncio.create_task(self._watch_stopping()),
+            asyncio.create_task(recorder.keep_flushing(stop_flushing)),
         ]
-        flushing = asyncio.create_task(recorder.keep_flushing(stop_flushing))
         ending = Ending("error")
         try:
             self.status = await self.rt.status.track(self.batch.broadcast_id, self._heard)
-            ending = await self._send_all(job, lane, lease, recorder)
+            ending = await self._send_all(job, lane, slots, lease, recorder)
         except Exception:
             log.exception(
                 "broadcast %s batch %s: send loop failed; its rows go back",
-                self.batch.broadcast_id,
-                self.batch.id,
-                extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                *self._ids.values(),
+                extra=self._ids,
             )
         finally:
-            self.halt.set()
+            self.halt()
             # Sends waiting for a slot give their rows back; calls at a provider finish.
             if self.sends:
                 await asyncio.wait(self.sends)
             stop_flushing.set()
-            await flushing
+            await helpers[2]
             try:
                 await recorder.flush()
             except Exception as exc:
                 log.error(
                     "broadcast %s batch %s: last results could not be written (%s); their "
                     "rows stay held until the lease runs out",
-                    self.batch.broadcast_id,
-                    self.batch.id,
+                    *self._ids.values(),
                     exc,
-                    extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                    extra=self._ids,
                 )
             if lease.lost:
                 ending = Ending("lease_lost")
             else:
-                await self._end(ending, keep=recorder.unwritten())
+                await self._end(ending, keep=[*recorder.unwritten(), *self.in_call])
             for helper in helpers:
                 helper.cancel()
             self.rt.status.untrack(self.batch.broadcast_id, self._heard)
             metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
         return ending
 
-    async def _send_all(self, job: Job, lane: Lane, lease: RunLease, recorder: Recorder) -> Ending:
-        """The loop: claim, pace, send; until the batch is done or must be given back."""
+    async def _send_all(
+        self, job: Job, lane: Lane, slots: SlotCache, lease: RunLease, recorder: Recorder
+    ) -> Ending:
+        """Claim, pace, send; until the batch is done or must be given back."""
         claim_limit = max(
-            1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), lane.size)
+            1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), 2 * lane.size)
         )
         async with asyncio.TaskGroup() as group:
             while True:
                 if (stop := self._stop_reason(lease)) is not None:
                     return stop
                 async with self.rt.pool.connection() as conn:
-                    rows = deque(await store.arun(conn, store.claim(self.batch, claim_limit)))
+                    claimed = await store.arun(conn, store.claim(self.batch, claim_limit))
+                rows = deque(claimed)
                 if not rows:
                     ending = await self._nothing_due(recorder)
                     if ending is not None:
@@ -184,7 +206,7 @@ class BatchRun:
                         for row in rows:
                             recorder.release(row)
                         return stop
-                    wait = await self._pace(job, lane, rows, group, lease, recorder)
+                    wait = await self._pace(job, lane, slots, rows, group, lease, recorder)
                     if wait is None:
                         continue
                     if wait > MAX_WAIT:
@@ -197,36 +219,34 @@ class BatchRun:
         self,
         job: Job,
         lane: Lane,
+        cache: SlotCache,
         rows: deque[Claimed],
         group: asyncio.TaskGroup,
         lease: RunLease,
         recorder: Recorder,
     ) -> float | None:
         """Start sends for the next rows: lane places first, slots second (a slot taken must
-        never then wait for a place). Returns None when sends were started, else how long
-        until the channel has a slot within reach.
+        never then wait for a place). Returns None when sends were started (or the run was
+        halted meanwhile), else how long until the channel has a slot within reach.
         """
-        limiter = self.rt.limiter
-        async with lane.grant(limiter.grant_size(job.rate, len(rows))) as grant:
-            if self.halt.is_set():
+        wanted = self.rt.limiter.grant_size(job.rate, len(rows))
+        at_least = max(1, min(wanted, int(lane.size * LANE_CHUNK)))
+        async with lane.grant(wanted, at_least=at_least) as grant:
+            if self.halted:
                 return None  # the loop sees why and gives the rows back
             taken_at = time.time()
-            slots = await limiter.reserve(
-                job.channel_id, job.workspace_id, job.rate, grant.size, within=LOOKAHEAD
-            )
+            slots = await cache.take(job.rate, grant.size, within=LOOKAHEAD, block=lane.size)
             if not slots.times:
                 return max(0.0, slots.next_free - LOOKAHEAD - time.time())
             metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, slots.times[-1] - taken_at))
             metrics.CHANNEL_SLOT_WAIT.labels(str(job.channel_id), job.kind).inc(
-                sum(max(0.0, at - taken_at) for at in slots.times)
+                sum(at - taken_at for at in slots.times if at > taken_at)
             )
             for at in slots.times:
-                row = rows.popleft()
-                place = grant.hand_out()
-                task = group.create_task(self._send(job, row, at, lease, recorder))
+                task = group.create_task(self._send(job, rows.popleft(), at, lease, recorder))
                 self.sends.add(task)
                 task.add_done_callback(self.sends.discard)
-                task.add_done_callback(_releaser(place))
+                task.add_done_callback(_releaser(grant.hand_out()))
         metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
         return None
 
@@ -236,7 +256,6 @@ class BatchRun:
         """One recipient: wait for the slot, call, record. A row never called goes back (a
         database hiccup while taking a fresh slot costs the row a turn, not the run).
         """
-        called = False
         outcome: Outcome | None = None
         after: float | None = None
         try:
@@ -248,19 +267,16 @@ class BatchRun:
                         if self._may_call(lease):
                             after = self.rt.limiter.blocked_for(job.channel_id) or None
                             if after is None:
-                                called = True
-                                outcome = await self._call(job, row, recorder)
+                                outcome = await self._call(job, row)
                         break
                 # Too late for its slot (the process was busy): sent now it would crowd the
                 # next ones into a window over the limit. It takes a fresh slot instead.
-                slots = await self.rt.limiter.reserve(
-                    job.channel_id, job.workspace_id, job.rate, 1, within=LOOKAHEAD
-                )
+                slots = await self._reslot()
                 if not slots.times:
                     break
                 at = slots.times[0]
         except asyncio.CancelledError:
-            if not called:
+            if row.id not in self.in_call:
                 recorder.release(row)
             raise
         except Exception as exc:
@@ -269,29 +285,19 @@ class BatchRun:
                 job.broadcast_id,
                 row.id,
                 exc,
-                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+                extra=self._ids,
             )
         if outcome is None:
             recorder.release(row, after=after)
             return
-        decision = recorder.outcome(row, outcome)
-        await self._after(job, decision.label, outcome)
+        label = recorder.outcome(row, outcome).label
+        self.in_call.discard(row.id)
+        if label == "throttled" and isinstance(outcome, Transient):
+            await self._throttled(job, outcome)
 
-    async def _call(self, job: Job, row: Claimed, recorder: Recorder) -> Outcome:
-        """The provider call. Once made, it is let finish even if the run is cancelled, and
-        its answer is recorded: a call's fate is written, never guessed.
-        """
+    async def _call(self, job: Job, row: Claimed) -> Outcome:
+        self.in_call.add(row.id)
         started = time.perf_counter()
-        call = asyncio.ensure_future(self._guarded(job, row))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            recorder.outcome(row, await call)
-            raise
-        finally:
-            metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
-
-    async def _guarded(self, job: Job, row: Claimed) -> Outcome:
         try:
             return await job.adapter.send(
                 job.message, row.address, str(row.id), parts_done=row.parts_done
@@ -304,15 +310,15 @@ class BatchRun:
                 job.kind,
                 type(exc).__name__,
                 row.id,
-                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+                extra={**self._ids, "channel_id": job.channel_id},
             )
             log.debug("adapter failure", exc_info=True)
             return Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
+        finally:
+            metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
 
-    async def _after(self, job: Job, label: str, outcome: Outcome) -> None:
-        """A throttled channel is pushed back for every worker."""
-        if label != "throttled" or not isinstance(outcome, Transient):
-            return
+    async def _throttled(self, job: Job, outcome: Transient) -> None:
+        """The provider pushed back: the channel waits, for every worker."""
         channel = str(job.channel_id)
         metrics.THROTTLED.labels(job.kind).inc()
         metrics.CHANNEL_THROTTLED.labels(channel, job.kind).inc()
@@ -325,7 +331,7 @@ class BatchRun:
             job.channel_id,
             wait,
             outcome.reason,
-            extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+            extra={**self._ids, "channel_id": job.channel_id},
         )
         try:
             await self.rt.limiter.throttle(job.channel_id, wait, outcome.reason)
@@ -335,7 +341,7 @@ class BatchRun:
                 job.broadcast_id,
                 job.channel_id,
                 exc,
-                extra={"broadcast_id": job.broadcast_id, "channel_id": job.channel_id},
+                extra={**self._ids, "channel_id": job.channel_id},
             )
 
     async def _nothing_due(self, recorder: Recorder) -> Ending | None:
@@ -346,6 +352,7 @@ class BatchRun:
             await asyncio.wait(set(self.sends))
         await recorder.flush()
         async with self.rt.pool.connection() as conn:
+            await store.arun(conn, store.skip_gone(self.batch))
             left = await store.arun(
                 conn,
                 store.progress(self.batch.broadcast_id, self.batch.first_id, self.batch.last_id),
@@ -365,6 +372,8 @@ class BatchRun:
         await self._sleep(wait)
         return None
 
+    # --- stopping ----------------------------------------------------------------------------
+
     def _stop_reason(self, lease: RunLease) -> Ending | None:
         if self.stopping.is_set():
             return Ending("stopping")
@@ -379,35 +388,43 @@ class BatchRun:
 
     def _may_call(self, lease: RunLease) -> bool:
         return (
-            not self.halt.is_set()
-            and self.rt.status.is_sending(self.batch.broadcast_id)
-            and lease.held()
+            not self.halted and self.rt.status.is_sending(self.batch.broadcast_id) and lease.held()
         )
+
+    def halt(self) -> None:
+        """Start no more calls; sends waiting for their slot wake at once."""
+        self.halted = True
+        for waiter in self._sleepers:
+            _wake(waiter)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on a halt; False when halted."""
-        if self.halt.is_set():
+        if self.halted:
             return False
-        if seconds > 0:
-            try:
-                await asyncio.wait_for(self.halt.wait(), seconds)
-            except TimeoutError:
-                return True
-            return False
-        return True
+        if seconds < MIN_SLEEP:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
+        self._sleepers.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._sleepers.discard(waiter)
+        return not self.halted
 
     def _heard(self, status: str) -> None:
         self.status = status
         if status != BroadcastStatus.IN_PROGRESS:
-            self.halt.set()
+            self.halt()
 
     async def _watch_stopping(self) -> None:
         await self.stopping.wait()
-        self.halt.set()
+        self.halt()
 
     async def _end(self, ending: Ending, *, keep: list[int]) -> None:
         """Give the batch back: rows still held come back, and the batch is done or ready."""
-        metrics.BATCH_ENDS.labels(ending.reason).inc()
         try:
             async with self.rt.pool.connection() as conn:
                 await store.arun(
@@ -418,8 +435,7 @@ class BatchRun:
             log.error(
                 "broadcast %s batch %s: could not give the batch back (%s); the sweeper takes "
                 "it back when its lease runs out",
-                self.batch.broadcast_id,
-                self.batch.id,
+                *self._ids.values(),
                 exc,
-                extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                extra=self._ids,
             )

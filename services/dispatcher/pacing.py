@@ -24,7 +24,9 @@ from collections.abc import AsyncIterator, Hashable
 
 
 class _Places:
-    """A count of places; waiters are woken in the order ``_next_waiter`` chooses."""
+    """A count of places; waiters are woken in the order ``_next_waiter`` chooses, each with
+    the places it waits for already taken for it.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -34,41 +36,44 @@ class _Places:
     def free(self) -> int:
         return max(0, self.size - self.used)
 
-    async def _take_one(self, key: Hashable) -> None:
-        if self.free and not self.waiting():
-            self.used += 1
+    async def _take(self, key: Hashable, need: int) -> None:
+        """Wait until ``need`` places are free and take them."""
+        if self.free >= need and not self.waiting():
+            self.used += need
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(key, waiter)
+        self._enqueue(key, need, waiter)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.give_back(1)  # woken with a place just as it was cancelled
+                self.give_back(need)  # woken with its places just as it was cancelled
             else:
                 self._dequeue(key, waiter)
             raise
 
     def give_back(self, n: int) -> None:
         self.used -= n
-        while self.free:
-            waiter = self._next_waiter()
-            if waiter is None:
+        while True:
+            head = self._next_waiter(self.free)
+            if head is None:
                 return
+            need, waiter = head
             if not waiter.done():
-                self.used += 1
+                self.used += need
                 waiter.set_result(None)
 
     def waiting(self) -> int:
         raise NotImplementedError
 
-    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+    def _enqueue(self, key: Hashable, need: int, waiter: asyncio.Future[None]) -> None:
         raise NotImplementedError
 
     def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
         raise NotImplementedError
 
-    def _next_waiter(self) -> asyncio.Future[None] | None:
+    def _next_waiter(self, free: int) -> tuple[int, asyncio.Future[None]] | None:
+        """The next waiter to wake, if ``free`` places are enough for it (it leaves the queue)."""
         raise NotImplementedError
 
 
@@ -100,17 +105,19 @@ class Lane(_Places):
     def __init__(self, channel_id: int, cap: int) -> None:
         super().__init__(cap)
         self.channel_id = channel_id
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @contextlib.asynccontextmanager
-    async def grant(self, up_to: int) -> AsyncIterator[Grant]:
-        """Wait for at least one free place and take up to ``up_to``; places not handed out
-        by the end of the block go back.
+    async def grant(self, up_to: int, *, at_least: int = 1) -> AsyncIterator[Grant]:
+        """Wait until ``at_least`` places are free and take up to ``up_to``; places not handed
+        out by the end of the block go back. (Waiting for a few places at once, when the lane
+        is full, keeps a busy channel from taking its slots one round trip at a time.)
         """
-        await self._take_one(None)
-        extra = min(max(0, up_to - 1), self.free)
+        need = max(1, min(at_least, up_to, self.size))
+        await self._take(None, need)
+        extra = min(max(0, up_to - need), self.free)
         self.used += extra
-        grant = Grant(self, 1 + extra)
+        grant = Grant(self, need + extra)
         try:
             yield grant
         finally:
@@ -119,15 +126,21 @@ class Lane(_Places):
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
-        self._waiters.append(waiter)
+    def _enqueue(self, key: Hashable, need: int, waiter: asyncio.Future[None]) -> None:
+        self._waiters.append((need, waiter))
 
     def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+        for entry in self._waiters:
+            if entry[1] is waiter:
+                self._waiters.remove(entry)
+                return
 
-    def _next_waiter(self) -> asyncio.Future[None] | None:
-        return self._waiters.popleft() if self._waiters else None
+    def _next_waiter(self, free: int) -> tuple[int, asyncio.Future[None]] | None:
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        if self._waiters and self._waiters[0][0] <= free:
+            return self._waiters.popleft()
+        return None
 
 
 class Grant:
@@ -164,20 +177,14 @@ class CallPool(_Places):
         #: Waiting calls by channel, channels in turn order.
         self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
 
-    @contextlib.asynccontextmanager
-    async def call(self, channel_id: int) -> AsyncIterator[None]:
-        """Hold a place for one provider call of ``channel_id``."""
-        await self._take_one(channel_id)
-        place = Place(self)
-        try:
-            yield
-        finally:
-            place.release()
+    def call(self, channel_id: int) -> _Call:
+        """``async with pool.call(channel_id):`` holds a place for one provider call."""
+        return _Call(self, channel_id)
 
     def waiting(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
+        return sum(len(q) for q in self._waiting.values()) if self._waiting else 0
 
-    def _enqueue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+    def _enqueue(self, key: Hashable, need: int, waiter: asyncio.Future[None]) -> None:
         self._waiting.setdefault(key, deque()).append(waiter)
 
     def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
@@ -189,8 +196,8 @@ class CallPool(_Places):
         if not queue:
             del self._waiting[key]
 
-    def _next_waiter(self) -> asyncio.Future[None] | None:
-        if not self._waiting:
+    def _next_waiter(self, free: int) -> tuple[int, asyncio.Future[None]] | None:
+        if not free or not self._waiting:
             return None
         key, queue = next(iter(self._waiting.items()))
         waiter = queue.popleft()
@@ -198,4 +205,22 @@ class CallPool(_Places):
             self._waiting.move_to_end(key)  # its next call waits for the other channels'
         else:
             del self._waiting[key]
-        return waiter
+        return 1, waiter
+
+
+class _Call:
+    """One place in the call pool, held for the ``async with`` block (a plain class: this is
+    entered once per provider call).
+    """
+
+    __slots__ = ("_channel_id", "_pool")
+
+    def __init__(self, pool: CallPool, channel_id: int) -> None:
+        self._pool = pool
+        self._channel_id = channel_id
+
+    async def __aenter__(self) -> None:
+        await self._pool._take(self._channel_id, 1)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._pool.give_back(1)

@@ -13,7 +13,9 @@ while other channels keep their full speed.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
@@ -25,6 +27,9 @@ GRANT_SECONDS = 0.2
 #: Fraction of the configured rate actually used: room for network jitter, so the provider
 #: never sees more than the limit in any one-second window.
 HEADROOM = 0.97
+#: A slot not used within this long after its time is dropped, never used late: sends that
+#: slip by more would crowd a one-second window beyond the headroom.
+LATE_TOLERANCE = 0.025
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +149,49 @@ class RateLimiter:
         except ValueError:
             return
         self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), until)
+
+
+class SlotCache:
+    """One channel's slots, taken ahead by this process and shared by all its runs of the
+    channel: one round trip to Postgres takes a block (up to a fifth of a second at the
+    channel's rate, at most ``block`` slots), and runs take their slots from here. A slot not
+    used in time is dropped, never used late, so the limit still holds exactly; at most one
+    block of capacity is lost when sending stops.
+
+    Parameters:
+      limiter: where blocks of slots come from.
+      channel_id, workspace_id: the channel.
+    """
+
+    def __init__(self, limiter: RateLimiter, channel_id: int, workspace_id: int) -> None:
+        self.limiter = limiter
+        self.channel_id = channel_id
+        self.workspace_id = workspace_id
+        self._times: deque[float] = deque()
+        self._next_free = 0.0
+        self._refill = asyncio.Lock()
+
+    async def take(self, rate: float, n: int, *, within: float, block: int) -> Slots:
+        """Up to ``n`` slots that start within ``within`` seconds."""
+        if len(self._fresh()) < n:
+            async with self._refill:
+                have = len(self._fresh())
+                if have < n:
+                    wanted = max(n - have, min(block, self.limiter.grant_size(rate, block)))
+                    got = await self.limiter.reserve(
+                        self.channel_id, self.workspace_id, rate, wanted, within=within
+                    )
+                    self._times.extend(got.times)
+                    self._next_free = got.next_free
+        horizon = time.time() + within
+        times = self._fresh()
+        taken: list[float] = []
+        while times and len(taken) < n and times[0] <= horizon:
+            taken.append(times.popleft())
+        return Slots(taken, times[0] if times else self._next_free)
+
+    def _fresh(self) -> deque[float]:
+        stale = time.time() - LATE_TOLERANCE
+        while self._times and self._times[0] < stale:
+            self._times.popleft()
+        return self._times

@@ -67,7 +67,8 @@ def test_contacts_who_opted_out_or_became_unreachable_are_skipped_with_the_reaso
     )
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 10))
-    assert [h.contact_id for h in held] == [task.contacts[2]]
+    assert [h.contact_id for h in held] == [task.contacts[2]], "the claim passes them over"
+    assert store.run(conn, store.skip_gone(batch)) == 2
     reasons = dict(
         conn.execute(
             "SELECT contact_id, last_error FROM delivery WHERE broadcast_id = %s "

@@ -17,7 +17,6 @@ from services.dispatcher.channels.smtp import SmtpAdapter
 from shared.media_store import LocalMediaStore
 from tests.smtp_box import Mailbox, authenticator, start
 
-
 #: Adapters a test made, closed (connections QUIT) when it ends.
 _opened: list[SmtpAdapter] = []
 
