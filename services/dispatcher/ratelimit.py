@@ -30,6 +30,10 @@ HEADROOM = 0.97
 #: A slot not used within this long after its time is dropped, never used late: sends that
 #: slip by more would crowd a one-second window beyond the headroom.
 LATE_TOLERANCE = 0.025
+#: The offset between this machine's clock and the database's is measured again this often.
+OFFSET_MAX_AGE = 60.0
+#: Round trips per measurement; the quickest one gives the offset.
+OFFSET_PROBES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +58,46 @@ class RateLimiter:
         self._known: set[int] = set()
         #: channel id -> wall-clock time before which no call may start.
         self._blocked_until: dict[int, float] = {}
+        #: Local clock minus the database's, and when it was last measured (monotonic).
+        self._offset = 0.0
+        self._measured = -OFFSET_MAX_AGE
+        self._measuring = asyncio.Lock()
 
     def grant_size(self, rate: float, wanted: int) -> int:
         """How many slots to take in one round trip."""
         return max(1, min(wanted, int(rate * HEADROOM * GRANT_SECONDS)))
+
+    async def offset(self) -> float:
+        """Seconds this machine's clock is ahead of the database's (NTP-style: the midpoint of
+        the quickest of a few round trips). Slots are spaced in the database's clock and all
+        convert with this one offset, so their spacing survives the trip to this process.
+        """
+        if time.monotonic() - self._measured < OFFSET_MAX_AGE:
+            return self._offset
+        async with self._measuring:
+            if time.monotonic() - self._measured >= OFFSET_MAX_AGE:
+                best: tuple[float, float] | None = None
+                async with self.pool.connection() as conn:
+                    for _ in range(OFFSET_PROBES):
+                        sent = time.time()
+                        row = await (
+                            await conn.execute("SELECT extract(epoch FROM clock_timestamp())")
+                        ).fetchone()
+                        back = time.time()
+                        assert row is not None
+                        if best is None or back - sent < best[0]:
+                            best = (back - sent, (sent + back) / 2 - float(row[0]))
+                assert best is not None
+                self._offset = best[1]
+                self._measured = time.monotonic()
+        return self._offset
 
     async def reserve(
         self, channel_id: int, workspace_id: int, rate: float, n: int, *, within: float
     ) -> Slots:
         """Take up to ``n`` consecutive slots, only those that start within ``within`` seconds."""
         effective = rate * HEADROOM
+        offset = await self.offset()
         async with self.pool.connection() as conn:
             if channel_id not in self._known:
                 await conn.execute(
@@ -91,18 +125,22 @@ class RateLimiter:
                     UPDATE channel_rate r
                     SET tat = took.base + took.k / %(rate)s * interval '1 second'
                     FROM took WHERE r.channel_id = took.channel_id
-                    RETURNING took.k, extract(epoch FROM took.base - took.now)::float8,
+                    RETURNING took.k, extract(epoch FROM took.base)::float8,
+                              extract(epoch FROM took.now)::float8,
                               extract(epoch FROM took.blocked_until)::float8
                     """,
                     {"c": channel_id, "within": within, "n": n, "rate": effective},
                 )
             ).fetchone()
         assert row is not None
-        taken, ahead, blocked = int(row[0]), float(row[1]), row[2]
-        now = time.time()
-        if blocked is not None and blocked > now:
-            self._blocked_until[channel_id] = max(self._blocked_until.get(channel_id, 0.0), blocked)
-        first = now + ahead
+        taken, base, blocked = int(row[0]), float(row[1]), row[3]
+        if blocked is not None:
+            until = float(blocked) + offset
+            if until > time.time():
+                self._blocked_until[channel_id] = max(
+                    self._blocked_until.get(channel_id, 0.0), until
+                )
+        first = base + offset
         return Slots(
             times=[first + i / effective for i in range(taken)],
             next_free=first + taken / effective,

@@ -75,10 +75,6 @@ class Runtime:
         self.closed = True
 
     def open(self) -> None:
-        # What exists at boot (modules, settings, pools) lives as long as the process: the
-        # collector need not look at it again.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLD)
         self._thread.start()
         self.closed = False
         self.call(self._open())
@@ -190,6 +186,8 @@ class Runtime:
             self.closed = True
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self.loop.close()
 
 
 class RuntimeMiddleware(dramatiq.Middleware):
@@ -204,6 +202,10 @@ class RuntimeMiddleware(dramatiq.Middleware):
         self.runtime: Runtime | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # What exists at boot (modules, settings) lives as long as the worker process: the
+        # collector need not look at it again, and runs less often (see GC_THRESHOLD).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLD)
         runtime = Runtime(self._settings())
         runtime.open()
         self.runtime = runtime

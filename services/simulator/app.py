@@ -48,6 +48,9 @@ class HookConfig(BaseModel):
     transient_first: int = Field(default=0, ge=0)
     #: Above this many requests in the last second, answer 429 (0: no limit).
     rate_limit_per_second: float = Field(default=0.0, ge=0)
+    #: Parts of a several-call message from this index on are refused for good (the key of
+    #: part ``i`` ends in ``-i``); None refuses none.
+    refuse_parts_from: int | None = Field(default=None, ge=0)
     seed: int = 0
 
 
@@ -106,7 +109,7 @@ class Simulator:
         """What to answer, whatever the provider's shape: (verdict, detail).
 
         Verdicts: ``ok`` (detail: the message id), ``duplicate`` (detail: the first id),
-        ``throttled``, ``unavailable``, ``unreachable``, ``bad_signature``.
+        ``throttled``, ``unavailable``, ``unreachable``, ``refused``, ``bad_signature``.
         """
         config = hook.config
         if hook.records[-1].get("signature_ok") is False:
@@ -123,6 +126,10 @@ class Simulator:
             return "unavailable", f"transient failure {seen + 1} of {config.transient_first}"
         if str(to) in config.fail_addresses:
             return "unreachable", f"no such recipient: {to}"
+        part = key.rpartition("-")[2] if "-" in key else ""
+        refused_from = config.refuse_parts_from
+        if refused_from is not None and part.isdigit() and int(part) >= refused_from:
+            return "refused", f"part {part} refused"
         if key in hook.accepted:
             hook.duplicates += 1
             return "duplicate", hook.accepted[key]
@@ -163,6 +170,7 @@ class Simulator:
             "throttled": (429, {"error": detail}, {"Retry-After": f"{hook.config.retry_after:g}"}),
             "unavailable": (503, {"error": detail}, {}),
             "unreachable": (404, {"error": detail}, {}),
+            "refused": (422, {"error": detail}, {}),
             "bad_signature": (401, {"error": detail}, {}),
         }[verdict]
         record["status"] = status
@@ -201,6 +209,7 @@ class Simulator:
             ),
             "unavailable": (502, "Bad Gateway", {}),
             "unreachable": (403, "Forbidden: bot was blocked by the user", {}),
+            "refused": (400, "Bad Request: wrong file identifier/HTTP URL specified", {}),
         }[verdict]
         record["status"] = status
         return web.json_response(
@@ -239,6 +248,7 @@ class Simulator:
             "throttled": (429, 130429, "Rate limit hit"),
             "unavailable": (503, 131016, "Service unavailable"),
             "unreachable": (400, 131026, "Message undeliverable"),
+            "refused": (400, 131053, "Media upload error"),
         }[verdict]
         record["status"] = status
         error = {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "sim"}
@@ -262,6 +272,10 @@ class Simulator:
         }
 
 
+#: Where an app made by ``make_app`` keeps its ``Simulator``.
+SIMULATOR = web.AppKey("simulator", Simulator)
+
+
 def max_in_window(times: list[float], width: float) -> int:
     """Most arrivals in any half-open window ``[t, t + width)``."""
     ordered = sorted(times)
@@ -274,6 +288,7 @@ def max_in_window(times: list[float], width: float) -> int:
 
 
 def make_app() -> web.Application:
+    """The simulator's app; ``app[SIMULATOR]`` is its state, for in-process tests."""
     sim = Simulator()
     app = web.Application(client_max_size=16 * 1024 * 1024)
 
@@ -306,7 +321,7 @@ def make_app() -> web.Application:
     app.router.add_get("/_sim/hooks/{name}/requests", get_requests)
     app.router.add_delete("/_sim/hooks/{name}", delete_hook)
     app.router.add_get("/_sim/health", health)
-    app["simulator"] = sim
+    app[SIMULATOR] = sim
     return app
 
 

@@ -170,6 +170,25 @@ def test_whatsapp_several_images_retry_never_repeats_an_accepted_image(api: Api)
     assert row["attempts"] == 4
 
 
+def test_whatsapp_images_refused_after_the_first_was_accepted_count_as_partial(api: Api) -> None:
+    channel, name = api.channel("whatsapp", refuse_parts_from=1)
+    done = send(api, channel, ["+4915100000005"], {"text": "album", "media_ids": images(api, 3)})
+    counts = done["counts"]
+    assert (counts["partial"], counts["sent"], counts["failed"], counts["queued"]) == (1, 0, 0, 0)
+    [row] = recipients(api, done["id"])
+    assert row["status"] == "partial"
+    assert row["last_error"] == "1 part(s) delivered, then: WhatsApp 131053: Media upload error"
+    assert row["provider_message_id"].count("wamid.") == 1, "the part they got is on record"
+    listed = api.ok("GET", f"/v1/broadcasts/{done['id']}/recipients", params={"status": "partial"})[
+        "items"
+    ]
+    assert [r["delivery_id"] for r in listed] == [row["delivery_id"]]
+    # A refused part is no reason to think the recipient unreachable.
+    assert api.ok("GET", f"/v1/contacts/{row['contact_id']}")["unreachable"] is False
+    stats = api.sim_stats(name)
+    assert (stats["accepted"], stats["permanent_errors"]) == (1, 1), "no part was repeated"
+
+
 def test_whatsapp_throughput_error_is_transient_and_undeliverable_is_permanent(api: Api) -> None:
     channel, name = api.channel(
         "whatsapp", throttle_ratio=0.3, retry_after=0.5, seed=3, fail_addresses=["+4915100000009"]

@@ -1,0 +1,252 @@
+"""The engine and its send loop in this process, against the real database and the provider
+simulator on loopback: leases, pauses, throttles and stops, with no dramatiq in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from aiohttp import web
+
+from services.dispatcher import metrics, snapshot
+from services.dispatcher.runtime import Runtime
+from services.simulator.app import SIMULATOR, HookConfig, Simulator, make_app
+from shared import delivery_store as store
+from shared.db.engine import libpq_url
+from shared.settings import Settings
+from tests.conftest import Api
+
+WAIT = 30.0
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return result
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[tuple[str, Simulator]]:
+    """The provider simulator, served from a thread of this process."""
+    app = make_app()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", app[SIMULATOR]
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    rt = Runtime(
+        settings.model_copy(
+            update={
+                "lease_seconds": 3.0,
+                "retry_base_seconds": 0.2,
+                "retry_max_seconds": 1.0,
+                "dispatcher_db_connections": 3,
+            }
+        )
+    )
+    rt.open()
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as c:
+        yield c
+
+
+class Sending:
+    """A broadcast being sent through one simulated webhook, and what the provider saw."""
+
+    def __init__(self, rt: Runtime, conn: psycopg.Connection[Any], hook: str, sim: Simulator):
+        self.rt, self.conn, self.hook, self.sim = rt, conn, hook, sim
+        self.id = 0
+
+    def arrivals(self) -> list[float]:
+        return [r["t"] for r in self.sim.hook(self.hook).records]
+
+    def rows(self) -> dict[str, int]:
+        return dict(
+            self.conn.execute(
+                "SELECT status, count(*) FROM delivery WHERE broadcast_id = %s GROUP BY status",
+                (self.id,),
+            ).fetchall()
+        )
+
+    def batches(self) -> list[tuple[Any, ...]]:
+        return self.conn.execute(
+            "SELECT id, state, extract(epoch FROM due_at - now()) FROM delivery_batch "
+            "WHERE broadcast_id = %s ORDER BY id",
+            (self.id,),
+        ).fetchall()
+
+    def status(self) -> str:
+        row = self.conn.execute("SELECT status FROM broadcast WHERE id = %s", (self.id,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def adopt_first(self) -> None:
+        """Hand the first batch to the engine, as a ``send_batch`` message would."""
+        batch_id = self.batches()[0][0]
+        assert self.rt.call(self.rt.engine.adopt(batch_id))
+
+
+@pytest.fixture
+def sending(
+    api: Api,
+    runtime: Runtime,
+    conn: psycopg.Connection[Any],
+    simulator: tuple[str, Simulator],
+) -> Callable[..., Sending]:
+    base, sim = simulator
+
+    def make(n: int, *, rate: float, batch_size: int = 500, **hook: Any) -> Sending:
+        name = f"h-{secrets.token_hex(4)}"
+        secret = secrets.token_urlsafe(16)
+        sim.configure(name, HookConfig(secret=secret, **hook))
+        channel = api.channel(
+            config={"url": f"{base}/hooks/{name}", "secret": secret}, rate_limit_per_second=rate
+        )
+        account = api.account(channel["id"])
+        conn.execute(
+            "INSERT INTO contact (workspace_id, account_id, address) "
+            "SELECT %s, %s, 'r-' || i FROM generate_series(1, %s) AS i",
+            (api.workspace_id, account["id"], n),
+        )
+        b = api.broadcast(channel["id"])
+        conn.execute(
+            "UPDATE broadcast SET status = 'in_progress', started_at = now() WHERE id = %s",
+            (b["id"],),
+        )
+        runtime.settings = runtime.settings.model_copy(update={"batch_size": batch_size})
+        assert runtime.call(snapshot.start(runtime, b["id"])) == n
+        s = Sending(runtime, conn, name, sim)
+        s.id = b["id"]
+        return s
+
+    return make
+
+
+def test_one_message_sends_a_whole_broadcast_batch_after_batch(sending: Any) -> None:
+    s = sending(25, rate=1000, batch_size=10)
+    assert len(s.batches()) == 3
+    s.adopt_first()  # one message: the run goes on with the broadcast's next batches itself
+    wait_for("the broadcast to complete", lambda: s.status() == "completed")
+    assert s.rows() == {"sent": 25}
+    assert len({r["key"] for r in s.sim.hook(s.hook).records}) == 25
+    wait_for("the run to end", lambda: not s.rt.engine.runs)
+
+
+def test_a_run_that_cannot_renew_its_lease_stops_calling_before_anyone_can_take_its_rows(
+    sending: Any,
+    conn: psycopg.Connection[Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Renewals fail (the database refuses them); everything else works.
+    monkeypatch.setattr(
+        store, "renew", lambda *a, **kw: store.One(store.Query("SELECT no_renewal()"), bool)
+    )
+    s = sending(300, rate=40, latency_ms=2000)
+    dropped_before = metrics.RESULTS_DROPPED.labels("webhook")._value.get()
+    lost_before = metrics.LEASES_LOST._value.get()
+    with caplog.at_level(logging.WARNING):
+        s.adopt_first()
+        wait_for("calls to be under way", lambda: len(s.arrivals()) >= 10)
+        wait_for(
+            "the lease to run out",
+            lambda: (
+                conn.execute(
+                    "SELECT lease_expires_at < now() FROM delivery_batch WHERE broadcast_id = %s",
+                    (s.id,),
+                ).fetchone()
+                == (True,)
+            ),
+        )
+        # The sweeper takes the batch and the rows it held back, as it would from a dead
+        # dispatcher; another run may send them from now on.
+        taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+        taken_at = time.time()
+        assert taken.batches == 1
+        wait_for("the run to end", lambda: not s.rt.engine.runs)
+    # The run stopped calling before its lease ran out: nothing it held was sent twice.
+    assert [t for t in s.arrivals() if t > taken_at] == []
+    assert metrics.LEASES_LOST._value.get() == lost_before + 1
+    # Calls still at the provider when the rows were taken back: their answers are not
+    # written, and that is counted and logged with the broadcast's id.
+    assert metrics.RESULTS_DROPPED.labels("webhook")._value.get() > dropped_before
+    assert s.rows().get("sending", 0) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"broadcast {s.id} " in m and "lease renewal failed" in m for m in messages)
+    assert any(f"broadcast {s.id} " in m and "could not be renewed in time" in m for m in messages)
+    assert any(f"broadcast {s.id} " in m and "results not written" in m for m in messages)
+
+
+def test_a_channel_told_to_wait_gives_its_batch_back_until_then(sending: Any) -> None:
+    s = sending(50, rate=10, throttle_ratio=1.0, retry_after=30)
+    s.adopt_first()
+    wait_for("the provider's first 429", lambda: s.arrivals())
+    # The run does not sit out the 30 s: it gives its batch back, due when the channel is.
+    wait_for("the run to end", lambda: not s.rt.engine.runs)
+    [(_, state, due_in)] = s.batches()
+    assert state == "ready"
+    assert 25 < due_in <= 31
+    assert s.rows() == {"queued": 50}
+    assert len(s.arrivals()) <= 2
+
+
+def test_a_pause_stops_calls_at_once_and_the_rows_come_back(
+    sending: Any, conn: psycopg.Connection[Any]
+) -> None:
+    s = sending(300, rate=40)
+    s.adopt_first()
+    wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)
+    conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (s.id,))
+    paused_at = time.time()
+    wait_for("the run to end", lambda: not s.rt.engine.runs)
+    assert [t for t in s.arrivals() if t > paused_at + 0.5] == []
+    rows = s.rows()
+    assert rows.get("sending", 0) == 0
+    assert rows["sent"] == len(s.arrivals())
+    assert rows["queued"] == 300 - rows["sent"]
+    assert [b[1] for b in s.batches()] == ["ready"]
+
+
+def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime) -> None:
+    s = sending(300, rate=40)
+    s.adopt_first()
+    wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)
+    runtime.call(runtime.engine.stop(10))
+    stopped_at = time.time()
+    assert not runtime.engine.runs
+    assert [t for t in s.arrivals() if t > stopped_at] == []
+    rows = s.rows()
+    assert rows.get("sending", 0) == 0
+    assert rows["sent"] == len(s.arrivals())
+    assert [b[1] for b in s.batches()] == ["ready"]
+    assert not runtime.call(runtime.engine.adopt(s.batches()[0][0])), "it takes no new work"

@@ -1,0 +1,144 @@
+"""Rate arithmetic against the real database: slots of a channel never closer than 1/rate,
+only within the horizon asked for, pushed back by a provider's Retry-After, shared by runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache
+from shared.db.engine import libpq_url
+from tests.conftest import Api
+
+
+def with_limiter(
+    database_url: str, body: Callable[[RateLimiter], Awaitable[Any]], *, size: int = 4
+) -> Any:
+    async def go() -> Any:
+        async with AsyncConnectionPool(
+            libpq_url(database_url), min_size=1, max_size=size, kwargs={"autocommit": True}
+        ) as pool:
+            return await body(RateLimiter(pool))
+
+    return asyncio.run(go())
+
+
+def gaps(times: list[float]) -> list[float]:
+    ordered = sorted(times)
+    return [b - a for a, b in itertools.pairwise(ordered)]
+
+
+def test_slots_are_one_interval_apart_and_only_within_the_horizon(
+    api: Api, database_url: str
+) -> None:
+    channel = api.channel()["id"]
+    rate = 100.0
+    interval = 1 / (rate * HEADROOM)
+
+    async def body(limiter: RateLimiter) -> None:
+        before = time.time()
+        first = await limiter.reserve(channel, api.workspace_id, rate, 500, within=0.5)
+        # Slots start now; as many as start within half a second, not the 500 asked for.
+        assert len(first.times) == int(0.5 / interval) + 1
+        assert first.times[0] == pytest.approx(before, abs=0.05)
+        assert gaps(first.times) == pytest.approx([interval] * (len(first.times) - 1), abs=1e-5)
+        assert first.next_free == pytest.approx(first.times[-1] + interval)
+        # The channel is now booked half a second ahead: nothing more starts within 0.1 s ...
+        none = await limiter.reserve(channel, api.workspace_id, rate, 5, within=0.1)
+        assert none.times == []
+        assert none.next_free == pytest.approx(first.next_free, abs=0.01)
+        # ... and the next slots follow the last ones without a gap or an overlap.
+        more = await limiter.reserve(channel, api.workspace_id, rate, 5, within=1.0)
+        assert more.times[0] == pytest.approx(first.next_free, abs=0.01)
+        assert gaps(first.times + more.times)[-6:] == pytest.approx([interval] * 6, abs=1e-3)
+
+    with_limiter(database_url, body)
+
+
+def test_slots_taken_at_once_by_many_workers_never_overlap(api: Api, database_url: str) -> None:
+    channel = api.channel()["id"]
+    rate = 200.0
+    interval = 1 / (rate * HEADROOM)
+
+    async def body(limiter: RateLimiter) -> list[float]:
+        async def worker() -> list[float]:
+            taken: list[float] = []
+            for _ in range(10):
+                got = await limiter.reserve(channel, api.workspace_id, rate, 7, within=5.0)
+                taken.extend(got.times)
+            return taken
+
+        return [t for ts in await asyncio.gather(*(worker() for _ in range(6))) for t in ts]
+
+    times = with_limiter(database_url, body, size=6)
+    assert len(times) == 6 * 10 * 7
+    # Spaced in the database's clock; read on this one within a millisecond of it.
+    assert min(gaps(times)) >= interval - 0.001
+    # No one-second window holds more than the rate allows.
+    ordered = sorted(times)
+    for i, t in enumerate(ordered):
+        in_window = sum(1 for u in ordered[i:] if u < t + 1.0)
+        assert in_window <= rate
+
+
+def test_a_providers_retry_after_pushes_the_channel_back_for_everyone(
+    api: Api, database_url: str
+) -> None:
+    channel = api.channel()["id"]
+
+    async def body(limiter: RateLimiter) -> None:
+        await limiter.reserve(channel, api.workspace_id, 50.0, 1, within=1.0)
+        await limiter.throttle(channel, 3.0, "HTTP 429")
+        assert 2.5 < limiter.blocked_for(channel) <= 3.0
+        # Another process's limiter knows nothing yet, but the database does.
+        other = RateLimiter(limiter.pool)
+        got = await other.reserve(channel, api.workspace_id, 50.0, 10, within=1.0)
+        assert got.times == []
+        assert got.next_free >= time.time() + 2.5
+        assert other.blocked_for(channel) > 2.5
+        # The notice other workers hear says the same.
+        third = RateLimiter(limiter.pool)
+        third.hear(f"{channel}:{time.time() + 2}")
+        assert 1.5 < third.blocked_for(channel) <= 2.0
+        third.hear("not a notice")
+        assert third.blocked_for(channel + 1000) == 0.0
+
+    with_limiter(database_url, body)
+
+
+def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database_url: str) -> None:
+    channel = api.channel()["id"]
+    rate = 1000.0
+
+    async def body(limiter: RateLimiter) -> None:
+        calls = 0
+        real = limiter.reserve
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await real(*args, **kw)
+
+        limiter.reserve = counted  # type: ignore[method-assign]
+        cache = SlotCache(limiter, channel, api.workspace_id)
+        taken: list[float] = []
+        for _ in range(8):
+            got = await cache.take(rate, 10, within=1.0, block=100)
+            taken.extend(got.times)
+        assert len(taken) == 80
+        assert calls == 1, "one round trip for a block of 100"
+        assert len(set(taken)) == 80
+        # A slot left unused past its time is dropped, never used late.
+        await asyncio.sleep(0.2)
+        later = await cache.take(rate, 10, within=1.0, block=100)
+        assert min(later.times) >= time.time() - 0.03
+        assert calls == 2
+
+    with_limiter(database_url, body)
