@@ -121,12 +121,17 @@ def rows(conn: psycopg.Connection[Any], broadcast_id: int) -> dict[str, int]:
     )
 
 
-def task_row(conn: psycopg.Connection[Any], broadcast_id: int) -> dict[str, Any]:
-    cur = conn.execute("SELECT * FROM broadcast WHERE id = %s", (broadcast_id,))
+def row_of(conn: psycopg.Connection[Any], table: str, row_id: int) -> dict[str, Any]:
+    """One row of ``table`` (broadcast, delivery), by column name."""
+    cur = conn.execute(f"SELECT * FROM {table} WHERE id = %s", (row_id,))
     names = [d.name for d in cur.description or []]
     row = cur.fetchone()
     assert row is not None
     return dict(zip(names, row, strict=True))
+
+
+def task_row(conn: psycopg.Connection[Any], broadcast_id: int) -> dict[str, Any]:
+    return row_of(conn, "broadcast", broadcast_id)
 
 
 def assert_counters_match_rows(conn: psycopg.Connection[Any], broadcast_id: int) -> None:

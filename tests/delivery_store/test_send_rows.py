@@ -13,6 +13,7 @@ from tests.conftest import Api
 from tests.delivery_store.conftest import (
     assert_counters_match_rows,
     new_task,
+    row_of,
     rows,
     run_batch,
     task_row,
@@ -20,11 +21,7 @@ from tests.delivery_store.conftest import (
 
 
 def delivery(conn: psycopg.Connection[Any], delivery_id: int) -> dict[str, Any]:
-    cur = conn.execute("SELECT * FROM delivery WHERE id = %s", (delivery_id,))
-    names = [d.name for d in cur.description or []]
-    row = cur.fetchone()
-    assert row is not None
-    return dict(zip(names, row, strict=True))
+    return row_of(conn, "delivery", delivery_id)
 
 
 def test_claim_takes_due_queued_rows_of_its_range_under_its_token(

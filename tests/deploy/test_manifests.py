@@ -86,11 +86,16 @@ def test_compose_and_k8s_run_real_cli_commands() -> None:
     assert used <= commands
 
 
-def test_keda_scales_on_the_queues_the_dispatchers_consume() -> None:
+def test_keda_scales_on_batches_in_flight_and_the_queues_the_dispatchers_consume() -> None:
     docs = yaml_docs(DEPLOY / "k8s/dispatcher.yaml")
     [scaled] = [d for d in docs if d["kind"] == "ScaledObject"]
-    queues = {t["metadata"]["queueName"] for t in scaled["spec"]["triggers"]}
+    triggers = scaled["spec"]["triggers"]
+    queues = {t["metadata"]["queueName"] for t in triggers if t["type"] == "rabbitmq"}
     assert queues == {SEND_QUEUE, START_QUEUE}
+    [prometheus] = [t for t in triggers if t["type"] == "prometheus"]
+    used = used_metrics(prometheus["metadata"]["query"])
+    assert used == {"bcast_batches"}
+    assert used <= defined_metrics()
 
 
 def test_scrape_ports_match_the_services_defaults() -> None:

@@ -5,6 +5,7 @@ simulator on loopback: leases, pauses, throttles and stops, with no dramatiq in 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import socket
@@ -18,7 +19,8 @@ import pytest
 from aiohttp import web
 
 from services.dispatcher import metrics, snapshot
-from services.dispatcher.runtime import Runtime
+from services.dispatcher.ratelimit import SlotCache
+from services.dispatcher.runtime import Runtime, RuntimeClosed, RuntimeMiddleware
 from services.simulator.app import SIMULATOR, HookConfig, Simulator, make_app
 from shared import delivery_store as store
 from shared.db.engine import libpq_url
@@ -250,3 +252,53 @@ def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime
     assert rows["sent"] == len(s.arrivals())
     assert [b[1] for b in s.batches()] == ["ready"]
     assert not runtime.call(runtime.engine.adopt(s.batches()[0][0])), "it takes no new work"
+
+
+def test_a_failure_while_taking_slots_leaks_no_place_and_gives_the_rows_back(
+    sending: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kw: Any) -> Any:
+        raise psycopg.OperationalError("the database went away")
+
+    s = sending(20, rate=100)
+    monkeypatch.setattr(SlotCache, "take", broken)
+    s.adopt_first()
+    wait_for("the run to end", lambda: not runtime.engine.runs)
+    assert s.arrivals() == []
+    assert s.rows() == {"queued": 20}
+    assert [b[1] for b in s.batches()] == ["ready"]
+    lanes = list(runtime._lanes.values())
+    assert lanes
+    assert all(lane.used == 0 for lane in lanes), "every lane place came back"
+    assert runtime.calls.used == 0
+
+
+def test_the_middleware_opens_the_runtime_with_the_worker_and_closes_all_of_it(
+    settings: Settings,
+) -> None:
+    from dramatiq import Worker
+    from dramatiq.brokers.stub import StubBroker
+
+    threshold = gc.get_threshold()
+    broker = StubBroker()
+    middleware = RuntimeMiddleware(lambda: settings)
+    broker.add_middleware(middleware)
+    worker = Worker(broker, worker_threads=1)
+    try:
+        worker.start()
+        rt = middleware.current()
+        assert not rt.closed
+        assert rt.call(asyncio.sleep(0, "up")) == "up"
+        worker.stop()
+        assert rt.closed
+        assert rt.http.closed
+        assert rt.pool.closed
+        assert rt.loop.is_closed()
+        with pytest.raises(RuntimeClosed):
+            middleware.current()
+        with pytest.raises(RuntimeClosed):
+            rt.call(asyncio.sleep(0))
+    finally:
+        broker.close()
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
