@@ -755,11 +755,14 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
 
 
 def drop_finished_batches() -> Op[int]:
-    """Batches of tasks that are completed or canceled have nothing left to do: drop them."""
+    """Batches of tasks that are completed or canceled have nothing left to do: drop them
+    (a batch still being run is left to its run, which gives it back in a moment).
+    """
     result = yield Query(
         """
         DELETE FROM delivery_batch b USING broadcast t
         WHERE t.id = b.broadcast_id AND t.status IN ('completed', 'canceled')
+          AND (b.state <> 'running' OR b.lease_expires_at < now())
         """
     )
     return result.rowcount

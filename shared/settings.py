@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     #: Postgres connections of each dispatcher process's pool (plus one that listens for
     #: pauses and throttles), whatever its thread count.
     dispatcher_db_connections: int = Field(default=3, ge=2)
+    #: Longest one provider call may take (HTTP request, SMTP conversation).
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Attempts per recipient before a transient error becomes a failure.
     max_attempts: int = Field(default=5, gt=0)
@@ -95,6 +96,18 @@ class Settings(BaseSettings):
                 "must be a postgresql:// URL, e.g. postgresql://postgres@127.0.0.1/bcast"
             )
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> Settings:
+        # A run starts a call only while its lease will outlast it (see lease.py).
+        least = 2 * (self.send_timeout_seconds + 1)
+        if self.lease_seconds < least:
+            raise ValueError(
+                f"BCAST_LEASE_SECONDS ({self.lease_seconds:g}) must be at least twice "
+                f"BCAST_SEND_TIMEOUT_SECONDS + 1 ({least:g}): a dispatcher starts a provider "
+                "call only while its lease will outlast the call"
+            )
+        return self
 
     @model_validator(mode="after")
     def _s3_needs_a_bucket(self) -> Settings:

@@ -118,6 +118,7 @@ class BatchRun:
         self._sleepers: set[asyncio.Future[None]] = set()
         #: A fresh slot for a send that missed its own.
         self._reslot: Callable[[], Awaitable[Slots]]
+        self._lease: RunLease
         self._ids = {"broadcast_id": batch.broadcast_id, "batch_id": batch.id}
 
     # --- the loop ----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class BatchRun:
         lane = self.rt.lane(job)
         slots = self.rt.slots(job)
         self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
-        lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt)
+        lease = self._lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt)
         recorder = Recorder(self.rt, job, self.batch, self.policy)
         stop_flushing = asyncio.Event()
         helpers = [
@@ -300,7 +301,11 @@ class BatchRun:
         started = time.perf_counter()
         try:
             return await job.adapter.send(
-                job.message, row.address, str(row.id), parts_done=row.parts_done
+                job.message,
+                row.address,
+                str(row.id),
+                parts_done=row.parts_done,
+                may_go_on=lambda: self._may_call(self._lease),
             )
         except Exception as exc:  # an adapter bug must not strand the row
             # The exception's text may quote a URL with a credential in it (a bot token): it

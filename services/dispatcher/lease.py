@@ -1,10 +1,11 @@
 """A run's lease on its batch: kept while the run lives, and known to be lost in time.
 
 The lease is the batch row's ``lease_expires_at``; the rows a run holds are its rows while the
-lease holds. The run renews it every third of its length, retrying after errors. It knows, on
-its own clock, until when the lease surely holds: from the moment it *asked* for the last
-successful renewal, less a margin, so however slow the database or the network, the run stops
-starting provider calls before the sweeper can hand its rows to anyone else.
+lease holds. The run renews it every quarter of its length, retrying after errors. It knows, on
+its own clock, until when it may start a provider call: from the moment it *asked* for the
+last successful renewal, plus the lease, less the longest a call may take (the send timeout)
+and a second. So however slow the database or the network, every call the run starts ends
+before the sweeper can hand its rows to anyone else.
 """
 
 from __future__ import annotations
@@ -44,19 +45,20 @@ class RunLease:
         self.rt = rt
         self.batch = batch
         self.seconds = rt.settings.lease_seconds
-        self.margin = min(5.0, self.seconds / 5)
+        #: A call started before ``valid_until`` ends before the lease can run out.
+        self.margin = rt.settings.send_timeout_seconds + 1.0
         self.valid_until = claimed_at + self.seconds - self.margin
         self.lost = False
         self._on_lost = on_lost
 
     def held(self) -> bool:
-        """May the run still start a provider call?"""
+        """May the run still start a provider call (one that will end before the lease can)?"""
         return not self.lost and time.monotonic() < self.valid_until
 
     async def keep(self) -> None:
         """Renew until cancelled, or until the lease is lost."""
         while True:
-            await asyncio.sleep(self.seconds / 3)
+            await asyncio.sleep(self.seconds / 4)
             while True:
                 asked = time.monotonic()
                 try:

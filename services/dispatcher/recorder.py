@@ -116,21 +116,31 @@ class Recorder:
             metrics.DELIVERIES.labels(self.job.kind, label).inc(count)
         if calls := len(taken) - labels["released"]:
             metrics.CHANNEL_SENDS.labels(str(self.job.channel_id), self.job.kind).inc(calls)
-        dropped = len(taken) - len(written)
-        if dropped:
-            metrics.RESULTS_DROPPED.labels(self.job.kind).inc(dropped)
-            log.error(
-                "broadcast %s batch %s: %s results not written: the run lost its lease and "
-                "the rows were taken back (another run sends them)",
-                self.batch.broadcast_id,
-                self.batch.id,
-                dropped,
-                extra={
-                    "broadcast_id": self.batch.broadcast_id,
-                    "batch_id": self.batch.id,
-                    "channel_id": self.job.channel_id,
-                },
-            )
+        if len(written) < len(taken):
+            self._report_dropped(taken, set(written))
+
+    def _report_dropped(self, taken: list[tuple[Record, str]], written: set[int]) -> None:
+        """Records of rows the run no longer held (its lease was lost and the rows taken back):
+        results of calls that were made are counted and logged; rows never called just went
+        back already.
+        """
+        results = sum(1 for r, label in taken if r.id not in written and label != "released")
+        if not results:
+            return
+        metrics.RESULTS_DROPPED.labels(self.job.kind).inc(results)
+        log.error(
+            "broadcast %s batch %s: %s results not written: the run had lost its lease and "
+            "the rows were taken back; those recipients may get the message again (same "
+            "idempotency key)",
+            self.batch.broadcast_id,
+            self.batch.id,
+            results,
+            extra={
+                "broadcast_id": self.batch.broadcast_id,
+                "batch_id": self.batch.id,
+                "channel_id": self.job.channel_id,
+            },
+        )
 
     async def keep_flushing(self, stop: asyncio.Event) -> None:
         """Write every ``FLUSH_SECONDS`` until ``stop`` is set (the last write is the run's)."""

@@ -69,6 +69,10 @@ def decide(
     parts = max(parts_before, outcome.parts_done)
     if isinstance(outcome, Permanent):
         return _final(outcome.reason, parts)
+    if outcome.held_back:
+        return Decision(
+            DeliveryStatus.QUEUED, attempt_used=False, reason=outcome.reason, label="released"
+        )
     if outcome.throttled:
         return Decision(
             DeliveryStatus.QUEUED,

@@ -64,7 +64,8 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
     rt = Runtime(
         settings.model_copy(
             update={
-                "lease_seconds": 3.0,
+                "lease_seconds": 6.0,
+                "send_timeout_seconds": 2.0,
                 "retry_base_seconds": 0.2,
                 "retry_max_seconds": 1.0,
                 "dispatcher_db_connections": 3,
@@ -164,7 +165,15 @@ def test_one_message_sends_a_whole_broadcast_batch_after_batch(sending: Any) -> 
     wait_for("the run to end", lambda: not s.rt.engine.runs)
 
 
-def test_a_run_that_cannot_renew_its_lease_stops_calling_before_anyone_can_take_its_rows(
+def expire_lease(conn: psycopg.Connection[Any], broadcast_id: int) -> None:
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' "
+        "WHERE broadcast_id = %s",
+        (broadcast_id,),
+    )
+
+
+def test_a_run_that_cannot_renew_its_lease_stops_calling_in_time_and_loses_nothing(
     sending: Any,
     conn: psycopg.Connection[Any],
     caplog: pytest.LogCaptureFixture,
@@ -174,7 +183,7 @@ def test_a_run_that_cannot_renew_its_lease_stops_calling_before_anyone_can_take_
     monkeypatch.setattr(
         store, "renew", lambda *a, **kw: store.One(store.Query("SELECT no_renewal()"), bool)
     )
-    s = sending(300, rate=40, latency_ms=2000)
+    s = sending(300, rate=40, latency_ms=1500)
     dropped_before = metrics.RESULTS_DROPPED.labels("webhook")._value.get()
     lost_before = metrics.LEASES_LOST._value.get()
     with caplog.at_level(logging.WARNING):
@@ -196,16 +205,41 @@ def test_a_run_that_cannot_renew_its_lease_stops_calling_before_anyone_can_take_
         taken_at = time.time()
         assert taken.batches == 1
         wait_for("the run to end", lambda: not s.rt.engine.runs)
-    # The run stopped calling before its lease ran out: nothing it held was sent twice.
+    # The run started its last call early enough for it to end before the lease could run
+    # out: nothing it held was called after the rows were taken back, and every answer it got
+    # was written while the rows were still its own.
     assert [t for t in s.arrivals() if t > taken_at] == []
     assert metrics.LEASES_LOST._value.get() == lost_before + 1
-    # Calls still at the provider when the rows were taken back: their answers are not
-    # written, and that is counted and logged with the broadcast's id.
-    assert metrics.RESULTS_DROPPED.labels("webhook")._value.get() > dropped_before
-    assert s.rows().get("sending", 0) == 0
+    assert metrics.RESULTS_DROPPED.labels("webhook")._value.get() == dropped_before
+    rows = s.rows()
+    assert rows["sent"] == len(s.arrivals())
+    assert rows["queued"] == 300 - rows["sent"]
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"broadcast {s.id} " in m and "lease renewal failed" in m for m in messages)
     assert any(f"broadcast {s.id} " in m and "could not be renewed in time" in m for m in messages)
+
+
+def test_answers_that_come_back_after_a_stalled_runs_rows_were_taken_back_are_reported(
+    sending: Any, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = sending(300, rate=40, latency_ms=1500)
+    dropped_before = metrics.RESULTS_DROPPED.labels("webhook")._value.get()
+    s.adopt_first()
+    wait_for("calls to be under way", lambda: len(s.arrivals()) >= 20)
+    # As if the process had stalled past its lease: the sweeper takes the batch back while
+    # calls are at the provider.
+    expire_lease(conn, s.id)
+    with caplog.at_level(logging.ERROR):
+        assert store.run(conn, store.take_back(orphan_after=30, republish_after=60)).batches == 1
+        wait_for("the run to end", lambda: not s.rt.engine.runs)
+    # Its next renewal told it the batch was no longer its own: it stopped, and the answers
+    # of the calls under way were not written (another run sends those rows), but counted
+    # and logged with the broadcast's id.
+    assert metrics.RESULTS_DROPPED.labels("webhook")._value.get() > dropped_before
+    assert s.rows().get("sending", 0) == 0
+    assert s.rows().get("sent", 0) < len(s.arrivals())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"broadcast {s.id} " in m and "taken back by the sweeper" in m for m in messages)
     assert any(f"broadcast {s.id} " in m and "results not written" in m for m in messages)
 
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
-from services.dispatcher.channels.base import MediaRef, OutboundMessage, join_ids, parse_retry_after
+from services.dispatcher.channels.base import (
+    MediaRef,
+    OutboundMessage,
+    Outcome,
+    Permanent,
+    Sent,
+    Transient,
+    join_ids,
+    parse_retry_after,
+    send_in_parts,
+)
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from services.simulator.app import max_in_window
@@ -81,3 +92,31 @@ def test_most_arrivals_in_any_half_open_second() -> None:
 )
 def test_addresses_are_stored_in_one_form(kind: ChannelKind, given: str, stored: str) -> None:
     assert normalize_address(kind, given) == stored
+
+
+def test_a_several_part_message_stops_between_parts_when_told_and_goes_on_later() -> None:
+    made: list[str] = []
+    allowed = [True]
+
+    async def call(index: int, key: str) -> Outcome:
+        made.append(key)
+        allowed[0] = False  # a pause lands while the first part is at the provider
+        return Sent(f"m{index}")
+
+    first = asyncio.run(send_in_parts(3, 0, "42", call, lambda: allowed[0]))
+    assert made == ["42-0"]
+    assert first == Transient(
+        "held back before part 2 of 3", parts_done=1, provider_message_id="m0", held_back=True
+    )
+    allowed[0] = True
+    rest = asyncio.run(send_in_parts(3, 1, "42", call, lambda: True))
+    assert made == ["42-0", "42-1", "42-2"], "each part exactly once"
+    assert rest == Sent("m1,m2")
+
+
+def test_a_part_refused_after_others_were_accepted_reports_them() -> None:
+    async def call(index: int, key: str) -> Outcome:
+        return Permanent("no") if index == 2 else Sent(f"m{index}")
+
+    outcome = asyncio.run(send_in_parts(3, 0, "7", call))
+    assert outcome == Permanent("no", parts_done=2, provider_message_id="m0,m1")

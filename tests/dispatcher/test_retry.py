@@ -103,6 +103,20 @@ POLICY = RetryPolicy(max_attempts=5, base_seconds=2.0, max_seconds=300.0, thrott
                 label="partial",
             ),
         ),
+        # Held back between the parts of a message (a pause): not a failure, no attempt spent,
+        # the rest goes when the row is claimed again.
+        (
+            Transient("held back before part 2 of 3", parts_done=1, held_back=True),
+            4,
+            0,
+            0.5,
+            Decision(
+                S.QUEUED,
+                attempt_used=False,
+                reason="held back before part 2 of 3",
+                label="released",
+            ),
+        ),
         # Throttled: the channel's fault, not the recipient's. The attempt does not count, even
         # at the last one, and the wait is what the provider asked (or the default).
         (

@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 
 from services.dispatcher.channels.base import ChannelAdapter
-from services.dispatcher.channels.smtp import SmtpAdapter
+from services.dispatcher.channels.smtp import TIMEOUT_SECONDS, SmtpAdapter
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
@@ -22,7 +22,9 @@ class UnsupportedChannel(Exception):
 def make_adapter(
     kind: str, config: dict[str, Any], http: aiohttp.ClientSession, store: MediaStore
 ) -> ChannelAdapter:
-    """The adapter for one channel."""
+    """The adapter for one channel. An HTTP call takes at most the session's total timeout
+    (the dispatcher's send timeout).
+    """
     if kind == ChannelKind.WEBHOOK:
         return WebhookAdapter(config, http)
     if kind == ChannelKind.TELEGRAM:
@@ -30,5 +32,8 @@ def make_adapter(
     if kind == ChannelKind.WHATSAPP:
         return WhatsappAdapter(config, http)
     if kind == ChannelKind.SMTP:
-        return SmtpAdapter(config, store)
+        # An SMTP send is a few commands on a pooled connection; each gets a third of the
+        # send timeout, so the whole stays about within it.
+        total = http.timeout.total
+        return SmtpAdapter(config, store, timeout=total / 3 if total else TIMEOUT_SECONDS)
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

@@ -51,6 +51,9 @@ class Transient:
     #: Parts of a several-call message the provider already accepted (kept for the retry).
     parts_done: int = 0
     provider_message_id: str | None = None
+    #: Not a failure: the sender stopped before the next part (a pause, a lost lease); the
+    #: rest goes later, and no attempt is spent.
+    held_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class Permanent:
 Outcome = Sent | Transient | Permanent
 
 
+def go_on() -> bool:
+    """The default answer to "may the next part of a message go?": yes."""
+    return True
+
+
 class ChannelAdapter(Protocol):
     """Turns one message for one address into provider calls, and the answers into an outcome.
 
@@ -80,11 +88,19 @@ class ChannelAdapter(Protocol):
     max_in_flight: int | None
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+        self,
+        message: OutboundMessage,
+        address: str,
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
         """Send to one address. A message that takes several provider calls (several images
         on a provider without albums) skips the first ``parts_done`` calls, which an earlier
-        attempt already made, so a retry never repeats them.
+        attempt already made, so a retry never repeats them, and makes each next call only
+        if ``may_go_on()`` (a pause stops a message between its parts, not only between
+        recipients).
         """
         ...
 
@@ -124,6 +140,7 @@ async def send_in_parts(
     parts_done: int,
     idempotency_key: str,
     call: Callable[[int, str], Awaitable[Outcome]],
+    may_go_on: Callable[[], bool] = go_on,
 ) -> Outcome:
     """Make the calls of a several-call message in order, from ``parts_done`` on.
 
@@ -134,6 +151,13 @@ async def send_in_parts(
     """
     ids: list[str] = []
     for index in range(parts_done, count):
+        if index > parts_done and not may_go_on():
+            return Transient(
+                f"held back before part {index + 1} of {count}",
+                parts_done=index,
+                provider_message_id=join_ids(None, ids),
+                held_back=True,
+            )
         key = idempotency_key if count == 1 else f"{idempotency_key}-{index}"
         outcome = await call(index, key)
         if isinstance(outcome, Transient):

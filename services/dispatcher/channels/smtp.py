@@ -17,6 +17,7 @@ import smtplib
 import ssl
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -28,13 +29,15 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
+    go_on,
     reason,
 )
 from shared.media_store import MediaStore
 
 #: Open connections kept per channel.
 POOL_SIZE = 8
-TIMEOUT_SECONDS = 30
+#: Longest one SMTP conversation may take, unless the dispatcher says otherwise.
+TIMEOUT_SECONDS = 30.0
 UNREACHABLE_CODES = frozenset({550, 551, 553})
 #: The server is shedding load: slow the whole channel down. (450/451/452 are about one
 #: mailbox, e.g. greylisting: that recipient is retried, the channel keeps its pace.)
@@ -45,11 +48,14 @@ class SmtpAdapter:
     """Parameters:
     config: ``host``, ``port``, ``username``, ``password``, ``starttls``, ``from_address``.
     store: where the images' bytes are, to embed them.
+    timeout: seconds one SMTP command may take.
     """
 
     max_in_flight: int | None = POOL_SIZE
 
-    def __init__(self, config: dict[str, Any], store: MediaStore) -> None:
+    def __init__(
+        self, config: dict[str, Any], store: MediaStore, *, timeout: float = TIMEOUT_SECONDS
+    ) -> None:
         self.host = str(config["host"])
         self.port = int(config.get("port") or 587)
         self.username = config.get("username") or None
@@ -57,6 +63,7 @@ class SmtpAdapter:
         self.starttls = bool(config.get("starttls", True))
         self.from_address = str(config["from_address"])
         self.store = store
+        self.timeout = timeout
         self._pool: deque[smtplib.SMTP] = deque()
         self._lock = threading.Lock()
         self._images: tuple[OutboundMessage, list[tuple[bytes, str, str]]] | None = None
@@ -96,7 +103,13 @@ class SmtpAdapter:
         return self._images[1]
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+        self,
+        message: OutboundMessage,
+        address: str,
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
         try:
             email = self.build(message, address, idempotency_key)
@@ -140,7 +153,7 @@ class SmtpAdapter:
             with self._lock:
                 if self._pool:
                     return self._pool.popleft()
-        conn = smtplib.SMTP(self.host, self.port, timeout=TIMEOUT_SECONDS)
+        conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
         try:
             conn.ehlo()
             if self.starttls:

@@ -8,6 +8,7 @@ trouble are transient. Images go as the API's signed, expiring URLs (Telegram fe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
+    go_on,
     reason,
     send_in_parts,
 )
@@ -60,7 +62,13 @@ class TelegramAdapter:
         return calls
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+        self,
+        message: OutboundMessage,
+        address: str,
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
         calls = self.calls(message, address)
 
@@ -68,7 +76,7 @@ class TelegramAdapter:
             method, payload = calls[index]
             return await self._call(method, payload, key)
 
-        return await send_in_parts(len(calls), parts_done, idempotency_key, call)
+        return await send_in_parts(len(calls), parts_done, idempotency_key, call, may_go_on)
 
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
         try:

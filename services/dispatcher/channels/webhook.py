@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
+    go_on,
     parse_retry_after,
     reason,
 )
@@ -47,7 +49,13 @@ class WebhookAdapter:
         self._cached: tuple[OutboundMessage, bytes] | None = None
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+        self,
+        message: OutboundMessage,
+        address: str,
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
         body = b"".join(
             (

@@ -9,6 +9,7 @@ or unregistered recipient (131026, 133010) is permanent and marks the contact un
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from services.dispatcher.channels.base import (
     Permanent,
     Sent,
     Transient,
+    go_on,
     reason,
     send_in_parts,
 )
@@ -65,7 +67,13 @@ class WhatsappAdapter:
         return parts
 
     async def send(
-        self, message: OutboundMessage, address: str, idempotency_key: str, *, parts_done: int = 0
+        self,
+        message: OutboundMessage,
+        address: str,
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
         parts = self.parts(message)
 
@@ -78,7 +86,7 @@ class WhatsappAdapter:
             }
             return await self._call(body, key)
 
-        return await send_in_parts(len(parts), parts_done, idempotency_key, call)
+        return await send_in_parts(len(parts), parts_done, idempotency_key, call, may_go_on)
 
     async def _call(self, body: dict[str, Any], key: str) -> Outcome:
         headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
