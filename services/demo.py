@@ -70,17 +70,18 @@ def follow(
         TextColumn("{task.completed:>7.0f}/{task.total:<7.0f}"),
         TextColumn(
             "sent [green]{task.fields[sent]}[/] failed [red]{task.fields[failed]}[/] "
-            "queued {task.fields[queued]} canceled {task.fields[canceled]}"
+            "partial {task.fields[partial]} queued {task.fields[queued]} "
+            "canceled {task.fields[canceled]}"
         ),
         TimeElapsedColumn(),
     )
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("", total=1, sent=0, failed=0, queued=0, canceled=0)
+        task = progress.add_task("", total=1, sent=0, failed=0, partial=0, queued=0, canceled=0)
         while True:
             b = fetch()
             c = b["counts"]
             total = c["total"] or b["audience_size"]
-            done = c["sent"] + c["failed"] + c["canceled"] + c["skipped"]
+            done = c["total"] - c["queued"] if c["total"] else 0
             progress.update(
                 task,
                 description=f"broadcast {broadcast_id} {b['status']}",
@@ -88,6 +89,7 @@ def follow(
                 completed=done,
                 sent=c["sent"],
                 failed=c["failed"],
+                partial=c.get("partial", 0),
                 queued=c["queued"],
                 canceled=c["canceled"],
             )

@@ -41,6 +41,10 @@ RELAY_LOCK = 0x6263_0003
 
 QUEUED = DeliveryStatus.QUEUED.value
 SENDING = DeliveryStatus.SENDING.value
+#: A run waits in place (a coroutine, no thread) at most this long for its channel's next slot
+#: or its rows' next attempt; longer, and it gives its batch back until then. The relay holds
+#: back the batches of a channel booked or throttled further ahead than this.
+MAX_WAIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,54 +318,51 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
     return Batch(row[0], row[1], row[2], row[3], token) if row else None
 
 
-def next_batch(broadcast_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | None]:
-    """Take the next due, ready batch of a task being sent (a run that finished its batch
-    goes on with the next, keeping the task's number of batches in flight the same).
+def renew(batches: Sequence[Batch], *, lease: float) -> One[set[int]]:
+    """Extend the leases of a process's runs in one statement; returns the ids of the batches
+    still held (a batch missing from it was taken back).
     """
-    row = (
-        yield Query(
-            f"""
-            UPDATE delivery_batch SET {_RUNNING}
-            WHERE id = (
-                SELECT id FROM delivery_batch
-                WHERE broadcast_id = %(b)s AND state = 'ready' AND due_at <= now()
-                ORDER BY due_at, id LIMIT 1
-                FOR UPDATE SKIP LOCKED
-            ) AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
-            RETURNING id, broadcast_id, first_id, last_id
-            """,
-            {"b": broadcast_id, "t": token, "lease": lease},
-        )
-    ).first()
-    return Batch(row[0], row[1], row[2], row[3], token) if row else None
-
-
-def renew(batch: Batch, *, lease: float) -> One[bool]:
-    """Extend a run's lease; False when the run no longer holds its batch (taken back)."""
     return One(
         Query(
             """
-            UPDATE delivery_batch SET lease_expires_at = now() + %(lease)s * interval '1 second'
-            WHERE id = %(id)s AND run_token = %(t)s AND state = 'running'
+            UPDATE delivery_batch b
+            SET lease_expires_at = now() + %(lease)s * interval '1 second'
+            FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS v(id, token)
+            WHERE b.id = v.id AND b.run_token = v.token AND b.state = 'running'
+            RETURNING b.id
             """,
-            {"id": batch.id, "t": batch.token, "lease": lease},
+            {
+                "ids": [b.id for b in batches],
+                "tokens": [b.token for b in batches],
+                "lease": lease,
+            },
         ),
-        lambda result: result.rowcount == 1,
+        lambda result: {int(r[0]) for r in result.rows},
     )
 
 
-def end_run(batch: Batch, *, done: bool, due_in: float = 0.0, keep: Sequence[int] = ()) -> Op[int]:
+def end_run(
+    batch: Batch,
+    *,
+    done: bool,
+    due_in: float = 0.0,
+    keep: Sequence[int] = (),
+    next_token: uuid.UUID | None = None,
+    lease: float = 0.0,
+) -> Op[tuple[int, Batch | None]]:
     """A run ends: rows it still holds come back unsent (their attempt given back), and its
-    batch is ``done`` or ``ready`` again, due in ``due_in`` seconds. Rows in ``keep`` (results
-    the run could not write) stay held; the sweeper decides about them when the lease runs
-    out. Returns how many rows came back.
+    batch is ``done`` or ``ready`` again, due in ``due_in`` seconds. With ``next_token`` the
+    run goes on with the task's next due batch, taken in the same transaction, so the task's
+    number of batches in flight never grows between the two. Rows in ``keep`` (results the
+    run could not write) stay held, and so does the batch: the sweeper decides about them once
+    the lease runs out. Returns how many rows came back, and the next batch if one was taken.
     """
     status = yield from _lock_task(batch.broadcast_id)
     back = yield from _come_back(
         batch.broadcast_id, status, [batch.token], keep=keep, attempt_used=False
     )
     if keep:
-        return back
+        return back, None
     yield Query(
         """
         UPDATE delivery_batch
@@ -376,7 +377,25 @@ def end_run(batch: Batch, *, done: bool, due_in: float = 0.0, keep: Sequence[int
             "t": batch.token,
         },
     )
-    return back
+    if next_token is None or status != BroadcastStatus.IN_PROGRESS:
+        return back, None
+    row = (
+        yield Query(
+            f"""
+            UPDATE delivery_batch SET {_RUNNING}
+            WHERE id = (
+                SELECT id FROM delivery_batch
+                WHERE broadcast_id = %(b)s AND state = 'ready' AND due_at <= now()
+                  AND id <> %(id)s
+                ORDER BY due_at, id LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, broadcast_id, first_id, last_id
+            """,
+            {"b": batch.broadcast_id, "id": batch.id, "t": next_token, "lease": lease},
+        )
+    ).first()
+    return back, Batch(row[0], row[1], row[2], row[3], next_token) if row else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +439,14 @@ def progress(broadcast_id: int, first_id: int, last_id: int) -> One[Progress]:
     )
 
 
+#: When a channel may take batches again: once its provider's Retry-After has passed and its
+#: slots are booked no more than ``MAX_WAIT`` ahead (``r`` is its ``channel_rate`` row).
+_FREE_AT = """
+    greatest(coalesce(r.blocked_until, '-infinity'),
+             coalesce(r.tat, '-infinity') - %(wait)s * interval '1 second')
+"""
+
+
 def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tuple[int, int]]]:
     """Pick the batches to hand to the dispatchers now and mark them ``queued``; returns
     (batch id, broadcast id) pairs. The caller publishes a message for each inside the same
@@ -429,13 +456,16 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
     The window: a task being sent has at most ``ceil(rate / per_batch_rate)`` batches in
     flight (at least 2, at most ``max_window``): enough to reach its channel's rate, and few
     enough that the send queue never holds more than a few messages per task, so a new task
-    never waits behind the backlog of another. One relay runs at a time (advisory lock).
+    never waits behind the backlog of another. Batches of a channel throttled by its provider
+    or booked more than ``MAX_WAIT`` ahead wait until it is free (``_free_at``), so a channel
+    that must wait is not handed batch after batch that would only be given back. One relay
+    runs at a time (advisory lock).
     """
     locked = (yield Query("SELECT pg_try_advisory_xact_lock(%(k)s)", {"k": RELAY_LOCK})).scalar()
     if not locked:
         return []
     result = yield Query(
-        """
+        f"""
         WITH picked AS (
             SELECT next.id
             FROM broadcast t
@@ -451,7 +481,8 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
                 ORDER BY due_at, id
                 LIMIT greatest(w.room, 0)
             ) AS next
-            WHERE t.status = 'in_progress'
+            LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
+            WHERE t.status = 'in_progress' AND {_FREE_AT} <= now()
             LIMIT %(limit)s
         )
         UPDATE delivery_batch b
@@ -460,23 +491,27 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
         WHERE b.id = picked.id AND b.state = 'ready'
         RETURNING b.id, b.broadcast_id
         """,
-        {"max": max_window, "per": per_batch_rate, "limit": limit},
+        {"max": max_window, "per": per_batch_rate, "limit": limit, "wait": MAX_WAIT},
     )
     return sorted((int(r[0]), int(r[1])) for r in result.rows)
 
 
 def next_relay_in() -> Op[float | None]:
-    """Seconds until the next ready batch of a task being sent falls due (None: none waits).
-    Batches already due but held back by a full window are not waited for here: the batch that
-    leaves the window makes room and wakes the relay (``bcast_batch``).
+    """Seconds until the next ready batch of a task being sent falls due, or its channel is
+    free again (None: none waits). Batches already due but held back by a full window are not
+    waited for here: the batch that leaves the window makes room and wakes the relay
+    (``bcast_batch``).
     """
     seconds = (
         yield Query(
-            """
-            SELECT extract(epoch FROM min(b.due_at) - now())::float8
+            f"""
+            SELECT extract(epoch FROM min(greatest(b.due_at, {_FREE_AT})) - now())::float8
             FROM broadcast t JOIN delivery_batch b ON b.broadcast_id = t.id
-            WHERE t.status = 'in_progress' AND b.state = 'ready' AND b.due_at > now()
-            """
+            LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
+            WHERE t.status = 'in_progress' AND b.state = 'ready'
+              AND greatest(b.due_at, {_FREE_AT}) > now()
+            """,
+            {"wait": MAX_WAIT},
         )
     ).scalar()
     return None if seconds is None else max(0.0, float(seconds))
@@ -501,8 +536,9 @@ class Claimed:
 
 def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
-    still being sent. Rows of contacts who opted out or became unreachable since the snapshot
-    are left for ``skip_gone``. Rows another run holds are passed over, never waited for.
+    still being sent and the run still holds its batch. Rows of contacts who opted out or
+    became unreachable since the snapshot are left for ``skip_gone``. Rows another run holds
+    are passed over, never waited for.
     """
     return One(
         Query(
@@ -523,11 +559,14 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
             FROM picked
             WHERE d.id = picked.id
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+              AND EXISTS (SELECT 1 FROM delivery_batch
+                          WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running')
             RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
                       d.provider_message_id
             """,
             {
                 "b": batch.broadcast_id,
+                "batch": batch.id,
                 "lo": batch.first_id,
                 "hi": batch.last_id,
                 "n": limit,

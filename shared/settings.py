@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     dispatcher_max_batches: int = Field(default=256, gt=0)
     #: Postgres connections of each dispatcher process's pool (plus one that listens for
     #: pauses and throttles), whatever its thread count.
-    dispatcher_db_connections: int = Field(default=3, ge=2)
+    dispatcher_db_connections: int = Field(default=2, ge=2)
     #: Longest one provider call may take (HTTP request, SMTP conversation).
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Attempts per recipient before a transient error becomes a failure.

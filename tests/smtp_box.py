@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections import Counter
 from email import message_from_bytes, policy
@@ -23,6 +24,8 @@ class Mailbox:
         self.refuse: set[str] = set()
         self.transient_first = 0
         self.tries: Counter[str] = Counter()
+        #: Seconds the server sits on a message before answering DATA (a stalled relay).
+        self.stall_seconds = 0.0
         #: Sessions that greeted (EHLO), and those that ended with QUIT (a polite close).
         self.greetings = 0
         self.quits = 0
@@ -64,6 +67,8 @@ class Mailbox:
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Session, envelope: Envelope
     ) -> str:
+        if self.stall_seconds:
+            await asyncio.sleep(self.stall_seconds)
         content = (
             envelope.content
             if isinstance(envelope.content, bytes)

@@ -1,10 +1,10 @@
 """The dispatcher's dramatiq actors. Run them with ``bcast dispatcher``.
 
-Each actor is a thin shell over the process's runtime: ``start_broadcast`` copies an audience
-(once), ``send_batch`` hands a batch to the engine and is free again at once. Both are safe to
+Each actor is a thin shell over the process's engine: ``start_broadcast`` starts an audience
+copy, ``send_batch`` starts a batch run, and the thread is free again at once. Both are safe to
 run twice for the same message: the work they do is decided by rows in Postgres, not by the
 message. A message that arrives while the process is stopping goes back to the queue for
-another process.
+another process; one that finds the process full comes back a moment later.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware.prometheus import Prometheus
 
-from services.dispatcher import snapshot
+from services.dispatcher.engine import Taken
 from services.dispatcher.runtime import RuntimeClosed, RuntimeMiddleware
 from shared.broker import (
     SEND_ACTOR,
@@ -48,6 +48,9 @@ ACTOR_OPTIONS: dict[str, Any] = {
     "max_backoff": 60_000,
     "time_limit": TIME_LIMIT_MS,
 }
+#: A batch message that finds this process running all the batches it may comes back after
+#: this long (another process may take it meanwhile).
+FULL_DELAY_MS = 1000
 
 
 @dramatiq.actor(actor_name=START_ACTOR, queue_name=START_QUEUE, **ACTOR_OPTIONS)
@@ -57,8 +60,10 @@ def start_broadcast(broadcast_id: int) -> None:
     """
     try:
         rt = runtime.current()
-        rt.call(snapshot.start(rt, broadcast_id))
+        taken = rt.call(rt.engine.start_copy(broadcast_id))
     except RuntimeClosed:
+        taken = Taken.STOPPING
+    if taken is not Taken.TAKEN:
         broker.enqueue(start_message(broadcast_id))
 
 
@@ -67,8 +72,10 @@ def send_batch(batch_id: int) -> None:
     """Claim a batch and run it on this process's engine; the thread is free again at once."""
     try:
         rt = runtime.current()
-        adopted = rt.call(rt.engine.adopt(batch_id))
+        taken = rt.call(rt.engine.adopt(batch_id))
     except RuntimeClosed:
-        adopted = False
-    if not adopted:
+        taken = Taken.STOPPING
+    if taken is Taken.FULL:
+        broker.enqueue(send_batch_message(batch_id), delay=FULL_DELAY_MS)
+    elif taken is Taken.STOPPING:
         broker.enqueue(send_batch_message(batch_id))

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ from typing import TYPE_CHECKING
 from services.dispatcher import metrics
 from services.dispatcher.channels.base import Outcome, Transient
 from services.dispatcher.jobs import Job, load_job
-from services.dispatcher.lease import RunLease
+from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
 from services.dispatcher.recorder import Recorder
 from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
-from shared.delivery_store import Batch, Claimed
+from shared.delivery_store import MAX_WAIT, Batch, Claimed
 from shared.domain.lifecycle import BroadcastStatus
 
 if TYPE_CHECKING:
@@ -47,9 +48,10 @@ log = logging.getLogger(__name__)
 
 #: Rows are claimed, and slots taken, for at most this far ahead.
 LOOKAHEAD = 1.0
-#: A run waits in place (a coroutine, no thread) at most this long for its channel's next
-#: slot or its rows' next attempt; longer, and it gives the batch back until then.
-MAX_WAIT = 2.0
+#: A run given back after an error (the database, a bug) is due again this much later.
+ERROR_DELAY = 5.0
+#: Pause between attempts to write the last results of a run.
+RETRY_SECONDS = 0.5
 #: Fresh slots a send late for its own may take before it gives its row back.
 MAX_RESLOTS = 5
 #: Waits shorter than this are not slept (a slot due now, give or take the clock's grain).
@@ -118,41 +120,52 @@ class BatchRun:
         self._sleepers: set[asyncio.Future[None]] = set()
         #: A fresh slot for a send that missed its own.
         self._reslot: Callable[[], Awaitable[Slots]]
-        self._lease: RunLease
+        self._lease: Lease
+        #: When the next batch was claimed, if the run went on with one.
+        self.next_claimed_at = 0.0
         self._ids = {"broadcast_id": batch.broadcast_id, "batch_id": batch.id}
 
     # --- the loop ----------------------------------------------------------------------------
 
-    async def run(self) -> Ending:
-        """Send the batch; give it back, done or with the time it may go on."""
-        ending = await self._run()
+    async def run(self) -> tuple[Ending, Batch | None]:
+        """Send the batch; give it back, done or with the time it may go on. Returns how the
+        run ended and, when it may go on, the task's next batch (claimed for the next run).
+        """
+        lease = self._lease = self.rt.leases.take(self.batch, self.claimed_at, self.halt)
+        try:
+            ending, keep = await self._run(lease)
+        finally:
+            self.rt.leases.give_up(lease)
         metrics.BATCH_ENDS.labels(ending.reason).inc()
-        return ending
+        if lease.lost:
+            return ending, None
+        return ending, await self._end(ending, keep=keep)
 
-    async def _run(self) -> Ending:
-        job = await load_job(self.rt, self.batch.broadcast_id)
+    async def _run(self, lease: Lease) -> tuple[Ending, list[int]]:
+        """The run itself; returns how it ended and the rows it must keep holding."""
+        try:
+            job = await load_job(self.rt, self.batch.broadcast_id)
+        except Exception:
+            log.exception(
+                "broadcast %s batch %s: loading it failed", *self._ids.values(), extra=self._ids
+            )
+            return Ending("error", due_in=ERROR_DELAY), []
         if job is None:
-            ending = Ending("not_sending")
-            await self._end(ending, keep=[])
-            return ending
+            return Ending("not_sending"), []
         lane = self.rt.lane(job)
         slots = self.rt.slots(job)
         self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
-        lease = self._lease = RunLease(self.rt, self.batch, self.claimed_at, on_lost=self.halt)
         recorder = Recorder(self.rt, job, self.batch, self.policy)
         stop_flushing = asyncio.Event()
-        helpers = [
-            asyncio.create_task(lease.keep()),
-            asyncio.create_task(self._watch_stopping()),
-            asyncio.create_task(recorder.keep_flushing(stop_flushing)),
-        ]
-        ending = Ending("error")
+        watching = asyncio.create_task(self._watch_stopping())
+        flushing = asyncio.create_task(recorder.keep_flushing(stop_flushing))
+        ending = Ending("error", due_in=ERROR_DELAY)
         try:
             self.status = await self.rt.status.track(self.batch.broadcast_id, self._heard)
             ending = await self._send_all(job, lane, slots, lease, recorder)
         except Exception:
             log.exception(
-                "broadcast %s batch %s: send loop failed; its rows go back",
+                "broadcast %s batch %s: the send loop failed; its rows go back",
                 *self._ids.values(),
                 extra=self._ids,
             )
@@ -162,59 +175,88 @@ class BatchRun:
             if self.sends:
                 await asyncio.wait(self.sends)
             stop_flushing.set()
-            await helpers[2]
+            await flushing
+            await self._last_flush(recorder, lease)
+            watching.cancel()
+            self.rt.status.untrack(self.batch.broadcast_id, self._heard)
+            metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
+        if lease.lost:
+            return Ending("lease_lost"), []
+        return ending, [*recorder.unwritten(), *self.in_call]
+
+    async def _last_flush(self, recorder: Recorder, lease: Lease) -> None:
+        """Write the last results, trying again while the lease lets the run hold its rows."""
+        while recorder.pending:
             try:
                 await recorder.flush()
             except Exception as exc:
-                log.error(
-                    "broadcast %s batch %s: last results could not be written (%s); their "
-                    "rows stay held until the lease runs out",
-                    *self._ids.values(),
-                    exc,
-                    extra=self._ids,
-                )
-            if lease.lost:
-                ending = Ending("lease_lost")
-            else:
-                await self._end(ending, keep=[*recorder.unwritten(), *self.in_call])
-            for helper in helpers:
-                helper.cancel()
-            self.rt.status.untrack(self.batch.broadcast_id, self._heard)
-            metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
-        return ending
+                if not lease.held():
+                    log.error(
+                        "broadcast %s batch %s: last results could not be written (%s); "
+                        "their rows stay held until the lease runs out",
+                        *self._ids.values(),
+                        exc,
+                        extra=self._ids,
+                    )
+                    return
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _send_all(
-        self, job: Job, lane: Lane, slots: SlotCache, lease: RunLease, recorder: Recorder
+        self, job: Job, lane: Lane, slots: SlotCache, lease: Lease, recorder: Recorder
     ) -> Ending:
-        """Claim, pace, send; until the batch is done or must be given back."""
+        """Claim, pace, send; until the batch is done or must be given back. An error ends the
+        loop, never the sends already started: the group waits for them.
+        """
+        async with asyncio.TaskGroup() as group:
+            try:
+                return await self._loop(job, lane, slots, group, lease, recorder)
+            except Exception:
+                log.exception(
+                    "broadcast %s batch %s: the send loop failed; its rows go back",
+                    *self._ids.values(),
+                    extra=self._ids,
+                )
+                self.halt()
+                return Ending("error", due_in=ERROR_DELAY)
+
+    async def _loop(
+        self,
+        job: Job,
+        lane: Lane,
+        slots: SlotCache,
+        group: asyncio.TaskGroup,
+        lease: Lease,
+        recorder: Recorder,
+    ) -> Ending:
         claim_limit = max(
             1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), 2 * lane.size)
         )
-        async with asyncio.TaskGroup() as group:
-            while True:
+        while True:
+            if (stop := self._stop_reason(lease)) is not None:
+                return stop
+            async with self.rt.pool.connection() as conn:
+                claimed = await store.arun(conn, store.claim(self.batch, claim_limit))
+            rows = deque(claimed)
+            if not rows:
+                ending = await self._nothing_due(recorder)
+                if ending is not None:
+                    return ending
+                continue
+            while rows:
                 if (stop := self._stop_reason(lease)) is not None:
+                    for row in rows:
+                        recorder.release(row)
                     return stop
-                async with self.rt.pool.connection() as conn:
-                    claimed = await store.arun(conn, store.claim(self.batch, claim_limit))
-                rows = deque(claimed)
-                if not rows:
-                    ending = await self._nothing_due(recorder)
-                    if ending is not None:
-                        return ending
+                wait = await self._pace(job, lane, slots, rows, group, lease, recorder)
+                if wait is None:
                     continue
-                while rows:
-                    if (stop := self._stop_reason(lease)) is not None:
-                        for row in rows:
-                            recorder.release(row)
-                        return stop
-                    wait = await self._pace(job, lane, slots, rows, group, lease, recorder)
-                    if wait is None:
-                        continue
-                    if wait > MAX_WAIT:
-                        for row in rows:
-                            recorder.release(row)
-                        return Ending("wait", due_in=wait, go_on=True)
-                    await self._sleep(wait)
+                if wait > MAX_WAIT:
+                    # The channel must wait (booked ahead, or told to by its provider): its
+                    # other batches must too, so the run goes on with none of them.
+                    for row in rows:
+                        recorder.release(row)
+                    return Ending("wait", due_in=wait)
+                await self._sleep(wait)
 
     async def _pace(
         self,
@@ -223,7 +265,7 @@ class BatchRun:
         cache: SlotCache,
         rows: deque[Claimed],
         group: asyncio.TaskGroup,
-        lease: RunLease,
+        lease: Lease,
         recorder: Recorder,
     ) -> float | None:
         """Start sends for the next rows: lane places first, slots second (a slot taken must
@@ -252,7 +294,7 @@ class BatchRun:
         return None
 
     async def _send(
-        self, job: Job, row: Claimed, at: float, lease: RunLease, recorder: Recorder
+        self, job: Job, row: Claimed, at: float, lease: Lease, recorder: Recorder
     ) -> None:
         """One recipient: wait for the slot, call, record. A row never called goes back (a
         database hiccup while taking a fresh slot costs the row a turn, not the run).
@@ -264,18 +306,23 @@ class BatchRun:
                 if not await self._sleep(at - time.time()):
                     break
                 async with self.rt.calls.call(job.channel_id):
-                    if time.time() - at <= LATE_TOLERANCE:
-                        if self._may_call(lease):
-                            after = self.rt.limiter.blocked_for(job.channel_id) or None
-                            if after is None:
-                                outcome = await self._call(job, row)
-                        break
-                # Too late for its slot (the process was busy): sent now it would crowd the
-                # next ones into a window over the limit. It takes a fresh slot instead.
-                slots = await self._reslot()
-                if not slots.times:
+                    if time.time() - at > LATE_TOLERANCE:
+                        # Too late for its slot (it waited for a place in the call pool): sent
+                        # now it would crowd the next ones into a window over the limit. It
+                        # takes a fresh slot, keeping its place if the slot is due now.
+                        fresh = await self._reslot()
+                        if not fresh.times:
+                            break
+                        at = fresh.times[0]
+                        if at - time.time() > LATE_TOLERANCE:
+                            continue  # a later slot: wait for it without holding a place
+                        if not await self._sleep(at - time.time()):
+                            break
+                    if self._may_call(lease):
+                        after = self.rt.limiter.blocked_for(job.channel_id) or None
+                        if after is None:
+                            outcome = await self._call(job, row)
                     break
-                at = slots.times[0]
         except asyncio.CancelledError:
             if row.id not in self.in_call:
                 recorder.release(row)
@@ -379,19 +426,21 @@ class BatchRun:
 
     # --- stopping ----------------------------------------------------------------------------
 
-    def _stop_reason(self, lease: RunLease) -> Ending | None:
+    def _stop_reason(self, lease: Lease) -> Ending | None:
         if self.stopping.is_set():
             return Ending("stopping")
-        if self.status != BroadcastStatus.IN_PROGRESS:
-            return Ending("not_sending")
         if not lease.held():
             return Ending("lease_lost")
+        if self.halted or self.status != BroadcastStatus.IN_PROGRESS:
+            # Paused, canceled or completed (even if resumed since: the relay hands the
+            # batch out again then).
+            return Ending("not_sending")
         if time.monotonic() > self.deadline:
             # Handed back so another dispatcher may take it: work spreads as dispatchers come.
             return Ending("slice")
         return None
 
-    def _may_call(self, lease: RunLease) -> bool:
+    def _may_call(self, lease: Lease) -> bool:
         return (
             not self.halted and self.rt.status.is_sending(self.batch.broadcast_id) and lease.held()
         )
@@ -428,13 +477,24 @@ class BatchRun:
         await self.stopping.wait()
         self.halt()
 
-    async def _end(self, ending: Ending, *, keep: list[int]) -> None:
-        """Give the batch back: rows still held come back, and the batch is done or ready."""
+    async def _end(self, ending: Ending, *, keep: list[int]) -> Batch | None:
+        """Give the batch back (rows still held come back; the batch is done or ready) and,
+        when the run may go on, take the task's next due batch in the same transaction.
+        """
+        go_on = ending.go_on and not self.stopping.is_set()
+        claimed_at = time.monotonic()
         try:
             async with self.rt.pool.connection() as conn:
-                await store.arun(
+                _, following = await store.arun(
                     conn,
-                    store.end_run(self.batch, done=ending.done, due_in=ending.due_in, keep=keep),
+                    store.end_run(
+                        self.batch,
+                        done=ending.done,
+                        due_in=ending.due_in,
+                        keep=keep,
+                        next_token=uuid.uuid4() if go_on else None,
+                        lease=self.rt.settings.lease_seconds,
+                    ),
                 )
         except Exception as exc:
             log.error(
@@ -444,3 +504,6 @@ class BatchRun:
                 exc,
                 extra=self._ids,
             )
+            return None
+        self.next_claimed_at = claimed_at
+        return following

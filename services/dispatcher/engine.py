@@ -1,4 +1,4 @@
-"""The engine: runs the batches a dispatcher process took, each as a coroutine.
+"""The engine: runs the batches (and audience copies) of a dispatcher process as coroutines.
 
 A ``send_batch`` message only points at a batch. The actor hands it to the engine, which
 claims the batch in Postgres (under a lease) and starts running it on the process's event
@@ -7,17 +7,21 @@ instead of waiting, and a run that finished its batch goes on with the next due 
 same broadcast, keeping the broadcast's number of batches in flight the same. So any number
 of slow or throttled channels never keep a fast one from starting: the threads are never
 theirs, and the send queue never holds more than a few messages per broadcast.
+
+A ``start_broadcast`` message starts an audience copy here the same way, one at a time per
+process (each holds a database connection for the length of its copy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 import uuid
 from typing import TYPE_CHECKING
 
-from services.dispatcher import metrics
+from services.dispatcher import metrics, snapshot
 from services.dispatcher.batch_run import BatchRun
 from shared import delivery_store as store
 from shared.delivery_store import Batch
@@ -28,103 +32,115 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Taken(enum.Enum):
+    """What became of a message handed to the engine."""
+
+    #: Running here (or nothing to run: done, running elsewhere, its task not being sent).
+    TAKEN = "taken"
+    #: This process runs as many batches as it may: the message should wait and come back.
+    FULL = "full"
+    #: This process is stopping: the message belongs to another.
+    STOPPING = "stopping"
+
+
 class Engine:
-    """Runs this process's batches.
+    """Runs this process's batches and audience copies.
 
     Parameters:
       rt: the process runtime.
-      max_runs: the most batches this process runs at once; a message beyond it waits for
-        room (in RabbitMQ and the worker's prefetch), where another process may take it.
+      max_runs: the most batches this process runs at once.
+      copies_at_once: the most audience copies this process makes at once.
     """
 
-    def __init__(self, rt: Runtime, max_runs: int) -> None:
+    def __init__(self, rt: Runtime, max_runs: int, copies_at_once: int = 1) -> None:
         self.rt = rt
         self.max_runs = max_runs
         self.runs: set[asyncio.Task[None]] = set()
+        self.copies: set[asyncio.Task[int | None]] = set()
         self.stopping = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._copying = asyncio.Semaphore(copies_at_once)
 
-    async def adopt(self, batch_id: int) -> bool:
-        """Claim the batch a message points at and start running it. False when this process
-        is stopping: the message belongs to another process then.
-        """
-        while len(self.runs) >= self.max_runs and not self.stopping.is_set():
-            self._room.clear()
-            await self._room.wait()
+    async def adopt(self, batch_id: int) -> Taken:
+        """Claim the batch a message points at and start running it."""
         if self.stopping.is_set():
-            return False
+            return Taken.STOPPING
+        if len(self.runs) >= self.max_runs:
+            return Taken.FULL
         claimed_at = time.monotonic()
         async with self.rt.pool.connection() as conn:
             batch = await store.arun(
                 conn,
                 store.claim_batch(batch_id, uuid.uuid4(), lease=self.rt.settings.lease_seconds),
             )
-        if batch is not None:  # else done, running elsewhere, or its task is not being sent
-            self._start(batch, claimed_at)
-        return True
+        if batch is not None:
+            task = asyncio.create_task(self._runner(batch, claimed_at), name=f"batch-{batch.id}")
+            self.runs.add(task)
+            task.add_done_callback(self._ended)
+            metrics.BATCH_RUNS.set(len(self.runs))
+        return Taken.TAKEN
 
-    def _start(self, batch: Batch, claimed_at: float) -> None:
-        task = asyncio.create_task(self._runner(batch, claimed_at), name=f"batch-{batch.id}")
-        self.runs.add(task)
-        task.add_done_callback(self._ended)
-        metrics.BATCH_RUNS.set(len(self.runs))
+    async def start_copy(self, broadcast_id: int) -> Taken:
+        """Copy a started broadcast's audience, in the background (once; a duplicate message
+        finds it done). A copy cut short by a stop rolls back, and the scheduler starts the
+        broadcast again after the stall time.
+        """
+        if self.stopping.is_set():
+            return Taken.STOPPING
+        task = asyncio.create_task(self._copy(broadcast_id), name=f"copy-{broadcast_id}")
+        self.copies.add(task)
+        task.add_done_callback(self.copies.discard)
+        return Taken.TAKEN
+
+    async def _copy(self, broadcast_id: int) -> int | None:
+        async with self._copying:
+            if self.stopping.is_set():
+                return None
+            try:
+                return await snapshot.start(self.rt, broadcast_id)
+            except Exception:
+                log.exception(
+                    "broadcast %s: copying the audience failed; the scheduler starts it again",
+                    broadcast_id,
+                    extra={"broadcast_id": broadcast_id},
+                )
+                return None
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self.runs.discard(task)
         metrics.BATCH_RUNS.set(len(self.runs))
-        self._room.set()
 
     async def _runner(self, batch: Batch, claimed_at: float) -> None:
         """Run a batch, then the broadcast's next due batches while the run may go on."""
         current: Batch | None = batch
         while current is not None:
             ids = {"broadcast_id": current.broadcast_id, "batch_id": current.id}
+            run = BatchRun(self.rt, current, claimed_at, self.stopping)
             try:
-                ending = await BatchRun(self.rt, current, claimed_at, self.stopping).run()
+                ending, current = await run.run()
             except Exception:
                 log.exception("broadcast %s batch %s: run failed", *ids.values(), extra=ids)
                 return
+            claimed_at = run.next_claimed_at
             log.info(
                 "broadcast %s batch %s: run ended (%s%s)",
-                current.broadcast_id,
-                current.id,
+                ids["broadcast_id"],
+                ids["batch_id"],
                 ending.reason,
-                f", due again in {ending.due_in:.1f} s" if ending.reason == "wait" else "",
+                f", due again in {ending.due_in:.1f} s" if ending.due_in else "",
                 extra={**ids, "reason": ending.reason},
             )
-            if not ending.go_on or self.stopping.is_set():
-                return
-            claimed_at = time.monotonic()
-            try:
-                async with self.rt.pool.connection() as conn:
-                    current = await store.arun(
-                        conn,
-                        store.next_batch(
-                            current.broadcast_id,
-                            uuid.uuid4(),
-                            lease=self.rt.settings.lease_seconds,
-                        ),
-                    )
-            except Exception as exc:
-                # The relay hands the broadcast's batches out in any case.
-                log.warning(
-                    "broadcast %s: taking the next batch failed (%s)",
-                    ids["broadcast_id"],
-                    exc,
-                    extra=ids,
-                )
-                return
 
     async def stop(self, timeout: float) -> None:
-        """Take no more batches; every run gives its batch back (calls already at a provider
-        finish and are written). Runs still going after ``timeout`` are cancelled.
+        """Take no more work; every run gives its batch back (calls already at a provider
+        finish and are written), and audience copies finish. What is still going after
+        ``timeout`` is cancelled (a copy rolls back; a run's rows are taken back by the
+        sweeper once its lease runs out).
         """
         self.stopping.set()
-        self._room.set()
-        if not self.runs:
+        going = {*self.runs, *self.copies}
+        if not going:
             return
-        _, pending = await asyncio.wait(set(self.runs), timeout=timeout)
+        _, pending = await asyncio.wait(going, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:

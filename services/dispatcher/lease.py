@@ -1,11 +1,12 @@
-"""A run's lease on its batch: kept while the run lives, and known to be lost in time.
+"""Leases of the batches a process runs: kept while the runs live, and known to be lost in time.
 
-The lease is the batch row's ``lease_expires_at``; the rows a run holds are its rows while the
-lease holds. The run renews it every quarter of its length, retrying after errors. It knows, on
-its own clock, until when it may start a provider call: from the moment it *asked* for the
-last successful renewal, plus the lease, less the longest a call may take (the send timeout)
-and a second. So however slow the database or the network, every call the run starts ends
-before the sweeper can hand its rows to anyone else.
+A run's lease is its batch row's ``lease_expires_at``; the rows the run holds are its rows while
+the lease holds. One keeper per process renews the leases of all its runs in one statement
+every quarter of the lease, retrying after errors. Each run knows, on its own clock, until when
+it may start a provider call: from the moment the keeper *asked* for the last renewal that
+succeeded, plus the lease, less the longest a call may take (the send timeout) and a second.
+So however slow the database or the network, every call a run starts ends before the sweeper
+can hand its rows to anyone else.
 """
 
 from __future__ import annotations
@@ -29,25 +30,18 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 0.5
 
 
-class RunLease:
-    """Renews a run's lease and says whether it still holds.
+class Lease:
+    """One run's lease, as this process knows it.
 
     Parameters:
-      rt: the process runtime (its database pool and settings).
       batch: the run.
-      claimed_at: ``time.monotonic()`` just before the batch was claimed.
+      valid_until: ``time.monotonic()`` until which the run may start a call.
       on_lost: called once if the lease is lost.
     """
 
-    def __init__(
-        self, rt: Runtime, batch: Batch, claimed_at: float, on_lost: Callable[[], None]
-    ) -> None:
-        self.rt = rt
+    def __init__(self, batch: Batch, valid_until: float, on_lost: Callable[[], None]) -> None:
         self.batch = batch
-        self.seconds = rt.settings.lease_seconds
-        #: A call started before ``valid_until`` ends before the lease can run out.
-        self.margin = rt.settings.send_timeout_seconds + 1.0
-        self.valid_until = claimed_at + self.seconds - self.margin
+        self.valid_until = valid_until
         self.lost = False
         self._on_lost = on_lost
 
@@ -55,42 +49,98 @@ class RunLease:
         """May the run still start a provider call (one that will end before the lease can)?"""
         return not self.lost and time.monotonic() < self.valid_until
 
-    async def keep(self) -> None:
-        """Renew until cancelled, or until the lease is lost."""
-        while True:
-            await asyncio.sleep(self.seconds / 4)
-            while True:
-                asked = time.monotonic()
-                try:
-                    async with self.rt.pool.connection() as conn:
-                        ours = await store.arun(conn, store.renew(self.batch, lease=self.seconds))
-                except Exception as exc:
-                    if time.monotonic() >= self.valid_until:
-                        self._lose(f"could not be renewed in time ({exc})")
-                        return
-                    log.warning(
-                        "broadcast %s batch %s: lease renewal failed (%s); retrying",
-                        self.batch.broadcast_id,
-                        self.batch.id,
-                        exc,
-                        extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
-                    )
-                    await asyncio.sleep(RETRY_SECONDS)
-                    continue
-                break
-            if not ours:
-                self._lose("was taken back by the sweeper")
-                return
-            self.valid_until = asked + self.seconds - self.margin
-
-    def _lose(self, why: str) -> None:
+    def lose(self, why: str) -> None:
+        if self.lost:
+            return
         self.lost = True
         metrics.LEASES_LOST.inc()
+        ids = {"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id}
         log.error(
             "broadcast %s batch %s: the run's lease %s; it starts no more provider calls",
             self.batch.broadcast_id,
             self.batch.id,
             why,
-            extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+            extra=ids,
         )
         self._on_lost()
+
+
+class LeaseKeeper:
+    """Renews the leases of every run of one process.
+
+    Parameters:
+      rt: the process runtime (its database pool and settings).
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.seconds = rt.settings.lease_seconds
+        #: A call started before a lease's ``valid_until`` ends before the lease can run out.
+        self.margin = rt.settings.send_timeout_seconds + 1.0
+        self._leases: dict[int, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def take(self, batch: Batch, claimed_at: float, on_lost: Callable[[], None]) -> Lease:
+        """Keep a run's lease from now on; ``claimed_at`` is ``time.monotonic()`` just
+        before its batch was claimed.
+        """
+        lease = Lease(batch, claimed_at + self.seconds - self.margin, on_lost)
+        self._leases[batch.id] = lease
+        return lease
+
+    def give_up(self, lease: Lease) -> None:
+        """The run ends: its lease is no longer renewed (nor reported lost)."""
+        if self._leases.get(lease.batch.id) is lease:
+            del self._leases[lease.batch.id]
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds / 4)
+            while self._leases:
+                asked = time.monotonic()
+                leases = list(self._leases.values())
+                try:
+                    async with self.rt.pool.connection() as conn:
+                        ours = await store.arun(
+                            conn, store.renew([x.batch for x in leases], lease=self.seconds)
+                        )
+                except Exception as exc:
+                    self._failed(leases, exc)
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                for lease in leases:
+                    if self._leases.get(lease.batch.id) is not lease:
+                        continue  # its run ended meanwhile
+                    if lease.batch.id in ours:
+                        lease.valid_until = asked + self.seconds - self.margin
+                    else:
+                        lease.lose("was taken back by the sweeper")
+                break
+
+    def _failed(self, leases: list[Lease], exc: Exception) -> None:
+        now = time.monotonic()
+        waiting = []
+        for lease in leases:
+            if self._leases.get(lease.batch.id) is not lease:
+                continue
+            if now >= lease.valid_until:
+                lease.lose(f"could not be renewed in time ({exc})")
+            else:
+                waiting.append(lease)
+        if waiting:
+            broadcasts = sorted({x.batch.broadcast_id for x in waiting})
+            log.warning(
+                "broadcast %s: lease renewal of %s batch runs failed (%s); retrying",
+                ", ".join(map(str, broadcasts[:10])) + (" ..." if len(broadcasts) > 10 else ""),
+                len(waiting),
+                exc,
+                extra={"broadcast_ids": broadcasts[:10]},
+            )

@@ -24,12 +24,13 @@ from services.dispatcher.status import CHANNEL_CHANNEL
 
 #: Slots taken per round trip cover at most this much time, so a pause wastes little.
 GRANT_SECONDS = 0.2
-#: Fraction of the configured rate actually used: room for network jitter, so the provider
-#: never sees more than the limit in any one-second window.
-HEADROOM = 0.97
-#: A slot not used within this long after its time is dropped, never used late: sends that
-#: slip by more would crowd a one-second window beyond the headroom.
-LATE_TOLERANCE = 0.025
+#: Fraction of the configured rate actually used. Slots 1/(rate x HEADROOM) apart put at most
+#: ``rate`` of them in any one-second window even if some go out up to 1/HEADROOM - 1 (41 ms)
+#: late: ``LATE_TOLERANCE`` of that is lateness the send loop allows, the rest room for what
+#: happens between the last check and the wire (the event loop, the network, the clocks).
+HEADROOM = 0.96
+#: A slot not used within this long after its time is dropped, never used late.
+LATE_TOLERANCE = 0.015
 #: The offset between this machine's clock and the database's is measured again this often.
 OFFSET_MAX_AGE = 60.0
 #: Round trips per measurement; the quickest one gives the offset.

@@ -3,8 +3,8 @@
 One asyncio loop in its own thread holds the Postgres pool (a fixed number of connections,
 whatever the thread count), the HTTP keep-alive pool, the status board, the rate limiter, one
 lane per channel, the process's call pool and the engine that runs batches. dramatiq's worker
-threads hand their work to this loop and are free again at once (``send_batch``), or wait for
-a bounded copy (``start_broadcast``).
+threads hand their work (a batch to run, an audience to copy) to this loop and are free again
+at once.
 
 ``RuntimeMiddleware`` opens it in ``after_worker_boot`` and closes it in
 ``before_worker_shutdown``: every batch is given back, every SMTP connection QUITs, the HTTP
@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from services.dispatcher.channels.base import ChannelAdapter
 from services.dispatcher.engine import Engine
 from services.dispatcher.jobs import Job
+from services.dispatcher.lease import LeaseKeeper
 from services.dispatcher.pacing import CallPool, Lane
 from services.dispatcher.ratelimit import RateLimiter, SlotCache
 from services.dispatcher.status import StatusBoard
@@ -47,7 +48,7 @@ STOP_SECONDS = 20.0
 CLEANUP_SECONDS = 15.0
 WAIT_SLICE = 0.25
 #: Audience copies one process makes at once (each holds a pool connection while it runs).
-SNAPSHOTS_AT_ONCE = 1
+COPIES_AT_ONCE = 1
 #: Young-generation collection threshold. Each send allocates tasks, futures and buffers that
 #: are almost all freed by reference counting; the default (700) runs the cycle collector
 #: every few sends and cost a seventh of the send loop's time.
@@ -101,8 +102,9 @@ class Runtime:
         await self.status.start()
         self.limiter = RateLimiter(self.pool)
         self.status.on_channel_notice = self.limiter.hear
-        self.snapshots = asyncio.Semaphore(SNAPSHOTS_AT_ONCE)
-        self.engine = Engine(self, self.settings.dispatcher_max_batches)
+        self.leases = LeaseKeeper(self)
+        self.leases.start()
+        self.engine = Engine(self, self.settings.dispatcher_max_batches, COPIES_AT_ONCE)
 
     def adapter(
         self,
@@ -173,6 +175,7 @@ class Runtime:
 
         async def _close() -> None:
             await self.engine.stop(STOP_SECONDS)
+            await self.leases.stop()
             for adapter in self._adapters.values():
                 with contextlib.suppress(Exception):
                     await adapter.close()

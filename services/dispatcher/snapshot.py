@@ -50,7 +50,7 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
     """Copy the audience of a broadcast being sent (first time only); the scheduler then
     hands its batches out. Returns how many recipients were copied, None if nothing was done.
     """
-    async with rt.snapshots, rt.pool.connection() as conn:
+    async with rt.pool.connection() as conn:
         row = await (
             await conn.execute(
                 "SELECT workspace_id, channel_id, audience, started_at, status, snapshot_at "

@@ -365,6 +365,9 @@ def resume_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> 
     broadcast.status_reason = None
     broadcast.updated_at = utcnow()
     session.flush()
+    # A task whose rows all ended while it was paused completes as it resumes (the store's
+    # completion rule, in Postgres): read back what the database made of it.
+    session.refresh(broadcast)
     return broadcast
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from shared.db.engine import transaction
-from shared.db.models import Broadcast
+from shared.db.models import Broadcast, Delivery
 from tests.conftest import Api
 from tests.factories import delivery_statuses, set_status, start_with_deliveries
 
@@ -416,6 +416,26 @@ def test_pause_and_resume_after_start_returns_to_in_progress(
     resumed = api.ok("post", f"/v1/broadcasts/{b['id']}/resume")
     assert resumed["status"] == "in_progress"
     assert resumed["counts"]["queued"] == 2
+
+
+def test_resuming_a_broadcast_whose_recipients_all_ended_while_paused_completes_it(
+    api: Api, setup: dict[str, Any]
+) -> None:
+    b = api.broadcast(setup["channel"]["id"])
+    start_with_deliveries(b["id"], ["sent", "sending"])
+    assert api.ok("post", f"/v1/broadcasts/{b['id']}/pause")["status"] == "paused"
+    # The call that was at the provider when the pause came is written afterwards.
+    with transaction() as session:
+        session.execute(
+            update(Delivery).where(Delivery.broadcast_id == b["id"]).values(status="sent")
+        )
+        session.execute(
+            update(Broadcast).where(Broadcast.id == b["id"]).values(snapshot_at=func.now())
+        )
+    resumed = api.ok("post", f"/v1/broadcasts/{b['id']}/resume")
+    assert resumed["status"] == "completed"
+    assert resumed["counts"]["sent"] == 2
+    assert resumed["finished_at"] is not None
 
 
 def test_cancel_cancels_unsent_recipients_and_keeps_sent_ones(

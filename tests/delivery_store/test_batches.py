@@ -73,6 +73,37 @@ def test_the_relay_leaves_batches_of_a_paused_task_and_ones_not_yet_due(
     assert store.run(conn, store.next_relay_in()) is None
 
 
+def test_the_relay_holds_back_a_channel_told_to_wait_or_booked_far_ahead(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    throttled = new_task(api, conn, 4, batch_size=2)
+    booked = new_task(api, conn, 4, batch_size=2)
+    conn.execute(
+        "INSERT INTO channel_rate (channel_id, workspace_id, blocked_until) "
+        "VALUES (%s, %s, now() + interval '40 seconds')",
+        (throttled.channel_id, api.workspace_id),
+    )
+    conn.execute(
+        "INSERT INTO channel_rate (channel_id, workspace_id, tat) "
+        "VALUES (%s, %s, now() + interval '20 seconds')",
+        (booked.channel_id, api.workspace_id),
+    )
+    handed = [t for _, t in store.run(conn, store.relay(**RELAY))]
+    assert throttled.id not in handed
+    assert booked.id not in handed
+    conn.execute(
+        "UPDATE broadcast SET status = 'canceled' WHERE status = 'in_progress' AND id <> ALL(%s)",
+        ([throttled.id, booked.id],),
+    )
+    # The scheduler wakes when the first of them is free: booked, 2 s before its slots.
+    wait = store.run(conn, store.next_relay_in())
+    assert wait is not None
+    assert 16 < wait <= 18
+    conn.execute("UPDATE channel_rate SET tat = now() WHERE channel_id = %s", (booked.channel_id,))
+    handed = [t for _, t in store.run(conn, store.relay(**RELAY))]
+    assert handed.count(booked.id) == 2
+
+
 def test_a_message_for_a_task_no_longer_sending_puts_its_batch_back_for_later(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
@@ -92,8 +123,11 @@ def test_a_run_that_must_wait_gives_its_batch_and_rows_back_until_it_is_due(
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 3))
     store.run(conn, store.record(batch, [Record(held[0].id, DeliveryStatus.SENT)]))
-    back = store.run(conn, store.end_run(batch, done=False, due_in=30))
+    back, following = store.run(
+        conn, store.end_run(batch, done=False, due_in=30, next_token=uuid.uuid4(), lease=LEASE)
+    )
     assert back == 2
+    assert following is None, "no other batch, and its own is not due"
     assert rows(conn, task.id) == {"sent": 1, "queued": 2}
     attempts = conn.execute(
         "SELECT attempts FROM delivery WHERE id = ANY(%s)", ([h.id for h in held[1:]],)
@@ -101,20 +135,29 @@ def test_a_run_that_must_wait_gives_its_batch_and_rows_back_until_it_is_due(
     assert attempts == [(0,), (0,)]
     assert states(conn, task.id) == ["ready"]
     assert relayed(conn, task.id) == []
-    assert store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE)) is None
 
 
-def test_a_finished_run_goes_on_with_the_next_due_batch_of_its_task(
+def test_a_finished_run_goes_on_with_the_next_due_batch_in_the_same_transaction(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
     task = new_task(api, conn, 4, batch_size=2)
+    assert len(relayed(conn, task.id)) == 2, "the window: both batches in flight"
     first = run_batch(conn, task.id, 0)
-    store.run(conn, store.end_run(first, done=True))
-    second = store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE))
-    assert second is not None
-    assert second.first_id > first.last_id
-    assert states(conn, task.id) == ["done", "running"]
-    assert store.run(conn, store.next_batch(task.id, uuid.uuid4(), lease=LEASE)) is None
+    _, second = store.run(
+        conn, store.end_run(first, done=True, next_token=uuid.uuid4(), lease=LEASE)
+    )
+    # The queued second batch is not 'ready': the run goes on with none, and the window
+    # stays as it was.
+    assert second is None
+    more = new_task(api, conn, 6, batch_size=2)
+    one = run_batch(conn, more.id, 0)
+    _, two = store.run(conn, store.end_run(one, done=True, next_token=uuid.uuid4(), lease=LEASE))
+    assert two is not None
+    assert two.first_id > one.last_id
+    assert states(conn, more.id) == ["done", "running", "ready"]
+    # A run that is given back (not going on) takes nothing.
+    _, none = store.run(conn, store.end_run(two, done=False))
+    assert none is None
 
 
 def test_progress_tells_done_from_waiting(api: Api, conn: psycopg.Connection[Any]) -> None:
@@ -161,7 +204,7 @@ def test_the_sweeper_recovers_exactly_the_batches_of_dead_runs(
         "SELECT attempts FROM delivery WHERE id BETWEEN %s AND %s", (dead.first_id, dead.last_id)
     ).fetchall()
     assert attempts == [(1,), (1,)]
-    assert store.run(conn, store.renew(alive, lease=LEASE))
+    assert store.run(conn, store.renew([dead, alive], lease=LEASE)) == {alive.id}
 
 
 def test_the_sweeper_takes_back_rows_held_under_no_running_batch(
@@ -202,7 +245,7 @@ def test_a_run_that_could_not_write_some_results_keeps_those_rows_and_its_batch(
     task = new_task(api, conn, 3)
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 3))
-    back = store.run(conn, store.end_run(batch, done=False, keep=[held[0].id]))
+    back, _ = store.run(conn, store.end_run(batch, done=False, keep=[held[0].id]))
     assert back == 2
     assert rows(conn, task.id) == {"sending": 1, "queued": 2}
     assert states(conn, task.id) == ["running"], "the sweeper decides once the lease runs out"

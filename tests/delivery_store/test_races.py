@@ -48,16 +48,19 @@ def test_two_runs_on_one_range_never_hold_the_same_row(
 ) -> None:
     task = new_task(api, conn, 10)
     batch = run_batch(conn, task.id)
-    twin = store.Batch(batch.id, batch.broadcast_id, batch.first_id, batch.last_id, uuid.uuid4())
     one, two = connect(), connect()
     with one.transaction():
         first = store.run(one, store.claim(batch, 6))
-        # The second claims while the first has not committed: it passes over locked rows.
+        # A second claim while the first has not committed passes over the locked rows.
         with two.transaction():
-            second = store.run(two, store.claim(twin, 6))
+            second = store.run(two, store.claim(batch, 6))
     assert len(first) == 6
     assert len(second) == 4
     assert not {r.id for r in first} & {r.id for r in second}
+    # A run whose batch was taken over (another token) claims nothing at all.
+    store.run(conn, store.release(batch, [r.id for r in first]))
+    stale = store.Batch(batch.id, batch.broadcast_id, batch.first_id, batch.last_id, uuid.uuid4())
+    assert store.run(conn, store.claim(stale, 10)) == []
 
 
 def test_a_batch_is_claimed_by_one_run_only(
@@ -170,13 +173,13 @@ def test_a_renewal_that_comes_too_late_loses_to_the_sweeper(
         op = store.take_back(orphan_after=30, republish_after=60)
         query = drive_until(sweeper, op, "FOR UPDATE")
         # The sweeper has seen the lease run out; the renewal arrives now and waits ...
-        renewed: list[bool] = []
+        renewed: list[set[int]] = []
         renewing = threading.Thread(
-            target=lambda: renewed.append(store.run(connect(), store.renew(batch, lease=LEASE)))
+            target=lambda: renewed.append(store.run(connect(), store.renew([batch], lease=LEASE)))
         )
         drive_rest(sweeper, op, query)
         renewing.start()
     renewing.join(10)
     # ... and finds the batch no longer its own.
-    assert renewed == [False]
+    assert renewed == [set()]
     assert rows(conn, task.id) == {"queued": 2}

@@ -181,7 +181,7 @@ def test_results_of_a_run_that_lost_its_lease_are_not_written(
     taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
     assert (taken.batches, taken.rows) == (1, 3)
     assert rows(conn, task.id) == {"queued": 3}
-    assert not store.run(conn, store.renew(batch, lease=30))
+    assert store.run(conn, store.renew([batch], lease=30)) == set()
     # The stalled run wakes up with answers: none of them is written.
     written = store.run(
         conn, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held])

@@ -6,6 +6,7 @@ import asyncio
 import io
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,6 +158,26 @@ def test_refused_mailbox_is_permanent_and_unreachable(
     result = send(adapter(port, store), OutboundMessage(1, "x"), "gone@x.test")
     assert result == Permanent("SMTP 550: 5.1.1 No such user here", unreachable=True)
     assert box.messages == []
+
+
+def test_a_relay_that_stalls_mid_conversation_cannot_hold_a_send_past_its_timeout(
+    mailbox: tuple[Mailbox, int], store: LocalMediaStore
+) -> None:
+    box, port = mailbox
+    box.stall_seconds = 5.0
+    a = SmtpAdapter(
+        {"host": "127.0.0.1", "port": port, "starttls": False, "from_address": "n@shop.test"},
+        store,
+        timeout=0.5,
+    )
+    _opened.append(a)
+    started = time.monotonic()
+    result = send(a, OutboundMessage(1, "x"), "ann@x.test")
+    took = time.monotonic() - started
+    assert result == Transient("SMTP timed out after 0.5 s")
+    assert took < 2.0, took
+    box.stall_seconds = 0.0
+    assert isinstance(send(a, OutboundMessage(1, "x"), "bob@x.test"), Sent), "and it recovers"
 
 
 def test_server_down_is_transient(store: LocalMediaStore) -> None:

@@ -22,8 +22,8 @@ class UnsupportedChannel(Exception):
 def make_adapter(
     kind: str, config: dict[str, Any], http: aiohttp.ClientSession, store: MediaStore
 ) -> ChannelAdapter:
-    """The adapter for one channel. An HTTP call takes at most the session's total timeout
-    (the dispatcher's send timeout).
+    """The adapter for one channel. One send takes at most the session's total timeout (the
+    dispatcher's send timeout), an SMTP conversation included.
     """
     if kind == ChannelKind.WEBHOOK:
         return WebhookAdapter(config, http)
@@ -32,8 +32,5 @@ def make_adapter(
     if kind == ChannelKind.WHATSAPP:
         return WhatsappAdapter(config, http)
     if kind == ChannelKind.SMTP:
-        # An SMTP send is a few commands on a pooled connection; each gets a third of the
-        # send timeout, so the whole stays about within it.
-        total = http.timeout.total
-        return SmtpAdapter(config, store, timeout=total / 3 if total else TIMEOUT_SECONDS)
+        return SmtpAdapter(config, store, timeout=http.timeout.total or TIMEOUT_SECONDS)
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

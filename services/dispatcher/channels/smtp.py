@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import html
 import smtplib
+import socket
 import ssl
 import threading
 from collections import deque
@@ -36,7 +37,7 @@ from shared.media_store import MediaStore
 
 #: Open connections kept per channel.
 POOL_SIZE = 8
-#: Longest one SMTP conversation may take, unless the dispatcher says otherwise.
+#: Longest one send may take (connecting included), unless the dispatcher says otherwise.
 TIMEOUT_SECONDS = 30.0
 UNREACHABLE_CODES = frozenset({550, 551, 553})
 #: The server is shedding load: slow the whole channel down. (450/451/452 are about one
@@ -48,7 +49,7 @@ class SmtpAdapter:
     """Parameters:
     config: ``host``, ``port``, ``username``, ``password``, ``starttls``, ``from_address``.
     store: where the images' bytes are, to embed them.
-    timeout: seconds one SMTP command may take.
+    timeout: seconds one send may take, connecting included.
     """
 
     max_in_flight: int | None = POOL_SIZE
@@ -116,21 +117,33 @@ class SmtpAdapter:
         except OSError as exc:
             return Transient(reason(f"could not read an image: {exc}"))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._send, email, address)
+        # The whole send, connecting included, ends within the timeout: at the deadline the
+        # connection's socket is shut, and whatever command was waiting fails at once.
+        watch = _Watch()
+        deadline = loop.call_later(self.timeout, watch.abort)
+        try:
+            return await loop.run_in_executor(self._threads, self._send, email, address, watch)
+        finally:
+            deadline.cancel()
 
-    def _send(self, email: EmailMessage, address: str) -> Outcome:
+    def _send(self, email: EmailMessage, address: str, watch: _Watch) -> Outcome:
         for fresh in (False, True):
             try:
-                conn = self._connection(fresh)
+                conn = self._connection(fresh, watch)
             except smtplib.SMTPAuthenticationError as exc:
                 return Permanent(
                     reason(f"SMTP login refused: {exc.smtp_code} {_text(exc.smtp_error)}")
                 )
             except (OSError, smtplib.SMTPException) as exc:
+                if watch.aborted:
+                    return Transient(f"SMTP timed out after {self.timeout:g} s")
                 return Transient(reason(f"SMTP connection failed: {exc}"))
             try:
                 conn.send_message(email, from_addr=self.from_address, to_addrs=[address])
             except smtplib.SMTPServerDisconnected:
+                _close(conn)
+                if watch.aborted:
+                    return Transient(f"SMTP timed out after {self.timeout:g} s")
                 if not fresh:
                     continue  # an idle pooled connection was closed by the server; try a new one
                 return Transient("SMTP server disconnected")
@@ -143,17 +156,20 @@ class SmtpAdapter:
                 return _judge(exc.smtp_code, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}")
             except (OSError, smtplib.SMTPException) as exc:
                 _close(conn)
+                if watch.aborted:
+                    return Transient(f"SMTP timed out after {self.timeout:g} s")
                 return Transient(reason(f"SMTP error: {exc}"))
             self._give_back(conn)
             return Sent(str(email["Message-ID"]))
         return Transient("SMTP server disconnected")
 
-    def _connection(self, fresh: bool) -> smtplib.SMTP:
+    def _connection(self, fresh: bool, watch: _Watch) -> smtplib.SMTP:
         if not fresh:
             with self._lock:
                 if self._pool:
-                    return self._pool.popleft()
-        conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+                    return watch.on(self._pool.popleft())
+        # Connecting takes at most the timeout by itself; from then on the watch bounds it.
+        conn = watch.on(smtplib.SMTP(self.host, self.port, timeout=self.timeout))
         try:
             conn.ehlo()
             if self.starttls:
@@ -181,6 +197,35 @@ class SmtpAdapter:
         for conn in conns:
             await loop.run_in_executor(self._threads, _quit, conn)
         self._threads.shutdown(wait=False)
+
+
+class _Watch:
+    """The connection one send is using, so its deadline can shut it from another thread."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self._conn: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+
+    def on(self, conn: smtplib.SMTP) -> smtplib.SMTP:
+        with self._lock:
+            self._conn = conn
+            if self.aborted:
+                _shut(conn)
+        return conn
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            if self._conn is not None:
+                _shut(self._conn)
+
+
+def _shut(conn: smtplib.SMTP) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _judge(code: int, text: str) -> Outcome:
