@@ -201,12 +201,29 @@ def cancel(broadcast_id: int) -> Op[int]:
     return canceled
 
 
+def hold(broadcast_id: int, reason: str) -> One[bool]:
+    """Pause a task being sent, with the reason the operator reads (its channel cannot be
+    used as configured, say); resume sends it on. Returns whether it was paused.
+    """
+    return One(
+        Query(
+            """
+            UPDATE broadcast SET status = 'paused', status_reason = %(r)s, updated_at = now()
+            WHERE id = %(b)s AND status = 'in_progress'
+            """,
+            {"b": broadcast_id, "r": reason},
+        ),
+        lambda result: result.rowcount == 1,
+    )
+
+
 # --- the snapshot ----------------------------------------------------------------------------
 
 
 def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
     """Copy the audience into one delivery row per recipient and cut the rows into batches,
-    once. Returns how many rows were copied, or None when the copy was made before.
+    once. Returns how many rows were copied, or None when the copy was made before (or is
+    being made by another dispatcher this moment).
 
     ``audience`` selects ``(contact_id, address, unreachable, unreachable_reason)``; contacts a
     provider called unreachable are recorded as skipped with the reason. The copy runs inside
@@ -214,10 +231,14 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
     locked only at the end, so a pause or cancel never waits for a long copy, and a cancel
     that committed meanwhile cancels the rows just copied.
     """
-    yield Query(
-        "SELECT pg_advisory_xact_lock(%(snap_ns)s, %(snap_b)s)",
-        {"snap_ns": SNAPSHOT_LOCK, "snap_b": broadcast_id},
-    )
+    copying = (
+        yield Query(
+            "SELECT pg_try_advisory_xact_lock(%(snap_ns)s, %(snap_b)s)",
+            {"snap_ns": SNAPSHOT_LOCK, "snap_b": broadcast_id},
+        )
+    ).scalar()
+    if not copying:
+        return None  # another dispatcher is copying it right now
     task = (
         yield Query(
             "SELECT workspace_id, snapshot_at FROM broadcast WHERE id = %(snap_b)s",
@@ -287,21 +308,25 @@ _RUNNING = """
 
 
 def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | None]:
-    """Take a batch a message pointed at, under a new run ``token``. None when it is running
-    elsewhere or done (a duplicate message), or when its task is not being sent: then the
-    batch goes back to ``ready`` for the relay to hand out once the task is sent again.
+    """Take a batch a message pointed at, under a new run ``token``. Only a ``queued`` batch
+    (one the relay handed out) is taken: None when it is running elsewhere, done, or back to
+    ``ready`` waiting its time (a duplicate or stale message), or when its task is not being
+    sent (then the batch goes back to ``ready`` for the relay to hand out once it is).
     """
-    task = (
+    # Locking the batch row waits for the relay's transaction, which publishes before it
+    # commits: a message can arrive before the batch reads ``queued``.
+    found = (
         yield Query(
-            "SELECT t.status FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id "
-            "WHERE b.id = %(id)s",
+            "SELECT b.state, t.status FROM delivery_batch b "
+            "JOIN broadcast t ON t.id = b.broadcast_id WHERE b.id = %(id)s FOR UPDATE OF b",
             {"id": batch_id},
         )
-    ).scalar()
-    if task != BroadcastStatus.IN_PROGRESS:
+    ).first()
+    if found is None or found[0] != BatchState.QUEUED:
+        return None
+    if found[1] != BroadcastStatus.IN_PROGRESS:
         yield Query(
-            "UPDATE delivery_batch SET state = 'ready', updated_at = now() "
-            "WHERE id = %(id)s AND state = 'queued'",
+            "UPDATE delivery_batch SET state = 'ready', updated_at = now() WHERE id = %(id)s",
             {"id": batch_id},
         )
         return None
@@ -309,7 +334,7 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
         yield Query(
             f"""
             UPDATE delivery_batch SET {_RUNNING}
-            WHERE id = %(id)s AND state IN ('ready', 'queued')
+            WHERE id = %(id)s
             RETURNING id, broadcast_id, first_id, last_id
             """,
             {"id": batch_id, "t": token, "lease": lease},
@@ -341,6 +366,14 @@ def renew(batches: Sequence[Batch], *, lease: float) -> One[set[int]]:
     )
 
 
+#: When a channel may take batches again: once its provider's Retry-After has passed and its
+#: slots are booked no more than ``MAX_WAIT`` ahead (``r`` is its ``channel_rate`` row).
+_FREE_AT = """
+    greatest(coalesce(r.blocked_until, '-infinity'),
+             coalesce(r.tat, '-infinity') - %(wait)s * interval '1 second')
+"""
+
+
 def end_run(
     batch: Batch,
     *,
@@ -353,7 +386,8 @@ def end_run(
     """A run ends: rows it still holds come back unsent (their attempt given back), and its
     batch is ``done`` or ``ready`` again, due in ``due_in`` seconds. With ``next_token`` the
     run goes on with the task's next due batch, taken in the same transaction, so the task's
-    number of batches in flight never grows between the two. Rows in ``keep`` (results the
+    number of batches in flight never grows between the two (and only while its channel may
+    take work: one told to wait, or booked ahead, takes none). Rows in ``keep`` (results the
     run could not write) stay held, and so does the batch: the sweeper decides about them once
     the lease runs out. Returns how many rows came back, and the next batch if one was taken.
     """
@@ -390,9 +424,19 @@ def end_run(
                 ORDER BY due_at, id LIMIT 1
                 FOR UPDATE SKIP LOCKED
             )
+            AND NOT EXISTS (
+                SELECT 1 FROM broadcast t JOIN channel_rate r ON r.channel_id = t.channel_id
+                WHERE t.id = %(b)s AND {_FREE_AT} > now()
+            )
             RETURNING id, broadcast_id, first_id, last_id
             """,
-            {"b": batch.broadcast_id, "id": batch.id, "t": next_token, "lease": lease},
+            {
+                "b": batch.broadcast_id,
+                "id": batch.id,
+                "t": next_token,
+                "lease": lease,
+                "wait": MAX_WAIT,
+            },
         )
     ).first()
     return back, Batch(row[0], row[1], row[2], row[3], next_token) if row else None
@@ -437,14 +481,6 @@ def progress(broadcast_id: int, first_id: int, last_id: int) -> One[Progress]:
         ),
         read,
     )
-
-
-#: When a channel may take batches again: once its provider's Retry-After has passed and its
-#: slots are booked no more than ``MAX_WAIT`` ahead (``r`` is its ``channel_rate`` row).
-_FREE_AT = """
-    greatest(coalesce(r.blocked_until, '-infinity'),
-             coalesce(r.tat, '-infinity') - %(wait)s * interval '1 second')
-"""
 
 
 def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tuple[int, int]]]:
@@ -736,11 +772,12 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
     batches = rows = 0
     for broadcast_id, group in groupby(dead, key=lambda r: int(r[0])):
         status = yield from _lock_task(broadcast_id)
-        # Only batches still dead once the task is locked (a late renewal may have saved one).
+        # Only batches still dead once the task is locked (a late renewal may have saved one);
+        # one a renewal holds this moment is left for the next sweep, never waited for.
         still = (
             yield Query(
                 "SELECT id, run_token FROM delivery_batch WHERE id = ANY(%(ids)s) "
-                "AND state = 'running' AND lease_expires_at < now() FOR UPDATE",
+                "AND state = 'running' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED",
                 {"ids": [int(r[1]) for r in group]},
             )
         ).rows

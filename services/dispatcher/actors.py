@@ -64,7 +64,7 @@ def start_broadcast(broadcast_id: int) -> None:
     except RuntimeClosed:
         taken = Taken.STOPPING
     if taken is not Taken.TAKEN:
-        broker.enqueue(start_message(broadcast_id))
+        broker.enqueue(start_message(broadcast_id), delay=FULL_DELAY_MS)
 
 
 @dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, **ACTOR_OPTIONS)
@@ -75,7 +75,6 @@ def send_batch(batch_id: int) -> None:
         taken = rt.call(rt.engine.adopt(batch_id))
     except RuntimeClosed:
         taken = Taken.STOPPING
-    if taken is Taken.FULL:
+    if taken is not Taken.TAKEN:
+        # Full: back in a moment, maybe to another process. Stopping: for another process.
         broker.enqueue(send_batch_message(batch_id), delay=FULL_DELAY_MS)
-    elif taken is Taken.STOPPING:
-        broker.enqueue(send_batch_message(batch_id))

@@ -29,9 +29,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from services.dispatcher import metrics
 from services.dispatcher.channels.base import Outcome, Transient
-from services.dispatcher.jobs import Job, load_job
+from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
 from services.dispatcher.recorder import Recorder
@@ -82,6 +85,11 @@ def _releaser(place: Place) -> Callable[[asyncio.Task[None]], None]:
     return lambda _: place.release()
 
 
+def _connection_trouble(exc: Exception) -> bool:
+    """Is this the database being out of reach (worth trying again), not a refused write?"""
+    return isinstance(exc, psycopg.OperationalError | PoolTimeout | OSError)
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -120,6 +128,7 @@ class BatchRun:
         self._sleepers: set[asyncio.Future[None]] = set()
         #: A fresh slot for a send that missed its own.
         self._reslot: Callable[[], Awaitable[Slots]]
+        self._cache: SlotCache
         self._lease: Lease
         #: When the next batch was claimed, if the run went on with one.
         self.next_claimed_at = 0.0
@@ -145,15 +154,25 @@ class BatchRun:
         """The run itself; returns how it ended and the rows it must keep holding."""
         try:
             job = await load_job(self.rt, self.batch.broadcast_id)
-        except Exception:
-            log.exception(
-                "broadcast %s batch %s: loading it failed", *self._ids.values(), extra=self._ids
+        except ChannelUnusable as exc:
+            # Every send would fail the same way: the broadcast waits for the operator.
+            log.error("broadcast %s: paused: %s", self.batch.broadcast_id, exc, extra=self._ids)
+            async with self.rt.pool.connection() as conn:
+                await store.arun(conn, store.hold(self.batch.broadcast_id, str(exc)))
+            return Ending("not_sending"), []
+        except Exception as exc:
+            log.warning(
+                "broadcast %s batch %s: loading it failed (%s); due again in %g s",
+                *self._ids.values(),
+                exc,
+                ERROR_DELAY,
+                extra=self._ids,
             )
             return Ending("error", due_in=ERROR_DELAY), []
         if job is None:
             return Ending("not_sending"), []
         lane = self.rt.lane(job)
-        slots = self.rt.slots(job)
+        slots = self._cache = self.rt.slots(job)
         self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
         recorder = Recorder(self.rt, job, self.batch, self.policy)
         stop_flushing = asyncio.Event()
@@ -185,12 +204,14 @@ class BatchRun:
         return ending, [*recorder.unwritten(), *self.in_call]
 
     async def _last_flush(self, recorder: Recorder, lease: Lease) -> None:
-        """Write the last results, trying again while the lease lets the run hold its rows."""
+        """Write the last results, trying again while the database is out but the rows are
+        surely still the run's (a write under a lost lease would be refused anyway).
+        """
         while recorder.pending:
             try:
                 await recorder.flush()
             except Exception as exc:
-                if not lease.held():
+                if not (_connection_trouble(exc) and lease.writable()):
                     log.error(
                         "broadcast %s batch %s: last results could not be written (%s); "
                         "their rows stay held until the lease runs out",
@@ -305,24 +326,30 @@ class BatchRun:
             for _ in range(MAX_RESLOTS):
                 if not await self._sleep(at - time.time()):
                     break
+                late = False
                 async with self.rt.calls.call(job.channel_id):
                     if time.time() - at > LATE_TOLERANCE:
                         # Too late for its slot (it waited for a place in the call pool): sent
                         # now it would crowd the next ones into a window over the limit. It
-                        # takes a fresh slot, keeping its place if the slot is due now.
-                        fresh = await self._reslot()
-                        if not fresh.times:
-                            break
-                        at = fresh.times[0]
-                        if at - time.time() > LATE_TOLERANCE:
-                            continue  # a later slot: wait for it without holding a place
-                        if not await self._sleep(at - time.time()):
-                            break
-                    if self._may_call(lease):
-                        after = self.rt.limiter.blocked_for(job.channel_id) or None
-                        if after is None:
-                            outcome = await self._call(job, row)
+                        # takes a fresh slot: one already at hand and due now keeps its place.
+                        fresh = self._cache.take_at_hand(within=LATE_TOLERANCE)
+                        if fresh is None:
+                            late = True
+                        else:
+                            at = fresh
+                            if not await self._sleep(at - time.time()):
+                                break
+                    if not late:
+                        if self._may_call(lease):
+                            after = self.rt.limiter.blocked_for(job.channel_id) or None
+                            if after is None:
+                                outcome = await self._call(job, row)
+                        break
+                # A fresh slot from the database, taken without holding a place.
+                slots = await self._reslot()
+                if not slots.times:
                     break
+                at = slots.times[0]
         except asyncio.CancelledError:
             if row.id not in self.in_call:
                 recorder.release(row)
@@ -338,7 +365,15 @@ class BatchRun:
         if outcome is None:
             recorder.release(row, after=after)
             return
-        label = recorder.outcome(row, outcome).label
+        try:
+            label = recorder.outcome(row, outcome).label
+        except Exception:
+            # The call was made but its answer cannot be judged (a bug): the row stays held,
+            # and the sweeper sends it again once the lease runs out.
+            log.exception(
+                "delivery %s: the provider's answer could not be recorded", row.id, extra=self._ids
+            )
+            return
         self.in_call.discard(row.id)
         if label == "throttled" and isinstance(outcome, Transient):
             await self._throttled(job, outcome)

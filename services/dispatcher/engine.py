@@ -72,11 +72,17 @@ class Engine:
                 conn,
                 store.claim_batch(batch_id, uuid.uuid4(), lease=self.rt.settings.lease_seconds),
             )
-        if batch is not None:
-            task = asyncio.create_task(self._runner(batch, claimed_at), name=f"batch-{batch.id}")
-            self.runs.add(task)
-            task.add_done_callback(self._ended)
-            metrics.BATCH_RUNS.set(len(self.runs))
+        if batch is None:
+            return Taken.TAKEN  # done, running elsewhere, or its task is not being sent
+        if self.stopping.is_set():
+            # The stop came while the claim was under way: give the batch straight back.
+            async with self.rt.pool.connection() as conn:
+                await store.arun(conn, store.end_run(batch, done=False))
+            return Taken.TAKEN
+        task = asyncio.create_task(self._runner(batch, claimed_at), name=f"batch-{batch.id}")
+        self.runs.add(task)
+        task.add_done_callback(self._ended)
+        metrics.BATCH_RUNS.set(len(self.runs))
         return Taken.TAKEN
 
     async def start_copy(self, broadcast_id: int) -> Taken:
@@ -137,11 +143,12 @@ class Engine:
         sweeper once its lease runs out).
         """
         self.stopping.set()
-        going = {*self.runs, *self.copies}
-        if not going:
-            return
-        _, pending = await asyncio.wait(going, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        deadline = time.monotonic() + timeout
+        while going := {*self.runs, *self.copies}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for task in going:
+                    task.cancel()
+                await asyncio.wait(going, timeout=5)
+                return
+            await asyncio.wait(going, timeout=left)

@@ -17,6 +17,21 @@ if TYPE_CHECKING:
     from services.dispatcher.runtime import Runtime
 
 
+class ChannelUnusable(Exception):
+    """The broadcast's channel cannot be used as configured: no send can succeed until an
+    operator fixes it. The message names what is wrong, never a configured value.
+    """
+
+    def __init__(self, channel_id: int, kind: str, exc: Exception) -> None:
+        what = type(exc).__name__
+        if isinstance(exc, KeyError) and exc.args:
+            what = f"its config has no {str(exc.args[0])!r}"
+        super().__init__(
+            f"channel {channel_id} ({kind}) cannot be used as configured: {what}; fix the "
+            "channel, then resume the broadcast"
+        )
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything about one broadcast a run needs, loaded once per run."""
@@ -33,6 +48,7 @@ class Job:
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
     """The broadcast, its channel and its message; None when it is not being sent. Media URLs
     are signed afresh for each run, so a long broadcast never hands out an expired one.
+    Raises ``ChannelUnusable`` when the channel's adapter cannot be made from its config.
     """
     async with rt.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
@@ -74,6 +90,10 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
     message = OutboundMessage(
         broadcast_id=broadcast_id, text=row["content"].get("text"), media=media, subject=row["name"]
     )
+    try:
+        adapter = rt.adapter(row["channel_id"], row["kind"], row["config"], make_adapter)
+    except Exception as exc:
+        raise ChannelUnusable(row["channel_id"], row["kind"], exc) from exc
     return Job(
         broadcast_id=broadcast_id,
         workspace_id=row["workspace_id"],
@@ -81,5 +101,5 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         kind=row["kind"],
         rate=float(row["rate_limit_per_second"]),
         message=message,
-        adapter=rt.adapter(row["channel_id"], row["kind"], row["config"], make_adapter),
+        adapter=adapter,
     )

@@ -39,11 +39,30 @@ class Lease:
       on_lost: called once if the lease is lost.
     """
 
-    def __init__(self, batch: Batch, valid_until: float, on_lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        batch: Batch,
+        renewed: float,
+        seconds: float,
+        margin: float,
+        on_lost: Callable[[], None],
+    ) -> None:
         self.batch = batch
-        self.valid_until = valid_until
+        self.seconds = seconds
+        self.margin = margin
+        #: ``time.monotonic()`` when the last renewal that succeeded was asked for.
+        self.renewed = renewed
         self.lost = False
         self._on_lost = on_lost
+
+    @property
+    def valid_until(self) -> float:
+        """Until when the run may start a call (one that ends before the lease can)."""
+        return self.renewed + self.seconds - self.margin
+
+    def writable(self) -> bool:
+        """Do the run's rows surely still belong to it (so its results may be written)?"""
+        return not self.lost and time.monotonic() < self.renewed + self.seconds - 1.0
 
     def held(self) -> bool:
         """May the run still start a provider call (one that will end before the lease can)?"""
@@ -82,6 +101,12 @@ class LeaseKeeper:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._keep())
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            log.critical("the lease keeper stopped (%s); starting it again", task.exception())
+            self.start()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -92,7 +117,7 @@ class LeaseKeeper:
         """Keep a run's lease from now on; ``claimed_at`` is ``time.monotonic()`` just
         before its batch was claimed.
         """
-        lease = Lease(batch, claimed_at + self.seconds - self.margin, on_lost)
+        lease = Lease(batch, claimed_at, self.seconds, self.margin, on_lost)
         self._leases[batch.id] = lease
         return lease
 
@@ -104,26 +129,33 @@ class LeaseKeeper:
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(self.seconds / 4)
-            while self._leases:
-                asked = time.monotonic()
-                leases = list(self._leases.values())
-                try:
-                    async with self.rt.pool.connection() as conn:
-                        ours = await store.arun(
-                            conn, store.renew([x.batch for x in leases], lease=self.seconds)
-                        )
-                except Exception as exc:
-                    self._failed(leases, exc)
-                    await asyncio.sleep(RETRY_SECONDS)
-                    continue
-                for lease in leases:
-                    if self._leases.get(lease.batch.id) is not lease:
-                        continue  # its run ended meanwhile
-                    if lease.batch.id in ours:
-                        lease.valid_until = asked + self.seconds - self.margin
-                    else:
-                        lease.lose("was taken back by the sweeper")
-                break
+            try:
+                await self._renew_all()
+            except Exception:
+                log.exception("renewing leases failed unexpectedly; trying again")
+
+    async def _renew_all(self) -> None:
+        """Renew every lease held, retrying while renewals fail."""
+        while self._leases:
+            asked = time.monotonic()
+            leases = list(self._leases.values())
+            try:
+                async with self.rt.pool.connection() as conn:
+                    ours = await store.arun(
+                        conn, store.renew([x.batch for x in leases], lease=self.seconds)
+                    )
+            except Exception as exc:
+                self._failed(leases, exc)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            for lease in leases:
+                if self._leases.get(lease.batch.id) is not lease:
+                    continue  # its run ended meanwhile
+                if lease.batch.id in ours:
+                    lease.renewed = asked
+                else:
+                    lease.lose("was taken back by the sweeper")
+            return
 
     def _failed(self, leases: list[Lease], exc: Exception) -> None:
         now = time.monotonic()

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Gauge, Histogram
 DELIVERIES = Counter(
     "bcast_deliveries_total",
     "Recipients finished or put back, by channel kind and outcome "
-    "(sent, failed, partial, retry, throttled, released).",
+    "(sent, failed, partial, retry, throttled, held: stopped between the parts of a message, "
+    "released: given back without a call).",
     ["kind", "outcome"],
 )
 PROVIDER_LATENCY = Histogram(

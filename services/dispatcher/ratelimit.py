@@ -229,6 +229,13 @@ class SlotCache:
             taken.append(times.popleft())
         return Slots(taken, times[0] if times else self._next_free)
 
+    def take_at_hand(self, *, within: float) -> float | None:
+        """A slot already taken that starts within ``within`` seconds, without a round trip."""
+        times = self._fresh()
+        if times and times[0] <= time.time() + within:
+            return times.popleft()
+        return None
+
     def _fresh(self) -> deque[float]:
         stale = time.time() - LATE_TOLERANCE
         while self._times and self._times[0] < stale:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import psycopg
+
 from services.dispatcher import metrics
-from services.dispatcher.channels.base import Outcome, Sent, join_ids
+from services.dispatcher.channels.base import MAX_WAIT_ASKED, Outcome, Sent, join_ids
 from services.dispatcher.retry import Decision, RetryPolicy, decide
 from shared import delivery_store as store
 from shared.delivery_store import Batch, Claimed, Record
@@ -104,10 +107,13 @@ class Recorder:
                 return
             taken = list(self.pending)
             started = time.perf_counter()
-            async with self.rt.pool.connection() as conn:
-                written = await store.arun(
-                    conn, store.record(self.batch, [record for record, _ in taken])
-                )
+            records = [record for record, _ in taken]
+            try:
+                written = await self._write(records)
+            except psycopg.DataError:
+                # One result the database refuses (a provider's odd answer) must not hold
+                # back the others: they are written one by one.
+                written = await self._write_each(records)
             del self.pending[: len(taken)]
         metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
         # Counted per write, not per send: each metric update costs a shared-memory write.
@@ -118,6 +124,34 @@ class Recorder:
             metrics.CHANNEL_SENDS.labels(str(self.job.channel_id), self.job.kind).inc(calls)
         if len(written) < len(taken):
             self._report_dropped(taken, set(written))
+
+    async def _write(self, records: list[Record]) -> list[int]:
+        async with self.rt.pool.connection() as conn:
+            return await store.arun(conn, store.record(self.batch, records))
+
+    async def _write_each(self, records: list[Record]) -> list[int]:
+        written: list[int] = []
+        for record in records:
+            try:
+                written += await self._write([record])
+            except psycopg.DataError as exc:
+                log.error(
+                    "broadcast %s batch %s: the result of delivery %s could not be stored as "
+                    "the provider gave it (%s); stored without its text",
+                    self.batch.broadcast_id,
+                    self.batch.id,
+                    record.id,
+                    type(exc).__name__,
+                    extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
+                )
+                plain = dataclasses.replace(
+                    record,
+                    error="(the provider's answer could not be stored)",
+                    provider_message_id=None,
+                    delay=None if record.delay is None else min(record.delay, MAX_WAIT_ASKED),
+                )
+                written += await self._write([plain])
+        return written
 
     def _report_dropped(self, taken: list[tuple[Record, str]], written: set[int]) -> None:
         """Records of rows the run no longer held (its lease was lost and the rows taken back):

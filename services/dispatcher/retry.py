@@ -52,7 +52,8 @@ class Decision:
     #: False: the attempt does not count (the provider throttled the whole channel).
     attempt_used: bool = True
     reason: str | None = None
-    #: The metrics outcome: sent, failed, partial, retry or throttled.
+    #: The metrics outcome: sent, failed, partial, retry, throttled or held (stopped between
+    #: the parts of a message).
     label: str = "sent"
 
 
@@ -71,7 +72,7 @@ def decide(
         return _final(outcome.reason, parts)
     if outcome.held_back:
         return Decision(
-            DeliveryStatus.QUEUED, attempt_used=False, reason=outcome.reason, label="released"
+            DeliveryStatus.QUEUED, attempt_used=False, reason=outcome.reason, label="held"
         )
     if outcome.throttled:
         return Decision(

@@ -215,6 +215,9 @@ class RuntimeMiddleware(dramatiq.Middleware):
         log.info("dispatcher runtime open")
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # No new message reaches an actor while the runs give their batches back (the worker
+        # puts back what it fetched when it stops).
+        worker.pause()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             log.info("dispatcher stopping: giving back its batches")

@@ -104,8 +104,15 @@ def batches(conn: psycopg.Connection[Any], broadcast_id: int) -> list[tuple[Any,
 
 
 def run_batch(conn: psycopg.Connection[Any], broadcast_id: int, index: int = 0) -> store.Batch:
-    """Claim a task's ``index``-th batch as a dispatcher would, under a fresh token."""
+    """Hand out a task's ``index``-th batch (as the relay would) and claim it as a dispatcher
+    would, under a fresh token.
+    """
     batch_id = batches(conn, broadcast_id)[index][0]
+    conn.execute(
+        "UPDATE delivery_batch SET state = 'queued', published_at = now() "
+        "WHERE id = %s AND state = 'ready'",
+        (batch_id,),
+    )
     batch = store.run(conn, store.claim_batch(batch_id, uuid.uuid4(), lease=LEASE))
     assert batch is not None
     return batch

@@ -68,6 +68,7 @@ def test_a_batch_is_claimed_by_one_run_only(
 ) -> None:
     task = new_task(api, conn, 3)
     batch_id = batches(conn, task.id)[0][0]
+    conn.execute("UPDATE delivery_batch SET state = 'queued' WHERE id = %s", (batch_id,))
     results: list[object] = []
     barrier = threading.Barrier(4)
 
@@ -183,3 +184,30 @@ def test_a_renewal_that_comes_too_late_loses_to_the_sweeper(
     # ... and finds the batch no longer its own.
     assert renewed == [set()]
     assert rows(conn, task.id) == {"queued": 2}
+
+
+def test_a_message_that_arrives_before_the_relay_commits_still_takes_its_batch(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 2)
+    relaying, adopting = connect(), connect()
+    taken: list[object] = []
+    with relaying.transaction():
+        # The relay marks the batch queued and publishes; before it commits, a dispatcher
+        # already has the message.
+        [(batch_id, _)] = [
+            x
+            for x in store.run(relaying, store.relay(per_batch_rate=500, max_window=16, limit=1000))
+            if x[1] == task.id
+        ]
+        claim = threading.Thread(
+            target=lambda: taken.append(
+                store.run(adopting, store.claim_batch(batch_id, uuid.uuid4(), lease=LEASE))
+            )
+        )
+        claim.start()
+        claim.join(0.5)
+        assert claim.is_alive(), "the claim waits for the relay's commit"
+    claim.join(10)
+    assert taken
+    assert taken[0] is not None

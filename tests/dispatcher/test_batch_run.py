@@ -12,6 +12,7 @@ import secrets
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,11 +22,15 @@ from aiohttp import web
 
 from services.dispatcher import metrics, snapshot
 from services.dispatcher.engine import Taken
+from services.dispatcher.jobs import load_job
 from services.dispatcher.ratelimit import SlotCache
+from services.dispatcher.recorder import Recorder
+from services.dispatcher.retry import RetryPolicy
 from services.dispatcher.runtime import Runtime, RuntimeClosed, RuntimeMiddleware
 from services.simulator.app import SIMULATOR, HookConfig, Simulator, make_app
 from shared import delivery_store as store
 from shared.db.engine import libpq_url
+from shared.domain.lifecycle import DeliveryStatus
 from shared.settings import Settings
 from tests.conftest import Api
 
@@ -120,6 +125,12 @@ class Sending:
         self.adopt(self.batches()[0][0])
 
     def adopt(self, batch_id: int) -> None:
+        """As the relay would hand the batch out and a ``send_batch`` message reach here."""
+        self.conn.execute(
+            "UPDATE delivery_batch SET state = 'queued', published_at = now() "
+            "WHERE id = %s AND state = 'ready'",
+            (batch_id,),
+        )
         assert self.rt.call(self.rt.engine.adopt(batch_id)) is Taken.TAKEN
 
 
@@ -414,7 +425,8 @@ def test_the_last_results_are_written_even_if_the_database_blinks_as_the_run_end
 
     def record(*args: Any, **kw: Any) -> Any:
         if blinking.is_set():
-            return store.One(store.Query("SELECT no_such_function()"), bool)
+            # The database drops the connection under the write.
+            return store.One(store.Query("SELECT pg_terminate_backend(pg_backend_pid())"), bool)
         return real(*args, **kw)
 
     monkeypatch.setattr(store, "record", record)
@@ -447,3 +459,55 @@ def test_when_the_call_pool_is_the_bottleneck_channels_share_it(
     assert max(sum(1 for u in starts if t <= u < t + 0.09) for t in starts) <= 4
     for x in (a, b):
         x.rt.call(x.rt.engine.stop(10))
+
+
+def test_a_result_the_database_refuses_is_stored_without_its_text_and_holds_back_nothing(
+    sending: Any, runtime: Runtime, conn: psycopg.Connection[Any]
+) -> None:
+    s = sending(3, rate=100)
+    s.adopt_first()
+    wait_for("the broadcast to complete", lambda: s.status() == "completed")
+    # A run whose pending results include one Postgres refuses (a NUL in a provider's id):
+    more = sending(2, rate=100)
+    [batch_id] = [b[0] for b in more.batches()]
+    conn.execute("UPDATE delivery_batch SET state = 'queued' WHERE id = %s", (batch_id,))
+    batch = store.run(conn, store.claim_batch(batch_id, uuid.uuid4(), lease=60))
+    assert batch is not None
+    first, second = store.run(conn, store.claim(batch, 2))
+    job = runtime.call(load_job(runtime, more.id))
+    assert job is not None
+    recorder = Recorder(runtime, job, batch, RetryPolicy(5, 1.0, 10.0))
+    recorder.pending += [
+        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id="bad\x00id"), "sent"),
+        (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent"),
+    ]
+    runtime.call(recorder.flush())
+    assert recorder.pending == []
+    stored = dict(
+        conn.execute(
+            "SELECT id, provider_message_id FROM delivery WHERE id = ANY(%s)",
+            ([first.id, second.id],),
+        ).fetchall()
+    )
+    assert stored == {first.id: None, second.id: "good"}
+    assert more.rows() == {"sent": 2}
+
+
+def test_a_channel_that_cannot_be_used_as_configured_pauses_its_broadcast_with_the_reason(
+    sending: Any, conn: psycopg.Connection[Any]
+) -> None:
+    s = sending(5, rate=100)
+    conn.execute(
+        "UPDATE channel SET config = config - 'url' "
+        "WHERE id = (SELECT channel_id FROM broadcast WHERE id = %s)",
+        (s.id,),
+    )
+    s.adopt_first()
+    wait_for("the broadcast to be paused", lambda: s.status() == "paused")
+    [(reason,)] = conn.execute(
+        "SELECT status_reason FROM broadcast WHERE id = %s", (s.id,)
+    ).fetchall()
+    assert "cannot be used as configured: its config has no 'url'" in reason
+    assert "secret" not in reason
+    assert s.arrivals() == []
+    assert s.rows() == {"queued": 5}

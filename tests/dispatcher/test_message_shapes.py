@@ -16,8 +16,11 @@ from services.dispatcher.channels.base import (
     Sent,
     Transient,
     join_ids,
+    message_id,
     parse_retry_after,
+    reason,
     send_in_parts,
+    wait_asked,
 )
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
@@ -120,3 +123,52 @@ def test_a_part_refused_after_others_were_accepted_reports_them() -> None:
 
     outcome = asyncio.run(send_in_parts(3, 0, "7", call))
     assert outcome == Permanent("no", parts_done=2, provider_message_id="m0,m1")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("HTTP 500: \x00oops\x00", "HTTP 500: oops"),
+        ("line one\nline two", "line one line two"),
+        ("x" * 600, "x" * 499 + "…"),
+    ],
+)
+def test_a_providers_answer_is_always_fit_to_store_as_a_reason(given: str, stored: str) -> None:
+    assert reason(given) == stored
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        (None, None),
+        ("", None),
+        ("wamid.1", "wamid.1"),
+        ("a\x00b", "ab"),
+        (42, "42"),
+        ("x" * 300, "x" * 200),
+    ],
+)
+def test_provider_message_ids_are_kept_only_when_fit_to_store(
+    given: object, kept: str | None
+) -> None:
+    assert message_id(given) == kept
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [
+        ("2", 2.0),
+        ("inf", 3600.0),
+        ("1e30", 3600.0),
+        ("-5", 0.0),
+        ("nan", None),
+        ("soon", None),
+        (None, None),
+    ],
+)
+def test_a_wait_a_provider_asks_for_is_finite_and_bounded(
+    given: str | None, seconds: float | None
+) -> None:
+    assert parse_retry_after(given) == seconds
+    if given is not None and seconds is not None:
+        assert wait_asked(given) == seconds

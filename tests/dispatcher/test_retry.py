@@ -114,7 +114,7 @@ POLICY = RetryPolicy(max_attempts=5, base_seconds=2.0, max_seconds=300.0, thrott
                 S.QUEUED,
                 attempt_used=False,
                 reason="held back before part 2 of 3",
-                label="released",
+                label="held",
             ),
         ),
         # Throttled: the channel's fault, not the recipient's. The attempt does not count, even

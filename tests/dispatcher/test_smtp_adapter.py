@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import ssl
 import subprocess
 import time
@@ -178,6 +179,31 @@ def test_a_relay_that_stalls_mid_conversation_cannot_hold_a_send_past_its_timeou
     assert took < 2.0, took
     box.stall_seconds = 0.0
     assert isinstance(send(a, OutboundMessage(1, "x"), "bob@x.test"), Sent), "and it recovers"
+
+
+def test_a_server_that_never_greets_cannot_hold_a_send_past_its_timeout(
+    store: LocalMediaStore,
+) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, then says nothing (a tarpit)
+    try:
+        a = SmtpAdapter(
+            {
+                "host": "127.0.0.1",
+                "port": silent.getsockname()[1],
+                "starttls": False,
+                "from_address": "n@shop.test",
+            },
+            store,
+            timeout=0.5,
+        )
+        _opened.append(a)
+        started = time.monotonic()
+        result = send(a, OutboundMessage(1, "x"), "ann@x.test")
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert isinstance(result, Transient)
+    assert took < 1.5, took
 
 
 def test_server_down_is_transient(store: LocalMediaStore) -> None:

@@ -10,6 +10,10 @@ from typing import Protocol
 
 #: Longest provider answer kept as a failure reason.
 MAX_REASON = 500
+#: Longest wait a provider may ask for (Retry-After); a longer one is taken as this.
+MAX_WAIT_ASKED = 3600.0
+#: Longest provider message id kept.
+MAX_ID = 200
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,32 @@ class ChannelAdapter(Protocol):
 
 
 def reason(text: str) -> str:
-    """A failure reason cut to ``MAX_REASON`` characters."""
-    text = " ".join(text.split())
+    """A failure reason fit to store: one line, no NUL (Postgres text refuses it), at most
+    ``MAX_REASON`` characters. Whatever a provider answers, it can be written.
+    """
+    text = " ".join(text.replace("\x00", " ").split())
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+def message_id(value: object) -> str | None:
+    """A provider's message id fit to store, or None when it gave none worth keeping."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "").replace(",", " ").strip()[:MAX_ID]
+    return text or None
+
+
+def wait_asked(seconds: object) -> float | None:
+    """A wait a provider asked for, in seconds, fit to act on: finite, from 0 to
+    ``MAX_WAIT_ASKED``; None when it is not a number.
+    """
+    try:
+        value = float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if value != value:  # NaN
+        return None
+    return min(max(0.0, value), MAX_WAIT_ASKED)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -118,15 +145,13 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if (seconds := wait_asked(value)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return wait_asked(when.timestamp() - (time.time() if now is None else now))
 
 
 def join_ids(earlier: str | None, more: list[str]) -> str | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import ipaddress
 import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,8 @@ from shared.media_store import MediaStore
 
 #: Open connections kept per channel.
 POOL_SIZE = 8
+#: How long a looked-up server address is used before it is looked up again.
+RESOLVE_SECONDS = 60.0
 #: Longest one send may take (connecting included), unless the dispatcher says otherwise.
 TIMEOUT_SECONDS = 30.0
 UNREACHABLE_CODES = frozenset({550, 551, 553})
@@ -69,6 +73,8 @@ class SmtpAdapter:
         self._lock = threading.Lock()
         self._images: tuple[OutboundMessage, list[tuple[bytes, str, str]]] | None = None
         self._threads = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="bcast-smtp")
+        #: The server's address and until when it holds (``time.monotonic()``).
+        self._resolved: tuple[str, float] | None = None
 
     def build(self, message: OutboundMessage, address: str, idempotency_key: str) -> EmailMessage:
         """The MIME message: text/plain, and with images an HTML part showing them inline."""
@@ -117,19 +123,41 @@ class SmtpAdapter:
         except OSError as exc:
             return Transient(reason(f"could not read an image: {exc}"))
         loop = asyncio.get_running_loop()
-        # The whole send, connecting included, ends within the timeout: at the deadline the
-        # connection's socket is shut, and whatever command was waiting fails at once.
-        watch = _Watch()
+        # The whole send, looking up the server and connecting included, ends within the
+        # timeout: at the deadline the connection's socket is shut, and whatever command was
+        # waiting fails at once.
+        watch = _Watch(time.monotonic() + self.timeout)
         deadline = loop.call_later(self.timeout, watch.abort)
         try:
-            return await loop.run_in_executor(self._threads, self._send, email, address, watch)
+            try:
+                address_of_server = await asyncio.wait_for(self._resolve(), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                return Transient(reason(f"SMTP server {self.host} not found: {exc}"))
+            return await loop.run_in_executor(
+                self._threads, self._send, email, address, watch, address_of_server
+            )
         finally:
             deadline.cancel()
 
-    def _send(self, email: EmailMessage, address: str, watch: _Watch) -> Outcome:
+    async def _resolve(self) -> str:
+        """The server's address, looked up at most once a minute."""
+        if self._resolved is not None and self._resolved[1] > time.monotonic():
+            return self._resolved[0]
+        try:
+            ipaddress.ip_address(self.host)
+            found = self.host
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM
+            )
+            found = str(infos[0][4][0])
+        self._resolved = (found, time.monotonic() + RESOLVE_SECONDS)
+        return found
+
+    def _send(self, email: EmailMessage, address: str, watch: _Watch, server: str) -> Outcome:
         for fresh in (False, True):
             try:
-                conn = self._connection(fresh, watch)
+                conn = self._connection(fresh, watch, server)
             except smtplib.SMTPAuthenticationError as exc:
                 return Permanent(
                     reason(f"SMTP login refused: {exc.smtp_code} {_text(exc.smtp_error)}")
@@ -148,29 +176,36 @@ class SmtpAdapter:
                     continue  # an idle pooled connection was closed by the server; try a new one
                 return Transient("SMTP server disconnected")
             except smtplib.SMTPRecipientsRefused as exc:
-                self._give_back(conn)
+                self._give_back(conn, watch)
                 code, text = exc.recipients.get(address, (550, b"refused"))
                 return _judge(code, f"SMTP {code}: {_text(text)}")
             except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
-                self._give_back(conn)
+                self._give_back(conn, watch)
                 return _judge(exc.smtp_code, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}")
             except (OSError, smtplib.SMTPException) as exc:
                 _close(conn)
                 if watch.aborted:
                     return Transient(f"SMTP timed out after {self.timeout:g} s")
                 return Transient(reason(f"SMTP error: {exc}"))
-            self._give_back(conn)
+            self._give_back(conn, watch)
             return Sent(str(email["Message-ID"]))
         return Transient("SMTP server disconnected")
 
-    def _connection(self, fresh: bool, watch: _Watch) -> smtplib.SMTP:
+    def _connection(self, fresh: bool, watch: _Watch, server: str) -> smtplib.SMTP:
         if not fresh:
             with self._lock:
                 if self._pool:
                     return watch.on(self._pool.popleft())
-        # Connecting takes at most the timeout by itself; from then on the watch bounds it.
-        conn = watch.on(smtplib.SMTP(self.host, self.port, timeout=self.timeout))
+        left = watch.left()
+        if left <= 0:
+            raise TimeoutError("no time left to connect")
+        # Connecting and the greeting take at most the time left; from then on the watch
+        # bounds every command. The certificate is checked against the name, not the address.
+        conn = smtplib.SMTP(timeout=left)
+        conn._host = self.host  # type: ignore[attr-defined]
         try:
+            conn.connect(server, self.port)
+            watch.on(conn)
             conn.ehlo()
             if self.starttls:
                 conn.starttls(context=ssl.create_default_context())
@@ -182,7 +217,10 @@ class SmtpAdapter:
             raise
         return conn
 
-    def _give_back(self, conn: smtplib.SMTP) -> None:
+    def _give_back(self, conn: smtplib.SMTP, watch: _Watch) -> None:
+        if not watch.done(conn):
+            _close(conn)
+            return
         with self._lock:
             if len(self._pool) < POOL_SIZE:
                 self._pool.append(conn)
@@ -202,10 +240,14 @@ class SmtpAdapter:
 class _Watch:
     """The connection one send is using, so its deadline can shut it from another thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.aborted = False
         self._conn: smtplib.SMTP | None = None
         self._lock = threading.Lock()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
     def on(self, conn: smtplib.SMTP) -> smtplib.SMTP:
         with self._lock:
@@ -219,6 +261,14 @@ class _Watch:
             self.aborted = True
             if self._conn is not None:
                 _shut(self._conn)
+
+    def done(self, conn: smtplib.SMTP) -> bool:
+        """The send is over: let go of the connection (so a late deadline cannot shut it under
+        another send). False when the deadline already shut it (not fit to reuse).
+        """
+        with self._lock:
+            self._conn = None
+            return not self.aborted
 
 
 def _shut(conn: smtplib.SMTP) -> None:

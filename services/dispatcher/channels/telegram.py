@@ -20,8 +20,10 @@ from services.dispatcher.channels.base import (
     Sent,
     Transient,
     go_on,
+    message_id,
     reason,
     send_in_parts,
+    wait_asked,
 )
 
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
@@ -100,9 +102,7 @@ class TelegramAdapter:
         text = reason(self._scrub(f"Telegram {code}: {description}"))
         if code == 429:
             retry_after = (answer.get("parameters") or {}).get("retry_after")
-            return Transient(
-                text, float(retry_after) if retry_after is not None else None, throttled=True
-            )
+            return Transient(text, wait_asked(retry_after), throttled=True)
         if code >= 500:
             return Transient(text)
         unreachable = code == 403 or any(h in description.lower() for h in UNREACHABLE_HINTS)
@@ -118,12 +118,8 @@ class TelegramAdapter:
 
 def _message_id(result: Any) -> str | None:
     if isinstance(result, dict) and "message_id" in result:
-        return str(result["message_id"])
+        return message_id(result["message_id"])
     if isinstance(result, list):
-        return (
-            ",".join(
-                str(r["message_id"]) for r in result if isinstance(r, dict) and "message_id" in r
-            )
-            or None
-        )
+        ids = [message_id(r.get("message_id")) for r in result if isinstance(r, dict)]
+        return ",".join(i for i in ids if i) or None
     return None

@@ -17,6 +17,7 @@ from services.dispatcher.channels.base import (
     Sent,
     Transient,
     go_on,
+    message_id,
     parse_retry_after,
     reason,
 )
@@ -122,6 +123,6 @@ def _message_id(answer: bytes) -> str | None:
         data = json.loads(answer)
     except ValueError:
         return None
-    if isinstance(data, dict) and data.get("id") is not None:
-        return str(data["id"])
+    if isinstance(data, dict):
+        return message_id(data.get("id"))
     return None

@@ -21,6 +21,8 @@ from services.dispatcher.channels.base import (
     Sent,
     Transient,
     go_on,
+    message_id,
+    parse_retry_after,
     reason,
     send_in_parts,
 )
@@ -105,7 +107,7 @@ class WhatsappAdapter:
             answer = {}
         if 200 <= status < 300:
             messages = answer.get("messages") or [{}]
-            return Sent(messages[0].get("id"))
+            return Sent(message_id(messages[0].get("id")))
         error = answer.get("error") or {}
         code = int(error.get("code") or 0)
         details = (error.get("error_data") or {}).get("details")
@@ -114,12 +116,7 @@ class WhatsappAdapter:
             f"WhatsApp {code or status}: {described}" + (f" ({details})" if details else "")
         )
         if code in THROTTLE_CODES or status == 429:
-            wait = (
-                float(retry_after)
-                if retry_after and retry_after.replace(".", "", 1).isdigit()
-                else THROTTLE_WAIT
-            )
-            return Transient(text, wait, throttled=True)
+            return Transient(text, parse_retry_after(retry_after) or THROTTLE_WAIT, throttled=True)
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
         return Permanent(text, unreachable=code in UNREACHABLE_CODES)

@@ -235,9 +235,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The scheduler hears of batches that became ready (or left a broadcast's window) at once.
+-- The scheduler hears of batches that became ready at once. (A run that finishes its batch
+-- takes the broadcast's next due one in the same transaction; when it takes none, there is
+-- none due to hand out, so a batch turning 'done' needs no wake-up.)
 CREATE TRIGGER delivery_batch_notify AFTER INSERT OR UPDATE OF state ON delivery_batch
-    FOR EACH ROW WHEN (NEW.state IN ('ready', 'done'))
+    FOR EACH ROW WHEN (NEW.state = 'ready')
     EXECUTE FUNCTION bcast_notify_batch();
 """
 
