@@ -118,6 +118,8 @@ def bench_env(db_url: str, vhost: str) -> dict[str, str]:
         "BCAST_DATABASE_URL": db_url,
         "BCAST_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
         "BCAST_SCHEDULER_METRICS_PORT": "0",
+        # The providers are simulators on loopback.
+        "BCAST_ALLOW_PRIVATE_TARGETS": "true",
         "BCAST_DISPATCHER_METRICS_PORT": "0",
     }
 

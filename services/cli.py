@@ -175,9 +175,15 @@ def up(
         [*me, "scheduler"],
         [*me, "dispatcher", "--processes", str(processes), "--threads", str(threads)],
     ]
+    env = dict(os.environ)
     if with_simulator:
         commands.insert(0, [*me, "simulator", "--port", str(simulator_port)])
-    children = [(c[3], subprocess.Popen(c, start_new_session=True)) for c in commands]  # noqa: S603
+        # The simulator is on loopback: channels pointed at it must be allowed to connect.
+        env.setdefault("BCAST_ALLOW_PRIVATE_TARGETS", "true")
+    children = [
+        (c[3], subprocess.Popen(c, start_new_session=True, env=env))  # noqa: S603
+        for c in commands
+    ]
     stopping = False
 
     def stop(signum: int = signal.SIGTERM, _frame: object = None) -> None:

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     import_max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     import_max_rows: int = Field(default=100_000, gt=0)
     db_pool_size: int = Field(default=10, gt=0)
+    #: Let channels connect to loopback, private and link-local addresses. Off in production:
+    #: a workspace could otherwise point a channel at the machine's own services or the
+    #: cloud's metadata address. On only for the local simulator, tests and the demo.
+    allow_private_targets: bool = False
 
     # --- scheduler ---
     #: Longest the scheduler sleeps without looking for due tasks (LISTEN/NOTIFY wakes it sooner).

@@ -10,6 +10,8 @@ bash deploy/local/services.sh
 
 export BCAST_DATABASE_URL=${BCAST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/bcast}
 export BCAST_API_PORT=${BCAST_API_PORT:-8000}
+# The demo's provider is the simulator on loopback; never set this in production.
+export BCAST_ALLOW_PRIVATE_TARGETS=${BCAST_ALLOW_PRIVATE_TARGETS:-true}
 export BCAST_PUBLIC_URL=${BCAST_PUBLIC_URL:-http://127.0.0.1:$BCAST_API_PORT}
 SIM_PORT=${BCAST_SIMULATOR_PORT:-9100}
 api="http://127.0.0.1:$BCAST_API_PORT"

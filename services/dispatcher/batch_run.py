@@ -130,6 +130,7 @@ class BatchRun:
         self._reslot: Callable[[], Awaitable[Slots]]
         self._cache: SlotCache
         self._lease: Lease
+        self._paused_for_refusal = False
         #: When the next batch was claimed, if the run went on with one.
         self.next_claimed_at = 0.0
         self._ids = {"broadcast_id": batch.broadcast_id, "batch_id": batch.id}
@@ -377,6 +378,8 @@ class BatchRun:
         self.in_call.discard(row.id)
         if label == "throttled" and isinstance(outcome, Transient):
             await self._throttled(job, outcome)
+        elif isinstance(outcome, Transient) and outcome.refused:
+            await self._refused(job, outcome)
 
     async def _call(self, job: Job, row: Claimed) -> Outcome:
         self.in_call.add(row.id)
@@ -429,6 +432,27 @@ class BatchRun:
                 job.channel_id,
                 exc,
                 extra={**self._ids, "channel_id": job.channel_id},
+            )
+
+    async def _refused(self, job: Job, outcome: Transient) -> None:
+        """The egress rule refused the channel's provider address: every send would be refused
+        alike, so the broadcast is paused with the reason until an operator fixes the channel.
+        """
+        self.halt()
+        if self._paused_for_refusal:
+            return
+        self._paused_for_refusal = True
+        ids = {**self._ids, "channel_id": job.channel_id}
+        log.error("broadcast %s: paused: %s", job.broadcast_id, outcome.reason, extra=ids)
+        try:
+            async with self.rt.pool.connection() as conn:
+                await store.arun(conn, store.hold(job.broadcast_id, outcome.reason))
+        except Exception as exc:
+            log.warning(
+                "broadcast %s: could not pause it (%s); its rows wait and are tried again",
+                job.broadcast_id,
+                exc,
+                extra=ids,
             )
 
     async def _nothing_due(self, recorder: Recorder) -> Ending | None:

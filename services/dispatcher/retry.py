@@ -70,7 +70,7 @@ def decide(
     parts = max(parts_before, outcome.parts_done)
     if isinstance(outcome, Permanent):
         return _final(outcome.reason, parts)
-    if outcome.held_back:
+    if outcome.held_back or outcome.refused:
         return Decision(
             DeliveryStatus.QUEUED, attempt_used=False, reason=outcome.reason, label="held"
         )

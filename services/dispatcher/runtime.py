@@ -29,6 +29,7 @@ import dramatiq
 from psycopg_pool import AsyncConnectionPool
 
 from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.channels.http import make_session
 from services.dispatcher.engine import Engine
 from services.dispatcher.jobs import Job
 from services.dispatcher.lease import LeaseKeeper
@@ -36,6 +37,7 @@ from services.dispatcher.pacing import CallPool, Lane
 from services.dispatcher.ratelimit import RateLimiter, SlotCache
 from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
+from shared.egress import Egress
 from shared.media_store import MediaStore, make_media_store
 from shared.settings import Settings, get_settings
 
@@ -73,6 +75,8 @@ class Runtime:
         self._lanes: dict[int, Lane] = {}
         self._slots: dict[int, SlotCache] = {}
         self.media: MediaStore = make_media_store(settings)
+        #: Where channels may connect (public addresses only, unless the settings allow more).
+        self.egress = Egress(allow_private=settings.allow_private_targets)
         self.closed = True
 
     def open(self) -> None:
@@ -90,12 +94,10 @@ class Runtime:
             open=False,
         )
         await self.pool.open(wait=True, timeout=30)
-        self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.settings.max_in_flight, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=self.settings.send_timeout_seconds),
-            # Providers' cookies mean nothing to a sender, and parsing them costs CPU per call.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "bcast"},
+        self.http = make_session(
+            self.egress,
+            max_in_flight=self.settings.max_in_flight,
+            timeout_seconds=self.settings.send_timeout_seconds,
         )
         self.calls = CallPool(self.settings.max_in_flight)
         self.status = StatusBoard(self.conninfo, self.pool)
@@ -111,13 +113,15 @@ class Runtime:
         channel_id: int,
         kind: str,
         config: dict[str, Any],
-        make: Callable[[str, dict[str, Any], aiohttp.ClientSession, MediaStore], ChannelAdapter],
+        make: Callable[
+            [str, dict[str, Any], aiohttp.ClientSession, MediaStore, Egress], ChannelAdapter
+        ],
     ) -> ChannelAdapter:
         """One adapter per channel and config, reused by every run of the process."""
         key = (channel_id, json.dumps(config, sort_keys=True))
         adapter = self._adapters.get(key)
         if adapter is None:
-            adapter = self._adapters[key] = make(kind, config, self.http, self.media)
+            adapter = self._adapters[key] = make(kind, config, self.http, self.media, self.egress)
         return adapter
 
     def lane(self, job: Job) -> Lane:

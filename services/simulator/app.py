@@ -26,6 +26,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
+#: Oldest signed webhook body the simulator accepts, as a receiver should.
+MAX_SIGNED_AGE = 300
 
 
 class HookConfig(BaseModel):
@@ -151,6 +153,10 @@ class Simulator:
                 "sha256=" + hmac.new(hook.config.secret.encode(), body, hashlib.sha256).hexdigest()
             )
             signature_ok = hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, ""))
+            # A receiver refuses signed bodies that are too old: a replay of a captured one.
+            stamp = payload.get("timestamp")
+            if not isinstance(stamp, int) or abs(time.time() - stamp) > MAX_SIGNED_AGE:
+                signature_ok = False
         key = str(payload.get("idempotency_key"))
         record: dict[str, Any] = {
             "key": key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AnyHttpUrl,
@@ -16,6 +17,8 @@ from pydantic import (
 
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import ChannelKind
+from shared.egress import Egress, EgressRefused
+from shared.settings import get_settings
 
 #: What the API shows in place of a secret config value.
 REDACTED = "********"
@@ -73,6 +76,14 @@ SECRET_KEYS: dict[ChannelKind, frozenset[str]] = {
     ChannelKind.SMTP: frozenset({"password"}),
 }
 
+#: Config keys that name where a channel connects: a URL, or (SMTP) a host.
+TARGET_KEYS: dict[ChannelKind, str] = {
+    ChannelKind.WEBHOOK: "url",
+    ChannelKind.TELEGRAM: "api_base_url",
+    ChannelKind.WHATSAPP: "api_base_url",
+    ChannelKind.SMTP: "host",
+}
+
 #: The provider's own limit, used when a channel is created without one.
 DEFAULT_RATE_LIMIT_PER_SECOND: dict[ChannelKind, float] = {
     ChannelKind.WEBHOOK: 100.0,
@@ -109,13 +120,42 @@ def validate_config(
             prefix=field,
             extra_message=f"unknown key for a {kind.value} channel; allowed keys: {allowed}",
         ) from None
-    return parsed.model_dump(mode="json")
+    normalised = parsed.model_dump(mode="json")
+    _check_target(kind, normalised, field)
+    return normalised
+
+
+def _check_target(kind: ChannelKind, config: dict[str, Any], field: str) -> None:
+    """Refuse a target the egress rule refuses whatever DNS says (a literal private address,
+    ``localhost``); names are judged again when a dispatcher connects.
+    """
+    key = TARGET_KEYS[kind]
+    target = str(config[key])
+    host = target if kind is ChannelKind.SMTP else (urlsplit(target).hostname or "")
+    try:
+        Egress(allow_private=get_settings().allow_private_targets).check_host(host)
+    except EgressRefused as exc:
+        raise ValidationFailed.one(f"{field}.{key}", str(exc), "egress_refused") from None
+
+
+def _mask_userinfo(url: str) -> str:
+    """A URL with any user name and password in it replaced by ``REDACTED``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{REDACTED}@{parts.netloc.rsplit('@', 1)[1]}"))
 
 
 def redact_config(kind: ChannelKind, config: dict[str, Any]) -> dict[str, Any]:
     """The config as it may be shown: every secret value replaced by ``REDACTED``."""
     secrets = SECRET_KEYS[kind]
-    return {k: (REDACTED if k in secrets and v not in (None, "") else v) for k, v in config.items()}
+    shown = {
+        k: (REDACTED if k in secrets and v not in (None, "") else v) for k, v in config.items()
+    }
+    key = TARGET_KEYS[kind]
+    if kind is not ChannelKind.SMTP and isinstance(shown.get(key), str):
+        shown[key] = _mask_userinfo(shown[key])
+    return shown
 
 
 def normalize_address(kind: ChannelKind, address: str) -> str:

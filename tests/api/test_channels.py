@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
+from shared.settings import get_settings
 from tests.conftest import Api
 
 SECRETS = {
@@ -135,3 +138,60 @@ def test_lists_page_with_cursors_newest_first(api: Api) -> None:
     bad = api.get("/v1/channels?cursor=%%%")
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["field"] == "cursor"
+
+
+@pytest.fixture
+def egress_rule_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The production setting: channels may reach public addresses only."""
+    monkeypatch.setenv("BCAST_ALLOW_PRIVATE_TARGETS", "false")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+TARGETS: dict[str, tuple[str, Callable[[str], dict[str, str]]]] = {
+    "webhook": ("url", lambda t: {"url": f"http://{t}/h", "secret": "0123456789abcdef"}),
+    "telegram": ("api_base_url", lambda t: {"bot_token": "1:a", "api_base_url": f"http://{t}"}),
+    "whatsapp": (
+        "api_base_url",
+        lambda t: {"access_token": "t", "phone_number_id": "1", "api_base_url": f"https://{t}/"},
+    ),
+    "smtp": ("host", lambda t: {"host": t.strip("[]"), "from_address": "a@b.co"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(TARGETS))
+@pytest.mark.parametrize(
+    "target",
+    ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.0.0.8", "2130706433", "0x7f.1"],
+)
+@pytest.mark.usefixtures("egress_rule_on")
+def test_a_channel_aimed_at_a_private_address_is_refused_when_created(
+    api: Api, kind: str, target: str
+) -> None:
+    key, config = TARGETS[kind]
+    response = api.post("/v1/channels", json={"name": "c", "kind": kind, "config": config(target)})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["field"] == f"config.{key}"
+    assert "public internet addresses" in error["msg"]
+    assert api.ok("get", "/v1/channels")["items"] == []
+
+
+@pytest.mark.usefixtures("egress_rule_on")
+def test_a_channel_aimed_at_a_public_name_is_accepted(api: Api) -> None:
+    config = {"url": "https://hooks.example.com/in", "secret": "0123456789abcdef"}
+    created = api.ok(
+        "post", "/v1/channels", 201, json={"name": "c", "kind": "webhook", "config": config}
+    )
+    assert created["config"]["url"] == "https://hooks.example.com/in"
+
+
+def test_credentials_in_a_url_are_never_shown_back(api: Api) -> None:
+    url = "https://alice:pa55word@hooks.example.com/in"
+    created = api.channel("webhook", config={"url": url, "secret": "0123456789abcdef"})
+    for text in (str(created), api.get(f"/v1/channels/{created['id']}").text):
+        assert "pa55word" not in text
+        assert "alice" not in text
+    assert created["config"]["url"] == "https://********@hooks.example.com/in"

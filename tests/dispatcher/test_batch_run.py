@@ -511,3 +511,32 @@ def test_a_channel_that_cannot_be_used_as_configured_pauses_its_broadcast_with_t
     assert "secret" not in reason
     assert s.arrivals() == []
     assert s.rows() == {"queued": 5}
+
+
+def test_a_channel_whose_address_the_egress_rule_refuses_pauses_its_broadcast_unsent(
+    sending: Any, conn: psycopg.Connection[Any], settings: Settings
+) -> None:
+    # The channel was created when its name resolved elsewhere; now it points at loopback.
+    s = sending(5, rate=100)
+    strict = Runtime(
+        settings.model_copy(update={"allow_private_targets": False, "dispatcher_db_connections": 3})
+    )
+    strict.open()
+    try:
+        s.rt = strict
+        s.adopt_first()
+        wait_for("the broadcast to be paused", lambda: s.status() == "paused")
+        wait_for("the run to end", lambda: not strict.engine.runs)
+    finally:
+        strict.close()
+    [(reason,)] = conn.execute(
+        "SELECT status_reason FROM broadcast WHERE id = %s", (s.id,)
+    ).fetchall()
+    assert reason.startswith("the channel's provider address is refused: ")
+    assert "loopback" in reason
+    assert s.arrivals() == []
+    assert s.rows() == {"queued": 5}
+    [(attempts,)] = conn.execute(
+        "SELECT sum(attempts) FROM delivery WHERE broadcast_id = %s", (s.id,)
+    ).fetchall()
+    assert attempts == 0

@@ -88,7 +88,7 @@ def test_webhook_signature_is_hmac_sha256_of_the_body(api: Api, system: System) 
     [row] = api.ok("GET", f"/v1/broadcasts/{b['id']}/recipients", params={"status": "failed"})[
         "items"
     ]
-    assert row["last_error"].startswith("HTTP 401")
+    assert row["last_error"] == "webhook HTTP 401: bad signature"
     body = b'{"x":1}'
     expected = "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
     from services.dispatcher.channels.webhook import sign
@@ -166,8 +166,8 @@ def test_permanent_failures_are_listed_with_reasons_and_in_the_csv(api: Api) -> 
         "items"
     ]
     assert {r["address"]: r["last_error"] for r in failed} == {
-        "bad-1": 'HTTP 404: {"error": "no such recipient: bad-1"}',
-        "bad-2": 'HTTP 404: {"error": "no such recipient: bad-2"}',
+        "bad-1": "webhook HTTP 404: no such recipient: bad-1",
+        "bad-2": "webhook HTTP 404: no such recipient: bad-2",
     }
     assert all(r["attempts"] == 1 for r in failed)
     exported = api.http.get(
@@ -210,7 +210,7 @@ def test_a_recipient_that_keeps_failing_transiently_fails_after_the_last_attempt
     assert done["counts"]["failed"] == 1
     [row] = api.ok("GET", f"/v1/broadcasts/{b['id']}/recipients")["items"]
     assert row["attempts"] == 5
-    assert row["last_error"].startswith("gave up after 5 attempts: HTTP 503")
+    assert row["last_error"].startswith("gave up after 5 attempts: webhook HTTP 503")
 
 
 def test_conversation_timed_send_reaches_its_contact_and_is_listed(api: Api) -> None:

@@ -7,11 +7,12 @@ from typing import Any
 import aiohttp
 
 from services.dispatcher.channels.base import ChannelAdapter
-from services.dispatcher.channels.smtp import TIMEOUT_SECONDS, SmtpAdapter
+from services.dispatcher.channels.smtp import STRICT, TIMEOUT_SECONDS, SmtpAdapter
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from shared.domain.lifecycle import ChannelKind
+from shared.egress import Egress
 from shared.media_store import MediaStore
 
 
@@ -20,7 +21,11 @@ class UnsupportedChannel(Exception):
 
 
 def make_adapter(
-    kind: str, config: dict[str, Any], http: aiohttp.ClientSession, store: MediaStore
+    kind: str,
+    config: dict[str, Any],
+    http: aiohttp.ClientSession,
+    store: MediaStore,
+    egress: Egress = STRICT,
 ) -> ChannelAdapter:
     """The adapter for one channel. One send takes at most the session's total timeout (the
     dispatcher's send timeout), an SMTP conversation included.
@@ -32,5 +37,7 @@ def make_adapter(
     if kind == ChannelKind.WHATSAPP:
         return WhatsappAdapter(config, http)
     if kind == ChannelKind.SMTP:
-        return SmtpAdapter(config, store, timeout=http.timeout.total or TIMEOUT_SECONDS)
+        return SmtpAdapter(
+            config, store, timeout=http.timeout.total or TIMEOUT_SECONDS, egress=egress
+        )
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

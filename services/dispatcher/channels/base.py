@@ -58,6 +58,9 @@ class Transient:
     #: Not a failure: the sender stopped before the next part (a pause, a lost lease); the
     #: rest goes later, and no attempt is spent.
     held_back: bool = False
+    #: The egress rule refused the provider's address: no send on this channel can work until
+    #: an operator changes its config, so the broadcast is paused with this reason.
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ async def send_in_parts(
                 throttled=outcome.throttled,
                 parts_done=index,
                 provider_message_id=join_ids(None, ids),
+                refused=outcome.refused,
             )
         if isinstance(outcome, Permanent):
             return Permanent(

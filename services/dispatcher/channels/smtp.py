@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import ipaddress
 import smtplib
 import socket
 import ssl
@@ -35,8 +34,15 @@ from services.dispatcher.channels.base import (
     go_on,
     reason,
 )
+from services.dispatcher.channels.http import clean
+from shared.egress import Egress, EgressRefused, parse_literal
 from shared.media_store import MediaStore
 
+#: Any failure to reach the server or to hear an SMTP greeting from it.
+UNREACHABLE_SERVER = (
+    "could not reach the SMTP server (no connection, no SMTP greeting, or timed out)"
+)
+STRICT = Egress()
 #: Open connections kept per channel.
 POOL_SIZE = 8
 #: How long a looked-up server address is used before it is looked up again.
@@ -59,7 +65,12 @@ class SmtpAdapter:
     max_in_flight: int | None = POOL_SIZE
 
     def __init__(
-        self, config: dict[str, Any], store: MediaStore, *, timeout: float = TIMEOUT_SECONDS
+        self,
+        config: dict[str, Any],
+        store: MediaStore,
+        *,
+        timeout: float = TIMEOUT_SECONDS,
+        egress: Egress = STRICT,
     ) -> None:
         self.host = str(config["host"])
         self.port = int(config.get("port") or 587)
@@ -69,6 +80,7 @@ class SmtpAdapter:
         self.from_address = str(config["from_address"])
         self.store = store
         self.timeout = timeout
+        self.egress = egress
         self._pool: deque[smtplib.SMTP] = deque()
         self._lock = threading.Lock()
         self._images: tuple[OutboundMessage, list[tuple[bytes, str, str]]] | None = None
@@ -121,7 +133,10 @@ class SmtpAdapter:
         try:
             email = self.build(message, address, idempotency_key)
         except OSError as exc:
-            return Transient(reason(f"could not read an image: {exc}"))
+            return Transient(reason(f"could not read an image: {type(exc).__name__}"))
+        except ValueError as exc:
+            # A header the email format cannot carry (a line break in the subject, say).
+            return Permanent(reason(f"the message cannot be written as an email: {exc}"))
         loop = asyncio.get_running_loop()
         # The whole send, looking up the server and connecting included, ends within the
         # timeout: at the deadline the connection's socket is shut, and whatever command was
@@ -131,8 +146,10 @@ class SmtpAdapter:
         try:
             try:
                 address_of_server = await asyncio.wait_for(self._resolve(), self.timeout)
-            except (OSError, TimeoutError) as exc:
-                return Transient(reason(f"SMTP server {self.host} not found: {exc}"))
+            except EgressRefused as exc:
+                return Transient(f"the channel's provider address is refused: {exc}", refused=True)
+            except (OSError, TimeoutError):
+                return Transient(UNREACHABLE_SERVER)
             return await loop.run_in_executor(
                 self._threads, self._send, email, address, watch, address_of_server
             )
@@ -140,19 +157,29 @@ class SmtpAdapter:
             deadline.cancel()
 
     async def _resolve(self) -> str:
-        """The server's address, looked up at most once a minute."""
+        """The server's address, looked up at most once a minute: the first one the egress
+        rule allows (``EgressRefused`` when it allows none).
+        """
         if self._resolved is not None and self._resolved[1] > time.monotonic():
             return self._resolved[0]
-        try:
-            ipaddress.ip_address(self.host)
-            found = self.host
-        except ValueError:
+        literal = parse_literal(self.host)
+        if literal is not None:
+            addresses = [str(literal)]
+        else:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 self.host, self.port, type=socket.SOCK_STREAM
             )
-            found = str(infos[0][4][0])
-        self._resolved = (found, time.monotonic() + RESOLVE_SECONDS)
-        return found
+            addresses = [str(info[4][0]) for info in infos]
+        refused: EgressRefused | None = None
+        for found in addresses:
+            try:
+                self.egress.check(found, self.host)
+            except EgressRefused as exc:
+                refused = refused or exc
+                continue
+            self._resolved = (found, time.monotonic() + RESOLVE_SECONDS)
+            return found
+        raise refused or EgressRefused(self.host, "not resolvable to an address")
 
     def _send(self, email: EmailMessage, address: str, watch: _Watch, server: str) -> Outcome:
         for fresh in (False, True):
@@ -160,12 +187,12 @@ class SmtpAdapter:
                 conn = self._connection(fresh, watch, server)
             except smtplib.SMTPAuthenticationError as exc:
                 return Permanent(
-                    reason(f"SMTP login refused: {exc.smtp_code} {_text(exc.smtp_error)}")
+                    f"SMTP login refused: {exc.smtp_code} {self._said(exc.smtp_error)}"
                 )
-            except (OSError, smtplib.SMTPException) as exc:
-                if watch.aborted:
-                    return Transient(f"SMTP timed out after {self.timeout:g} s")
-                return Transient(reason(f"SMTP connection failed: {exc}"))
+            except (OSError, smtplib.SMTPException):
+                # Whatever answered (or did not): the same words, so a reason cannot tell an
+                # open port from a closed one, nor hand back what a non-SMTP peer said.
+                return Transient(UNREACHABLE_SERVER)
             try:
                 conn.send_message(email, from_addr=self.from_address, to_addrs=[address])
             except smtplib.SMTPServerDisconnected:
@@ -178,15 +205,15 @@ class SmtpAdapter:
             except smtplib.SMTPRecipientsRefused as exc:
                 self._give_back(conn, watch)
                 code, text = exc.recipients.get(address, (550, b"refused"))
-                return _judge(code, f"SMTP {code}: {_text(text)}")
+                return _judge(code, f"SMTP {code}: {self._said(text)}")
             except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
                 self._give_back(conn, watch)
-                return _judge(exc.smtp_code, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}")
-            except (OSError, smtplib.SMTPException) as exc:
+                return _judge(exc.smtp_code, f"SMTP {exc.smtp_code}: {self._said(exc.smtp_error)}")
+            except (OSError, smtplib.SMTPException):
                 _close(conn)
                 if watch.aborted:
                     return Transient(f"SMTP timed out after {self.timeout:g} s")
-                return Transient(reason(f"SMTP error: {exc}"))
+                return Transient("SMTP conversation failed")
             self._give_back(conn, watch)
             return Sent(str(email["Message-ID"]))
         return Transient("SMTP server disconnected")
@@ -216,6 +243,16 @@ class SmtpAdapter:
             _close(conn)
             raise
         return conn
+
+    def _said(self, value: bytes | str) -> str:
+        """What the server said, cleaned and bounded, credentials scrubbed."""
+        return clean(_text(value), self._scrub)
+
+    def _scrub(self, text: str) -> str:
+        for secret in (self.password, self.username):
+            if secret:
+                text = text.replace(secret, "<credential>")
+        return text
 
     def _give_back(self, conn: smtplib.SMTP, watch: _Watch) -> None:
         if not watch.done(conn):

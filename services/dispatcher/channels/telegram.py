@@ -21,10 +21,10 @@ from services.dispatcher.channels.base import (
     Transient,
     go_on,
     message_id,
-    reason,
     send_in_parts,
     wait_asked,
 )
+from services.dispatcher.channels.http import connection_failure, provider_message
 
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
 MAX_CAPTION = 1024
@@ -83,28 +83,35 @@ class TelegramAdapter:
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
         try:
             async with self.http.post(
-                f"{self.base}/{method}", json=payload, headers={"Idempotency-Key": key}
+                f"{self.base}/{method}",
+                json=payload,
+                headers={"Idempotency-Key": key},
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
-        except TimeoutError:
-            return Transient("Telegram timed out")
-        except aiohttp.ClientError as exc:
-            return Transient(self._scrub(f"connection error: {exc}"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return connection_failure(exc)
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
             answer = {}
-        if status == 200 and answer.get("ok"):
+        if status == 200 and answer.get("ok") is True:
             return Sent(_message_id(answer.get("result")))
-        code = int(answer.get("error_code") or status)
-        description = str(answer.get("description") or raw.decode("utf-8", "replace"))
-        text = reason(self._scrub(f"Telegram {code}: {description}"))
+        code = _code(answer.get("error_code"), status)
+        description = provider_message(raw, (("description",),), self._scrub) or ""
+        text = f"Telegram {code}: {description}" if description else f"Telegram HTTP {status}"
         if code == 429:
-            retry_after = (answer.get("parameters") or {}).get("retry_after")
+            parameters = answer.get("parameters")
+            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
             return Transient(text, wait_asked(retry_after), throttled=True)
-        if code >= 500:
+        if code >= 500 or status >= 500:
             return Transient(text)
+        if not 400 <= status < 500:
+            # Not an answer of the Bot API (a redirect, a page from something else).
+            return Permanent(text)
         unreachable = code == 403 or any(h in description.lower() for h in UNREACHABLE_HINTS)
         return Permanent(text, unreachable=unreachable)
 
@@ -114,6 +121,13 @@ class TelegramAdapter:
 
     async def close(self) -> None:
         """The HTTP session belongs to the process."""
+
+
+def _code(value: Any, status: int) -> int:
+    """The Bot API's ``error_code``, or the HTTP status when it gave none worth reading."""
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 999:
+        return value
+    return status
 
 
 def _message_id(result: Any) -> str | None:

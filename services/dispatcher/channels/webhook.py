@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,12 @@ from services.dispatcher.channels.base import (
     go_on,
     message_id,
     parse_retry_after,
-    reason,
 )
+from services.dispatcher.channels.http import connection_failure, http_reason
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
+#: Where a receiver's JSON error body may say what went wrong.
+ERROR_PATHS = (("error", "message"), ("error",), ("message",), ("detail",), ("title",))
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -45,7 +48,8 @@ class WebhookAdapter:
 
     def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
         self.url = str(config["url"])
-        self.secret = str(config["secret"]).encode()
+        self.secret_text = str(config["secret"])
+        self.secret = self.secret_text.encode()
         self.http = http
         self._cached: tuple[OutboundMessage, bytes] | None = None
 
@@ -62,6 +66,8 @@ class WebhookAdapter:
             (
                 b'{"idempotency_key":',
                 _json(idempotency_key),
+                b',"timestamp":',
+                str(int(time.time())).encode(),
                 b',"to":',
                 _json(address),
                 b",",
@@ -80,20 +86,19 @@ class WebhookAdapter:
                 answer = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
-        except TimeoutError:
-            return Transient("provider timed out")
-        except aiohttp.ClientError as exc:
-            return Transient(reason(f"connection error: {exc}"))
-        text = answer.decode("utf-8", "replace")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return connection_failure(exc)
         if 200 <= status < 300:
             return Sent(_message_id(answer))
+        text = http_reason("webhook", status, answer, ERROR_PATHS, self._scrub)
         if status == 429:
-            return Transient(
-                reason(f"HTTP 429: {text}"), parse_retry_after(retry_after), throttled=True
-            )
+            return Transient(text, parse_retry_after(retry_after), throttled=True)
         if status >= 500:
-            return Transient(reason(f"HTTP {status}: {text}"), parse_retry_after(retry_after))
-        return Permanent(reason(f"HTTP {status}: {text}"))
+            return Transient(text, parse_retry_after(retry_after))
+        return Permanent(text)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.secret_text, "<secret>") if self.secret_text else text
 
     async def close(self) -> None:
         """Nothing of its own to close: the HTTP session belongs to the process."""

@@ -26,6 +26,7 @@ from services.dispatcher.channels.base import (
     reason,
     send_in_parts,
 )
+from services.dispatcher.channels.http import connection_failure, provider_message
 
 MAX_CAPTION = 1024
 #: Rate and throughput limits: the whole channel must slow down.
@@ -93,33 +94,49 @@ class WhatsappAdapter:
     async def _call(self, body: dict[str, Any], key: str) -> Outcome:
         headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
         try:
-            async with self.http.post(self.url, json=body, headers=headers) as resp:
+            async with self.http.post(
+                self.url, json=body, headers=headers, allow_redirects=False
+            ) as resp:
                 status = resp.status
                 raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After")
-        except TimeoutError:
-            return Transient("WhatsApp timed out")
-        except aiohttp.ClientError as exc:
-            return Transient(reason(f"connection error: {exc}"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return connection_failure(exc)
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
             answer = {}
         if 200 <= status < 300:
-            messages = answer.get("messages") or [{}]
-            return Sent(message_id(messages[0].get("id")))
-        error = answer.get("error") or {}
-        code = int(error.get("code") or 0)
-        details = (error.get("error_data") or {}).get("details")
-        described = error.get("message") or raw.decode("utf-8", "replace")
-        text = reason(
-            f"WhatsApp {code or status}: {described}" + (f" ({details})" if details else "")
-        )
+            return Sent(_message_id(answer.get("messages")))
+        error = answer.get("error")
+        error = error if isinstance(error, dict) else {}
+        code = error.get("code")
+        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+        described = provider_message(raw, (("error", "message"),), self._scrub)
+        details = provider_message(raw, (("error", "error_data", "details"),), self._scrub)
+        text = f"WhatsApp {code or f'HTTP {status}'}" + (f": {described}" if described else "")
+        if details:
+            text = reason(f"{text} ({details})")
+        if 300 <= status < 400:
+            # Not an answer of the Cloud API: redirects are never followed.
+            return Permanent(text)
         if code in THROTTLE_CODES or status == 429:
             return Transient(text, parse_retry_after(retry_after) or THROTTLE_WAIT, throttled=True)
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
         return Permanent(text, unreachable=code in UNREACHABLE_CODES)
 
+    def _scrub(self, text: str) -> str:
+        # The access token must never reach a stored reason, even quoted back by an error.
+        return text.replace(self.token, "<access token>") if self.token else text
+
     async def close(self) -> None:
         """The HTTP session belongs to the process."""
+
+
+def _message_id(messages: Any) -> str | None:
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        return message_id(messages[0].get("id"))
+    return None
