@@ -66,14 +66,21 @@ def api(
     import uvicorn
 
     from services.api.app import create_app
+    from services.api.server import HeadTimeoutH11
 
     settings = get_settings()
+    HeadTimeoutH11.header_timeout = settings.api_header_timeout_seconds
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level="info",
         access_log=False,
+        http=HeadTimeoutH11,
+        # Idle keep-alive connections close after this; a request head has its own deadline.
+        timeout_keep_alive=5,
+        limit_concurrency=settings.api_max_connections,
+        h11_max_incomplete_event_size=16 * 1024,
     )
 
 

@@ -40,13 +40,25 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr = SecretStr("")
     s3_prefix: str = "media/"
     media_max_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
-    media_max_pixels: int = Field(default=40_000_000, gt=0)
+    #: Largest image, in pixels, checked before decoding (a small file can claim a huge image).
+    media_max_pixels: int = Field(default=25_000_000, gt=0)
     #: Largest request body for ordinary JSON routes.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: Largest request body for ``POST /v1/contacts/import``.
     import_max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     import_max_rows: int = Field(default=100_000, gt=0)
     db_pool_size: int = Field(default=10, gt=0)
+    #: Seconds a request to the API waits for a free database connection before it is
+    #: answered 503 with Retry-After.
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Seconds a request's line and headers may take to arrive.
+    api_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Seconds a request body may pause between two of its chunks.
+    api_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Connections and requests the API serves at once; beyond it, 503.
+    api_max_connections: int = Field(default=1000, gt=0)
+    #: CSV exports of recipient lists one workspace may run at once; beyond it, 429.
+    api_exports_per_workspace: int = Field(default=4, gt=0)
     #: Let channels connect to loopback, private and link-local addresses. Off in production:
     #: a workspace could otherwise point a channel at the machine's own services or the
     #: cloud's metadata address. On only for the local simulator, tests and the demo.

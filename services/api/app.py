@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from fastapi import FastAPI
 
 from services.api import errors
-from services.api.middleware import BodyLimit, Metrics
+from services.api.middleware import BodyLimit, InputGuard, Metrics
+from services.api.openapi import install_openapi
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
 from shared.media_store import make_media_store
 from shared.settings import Settings, get_settings
@@ -25,7 +24,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="bcast", version="0.1.0", description=DESCRIPTION)
     app.state.media_store = make_media_store(settings)
     errors.install(app)
-    app.add_exception_handler(IntegrityError, _on_integrity_error)
     for module in (health, channels, contacts, broadcasts, conversations, media):
         app.include_router(module.router)
     app.include_router(media.public_router)
@@ -39,13 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.media_max_bytes * 4
         return settings.max_body_bytes
 
-    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(InputGuard, bulk=frozenset({"/v1/contacts/import"}))
+    app.add_middleware(BodyLimit, limit_for=limit_for, timeout=settings.api_body_timeout_seconds)
     app.add_middleware(Metrics)
+    install_openapi(app)
     return app
-
-
-async def _on_integrity_error(_: Request, exc: Exception) -> JSONResponse:
-    # A concurrent request wrote the same unique row first; the checks before the write
-    # answer the common case with a specific message.
-    message = "conflicts with a row written at the same time; read it back or retry"
-    return JSONResponse(status_code=409, content={"detail": message, "message": message})

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.db.engine import get_sessionmaker
 from shared.domain.tokens import workspace_for_token
+from shared.domain.types import MAX_ID
 from shared.media_store import MediaStore
 from shared.settings import Settings, get_settings
 
@@ -24,6 +25,10 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+#: A row id in a path: 1 to the largest ``bigint``.
+PathId = Annotated[int, Path(gt=0, le=MAX_ID)]
+#: A row id in a query filter.
+QueryId = Annotated[int | None, Query(gt=0, le=MAX_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")

@@ -5,15 +5,31 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from shared.domain.audience import AudienceFilter, AudienceSpec
 from shared.domain.broadcasts import Content
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
+from shared.domain.types import Id, IsoDatetime, check_one_line
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Id = Annotated[int, Field(gt=0)]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(check_one_line),
+]
+TagName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+    AfterValidator(check_one_line),
+]
 T = TypeVar("T")
 
 
@@ -71,7 +87,7 @@ class AccountOut(BaseModel):
 
 
 class TagCreate(_In):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    name: TagName
 
 
 class TagOut(BaseModel):
@@ -98,11 +114,17 @@ class ContactOut(BaseModel):
 
 
 class ContactPatch(_In):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None = None
-    tags: (
-        list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]]
+    name: (
+        Annotated[
+            str,
+            StringConstraints(strip_whitespace=True, max_length=200),
+            AfterValidator(check_one_line),
+        ]
         | None
-    ) = Field(default=None, max_length=50, description="Replaces the contact's tags.")
+    ) = None
+    tags: list[TagName] | None = Field(
+        default=None, max_length=50, description="Replaces the contact's tags."
+    )
     opted_out: bool | None = None
     unreachable: Literal[False] | None = Field(
         default=None,
@@ -146,7 +168,7 @@ class BroadcastCreate(_In):
     channel_id: Id
     audience: AudienceSpec
     content: Content
-    send_at: datetime | None = Field(
+    send_at: IsoDatetime | None = Field(
         default=None,
         description="null sends immediately; otherwise an ISO-8601 time with offset, "
         "at least 5 minutes ahead.",
@@ -168,7 +190,7 @@ class BroadcastPatch(_In):
     channel_id: Id | None = None
     audience: AudienceSpec | None = None
     content: Content | None = None
-    send_at: datetime | None = Field(
+    send_at: IsoDatetime | None = Field(
         default=None, description="null means immediately (once the broadcast is pending)."
     )
 
@@ -239,7 +261,7 @@ class ConversationOut(BaseModel):
 
 class TimedSendCreate(_In):
     content: Content
-    send_at: datetime | None = Field(
+    send_at: IsoDatetime | None = Field(
         default=None, description="null sends immediately; otherwise at least 5 minutes ahead."
     )
 

@@ -31,23 +31,43 @@ def libpq_url(database_url: str) -> str:
 
 
 def make_engine(
-    database_url: str, *, pool_size: int = 5, application_name: str = "bcast"
+    database_url: str,
+    *,
+    pool_size: int = 5,
+    application_name: str = "bcast",
+    pool_timeout: float = 30.0,
 ) -> Engine:
-    """Create an engine for ``database_url``; every service holds one per process."""
+    """Create an engine for ``database_url``; every service holds one per process.
+    ``pool_timeout``: seconds a checkout waits for a free connection before it raises.
+    """
     return create_engine(
         sqlalchemy_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        pool_timeout=pool_timeout,
         connect_args={"application_name": application_name},
     )
+
+
+def pool_exhausted(engine: Engine) -> bool:
+    """Every connection the engine's pool may open is checked out."""
+    pool: Any = engine.pool
+    try:
+        return bool(pool.checkedout() >= pool.size() + max(pool._max_overflow, 0))
+    except AttributeError:  # a pool without a fixed size
+        return False
 
 
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     """The process-wide engine built from settings."""
     settings = get_settings()
-    return make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    return make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
 
 
 @lru_cache(maxsize=1)

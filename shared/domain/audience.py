@@ -7,7 +7,7 @@ the recipients when the broadcast starts, so what an operator previews is what g
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Select, func, select
@@ -16,13 +16,12 @@ from sqlalchemy.orm import Session
 from shared.db.models import Account, Contact, ContactTag, Tag
 from shared.db.sql import in_ids, not_in_ids
 from shared.domain.errors import FieldError, ValidationFailed
+from shared.domain.types import Id
 
 #: Most ids one audience list may carry (a manual selection of a whole imported list).
 MAX_IDS = 100_000
 #: How many wrong ids one error answer names before it stops listing.
 MAX_LISTED_ERRORS = 10
-
-Id = Annotated[int, Field(gt=0)]
 
 
 class AudienceFilter(BaseModel):

@@ -38,6 +38,7 @@ from shared.domain.lifecycle import (
     allowed_phrase,
 )
 from shared.domain.media import MAX_IMAGES, check_media_ids
+from shared.domain.types import MAX_ID, Id, Text
 
 #: A scheduled send must lie at least this far ahead when it is written.
 MIN_LEAD = timedelta(minutes=5)
@@ -51,12 +52,12 @@ class Content(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = Field(default=None, max_length=MAX_TEXT)
-    media_ids: list[int] = Field(default_factory=list)
+    text: Text | None = Field(default=None, max_length=MAX_TEXT)
+    media_ids: list[Id] = Field(default_factory=list)
 
     @field_validator("media_ids")
     @classmethod
-    def _at_most_ten(cls, value: list[int]) -> list[int]:
+    def _at_most_ten(cls, value: list[Id]) -> list[Id]:
         if len(value) > MAX_IMAGES:
             raise ValueError(f"has {len(value)} images; a message may carry at most {MAX_IMAGES}")
         return value
@@ -240,7 +241,10 @@ def encode_cursor(last_id: int) -> str:
 
 def decode_cursor(cursor: str, *, field: str = "cursor") -> int:
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        if not 0 < value <= MAX_ID:
+            raise ValueError(value)
+        return value
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise ValidationFailed.one(
             field, "is not a cursor this API handed out", "cursor_invalid"

@@ -9,7 +9,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 from sqlalchemy import Select, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -19,8 +27,13 @@ from shared.db.sql import in_ids, owned
 from shared.domain.channels import normalize_address
 from shared.domain.errors import FieldError, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
+from shared.domain.types import Id, OneLine, check_one_line, json_too_deep
 
-TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+TagName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+    AfterValidator(check_one_line),
+]
 #: How many row errors one failed import lists before it summarises the rest.
 MAX_IMPORT_ERRORS = 100
 #: Columns a CSV import understands; ``tags`` holds names separated by ``;``.
@@ -32,9 +45,9 @@ class ContactIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    account_id: int = Field(gt=0)
-    address: str = Field(min_length=1, max_length=320)
-    name: str = Field(default="", max_length=200)
+    account_id: Id
+    address: OneLine = Field(min_length=1, max_length=320)
+    name: OneLine = Field(default="", max_length=200)
     tags: list[TagName] = Field(default_factory=list, max_length=50)
     opted_out: bool = False
 
@@ -232,28 +245,15 @@ def parse_import(body: bytes, content_type: str, *, max_rows: int) -> list[Conta
     """
     media_type = content_type.split(";")[0].strip().lower()
     if media_type in ("text/csv", "application/csv"):
-        raw = _csv_rows(body)
+        raw = _csv_rows(body, max_rows)
     elif media_type in ("application/json", ""):
-        try:
-            raw = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValidationFailed.one(
-                "body", f"is not valid JSON: {exc}", "json_invalid"
-            ) from None
-        if not isinstance(raw, list):
-            raise ValidationFailed.one("body", "must be a JSON array of contacts", "list_type")
+        raw = _json_rows(body, max_rows)
     else:
         raise ValidationFailed.one(
             "Content-Type", f"{media_type!r} is not importable; send application/json or text/csv"
         )
     if not raw:
         raise ValidationFailed.one("body", "holds no contacts", "empty")
-    if len(raw) > max_rows:
-        raise ValidationFailed.one(
-            "body",
-            f"holds {len(raw):,} contacts; one import takes at most {max_rows:,}",
-            "too_long",
-        )
     try:
         return _ROWS.validate_python(raw)
     except ValidationError as exc:
@@ -274,7 +274,72 @@ def _row_field(loc: Sequence[int | str]) -> str:
     return f"rows[{index}]" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
 
 
-def _csv_rows(body: bytes) -> list[dict[str, Any]]:
+def _too_many(max_rows: int) -> ValidationFailed:
+    return ValidationFailed.one(
+        "body",
+        f"holds more than {max_rows:,} contacts; one import takes at most {max_rows:,}",
+        "too_long",
+    )
+
+
+def _json_rows(body: bytes, max_rows: int) -> list[Any]:
+    """The elements of a JSON array, read one by one: reading stops as soon as there are more
+    than ``max_rows``, so an oversized import costs no more than the rows it may hold.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValidationFailed.one("body", "JSON must be UTF-8 encoded", "encoding") from None
+    if json_too_deep(body):
+        raise ValidationFailed.one(
+            "body", "is nested deeper than a list of contact objects can be", "json_too_deep"
+        )
+    decoder = json.JSONDecoder()
+    at = _skip_space(text, 0)
+    if text[at : at + 1] != "[":
+        raise ValidationFailed.one(
+            "body",
+            "is not valid JSON for an import: it must be a JSON array of contacts",
+            "list_type",
+        )
+    at = _skip_space(text, at + 1)
+    rows: list[Any] = []
+    try:
+        if text[at : at + 1] == "]":
+            at += 1
+        else:
+            while True:
+                row, at = decoder.raw_decode(text, at)
+                rows.append(row)
+                if len(rows) > max_rows:
+                    raise _too_many(max_rows)
+                at = _skip_space(text, at)
+                if text[at : at + 1] == ",":
+                    at = _skip_space(text, at + 1)
+                    continue
+                if text[at : at + 1] == "]":
+                    at += 1
+                    break
+                raise json.JSONDecodeError("expected ',' or ']'", text, at)
+        if _skip_space(text, at) != len(text):
+            raise json.JSONDecodeError("extra data after the array", text, at)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = (
+            f" (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise ValidationFailed.one("body", f"is not valid JSON{where}", "json_invalid") from None
+    return rows
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
+
+
+def _csv_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
     try:
         decoded = body.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -295,6 +360,8 @@ def _csv_rows(body: bytes) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     errors: list[FieldError] = []
     for i, record in enumerate(reader):
+        if i >= max_rows:
+            raise _too_many(max_rows)
         if None in record:
             errors.append(
                 FieldError(
@@ -309,6 +376,9 @@ def _csv_rows(body: bytes) -> list[dict[str, Any]]:
             row["tags"] = [t for t in row["tags"].split(";") if t.strip()]
         if row.get("opted_out") == "":
             del row["opted_out"]
+        account_id = row.get("account_id")
+        if isinstance(account_id, str) and account_id.strip().isdigit():
+            row["account_id"] = int(account_id)
         rows.append(row)
     if errors:
         raise ValidationFailed(errors[:MAX_IMPORT_ERRORS])

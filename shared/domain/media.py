@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ ALLOWED_FORMATS = {
 }
 #: Most images one message may carry.
 MAX_IMAGES = 10
+#: Longest side of an image, in pixels (Telegram refuses photos whose sides sum past 10,000).
+MAX_SIDE = 10_000
+#: Most frames of an animated image (each is decoded to check it).
+MAX_FRAMES = 200
+#: Images decoded at once per process: each may take ``4 x max_pixels`` bytes while it is.
+_DECODING = threading.BoundedSemaphore(2)
 
 
 @dataclass(frozen=True)
@@ -64,19 +71,36 @@ def inspect_image(
                         f"is a {fmt or 'unknown'} image; allowed: {allowed}",
                         "unsupported_image",
                     )
-                if width * height > max_pixels:
+                # The header's size is checked before a single pixel is decoded: a small file
+                # can claim a huge image (a decompression bomb).
+                if width * height > max_pixels or max(width, height) > MAX_SIDE:
                     raise ValidationFailed.one(
                         field,
-                        f"is {width}x{height} pixels; images may have at most {max_pixels:,} pixels",
+                        f"is {width}x{height} pixels; images may have at most "
+                        f"{max_pixels:,} pixels and {MAX_SIDE:,} on a side",
                         "too_many_pixels",
                     )
                 probe.verify()
             # verify() checks structure only; decoding every pixel proves the image is whole.
-            with Image.open(io.BytesIO(data)) as image:
+            with _DECODING, Image.open(io.BytesIO(data)) as image:
+                frames = int(getattr(image, "n_frames", 1))
+                if frames > MAX_FRAMES:
+                    raise ValidationFailed.one(
+                        field,
+                        f"has {frames} frames; animations may have at most {MAX_FRAMES}",
+                        "too_many_frames",
+                    )
                 image.load()
     except ValidationFailed:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValidationFailed.one(
+            field,
+            f"claims more pixels than Pillow will decode; images may have at most "
+            f"{max_pixels:,} pixels and {MAX_SIDE:,} on a side",
+            "too_many_pixels",
+        ) from None
+    except UnidentifiedImageError:
         raise ValidationFailed.one(
             field, f"is not an image; allowed: {allowed}", "not_an_image"
         ) from None
@@ -212,6 +236,6 @@ def signature_valid(
     signing_key: str, media_id: int, expires: int, signature: str, *, now: float
 ) -> bool:
     """True when the signature is this key's for this media and the URL has not expired."""
-    if expires < now:
+    if expires < now or not signature.isascii():
         return False
     return hmac.compare_digest(media_signature(signing_key, media_id, expires), signature)

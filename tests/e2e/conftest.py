@@ -308,6 +308,8 @@ def system(
         "BCAST_RETRY_BASE_SECONDS": "0.2",
         "BCAST_RETRY_MAX_SECONDS": "1",
         "BCAST_BATCH_SIZE": "200",
+        "BCAST_API_HEADER_TIMEOUT_SECONDS": "2",
+        "BCAST_API_BODY_TIMEOUT_SECONDS": "2",
     }
     procs = Procs(env, logs)
     procs.start("simulator", "simulator", "--port", str(sim_port))

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator
 
-from services.api.deps import CurrentWorkspace, SessionDep
+from services.api.deps import CurrentWorkspace, PathId, SessionDep, SettingsDep
 from services.api.pagination import Cursor, Limit, cursor_id, fetch_page, newest_first
 from services.api.schemas import (
     BroadcastCreate,
@@ -43,13 +47,27 @@ from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
 
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
 
+_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is not None and not _KEY.fullmatch(value):
+        raise ValueError(
+            "must be 1 to 255 printable ASCII characters, not starting or ending with a space "
+            "(a UUID makes a good key); an empty key is refused, not ignored"
+        )
+    return value
+
+
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
         max_length=255,
-        description="Repeat a create safely: the same key with the same body returns the same broadcast.",
+        description="Repeat a create safely: the same key with the same body returns the same "
+        "broadcast. 1 to 255 printable ASCII characters.",
     ),
+    AfterValidator(_idempotency_key),
 ]
 BroadcastStatusFilter = Annotated[
     list[str] | None,
@@ -171,7 +189,7 @@ def list_broadcasts(
 
 @router.get("/{broadcast_id}")
 def read_broadcast(
-    broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace
+    broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace
 ) -> BroadcastOut:
     """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial."""
     return broadcast_out(get_broadcast(session, workspace, broadcast_id))
@@ -179,7 +197,7 @@ def read_broadcast(
 
 @router.patch("/{broadcast_id}")
 def patch_broadcast(
-    broadcast_id: int, body: BroadcastPatch, session: SessionDep, workspace: CurrentWorkspace
+    broadcast_id: PathId, body: BroadcastPatch, session: SessionDep, workspace: CurrentWorkspace
 ) -> BroadcastOut:
     """Change a broadcast before its first send (pending, or paused before it started).
     A new ``send_at`` must again be at least 5 minutes ahead, or null for immediately.
@@ -210,7 +228,7 @@ def patch_broadcast(
 
 
 @router.post("/{broadcast_id}/pause")
-def pause(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+def pause(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
     """Pause a pending or sending broadcast; no provider call starts after this returns."""
     broadcast = pause_broadcast(session, workspace, broadcast_id)
     session.commit()
@@ -218,7 +236,7 @@ def pause(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -
 
 
 @router.post("/{broadcast_id}/resume")
-def resume(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+def resume(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
     """Resume a paused broadcast; it goes on with exactly the recipients not yet sent to."""
     broadcast = resume_broadcast(session, workspace, broadcast_id)
     session.commit()
@@ -226,7 +244,7 @@ def resume(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) 
 
 
 @router.post("/{broadcast_id}/cancel")
-def cancel(broadcast_id: int, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
+def cancel(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
     """Cancel for good: recipients not yet sent to become canceled; sent ones stay sent."""
     broadcast = cancel_broadcast(session, workspace, broadcast_id)
     session.commit()
@@ -251,10 +269,11 @@ CSV_HEADER = (
     responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
 )
 def recipients(
-    broadcast_id: int,
+    broadcast_id: PathId,
     request: Request,
     session: SessionDep,
     workspace: CurrentWorkspace,
+    settings: SettingsDep,
     status_: DeliveryStatusFilter = None,
     format_: Annotated[str | None, Query(alias="format", pattern="^(json|csv)$")] = None,
     limit: Limit = 100,
@@ -269,8 +288,22 @@ def recipients(
         format_ is None and "text/csv" in request.headers.get("accept", "")
     )
     if wants_csv:
+        slots = export_slots(settings.api_exports_per_workspace)
+        if not slots.take(workspace):
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"this workspace already runs {slots.limit} CSV exports; retry when one ends",
+                headers={"Retry-After": "5"},
+            )
+        # The request's own session would otherwise stay open (in a transaction) for as long
+        # as the answer streams; the export takes a connection per page instead.
+        session.close()
+        release = _Once(lambda: slots.give_back(workspace))
+        export = _csv_rows(workspace, broadcast_id, statuses, release)
+        # Given back when the export ends; or, if it never started, when it is dropped.
+        weakref.finalize(export, release)
         return StreamingResponse(
-            _csv_rows(workspace, broadcast_id, statuses),
+            export,
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="broadcast-{broadcast_id}-recipients.csv"'
@@ -296,36 +329,112 @@ def _recipient(delivery: Delivery, name: str) -> RecipientOut:
     )
 
 
-def _csv_rows(workspace: int, broadcast_id: int, statuses: list[DeliveryStatus]) -> Iterator[bytes]:
-    """The CSV export, streamed from a server-side cursor so memory stays flat."""
+#: Rows fetched per page of a CSV export; each page takes a pooled connection only while it
+#: is read, so a client that reads slowly (or not at all) holds none.
+EXPORT_PAGE = 2000
+
+
+class ExportSlots:
+    """How many CSV exports each workspace has running in this process, capped.
+
+    Parameters:
+      limit: exports one workspace may run at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._running: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, workspace: int) -> bool:
+        with self._lock:
+            if self._running.get(workspace, 0) >= self.limit:
+                return False
+            self._running[workspace] = self._running.get(workspace, 0) + 1
+            return True
+
+    def give_back(self, workspace: int) -> None:
+        with self._lock:
+            left = self._running.get(workspace, 0) - 1
+            if left > 0:
+                self._running[workspace] = left
+            else:
+                self._running.pop(workspace, None)
+
+
+_EXPORTS: ExportSlots | None = None
+
+
+def export_slots(limit: int) -> ExportSlots:
+    """The process's export slots (one set, whatever the number of app instances)."""
+    global _EXPORTS
+    if _EXPORTS is None or _EXPORTS.limit != limit:
+        _EXPORTS = ExportSlots(limit)
+    return _EXPORTS
+
+
+class _Once:
+    """Call ``action`` the first time this is called, never again."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+def _csv_rows(
+    workspace: int, broadcast_id: int, statuses: list[DeliveryStatus], done: Callable[[], None]
+) -> Iterator[bytes]:
+    """The CSV export, page by page in delivery order: memory stays flat for any size, and no
+    connection or transaction is held between pages (a client reading slowly holds nothing).
+    ``done`` is called when the export ends, however it ends.
+    """
+    try:
+        yield from _csv_pages(workspace, broadcast_id, statuses)
+    finally:
+        done()
+
+
+def _csv_pages(
+    workspace: int, broadcast_id: int, statuses: list[DeliveryStatus]
+) -> Iterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_HEADER)
-    with get_sessionmaker()() as session:
-        result = session.execute(
-            recipients_query(workspace, broadcast_id, statuses=statuses),
-            execution_options={"yield_per": 1000},
-        )
-        for delivery, name in result:
+    after: int | None = None
+    while True:
+        with get_sessionmaker()() as session:
+            page = session.execute(
+                recipients_query(workspace, broadcast_id, statuses=statuses, after_id=after).limit(
+                    EXPORT_PAGE
+                )
+            ).all()
+        for delivery, name in page:
             writer.writerow(
                 (
                     delivery.contact_id,
                     _cell(name),
-                    delivery.address,
+                    _cell(delivery.address),
                     delivery.status,
                     delivery.attempts,
                     _cell(delivery.last_error or ""),
-                    delivery.provider_message_id or "",
+                    _cell(delivery.provider_message_id or ""),
                     delivery.sent_at.isoformat() if delivery.sent_at else "",
                 )
             )
-            if buffer.tell() > 64 * 1024:
-                yield buffer.getvalue().encode()
-                buffer.seek(0)
-                buffer.truncate()
-    yield buffer.getvalue().encode()
+        yield buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+        if len(page) < EXPORT_PAGE:
+            return
+        after = page[-1][0].id
 
 
 def _cell(value: str) -> str:
     """Free text as a CSV cell that a spreadsheet shows as text and never runs as a formula."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r", "|", "%") else value

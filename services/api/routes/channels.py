@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, SessionDep
+from services.api.deps import CurrentWorkspace, PathId, QueryId, SessionDep
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AccountCreate,
@@ -73,7 +73,9 @@ def list_channels(
 
 
 @router.get("/channels/{channel_id}")
-def read_channel(channel_id: int, session: SessionDep, workspace: CurrentWorkspace) -> ChannelOut:
+def read_channel(
+    channel_id: PathId, session: SessionDep, workspace: CurrentWorkspace
+) -> ChannelOut:
     return channel_out(owned(session, Channel, channel_id, workspace, "channel"))
 
 
@@ -100,7 +102,7 @@ def create_account(
 def list_accounts(
     session: SessionDep,
     workspace: CurrentWorkspace,
-    channel_id: int | None = None,
+    channel_id: QueryId = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[AccountOut]:
@@ -112,7 +114,9 @@ def list_accounts(
 
 
 @router.get("/accounts/{account_id}", tags=["accounts"])
-def read_account(account_id: int, session: SessionDep, workspace: CurrentWorkspace) -> AccountOut:
+def read_account(
+    account_id: PathId, session: SessionDep, workspace: CurrentWorkspace
+) -> AccountOut:
     return AccountOut.model_validate(owned(session, Account, account_id, workspace, "account"))
 
 
@@ -133,5 +137,5 @@ def list_tags(
 
 
 @router.get("/tags/{tag_id}", tags=["tags"])
-def read_tag(tag_id: int, session: SessionDep, workspace: CurrentWorkspace) -> TagOut:
+def read_tag(tag_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> TagOut:
     return TagOut.model_validate(owned(session, Tag, tag_id, workspace, "tag"))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from services.api.deps import CurrentWorkspace, SessionDep, SettingsDep
+from services.api.deps import CurrentWorkspace, PathId, QueryId, SessionDep, SettingsDep
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AudiencePreviewIn,
@@ -67,8 +67,8 @@ def post_contact(body: ContactIn, session: SessionDep, workspace: CurrentWorkspa
 def list_contacts(
     session: SessionDep,
     workspace: CurrentWorkspace,
-    account_id: int | None = None,
-    tag_id: int | None = None,
+    account_id: QueryId = None,
+    tag_id: QueryId = None,
     opted_out: bool | None = None,
     limit: Limit = 100,
     cursor: Cursor = None,
@@ -79,13 +79,15 @@ def list_contacts(
 
 
 @router.get("/contacts/{contact_id}")
-def read_contact(contact_id: int, session: SessionDep, workspace: CurrentWorkspace) -> ContactOut:
+def read_contact(
+    contact_id: PathId, session: SessionDep, workspace: CurrentWorkspace
+) -> ContactOut:
     return contacts_out(session, [get_contact(session, workspace, contact_id)])[0]
 
 
 @router.patch("/contacts/{contact_id}")
 def patch_contact(
-    contact_id: int, body: ContactPatch, session: SessionDep, workspace: CurrentWorkspace
+    contact_id: PathId, body: ContactPatch, session: SessionDep, workspace: CurrentWorkspace
 ) -> ContactOut:
     """Rename, retag, or opt a contact out (or back in)."""
     contact = update_contact(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, SessionDep
+from services.api.deps import CurrentWorkspace, PathId, SessionDep
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.routes.broadcasts import IdempotencyKey, answer_created, broadcast_out
 from services.api.schemas import (
@@ -80,7 +80,7 @@ def list_conversations(
 
 @router.get("/{conversation_id}")
 def read_conversation(
-    conversation_id: int, session: SessionDep, workspace: CurrentWorkspace
+    conversation_id: PathId, session: SessionDep, workspace: CurrentWorkspace
 ) -> ConversationOut:
     conversation = owned(session, Conversation, conversation_id, workspace, "conversation")
     return ConversationOut.model_validate(conversation)
@@ -97,7 +97,7 @@ def read_conversation(
     },
 )
 def post_timed_send(
-    conversation_id: int,
+    conversation_id: PathId,
     body: TimedSendCreate,
     response: Response,
     session: SessionDep,
@@ -121,7 +121,7 @@ def post_timed_send(
 
 @router.get("/{conversation_id}/timed-sends")
 def list_timed_sends(
-    conversation_id: int,
+    conversation_id: PathId,
     session: SessionDep,
     workspace: CurrentWorkspace,
     limit: Limit = 50,

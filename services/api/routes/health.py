@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared.db.engine import get_engine
+from shared.db.engine import get_engine, pool_exhausted
 
 router = APIRouter(tags=["health"])
 
@@ -19,11 +22,30 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "The database cannot be reached."}})
+DB_CONNECTIONS = Gauge(
+    "bcast_api_db_connections",
+    "Database connections of this API process's pool, by state (in_use, limit).",
+    ["state"],
+)
+
+
+@router.get(
+    "/readyz",
+    responses={
+        503: {"description": "The database cannot be reached, or every pooled connection is busy."}
+    },
+)
 def readyz() -> JSONResponse:
-    """The process can serve: the database answers."""
+    """The process can serve: a database connection is free and the database answers."""
+    engine = get_engine()
+    if pool_exhausted(engine):
+        # Every connection is held (slow requests, a stuck client): new requests would wait
+        # and then fail, so a load balancer should send them elsewhere.
+        return JSONResponse(
+            status_code=503, content={"status": "unavailable", "database": "pool exhausted"}
+        )
     try:
-        with get_engine().connect() as conn:
+        with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         return JSONResponse(
@@ -34,4 +56,8 @@ def readyz() -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 def metrics() -> Response:
+    pool: Any = get_engine().pool
+    with contextlib.suppress(AttributeError):
+        DB_CONNECTIONS.labels("in_use").set(pool.checkedout())
+        DB_CONNECTIONS.labels("limit").set(pool.size() + max(pool._max_overflow, 0))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

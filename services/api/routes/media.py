@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile, status
+from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, MediaStoreDep, SessionDep, SettingsDep
+from services.api.deps import CurrentWorkspace, MediaStoreDep, PathId, SessionDep, SettingsDep
 from services.api.schemas import MediaOut
 from shared.db.models import Media, Workspace
 from shared.db.sql import owned
 from shared.domain.media import create_media, signature_valid
+from shared.domain.types import MAX_ID
 
 router = APIRouter(prefix="/v1/media", tags=["media"])
 
@@ -47,13 +48,13 @@ def upload(
 
 
 @router.get("/{media_id}")
-def read_media(media_id: int, session: SessionDep, workspace: CurrentWorkspace) -> MediaOut:
+def read_media(media_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> MediaOut:
     return MediaOut.model_validate(_media(session, workspace, media_id))
 
 
 @router.get("/{media_id}/content", response_class=Response)
 def media_content(
-    media_id: int, session: SessionDep, workspace: CurrentWorkspace, store: MediaStoreDep
+    media_id: PathId, session: SessionDep, workspace: CurrentWorkspace, store: MediaStoreDep
 ) -> Response:
     """The image bytes, for the operator's console."""
     media = _media(session, workspace, media_id)
@@ -73,9 +74,9 @@ public_router = APIRouter(tags=["media"])
     responses={403: {"description": "The signature is wrong or the URL has expired."}},
 )
 def signed_media(
-    media_id: int,
-    expires: int,
-    signature: str,
+    media_id: PathId,
+    expires: Annotated[int, Query(ge=0, le=MAX_ID, description="Unix time the URL expires.")],
+    signature: Annotated[str, Query(max_length=128)],
     session: SessionDep,
     store: MediaStoreDep,
 ) -> Response:
@@ -86,7 +87,7 @@ def signed_media(
         .where(Media.id == media_id)
     ).one_or_none()
     if row is None or not signature_valid(row[1], media_id, expires, signature, now=time.time()):
-        return Response(status_code=403, content=b"invalid or expired media link")
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or expired media link")
     media = row[0]
     return Response(
         store.get(media.storage_key),

@@ -1,0 +1,92 @@
+"""Value types every input shares: ids within the database's range, one-line names, and text
+free of characters that cannot be stored or would break a provider's header.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+#: Ids are Postgres ``bigint``: nothing above this exists.
+MAX_ID = 2**63 - 1
+
+#: Characters no stored string may hold: NUL (Postgres text refuses it), the other C0 controls
+#: but tab, line feed and carriage return, DEL, the C1 controls, and lone UTF-16 surrogates
+#: (JSON can spell them, UTF-8 cannot store them).
+FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+#: What may not appear in a one-line value (a name, which may become an email subject or a
+#: provider header): every control character, and the Unicode line and paragraph separators.
+NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+#: A row id given in a request body: a JSON integer (never a string, boolean or float) from 1
+#: to the largest ``bigint``.
+Id = Annotated[int, Field(strict=True, gt=0, le=MAX_ID)]
+
+
+#: Deepest nesting of arrays and objects a JSON document may have.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text nests arrays and objects deeper than ``limit`` (brackets inside
+    strings aside). Each pass removes one level of innermost pairs, at C speed.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets, removed = _INNERMOST.subn(b"", brackets)
+        if not removed:
+            return False  # unbalanced: the JSON parser will say it is not JSON
+    return bool(brackets)
+
+
+def describe_forbidden(char: str) -> str:
+    return f"U+{ord(char):04X}"
+
+
+def check_text(value: str) -> str:
+    """Refuse characters no stored string may hold (see ``FORBIDDEN``)."""
+    found = FORBIDDEN.search(value)
+    if found:
+        raise ValueError(
+            f"contains the control character {describe_forbidden(found.group())}, which is not "
+            "allowed: use printable text (line breaks and tabs are fine)"
+        )
+    return value
+
+
+def check_one_line(value: str) -> str:
+    """Refuse line breaks, tabs and every other control character (see ``NOT_ONE_LINE``)."""
+    found = NOT_ONE_LINE.search(value)
+    if found:
+        raise ValueError(
+            f"contains {describe_forbidden(found.group())}; it must be one line of printable "
+            "text (no line breaks, tabs or control characters)"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
+OneLine = Annotated[str, AfterValidator(check_one_line)]
+
+
+def _iso_only(value: Any) -> Any:
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            "must be an ISO-8601 time as a string, e.g. 2026-12-01T09:00:00Z (numbers such as "
+            "Unix epochs are not accepted)"
+        )
+    return value
+
+
+#: A time given as an ISO-8601 string (never an epoch number).
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]
