@@ -20,6 +20,7 @@ from psycopg import sql
 
 from shared.db import migrate
 from shared.db.engine import get_engine, get_sessionmaker, libpq_url
+from shared.secrets_box import get_secrets_box, new_key
 from shared.settings import Settings, get_settings
 
 ADMIN_URL = os.environ.get("BCAST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -34,13 +35,16 @@ def _drop_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database made for this test run, migrated to head, dropped at the end."""
+    """A database made for this test run, migrated to head, dropped at the end. Secrets are
+    encrypted at rest with a key made for the run (processes the tests start inherit it).
+    """
     name = f"bcast_test_{os.getpid()}_{secrets.token_hex(3)}"
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     os.environ["BCAST_DATABASE_URL"] = url
     os.environ["BCAST_MEDIA_DIR"] = str(tmp_path_factory.mktemp("media"))
     # Providers in tests are simulators on loopback; tests of the egress rule turn it on.
     os.environ["BCAST_ALLOW_PRIVATE_TARGETS"] = "true"
+    os.environ["BCAST_SECRET_KEYS"] = new_key()
     _clear_caches()
     migrate.upgrade(url)
     yield url
@@ -53,6 +57,7 @@ def _clear_caches() -> None:
     get_settings.cache_clear()
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
+    get_secrets_box.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from services.api import errors
 from services.api.middleware import BodyLimit, Metrics
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
 from shared.media_store import make_media_store
+from shared.secrets_box import get_secrets_box
 from shared.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="bcast", version="0.1.0", description=DESCRIPTION)
     app.state.media_store = make_media_store(settings)
+    get_secrets_box()  # made at start, so a process without keys says so at once
     errors.install(app)
     app.add_exception_handler(IntegrityError, _on_integrity_error)
     for module in (health, channels, contacts, broadcasts, conversations, media):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from shared.db.engine import get_sessionmaker
 from shared.domain.tokens import workspace_for_token
 from shared.media_store import MediaStore
+from shared.secrets_box import SecretsBox, get_secrets_box
 from shared.settings import Settings, get_settings
 
 
@@ -25,6 +26,7 @@ def get_session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SecretsBoxDep = Annotated[SecretsBox, Depends(get_secrets_box)]
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")
 

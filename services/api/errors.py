@@ -6,6 +6,7 @@ into the request (``audience.contact_ids[3]``, or a query or header name).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -20,6 +21,9 @@ from shared.domain.errors import (
     describe,
     field_path,
 )
+from shared.secrets_box import SecretKeyError
+
+log = logging.getLogger(__name__)
 
 
 def unprocessable(errors: list[FieldError]) -> JSONResponse:
@@ -60,9 +64,17 @@ async def _on_conflict(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=409, content={"detail": str(exc), "message": str(exc)})
 
 
+async def _on_secret_key_error(request: Request, exc: Exception) -> JSONResponse:
+    # The operator's to fix; the caller learns only that the server cannot answer.
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    message = "a stored secret cannot be read by the server; the operator must check its keys"
+    return JSONResponse(status_code=500, content={"detail": message, "message": message})
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn domain errors into HTTP answers."""
     app.add_exception_handler(RequestValidationError, _on_request_validation)
     app.add_exception_handler(ValidationFailed, _on_validation_failed)
     app.add_exception_handler(NotFound, _on_not_found)
     app.add_exception_handler(StateConflict, _on_conflict)
+    app.add_exception_handler(SecretKeyError, _on_secret_key_error)

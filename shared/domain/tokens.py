@@ -11,6 +11,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiToken, Workspace
+from shared.domain.media import new_signing_key
+from shared.secrets_box import SecretsBox, get_secrets_box
 
 #: Every token starts with this, so a leaked one is easy to recognise in a scan.
 TOKEN_PREFIX = "bcast_"  # noqa: S105 - a public marker, not a secret
@@ -28,12 +30,17 @@ class NewToken:
     token: str
 
 
-def ensure_workspace(session: Session, name: str) -> int:
-    """The id of the workspace called ``name``, created if it does not exist yet."""
+def ensure_workspace(session: Session, name: str, box: SecretsBox | None = None) -> int:
+    """The id of the workspace called ``name``, created if it does not exist yet (with a new
+    media signing key, sealed by ``box``, the process's box by default).
+    """
     name = name.strip()
     if not name:
         raise ValueError("workspace name must not be blank")
-    session.execute(insert(Workspace).values(name=name).on_conflict_do_nothing())
+    signing_key = (box or get_secrets_box()).seal(new_signing_key())
+    session.execute(
+        insert(Workspace).values(name=name, signing_key=signing_key).on_conflict_do_nothing()
+    )
     return session.execute(select(Workspace.id).where(Workspace.name == name)).scalar_one()
 
 
