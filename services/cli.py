@@ -26,8 +26,13 @@ from shared.settings import get_settings
 app = typer.Typer(help="bcast: broadcast one message to a chosen audience.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+secrets_app = typer.Typer(
+    help="Keys that encrypt channel secrets and media signing keys at rest (BCAST_SECRET_KEYS).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+app.add_typer(secrets_app, name="secrets")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -55,6 +60,64 @@ def token_create(
     with transaction() as session:
         new = create_token(session, workspace, name)
     typer.echo(new.token)
+
+
+@secrets_app.command("new-key")
+def secrets_new_key() -> None:
+    """Print a fresh key for BCAST_SECRET_KEYS."""
+    from shared.secrets_box import new_key
+
+    typer.echo(new_key())
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    batch_size: int = typer.Option(500, min=1, help="Rows per transaction."),
+) -> None:
+    """Re-encrypt every channel secret and workspace signing key with the first key of
+    BCAST_SECRET_KEYS (plain values from before encryption included). Safe to run again:
+    values already encrypted with the first key are left alone.
+    """
+    from pydantic import ValidationError
+
+    from shared.domain.secret_rotation import rotate_secrets
+    from shared.secrets_box import SETTING, SecretsBox
+
+    try:
+        box = SecretsBox.from_settings(get_settings())
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "BCAST_" + "_".join(str(p) for p in error["loc"]).upper()
+            typer.echo(f"{where}: {error['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    if not box.enabled:
+        typer.echo(
+            f"{SETTING} is not set: there is no key to encrypt with. Make one with "
+            f"`bcast secrets new-key`, set {SETTING} for every bcast process, then run this again.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    report = rotate_secrets(transaction, box, batch_size=batch_size)
+    for what, count in (("channels", report.channels), ("workspaces", report.workspaces)):
+        typer.echo(
+            f"{what}: {count.resealed} re-encrypted, {count.current} already current, "
+            f"{len(count.unreadable)} unreadable"
+        )
+    if not report.complete:
+        ids = {"channel": report.channels.unreadable, "workspace": report.workspaces.unreadable}
+        named = "; ".join(f"{k} ids {_some(v)}" for k, v in ids.items() if v)
+        typer.echo(
+            f"some secrets cannot be decrypted with any key in {SETTING} ({named}); they are "
+            f"unchanged. Add the key they were encrypted with to {SETTING} (after the first) "
+            "and run this again.",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _some(ids: list[int], shown: int = 20) -> str:
+    listed = ", ".join(map(str, ids[:shown]))
+    return listed + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 @app.command("api")

@@ -10,7 +10,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -22,6 +22,9 @@ from shared.db import migrate
 from shared.db.engine import get_engine, get_sessionmaker, libpq_url
 from shared.secrets_box import get_secrets_box, new_key
 from shared.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from tests.secret_rows import SecretRows
 
 ADMIN_URL = os.environ.get("BCAST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -171,6 +174,25 @@ def api(client: TestClient) -> Api:
 def other_api(client: TestClient) -> Api:
     """A second, unrelated workspace."""
     return new_workspace(client)
+
+
+@pytest.fixture
+def secret_rows(database_url: str) -> Iterator[SecretRows]:
+    """A migrated database of its own, to fill with secrets (see ``tests.secret_rows``)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from shared.db.engine import make_engine
+    from tests.secret_rows import SecretRows
+
+    name = f"{database_url.rsplit('/', 1)[1]}_secrets_{secrets.token_hex(3)}"
+    url = database_url.rsplit("/", 1)[0] + "/" + name
+    migrate.upgrade(url)
+    engine = make_engine(url, pool_size=1)
+    try:
+        yield SecretRows(url, sessionmaker(engine).begin)
+    finally:
+        engine.dispose()
+        _drop_database(name)
 
 
 @pytest.fixture
