@@ -46,7 +46,7 @@ def current_workspace(
     if workspace_id is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked bearer token",
+            "invalid, expired or revoked bearer token",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     session.commit()

@@ -94,6 +94,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = _created_at()
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    #: After this the token is refused; None: it never expires.
+    expires_at: Mapped[datetime | None]
 
 
 class Channel(Base):

@@ -1,4 +1,4 @@
-"""secrets at rest: signing keys made by the application
+"""secrets at rest: signing keys made by the application; API tokens may expire
 
 Revision ID: 0005
 Revises: 0004
@@ -13,7 +13,9 @@ encrypts nothing. Rows written before it stay plain and keep working (a value wi
 plain text, so ``ensure_workspace`` now makes each key and stores it encrypted, and a row
 inserted without a key is refused instead of silently getting a plain one.
 
-Downgrading restores the default but decrypts nothing: code older
+``api_token.expires_at``: a token is refused after it (NULL: never expires).
+
+Downgrading restores the default and drops ``expires_at`` but decrypts nothing: code older
 than this revision would take encrypted values for the secrets themselves.
 """
 
@@ -35,7 +37,9 @@ OLD_SIGNING_KEY_DEFAULT = "replace(gen_random_uuid()::text || gen_random_uuid():
 
 def upgrade() -> None:
     op.alter_column("workspace", "signing_key", server_default=None)
+    op.add_column("api_token", sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("api_token", "expires_at")
     op.alter_column("workspace", "signing_key", server_default=sa.text(OLD_SIGNING_KEY_DEFAULT))
