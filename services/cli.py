@@ -14,20 +14,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 
 from shared.db import migrate
 from shared.db.engine import transaction
-from shared.domain.tokens import create_token
+from shared.domain.tokens import (
+    TokenAmbiguous,
+    TokenInfo,
+    TokenNotFound,
+    create_token,
+    list_tokens,
+    parse_duration,
+    revoke_token,
+)
 from shared.settings import get_settings
 
 app = typer.Typer(help="bcast: broadcast one message to a chosen audience.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+secrets_app = typer.Typer(
+    help="Keys that encrypt channel secrets and media signing keys at rest (BCAST_SECRET_KEYS).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+app.add_typer(secrets_app, name="secrets")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -50,11 +64,160 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target migration."))
 def token_create(
     workspace: str = typer.Option(..., "--workspace", help="Workspace name; created if new."),
     name: str = typer.Option("", "--name", help="A label to tell tokens apart."),
+    expires_in: str | None = typer.Option(
+        None, "--expires-in", help="Valid for this long: 30d, 12h, 90m, 1d12h (s m h d w)."
+    ),
+    expires_at: str | None = typer.Option(
+        None,
+        "--expires-at",
+        help="Valid until this ISO 8601 time, e.g. 2030-01-31T12:00:00+01:00 (UTC if no zone).",
+    ),
 ) -> None:
-    """Print a new bearer token for WORKSPACE. It is shown once and stored only as a hash."""
-    with transaction() as session:
-        new = create_token(session, workspace, name)
+    """Print a new bearer token for WORKSPACE. It is shown once and stored only as a hash;
+    without an expiry it is valid until revoked.
+    """
+    if expires_in is not None and expires_at is not None:
+        raise typer.BadParameter("give --expires-in or --expires-at, not both")
+    until = None
+    try:
+        if expires_in is not None:
+            until = datetime.now(UTC) + parse_duration(expires_in)
+        elif expires_at is not None:
+            until = _parse_moment(expires_at)
+        with transaction() as session:
+            new = create_token(session, workspace, name, expires_at=until)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     typer.echo(new.token)
+    if until is not None:
+        typer.echo(f"expires {_when(until)}", err=True)
+
+
+@token_app.command("list")
+def token_list(
+    workspace: str | None = typer.Option(None, "--workspace", help="Only this workspace's."),
+) -> None:
+    """List tokens: id, workspace, name, prefix and dates. Never the tokens themselves."""
+    with transaction() as session:
+        tokens = list_tokens(session, workspace)
+    now = datetime.now(UTC)
+    header = ("ID", "WORKSPACE", "NAME", "PREFIX", "CREATED", "LAST USED", "EXPIRES", "REVOKED")
+    rows = [header, *(_token_row(t, now) for t in tokens)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: str = typer.Argument(
+        ...,
+        metavar="ID_OR_PREFIX",
+        help="The token's id, or its prefix as `bcast token list` shows it.",
+    ),
+) -> None:
+    """Revoke a token: the API refuses it from the next request on."""
+    try:
+        with transaction() as session:
+            info, revoked = revoke_token(session, token)
+    except (TokenNotFound, TokenAmbiguous) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    label = f"token {info.id} ({info.prefix}, workspace {info.workspace!r})"
+    if revoked:
+        typer.echo(f"revoked {label}")
+    else:
+        typer.echo(f"{label} was already revoked at {_when(info.revoked_at)}")
+
+
+def _parse_moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 time; e.g. 2030-01-31T12:00:00+01:00 or 2030-01-31"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _token_row(token: TokenInfo, now: datetime) -> tuple[str, ...]:
+    expires = "never" if token.expires_at is None else _when(token.expires_at)
+    if token.expires_at is not None and token.expires_at <= now:
+        expires += " (expired)"
+    return (
+        str(token.id),
+        token.workspace,
+        token.name or "-",
+        token.prefix,
+        _when(token.created_at),
+        _when(token.last_used_at) if token.last_used_at else "never",
+        expires,
+        _when(token.revoked_at),
+    )
+
+
+@secrets_app.command("new-key")
+def secrets_new_key() -> None:
+    """Print a fresh key for BCAST_SECRET_KEYS."""
+    from shared.secrets_box import new_key
+
+    typer.echo(new_key())
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    batch_size: int = typer.Option(500, min=1, help="Rows per transaction."),
+) -> None:
+    """Re-encrypt every channel secret and workspace signing key with the first key of
+    BCAST_SECRET_KEYS (plain values from before encryption included). Safe to run again:
+    values already encrypted with the first key are left alone.
+    """
+    from pydantic import ValidationError
+
+    from shared.domain.secret_rotation import rotate_secrets
+    from shared.secrets_box import SETTING, SecretsBox
+
+    try:
+        box = SecretsBox.from_settings(get_settings())
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "BCAST_" + "_".join(str(p) for p in error["loc"]).upper()
+            typer.echo(f"{where}: {error['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    if not box.enabled:
+        typer.echo(
+            f"{SETTING} is not set: there is no key to encrypt with. Make one with "
+            f"`bcast secrets new-key`, set {SETTING} for every bcast process, then run this again.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    report = rotate_secrets(transaction, box, batch_size=batch_size)
+    for what, count in (("channels", report.channels), ("workspaces", report.workspaces)):
+        typer.echo(
+            f"{what}: {count.resealed} re-encrypted, {count.current} already current, "
+            f"{len(count.unreadable)} unreadable"
+        )
+    if not report.complete:
+        ids = {"channel": report.channels.unreadable, "workspace": report.workspaces.unreadable}
+        named = "; ".join(f"{k} ids {_some(v)}" for k, v in ids.items() if v)
+        typer.echo(
+            f"some secrets cannot be decrypted with any key in {SETTING} ({named}); they are "
+            f"unchanged. Add the key they were encrypted with to {SETTING} (after the first) "
+            "and run this again.",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _some(ids: list[int], shown: int = 20) -> str:
+    listed = ", ".join(map(str, ids[:shown]))
+    return listed + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 @app.command("api")

@@ -6,8 +6,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def split_secret_keys(value: str) -> list[str]:
+    """The keys of a ``BCAST_SECRET_KEYS`` value, in order. Raises ``ValueError`` naming the
+    position of a key that is not a Fernet key, never the key itself.
+    """
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    for position, key in enumerate(keys, start=1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"key {position} of {len(keys)} is not a valid key (32 bytes, URL-safe base64); "
+                "make one with `bcast secrets new-key`"
+            ) from None
+    return keys
 
 
 class Settings(BaseSettings):
@@ -17,9 +34,13 @@ class Settings(BaseSettings):
       database_url: a plain ``postgresql://user@host:port/db`` URL; the driver is chosen by code.
       broker_url: the RabbitMQ AMQP URL, vhost included.
       api_port: the port ``bcast api`` listens on.
+      secret_keys: the keys that encrypt secrets at rest (``BCAST_SECRET_KEYS``).
     """
 
-    model_config = SettingsConfigDict(env_prefix="BCAST_", extra="ignore")
+    # Errors name the setting and the rule, never the value: some values are secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="BCAST_", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/bcast"
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -63,6 +84,10 @@ class Settings(BaseSettings):
     #: a workspace could otherwise point a channel at the machine's own services or the
     #: cloud's metadata address. On only for the local simulator, tests and the demo.
     allow_private_targets: bool = False
+    #: Keys that encrypt channel secrets and media signing keys at rest, comma-separated: the
+    #: first encrypts, every one is tried to decrypt (docs/secrets.md). Empty: stored in plain
+    #: text, with a warning once per process.
+    secret_keys: SecretStr = SecretStr("")
 
     # --- scheduler ---
     #: Longest the scheduler sleeps without looking for due tasks (LISTEN/NOTIFY wakes it sooner).
@@ -113,6 +138,12 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("secret_keys")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr) -> SecretStr:
+        split_secret_keys(value.get_secret_value())
+        return value
+
     @model_validator(mode="after")
     def _lease_outlasts_a_call(self) -> Settings:
         # A run starts a call only while its lease will outlast it (see lease.py).
@@ -130,6 +161,10 @@ class Settings(BaseSettings):
         if self.media_store == "s3" and not self.s3_bucket:
             raise ValueError("BCAST_MEDIA_STORE=s3 needs BCAST_S3_BUCKET")
         return self
+
+    def secret_key_list(self) -> list[str]:
+        """The keys of ``BCAST_SECRET_KEYS``, the one that encrypts first."""
+        return split_secret_keys(self.secret_keys.get_secret_value())
 
     def public_base_url(self) -> str:
         """The API's base URL as seen from outside, without a trailing slash."""

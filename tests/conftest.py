@@ -10,7 +10,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -20,7 +20,11 @@ from psycopg import sql
 
 from shared.db import migrate
 from shared.db.engine import get_engine, get_sessionmaker, libpq_url
+from shared.secrets_box import get_secrets_box, new_key
 from shared.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from tests.secret_rows import SecretRows
 
 ADMIN_URL = os.environ.get("BCAST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -34,13 +38,16 @@ def _drop_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database made for this test run, migrated to head, dropped at the end."""
+    """A database made for this test run, migrated to head, dropped at the end. Secrets are
+    encrypted at rest with a key made for the run (processes the tests start inherit it).
+    """
     name = f"bcast_test_{os.getpid()}_{secrets.token_hex(3)}"
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     os.environ["BCAST_DATABASE_URL"] = url
     os.environ["BCAST_MEDIA_DIR"] = str(tmp_path_factory.mktemp("media"))
     # Providers in tests are simulators on loopback; tests of the egress rule turn it on.
     os.environ["BCAST_ALLOW_PRIVATE_TARGETS"] = "true"
+    os.environ["BCAST_SECRET_KEYS"] = new_key()
     _clear_caches()
     migrate.upgrade(url)
     yield url
@@ -53,6 +60,7 @@ def _clear_caches() -> None:
     get_settings.cache_clear()
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
+    get_secrets_box.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +174,25 @@ def api(client: TestClient) -> Api:
 def other_api(client: TestClient) -> Api:
     """A second, unrelated workspace."""
     return new_workspace(client)
+
+
+@pytest.fixture
+def secret_rows(database_url: str) -> Iterator[SecretRows]:
+    """A migrated database of its own, to fill with secrets (see ``tests.secret_rows``)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from shared.db.engine import make_engine
+    from tests.secret_rows import SecretRows
+
+    name = f"{database_url.rsplit('/', 1)[1]}_secrets_{secrets.token_hex(3)}"
+    url = database_url.rsplit("/", 1)[0] + "/" + name
+    migrate.upgrade(url)
+    engine = make_engine(url, pool_size=1)
+    try:
+        yield SecretRows(url, sessionmaker(engine).begin)
+    finally:
+        engine.dispose()
+        _drop_database(name)
 
 
 @pytest.fixture

@@ -13,6 +13,16 @@ export BCAST_API_PORT=${BCAST_API_PORT:-8000}
 # The demo's provider is the simulator on loopback; never set this in production.
 export BCAST_ALLOW_PRIVATE_TARGETS=${BCAST_ALLOW_PRIVATE_TARGETS:-true}
 export BCAST_PUBLIC_URL=${BCAST_PUBLIC_URL:-http://127.0.0.1:$BCAST_API_PORT}
+# Secrets are encrypted at rest with this machine's own key, made once and kept in var/
+# (docs/secrets.md). An exported BCAST_SECRET_KEYS wins.
+if [ -z "${BCAST_SECRET_KEYS:-}" ]; then
+  if [ ! -s var/secret-keys ]; then
+    mkdir -p var
+    (umask 077 && .venv/bin/bcast secrets new-key > var/secret-keys)
+  fi
+  BCAST_SECRET_KEYS=$(cat var/secret-keys)
+  export BCAST_SECRET_KEYS
+fi
 SIM_PORT=${BCAST_SIMULATOR_PORT:-9100}
 api="http://127.0.0.1:$BCAST_API_PORT"
 sim="http://127.0.0.1:$SIM_PORT"
@@ -40,6 +50,7 @@ cat <<MSG
 
 bcast is running:  API $api  (OpenAPI: $api/docs)   metrics :9101 (dispatchers) :9102 (scheduler) $api/metrics
 Make a token:      .venv/bin/bcast token create --workspace NAME
+Other shells:      export BCAST_SECRET_KEYS=\$(cat var/secret-keys)   (the key secrets are stored with)
 Ctrl-C stops everything.
 MSG
 wait "$up_pid"

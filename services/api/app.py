@@ -9,6 +9,7 @@ from services.api.middleware import BodyLimit, InputGuard, Metrics
 from services.api.openapi import install_openapi
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
 from shared.media_store import make_media_store
+from shared.secrets_box import get_secrets_box
 from shared.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="bcast", version="0.1.0", description=DESCRIPTION)
     app.state.media_store = make_media_store(settings)
+    get_secrets_box()  # made at start, so a process without keys says so at once
     errors.install(app)
     for module in (health, channels, contacts, broadcasts, conversations, media):
         app.include_router(module.router)

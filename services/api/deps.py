@@ -13,6 +13,7 @@ from shared.db.engine import get_sessionmaker
 from shared.domain.tokens import workspace_for_token
 from shared.domain.types import MAX_ID
 from shared.media_store import MediaStore
+from shared.secrets_box import SecretsBox, get_secrets_box
 from shared.settings import Settings, get_settings
 
 
@@ -30,6 +31,7 @@ PathId = Annotated[int, Path(gt=0, le=MAX_ID)]
 #: A row id in a query filter.
 QueryId = Annotated[int | None, Query(gt=0, le=MAX_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SecretsBoxDep = Annotated[SecretsBox, Depends(get_secrets_box)]
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")
 
@@ -49,7 +51,7 @@ def current_workspace(
     if workspace_id is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked bearer token",
+            "invalid, expired or revoked bearer token",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     session.commit()

@@ -33,6 +33,7 @@ from shared.domain.errors import (
     describe,
     field_path,
 )
+from shared.secrets_box import SecretKeyError
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,13 @@ async def _on_pool_timeout(request: Request, _: Exception) -> JSONResponse:
     )
 
 
+async def _on_secret_key_error(request: Request, exc: Exception) -> JSONResponse:
+    # The operator's to fix; the caller learns only that the server cannot answer.
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    message = "a stored secret cannot be read by the server; the operator must check its keys"
+    return problem(500, message, request=request)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Logged with its type only: an exception's text can quote a row's values.
     log.error(
@@ -178,4 +186,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IntegrityError, _on_integrity_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(PoolTimeout, _on_pool_timeout)
+    app.add_exception_handler(SecretKeyError, _on_secret_key_error)
     app.add_exception_handler(Exception, _on_unexpected)

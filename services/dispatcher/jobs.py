@@ -10,8 +10,10 @@ from psycopg.rows import dict_row
 
 from services.dispatcher.channels import make_adapter
 from services.dispatcher.channels.base import ChannelAdapter, MediaRef, OutboundMessage
-from shared.domain.lifecycle import BroadcastStatus
+from shared.domain.channels import open_config
+from shared.domain.lifecycle import BroadcastStatus, ChannelKind
 from shared.domain.media import signed_media_url
+from shared.secrets_box import SETTING, SecretKeyError
 
 if TYPE_CHECKING:
     from services.dispatcher.runtime import Runtime
@@ -23,6 +25,13 @@ class ChannelUnusable(Exception):
     """
 
     def __init__(self, channel_id: int, kind: str, exc: Exception) -> None:
+        if isinstance(exc, SecretKeyError):
+            super().__init__(
+                f"channel {channel_id} ({kind}) cannot be used: a stored secret cannot be "
+                f"decrypted with this dispatcher's {SETTING}; give every dispatcher the key it "
+                "was encrypted with, then resume the broadcast"
+            )
+            return
         what = type(exc).__name__
         if isinstance(exc, KeyError) and exc.args:
             what = f"its config has no {str(exc.args[0])!r}"
@@ -48,7 +57,9 @@ class Job:
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
     """The broadcast, its channel and its message; None when it is not being sent. Media URLs
     are signed afresh for each run, so a long broadcast never hands out an expired one.
-    Raises ``ChannelUnusable`` when the channel's adapter cannot be made from its config.
+    The channel's secrets and the signing key are decrypted here, and only here.
+    Raises ``ChannelUnusable`` when the channel's adapter cannot be made from its config or
+    its secrets cannot be decrypted.
     """
     async with rt.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
@@ -74,13 +85,18 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
                 (media_ids, row["workspace_id"]),
             )
             media_rows = await cur.fetchall()
+    try:
+        config = open_config(ChannelKind(row["kind"]), row["config"], rt.secrets)
+        signing_key = rt.secrets.open(row["signing_key"]) if media_rows else ""
+    except SecretKeyError as exc:
+        raise ChannelUnusable(row["channel_id"], row["kind"], exc) from None
     by_id = {m["id"]: m for m in media_rows}
     base = rt.settings.public_base_url()
     now = time.time()
     media = tuple(
         MediaRef(
             media_id=mid,
-            url=signed_media_url(base, row["signing_key"], mid, now=now),
+            url=signed_media_url(base, signing_key, mid, now=now),
             content_type=by_id[mid]["content_type"],
             storage_key=by_id[mid]["storage_key"],
         )
@@ -91,7 +107,7 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         broadcast_id=broadcast_id, text=row["content"].get("text"), media=media, subject=row["name"]
     )
     try:
-        adapter = rt.adapter(row["channel_id"], row["kind"], row["config"], make_adapter)
+        adapter = rt.adapter(row["channel_id"], row["kind"], config, make_adapter)
     except Exception as exc:
         raise ChannelUnusable(row["channel_id"], row["kind"], exc) from exc
     return Job(

@@ -39,6 +39,7 @@ from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
 from shared.egress import Egress
 from shared.media_store import MediaStore, make_media_store
+from shared.secrets_box import SecretsBox
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Runtime:
         self.media: MediaStore = make_media_store(settings)
         #: Where channels may connect (public addresses only, unless the settings allow more).
         self.egress = Egress(allow_private=settings.allow_private_targets)
+        #: Opens channel secrets and signing keys (see jobs.load_job).
+        self.secrets = SecretsBox.from_settings(settings)
         self.closed = True
 
     def open(self) -> None:

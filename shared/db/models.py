@@ -69,17 +69,14 @@ def _created_at() -> Mapped[datetime]:
     return mapped_column(server_default=func.now(), nullable=False)
 
 
-#: 244 random bits from Postgres' own generator, as hex.
-RANDOM_KEY_SQL = "replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')"
-
-
 class Workspace(Base):
     __tablename__ = "workspace"
 
     id: Mapped[int] = _pk()
     name: Mapped[str] = mapped_column(Text, unique=True)
-    #: Signs this workspace's expiring media URLs; never leaves the server.
-    signing_key: Mapped[str] = mapped_column(Text, server_default=text(RANDOM_KEY_SQL))
+    #: Signs this workspace's expiring media URLs; never leaves the server. Stored sealed
+    #: (``shared.secrets_box``); made by ``shared.domain.tokens.ensure_workspace``.
+    signing_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -97,6 +94,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = _created_at()
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    #: After this the token is refused; None: it never expires.
+    expires_at: Mapped[datetime | None]
 
 
 class Channel(Base):

@@ -1,4 +1,8 @@
-"""Channel kinds: their config, which config keys are secret, and what an address looks like."""
+"""Channel kinds: their config, which config keys are secret, and what an address looks like.
+
+A channel's config is stored with its secret values sealed (``seal_config``) and opened only
+where a provider is called (``open_config``); the API shows them redacted.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pydantic import (
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import ChannelKind
 from shared.egress import Egress, EgressRefused
+from shared.secrets_box import SEALED_PREFIX, SecretsBox
 from shared.settings import get_settings
 
 #: What the API shows in place of a secret config value.
@@ -156,6 +161,37 @@ def redact_config(kind: ChannelKind, config: dict[str, Any]) -> dict[str, Any]:
     if kind is not ChannelKind.SMTP and isinstance(shown.get(key), str):
         shown[key] = _mask_userinfo(shown[key])
     return shown
+
+
+def secret_values(kind: ChannelKind, config: dict[str, Any]) -> list[str]:
+    """The config keys of ``kind`` that hold a secret value (set and not empty)."""
+    secrets = SECRET_KEYS[kind]
+    return [k for k, v in config.items() if k in secrets and isinstance(v, str) and v]
+
+
+def seal_config(
+    kind: ChannelKind, config: dict[str, Any], box: SecretsBox, field: str = "config"
+) -> dict[str, Any]:
+    """The config as it is stored: every secret value sealed by ``box``."""
+    sealed = dict(config)
+    for key in secret_values(kind, config):
+        if not box.enabled and config[key].startswith(SEALED_PREFIX):
+            # Stored plain, it would later be taken for an encrypted value.
+            raise ValidationFailed.one(
+                f"{field}.{key}", f"must not start with {SEALED_PREFIX!r}", "reserved_prefix"
+            )
+        sealed[key] = box.seal(config[key])
+    return sealed
+
+
+def open_config(kind: ChannelKind, config: dict[str, Any], box: SecretsBox) -> dict[str, Any]:
+    """The config as a provider needs it: every secret value opened by ``box`` (legacy plain
+    values as they are). Raises ``SecretKeyError`` when a value cannot be decrypted.
+    """
+    opened = dict(config)
+    for key in secret_values(kind, config):
+        opened[key] = box.open(config[key])
+    return opened
 
 
 def normalize_address(kind: ChannelKind, address: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import secrets
 import threading
 import uuid
 import warnings
@@ -217,6 +218,13 @@ def check_media_ids(
 
 #: How long a media URL handed to a provider stays valid.
 MEDIA_URL_TTL_SECONDS = 7 * 24 * 3600
+
+
+def new_signing_key() -> str:
+    """A fresh workspace signing key: 256 random bits as hex. It is stored sealed (see
+    ``shared.secrets_box``) and opened only to sign or check a URL.
+    """
+    return secrets.token_hex(32)
 
 
 def media_signature(signing_key: str, media_id: int, expires: int) -> str:

@@ -1,19 +1,36 @@
-"""API tokens: made once, shown once, stored as a SHA-256 digest."""
+"""API tokens: made once, shown once, stored as a SHA-256 digest; listed, revoked, expiring."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiToken, Workspace
+from shared.domain.media import new_signing_key
+from shared.secrets_box import SecretsBox, get_secrets_box
 
 #: Every token starts with this, so a leaked one is easy to recognise in a scan.
 TOKEN_PREFIX = "bcast_"  # noqa: S105 - a public marker, not a secret
+#: Characters of a token kept in the clear (``bcast_`` and 6 more) to tell tokens apart.
+SHOWN_PREFIX_LENGTH = len(TOKEN_PREFIX) + 6
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class TokenNotFound(LookupError):
+    """No token matches what the operator named."""
+
+
+class TokenAmbiguous(LookupError):
+    """More than one token has the prefix the operator named."""
 
 
 def hash_token(token: str) -> str:
@@ -21,42 +38,158 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a sum such as ``1d12h``, as a timedelta.
+    Raises ``ValueError`` saying what is allowed.
+    """
+    value = text.strip().lower()
+    parts = _DURATION.findall(value)
+    if not value or "".join(n + u for n, u in parts) != value:
+        raise ValueError(
+            f"{text!r} is not a duration; use a number and a unit (s, m, h, d, w), "
+            "e.g. 30d, 12h, 90m or 1d12h"
+        )
+    duration = timedelta()
+    for number, unit in parts:
+        duration += timedelta(**{_UNITS[unit]: int(number)})
+    if duration <= timedelta(0):
+        raise ValueError(f"{text!r} is not a duration: it must be longer than zero")
+    return duration
+
+
 @dataclass(frozen=True)
 class NewToken:
     workspace_id: int
     token_id: int
     token: str
+    expires_at: datetime | None = None
 
 
-def ensure_workspace(session: Session, name: str) -> int:
-    """The id of the workspace called ``name``, created if it does not exist yet."""
+@dataclass(frozen=True)
+class TokenInfo:
+    """What may be shown about a token: never the token or its digest."""
+
+    id: int
+    workspace: str
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def ensure_workspace(session: Session, name: str, box: SecretsBox | None = None) -> int:
+    """The id of the workspace called ``name``, created if it does not exist yet (with a new
+    media signing key, sealed by ``box``, the process's box by default).
+    """
     name = name.strip()
     if not name:
         raise ValueError("workspace name must not be blank")
-    session.execute(insert(Workspace).values(name=name).on_conflict_do_nothing())
+    signing_key = (box or get_secrets_box()).seal(new_signing_key())
+    session.execute(
+        insert(Workspace).values(name=name, signing_key=signing_key).on_conflict_do_nothing()
+    )
     return session.execute(select(Workspace.id).where(Workspace.name == name)).scalar_one()
 
 
-def create_token(session: Session, workspace_name: str, token_name: str = "") -> NewToken:
-    """Make a token for the workspace (created if needed). The plain token exists only here."""
+def create_token(
+    session: Session,
+    workspace_name: str,
+    token_name: str = "",
+    *,
+    expires_at: datetime | None = None,
+) -> NewToken:
+    """Make a token for the workspace (created if needed), valid until ``expires_at`` (aware;
+    None: until revoked). The plain token exists only here.
+    """
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise ValueError("the expiry needs a time zone (e.g. 2030-01-31T12:00:00+00:00)")
+        if expires_at <= datetime.now(UTC):
+            raise ValueError(f"the expiry {expires_at.isoformat()} is not in the future")
     workspace_id = ensure_workspace(session, workspace_name)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
         workspace_id=workspace_id,
         name=token_name,
         token_hash=hash_token(token),
-        prefix=token[: len(TOKEN_PREFIX) + 6],
+        prefix=token[:SHOWN_PREFIX_LENGTH],
+        expires_at=expires_at,
     )
     session.add(row)
     session.flush()
-    return NewToken(workspace_id=workspace_id, token_id=row.id, token=token)
+    return NewToken(workspace_id=workspace_id, token_id=row.id, token=token, expires_at=expires_at)
+
+
+def list_tokens(session: Session, workspace_name: str | None = None) -> list[TokenInfo]:
+    """Every token (of one workspace, when named), oldest first."""
+    if workspace_name is None:
+        return _infos(session, true())
+    return _infos(session, Workspace.name == workspace_name.strip())
+
+
+def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
+    """Revoke the token with id ``ref`` or the shown prefix ``ref`` (``bcast_`` and 6 more
+    characters, as ``bcast token list`` shows it). Returns the token and whether this call
+    revoked it (False: it already was). Raises ``TokenNotFound`` or ``TokenAmbiguous``.
+    """
+    ref = ref.strip()
+    if ref.isdigit():
+        where = ApiToken.id == int(ref)
+    elif ref.startswith(TOKEN_PREFIX) and len(ref) == SHOWN_PREFIX_LENGTH:
+        where = ApiToken.prefix == ref
+    else:
+        raise TokenNotFound(
+            f"{ref!r} is neither a token id nor a token prefix ({TOKEN_PREFIX} and 6 more "
+            "characters); see `bcast token list`"
+        )
+    ids = session.execute(select(ApiToken.id).where(where).with_for_update()).scalars().all()
+    if not ids:
+        raise TokenNotFound(f"no token has the id or prefix {ref!r}; see `bcast token list`")
+    if len(ids) > 1:
+        listed = ", ".join(str(i) for i in sorted(ids))
+        raise TokenAmbiguous(
+            f"{len(ids)} tokens have the prefix {ref!r} (ids {listed}); revoke one by its id"
+        )
+    revoked = session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == ids[0], ApiToken.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(ApiToken.id)
+    ).scalar_one_or_none()
+    [info] = _infos(session, ApiToken.id == ids[0])
+    return info, revoked is not None
+
+
+def _infos(session: Session, where: ColumnElement[bool]) -> list[TokenInfo]:
+    query = (
+        select(
+            ApiToken.id,
+            Workspace.name.label("workspace"),
+            ApiToken.name,
+            ApiToken.prefix,
+            ApiToken.created_at,
+            ApiToken.last_used_at,
+            ApiToken.expires_at,
+            ApiToken.revoked_at,
+        )
+        .join(Workspace, Workspace.id == ApiToken.workspace_id)
+        .where(where)
+        .order_by(ApiToken.id)
+    )
+    return [TokenInfo(**row._asdict()) for row in session.execute(query)]
 
 
 def workspace_for_token(session: Session, token: str) -> int | None:
-    """The workspace a live token belongs to, or None; notes when the token was last used."""
+    """The workspace a live token belongs to (not revoked, not expired), or None; notes when
+    the token was last used.
+    """
     row = session.execute(
         select(ApiToken.id, ApiToken.workspace_id, ApiToken.last_used_at).where(
-            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+            ApiToken.token_hash == hash_token(token),
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > func.now()),
         )
     ).one_or_none()
     if row is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, PathId, QueryId, SessionDep
+from services.api.deps import CurrentWorkspace, PathId, QueryId, SecretsBoxDep, SessionDep
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AccountCreate,
@@ -19,7 +19,12 @@ from services.api.schemas import (
 from shared.db.models import Account, Channel, Tag
 from shared.db.sql import owned
 from shared.domain.broadcasts import get_channel
-from shared.domain.channels import DEFAULT_RATE_LIMIT_PER_SECOND, redact_config, validate_config
+from shared.domain.channels import (
+    DEFAULT_RATE_LIMIT_PER_SECOND,
+    redact_config,
+    seal_config,
+    validate_config,
+)
 from shared.domain.contacts import create_tag
 from shared.domain.errors import StateConflict
 from shared.domain.lifecycle import ChannelKind
@@ -41,10 +46,12 @@ def channel_out(channel: Channel) -> ChannelOut:
 
 @router.post("/channels", status_code=status.HTTP_201_CREATED)
 def create_channel(
-    body: ChannelCreate, session: SessionDep, workspace: CurrentWorkspace
+    body: ChannelCreate, session: SessionDep, workspace: CurrentWorkspace, box: SecretsBoxDep
 ) -> ChannelOut:
-    """Add a channel. Its config is checked against the kind; secrets are never shown back."""
-    config = validate_config(body.kind, body.config)
+    """Add a channel. Its config is checked against the kind; secrets are stored encrypted and
+    never shown back.
+    """
+    config = seal_config(body.kind, validate_config(body.kind, body.config), box)
     taken = session.execute(
         select(Channel.id).where(Channel.workspace_id == workspace, Channel.name == body.name)
     ).scalar_one_or_none()

@@ -8,7 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, MediaStoreDep, PathId, SessionDep, SettingsDep
+from services.api.deps import (
+    CurrentWorkspace,
+    MediaStoreDep,
+    PathId,
+    SecretsBoxDep,
+    SessionDep,
+    SettingsDep,
+)
 from services.api.schemas import MediaOut
 from shared.db.models import Media, Workspace
 from shared.db.sql import owned
@@ -79,6 +86,7 @@ def signed_media(
     signature: Annotated[str, Query(max_length=128)],
     session: SessionDep,
     store: MediaStoreDep,
+    box: SecretsBoxDep,
 ) -> Response:
     """An image at the expiring signed URL given to providers in outgoing messages."""
     row = session.execute(
@@ -86,7 +94,9 @@ def signed_media(
         .join(Workspace, Workspace.id == Media.workspace_id)
         .where(Media.id == media_id)
     ).one_or_none()
-    if row is None or not signature_valid(row[1], media_id, expires, signature, now=time.time()):
+    if row is None or not signature_valid(
+        box.open(row[1]), media_id, expires, signature, now=time.time()
+    ):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or expired media link")
     media = row[0]
     return Response(
