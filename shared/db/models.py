@@ -155,12 +155,14 @@ class Contact(Base):
 class Tag(Base):
     __tablename__ = "tag"
     __table_args__ = (
-        Index("uq_tag_workspace_id_lower_name", "workspace_id", text("lower(name)"), unique=True),
+        Index("uq_tag_workspace_id_name_key", "workspace_id", "name_key", unique=True),
     )
 
     id: Mapped[int] = _pk()
     workspace_id: Mapped[int] = _workspace_fk()
     name: Mapped[str] = mapped_column(Text)
+    #: The name's NFKC_Casefold (``shared.domain.types.tag_key``): tags are the same when it is.
+    name_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
 
 

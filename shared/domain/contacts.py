@@ -27,7 +27,7 @@ from shared.db.sql import in_ids, owned
 from shared.domain.channels import normalize_address
 from shared.domain.errors import FieldError, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
-from shared.domain.types import Id, OneLine, check_one_line, json_too_deep
+from shared.domain.types import Id, OneLine, check_one_line, json_too_deep, tag_key, tag_name
 
 TagName = Annotated[
     str,
@@ -56,31 +56,36 @@ _ROWS = TypeAdapter(list[ContactIn])
 
 
 def ensure_tags(session: Session, workspace_id: int, names: Iterable[str]) -> dict[str, int]:
-    """Ids of the named tags (case-insensitive), creating the missing ones. Keys are lowercased."""
-    wanted = {n.strip().lower(): n.strip() for n in names if n.strip()}
+    """Ids of the named tags, creating the missing ones, keyed by ``tag_key`` of the name
+    (names that differ only in case or Unicode form are one tag).
+    """
+    wanted = {tag_key(n): tag_name(n) for n in names if n.strip()}
     if not wanted:
         return {}
     session.execute(
         insert(Tag)
-        .values([{"workspace_id": workspace_id, "name": n} for n in wanted.values()])
+        .values(
+            [{"workspace_id": workspace_id, "name": n, "name_key": k} for k, n in wanted.items()]
+        )
         .on_conflict_do_nothing()
     )
     rows = session.execute(
-        select(Tag.id, func.lower(Tag.name)).where(
-            Tag.workspace_id == workspace_id, func.lower(Tag.name).in_(list(wanted))
+        select(Tag.id, Tag.name_key).where(
+            Tag.workspace_id == workspace_id, Tag.name_key.in_(list(wanted))
         )
     ).all()
-    return {name: tag_id for tag_id, name in rows}
+    return {key: tag_id for tag_id, key in rows}
 
 
 def create_tag(session: Session, workspace_id: int, name: str) -> Tag:
     """A new tag; a name already taken (ignoring case) is a conflict."""
+    key = tag_key(name)
     exists = session.execute(
-        select(Tag.id).where(Tag.workspace_id == workspace_id, func.lower(Tag.name) == name.lower())
+        select(Tag.id).where(Tag.workspace_id == workspace_id, Tag.name_key == key)
     ).scalar_one_or_none()
     if exists is not None:
         raise StateConflict(f"tag {name!r} already exists (id {exists})")
-    tag = Tag(workspace_id=workspace_id, name=name)
+    tag = Tag(workspace_id=workspace_id, name=tag_name(name), name_key=key)
     session.add(tag)
     session.flush()
     return tag
@@ -197,7 +202,7 @@ def tags_of(session: Session, contact_ids: Sequence[int]) -> dict[int, list[str]
         select(ContactTag.contact_id, Tag.name)
         .join(Tag, Tag.id == ContactTag.tag_id)
         .where(in_ids(ContactTag.contact_id, contact_ids))
-        .order_by(ContactTag.contact_id, func.lower(Tag.name))
+        .order_by(ContactTag.contact_id, Tag.name_key)
     ).all()
     out: dict[int, list[str]] = {cid: [] for cid in contact_ids}
     for contact_id, name in rows:
@@ -449,7 +454,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
                     address,
                     row.name,
                     row.opted_out,
-                    [tag_ids[t.lower()] for t in row.tags],
+                    [tag_ids[tag_key(t)] for t in row.tags],
                 )
             )
     session.execute(text("ANALYZE contact_import"))

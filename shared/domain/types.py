@@ -5,6 +5,7 @@ free of characters that cannot be stored or would break a provider's header.
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -90,3 +91,18 @@ def _iso_only(value: Any) -> Any:
 
 #: A time given as an ISO-8601 string (never an epoch number).
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
+def tag_name(name: str) -> str:
+    """A tag name as stored and shown: NFKC-normalised, trimmed."""
+    return unicodedata.normalize("NFKC", name).strip()
+
+
+def tag_key(name: str) -> str:
+    """What makes two tag names the same tag: Unicode's NFKC_Casefold, computed here only.
+
+    The database never folds case itself (Postgres's ``lower`` and Python's ``casefold``
+    disagree: ``Straße`` and ``STRASSE``, ``İstanbul``), it compares the key this function
+    stored next to the name.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).strip()

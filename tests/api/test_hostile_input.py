@@ -356,3 +356,29 @@ def test_csv_exports_per_workspace_are_capped(api: Api) -> None:
     response = api.get(f"/v1/broadcasts/{b['id']}/recipients", params={"format": "csv"})
     assert response.status_code == 200
     assert not slots._running, "every slot is given back once its export is done with"
+
+
+# --- one case folding for tag names ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "same"),
+    [
+        ("Straße-İ", "STRASSE-i̇"),
+        ("İstanbul", "i̇stanbul"),
+        ("ﬁnance", "FINANCE"),
+        ("\uff36\uff49\uff50", "vip"),
+    ],
+)
+def test_tag_names_that_fold_alike_are_one_tag_everywhere(api: Api, first: str, same: str) -> None:
+    channel = api.channel()
+    account = api.account(channel["id"])
+    a = api.contact(account["id"], "r-1", tags=[first])
+    rows = [{"account_id": account["id"], "address": "r-2", "tags": [same, first]}]
+    api.ok("post", "/v1/contacts/import", json=rows)
+    tags = api.ok("get", "/v1/tags")["items"]
+    assert len(tags) == 1, tags
+    problem(api.post("/v1/tags", json={"name": same}), 409)
+    contacts = api.ok("get", "/v1/contacts", params={"tag_id": tags[0]["id"]})["items"]
+    assert {c["address"] for c in contacts} == {"r-1", "r-2"}
+    assert a["tags"] == [tags[0]["name"]]

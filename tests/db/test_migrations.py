@@ -98,3 +98,47 @@ def test_due_pick_and_status_filter_use_indexes(database_url: str) -> None:
 def test_admin_url_points_at_a_server(database_url: str) -> None:
     with psycopg.connect(libpq_url(ADMIN_URL)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_tags_that_one_case_folding_makes_equal_are_merged_keeping_their_contacts(
+    scratch_url: str,
+) -> None:
+    migrate.upgrade(scratch_url, "0005")
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        ws = conn.execute(
+            "INSERT INTO workspace (name, signing_key) VALUES ('w', 'k') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        ch = conn.execute(
+            "INSERT INTO channel (workspace_id, name, kind, config, rate_limit_per_second) "
+            "VALUES (%s, 'c', 'webhook', '{}', 1) RETURNING id",
+            (ws,),
+        ).fetchone()[0]  # type: ignore[index]
+        acct = conn.execute(
+            "INSERT INTO account (workspace_id, channel_id, name) VALUES (%s, %s, 'a') RETURNING id",
+            (ws, ch),
+        ).fetchone()[0]  # type: ignore[index]
+        contacts = [
+            conn.execute(
+                "INSERT INTO contact (workspace_id, account_id, address) VALUES (%s, %s, %s) "
+                "RETURNING id",
+                (ws, acct, f"r-{i}"),
+            ).fetchone()[0]  # type: ignore[index]
+            for i in range(2)
+        ]
+        tags = [
+            conn.execute(
+                "INSERT INTO tag (workspace_id, name) VALUES (%s, %s) RETURNING id", (ws, name)
+            ).fetchone()[0]  # type: ignore[index]
+            for name in ("Straße", "STRASSE", "other")
+        ]
+        for contact, tag in zip(contacts, tags[:2], strict=True):
+            conn.execute(
+                "INSERT INTO contact_tag (contact_id, tag_id, workspace_id) VALUES (%s, %s, %s)",
+                (contact, tag, ws),
+            )
+    migrate.upgrade(scratch_url)
+    with psycopg.connect(libpq_url(scratch_url)) as conn:
+        left = conn.execute("SELECT id, name, name_key FROM tag ORDER BY id").fetchall()
+        linked = conn.execute("SELECT contact_id, tag_id FROM contact_tag ORDER BY 1").fetchall()
+    assert left == [(tags[0], "Straße", "strasse"), (tags[2], "other", "other")]
+    assert linked == [(contacts[0], tags[0]), (contacts[1], tags[0])]
