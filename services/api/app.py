@@ -39,7 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.media_max_bytes * 4
         return settings.max_body_bytes
 
-    app.add_middleware(InputGuard, bulk=frozenset({"/v1/contacts/import"}))
+    app.add_middleware(
+        InputGuard,
+        bulk=frozenset({"/v1/contacts/import"}),
+        paths=lambda: app.openapi()["paths"],
+    )
     app.add_middleware(BodyLimit, limit_for=limit_for, timeout=settings.api_body_timeout_seconds)
     app.add_middleware(Metrics)
     install_openapi(app)

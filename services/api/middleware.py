@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -161,21 +162,56 @@ class InputGuard:
         limits (the contacts import): only the method, path and query are checked here.
     """
 
-    def __init__(self, app: ASGIApp, *, bulk: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        bulk: frozenset[str] = frozenset(),
+        paths: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.app = app
         self.bulk = bulk
+        self._paths = paths
+        self._methods: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
+        self._exact: dict[str, frozenset[str]] = {}
+
+    def allowed(self, path: str) -> frozenset[str] | None:
+        """The methods the API answers on ``path``, or None for a path no documented route
+        matches. A path spelled out by a route (``/v1/contacts/import``) is that route's; a
+        path matched only by templates (``/v1/contacts/{contact_id}``) is theirs together.
+        """
+        if self._methods is None:
+            exact: dict[str, set[str]] = {}
+            templated: dict[str, set[str]] = {}
+            for template, operations in (self._paths() if self._paths else {}).items():
+                answered = {m.upper() for m in operations}
+                if "{" not in template:
+                    exact.setdefault(template, set()).update(answered)
+                    continue
+                regex = "^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"
+                templated.setdefault(regex, set()).update(answered)
+            self._exact = {p: frozenset(m) for p, m in exact.items()}
+            self._methods = [(re.compile(r), frozenset(m)) for r, m in templated.items()]
+        if path in self._exact:
+            return self._exact[path]
+        found: set[str] = set()
+        for compiled, methods in self._methods:
+            if compiled.match(path):
+                found |= methods
+        return frozenset(found) if found else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if scope["method"] not in METHODS:
-            allow = ", ".join(sorted(METHODS))
+        allowed = self.allowed(path)
+        if allowed is not None and scope["method"] not in allowed:
+            allow = ", ".join(sorted(allowed))
             await send_problem(
                 send,
                 405,
-                f"method {scope['method']} is not allowed; the API answers {allow}",
+                f"method {scope['method']} is not allowed on {path}; it answers {allow}",
                 path=path,
                 headers=[(b"allow", allow.encode())],
             )

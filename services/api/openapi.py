@@ -105,17 +105,76 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+#: The path parameter that names each kind of row an answer describes.
+ID_OF = {
+    "ChannelOut": "channel_id",
+    "AccountOut": "account_id",
+    "TagOut": "tag_id",
+    "ContactOut": "contact_id",
+    "BroadcastOut": "broadcast_id",
+    "ConversationOut": "conversation_id",
+    "MediaOut": "media_id",
+}
+#: Creates whose body can take the id of a row made just before.
+BODY_LINKS = {
+    "ChannelOut": [("post", "/v1/accounts", {"channel_id": "$response.body#/id", "name": "a"})],
+}
+
+
+def link_creates(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI links from each create's answer to the operations on what it created (its id
+    in their path), so clients and stateful testers can follow them.
+    """
+    paths = schema.get("paths", {})
+    by_param: dict[str, list[tuple[str, str]]] = {}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            for param in operation.get("parameters", []):
+                if param["in"] == "path":
+                    by_param.setdefault(param["name"], []).append((method, path))
+    for operations in paths.values():
+        for method, operation in operations.items():
+            created = operation.get("responses", {}).get("201")
+            if method != "post" or created is None:
+                continue
+            ref = (
+                created.get("content", {})
+                .get("application/json", {})
+                .get("schema", {})
+                .get("$ref", "")
+            )
+            kind = ref.rsplit("/", 1)[-1]
+            links: dict[str, Any] = {}
+            for target_method, target_path in by_param.get(ID_OF.get(kind, ""), []):
+                target = paths[target_path][target_method]
+                links[target["operationId"]] = {
+                    "operationId": target["operationId"],
+                    "parameters": {ID_OF[kind]: "$response.body#/id"},
+                }
+            for target_method, target_path, body in BODY_LINKS.get(kind, []):
+                target = paths[target_path][target_method]
+                links[target["operationId"]] = {
+                    "operationId": target["operationId"],
+                    "requestBody": body,
+                }
+            if links:
+                created["links"] = links
+    return schema
+
+
 def install_openapi(app: FastAPI) -> None:
     """Serve the document with the problem answers in it (built once, on first request)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_problems(
-                get_openapi(
-                    title=app.title,
-                    version=app.version,
-                    description=app.description,
-                    routes=app.routes,
+            app.openapi_schema = link_creates(
+                document_problems(
+                    get_openapi(
+                        title=app.title,
+                        version=app.version,
+                        description=app.description,
+                        routes=app.routes,
+                    )
                 )
             )
         return app.openapi_schema

@@ -18,17 +18,19 @@ from pydantic.json_schema import SkipJsonSchema
 from shared.domain.audience import AudienceFilter, AudienceSpec
 from shared.domain.broadcasts import Content
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
-from shared.domain.types import Id, IsoDatetime, check_one_line
+from shared.domain.types import Id, IsoDatetime, check_one_line, one_line_schema
 
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
     AfterValidator(check_one_line),
+    one_line_schema(),
 ]
 TagName = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
     AfterValidator(check_one_line),
+    one_line_schema(),
 ]
 T = TypeVar("T")
 
@@ -119,6 +121,7 @@ class ContactPatch(_In):
             str,
             StringConstraints(strip_whitespace=True, max_length=200),
             AfterValidator(check_one_line),
+            one_line_schema(),
         ]
         | None
     ) = None

@@ -42,6 +42,7 @@ from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
 from shared.delivery_store import MAX_WAIT, Batch, Claimed
 from shared.domain.lifecycle import BroadcastStatus
+from shared.logsafe import error_text
 
 if TYPE_CHECKING:
     from services.dispatcher.pacing import Lane, Place
@@ -165,7 +166,7 @@ class BatchRun:
             log.warning(
                 "broadcast %s batch %s: loading it failed (%s); due again in %g s",
                 *self._ids.values(),
-                exc,
+                error_text(exc),
                 ERROR_DELAY,
                 extra=self._ids,
             )
@@ -217,7 +218,7 @@ class BatchRun:
                         "broadcast %s batch %s: last results could not be written (%s); "
                         "their rows stay held until the lease runs out",
                         *self._ids.values(),
-                        exc,
+                        error_text(exc),
                         extra=self._ids,
                     )
                     return
@@ -360,7 +361,7 @@ class BatchRun:
                 "broadcast %s: taking a fresh slot for delivery %s failed (%s); it goes back",
                 job.broadcast_id,
                 row.id,
-                exc,
+                error_text(exc),
                 extra=self._ids,
             )
         if outcome is None:
@@ -430,7 +431,7 @@ class BatchRun:
                 "broadcast %s: could not tell the other workers channel %s is throttled (%s)",
                 job.broadcast_id,
                 job.channel_id,
-                exc,
+                error_text(exc),
                 extra={**self._ids, "channel_id": job.channel_id},
             )
 
@@ -451,7 +452,7 @@ class BatchRun:
             log.warning(
                 "broadcast %s: could not pause it (%s); its rows wait and are tried again",
                 job.broadcast_id,
-                exc,
+                error_text(exc),
                 extra=ids,
             )
 
@@ -560,7 +561,7 @@ class BatchRun:
                 "broadcast %s batch %s: could not give the batch back (%s); the sweeper takes "
                 "it back when its lease runs out",
                 *self._ids.values(),
-                exc,
+                error_text(exc),
                 extra=self._ids,
             )
             return None

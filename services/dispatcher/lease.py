@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from services.dispatcher import metrics
 from shared import delivery_store as store
 from shared.delivery_store import Batch
+from shared.logsafe import error_text
 
 if TYPE_CHECKING:
     from services.dispatcher.runtime import Runtime
@@ -173,6 +174,6 @@ class LeaseKeeper:
                 "broadcast %s: lease renewal of %s batch runs failed (%s); retrying",
                 ", ".join(map(str, broadcasts[:10])) + (" ..." if len(broadcasts) > 10 else ""),
                 len(waiting),
-                exc,
+                error_text(exc),
                 extra={"broadcast_ids": broadcasts[:10]},
             )

@@ -27,6 +27,7 @@ from services.dispatcher.retry import Decision, RetryPolicy, decide
 from shared import delivery_store as store
 from shared.delivery_store import Batch, Claimed, Record
 from shared.domain.lifecycle import DeliveryStatus
+from shared.logsafe import error_text
 
 if TYPE_CHECKING:
     from services.dispatcher.jobs import Job
@@ -190,6 +191,6 @@ class Recorder:
                         "next write",
                         self.batch.broadcast_id,
                         self.batch.id,
-                        exc,
+                        error_text(exc),
                         extra={"broadcast_id": self.batch.broadcast_id, "batch_id": self.batch.id},
                     )

@@ -19,6 +19,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from shared.domain.lifecycle import BroadcastStatus
+from shared.logsafe import error_text
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class StatusBoard:
             try:
                 await self._refresh(list(self._users))
             except psycopg.Error as exc:
-                log.warning("status poll failed: %s", exc)
+                log.warning("status poll failed: %s", error_text(exc))
 
     async def _listen(self) -> None:
         while True:
@@ -111,7 +112,9 @@ class StatusBoard:
                     async for notice in conn.notifies():
                         self._hear(notice.channel, notice.payload)
             except psycopg.Error as exc:
-                log.warning("status listener lost its connection (%s); reconnecting", exc)
+                log.warning(
+                    "status listener lost its connection (%s); reconnecting", error_text(exc)
+                )
                 await asyncio.sleep(1)
 
     def _hear(self, channel: str, payload: str) -> None:

@@ -46,6 +46,8 @@ def make_engine(
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=pool_timeout,
+        # An error's text names the statement but never its values (a secret, a message).
+        hide_parameters=True,
         connect_args={"application_name": application_name},
     )
 

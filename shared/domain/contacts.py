@@ -27,12 +27,21 @@ from shared.db.sql import in_ids, owned
 from shared.domain.channels import normalize_address
 from shared.domain.errors import FieldError, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
-from shared.domain.types import Id, OneLine, check_one_line, json_too_deep, tag_key, tag_name
+from shared.domain.types import (
+    Id,
+    OneLine,
+    check_one_line,
+    json_too_deep,
+    one_line_schema,
+    tag_key,
+    tag_name,
+)
 
 TagName = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
     AfterValidator(check_one_line),
+    one_line_schema(),
 ]
 #: How many row errors one failed import lists before it summarises the rest.
 MAX_IMPORT_ERRORS = 100

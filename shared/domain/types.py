@@ -11,8 +11,10 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-#: Ids are Postgres ``bigint``: nothing above this exists.
-MAX_ID = 2**63 - 1
+#: The largest id a request may name. Ids are Postgres ``bigint`` counted up from 1, so none
+#: this large exists; the bound is the largest integer JSON clients (JavaScript's
+#: ``Number.MAX_SAFE_INTEGER``) and JSON Schema tools carry exactly.
+MAX_ID = 2**53 - 1
 
 #: Characters no stored string may hold: NUL (Postgres text refuses it), the other C0 controls
 #: but tab, line feed and carriage return, DEL, the C1 controls, and lone UTF-16 surrogates
@@ -23,7 +25,7 @@ FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 #: A row id given in a request body: a JSON integer (never a string, boolean or float) from 1
-#: to the largest ``bigint``.
+#: to ``MAX_ID``.
 Id = Annotated[int, Field(strict=True, gt=0, le=MAX_ID)]
 
 
@@ -74,8 +76,21 @@ def check_one_line(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(check_text)]
-OneLine = Annotated[str, AfterValidator(check_one_line)]
+#: ``FORBIDDEN`` and ``NOT_ONE_LINE`` as JSON Schema patterns, so the API's document states them.
+TEXT_PATTERN = "^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+ONE_LINE_PATTERN = "^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
+
+def text_schema() -> Any:
+    return Field(json_schema_extra={"pattern": TEXT_PATTERN})
+
+
+def one_line_schema() -> Any:
+    return Field(json_schema_extra={"pattern": ONE_LINE_PATTERN})
+
+
+Text = Annotated[str, AfterValidator(check_text), text_schema()]
+OneLine = Annotated[str, AfterValidator(check_one_line), one_line_schema()]
 
 
 def _iso_only(value: Any) -> Any:

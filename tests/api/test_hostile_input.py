@@ -18,7 +18,7 @@ from services.api.routes.broadcasts import export_slots
 from shared.settings import get_settings
 from tests.conftest import Api
 
-HUGE = 2**63
+HUGE = 2**63  # past bigint, and far past MAX_ID
 PROBLEM = "application/problem+json"
 
 
@@ -382,3 +382,20 @@ def test_tag_names_that_fold_alike_are_one_tag_everywhere(api: Api, first: str, 
     contacts = api.ok("get", "/v1/contacts", params={"tag_id": tags[0]["id"]})["items"]
     assert {c["address"] for c in contacts} == {"r-1", "r-2"}
     assert a["tags"] == [tags[0]["name"]]
+
+
+def test_a_database_error_never_quotes_the_values_of_its_statement(api: Api) -> None:
+    from sqlalchemy import text as sql_text
+    from sqlalchemy.exc import DBAPIError
+
+    from shared.db.engine import get_engine
+
+    with get_engine().connect() as conn:
+        try:
+            conn.execute(sql_text("SELECT CAST(:v AS integer)"), {"v": "sekrit-value"})
+        except DBAPIError as exc:
+            said = str(exc)
+        else:
+            pytest.fail("the cast should have failed")
+    assert "sekrit-value" not in said.split("[SQL")[1]
+    assert "hidden due to hide_parameters" in said

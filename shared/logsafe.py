@@ -1,0 +1,29 @@
+"""Errors as log lines: what went wrong, never the data it went wrong on.
+
+A database error's text can quote the value that broke a statement (``invalid input syntax
+for type integer: "<a message's text>"``), and a driver wrapper may list the statement's
+parameters. Connection-level errors are worth reading whole (which host, refused, reset);
+for every other database error the class and SQLSTATE say enough.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+#: Longest error text kept in a log line.
+MAX_TEXT = 300
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` described for a log line, without any value of the statement it broke on."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper around the driver's error
+    if isinstance(orig, BaseException):
+        exc = orig
+    name = type(exc).__name__
+    if isinstance(exc, psycopg.Error) and not isinstance(
+        exc, psycopg.OperationalError | psycopg.InterfaceError
+    ):
+        return f"{name} (SQLSTATE {exc.sqlstate or 'unknown'})"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{name}: {first}" if first else name
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
