@@ -399,3 +399,21 @@ def test_a_database_error_never_quotes_the_values_of_its_statement(api: Api) -> 
             pytest.fail("the cast should have failed")
     assert "sekrit-value" not in said.split("[SQL")[1]
     assert "hidden due to hide_parameters" in said
+
+
+def test_readiness_says_unavailable_while_every_pooled_connection_is_held(api: Api) -> None:
+    from shared.db.engine import get_engine
+
+    engine = get_engine()
+    assert api.client.get("/readyz").status_code == 200
+    pool: Any = engine.pool
+    held = [engine.connect() for _ in range(pool.size() + pool._max_overflow)]
+    try:
+        response = api.client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["database"] == "pool exhausted"
+        assert 'bcast_api_db_connections{state="in_use"}' in api.client.get("/metrics").text
+    finally:
+        for conn in held:
+            conn.close()
+    assert api.client.get("/readyz").status_code == 200
