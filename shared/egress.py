@@ -22,12 +22,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import unicodedata
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: What a refused connection says (the operator reads it as a broadcast's pause reason).
 ADVICE = "bcast connects only to public internet addresses"
+#: Ranges refused by name, beside what the ``ipaddress`` properties cover: deprecated IPv6
+#: site-local, the old 6to4 relay anycast, IPv6 documentation (3fff::/20), discard-only.
+_DENIED = tuple(
+    ipaddress.ip_network(n)
+    for n in ("fec0::/10", "192.88.99.0/24", "3fff::/20", "100::/64", "2001:db8::/32")
+)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 #: Names that always mean this machine or a private network, whatever DNS says.
@@ -70,6 +77,8 @@ def refusal(ip: IPAddress) -> str | None:
         if carried is not None:
             why = refusal(carried)
             return f"{why} (carried in IPv6)" if why else None
+    if any(ip in net for net in _DENIED if net.version == ip.version):
+        return "a reserved address"
     if ip.is_loopback:
         return "a loopback address"
     if ip.is_link_local:
@@ -92,13 +101,11 @@ def parse_literal(host: str) -> IPAddress | None:
     ``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``[::1]``, ``::ffff:127.0.0.1``), or None
     when it is a name.
     """
-    text = host.strip().strip("[]").rstrip(".")
-    if "%" in text:  # a zone id: only ever used with link-local addresses
+    # Fullwidth digits and ideographic dots are read as the ASCII ones, as URL parsers do.
+    text = unicodedata.normalize("NFKC", host).replace("\u3002", ".").strip().strip("[]")
+    text = text.rstrip(".")
+    if "%" in text:  # a zone id: judged by the address before it
         text = text.split("%", 1)[0]
-        try:
-            return ipaddress.IPv6Address(text)
-        except ValueError:
-            return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:

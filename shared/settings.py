@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     api_header_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Seconds a request body may pause between two of its chunks.
     api_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Seconds a whole request body may take to arrive (64 MiB at half a MiB a second).
+    api_body_total_seconds: float = Field(default=120.0, gt=0)
     #: Connections and requests the API serves at once; beyond it, 503.
     api_max_connections: int = Field(default=1000, gt=0)
     #: CSV exports of recipient lists one workspace may run at once; beyond it, 429.

@@ -44,7 +44,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bulk=frozenset({"/v1/contacts/import"}),
         paths=lambda: app.openapi()["paths"],
     )
-    app.add_middleware(BodyLimit, limit_for=limit_for, timeout=settings.api_body_timeout_seconds)
+    app.add_middleware(
+        BodyLimit,
+        limit_for=limit_for,
+        timeout=settings.api_body_timeout_seconds,
+        total=settings.api_body_total_seconds,
+    )
     app.add_middleware(Metrics)
     install_openapi(app)
     return app

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator
 from sqlalchemy.orm import Session
 
 from shared.db.engine import get_sessionmaker
@@ -26,10 +28,20 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-#: A row id in a path: 1 to the largest ``bigint``.
-PathId = Annotated[int, Path(gt=0, le=MAX_ID)]
+_DIGITS = re.compile(r"[1-9][0-9]{0,15}")
+
+
+def _plain_digits(value: object) -> object:
+    # int() would also take " 1", "+1", "01" and "1_0": an id is spelled one way only.
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("must be an id: digits only, no sign, spaces or leading zeros")
+    return value
+
+
+#: A row id in a path: 1 to ``MAX_ID``, in plain digits.
+PathId = Annotated[int, Path(gt=0, le=MAX_ID), BeforeValidator(_plain_digits)]
 #: A row id in a query filter.
-QueryId = Annotated[int | None, Query(gt=0, le=MAX_ID)]
+QueryId = Annotated[int | None, Query(gt=0, le=MAX_ID), BeforeValidator(_plain_digits)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SecretsBoxDep = Annotated[SecretsBox, Depends(get_secrets_box)]
 

@@ -18,10 +18,11 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,7 @@ from shared.domain.errors import (
     describe,
     field_path,
 )
+from shared.logsafe import error_text
 from shared.secrets_box import SecretKeyError
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,21 @@ async def _on_pool_timeout(request: Request, _: Exception) -> JSONResponse:
     )
 
 
+async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning(
+        "database unreachable answering %s %s: %s",
+        request.method,
+        request.url.path,
+        error_text(exc),
+    )
+    return problem(
+        503,
+        "the database cannot be reached for the moment; retry shortly",
+        request=request,
+        headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+    )
+
+
 async def _on_secret_key_error(request: Request, exc: Exception) -> JSONResponse:
     # The operator's to fix; the caller learns only that the server cannot answer.
     log.error("%s %s: %s", request.method, request.url.path, exc)
@@ -186,5 +203,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IntegrityError, _on_integrity_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(PoolTimeout, _on_pool_timeout)
+    app.add_exception_handler(OperationalError, _on_database_down)
+    app.add_exception_handler(psycopg.OperationalError, _on_database_down)
     app.add_exception_handler(SecretKeyError, _on_secret_key_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -77,20 +77,28 @@ async def send_problem(
 
 class BodyLimit:
     """Answer 413 to any request whose body is larger than its route allows, and 408 to one
-    whose body stops arriving for ``timeout`` seconds.
+    whose body stops arriving for ``timeout`` seconds or takes more than ``total`` in all (a
+    client sending a byte now and then cannot hold a connection for hours).
 
     Parameters:
       app: the wrapped application.
       limit_for: maps a request path to its largest allowed body in bytes.
       timeout: longest pause, in seconds, between two chunks of a body.
+      total: longest time, in seconds, a whole body may take to arrive.
     """
 
     def __init__(
-        self, app: ASGIApp, *, limit_for: Callable[[str], int], timeout: float = 30.0
+        self,
+        app: ASGIApp,
+        *,
+        limit_for: Callable[[str], int],
+        timeout: float = 30.0,
+        total: float = 120.0,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.timeout = timeout
+        self.total = total
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,6 +112,7 @@ class BodyLimit:
         seen = 0
         started = False
         body_done = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
             nonlocal seen, body_done
@@ -111,8 +120,12 @@ class BodyLimit:
                 # The body is in; what comes now is the client going away, whenever it does
                 # (a streamed answer listens for it for as long as it streams).
                 return await receive()
+            nonlocal deadline
+            if deadline is None:
+                deadline = time.monotonic() + self.total
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.timeout, left)))
             except TimeoutError:
                 raise _TooSlow from None
             if message["type"] == "http.request":
@@ -139,7 +152,8 @@ class BodyLimit:
                 await send_problem(
                     send,
                     408,
-                    f"the request body stopped arriving for {self.timeout:g} s",
+                    f"the request body stopped arriving for {self.timeout:g} s, or took "
+                    f"longer than {self.total:g} s in all",
                     path=scope["path"],
                     headers=[(b"connection", b"close")],
                 )
@@ -206,6 +220,12 @@ class InputGuard:
             return
         path = scope["path"]
         allowed = self.allowed(path)
+        if allowed is not None and "GET" in allowed:
+            allowed |= {"HEAD"}
+            if scope["method"] == "HEAD":
+                # HEAD is GET without the body (the server drops it, knowing the request
+                # was HEAD); routes are declared for GET only.
+                scope = {**scope, "method": "GET"}
         if allowed is not None and scope["method"] not in allowed:
             allow = ", ".join(sorted(allowed))
             await send_problem(

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from services.dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+#: What a record's own values can make a write fail with: it is retried without them.
+UNSTORABLE = (psycopg.DataError, UnicodeError)
 
 #: Results waiting are written together this often (one transaction per write).
 FLUSH_SECONDS = 0.05
@@ -111,7 +113,7 @@ class Recorder:
             records = [record for record, _ in taken]
             try:
                 written = await self._write(records)
-            except psycopg.DataError:
+            except UNSTORABLE:
                 # One result the database refuses (a provider's odd answer) must not hold
                 # back the others: they are written one by one.
                 written = await self._write_each(records)
@@ -127,6 +129,8 @@ class Recorder:
             self._report_dropped(taken, set(written))
 
     async def _write(self, records: list[Record]) -> list[int]:
+        # Text the database cannot take (a lone surrogate from a provider) fails before it is
+        # sent, as UnicodeError; anything else it refuses, as DataError.
         async with self.rt.pool.connection() as conn:
             return await store.arun(conn, store.record(self.batch, records))
 
@@ -135,7 +139,7 @@ class Recorder:
         for record in records:
             try:
                 written += await self._write([record])
-            except psycopg.DataError as exc:
+            except UNSTORABLE as exc:
                 log.error(
                     "broadcast %s batch %s: the result of delivery %s could not be stored as "
                     "the provider gave it (%s); stored without its text",

@@ -21,7 +21,7 @@ from pydantic import (
 
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import ChannelKind
-from shared.egress import Egress, EgressRefused
+from shared.egress import Egress, EgressRefused, parse_literal
 from shared.secrets_box import SEALED_PREFIX, SecretsBox
 from shared.settings import get_settings
 
@@ -43,26 +43,63 @@ class TelegramConfig(_Config):
     api_base_url: AnyHttpUrl = AnyHttpUrl("https://api.telegram.org")
 
 
+def _visible_ascii(value: str) -> str:
+    if not _VISIBLE_ASCII.fullmatch(value):
+        raise ValueError(
+            "must be visible ASCII characters only (no spaces, line breaks or other "
+            "characters an HTTP header cannot carry)"
+        )
+    return value
+
+
+def _printable_ascii(value: str | None) -> str | None:
+    if value is not None and not _PRINTABLE_ASCII.fullmatch(value):
+        raise ValueError(
+            "must be printable ASCII (no line breaks or other characters an SMTP login "
+            "cannot carry)"
+        )
+    return value
+
+
+def _host(value: str) -> str:
+    if parse_literal(value) is None and not _HOSTNAME.fullmatch(value):
+        raise ValueError("must be a host name such as smtp.example.com, or an IP address")
+    return value
+
+
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
 class WhatsappConfig(_Config):
-    access_token: str = Field(min_length=1)
+    access_token: str = Field(min_length=1, max_length=4096)
+
+    _token = field_validator("access_token")(_visible_ascii)
     phone_number_id: str = Field(min_length=1, pattern=r"^\d+$")
     api_version: str = Field(default="v21.0", pattern=r"^v\d+\.\d+$")
     api_base_url: AnyHttpUrl = AnyHttpUrl("https://graph.facebook.com")
 
 
 class SmtpConfig(_Config):
-    host: str = Field(min_length=1)
+    host: str = Field(min_length=1, max_length=255)
     port: int = Field(default=587, ge=1, le=65535)
-    username: str | None = None
-    password: str | None = None
+    username: str | None = Field(default=None, max_length=255)
+    password: str | None = Field(default=None, max_length=255)
     starttls: bool = True
-    from_address: str = Field(min_length=3)
+    from_address: str = Field(min_length=3, max_length=320)
+
+    _login = field_validator("username", "password")(_printable_ascii)
+    _server = field_validator("host")(_host)
 
     @field_validator("from_address")
     @classmethod
     def _email(cls, value: str) -> str:
-        if not EMAIL.fullmatch(value):
-            raise ValueError("must be an email address such as news@example.com")
+        if not EMAIL.fullmatch(value) or not value.isascii():
+            raise ValueError("must be an ASCII email address such as news@example.com")
         return value
 
 
@@ -151,11 +188,18 @@ def _mask_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{REDACTED}@{parts.netloc.rsplit('@', 1)[1]}"))
 
 
+#: Where a stored config keeps the sealed user name and password of its URL; the URL itself
+#: is stored with ``REDACTED`` in their place.
+USERINFO_KEY = "_url_userinfo"
+
+
 def redact_config(kind: ChannelKind, config: dict[str, Any]) -> dict[str, Any]:
     """The config as it may be shown: every secret value replaced by ``REDACTED``."""
     secrets = SECRET_KEYS[kind]
     shown = {
-        k: (REDACTED if k in secrets and v not in (None, "") else v) for k, v in config.items()
+        k: (REDACTED if k in secrets and v not in (None, "") else v)
+        for k, v in config.items()
+        if not k.startswith("_")
     }
     key = TARGET_KEYS[kind]
     if kind is not ChannelKind.SMTP and isinstance(shown.get(key), str):
@@ -165,7 +209,7 @@ def redact_config(kind: ChannelKind, config: dict[str, Any]) -> dict[str, Any]:
 
 def secret_values(kind: ChannelKind, config: dict[str, Any]) -> list[str]:
     """The config keys of ``kind`` that hold a secret value (set and not empty)."""
-    secrets = SECRET_KEYS[kind]
+    secrets = SECRET_KEYS[kind] | {USERINFO_KEY}
     return [k for k, v in config.items() if k in secrets and isinstance(v, str) and v]
 
 
@@ -174,6 +218,14 @@ def seal_config(
 ) -> dict[str, Any]:
     """The config as it is stored: every secret value sealed by ``box``."""
     sealed = dict(config)
+    target = TARGET_KEYS[kind]
+    url = config.get(target)
+    if kind is not ChannelKind.SMTP and isinstance(url, str):
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            userinfo, host = parts.netloc.rsplit("@", 1)
+            sealed[target] = urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
+            sealed[USERINFO_KEY] = box.seal(userinfo)
     for key in secret_values(kind, config):
         if not box.enabled and config[key].startswith(SEALED_PREFIX):
             # Stored plain, it would later be taken for an encrypted value.
@@ -191,6 +243,13 @@ def open_config(kind: ChannelKind, config: dict[str, Any], box: SecretsBox) -> d
     opened = dict(config)
     for key in secret_values(kind, config):
         opened[key] = box.open(config[key])
+    # The URL's user name and password, opened above, go back in place of REDACTED.
+    userinfo = opened.pop(USERINFO_KEY, None)
+    target = TARGET_KEYS[kind]
+    if isinstance(userinfo, str) and isinstance(opened.get(target), str):
+        parts = urlsplit(opened[target])
+        host = parts.netloc.rsplit("@", 1)[-1]
+        opened[target] = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
     return opened
 
 

@@ -358,7 +358,17 @@ def _csv_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
         decoded = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValidationFailed.one("body", "CSV must be UTF-8 encoded", "encoding") from None
-    reader = csv.DictReader(io.StringIO(decoded, newline=""))
+    reader = csv.DictReader(io.StringIO(decoded, newline=""), strict=True)
+    try:
+        return _read_csv(reader, max_rows)
+    except csv.Error as exc:
+        # A quote left open, a cell past the csv module's size limit: the file is malformed.
+        raise ValidationFailed.one(
+            "body", f"is not a well-formed CSV file (line {reader.line_num}: {exc})", "csv_syntax"
+        ) from None
+
+
+def _read_csv(reader: csv.DictReader[str], max_rows: int) -> list[dict[str, Any]]:
     header = reader.fieldnames or []
     unknown = [c for c in header if c not in CSV_COLUMNS]
     missing = [c for c in ("account_id", "address") if c not in header]
@@ -391,7 +401,11 @@ def _csv_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
         if row.get("opted_out") == "":
             del row["opted_out"]
         account_id = row.get("account_id")
-        if isinstance(account_id, str) and account_id.strip().isdigit():
+        if (
+            isinstance(account_id, str)
+            and account_id.strip().isascii()
+            and account_id.strip().isdigit()
+        ):
             row["account_id"] = int(account_id)
         rows.append(row)
     if errors:

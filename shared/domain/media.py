@@ -19,6 +19,7 @@ from shared.db.models import Media
 from shared.db.sql import in_ids
 from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.lifecycle import ChannelKind
+from shared.domain.types import check_one_line
 from shared.media_store import MediaStore
 
 #: Pillow format name -> the content type providers are told.
@@ -125,6 +126,10 @@ def create_media(
     """Check and store an upload, then record it. If the row cannot be written the stored
     bytes are removed again, so nothing is left half-written.
     """
+    try:
+        check_one_line(filename)
+    except ValueError as exc:
+        raise ValidationFailed.one("file.filename", str(exc), "control_character") from None
     info = inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     key = f"{workspace_id}/{uuid.uuid4().hex}"
     store.put(key, data)

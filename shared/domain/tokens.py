@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import ApiToken, Workspace
 from shared.domain.media import new_signing_key
+from shared.domain.types import MAX_ID
 from shared.secrets_box import SecretsBox, get_secrets_box
 
 #: Every token starts with this, so a leaked one is easy to recognise in a scan.
@@ -38,6 +39,10 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+#: Longest lifetime a token may be given.
+MAX_LIFETIME = timedelta(days=100 * 365)
+
+
 def parse_duration(text: str) -> timedelta:
     """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a sum such as ``1d12h``, as a timedelta.
     Raises ``ValueError`` saying what is allowed.
@@ -50,8 +55,15 @@ def parse_duration(text: str) -> timedelta:
             "e.g. 30d, 12h, 90m or 1d12h"
         )
     duration = timedelta()
-    for number, unit in parts:
-        duration += timedelta(**{_UNITS[unit]: int(number)})
+    try:
+        for number, unit in parts:
+            duration += timedelta(**{_UNITS[unit]: int(number)})
+        if duration > MAX_LIFETIME:
+            raise OverflowError
+    except OverflowError:
+        raise ValueError(
+            f"{text!r} is longer than a token may live ({MAX_LIFETIME.days // 365} years)"
+        ) from None
     if duration <= timedelta(0):
         raise ValueError(f"{text!r} is not a duration: it must be longer than zero")
     return duration
@@ -135,7 +147,9 @@ def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
     revoked it (False: it already was). Raises ``TokenNotFound`` or ``TokenAmbiguous``.
     """
     ref = ref.strip()
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
+        if not 0 < int(ref) <= MAX_ID:
+            raise TokenNotFound(f"no token has the id {ref}; see `bcast token list`")
         where = ApiToken.id == int(ref)
     elif ref.startswith(TOKEN_PREFIX) and len(ref) == SHOWN_PREFIX_LENGTH:
         where = ApiToken.prefix == ref

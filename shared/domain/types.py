@@ -93,13 +93,19 @@ Text = Annotated[str, AfterValidator(check_text), text_schema()]
 OneLine = Annotated[str, AfterValidator(check_one_line), one_line_schema()]
 
 
+#: An ISO-8601 date and time (RFC 3339 profile): ``T`` between them, seconds and up to six
+#: fractional digits optional, ``Z`` or an offset optional (a missing offset is refused later,
+#: with its own message).
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:\d{2})?")
+
+
 def _iso_only(value: Any) -> Any:
     if value is None or isinstance(value, datetime):
         return value
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _ISO.fullmatch(value):
         raise ValueError(
-            "must be an ISO-8601 time as a string, e.g. 2026-12-01T09:00:00Z (numbers such as "
-            "Unix epochs are not accepted)"
+            "must be an ISO-8601 time as a string, e.g. 2026-12-01T09:00:00Z or "
+            "2026-12-01T10:00:00+01:00 (Unix epochs, numbers and other forms are not accepted)"
         )
     return value
 

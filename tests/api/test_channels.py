@@ -195,3 +195,25 @@ def test_credentials_in_a_url_are_never_shown_back(api: Api) -> None:
         assert "pa55word" not in text
         assert "alice" not in text
     assert created["config"]["url"] == "https://********@hooks.example.com/in"
+
+
+def test_credentials_in_a_url_are_stored_sealed_and_given_back_to_the_sender(
+    api: Api, database_url: str
+) -> None:
+    import psycopg
+
+    from shared.db.engine import libpq_url
+    from shared.domain.channels import open_config
+    from shared.domain.lifecycle import ChannelKind
+    from shared.secrets_box import SecretsBox
+
+    url = "https://alice:pa55word@hooks.example.com/in"
+    created = api.channel("webhook", config={"url": url, "secret": "0123456789abcdef"})
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        [(stored,)] = conn.execute(
+            "SELECT config FROM channel WHERE id = %s", (created["id"],)
+        ).fetchall()
+    assert "pa55word" not in str(stored)
+    assert "alice" not in str(stored)
+    box = SecretsBox.from_settings(get_settings())
+    assert open_config(ChannelKind.WEBHOOK, stored, box)["url"] == url

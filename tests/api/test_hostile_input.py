@@ -417,3 +417,81 @@ def test_readiness_says_unavailable_while_every_pooled_connection_is_held(api: A
         for conn in held:
             conn.close()
     assert api.client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("spelling", ["%20%31", "+1", "01", "1_0", "1.0", "%D9%A1"])
+def test_an_id_in_a_path_or_query_is_plain_digits(api: Api, spelling: str) -> None:
+    channel = api.channel()
+    assert api.get(f"/v1/channels/{channel['id']}").status_code == 200
+    problem(api.get(f"/v1/channels/{spelling}"), 422)
+    problem(api.get(f"/v1/accounts?channel_id={spelling}"), 422)
+
+
+def test_head_is_answered_wherever_get_is(api: Api) -> None:
+    response = api.client.head("/v1/channels", headers=api.headers)
+    assert response.status_code == 200
+    assert response.content == b""
+    response = api.client.head("/v1/broadcasts/pause-me/pause", headers=api.headers)
+    assert response.status_code == 405
+    assert "HEAD" not in response.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    "value", ["1795658685", "1795658685000", "2030-01-01 09:00:00Z", "2030-01-01T09:00:00.1234567Z"]
+)
+def test_send_at_strings_other_than_iso_8601_are_refused(api: Api, value: str) -> None:
+    channel = reachable_channel(api)
+    body = {"name": "b", "channel_id": channel["id"], "audience": {}, "content": {"text": "x"}}
+    assert (
+        "ISO-8601" in fields(api.post("/v1/broadcasts", json={**body, "send_at": value}))["send_at"]
+    )
+    assert api.ok("get", "/v1/broadcasts")["items"] == []
+
+
+@pytest.mark.parametrize(
+    "csv_body",
+    ['account_id,address\n1,"never closed\n', "account_id,address\n1," + "x" * 200_000 + "\n"],
+)
+def test_a_malformed_csv_import_is_a_422_not_a_500(api: Api, csv_body: str) -> None:
+    errors = fields(
+        api.post("/v1/contacts/import", content=csv_body, headers={"Content-Type": "text/csv"})
+    )
+    assert "body" in errors or any(f.startswith("rows[") for f in errors)
+
+
+def test_an_upload_whose_filename_cannot_be_stored_is_refused(api: Api) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, "PNG")
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="a\x01b.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + buf.getvalue() + b"\r\n--x--\r\n"
+    )
+    response = api.post(
+        "/v1/media", content=body, headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert "file.filename" in fields(response)
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "field"),
+    [
+        ("whatsapp", {"access_token": "abc\r\ndef", "phone_number_id": "1"}, "config.access_token"),
+        (
+            "smtp",
+            {"host": "smtp.example.com", "from_address": "a@b.co", "password": "p\u00e9"},
+            "config.password",
+        ),
+        ("smtp", {"host": "smtp.exa\nmple.com", "from_address": "a@b.co"}, "config.host"),
+        (
+            "smtp",
+            {"host": "smtp.example.com", "from_address": "n\u00e9ws@ex\u00e4mple.com"},
+            "config.from_address",
+        ),
+    ],
+)
+def test_credentials_and_hosts_a_protocol_cannot_carry_are_refused_at_create(
+    api: Api, kind: str, config: dict[str, str], field: str
+) -> None:
+    response = api.post("/v1/channels", json={"name": "c", "kind": kind, "config": config})
+    assert field in fields(response)
+    assert api.ok("get", "/v1/channels")["items"] == []

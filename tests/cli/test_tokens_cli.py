@@ -176,7 +176,11 @@ def test_revoke_by_prefix_and_refusals(env: dict[str, str], client: TestClient) 
     assert "revoke one by its id" in ambiguous.stderr
     assert answers(client, twin) == 200, "nothing revoked"
 
-    for ref, said in [("999999999", "no token has the id"), ("hello", "neither a token id")]:
+    for ref, said in [
+        ("999999999", "no token has the id"),
+        ("99999999999999999999", "no token has the id"),
+        ("hello", "neither a token id"),
+    ]:
         missing = run("token", "revoke", ref, env=env)
         assert missing.returncode == 1
         assert said in missing.stderr
@@ -195,3 +199,12 @@ def test_an_expired_token_is_401(env: dict[str, str], client: TestClient) -> Non
     listed = run("token", "list", env=env).stdout
     [line] = [line for line in listed.splitlines() if token[:12] in line]
     assert "(expired)" in line
+
+
+def test_an_expiry_too_far_ahead_is_refused_with_a_reason(env: dict[str, str]) -> None:
+    result = run(
+        "token", "create", "--workspace", workspace_name(), "--expires-in", "99999999999d", env=env
+    )
+    assert result.returncode != 0
+    assert "longer than a token may live" in result.stderr
+    assert "Traceback" not in result.stderr

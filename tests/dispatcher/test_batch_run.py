@@ -461,8 +461,9 @@ def test_when_the_call_pool_is_the_bottleneck_channels_share_it(
         x.rt.call(x.rt.engine.stop(10))
 
 
+@pytest.mark.parametrize("bad", ["bad\x00id", "bad\ud800id"])
 def test_a_result_the_database_refuses_is_stored_without_its_text_and_holds_back_nothing(
-    sending: Any, runtime: Runtime, conn: psycopg.Connection[Any]
+    sending: Any, runtime: Runtime, conn: psycopg.Connection[Any], bad: str
 ) -> None:
     s = sending(3, rate=100)
     s.adopt_first()
@@ -478,7 +479,7 @@ def test_a_result_the_database_refuses_is_stored_without_its_text_and_holds_back
     assert job is not None
     recorder = Recorder(runtime, job, batch, RetryPolicy(5, 1.0, 10.0))
     recorder.pending += [
-        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id="bad\x00id"), "sent"),
+        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id=bad), "sent"),
         (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent"),
     ]
     runtime.call(recorder.flush())

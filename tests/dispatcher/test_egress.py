@@ -16,12 +16,14 @@ import pytest
 from aiohttp import web
 
 from services.dispatcher.channels import make_adapter
-from services.dispatcher.channels.base import OutboundMessage, Outcome, Permanent, Transient
+from services.dispatcher.channels.base import OutboundMessage, Outcome, Permanent, Sent, Transient
 from services.dispatcher.channels.http import (
+    MAX_ANSWER,
     UNREACHABLE_PROVIDER,
     clean,
     make_session,
     provider_message,
+    read_answer,
 )
 from services.dispatcher.channels.smtp import UNREACHABLE_SERVER
 from services.dispatcher.retry import RetryPolicy, decide
@@ -167,6 +169,20 @@ class Peers:
                 raise web.HTTPFound(f"http://127.0.0.1:{self.http_port}/internal/metrics")
             if request.path.startswith("/html"):
                 return web.Response(status=500, text="<html>SECRET internal page</html>")
+            if request.path.startswith("/huge"):
+                # A 200 answer far larger than any provider's: streamed, no length given.
+                stream = web.StreamResponse(status=200)
+                await stream.prepare(request)
+                for _ in range(256):
+                    await stream.write(b"x" * 65536)
+                return stream
+            if request.path.startswith("/odd-id"):
+                return web.Response(
+                    status=200,
+                    body=b'{"ok": true, "id": "\\ud800x\\u001b[1m", '
+                    b'"result": {"message_id": "\\ud800"}, "messages": [{"id": "a\\u0000b"}]}',
+                    content_type="application/json",
+                )
             if request.path.startswith("/leak"):
                 return web.json_response(
                     {"error": {"message": "Invalid OAuth access token EAAG-wa-token"}}, status=401
@@ -325,3 +341,51 @@ def test_smtp_with_a_line_break_in_the_subject_fails_that_message_with_a_reason(
     outcome = attempt(ChannelKind.SMTP, config_for(ChannelKind.SMTP, ""), OPEN, message)
     assert isinstance(outcome, Permanent)
     assert "cannot be written as an email" in outcome.reason
+
+
+@pytest.mark.parametrize("kind", HTTP_KINDS)
+def test_an_answer_far_larger_than_a_providers_is_cut_off_not_held(
+    kind: ChannelKind, peers: Peers
+) -> None:
+    config = config_for(kind, f"http://127.0.0.1:{peers.http_port}/huge")
+    outcome = attempt(kind, config, OPEN)  # 16 MiB offered; at most 64 KiB read
+    assert isinstance(outcome, Sent | Permanent), outcome
+    if isinstance(outcome, Sent):
+        assert outcome.provider_message_id is None
+
+
+def test_read_answer_reads_at_most_its_limit(peers: Peers) -> None:
+    async def go() -> bytes:
+        async with (
+            make_session(OPEN, max_in_flight=2, timeout_seconds=5) as http,
+            http.get(f"http://127.0.0.1:{peers.http_port}/huge") as resp,
+        ):
+            return await read_answer(resp)
+
+    assert len(asyncio.run(go())) == MAX_ANSWER
+
+
+@pytest.mark.parametrize("kind", HTTP_KINDS)
+def test_odd_provider_message_ids_are_made_fit_to_store(kind: ChannelKind, peers: Peers) -> None:
+    config = config_for(kind, f"http://127.0.0.1:{peers.http_port}/odd-id")
+    outcome = attempt(kind, config, OPEN)
+    assert isinstance(outcome, Sent), outcome
+    said = outcome.provider_message_id or ""
+    assert said.isprintable()
+    said.encode("utf-8")  # no lone surrogate: Postgres can store it
+
+
+@pytest.mark.parametrize(
+    ("kind", "config"),
+    [
+        (ChannelKind.WHATSAPP, {"access_token": "abc\r\ndef"}),
+    ],
+)
+def test_a_credential_a_protocol_cannot_carry_pauses_the_channel_not_the_adapter(
+    kind: ChannelKind, config: dict[str, str], peers: Peers
+) -> None:
+    base = config_for(kind, f"http://127.0.0.1:{peers.http_port}/x", port=peers.http_port)
+    outcome = attempt(kind, {**base, **config}, OPEN)
+    assert isinstance(outcome, Transient), outcome
+    assert outcome.refused
+    assert "cannot" in outcome.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import socket
 import ssl
@@ -273,3 +274,36 @@ def test_starttls_and_login(
         _close_opened()
         controller.stop()
     assert len(box.messages) == 1
+
+
+def test_a_login_smtp_cannot_carry_pauses_the_channel_and_scrubs_nothing_into_a_reason(
+    store: LocalMediaStore,
+) -> None:
+    box = Mailbox()
+    controller = start(box, authenticator=authenticator, auth_require_tls=False)
+    try:
+        a = adapter(controller.port, store, username="\u00fcser", password="p\u00e9\r\nx")
+        result = send(a, OutboundMessage(1, "x"), "ann@x.test")
+    finally:
+        controller.stop()
+    assert isinstance(result, Transient)
+    assert result.refused
+    assert "SMTP settings cannot be used" in result.reason
+    assert box.messages == []
+
+
+def test_credentials_a_server_quotes_back_are_scrubbed_plain_and_in_base64() -> None:
+    smtp = SmtpAdapter(
+        {
+            "host": "smtp.example.com",
+            "from_address": "a@b.co",
+            "username": "news",
+            "password": "pw",
+        },
+        LocalMediaStore(Path("/nonexistent")),
+    )
+    plain = base64.b64encode(b"\0news\0pw").decode()
+    said = smtp._said(f"535 bad AUTH PLAIN {plain} for news, {base64.b64encode(b'pw').decode()}")
+    assert "news" not in said
+    assert plain not in said
+    assert "cHc=" not in said

@@ -310,6 +310,7 @@ def system(
         "BCAST_BATCH_SIZE": "200",
         "BCAST_API_HEADER_TIMEOUT_SECONDS": "2",
         "BCAST_API_BODY_TIMEOUT_SECONDS": "2",
+        "BCAST_API_BODY_TOTAL_SECONDS": "4",
     }
     procs = Procs(env, logs)
     procs.start("simulator", "simulator", "--port", str(sim_port))

@@ -66,6 +66,33 @@ def test_a_body_that_stops_arriving_is_answered_408(api: Api, system: System) ->
     assert api.ok("GET", "/v1/tags")["items"] == []
 
 
+def test_a_body_that_dribbles_in_forever_is_cut_off_at_its_total_deadline(
+    api: Api, system: System
+) -> None:
+    token = api.http.headers["Authorization"]
+    sock = connect(system)
+    try:
+        sock.sendall(
+            b"POST /v1/tags HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: {token}\r\nContent-Length: 1000\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        sock.settimeout(0.5)
+        answer = b""
+        while time.monotonic() - started < 15 and not answer:
+            try:
+                sock.sendall(b" ")  # a byte at a time, each well inside the pause limit
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 10
+    finally:
+        sock.close()
+
+
 def test_exports_to_readers_that_never_read_hold_no_database_connection(
     api: Api, system: System
 ) -> None:

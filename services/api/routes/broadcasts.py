@@ -435,6 +435,12 @@ def _csv_pages(
         after = page[-1][0].id
 
 
+#: First characters that make a spreadsheet read a cell as a formula (fullwidth forms too).
+FORMULA_STARTS = frozenset("=+-@\t\r|%\uff1d\uff0b\uff0d\uff20")
+
+
 def _cell(value: str) -> str:
-    """Free text as a CSV cell that a spreadsheet shows as text and never runs as a formula."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r", "|", "%") else value
+    """Free text as a CSV cell that a spreadsheet shows as text and never runs as a formula,
+    however much white space comes first.
+    """
+    return "'" + value if value.lstrip(" \u3000\u00a0")[:1] in FORMULA_STARTS else value

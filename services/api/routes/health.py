@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from services.api.errors import PROBLEM_JSON, problem_body
 from shared.db.engine import get_engine, pool_exhausted
 
 router = APIRouter(tags=["health"])
@@ -32,26 +33,36 @@ DB_CONNECTIONS = Gauge(
 @router.get(
     "/readyz",
     responses={
-        503: {"description": "The database cannot be reached, or every pooled connection is busy."}
+        200: {"description": "Ready: a database connection is free and the database answers."},
+        503: {
+            "description": "The database cannot be reached, or every pooled connection is busy.",
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        },
     },
 )
-def readyz() -> JSONResponse:
+def readyz(request: Request) -> JSONResponse:
     """The process can serve: a database connection is free and the database answers."""
     engine = get_engine()
     if pool_exhausted(engine):
         # Every connection is held (slow requests, a stuck client): new requests would wait
         # and then fail, so a load balancer should send them elsewhere.
-        return JSONResponse(
-            status_code=503, content={"status": "unavailable", "database": "pool exhausted"}
-        )
+        return _unready(request, "pool exhausted", "every pooled database connection is busy")
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return JSONResponse(
-            status_code=503, content={"status": "unavailable", "database": type(exc).__name__}
-        )
+        return _unready(request, type(exc).__name__, "the database cannot be reached")
     return JSONResponse(content={"status": "ok", "database": "ok"})
+
+
+def _unready(request: Request, database: str, message: str) -> JSONResponse:
+    body = problem_body(503, message, instance=request.url.path)
+    body["database"] = database
+    return JSONResponse(
+        body, status_code=503, media_type=PROBLEM_JSON, headers={"Retry-After": "5"}
+    )
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -114,19 +115,33 @@ class ChannelAdapter(Protocol):
     async def close(self) -> None: ...
 
 
-def reason(text: str) -> str:
-    """A failure reason fit to store: one line, no NUL (Postgres text refuses it), at most
-    ``MAX_REASON`` characters. Whatever a provider answers, it can be written.
+def printable(text: str) -> str:
+    """``text`` with every control, format, surrogate and unassigned character (NUL, escape
+    sequences, lone surrogates Postgres cannot store) and every line break made a space.
     """
-    text = " ".join(text.replace("\x00", " ").split())
+    return "".join(
+        ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else " " for ch in text
+    )
+
+
+def reason(text: str) -> str:
+    """A failure reason fit to store: one line of printable text (Postgres refuses NUL and
+    lone surrogates), at most ``MAX_REASON`` characters. Whatever a provider answers, it can
+    be written.
+    """
+    text = " ".join(printable(text).split())
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
 def message_id(value: object) -> str | None:
-    """A provider's message id fit to store, or None when it gave none worth keeping."""
-    if value is None:
+    """A provider's message id fit to store, or None when it gave none worth keeping:
+    printable, without commas (they join the ids of several-part messages), at most
+    ``MAX_ID`` characters.
+    """
+    if value is None or isinstance(value, bool | dict | list):
         return None
-    text = str(value).replace("\x00", "").replace(",", " ").strip()[:MAX_ID]
+    kept = "".join(ch for ch in str(value) if ch == " " or unicodedata.category(ch)[0] not in "CZ")
+    text = " ".join(kept.replace(",", " ").split())[:MAX_ID]
     return text or None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import socket
-import unicodedata
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,13 +22,33 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from services.dispatcher.channels.base import Transient
+from services.dispatcher.channels.base import Transient, printable
 from shared.egress import Egress, EgressRefused, parse_literal
 
 #: What any failure to reach a provider, or to read an HTTP answer from it, is stored as.
 UNREACHABLE_PROVIDER = "could not reach the provider (no connection, no HTTP answer, or timed out)"
 #: Longest part of a provider's own error message kept in a reason.
 MAX_PROVIDER_MESSAGE = 200
+#: Most bytes of an answer read: a provider's reply is small, and whatever sends more (a
+#: tenant's own endpoint streaming gigabytes) is cut off rather than held in memory.
+MAX_ANSWER = 64 * 1024
+
+
+async def read_answer(resp: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, or its first ``MAX_ANSWER`` bytes when it is longer (the connection
+    is then closed, not reused).
+    """
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER:
+        resp.close()
+        return b""
+    body = bytearray()
+    while len(body) <= MAX_ANSWER:
+        chunk = await resp.content.read(MAX_ANSWER + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    resp.close()
+    return bytes(body[:MAX_ANSWER])
 
 
 class EgressResolver(AbstractResolver):
@@ -119,6 +138,17 @@ def refused_by_egress(exc: BaseException) -> EgressRefused | None:
     return None
 
 
+def header_refused(_: ValueError) -> Transient:
+    """A credential or address in the channel's config that HTTP cannot carry (a line break
+    in a token): every send would fail alike, so the broadcast waits for the operator.
+    """
+    return Transient(
+        "the channel's config cannot be used: a credential or address holds characters an "
+        "HTTP request cannot carry; fix the channel",
+        refused=True,
+    )
+
+
 def connection_failure(exc: BaseException) -> Transient:
     """The outcome of a call that got no HTTP answer: the same words for every cause
     (refused, reset, not HTTP, timed out), except a refusal by the egress rule, which stops
@@ -140,10 +170,7 @@ def clean(text: str, scrub: Callable[[str], str] = str) -> str:
     """A provider's message fit to show: printable characters only, one line, at most
     ``MAX_PROVIDER_MESSAGE`` characters, credentials scrubbed.
     """
-    printable = "".join(
-        ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else " " for ch in text
-    )
-    one_line = " ".join(scrub(printable).split())
+    one_line = " ".join(scrub(printable(text)).split())
     if len(one_line) > MAX_PROVIDER_MESSAGE:
         return one_line[: MAX_PROVIDER_MESSAGE - 1] + "…"
     return one_line

@@ -11,7 +11,9 @@ unreachable. The Message-ID is derived from the idempotency key, so a repeat is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import html
 import smtplib
 import socket
@@ -185,6 +187,13 @@ class SmtpAdapter:
         for fresh in (False, True):
             try:
                 conn = self._connection(fresh, watch, server)
+            except (UnicodeError, ValueError):
+                # A login or sender SMTP cannot carry (set before these were checked).
+                return Transient(
+                    "the channel's SMTP settings cannot be used: the login or sender holds "
+                    "characters SMTP cannot carry; fix the channel",
+                    refused=True,
+                )
             except smtplib.SMTPAuthenticationError as exc:
                 return Permanent(
                     f"SMTP login refused: {exc.smtp_code} {self._said(exc.smtp_error)}"
@@ -195,6 +204,10 @@ class SmtpAdapter:
                 return Transient(UNREACHABLE_SERVER)
             try:
                 conn.send_message(email, from_addr=self.from_address, to_addrs=[address])
+            except (UnicodeError, ValueError) as exc:
+                _close(conn)  # it may be mid-transaction: not fit to reuse
+                watch.done(conn)
+                return Permanent(reason(f"the message cannot be sent over SMTP: {exc}"))
             except smtplib.SMTPServerDisconnected:
                 _close(conn)
                 if watch.aborted:
@@ -249,10 +262,20 @@ class SmtpAdapter:
         return clean(_text(value), self._scrub)
 
     def _scrub(self, text: str) -> str:
-        for secret in (self.password, self.username):
-            if secret:
-                text = text.replace(secret, "<credential>")
+        for secret in self._secrets:
+            text = text.replace(secret, "<credential>")
         return text
+
+    @functools.cached_property
+    def _secrets(self) -> list[str]:
+        """The login as it may come back: plain, or base64 as AUTH LOGIN and PLAIN send it."""
+        plain = [s for s in (self.password, self.username) if s]
+        encoded = [base64.b64encode(s.encode()).decode() for s in plain]
+        if self.username:
+            auth_plain = f"\0{self.username}\0{self.password or ''}".encode()
+            encoded.append(base64.b64encode(auth_plain).decode())
+        # Longest first, so a credential inside another is replaced whole.
+        return sorted(plain + encoded, key=len, reverse=True)
 
     def _give_back(self, conn: smtplib.SMTP, watch: _Watch) -> None:
         if not watch.done(conn):

@@ -24,7 +24,12 @@ from services.dispatcher.channels.base import (
     send_in_parts,
     wait_asked,
 )
-from services.dispatcher.channels.http import connection_failure, provider_message
+from services.dispatcher.channels.http import (
+    connection_failure,
+    header_refused,
+    provider_message,
+    read_answer,
+)
 
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
 MAX_CAPTION = 1024
@@ -89,9 +94,11 @@ class TelegramAdapter:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                raw = await resp.read()
+                raw = await read_answer(resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return connection_failure(exc)
+        except ValueError as exc:
+            return header_refused(exc)
         try:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

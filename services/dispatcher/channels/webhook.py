@@ -21,7 +21,12 @@ from services.dispatcher.channels.base import (
     message_id,
     parse_retry_after,
 )
-from services.dispatcher.channels.http import connection_failure, http_reason
+from services.dispatcher.channels.http import (
+    connection_failure,
+    header_refused,
+    http_reason,
+    read_answer,
+)
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
 #: Where a receiver's JSON error body may say what went wrong.
@@ -83,11 +88,13 @@ class WebhookAdapter:
             async with self.http.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as resp:
-                answer = await resp.read()
+                answer = await read_answer(resp)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return connection_failure(exc)
+        except ValueError as exc:
+            return header_refused(exc)
         if 200 <= status < 300:
             return Sent(_message_id(answer))
         text = http_reason("webhook", status, answer, ERROR_PATHS, self._scrub)

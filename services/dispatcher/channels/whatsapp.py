@@ -26,7 +26,12 @@ from services.dispatcher.channels.base import (
     reason,
     send_in_parts,
 )
-from services.dispatcher.channels.http import connection_failure, provider_message
+from services.dispatcher.channels.http import (
+    connection_failure,
+    header_refused,
+    provider_message,
+    read_answer,
+)
 
 MAX_CAPTION = 1024
 #: Rate and throughput limits: the whole channel must slow down.
@@ -98,10 +103,12 @@ class WhatsappAdapter:
                 self.url, json=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
-                raw = await resp.read()
+                raw = await read_answer(resp)
                 retry_after = resp.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return connection_failure(exc)
+        except ValueError as exc:
+            return header_refused(exc)
         try:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -114,11 +121,11 @@ class WhatsappAdapter:
         error = error if isinstance(error, dict) else {}
         code = error.get("code")
         code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+        code = code if 0 < code < 10**9 else 0
         described = provider_message(raw, (("error", "message"),), self._scrub)
         details = provider_message(raw, (("error", "error_data", "details"),), self._scrub)
         text = f"WhatsApp {code or f'HTTP {status}'}" + (f": {described}" if described else "")
-        if details:
-            text = reason(f"{text} ({details})")
+        text = reason(f"{text} ({details})" if details else text)
         if 300 <= status < 400:
             # Not an answer of the Cloud API: redirects are never followed.
             return Permanent(text)
