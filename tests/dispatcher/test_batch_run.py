@@ -315,6 +315,24 @@ def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime
     assert taken is Taken.STOPPING, "it takes no new work"
 
 
+def test_a_runtime_told_to_stop_taking_work_gives_every_batch_back_while_still_open(
+    sending: Any, runtime: Runtime
+) -> None:
+    # What a dispatcher does first on SIGTERM, before dramatiq pauses its consumers.
+    s = sending(300, rate=40)
+    s.adopt_first()
+    wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)
+    runtime.stop_taking_work()
+    wait_for("the run to give its batch back", lambda: [b[1] for b in s.batches()] == ["ready"])
+    wait_for("the run to end", lambda: not runtime.engine.runs)
+    assert not runtime.closed
+    rows = s.rows()
+    assert rows.get("sending", 0) == 0
+    assert rows["sent"] == len(s.arrivals())
+    taken = runtime.call(runtime.engine.adopt(s.batches()[0][0]))
+    assert taken is Taken.STOPPING, "it takes no new work"
+
+
 def test_a_failure_while_taking_slots_leaks_no_place_and_gives_the_rows_back(
     sending: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
