@@ -461,6 +461,38 @@ def test_the_last_results_are_written_even_if_the_database_blinks_as_the_run_end
     assert [b[1] for b in s.batches()] == ["ready"]
 
 
+def test_a_call_holds_its_place_in_the_call_pool_until_its_answer_is_written(
+    sending: Any,
+    conn: psycopg.Connection[Any],
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a process killed outright can repeat: calls under way, and answers not yet
+    # written. Both hold a place, so BCAST_MAX_IN_FLIGHT bounds them together.
+    real = store.record
+    refusing = threading.Event()
+
+    def record(*args: Any, **kw: Any) -> Any:
+        if refusing.is_set():
+            return store.One(store.Query("SELECT no_such_function()"), bool)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store, "record", record)
+    runtime.calls.size = 5
+    s = sending(50, rate=1000, latency_ms=20)
+    refusing.set()
+    s.adopt_first()
+    wait_for("the pool to fill with unwritten answers", lambda: len(s.arrivals()) >= 5)
+    time.sleep(0.5)  # answers came back long ago; none could be written
+    assert len(s.arrivals()) == 5, "no call starts while 5 answers wait for their write"
+    assert runtime.calls.used == 5
+    refusing.clear()
+    wait_for("the broadcast to complete", lambda: s.status() == "completed")
+    assert s.rows() == {"sent": 50}
+    wait_for("the run to end", lambda: not runtime.engine.runs)
+    assert runtime.calls.used == 0
+
+
 def test_when_the_call_pool_is_the_bottleneck_channels_share_it(
     sending: Any, runtime: Runtime
 ) -> None:
@@ -496,8 +528,12 @@ def test_a_result_the_database_refuses_is_stored_without_its_text_and_holds_back
     assert job is not None
     recorder = Recorder(runtime, job, batch, RetryPolicy(5, 1.0, 10.0))
     recorder.pending += [
-        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id="bad\x00id"), "sent"),
-        (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent"),
+        (
+            store.Record(first.id, DeliveryStatus.SENT, provider_message_id="bad\x00id"),
+            "sent",
+            False,
+        ),
+        (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent", False),
     ]
     runtime.call(recorder.flush())
     assert recorder.pending == []
