@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-seconds", type=float, default=Scale.outage_seconds)
     parser.add_argument("--storm-seconds", type=float, default=Scale.storm_seconds)
     parser.add_argument("--deadline-seconds", type=float, default=Scale.deadline_seconds)
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs even if all passed"
+    )
     args = parser.parse_args(argv)
     names = args.scenario or list(SCENARIOS)
     scale = Scale(
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nwritten to {args.json}")
     passed = all(v.passed for v in verdicts)
-    if passed:
+    if passed and not args.keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
     else:
         print(f"logs kept in {logs}")
