@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-seconds", type=float, default=Scale.storm_seconds)
     parser.add_argument("--deadline-seconds", type=float, default=Scale.deadline_seconds)
     parser.add_argument(
+        "--postgres-down-seconds",
+        type=float,
+        default=Scale.postgres_down_seconds,
+        help="restart-postgres keeps Postgres stopped this long (default: starts it at once)",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the processes' logs even if all passed"
     )
     args = parser.parse_args(argv)
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         outage_seconds=args.outage_seconds,
         storm_seconds=args.storm_seconds,
         deadline_seconds=args.deadline_seconds,
+        postgres_down_seconds=args.postgres_down_seconds,
     )
     logs = Path(tempfile.mkdtemp(prefix="bcast-faults-logs-"))
     began = time.monotonic()

@@ -41,6 +41,8 @@ class Scale:
       broadcasts: broadcasts due at once in ``two-schedulers``.
       lease_seconds: ``BCAST_LEASE_SECONDS``: how long the rows of a killed dispatcher wait
         before they are taken back (the send timeout is set to the most it allows).
+      postgres_down_seconds: how long Postgres stays stopped in ``restart-postgres`` (0: a
+        fast shutdown and a start at once).
     """
 
     recipients: int = 100_000
@@ -50,6 +52,7 @@ class Scale:
     deadline_seconds: float = 600.0
     broadcasts: int = 5
     lease_seconds: float = 12.0
+    postgres_down_seconds: float = 0.0
 
     def latency_ms(self, processes: int) -> float:
         """The provider latency that paces ``processes`` dispatcher processes (each with at
@@ -222,7 +225,10 @@ def restart_postgres(run: Run) -> None:
     run.wait_share(0.3)
     run.event("Postgres: fast shutdown")
     began = time.monotonic()
-    system.pg.restart()
+    system.pg.stop("fast")
+    if run.scale.postgres_down_seconds:
+        run.hold(run.scale.postgres_down_seconds)
+    system.pg.start()
     run.event(f"Postgres: accepting connections again after {time.monotonic() - began:.1f} s")
 
     def api_answers() -> bool:

@@ -154,11 +154,6 @@ class PrivatePostgres:
         )
         self.running = False
 
-    def restart(self) -> None:
-        """Fast shutdown (every session cut, open transactions rolled back), then start."""
-        self.stop("fast")
-        self.start()
-
     def create_database(self, name: str) -> str:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
