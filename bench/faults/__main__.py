@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +25,10 @@ from pathlib import Path
 from bench.faults.report import bounds, describe, table, write_json
 from bench.faults.scenarios import SCENARIOS, Scale, base_settings
 from bench.faults.suite import run_suite
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-logs", action="store_true", help="keep the processes' logs even if all passed"
     )
     args = parser.parse_args(argv)
+    # Ctrl-C or SIGTERM: every process, the private servers and their files still go.
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     names = args.scenario or list(SCENARIOS)
     scale = Scale(
         recipients=args.recipients,
@@ -75,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     def done(verdict_line: str) -> None:
         print(verdict_line, flush=True)
 
-    verdicts = run_suite(names, scale, logs, on_verdict=lambda v: done(describe(v)))
+    try:
+        verdicts = run_suite(names, scale, logs, on_verdict=lambda v: done(describe(v)))
+    except KeyboardInterrupt:
+        print(f"interrupted: everything it started is stopped and removed; logs in {logs}")
+        return 130
     print()
     print(table(verdicts))
     print()
