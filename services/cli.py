@@ -322,11 +322,17 @@ def dispatcher(
 def simulator(
     host: str = typer.Option("127.0.0.1", help="Listen address."),
     port: int = typer.Option(9100, help="Listen port."),
+    extra_port: list[int] = typer.Option(
+        [],
+        "--extra-port",
+        help="Also serve on this port, which PUT /_sim/ports/PORT can close and open again "
+        "(a provider that goes down and comes back); may be repeated.",
+    ),
 ) -> None:
     """Run the provider simulator (webhook, and the providers' API shapes) for tests and demos."""
     from services.simulator.app import serve
 
-    serve(host, port)
+    serve(host, port, extra_port)
 
 
 @app.command("up")

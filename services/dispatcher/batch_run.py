@@ -196,8 +196,12 @@ class BatchRun:
             if self.sends:
                 await asyncio.wait(self.sends)
             stop_flushing.set()
-            await flushing
-            await self._last_flush(recorder, lease)
+            try:
+                await flushing
+                await self._last_flush(recorder, lease)
+            finally:
+                # Answers the run could not write no longer count as calls under way here.
+                recorder.give_back_places()
             watching.cancel()
             self.rt.status.untrack(self.batch.broadcast_id, self._heard)
             metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
@@ -329,7 +333,7 @@ class BatchRun:
                 if not await self._sleep(at - time.time()):
                     break
                 late = False
-                async with self.rt.calls.call(job.channel_id):
+                async with self.rt.calls.call(job.channel_id) as place:
                     if time.time() - at > LATE_TOLERANCE:
                         # Too late for its slot (it waited for a place in the call pool): sent
                         # now it would crowd the next ones into a window over the limit. It
@@ -346,6 +350,10 @@ class BatchRun:
                             after = self.rt.limiter.blocked_for(job.channel_id) or None
                             if after is None:
                                 outcome = await self._call(job, row)
+                                # The call counts as under way until its answer is written
+                                # (the recorder gives the place back then): what a process
+                                # killed outright can repeat stays within the call pool.
+                                place.keep()
                         break
                 # A fresh slot from the database, taken without holding a place.
                 slots = await self._reslot()
@@ -368,10 +376,11 @@ class BatchRun:
             recorder.release(row, after=after)
             return
         try:
-            label = recorder.outcome(row, outcome).label
+            label = recorder.outcome(row, outcome, holds_place=True).label
         except Exception:
             # The call was made but its answer cannot be judged (a bug): the row stays held,
             # and the sweeper sends it again once the lease runs out.
+            self.rt.calls.give_back(1)
             log.exception(
                 "delivery %s: the provider's answer could not be recorded", row.id, extra=self._ids
             )

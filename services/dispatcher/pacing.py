@@ -209,18 +209,27 @@ class CallPool(_Places):
 
 
 class _Call:
-    """One place in the call pool, held for the ``async with`` block (a plain class: this is
-    entered once per provider call).
+    """One place in the call pool, held for the ``async with`` block, or longer if ``keep``
+    is called (a plain class: this is entered once per provider call).
     """
 
-    __slots__ = ("_channel_id", "_pool")
+    __slots__ = ("_channel_id", "_kept", "_pool")
 
     def __init__(self, pool: CallPool, channel_id: int) -> None:
         self._pool = pool
         self._channel_id = channel_id
+        self._kept = False
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Call:
         await self._pool._take(self._channel_id, 1)
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._pool.give_back(1)
+        if not self._kept:
+            self._pool.give_back(1)
+
+    def keep(self) -> None:
+        """The place outlives the block; whoever keeps it gives it back
+        (``CallPool.give_back(1)``).
+        """
+        self._kept = True

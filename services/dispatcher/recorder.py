@@ -56,12 +56,17 @@ class Recorder:
         self.job = job
         self.batch = batch
         self.policy = policy
-        self.pending: list[tuple[Record, str]] = []
+        #: Results not yet written: the record, its metrics label, and whether it holds a
+        #: place in the process's call pool (the answer of a call, until it is written).
+        self.pending: list[tuple[Record, str, bool]] = []
         self._lock = asyncio.Lock()
         self._jitter = random.Random()  # noqa: S311 - spreading retries, not secrecy
 
-    def outcome(self, row: Claimed, outcome: Outcome) -> Decision:
-        """Note a provider's answer for ``row``; return what the policy made of it."""
+    def outcome(self, row: Claimed, outcome: Outcome, *, holds_place: bool = False) -> Decision:
+        """Note a provider's answer for ``row``; return what the policy made of it. With
+        ``holds_place`` the call's place in the call pool is given back once the answer is
+        written (or the run ends).
+        """
         decision = decide(
             self.policy,
             outcome,
@@ -85,6 +90,7 @@ class Recorder:
                     unreachable_contact=row.contact_id if unreachable else None,
                 ),
                 decision.label,
+                holds_place,
             )
         )
         return decision
@@ -94,11 +100,24 @@ class Recorder:
         seconds (or at once).
         """
         self.pending.append(
-            (Record(row.id, DeliveryStatus.QUEUED, delay=after, attempt_used=False), "released")
+            (
+                Record(row.id, DeliveryStatus.QUEUED, delay=after, attempt_used=False),
+                "released",
+                False,
+            )
         )
 
     def unwritten(self) -> list[int]:
-        return [record.id for record, _ in self.pending]
+        return [record.id for record, _, _ in self.pending]
+
+    def give_back_places(self) -> None:
+        """The run ends: the call-pool places of answers still unwritten go back (their rows
+        stay held until the lease runs out).
+        """
+        held = sum(1 for _, _, holds in self.pending if holds)
+        if held:
+            self.pending = [(record, label, False) for record, label, _ in self.pending]
+            self.rt.calls.give_back(held)
 
     async def flush(self) -> None:
         """Write what is pending. Records leave ``pending`` only once their transaction has
@@ -110,7 +129,7 @@ class Recorder:
                 return
             taken = list(self.pending)
             started = time.perf_counter()
-            records = [record for record, _ in taken]
+            records = [record for record, _, _ in taken]
             try:
                 written = await self._write(records)
             except UNSTORABLE:
@@ -118,9 +137,11 @@ class Recorder:
                 # back the others: they are written one by one.
                 written = await self._write_each(records)
             del self.pending[: len(taken)]
+            if held := sum(1 for _, _, holds in taken if holds):
+                self.rt.calls.give_back(held)
         metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
         # Counted per write, not per send: each metric update costs a shared-memory write.
-        labels = Counter(label for _, label in taken)
+        labels = Counter(label for _, label, _ in taken)
         for label, count in labels.items():
             metrics.DELIVERIES.labels(self.job.kind, label).inc(count)
         if calls := len(taken) - labels["released"]:
@@ -158,12 +179,12 @@ class Recorder:
                 written += await self._write([plain])
         return written
 
-    def _report_dropped(self, taken: list[tuple[Record, str]], written: set[int]) -> None:
+    def _report_dropped(self, taken: list[tuple[Record, str, bool]], written: set[int]) -> None:
         """Records of rows the run no longer held (its lease was lost and the rows taken back):
         results of calls that were made are counted and logged; rows never called just went
         back already.
         """
-        results = sum(1 for r, label in taken if r.id not in written and label != "released")
+        results = sum(1 for r, label, _ in taken if r.id not in written and label != "released")
         if not results:
             return
         metrics.RESULTS_DROPPED.labels(self.job.kind).inc(results)

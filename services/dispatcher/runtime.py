@@ -175,6 +175,14 @@ class Runtime:
             finished.wait(CLEANUP_SECONDS)
             raise
 
+    def stop_taking_work(self) -> None:
+        """Halt every run now and take no new work: each run gives its batch back (calls
+        already at a provider finish and are written) while the process goes on stopping.
+        ``close`` waits for the runs. Safe to call from any thread.
+        """
+        if not self.closed:
+            self.loop.call_soon_threadsafe(self.engine.stopping.set)
+
     def close(self) -> None:
         """Give back every batch, then close adapters (SMTP QUIT), HTTP session and pools."""
         if self.closed:
@@ -222,12 +230,18 @@ class RuntimeMiddleware(dramatiq.Middleware):
         log.info("dispatcher runtime open")
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        # No new message reaches an actor while the runs give their batches back (the worker
-        # puts back what it fetched when it stops).
-        worker.pause()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
+            # The runs halt and give their batches back at once, not after the pause below
+            # (pausing the consumers takes dramatiq seconds): a stopping dispatcher starts no
+            # more calls, and another one takes its batches sooner.
             log.info("dispatcher stopping: giving back its batches")
+            runtime.stop_taking_work()
+        # No new message reaches an actor while the runs give their batches back (the worker
+        # puts back what it fetched when it stops; one that comes meanwhile finds the engine
+        # stopping and goes back to the queue).
+        worker.pause()
+        if runtime is not None:
             runtime.close()
             log.info("dispatcher runtime closed")
 

@@ -9,20 +9,28 @@ Control side (for tests and benchmarks):
   ``GET /_sim/hooks/{name}/stats``     counts: requests, accepted, unique keys, duplicates, ...
   ``GET /_sim/hooks/{name}/requests``  every request received, in arrival order
   ``DELETE /_sim/hooks/{name}``        forget the hook (config and records)
+  ``PUT /_sim/ports/{port}``           ``{"open": false}`` closes an extra port (``serve``'s
+                                       ``extra_ports``): connections to it are refused and the
+                                       open ones cut; ``{"open": true}`` listens again. The
+                                       records are kept: a provider that is down, then back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import random
+import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
@@ -278,8 +286,53 @@ class Simulator:
         }
 
 
+class ExtraPorts:
+    """Ports that serve the same simulator beside its main one and can be closed and opened
+    again, so a test can take the provider down (connections refused) and bring it back while
+    the control port, and every record, stay.
+
+    Parameters:
+      runner: the simulator's runner (its sites).
+      host: the listen address.
+    """
+
+    def __init__(self, runner: web.AppRunner, host: str) -> None:
+        self.runner = runner
+        self.host = host
+        self.sites: dict[int, web.TCPSite | None] = {}
+
+    async def open(self, port: int) -> None:
+        if self.sites.get(port) is None:
+            site = web.TCPSite(self.runner, self.host, port)
+            await site.start()
+            self.sites[port] = site
+
+    async def close(self, port: int) -> None:
+        """Stop listening on ``port``: new connections are refused, and a connection already
+        open is cut when its next request comes (one being answered is answered first).
+        """
+        site = self.sites.get(port)
+        if site is not None:
+            self.sites[port] = None
+            await site.stop()
+
+    def cut(self, request: web.Request) -> bool:
+        """Cut the request's connection if it came through a closed port; True if it did."""
+        transport = request.transport
+        if transport is None:
+            return False
+        sockname = transport.get_extra_info("sockname")
+        port = sockname[1] if isinstance(sockname, tuple) else None
+        if port not in self.sites or self.sites[port] is not None:
+            return False
+        transport.close()
+        return True
+
+
 #: Where an app made by ``make_app`` keeps its ``Simulator``.
 SIMULATOR = web.AppKey("simulator", Simulator)
+#: Where ``serve`` keeps the extra ports (absent in an app made for in-process tests).
+EXTRA_PORTS = web.AppKey("extra_ports", ExtraPorts)
 
 
 def max_in_window(times: list[float], width: float) -> int:
@@ -293,10 +346,19 @@ def max_in_window(times: list[float], width: float) -> int:
     return best
 
 
+@web.middleware
+async def _outages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ports = request.app.get(EXTRA_PORTS)
+    if ports is not None and ports.cut(request):
+        # Never written: the connection is gone, as when a provider goes down.
+        return web.Response(status=503)
+    return await handler(request)
+
+
 def make_app() -> web.Application:
     """The simulator's app; ``app[SIMULATOR]`` is its state, for in-process tests."""
     sim = Simulator()
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_outages])
 
     async def put_hook(request: web.Request) -> web.Response:
         try:
@@ -319,6 +381,20 @@ def make_app() -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def put_port(request: web.Request) -> web.Response:
+        ports = request.app.get(EXTRA_PORTS)
+        port = int(request.match_info["port"])
+        if ports is None or port not in ports.sites:
+            return web.json_response({"error": f"{port} is not an extra port"}, status=404)
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("open"), bool):
+            return web.json_response({"error": 'body must be {"open": true|false}'}, status=422)
+        if body["open"]:
+            await ports.open(port)
+        else:
+            await ports.close(port)
+        return web.json_response({"port": port, "open": ports.sites[port] is not None})
+
     app.router.add_post("/hooks/{name}", sim.webhook)
     app.router.add_post("/telegram/{name}/bot{token}/{method}", sim.telegram)
     app.router.add_post("/whatsapp/{name}/{version}/{phone_number_id}/messages", sim.whatsapp)
@@ -327,9 +403,32 @@ def make_app() -> web.Application:
     app.router.add_get("/_sim/hooks/{name}/requests", get_requests)
     app.router.add_delete("/_sim/hooks/{name}", delete_hook)
     app.router.add_get("/_sim/health", health)
+    app.router.add_put(r"/_sim/ports/{port:\d+}", put_port)
     app[SIMULATOR] = sim
     return app
 
 
-def serve(host: str, port: int) -> None:
-    web.run_app(make_app(), host=host, port=port, access_log=None, print=None)
+def serve(host: str, port: int, extra_ports: Iterable[int] = ()) -> None:
+    """Serve the simulator on ``port`` (and on each of ``extra_ports``, which the control
+    side can close and open again) until SIGINT or SIGTERM.
+    """
+    asyncio.run(_serve(host, port, list(extra_ports)))
+
+
+async def _serve(host: str, port: int, extra_ports: list[int]) -> None:
+    app = make_app()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    ports = app[EXTRA_PORTS] = ExtraPorts(runner, host)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        for extra in extra_ports:
+            await ports.open(extra)
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()

@@ -315,6 +315,24 @@ def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime
     assert taken is Taken.STOPPING, "it takes no new work"
 
 
+def test_a_runtime_told_to_stop_taking_work_gives_every_batch_back_while_still_open(
+    sending: Any, runtime: Runtime
+) -> None:
+    # What a dispatcher does first on SIGTERM, before dramatiq pauses its consumers.
+    s = sending(300, rate=40)
+    s.adopt_first()
+    wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)
+    runtime.stop_taking_work()
+    wait_for("the run to give its batch back", lambda: [b[1] for b in s.batches()] == ["ready"])
+    wait_for("the run to end", lambda: not runtime.engine.runs)
+    assert not runtime.closed
+    rows = s.rows()
+    assert rows.get("sending", 0) == 0
+    assert rows["sent"] == len(s.arrivals())
+    taken = runtime.call(runtime.engine.adopt(s.batches()[0][0]))
+    assert taken is Taken.STOPPING, "it takes no new work"
+
+
 def test_a_failure_while_taking_slots_leaks_no_place_and_gives_the_rows_back(
     sending: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,6 +461,51 @@ def test_the_last_results_are_written_even_if_the_database_blinks_as_the_run_end
     assert [b[1] for b in s.batches()] == ["ready"]
 
 
+def test_a_call_holds_its_place_in_the_call_pool_until_its_answer_is_written(
+    sending: Any,
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What a process killed outright can repeat: calls under way, and answers not yet
+    # written. Both hold a place, so BCAST_MAX_IN_FLIGHT bounds them together.
+    real = store.record
+    refusing = threading.Event()
+
+    def record(*args: Any, **kw: Any) -> Any:
+        if refusing.is_set():
+            return store.One(store.Query("SELECT no_such_function()"), bool)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store, "record", record)
+    runtime.calls.size = 5
+    s = sending(50, rate=1000, latency_ms=20)
+    refusing.set()
+
+    def records() -> list[dict[str, Any]]:
+        return s.sim.hook(s.hook).records  # type: ignore[no-any-return]
+
+    def failed_writes() -> int:
+        return sum("writing results failed" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING):
+        s.adopt_first()
+        wait_for(
+            "5 calls answered",
+            lambda: len(records()) >= 5 and all("status" in r for r in records()[:5]),
+        )
+        # The answers are in, and the recorder tried (and failed) to write them twice since.
+        seen = failed_writes()
+        wait_for("two more failed writes", lambda: failed_writes() >= seen + 2)
+    assert len(records()) == 5, "no call starts while 5 answers wait for their write"
+    assert runtime.calls.used == 5
+    refusing.clear()
+    wait_for("the broadcast to complete", lambda: s.status() == "completed")
+    assert s.rows() == {"sent": 50}
+    wait_for("the run to end", lambda: not runtime.engine.runs)
+    assert runtime.calls.used == 0
+
+
 def test_when_the_call_pool_is_the_bottleneck_channels_share_it(
     sending: Any, runtime: Runtime
 ) -> None:
@@ -479,8 +542,8 @@ def test_a_result_the_database_refuses_is_stored_without_its_text_and_holds_back
     assert job is not None
     recorder = Recorder(runtime, job, batch, RetryPolicy(5, 1.0, 10.0))
     recorder.pending += [
-        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id=bad), "sent"),
-        (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent"),
+        (store.Record(first.id, DeliveryStatus.SENT, provider_message_id=bad), "sent", False),
+        (store.Record(second.id, DeliveryStatus.SENT, provider_message_id="good"), "sent", False),
     ]
     runtime.call(recorder.flush())
     assert recorder.pending == []
