@@ -62,6 +62,8 @@ def test_dispatcher_scheduler_and_api_metrics_count_each_send_once(
         assert sample(text, "bcast_deliveries_total", kind="webhook", outcome="failed") == 3
         assert sample(text, "bcast_provider_request_duration_seconds_count", kind="webhook") == 50
         assert sample(text, "bcast_snapshot_recipients_total") == 50
+        # The start message may be handled more than once (one reaching a worker process that
+        # is still booting goes back to the queue), but the audience is copied once.
         assert (
             sample(
                 text,
@@ -69,7 +71,7 @@ def test_dispatcher_scheduler_and_api_metrics_count_each_send_once(
                 actor_name="start_broadcast",
                 queue_name="bcast_start",
             )
-            == 1
+            >= 1
         )
 
         scheduler = httpx.get(f"http://127.0.0.1:{scheduler_port}/metrics").text
