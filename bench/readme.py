@@ -45,9 +45,19 @@ def faults_block(results: dict[str, Any]) -> str:
     )
 
 
+def bench_block(results: dict[str, Any]) -> str:
+    """The benchmarks' latest results (``bench/results/latest.json``) as the README's table."""
+    from bench.results import markdown
+
+    when = str(results.get("written_at", ""))[:10]
+    commands = ", ".join(f"`{c}`" for c in sorted(set(results.get("commands", {}).values())))
+    return f"From `bench/results/latest.json` ({commands}, {when}):\n\n" + markdown(results)
+
+
 #: Block name -> (results file, renderer).
 BLOCKS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "faults": (ROOT / "results" / "faults.json", faults_block),
+    "bench": (ROOT / "bench" / "results" / "latest.json", bench_block),
 }
 
 

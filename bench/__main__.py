@@ -1,0 +1,49 @@
+"""The benchmarks' one entry point; results go to bench/results/latest.json.
+
+    .venv/bin/python -m bench all [--quick | --full]     # quick: 100,000 recipients; full: 1,000,000
+    .venv/bin/python -m bench e2e [--recipients N]
+
+Then ``.venv/bin/python -m bench.readme`` puts the figures into README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from bench import e2e
+from bench.results import LATEST, load, markdown, save
+
+QUICK = 100_000
+FULL = 1_000_000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    every = sub.add_parser("all", help="every benchmark")
+    size = every.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=f"{QUICK:,} recipients (default)")
+    size.add_argument("--full", action="store_true", help=f"{FULL:,} recipients")
+    one = sub.add_parser("e2e", help="create -> completed against the raw limit")
+    one.add_argument("--recipients", type=int, default=QUICK)
+    for p in (every, one):
+        p.add_argument("--processes", type=int, default=e2e.Shape.processes)
+        p.add_argument("--threads", type=int, default=e2e.Shape.threads)
+    args = parser.parse_args(argv)
+    n = (FULL if args.full else QUICK) if args.what == "all" else args.recipients
+    shape = e2e.Shape(processes=args.processes, threads=args.threads)
+    sections = {"e2e": e2e.run(n, shape)}
+    dated = save(sections, shlex.join(["python", "-m", "bench", *(argv or sys.argv[1:])]))
+    print(markdown(load()))
+    print(f"\nwritten to {LATEST} and {dated}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

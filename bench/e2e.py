@@ -1,0 +1,278 @@
+"""End to end, create -> completed, against the raw limit of the same path in the same run.
+
+Raw limit: a plain aiohttp client posting unique, signed webhook bodies (the shape and size the
+dispatcher sends) to the simulator route the pipeline uses, ``concurrency`` at a time. The
+pipeline: contacts imported through the API's CSV import, one broadcast created through the
+API, timed from the create call to the API answering ``completed``; only unique accepted
+sends count, and the run fails unless the provider accepted every recipient exactly once with
+no bad signature.
+
+Also measured: CPU microseconds per recipient of each process (dispatchers, scheduler, API,
+Postgres, RabbitMQ) and the dispatchers' peak resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx2 as httpx
+
+from bench.common import (
+    Children,
+    bench_env,
+    cpu_seconds,
+    free_port,
+    scratch_database,
+    scratch_vhost,
+    start_simulator,
+    wait_for,
+)
+
+#: Contacts per import call (the API's limit).
+IMPORT_ROWS = 100_000
+SIGNATURE_HEADER = "X-Bcast-Signature"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How the pipeline runs: dispatcher processes and threads, raw client concurrency."""
+
+    processes: int = 2
+    threads: int = 8
+    concurrency: int = 64
+
+
+def raw_limit(url: str, secret: str, n: int, concurrency: int) -> float:
+    """Unique, signed bodies per second the simulator route takes from a plain client."""
+
+    async def go() -> float:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            queue = iter(range(n))
+
+            async def worker() -> None:
+                for i in queue:
+                    body = json.dumps(
+                        {
+                            "idempotency_key": f"raw-{i}",
+                            "timestamp": int(time.time()),
+                            "to": f"b-{i}",
+                            "broadcast_id": 0,
+                            "text": "bench",
+                            "media": [],
+                        },
+                        separators=(",", ":"),
+                    ).encode()
+                    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+                    headers = {
+                        "Content-Type": "application/json",
+                        "Idempotency-Key": f"raw-{i}",
+                        SIGNATURE_HEADER: f"sha256={signature}",
+                    }
+                    async with http.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise SystemExit(f"raw limit: the simulator answered {resp.status}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return n / (time.perf_counter() - started)
+
+    return asyncio.run(go())
+
+
+class PeakRss:
+    """The largest resident memory, in MiB, of one process tree, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _watch(self) -> None:
+        from bench.common import _descendants
+
+        while not self._stop.wait(0.2):
+            for pid in _descendants(self.pid):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            self.peak = max(self.peak, int(line.split()[1]) / 1024)
+
+
+def _pids_named(name: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if (proc / "comm").read_text().strip() == name:
+                    pids.append(int(proc.name))
+    return pids
+
+
+def _cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(p) for p in pids)
+
+
+def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
+    """One end-to-end run of ``n`` recipients; returns the ``e2e`` section of the results."""
+    with scratch_database() as db_url, scratch_vhost() as vhost:
+        env = bench_env(db_url, vhost)
+        api_port = free_port()
+        env["BCAST_API_PORT"] = str(api_port)
+        env["BCAST_PUBLIC_URL"] = f"http://127.0.0.1:{api_port}"
+        children = Children(env)
+        try:
+            return _run(children, env, n, shape, f"http://127.0.0.1:{api_port}")
+        finally:
+            children.stop_all()
+
+
+def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str) -> dict[str, Any]:
+    import subprocess
+
+    from bench.common import BCAST
+
+    sim = start_simulator(children)
+    secret = secrets.token_urlsafe(24)
+    for hook in ("raw", "bench"):
+        httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
+    raw = raw_limit(f"{sim}/hooks/raw", secret, min(n, 50_000), shape.concurrency)
+    raw_stats = httpx.get(f"{sim}/_sim/hooks/raw/stats").json()
+    if raw_stats["bad_signatures"] or raw_stats["duplicates"]:
+        raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
+
+    token = subprocess.run(
+        [*BCAST, "token", "create", "--workspace", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    api_proc = children.start("api", "api")
+    client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    wait_for("the API", lambda: _answers(client, "/readyz"))
+    channel = _ok(
+        client.post(
+            "/v1/channels",
+            json={
+                "name": "bench",
+                "kind": "webhook",
+                "config": {"url": f"{sim}/hooks/bench", "secret": secret},
+                "rate_limit_per_second": 10_000,
+            },
+        )
+    )
+    account = _ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
+    imported_at = time.perf_counter()
+    for start in range(0, n, IMPORT_ROWS):
+        rows = "".join(
+            f"{account['id']},b-{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
+        )
+        _ok(
+            client.post(
+                "/v1/contacts/import",
+                content=("account_id,address\n" + rows).encode(),
+                headers={"Content-Type": "text/csv"},
+            )
+        )
+    import_seconds = time.perf_counter() - imported_at
+
+    scheduler = children.start("scheduler", "scheduler")
+    dispatcher = children.start(
+        "dispatcher",
+        "dispatcher",
+        "--processes",
+        str(shape.processes),
+        "--threads",
+        str(shape.threads),
+    )
+    time.sleep(6)  # every worker process boots before the clock starts
+
+    def cpu_now() -> dict[str, float]:
+        return {
+            "dispatcher": _cpu_of([dispatcher.pid]),
+            "scheduler": _cpu_of([scheduler.pid]),
+            "api": _cpu_of([api_proc.pid]),
+            "postgres": _cpu_of(_pids_named("postgres")),
+            "rabbitmq": _cpu_of(_pids_named("beam.smp")),
+        }
+
+    cpu_before = cpu_now()
+    with PeakRss(dispatcher.pid) as rss:
+        created = time.perf_counter()
+        broadcast = _ok(
+            client.post(
+                "/v1/broadcasts",
+                json={
+                    "name": "bench",
+                    "channel_id": channel["id"],
+                    "audience": {},
+                    "content": {"text": "bench"},
+                },
+            )
+        )
+
+        def completed() -> bool:
+            return bool(
+                client.get(f"/v1/broadcasts/{broadcast['id']}").json()["status"] == "completed"
+            )
+
+        wait_for("the broadcast to complete", completed, timeout=max(600, n / 200), every=0.05)
+        seconds = time.perf_counter() - created
+    cpu = {name: v - cpu_before[name] for name, v in cpu_now().items()}
+    stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
+    client.close()
+    accepted, duplicates, bad = stats["accepted"], stats["duplicates"], stats["bad_signatures"]
+    if accepted != n or duplicates or bad:
+        raise SystemExit(
+            f"the provider accepted {accepted} of {n} (duplicates {duplicates}, bad signatures {bad})"
+        )
+    per_second = n / seconds
+    return {
+        "recipients": n,
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "bad_signatures": bad,
+        "seconds": round(seconds, 2),
+        "per_second": round(per_second, 1),
+        "raw_per_second": round(raw, 1),
+        "ratio_to_raw": round(per_second / raw, 3),
+        "import_seconds": round(import_seconds, 2),
+        "dispatchers": f"{shape.processes} processes x {shape.threads} threads",
+        "cpu_us_per_recipient": {name: round(v / n * 1e6, 1) for name, v in cpu.items()},
+        "dispatcher_peak_rss_mib": round(rss.peak, 1),
+    }
+
+
+def _answers(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _ok(response: httpx.Response) -> Any:
+    if response.status_code >= 300:
+        raise SystemExit(f"{response.request.method} {response.request.url}: {response.text}")
+    return response.json()

@@ -1,0 +1,87 @@
+"""The benchmarks' results file: ``bench/results/latest.json``, a dated copy, and a markdown
+table beside it. Each run updates the sections it measured and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DIR = Path(__file__).resolve().parent / "results"
+LATEST = DIR / "latest.json"
+PACKAGES = ("aiohttp", "dramatiq", "psycopg", "SQLAlchemy", "fastapi", "uvicorn", "pika")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "packages": versions,
+    }
+
+
+def load() -> dict[str, Any]:
+    if LATEST.exists():
+        data: dict[str, Any] = json.loads(LATEST.read_text())
+        return data
+    return {}
+
+
+def save(sections: dict[str, Any], command: str) -> Path:
+    """Merge ``sections`` into the latest results and write them (and a dated copy)."""
+    now = datetime.now(UTC)
+    results = load()
+    results.update(sections)
+    results["machine"] = machine()
+    results["written_at"] = now.isoformat(timespec="seconds")
+    results.setdefault("commands", {})
+    for name in sections:
+        results["commands"][name] = command
+    DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+    LATEST.write_text(text)
+    dated = DIR / f"{now:%Y-%m-%dT%H%M%SZ}.json"
+    dated.write_text(text)
+    (DIR / "latest.md").write_text(markdown(results) + "\n")
+    return dated
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the table the README shows."""
+    lines = ["| measure | value |", "| --- | --- |"]
+    e2e = results.get("e2e")
+    if e2e:
+        lines += [
+            f"| recipients, create -> completed | {e2e['recipients']:,} in {e2e['seconds']:.1f} s |",
+            f"| pipeline (unique accepted sends / s) | {e2e['per_second']:,.0f} |",
+            f"| raw limit, same route, unique signed bodies (/ s) | {e2e['raw_per_second']:,.0f} |",
+            f"| **ratio pipeline / raw** | **{e2e['ratio_to_raw']:.2f}** |",
+            f"| accepted / duplicates / bad signatures | {e2e['accepted']:,} / {e2e['duplicates']} / {e2e['bad_signatures']} |",
+        ]
+        cpu = e2e.get("cpu_us_per_recipient", {})
+        if cpu:
+            lines.append(
+                "| CPU µs per recipient | "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items())
+                + " |"
+            )
+        if "dispatcher_peak_rss_mib" in e2e:
+            lines.append(
+                f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
+            )
+    m = results.get("machine", {})
+    lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
+    return "\n".join(lines)
