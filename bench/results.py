@@ -82,6 +82,15 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
             )
+    limited = results.get("rate_limited")
+    if limited:
+        for r in limited["runs"]:
+            lines.append(
+                f"| {r['channels']} channels at {r['limit_per_second']:g}/s, "
+                f"{r['dispatcher_processes']} dispatcher processes | achieved {r['min_fraction']:.3f}"
+                f"-{r['mean_fraction']:.3f} of the limit (min-mean); worst second "
+                f"{r['worst_window_ratio']:.3f} of it |"
+            )
     m = results.get("machine", {})
     lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
     return "\n".join(lines)
