@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from bench import e2e, rate_limited
+from bench import e2e, http_client, rate_limited
 from bench.results import LATEST, load, markdown, save
 
 QUICK = 100_000
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help=f"{FULL:,} recipients")
     one = sub.add_parser("e2e", help="create -> completed against the raw limit")
     one.add_argument("--recipients", type=int, default=QUICK)
+    sub.add_parser("http-client", help="client CPU per request, aiohttp against httpx")
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
     for p in (every, one):
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("all", "e2e"):
         n = (FULL if args.full else QUICK) if args.what == "all" else args.recipients
         sections["e2e"] = e2e.run(n, e2e.Shape(processes=args.processes, threads=args.threads))
+    if args.what in ("all", "http-client"):
+        sections["http_client"] = http_client.run()
     if args.what in ("all", "rate-limited"):
         sections["rate_limited"] = rate_limited.run(seconds=getattr(args, "seconds", 15.0))
     dated = save(sections, shlex.join(["python", "-m", "bench", *(argv or sys.argv[1:])]))

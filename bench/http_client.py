@@ -65,6 +65,30 @@ async def with_httpx(url: str, requests: int, in_flight: int) -> tuple[float, fl
         return await drive(send, requests, in_flight)
 
 
+def run(requests: int = 20_000, in_flight: int = 64) -> dict[str, float]:
+    """The ``http_client`` section of the results: client CPU per request of each client."""
+    children = Children(dict(os.environ))
+    try:
+        url = f"{start_simulator(children)}/hooks/bench"
+        asyncio.run(with_aiohttp(url, 2000, in_flight))  # warm up both sides
+        measured = {}
+        for name, client in (("aiohttp", with_aiohttp), ("httpx", with_httpx)):
+            wall, cpu = asyncio.run(client(url, requests, in_flight))
+            measured[name] = (wall, cpu)
+    finally:
+        children.stop_all()
+    (a_wall, a_cpu), (h_wall, h_cpu) = measured["aiohttp"], measured["httpx"]
+    return {
+        "requests": requests,
+        "in_flight": in_flight,
+        "aiohttp_us_per_request": round(a_cpu / requests * 1e6, 1),
+        "httpx_us_per_request": round(h_cpu / requests * 1e6, 1),
+        "httpx_over_aiohttp_cpu": round(h_cpu / a_cpu, 2),
+        "aiohttp_per_second": round(requests / a_wall, 1),
+        "httpx_per_second": round(requests / h_wall, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,29 +96,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--in-flight", type=int, default=64)
     args = parser.parse_args()
-    children = Children(dict(os.environ))
-    try:
-        url = f"{start_simulator(children)}/hooks/bench"
-        asyncio.run(with_aiohttp(url, 2000, args.in_flight))  # warm up both sides
-        results = {}
-        for name, run in (
-            ("aiohttp.ClientSession", with_aiohttp),
-            ("httpx.AsyncClient", with_httpx),
-        ):
-            wall, cpu = asyncio.run(run(url, args.requests, args.in_flight))
-            results[name] = (wall, cpu)
-            print(
-                f"{name:22} {args.requests / wall:8.0f} req/s   "
-                f"{cpu / args.requests * 1e6:7.1f} µs client CPU per request"
-            )
-        (a_wall, a_cpu), (h_wall, h_cpu) = (
-            results["aiohttp.ClientSession"],
-            results["httpx.AsyncClient"],
-        )
-        print(f"httpx / aiohttp client CPU per request: {h_cpu / a_cpu:.2f}x")
-        print(f"aiohttp throughput / httpx throughput: {h_wall / a_wall:.2f}x")
-    finally:
-        children.stop_all()
+    for key, value in run(args.requests, args.in_flight).items():
+        print(f"{key:28} {value}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
             )
+    client = results.get("http_client")
+    if client:
+        lines.append(
+            f"| HTTP client CPU per request, {client['in_flight']} in flight | aiohttp "
+            f"{client['aiohttp_us_per_request']:,.0f} µs, httpx {client['httpx_us_per_request']:,.0f} µs "
+            f"({client['httpx_over_aiohttp_cpu']:.1f}x): aiohttp is on the send path |"
+        )
     limited = results.get("rate_limited")
     if limited:
         for r in limited["runs"]:
