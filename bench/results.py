@@ -98,6 +98,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"-{r['mean_fraction']:.3f} of the limit (min-mean); worst second "
                 f"{r['worst_window_ratio']:.3f} of it |"
             )
+    paused = results.get("pause")
+    if paused:
+        lines.append(
+            f"| pause during a send ({paused['repeats']} repeats): last provider call after the "
+            f"pause answered | p50 {paused['p50_s']:.3f} s, p99 {paused['p99_s']:.3f} s; at most "
+            f"{paused['slipped_max']} calls arrived after it, all within the p99 |"
+        )
     m = results.get("machine", {})
     lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
     return "\n".join(lines)

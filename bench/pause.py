@@ -1,0 +1,148 @@
+"""Pause during a large send, repeated: how long provider calls go on after the pause answer.
+
+Each repeat creates a broadcast through the API on a fresh channel, lets it reach full speed,
+pauses it through the API and takes the time the answer came back; the provider's records then
+show the last call that arrived after that moment. Reported: p50 and p99 of "last call after
+the pause answered" (0 when none came later) and the most calls that slipped through in one
+repeat. Calls already under way when the pause lands finish; none may start after it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from typing import Any
+
+import httpx2 as httpx
+
+from bench.common import (
+    BCAST,
+    Children,
+    bench_env,
+    free_port,
+    scratch_database,
+    scratch_vhost,
+    start_simulator,
+    wait_for,
+)
+
+#: Sends a broadcast makes before it is paused: it is at full speed by then.
+WARM = 1500
+
+
+def run(repeats: int = 20, recipients: int = 20_000, processes: int = 2) -> dict[str, Any]:
+    """The ``pause`` section of the results."""
+    with scratch_database() as db_url, scratch_vhost() as vhost:
+        env = bench_env(db_url, vhost)
+        api_port = free_port()
+        env["BCAST_API_PORT"] = str(api_port)
+        children = Children(env)
+        try:
+            return _run(
+                children, env, f"http://127.0.0.1:{api_port}", repeats, recipients, processes
+            )
+        finally:
+            children.stop_all()
+
+
+def _run(
+    children: Children, env: dict[str, str], api: str, repeats: int, n: int, processes: int
+) -> dict[str, Any]:
+    sim = start_simulator(children)
+    token = subprocess.run(
+        [*BCAST, "token", "create", "--workspace", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    children.start("api", "api")
+    children.start("scheduler", "scheduler")
+    children.start("dispatcher", "dispatcher", "--processes", str(processes), "--threads", "8")
+    client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    wait_for("the API", lambda: _up(client))
+    time.sleep(6)  # every worker process booted
+    after: list[float] = []
+    slipped: list[int] = []
+    for r in range(repeats):
+        hook = f"pause-{r}-{secrets.token_hex(3)}"
+        secret = secrets.token_urlsafe(24)
+        httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
+        channel = _ok(
+            client.post(
+                "/v1/channels",
+                json={
+                    "name": hook,
+                    "kind": "webhook",
+                    "config": {"url": f"{sim}/hooks/{hook}", "secret": secret},
+                    "rate_limit_per_second": 10_000,
+                },
+            )
+        )
+        account = _ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": hook}))
+        rows = "".join(f"{account['id']},p-{i}\n" for i in range(n))
+        _ok(
+            client.post(
+                "/v1/contacts/import",
+                content=("account_id,address\n" + rows).encode(),
+                headers={"Content-Type": "text/csv"},
+            )
+        )
+        b = _ok(
+            client.post(
+                "/v1/broadcasts",
+                json={
+                    "name": hook,
+                    "channel_id": channel["id"],
+                    "audience": {},
+                    "content": {"text": "x"},
+                },
+            )
+        )
+
+        def warm(hook: str = hook) -> bool:
+            return int(httpx.get(f"{sim}/_sim/hooks/{hook}/stats").json()["requests"]) >= WARM
+
+        wait_for("the send to reach full speed", warm, timeout=120, every=0.02)
+        _ok(client.post(f"/v1/broadcasts/{b['id']}/pause"))
+        paused_at = time.time()
+        time.sleep(3)
+        arrivals = [float(x["t"]) for x in httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()]
+        later = [t - paused_at for t in arrivals if t > paused_at]
+        after.append(max(later, default=0.0))
+        slipped.append(len(later))
+        if len(arrivals) >= n:
+            raise SystemExit("the broadcast finished before it was paused: raise the recipients")
+        _ok(client.post(f"/v1/broadcasts/{b['id']}/cancel"))
+    client.close()
+    ordered = sorted(after)
+    return {
+        "repeats": repeats,
+        "recipients": n,
+        "p50_s": round(_quantile(ordered, 0.50), 3),
+        "p99_s": round(_quantile(ordered, 0.99), 3),
+        "max_s": round(ordered[-1], 3),
+        "slipped_max": max(slipped),
+        "slipped_mean": round(sum(slipped) / len(slipped), 1),
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _up(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _ok(response: httpx.Response) -> Any:
+    if response.status_code >= 300:
+        raise SystemExit(f"{response.request.method} {response.request.url}: {response.text}")
+    return response.json()
