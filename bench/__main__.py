@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from bench import e2e, http_client, pause, rate_limited
+from bench import e2e, http_client, pause, rate_limited, scheduler
 from bench.results import LATEST, load, markdown, save
 
 QUICK = 100_000
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--recipients", type=int, default=QUICK)
     sub.add_parser("http-client", help="client CPU per request, aiohttp against httpx")
     sub.add_parser("pause", help="provider calls after a pause answered, repeated")
+    sub.add_parser("scheduler", help="10,000 timed sends due in the same second")
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
     for p in (every, one):
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         sections["e2e"] = e2e.run(n, e2e.Shape(processes=args.processes, threads=args.threads))
     if args.what in ("all", "http-client"):
         sections["http_client"] = http_client.run()
+    if args.what in ("all", "scheduler"):
+        sections["scheduler"] = scheduler.run()
     if args.what in ("all", "pause"):
         sections["pause"] = pause.run()
     if args.what in ("all", "rate-limited"):

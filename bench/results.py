@@ -98,6 +98,14 @@ def markdown(results: dict[str, Any]) -> str:
                 f"-{r['mean_fraction']:.3f} of the limit (min-mean); worst second "
                 f"{r['worst_window_ratio']:.3f} of it |"
             )
+    timed = results.get("scheduler")
+    if timed:
+        lines.append(
+            f"| {timed['timed_sends']:,} timed sends due in the same second | started p50 "
+            f"{timed['p50_lateness_s']:.3f} s, p99 {timed['p99_lateness_s']:.3f} s late; first "
+            f"provider call p50 {timed['p50_send_lateness_s']:.3f} s, p99 "
+            f"{timed['p99_send_lateness_s']:.3f} s |"
+        )
     paused = results.get("pause")
     if paused:
         lines.append(
