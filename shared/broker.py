@@ -7,6 +7,11 @@ enqueues both kinds by name, so it never imports the dispatcher.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import pika
 from dramatiq import Message
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -33,3 +38,60 @@ def send_batch_message(batch_id: int) -> Message[None]:
     return Message(
         queue_name=SEND_QUEUE, actor_name=SEND_ACTOR, args=(batch_id,), kwargs={}, options={}
     )
+
+
+class BatchPublisher:
+    """Publishes many messages with one round trip to RabbitMQ, all or none.
+
+    The broker's own channel confirms each publish before the next (one round trip per
+    message, about 0.5 ms on loopback: 2,000 messages a second at most). This publisher uses a
+    channel of its own in AMQP transaction mode: a list of messages is published and committed
+    together, and ``publish`` returns only once RabbitMQ has taken them all (durable queue,
+    persistent messages), or raises, having taken none. An outbox row is deleted in the
+    database transaction that commits after ``publish`` returned.
+
+    Parameters:
+      broker: the dramatiq broker whose queues the messages go to (it declares them).
+      url: the AMQP URL.
+    """
+
+    def __init__(self, broker: RabbitmqBroker, url: str) -> None:
+        self.broker = broker
+        self.url = url
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def publish(self, messages: Sequence[Message[Any]]) -> None:
+        if not messages:
+            return
+        for queue in {m.queue_name for m in messages}:
+            self.broker.declare_queue(queue, ensure=True)
+        try:
+            channel = self._open()
+            for message in messages:
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=message.queue_name,
+                    body=message.encode(),
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, priority=message.options.get("broker_priority")
+                    ),
+                )
+            channel.tx_commit()
+        except BaseException:
+            self.close()  # a channel left mid-transaction is not fit to reuse
+            raise
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self.close()
+            self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+            self._channel = self._connection.channel()
+            self._channel.tx_select()
+        return self._channel
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):  # closing a connection already broken
+                connection.close()

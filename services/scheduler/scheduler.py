@@ -38,7 +38,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from shared import delivery_store as store
-from shared.broker import make_broker, send_batch_message, start_message
+from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
 from shared.settings import Settings
 
@@ -159,7 +159,7 @@ def _to_outbox(session: Session, ids: list[int], reason: str) -> None:
     )
 
 
-def relay_outbox(session: Session, publish: Callable[[int], None]) -> int:
+def relay_outbox(session: Session, publish: Callable[[list[int]], None]) -> int:
     """Publish a batch of outbox rows, then delete them, in one transaction: a row leaves the
     outbox only once the broker has confirmed its message. Returns how many were published.
     """
@@ -170,8 +170,8 @@ def relay_outbox(session: Session, publish: Callable[[int], None]) -> int:
         ),
         {"n": RELAY_LIMIT},
     ).all()
+    publish([row.broadcast_id for row in rows])
     for row in rows:
-        publish(row.broadcast_id)
         PUBLISHED.labels(row.reason).inc()
     if rows:
         session.execute(
@@ -180,7 +180,9 @@ def relay_outbox(session: Session, publish: Callable[[int], None]) -> int:
     return len(rows)
 
 
-def relay_batches(session: Session, publish: Callable[[int], None], *, max_window: int) -> int:
+def relay_batches(
+    session: Session, publish: Callable[[list[int]], None], *, max_window: int
+) -> int:
     """Publish the batches the delivery store says are due and fit their task's window, in
     one transaction that commits only after the broker confirmed every message (an outbox).
     Returns how many were published.
@@ -189,8 +191,7 @@ def relay_batches(session: Session, publish: Callable[[int], None], *, max_windo
         raw_connection(session),
         store.relay(per_batch_rate=SENDS_PER_BATCH, max_window=max_window, limit=RELAY_LIMIT),
     )
-    for batch_id, _ in picked:
-        publish(batch_id)
+    publish([batch_id for batch_id, _ in picked])
     BATCHES_PUBLISHED.inc(len(picked))
     return len(picked)
 
@@ -271,15 +272,18 @@ class Scheduler:
     def __init__(self, settings: Settings, broker: RabbitmqBroker | None = None) -> None:
         self.settings = settings
         self.broker = broker or make_broker(settings.broker_url)
+        self.publisher = BatchPublisher(self.broker, settings.broker_url)
         self.sessions = get_sessionmaker()
         self.stopping = threading.Event()
         self._last_sweep = 0.0
 
-    def publish(self, broadcast_id: int) -> None:
-        self.broker.enqueue(start_message(broadcast_id))
+    def publish(self, broadcast_ids: list[int]) -> None:
+        """Start messages for ``broadcast_ids``, all taken by RabbitMQ when this returns."""
+        self.publisher.publish([start_message(i) for i in broadcast_ids])
 
-    def publish_batch(self, batch_id: int) -> None:
-        self.broker.enqueue(send_batch_message(batch_id))
+    def publish_batch(self, batch_ids: list[int]) -> None:
+        """Batch messages for ``batch_ids``, all taken by RabbitMQ when this returns."""
+        self.publisher.publish([send_batch_message(i) for i in batch_ids])
 
     def run_pass(self) -> None:
         """One pass: claim, relay, and sweep when due."""
@@ -353,9 +357,12 @@ class Scheduler:
         ):
             with attempt:
                 if self.stopping.is_set():
-                    return
-                self._listen_and_loop(conninfo)
-                return
+                    break
+                try:
+                    self._listen_and_loop(conninfo)
+                finally:
+                    self.publisher.close()
+                break
 
     def _listen_and_loop(self, conninfo: str) -> None:
         with psycopg.connect(
