@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Iterator
+
 import pika
 import pytest
 from dramatiq import Message
 
 from shared.broker import START_QUEUE, BatchPublisher, make_broker, start_message
+from tests.e2e.conftest import rabbitmqctl
 
 pytestmark = pytest.mark.e2e
 
 
-def test_a_batch_of_messages_is_taken_whole_and_in_order(vhost: str) -> None:
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+@pytest.fixture
+def own_vhost() -> Iterator[str]:
+    """A vhost no dispatcher consumes from (the running system's would take the messages)."""
+    name = f"bcast_broker_{os.getpid()}_{secrets.token_hex(3)}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    rabbitmqctl("delete_vhost", name)
+
+
+def test_a_batch_of_messages_is_taken_whole_and_in_order(own_vhost: str) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{own_vhost}"
     broker = make_broker(url)
     publisher = BatchPublisher(broker, url)
     try:
@@ -37,8 +52,8 @@ def test_a_batch_of_messages_is_taken_whole_and_in_order(vhost: str) -> None:
     assert ids == list(range(1, 601))
 
 
-def test_a_broken_connection_is_opened_again_on_the_next_publish(vhost: str) -> None:
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+def test_a_broken_connection_is_opened_again_on_the_next_publish(own_vhost: str) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{own_vhost}"
     broker = make_broker(url)
     publisher = BatchPublisher(broker, url)
     try:
