@@ -13,13 +13,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from shared.db import migrate
 from shared.db.engine import libpq_url
+
+if TYPE_CHECKING:
+    import httpx2
 
 BCAST = [sys.executable, "-m", "services.cli"]
 ADMIN_URL = os.environ.get("BCAST_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -163,3 +166,55 @@ def _descendants(pid: int) -> list[int]:
         out.append(int(child))
         out.extend(_descendants(int(child)))
     return out
+
+
+def start_api(children: Children, base_url: str) -> tuple[httpx2.Client, subprocess.Popen[bytes]]:
+    """A workspace token, the API started and ready, and a client signed in with the token."""
+    import httpx2
+
+    token = subprocess.run(
+        [*BCAST, "token", "create", "--workspace", "bench"],
+        env=children.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    proc = children.start("api", "api")
+    client = httpx2.Client(
+        base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=600
+    )
+
+    def ready() -> bool:
+        try:
+            return client.get("/readyz").status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    wait_for("the API", ready)
+    return client, proc
+
+
+def ok(response: httpx2.Response) -> Any:
+    """The JSON of a successful answer; the benchmark stops, saying why, on any other."""
+    if response.status_code >= 300:
+        raise SystemExit(f"{response.request.method} {response.request.url}: {response.text}")
+    return response.json()
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted values; 0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def follow_database() -> None:
+    """Make this process's settings, engine and sessions follow ``BCAST_DATABASE_URL`` again
+    (each benchmark case has a database of its own).
+    """
+    from shared.db.engine import get_engine, get_sessionmaker
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()

@@ -33,8 +33,10 @@ from bench.common import (
     bench_env,
     cpu_seconds,
     free_port,
+    ok,
     scratch_database,
     scratch_vhost,
+    start_api,
     start_simulator,
     wait_for,
 )
@@ -149,10 +151,6 @@ def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
 
 
 def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str) -> dict[str, Any]:
-    import subprocess
-
-    from bench.common import BCAST
-
     sim = start_simulator(children)
     secret = secrets.token_urlsafe(24)
     for hook in ("raw", "bench"):
@@ -162,17 +160,8 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
     if raw_stats["bad_signatures"] or raw_stats["duplicates"]:
         raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
 
-    token = subprocess.run(
-        [*BCAST, "token", "create", "--workspace", "bench"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    api_proc = children.start("api", "api")
-    client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=600)
-    wait_for("the API", lambda: _answers(client, "/readyz"))
-    channel = _ok(
+    client, api_proc = start_api(children, api)
+    channel = ok(
         client.post(
             "/v1/channels",
             json={
@@ -183,13 +172,13 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
             },
         )
     )
-    account = _ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
+    account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
     imported_at = time.perf_counter()
     for start in range(0, n, IMPORT_ROWS):
         rows = "".join(
             f"{account['id']},b-{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
         )
-        _ok(
+        ok(
             client.post(
                 "/v1/contacts/import",
                 content=("account_id,address\n" + rows).encode(),
@@ -221,7 +210,7 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
     cpu_before = cpu_now()
     with PeakRss(dispatcher.pid) as rss:
         created = time.perf_counter()
-        broadcast = _ok(
+        broadcast = ok(
             client.post(
                 "/v1/broadcasts",
                 json={
@@ -263,16 +252,3 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
         "cpu_us_per_recipient": {name: round(v / n * 1e6, 1) for name, v in cpu.items()},
         "dispatcher_peak_rss_mib": round(rss.peak, 1),
     }
-
-
-def _answers(client: httpx.Client, path: str) -> bool:
-    try:
-        return client.get(path).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _ok(response: httpx.Response) -> Any:
-    if response.status_code >= 300:
-        raise SystemExit(f"{response.request.method} {response.request.url}: {response.text}")
-    return response.json()

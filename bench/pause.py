@@ -10,19 +10,20 @@ repeat. Calls already under way when the pause lands finish; none may start afte
 from __future__ import annotations
 
 import secrets
-import subprocess
 import time
 from typing import Any
 
 import httpx2 as httpx
 
 from bench.common import (
-    BCAST,
     Children,
     bench_env,
     free_port,
+    ok,
+    quantile,
     scratch_database,
     scratch_vhost,
+    start_api,
     start_simulator,
     wait_for,
 )
@@ -50,18 +51,9 @@ def _run(
     children: Children, env: dict[str, str], api: str, repeats: int, n: int, processes: int
 ) -> dict[str, Any]:
     sim = start_simulator(children)
-    token = subprocess.run(
-        [*BCAST, "token", "create", "--workspace", "bench"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    children.start("api", "api")
+    client, _ = start_api(children, api)
     children.start("scheduler", "scheduler")
     children.start("dispatcher", "dispatcher", "--processes", str(processes), "--threads", "8")
-    client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    wait_for("the API", lambda: _up(client))
     time.sleep(6)  # every worker process booted
     after: list[float] = []
     slipped: list[int] = []
@@ -69,7 +61,7 @@ def _run(
         hook = f"pause-{r}-{secrets.token_hex(3)}"
         secret = secrets.token_urlsafe(24)
         httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
-        channel = _ok(
+        channel = ok(
             client.post(
                 "/v1/channels",
                 json={
@@ -80,16 +72,16 @@ def _run(
                 },
             )
         )
-        account = _ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": hook}))
+        account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": hook}))
         rows = "".join(f"{account['id']},p-{i}\n" for i in range(n))
-        _ok(
+        ok(
             client.post(
                 "/v1/contacts/import",
                 content=("account_id,address\n" + rows).encode(),
                 headers={"Content-Type": "text/csv"},
             )
         )
-        b = _ok(
+        b = ok(
             client.post(
                 "/v1/broadcasts",
                 json={
@@ -105,7 +97,7 @@ def _run(
             return int(httpx.get(f"{sim}/_sim/hooks/{hook}/stats").json()["requests"]) >= WARM
 
         wait_for("the send to reach full speed", warm, timeout=120, every=0.02)
-        _ok(client.post(f"/v1/broadcasts/{b['id']}/pause"))
+        ok(client.post(f"/v1/broadcasts/{b['id']}/pause"))
         paused_at = time.time()
         time.sleep(3)
         arrivals = [float(x["t"]) for x in httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()]
@@ -114,35 +106,15 @@ def _run(
         slipped.append(len(later))
         if len(arrivals) >= n:
             raise SystemExit("the broadcast finished before it was paused: raise the recipients")
-        _ok(client.post(f"/v1/broadcasts/{b['id']}/cancel"))
+        ok(client.post(f"/v1/broadcasts/{b['id']}/cancel"))
     client.close()
     ordered = sorted(after)
     return {
         "repeats": repeats,
         "recipients": n,
-        "p50_s": round(_quantile(ordered, 0.50), 3),
-        "p99_s": round(_quantile(ordered, 0.99), 3),
+        "p50_s": round(quantile(ordered, 0.50), 3),
+        "p99_s": round(quantile(ordered, 0.99), 3),
         "max_s": round(ordered[-1], 3),
         "slipped_max": max(slipped),
         "slipped_mean": round(sum(slipped) / len(slipped), 1),
     }
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return 0.0
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def _up(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _ok(response: httpx.Response) -> Any:
-    if response.status_code >= 300:
-        raise SystemExit(f"{response.request.method} {response.request.url}: {response.text}")
-    return response.json()

@@ -19,6 +19,7 @@ import httpx2 as httpx
 from bench.common import (
     Children,
     bench_env,
+    follow_database,
     scratch_database,
     scratch_vhost,
     start_simulator,
@@ -55,18 +56,15 @@ def run_case(channels: int, limit: float, seconds: float, processes: int = 4) ->
 def _case(
     children: Children, channels: int, limit: float, per_channel: int, processes: int
 ) -> dict[str, Any]:
-    from shared.db.engine import get_engine, get_sessionmaker, transaction
+    from shared.db.engine import get_engine, transaction
     from shared.db.models import Account, Broadcast, Channel
     from shared.domain.audience import AudienceSpec
     from shared.domain.broadcasts import Content, NewBroadcast, create_broadcast
     from shared.domain.contacts import ContactIn, import_contacts
     from shared.domain.tokens import ensure_workspace
-    from shared.settings import get_settings
 
     # Each case has its own database: the process's settings and engine follow it.
-    get_settings.cache_clear()
-    get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
+    follow_database()
     sim = start_simulator(children)
     children.start("scheduler", "scheduler")
     children.start("dispatcher", "dispatcher", "--processes", str(processes), "--threads", "4")

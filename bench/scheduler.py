@@ -20,6 +20,8 @@ import httpx2 as httpx
 from bench.common import (
     Children,
     bench_env,
+    follow_database,
+    quantile,
     scratch_database,
     scratch_vhost,
     start_simulator,
@@ -45,17 +47,14 @@ def run(count: int = 10_000, processes: int = 2) -> dict[str, Any]:
 def _run(children: Children, count: int, processes: int) -> dict[str, Any]:
     from sqlalchemy import text
 
-    from shared.db.engine import get_engine, get_sessionmaker, transaction
+    from shared.db.engine import get_engine, transaction
     from shared.db.models import Account, Channel
     from shared.domain.audience import AudienceSpec
     from shared.domain.broadcasts import Content, NewBroadcast, create_broadcast
     from shared.domain.contacts import ContactIn, import_contacts
     from shared.domain.tokens import ensure_workspace
-    from shared.settings import get_settings
 
-    get_settings.cache_clear()
-    get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
+    follow_database()
     sim = start_simulator(children)
     hook, secret = f"timed-{secrets.token_hex(3)}", secrets.token_urlsafe(24)
     httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
@@ -140,13 +139,9 @@ def _run(children: Children, count: int, processes: int) -> dict[str, Any]:
     sends = sorted(t - due.timestamp() for t in arrivals.values())
     return {
         "timed_sends": count,
-        "p50_lateness_s": round(_q(starts, 0.5), 3),
-        "p99_lateness_s": round(_q(starts, 0.99), 3),
-        "p50_send_lateness_s": round(_q(sends, 0.5), 3),
-        "p99_send_lateness_s": round(_q(sends, 0.99), 3),
+        "p50_lateness_s": round(quantile(starts, 0.5), 3),
+        "p99_lateness_s": round(quantile(starts, 0.99), 3),
+        "p50_send_lateness_s": round(quantile(sends, 0.5), 3),
+        "p99_send_lateness_s": round(quantile(sends, 0.99), 3),
         "last_send_s": round(sends[-1], 3),
     }
-
-
-def _q(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
