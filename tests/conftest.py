@@ -135,6 +135,36 @@ class Api:
         tags = self.ok("get", "/v1/tags")["items"]
         return int(next(t["id"] for t in tags if t["name"].lower() == name.lower()))
 
+    def one_of_everything(self, address: str, tag: str) -> dict[str, Any]:
+        """One of every row a workspace can own (the tag as its id, the rest as answered)."""
+        import io
+
+        from PIL import Image
+
+        channel = self.channel()
+        account = self.account(channel["id"])
+        contact = self.contact(account["id"], address, tags=[tag])
+        conversation = self.ok(
+            "post",
+            "/v1/conversations",
+            201,
+            json={"account_id": account["id"], "contact_id": contact["id"]},
+        )
+        buf = io.BytesIO()
+        Image.new("RGB", (2, 2)).save(buf, "PNG")
+        media = self.ok(
+            "post", "/v1/media", 201, files={"file": ("a.png", buf.getvalue(), "image/png")}
+        )
+        return {
+            "channel": channel,
+            "account": account,
+            "contact": contact,
+            "tag": self.tag_id(tag),
+            "conversation": conversation,
+            "media": media,
+            "broadcast": self.broadcast(channel["id"]),
+        }
+
     def broadcast(
         self, channel_id: int, audience: dict[str, Any] | None = None, **kw: Any
     ) -> dict[str, Any]:

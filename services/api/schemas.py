@@ -17,18 +17,13 @@ from pydantic.json_schema import SkipJsonSchema
 
 from shared.domain.audience import AudienceFilter, AudienceSpec
 from shared.domain.broadcasts import Content
+from shared.domain.contacts import TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
 from shared.domain.types import Id, IsoDatetime, check_one_line, one_line_schema
 
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
-    AfterValidator(check_one_line),
-    one_line_schema(),
-]
-TagName = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
     AfterValidator(check_one_line),
     one_line_schema(),
 ]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from tests.conftest import Api
 
@@ -14,30 +12,7 @@ from tests.conftest import Api
 @pytest.fixture
 def theirs(other_api: Api) -> dict[str, Any]:
     """Everything a workspace can own, made by the other workspace."""
-    channel = other_api.channel()
-    account = other_api.account(channel["id"])
-    contact = other_api.contact(account["id"], "their-contact", tags=["theirs"])
-    conversation = other_api.ok(
-        "post",
-        "/v1/conversations",
-        201,
-        json={"account_id": account["id"], "contact_id": contact["id"]},
-    )
-    buf = io.BytesIO()
-    Image.new("RGB", (2, 2)).save(buf, "PNG")
-    media = other_api.ok(
-        "post", "/v1/media", 201, files={"file": ("a.png", buf.getvalue(), "image/png")}
-    )
-    broadcast = other_api.broadcast(channel["id"])
-    return {
-        "channel": channel,
-        "account": account,
-        "contact": contact,
-        "tag": other_api.tag_id("theirs"),
-        "conversation": conversation,
-        "media": media,
-        "broadcast": broadcast,
-    }
+    return other_api.one_of_everything("their-contact", "theirs")
 
 
 def test_reading_their_rows_is_404(api: Api, theirs: dict[str, Any]) -> None:

@@ -6,13 +6,11 @@ here until it is added.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from PIL import Image
 from sqlalchemy import text
 
 from shared.db.engine import get_engine
@@ -40,29 +38,9 @@ PUBLIC = {("get", "/media/{media_id}")}
 
 @pytest.fixture
 def mine(api: Api) -> dict[str, int]:
-    """One of every row a workspace can own."""
-    channel = api.channel()
-    account = api.account(channel["id"])
-    contact = api.contact(account["id"], "my-contact", tags=["mine"])
-    conversation = api.ok(
-        "post",
-        "/v1/conversations",
-        201,
-        json={"account_id": account["id"], "contact_id": contact["id"]},
-    )
-    buf = io.BytesIO()
-    Image.new("RGB", (2, 2)).save(buf, "PNG")
-    media = api.ok("post", "/v1/media", 201, files={"file": ("a.png", buf.getvalue(), "image/png")})
-    broadcast = api.broadcast(channel["id"])
-    return {
-        "channel": channel["id"],
-        "account": account["id"],
-        "contact": contact["id"],
-        "tag": api.tag_id("mine"),
-        "conversation": conversation["id"],
-        "media": media["id"],
-        "broadcast": broadcast["id"],
-    }
+    """The id of one of every row a workspace can own."""
+    made = api.one_of_everything("my-contact", "mine")
+    return {kind: row if isinstance(row, int) else row["id"] for kind, row in made.items()}
 
 
 def rows_of(workspace_id: int) -> dict[str, list[str]]:

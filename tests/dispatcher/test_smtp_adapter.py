@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from services.dispatcher.channels.base import MediaRef, OutboundMessage, Permanent, Sent, Transient
-from services.dispatcher.channels.smtp import UNREACHABLE_SERVER, SmtpAdapter
+from services.dispatcher.channels.smtp import TIMEOUT_SECONDS, UNREACHABLE_SERVER, SmtpAdapter
 from shared.egress import Egress
 from shared.media_store import LocalMediaStore
 from tests.smtp_box import Mailbox, authenticator, start
@@ -63,7 +63,9 @@ def image(store: LocalMediaStore, key: str, color: str) -> MediaRef:
 LOOPBACK_ALLOWED = Egress(allow_private=True)
 
 
-def adapter(port: int, store: LocalMediaStore, **config: object) -> SmtpAdapter:
+def adapter(
+    port: int, store: LocalMediaStore, *, timeout: float = TIMEOUT_SECONDS, **config: object
+) -> SmtpAdapter:
     made = SmtpAdapter(
         {
             "host": "127.0.0.1",
@@ -73,6 +75,7 @@ def adapter(port: int, store: LocalMediaStore, **config: object) -> SmtpAdapter:
             **config,
         },
         store,
+        timeout=timeout,
         egress=LOOPBACK_ALLOWED,
     )
     _opened.append(made)
@@ -173,13 +176,7 @@ def test_a_relay_that_stalls_mid_conversation_cannot_hold_a_send_past_its_timeou
 ) -> None:
     box, port = mailbox
     box.stall_seconds = 5.0
-    a = SmtpAdapter(
-        {"host": "127.0.0.1", "port": port, "starttls": False, "from_address": "n@shop.test"},
-        store,
-        timeout=0.5,
-        egress=LOOPBACK_ALLOWED,
-    )
-    _opened.append(a)
+    a = adapter(port, store, timeout=0.5)
     started = time.monotonic()
     result = send(a, OutboundMessage(1, "x"), "ann@x.test")
     took = time.monotonic() - started
@@ -194,18 +191,7 @@ def test_a_server_that_never_greets_cannot_hold_a_send_past_its_timeout(
 ) -> None:
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, then says nothing (a tarpit)
     try:
-        a = SmtpAdapter(
-            {
-                "host": "127.0.0.1",
-                "port": silent.getsockname()[1],
-                "starttls": False,
-                "from_address": "n@shop.test",
-            },
-            store,
-            timeout=0.5,
-            egress=LOOPBACK_ALLOWED,
-        )
-        _opened.append(a)
+        a = adapter(silent.getsockname()[1], store, timeout=0.5)
         started = time.monotonic()
         result = send(a, OutboundMessage(1, "x"), "ann@x.test")
         took = time.monotonic() - started
