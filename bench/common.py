@@ -35,15 +35,23 @@ def free_port() -> int:
 
 
 def wait_for(
-    what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.05
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 120.0,
+    every: float = 0.05,
+    *,
+    fail: Callable[[str], BaseException] = SystemExit,
 ) -> Any:
+    """Poll ``check`` until it returns something truthy; raise ``fail`` naming ``what``
+    after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
+            raise fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
 
 

@@ -10,7 +10,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ import httpx2 as httpx
 import psycopg
 from sqlalchemy.orm import Session
 
+from bench import common
 from bench.faults.servers import PrivatePostgres, PrivateRabbit, free_port
 from shared.db import migrate
 from shared.db.engine import make_engine
@@ -46,14 +46,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     """Poll ``check`` until it returns something truthy; ``ScenarioFailed`` naming ``what``
     after ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise ScenarioFailed(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
+    return common.wait_for(what, check, timeout, every, fail=ScenarioFailed)
 
 
 def group_pids(pgid: int) -> set[int]:
