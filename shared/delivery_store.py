@@ -664,11 +664,17 @@ class Record:
 
 
 def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
-    """Write the outcomes of a run's sends; returns the ids written. Rows whose lease the run
-    lost (taken back, perhaps sent by another run since) are not written: the caller reports
-    them. A retry of a canceled task's row makes it canceled instead. One statement: the task
-    row is locked first (the ``task`` InitPlan runs before any delivery row is touched), then
-    the rows, then the contacts found unreachable.
+    """Write the outcomes of one run's sends (see ``record_runs``)."""
+    return record_runs(batch.broadcast_id, [(batch.token, r) for r in records])
+
+
+def record_runs(broadcast_id: int, records: Sequence[tuple[uuid.UUID, Record]]) -> One[list[int]]:
+    """Write the outcomes of sends of one task's runs, each record with the token of the run
+    that made it; returns the ids written. Rows whose lease their run lost (taken back,
+    perhaps sent by another run since) are not written: the caller reports them. A retry of a
+    canceled task's row makes it canceled instead. One statement, whatever the number of runs
+    (the task row is written once): the task row is locked first (the ``task`` InitPlan runs
+    before any delivery row is touched), then the rows, then the contacts found unreachable.
     """
     return One(
         Query(
@@ -677,8 +683,8 @@ def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
             v AS (
                 SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(pmids)s::text[],
                                      %(errs)s::text[], %(waits)s::float8[], %(give_back)s::int[],
-                                     %(parts)s::int[], %(gone)s::bigint[])
-                    AS v(id, status, pmid, err, wait, give_back, parts, gone)
+                                     %(parts)s::int[], %(gone)s::bigint[], %(tokens)s::uuid[])
+                    AS v(id, status, pmid, err, wait, give_back, parts, gone, token)
             ),
             written AS (
                 UPDATE delivery d
@@ -699,7 +705,7 @@ def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
                 FROM v
                 WHERE (SELECT status FROM task) IS NOT NULL
                   AND d.id = v.id AND d.broadcast_id = %(b)s AND d.status = 'sending'
-                  AND d.lease_token = %(t)s
+                  AND d.lease_token = v.token
                 RETURNING d.id, v.gone, v.err
             ),
             marked AS (
@@ -712,16 +718,18 @@ def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
             SELECT id FROM written
             """,
             {
-                "ids": [r.id for r in records],
-                "statuses": [r.status.value for r in records],
-                "pmids": [r.provider_message_id for r in records],
-                "errs": [r.error for r in records],
-                "waits": [r.delay if r.status == DeliveryStatus.QUEUED else None for r in records],
-                "give_back": [0 if r.attempt_used else 1 for r in records],
-                "parts": [r.parts_done for r in records],
-                "gone": [r.unreachable_contact for r in records],
-                "b": batch.broadcast_id,
-                "t": batch.token,
+                "ids": [r.id for _, r in records],
+                "statuses": [r.status.value for _, r in records],
+                "pmids": [r.provider_message_id for _, r in records],
+                "errs": [r.error for _, r in records],
+                "waits": [
+                    r.delay if r.status == DeliveryStatus.QUEUED else None for _, r in records
+                ],
+                "give_back": [0 if r.attempt_used else 1 for _, r in records],
+                "parts": [r.parts_done for _, r in records],
+                "gone": [r.unreachable_contact for _, r in records],
+                "tokens": [token for token, _ in records],
+                "b": broadcast_id,
             },
         ),
         lambda result: [int(r[0]) for r in result.rows],

@@ -202,6 +202,7 @@ class BatchRun:
             finally:
                 # Answers the run could not write no longer count as calls under way here.
                 recorder.give_back_places()
+                recorder.close()
             watching.cancel()
             self.rt.status.untrack(self.batch.broadcast_id, self._heard)
             metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 
 class _Places:
@@ -176,6 +176,9 @@ class CallPool(_Places):
         super().__init__(size)
         #: Waiting calls by channel, channels in turn order.
         self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
+        #: Called when a call must wait for a place: places held by answers not yet written
+        #: come back sooner if they are written now (see ``ResultGroups.flush_soon``).
+        self.on_pressure: Callable[[], None] | None = None
 
     def call(self, channel_id: int) -> _Call:
         """``async with pool.call(channel_id):`` holds a place for one provider call."""
@@ -186,6 +189,8 @@ class CallPool(_Places):
 
     def _enqueue(self, key: Hashable, need: int, waiter: asyncio.Future[None]) -> None:
         self._waiting.setdefault(key, deque()).append(waiter)
+        if self.on_pressure is not None:
+            self.on_pressure()
 
     def _dequeue(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
         queue = self._waiting.get(key)

@@ -1,8 +1,10 @@
 """Results of one run's sends, written to Postgres in batches.
 
-The recorder turns each provider answer into the row's next state (the retry policy decides),
-keeps it until it is written, and writes what it holds every ``FLUSH_SECONDS`` in one
-transaction of the delivery store (the task's counters move with it, in Postgres). What it
+The recorder turns each provider answer into the row's next state (the retry policy decides)
+and keeps it until it is written. The results of every run of one task in this process are
+written together, at most every ``FLUSH_SECONDS``, in one transaction of the delivery store
+(see ``ResultGroup``): the task row, which every such write locks and whose counters move with
+it, is written once per tick instead of once per run. What it
 deliberately does not do: forget a result before its write has committed (a failed write keeps
 everything for the next try), or write a result whose run lost its lease (the store refuses it,
 and the recorder says so, loudly, with a metric).
@@ -41,6 +43,97 @@ UNSTORABLE = (psycopg.DataError, UnicodeError)
 FLUSH_SECONDS = 0.05
 
 
+class ResultGroup:
+    """The recorders of one task's runs in this process, whose results are written together:
+    one statement (and one lock of the task row) per write, whatever the number of runs.
+    """
+
+    def __init__(self, broadcast_id: int) -> None:
+        self.broadcast_id = broadcast_id
+        self.recorders: dict[Recorder, None] = {}
+        self.lock = asyncio.Lock()
+        #: When a write last took what the recorders held (monotonic seconds).
+        self.taken_at = 0.0
+
+    async def flush(self, *, force: bool) -> None:
+        """Write what every recorder of the group holds; unless ``force``, only if the last
+        write took its results at least ``FLUSH_SECONDS`` ago (ticks of several runs make one
+        write).
+        """
+        async with self.lock:
+            if not force and time.monotonic() - self.taken_at < FLUSH_SECONDS:
+                return
+            self.taken_at = time.monotonic()
+            taken = [(r, list(r.pending)) for r in self.recorders if r.pending]
+            if not taken:
+                return
+            started = time.perf_counter()
+            entries = [(r.batch.token, record) for r, held in taken for record, _, _ in held]
+            try:
+                async with taken[0][0].rt.pool.connection() as conn:
+                    ids = await store.arun(conn, store.record_runs(self.broadcast_id, entries))
+                written = set(ids)
+            except UNSTORABLE:
+                # One result the database refuses (a provider's odd answer) must not hold
+                # back the others: each is written on its own.
+                written = set()
+                for r, held in taken:
+                    written.update(await r.write_each([record for record, _, _ in held]))
+            for r, held in taken:
+                r.written(held, written)
+        metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+
+
+#: A write that calls waiting for places asked for is not asked again sooner than this.
+PRESSURE_SECONDS = 0.005
+
+
+class ResultGroups:
+    """The result groups of a process, one per task being sent."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, ResultGroup] = {}
+        self._soon: asyncio.Task[None] | None = None
+        self._soon_at = 0.0
+
+    def flush_soon(self) -> None:
+        """Calls wait for places in the call pool, some held by answers not yet written:
+        write every group's results now instead of at the next tick (one such write at a time).
+        """
+        now = time.monotonic()
+        if (self._soon is not None and not self._soon.done()) or (
+            now - self._soon_at < PRESSURE_SECONDS
+        ):
+            return
+        self._soon_at = now
+        self._soon = asyncio.get_running_loop().create_task(self._flush_all())
+
+    async def _flush_all(self) -> None:
+        groups = [g for g in self._groups.values() if any(r.pending for r in g.recorders)]
+        results = await asyncio.gather(
+            *(g.flush(force=True) for g in groups), return_exceptions=True
+        )
+        for group, result in zip(groups, results, strict=True):
+            if isinstance(result, Exception):
+                # The runs' own ticks write them (and say so if they cannot).
+                log.debug("broadcast %s: an early write failed: %s", group.broadcast_id, result)
+
+    def join(self, recorder: Recorder) -> ResultGroup:
+        bid = recorder.batch.broadcast_id
+        group = self._groups.get(bid)
+        if group is None:
+            group = self._groups[bid] = ResultGroup(bid)
+        group.recorders[recorder] = None
+        return group
+
+    def leave(self, recorder: Recorder) -> None:
+        group = self._groups.get(recorder.batch.broadcast_id)
+        if group is not None:
+            group.recorders.pop(recorder, None)
+            if not group.recorders:
+                del self._groups[group.broadcast_id]
+
+
 class Recorder:
     """Collects the outcomes of one run and writes them.
 
@@ -59,7 +152,7 @@ class Recorder:
         #: Results not yet written: the record, its metrics label, and whether it holds a
         #: place in the process's call pool (the answer of a call, until it is written).
         self.pending: list[tuple[Record, str, bool]] = []
-        self._lock = asyncio.Lock()
+        self.group = rt.results.join(self)
         self._jitter = random.Random()  # noqa: S311 - spreading retries, not secrecy
 
     def outcome(self, row: Claimed, outcome: Outcome, *, holds_place: bool = False) -> Decision:
@@ -119,35 +212,33 @@ class Recorder:
             self.pending = [(record, label, False) for record, label, _ in self.pending]
             self.rt.calls.give_back(held)
 
-    async def flush(self) -> None:
-        """Write what is pending. Records leave ``pending`` only once their transaction has
-        committed: a write that fails keeps them for the next try, and they never count as
-        done while their rows are still ``sending`` (which would let the rows be sent again).
+    async def flush(self, *, force: bool = True) -> None:
+        """Write what is pending (with what the task's other runs in this process hold).
+        Records leave ``pending`` only once their transaction has committed: a write that fails
+        keeps them for the next try, and they never count as done while their rows are still
+        ``sending`` (which would let the rows be sent again).
         """
-        async with self._lock:
-            if not self.pending:
-                return
-            taken = list(self.pending)
-            started = time.perf_counter()
-            records = [record for record, _, _ in taken]
-            try:
-                written = await self._write(records)
-            except UNSTORABLE:
-                # One result the database refuses (a provider's odd answer) must not hold
-                # back the others: they are written one by one.
-                written = await self._write_each(records)
-            del self.pending[: len(taken)]
-            if held := sum(1 for _, _, holds in taken if holds):
-                self.rt.calls.give_back(held)
-        metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+        await self.group.flush(force=force)
+
+    def close(self) -> None:
+        """The run is over: its results are no longer written with the group's."""
+        self.rt.results.leave(self)
+
+    def written(self, taken: list[tuple[Record, str, bool]], written: set[int]) -> None:
+        """A write that took ``taken`` (the first of ``pending``) committed; ``written`` holds
+        the ids it wrote (of this and other runs).
+        """
+        del self.pending[: len(taken)]
+        if held := sum(1 for _, _, holds in taken if holds):
+            self.rt.calls.give_back(held)
         # Counted per write, not per send: each metric update costs a shared-memory write.
         labels = Counter(label for _, label, _ in taken)
         for label, count in labels.items():
             metrics.DELIVERIES.labels(self.job.kind, label).inc(count)
         if calls := len(taken) - labels["released"]:
             metrics.CHANNEL_SENDS.labels(str(self.job.channel_id), self.job.kind).inc(calls)
-        if len(written) < len(taken):
-            self._report_dropped(taken, set(written))
+        if any(record.id not in written for record, _, _ in taken):
+            self._report_dropped(taken, written)
 
     async def _write(self, records: list[Record]) -> list[int]:
         # Text the database cannot take (a lone surrogate from a provider) fails before it is
@@ -155,7 +246,7 @@ class Recorder:
         async with self.rt.pool.connection() as conn:
             return await store.arun(conn, store.record(self.batch, records))
 
-    async def _write_each(self, records: list[Record]) -> list[int]:
+    async def write_each(self, records: list[Record]) -> list[int]:
         written: list[int] = []
         for record in records:
             try:
@@ -203,13 +294,15 @@ class Recorder:
         )
 
     async def keep_flushing(self, stop: asyncio.Event) -> None:
-        """Write every ``FLUSH_SECONDS`` until ``stop`` is set (the last write is the run's)."""
+        """Write every ``FLUSH_SECONDS`` until ``stop`` is set (the last write is the run's);
+        the ticks of the task's runs in this process make one write.
+        """
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
             if self.pending and not stop.is_set():
                 try:
-                    await self.flush()
+                    await self.flush(force=False)
                 except Exception as exc:  # the next write tries again; nothing is lost
                     log.warning(
                         "broadcast %s batch %s: writing results failed (%s); kept for the "

@@ -35,6 +35,7 @@ from services.dispatcher.jobs import Job
 from services.dispatcher.lease import LeaseKeeper
 from services.dispatcher.pacing import CallPool, Lane
 from services.dispatcher.ratelimit import RateLimiter, SlotCache
+from services.dispatcher.recorder import ResultGroups
 from services.dispatcher.status import StatusBoard
 from shared.db.engine import libpq_url
 from shared.egress import Egress
@@ -75,6 +76,8 @@ class Runtime:
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
         self._lanes: dict[int, Lane] = {}
         self._slots: dict[int, SlotCache] = {}
+        #: Results of the runs of each task, written together.
+        self.results = ResultGroups()
         self.media: MediaStore = make_media_store(settings)
         #: Where channels may connect (public addresses only, unless the settings allow more).
         self.egress = Egress(allow_private=settings.allow_private_targets)
@@ -103,6 +106,7 @@ class Runtime:
             timeout_seconds=self.settings.send_timeout_seconds,
         )
         self.calls = CallPool(self.settings.max_in_flight)
+        self.calls.on_pressure = self.results.flush_soon
         self.status = StatusBoard(self.conninfo, self.pool)
         await self.status.start()
         self.limiter = RateLimiter(self.pool)

@@ -469,7 +469,7 @@ def test_a_call_holds_its_place_in_the_call_pool_until_its_answer_is_written(
 ) -> None:
     # What a process killed outright can repeat: calls under way, and answers not yet
     # written. Both hold a place, so BCAST_MAX_IN_FLIGHT bounds them together.
-    real = store.record
+    real = store.record_runs
     refusing = threading.Event()
 
     def record(*args: Any, **kw: Any) -> Any:
@@ -477,7 +477,7 @@ def test_a_call_holds_its_place_in_the_call_pool_until_its_answer_is_written(
             return store.One(store.Query("SELECT no_such_function()"), bool)
         return real(*args, **kw)
 
-    monkeypatch.setattr(store, "record", record)
+    monkeypatch.setattr(store, "record_runs", record)
     runtime.calls.size = 5
     s = sending(50, rate=1000, latency_ms=20)
     refusing.set()
