@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from shared.db.engine import transaction
 from shared.db.models import Broadcast, Contact, Delivery
+from shared.delivery_store import TODAY
 
 
 def start_with_deliveries(
@@ -26,9 +27,13 @@ def start_with_deliveries(
             .limit(len(statuses))
         ).all()
         assert len(contacts) == len(statuses), "not enough contacts for the deliveries asked for"
+        # Filed under today, as a snapshot made now would be.
+        day = session.execute(text(f"SELECT {TODAY}")).scalar_one()
+        broadcast.part_day = day
         ids = []
         for i, ((contact_id, address), status) in enumerate(zip(contacts, statuses, strict=True)):
             delivery = Delivery(
+                part_day=day,
                 workspace_id=broadcast.workspace_id,
                 broadcast_id=broadcast_id,
                 contact_id=contact_id,

@@ -18,7 +18,8 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            context = MigrationContext.configure(conn, opts={"include_name": migrate.include_name})
+            diff = compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
     assert diff == []
