@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import psycopg
 from alembic import command
@@ -22,7 +23,7 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def include_name(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
+def include_name(name: str | None, type_: str, parent_names: Mapping[Any, str | None]) -> bool:
     """What Alembic compares with the models: not the partitions of ``delivery`` and the
     tables retention archived, nor their indexes, which the models do not describe (they
     come and go at run time, ``shared.delivery_partitions``).
