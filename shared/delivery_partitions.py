@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -244,12 +244,24 @@ def ensure_ahead(width: int, *, ahead: int = PARTITIONS_AHEAD) -> Op[list[Partit
 # --- removing ------------------------------------------------------------------------------
 
 
-def _broadcasts(partition: Partition) -> Op[tuple[int, int, int]]:
-    """(broadcasts, of which not final, delivery rows) of the broadcasts filed in it."""
+class Filed(NamedTuple):
+    """The broadcasts filed under a partition's days."""
+
+    broadcasts: int
+    #: Of which not completed or canceled.
+    unfinished: int
+    #: Of which not yet told their rows go (``recipients_removed_at``).
+    unretired: int
+    #: Their delivery rows, from their counts.
+    rows: int
+
+
+def _filed(partition: Partition) -> Op[Filed]:
     row = (
         yield Query(
             f"""
             SELECT count(*), count(*) FILTER (WHERE status NOT IN {_FINAL}),
+                   count(*) FILTER (WHERE recipients_removed_at IS NULL),
                    coalesce(sum(total_count), 0)::bigint
             FROM broadcast WHERE part_day >= %(first)s AND part_day < %(end)s
             """,
@@ -257,13 +269,13 @@ def _broadcasts(partition: Partition) -> Op[tuple[int, int, int]]:
         )
     ).first()
     assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
+    return Filed(*(int(v) for v in row))
 
 
-def _retire(partition: Partition) -> Op[tuple[int, int, int]]:
+def _retire(partition: Partition) -> Op[Filed]:
     """Record on its broadcasts that their rows go, unless one of them is not final."""
-    broadcasts, unfinished, rows = yield from _broadcasts(partition)
-    if not unfinished:
+    filed = yield from _filed(partition)
+    if not filed.unfinished:
         yield Query(
             """
             UPDATE broadcast SET recipients_removed_at = now()
@@ -271,7 +283,7 @@ def _retire(partition: Partition) -> Op[tuple[int, int, int]]:
             """,
             {"first": partition.first_day, "end": partition.end_day},
         )
-    return broadcasts, unfinished, rows
+    return filed
 
 
 def _past(partition: Partition, today: date, retention_days: int) -> bool:
@@ -308,7 +320,9 @@ def prune(
                 not retention_days or not _past(p, day, retention_days)
             ):
                 continue
-            done.append(_remove(conn, p, archive=archive, dry_run=dry_run))
+            removal = _remove(conn, p, archive=archive, dry_run=dry_run)
+            if removal is not None:
+                done.append(removal)
         return done
     finally:
         if not dry_run:
@@ -317,17 +331,19 @@ def prune(
 
 def _remove(
     conn: psycopg.Connection[Any], p: Partition, *, archive: bool, dry_run: bool
-) -> Removal:
+) -> Removal | None:
     action = Action.ARCHIVED if archive else Action.DROPPED
     if p.state == State.ATTACHED:
-        broadcasts, unfinished, rows = run(conn, (_broadcasts if dry_run else _retire)(p))
-        if unfinished:
-            return Removal(p, Action.HELD, broadcasts, unfinished, rows)
+        filed = run(conn, (_filed if dry_run else _retire)(p))
+        if filed.unfinished:
+            return Removal(p, Action.HELD, filed.broadcasts, filed.unfinished, filed.rows)
     else:
-        # Retired already, by the prune that was cut short.
-        broadcasts, unfinished, rows = run(conn, _broadcasts(p))
+        filed = run(conn, _filed(p))
+        if filed.unretired:
+            # Detached, but not by a prune (which retires its broadcasts first): not ours.
+            return None
     if dry_run:
-        return Removal(p, action, broadcasts, unfinished, rows)
+        return Removal(p, action, filed.broadcasts, filed.unfinished, filed.rows)
     if p.state == State.ATTACHED:
         conn.execute(f"ALTER TABLE delivery DETACH PARTITION {p.name} CONCURRENTLY")
     elif p.state == State.DETACHING:
@@ -342,11 +358,11 @@ def _remove(
         p.first_day,
         p.end_day - timedelta(days=1),
         action,
-        rows,
-        broadcasts,
-        extra={"partition": p.name, "action": action.value, "rows": rows},
+        filed.rows,
+        filed.broadcasts,
+        extra={"partition": p.name, "action": action.value, "rows": filed.rows},
     )
-    return Removal(p, action, broadcasts, unfinished, rows)
+    return Removal(p, action, filed.broadcasts, filed.unfinished, filed.rows)
 
 
 def describe(conn: psycopg.Connection[Any], *, retention_days: int) -> list[Described]:
@@ -354,11 +370,11 @@ def describe(conn: psycopg.Connection[Any], *, retention_days: int) -> list[Desc
     partitions = run(conn, listing())
     described = []
     for p in partitions:
-        broadcasts, unfinished, rows = run(conn, _broadcasts(p))
+        filed = run(conn, _filed(p))
         removable = (
             p.end_day + timedelta(days=retention_days)
             if retention_days and p.state == State.ATTACHED
             else None
         )
-        described.append(Described(p, broadcasts, unfinished, rows, removable))
+        described.append(Described(p, filed.broadcasts, filed.unfinished, filed.rows, removable))
     return described

@@ -327,8 +327,14 @@ def test_a_removal_cut_short_is_finished_by_the_next_prune(
 ) -> None:
     cut = filed_task(api, conn, today(conn) - timedelta(days=3500), 2)
     left = filed_task(api, conn, today(conn) - timedelta(days=3600), 1)
-    pending, detached = partition_of(conn, cut), partition_of(conn, left)
-    # A detach stopped while it waited for a transaction that reads delivery rows.
+    mine = filed_task(api, conn, today(conn) - timedelta(days=3650), 1)
+    pending, detached, kept = (partition_of(conn, t) for t in (cut, left, mine))
+    # A prune retires the broadcasts of a partition before it detaches it.
+    conn.execute(
+        "UPDATE broadcast SET recipients_removed_at = now() WHERE id = ANY(%s)",
+        ([cut.id, left.id],),
+    )
+    # One detach stopped while it waited for a transaction that reads delivery rows...
     reader = connect()
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM delivery WHERE broadcast_id = %s", (cut.id,))
@@ -337,19 +343,27 @@ def test_a_removal_cut_short_is_finished_by_the_next_prune(
         conn.execute(f"ALTER TABLE delivery DETACH PARTITION {pending} CONCURRENTLY")
     conn.execute("RESET lock_timeout")
     reader.execute("ROLLBACK")
-    # And one detached, but neither dropped nor archived.
+    # ... and one partition detached but neither dropped nor archived.
     conn.execute(f"ALTER TABLE delivery DETACH PARTITION {detached}")
+    # One an operator detached to keep (its broadcasts were not retired) is none of retention's.
+    conn.execute(f"ALTER TABLE delivery DETACH PARTITION {kept}")
     states = {n: p.state for n, p in listed(conn).items()}
-    assert (states[pending], states[detached]) == (State.DETACHING, State.DETACHED)
+    assert [states[n] for n in (pending, detached, kept)] == [
+        State.DETACHING,
+        State.DETACHED,
+        State.DETACHED,
+    ]
 
     done = {
         r.partition.name: r.action
         for r in partitions.prune(conn, retention_days=0, archive=False)
-        if r.partition.name in {pending, detached}
+        if r.partition.name in {pending, detached, kept}
     }
     assert done == {pending: Action.DROPPED, detached: Action.DROPPED}
     assert not exists(conn, pending)
     assert not exists(conn, detached)
+    assert exists(conn, kept)
+    conn.execute(f"DROP TABLE {kept}")
 
 
 def test_one_prune_at_a_time(api: Api, conn: psycopg.Connection[Any], connect: Any) -> None:
