@@ -168,3 +168,24 @@ def test_a_statement_without_the_day_would_touch_every_partition(
     }
     assert planner.partitions() == attached
     assert len(attached) > 1
+
+
+def test_prepared_hot_path_statements_keep_plans_of_their_own_partition(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    # A generic plan of a prepared statement would take every partition's lock at each run.
+    for k in range(12):
+        store.run(conn, partitions.ensure(today(conn) - timedelta(days=4200 + 7 * k), 7))
+    task = new_task(api, conn, 40, batch_size=40)
+    batch = run_batch(conn, task.id)
+    sender = connect()  # psycopg prepares a statement run 5 times on one connection
+    for _ in range(20):
+        held = store.run(sender, store.claim(batch, 1))
+        store.run(sender, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held]))
+        store.run(sender, store.progress(task.id, batch.first_id, batch.last_id, batch.part_day))
+    plans = sender.execute(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%%delivery%%'"
+    ).fetchall()
+    assert len(plans) == 3
+    assert [(generic, custom > 0) for _, generic, custom in plans] == [(0, True)] * 3
