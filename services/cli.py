@@ -130,7 +130,7 @@ def deliveries_prune(
 ) -> None:
     """Remove the partitions of delivery rows past retention (BCAST_DELIVERY_RETENTION_DAYS)
     whose broadcasts are all completed or canceled: dropped, or detached and kept as tables of
-    their own with BCAST_DELIVERY_ARCHIVE=true. The schedulers do this every few minutes.
+    their own with BCAST_DELIVERY_ARCHIVE=true. The schedulers do this every 10 minutes.
     """
     _logging()
     settings = get_settings()

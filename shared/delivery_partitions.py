@@ -34,7 +34,8 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from shared.delivery_store import Op, Query, run
+from shared.delivery_store import TODAY, Op, Query, run
+from shared.domain.lifecycle import FINAL_BROADCAST_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,12 @@ PRUNE_LOCK = 0x6263_0005
 ANCHOR = date(1970, 1, 5)
 #: Partitions the scheduler keeps made after the one that holds today.
 PARTITIONS_AHEAD = 2
-#: Today, in UTC, by the database's clock: the day a copy of an audience is filed under.
-TODAY = "(now() AT TIME ZONE 'UTC')::date"
 #: Longest a maker waits for a lock on ``delivery`` (only other DDL holds a conflicting one).
 MAKE_LOCK_TIMEOUT = "10s"
 
 _NAME = re.compile(r"^delivery_(archived_)?p[0-9]{8}$")
 _DAY = re.compile(r"'(\d{4}-\d{2}-\d{2})'")
-_FINAL = "('completed', 'canceled')"
+_FINAL = "(" + ", ".join(sorted(f"'{s.value}'" for s in FINAL_BROADCAST_STATUSES)) + ")"
 
 
 class State(StrEnum):
@@ -60,9 +59,10 @@ class State(StrEnum):
 
     #: A partition of ``delivery``.
     ATTACHED = "attached"
-    #: Being detached (or a detach was cut short: the next prune finishes it).
+    #: Being detached, or a detach was cut short (the next prune finishes those it started).
     DETACHING = "detaching"
-    #: Detached by a prune that was cut short before dropping or renaming it.
+    #: No longer a partition, under a partition's name: a prune cut short before dropping or
+    #: renaming it (the next one finishes it), or one detached by hand (left alone).
     DETACHED = "detached"
     #: Detached and kept by retention in archive mode.
     ARCHIVED = "archived"
