@@ -14,13 +14,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import typer
 
+from shared import delivery_partitions, delivery_store
 from shared.db import migrate
-from shared.db.engine import transaction
+from shared.db.engine import libpq_url, transaction
 from shared.domain.tokens import (
     TokenAmbiguous,
     TokenInfo,
@@ -39,9 +42,14 @@ secrets_app = typer.Typer(
     help="Keys that encrypt channel secrets and media signing keys at rest (BCAST_SECRET_KEYS).",
     no_args_is_help=True,
 )
+deliveries_app = typer.Typer(
+    help="Partitions of the delivery rows and their retention (docs/retention.md).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(deliveries_app, name="deliveries")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -58,6 +66,97 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target migration."))
     created = migrate.create_database_if_missing(settings.database_url)
     migrate.upgrade(settings.database_url, revision)
     typer.echo(("created database and " if created else "") + f"migrated to {revision}")
+    if revision == "head":
+        # Broadcasts can start before a scheduler has made partitions ahead.
+        with _autocommit() as conn:
+            ahead = delivery_store.run(
+                conn, delivery_partitions.ensure_ahead(settings.delivery_partition_days)
+            )
+        typer.echo(f"delivery partitions ready up to {ahead[-1].end_day - timedelta(days=1)}")
+
+
+def _autocommit() -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        libpq_url(get_settings().database_url), autocommit=True, application_name="bcast-cli"
+    )
+
+
+@deliveries_app.command("partitions")
+def deliveries_partitions() -> None:
+    """List the partitions of the delivery rows and the tables retention archived: the days
+    each holds, its broadcasts (and how many are not yet completed or canceled), its rows, and
+    the first day retention may remove it.
+    """
+    settings = get_settings()
+    with _autocommit() as conn:
+        described = delivery_partitions.describe(
+            conn, retention_days=settings.delivery_retention_days
+        )
+    header = (
+        "NAME",
+        "FIRST DAY",
+        "LAST DAY",
+        "STATE",
+        "BROADCASTS",
+        "UNFINISHED",
+        "ROWS",
+        "REMOVABLE ON",
+    )
+    rows = [header]
+    for d in described:
+        p = d.partition
+        rows.append(
+            (
+                p.name,
+                p.first_day.isoformat(),
+                (p.end_day - timedelta(days=1)).isoformat(),
+                p.state.value,
+                str(d.broadcasts),
+                str(d.unfinished),
+                str(d.rows),
+                d.removable_on.isoformat() if d.removable_on else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if not settings.delivery_retention_days:
+        typer.echo("BCAST_DELIVERY_RETENTION_DAYS=0: delivery rows are kept forever", err=True)
+
+
+@deliveries_app.command("prune")
+def deliveries_prune(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; change nothing."),
+) -> None:
+    """Remove the partitions of delivery rows past retention (BCAST_DELIVERY_RETENTION_DAYS)
+    whose broadcasts are all completed or canceled: dropped, or detached and kept as tables of
+    their own with BCAST_DELIVERY_ARCHIVE=true. The schedulers do this every 10 minutes.
+    """
+    _logging()
+    settings = get_settings()
+    if not settings.delivery_retention_days:
+        typer.echo("BCAST_DELIVERY_RETENTION_DAYS=0: delivery rows are kept forever")
+    with _autocommit() as conn:
+        removals = delivery_partitions.prune(
+            conn,
+            retention_days=settings.delivery_retention_days,
+            archive=settings.delivery_archive,
+            dry_run=dry_run,
+        )
+    if not removals:
+        typer.echo("no partition past retention")
+    for r in removals:
+        p = r.partition
+        days = f"{p.name} ({p.first_day} to {p.end_day - timedelta(days=1)})"
+        if r.action == delivery_partitions.Action.HELD:
+            typer.echo(
+                f"kept {days}: {r.unfinished} of its {r.broadcasts} broadcasts are not yet "
+                "completed or canceled"
+            )
+            continue
+        verb = {"dropped": "drop", "archived": "archive"}[r.action.value]
+        done = f"would {verb}" if dry_run else r.action.value
+        typer.echo(f"{done} {days}: {r.rows} rows of {r.broadcasts} broadcasts")
 
 
 @token_app.command("create")

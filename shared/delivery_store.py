@@ -11,7 +11,9 @@ all change delivery rows through this module and nowhere else, so each rule is s
   only where that token still holds, so a row taken back is never counted twice;
 * task counters and completion follow from row transitions in Postgres itself (statement
   triggers over transition tables, and one BEFORE UPDATE rule on the task; migration 0004):
-  no path here moves a counter, so none can forget or double one.
+  no path here moves a counter, so none can forget or double one;
+* every statement on delivery rows names their ``part_day`` (the broadcast's, carried by its
+  batches), so it touches the one partition that holds them (``shared.delivery_partitions``).
 
 Each operation is written once, with one placeholder style: as a generator of SQL statements
 (``Op``), or, for the send loop's hot paths, as a single statement (``One``). ``run`` executes
@@ -26,6 +28,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from itertools import groupby
 from typing import Any, Generic, TypeVar
 
@@ -38,6 +41,8 @@ T = TypeVar("T")
 #: Advisory lock namespaces (first key; the second is the broadcast id where there is one).
 SNAPSHOT_LOCK = 0x6263_0001
 RELAY_LOCK = 0x6263_0003
+#: Today in UTC by the database's clock: the ``part_day`` of an audience copied now.
+TODAY = "(now() AT TIME ZONE 'UTC')::date"
 
 QUEUED = DeliveryStatus.QUEUED.value
 SENDING = DeliveryStatus.SENDING.value
@@ -133,6 +138,7 @@ def given_back(task_status: str) -> str:
 
 def _come_back(
     broadcast_id: int,
+    part_day: date,
     task_status: str | None,
     tokens: Sequence[uuid.UUID],
     *,
@@ -155,6 +161,7 @@ def _come_back(
             next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
                                    ELSE now() + %(delay)s::float8 * interval '1 second' END
         WHERE broadcast_id = %(b)s AND status = 'sending' AND lease_token = ANY(%(tokens)s)
+          AND part_day = %(p)s
           AND (%(only)s::bigint[] IS NULL OR id = ANY(%(only)s))
           AND id <> ALL(%(keep)s::bigint[])
         """,
@@ -163,6 +170,7 @@ def _come_back(
             "give_back": 0 if attempt_used else 1,
             "delay": delay,
             "b": broadcast_id,
+            "p": part_day,
             "tokens": list(tokens),
             "only": list(only) if only is not None else None,
             "keep": list(keep),
@@ -171,11 +179,11 @@ def _come_back(
     return result.rowcount
 
 
-def _cancel_queued(broadcast_id: int) -> Op[int]:
+def _cancel_queued(broadcast_id: int, part_day: date) -> Op[int]:
     result = yield Query(
         "UPDATE delivery SET status = 'canceled', updated_at = now() "
-        "WHERE broadcast_id = %(b)s AND status = 'queued'",
-        {"b": broadcast_id},
+        "WHERE broadcast_id = %(b)s AND part_day = %(p)s AND status = 'queued'",
+        {"b": broadcast_id, "p": part_day},
     )
     return result.rowcount
 
@@ -189,7 +197,11 @@ def cancel(broadcast_id: int) -> Op[int]:
     The caller has checked that the task may be canceled.
     """
     yield from _lock_task(broadcast_id)
-    canceled = yield from _cancel_queued(broadcast_id)
+    part_day = (
+        yield Query("SELECT part_day FROM broadcast WHERE id = %(b)s", {"b": broadcast_id})
+    ).scalar()
+    # No day: its audience was never copied, so it has no rows.
+    canceled = 0 if part_day is None else (yield from _cancel_queued(broadcast_id, part_day))
     yield Query(
         """
         UPDATE broadcast
@@ -220,6 +232,21 @@ def hold(broadcast_id: int, reason: str) -> One[bool]:
 # --- the snapshot ----------------------------------------------------------------------------
 
 
+def snapshot_day(broadcast_id: int) -> One[date | None]:
+    """Fix the day a broadcast's audience copy is filed under (today, the first time) and
+    return it (None: no such broadcast). Committed before the copy is made, and before its
+    partition is made sure of, so retention never removes a partition a copy is filling.
+    """
+    return One(
+        Query(
+            f"UPDATE broadcast SET part_day = coalesce(part_day, {TODAY}) WHERE id = %(b)s "
+            "RETURNING part_day",
+            {"b": broadcast_id},
+        ),
+        lambda result: result.scalar(),
+    )
+
+
 def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
     """Copy the audience into one delivery row per recipient and cut the rows into batches,
     once. Returns how many rows were copied, or None when the copy was made before (or is
@@ -229,7 +256,9 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
     provider called unreachable are recorded as skipped with the reason. The copy runs inside
     Postgres (``INSERT ... SELECT``), so memory stays flat for any audience; the task row is
     locked only at the end, so a pause or cancel never waits for a long copy, and a cancel
-    that committed meanwhile cancels the rows just copied.
+    that committed meanwhile cancels the rows just copied. The rows go to the partition of
+    the broadcast's ``part_day`` (``snapshot_day``; today if it was not fixed), which must
+    exist (``shared.delivery_partitions.ensure``).
     """
     copying = (
         yield Query(
@@ -241,48 +270,62 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
         return None  # another dispatcher is copying it right now
     task = (
         yield Query(
-            "SELECT workspace_id, snapshot_at FROM broadcast WHERE id = %(snap_b)s",
+            f"SELECT workspace_id, snapshot_at, coalesce(part_day, {TODAY}) FROM broadcast "
+            "WHERE id = %(snap_b)s",
             {"snap_b": broadcast_id},
         )
     ).first()
     if task is None or task[1] is not None:
         return None
-    workspace_id = task[0]
-    params = {**audience.params, "snap_b": broadcast_id, "snap_ws": workspace_id}
+    workspace_id, part_day = task[0], task[2]
+    params = {
+        **audience.params,
+        "snap_b": broadcast_id,
+        "snap_ws": workspace_id,
+        "snap_day": part_day,
+    }
     copied = (
         yield Query(
             f"""
             INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
-                                  last_error)
+                                  last_error, part_day)
             SELECT %(snap_ws)s, %(snap_b)s, a.contact_id, a.address,
                    CASE WHEN a.unreachable THEN 'skipped' ELSE 'queued' END,
                    CASE WHEN a.unreachable
-                        THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END
+                        THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END,
+                   %(snap_day)s
             FROM ({audience.sql}) AS a(contact_id, address, unreachable, reason)
             ORDER BY a.contact_id
-            ON CONFLICT (broadcast_id, contact_id) DO NOTHING
+            ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
             """,
             params,
         )
     ).rowcount
     yield Query(
         """
-        INSERT INTO delivery_batch (workspace_id, broadcast_id, first_id, last_id)
-        SELECT %(snap_ws)s, %(snap_b)s, min(id), max(id)
+        INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id, last_id)
+        SELECT %(snap_ws)s, %(snap_b)s, %(snap_day)s, min(id), max(id)
         FROM (
             SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(size)s AS n
-            FROM delivery WHERE broadcast_id = %(snap_b)s AND status = 'queued'
+            FROM delivery
+            WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s AND status = 'queued'
         ) AS run
         GROUP BY n
         """,
-        {"snap_b": broadcast_id, "snap_ws": workspace_id, "size": batch_size},
+        {
+            "snap_b": broadcast_id,
+            "snap_ws": workspace_id,
+            "snap_day": part_day,
+            "size": batch_size,
+        },
     )
     status = yield from _lock_task(broadcast_id)
     if status == BroadcastStatus.CANCELED:
-        yield from _cancel_queued(broadcast_id)
+        yield from _cancel_queued(broadcast_id, part_day)
     # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
     yield Query(
-        "UPDATE broadcast SET snapshot_at = now() WHERE id = %(snap_b)s", {"snap_b": broadcast_id}
+        "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s WHERE id = %(snap_b)s",
+        {"snap_b": broadcast_id, "snap_day": part_day},
     )
     return copied
 
@@ -299,6 +342,8 @@ class Batch:
     first_id: int
     last_id: int
     token: uuid.UUID
+    #: The broadcast's ``part_day``: the partition its deliveries are in.
+    part_day: date
 
 
 _RUNNING = """
@@ -335,12 +380,12 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
             f"""
             UPDATE delivery_batch SET {_RUNNING}
             WHERE id = %(id)s
-            RETURNING id, broadcast_id, first_id, last_id
+            RETURNING id, broadcast_id, first_id, last_id, part_day
             """,
             {"id": batch_id, "t": token, "lease": lease},
         )
     ).first()
-    return Batch(row[0], row[1], row[2], row[3], token) if row else None
+    return Batch(row[0], row[1], row[2], row[3], token, row[4]) if row else None
 
 
 def renew(batches: Sequence[Batch], *, lease: float) -> One[set[int]]:
@@ -393,7 +438,7 @@ def end_run(
     """
     status = yield from _lock_task(batch.broadcast_id)
     back = yield from _come_back(
-        batch.broadcast_id, status, [batch.token], keep=keep, attempt_used=False
+        batch.broadcast_id, batch.part_day, status, [batch.token], keep=keep, attempt_used=False
     )
     if keep:
         return back, None
@@ -428,7 +473,7 @@ def end_run(
                 SELECT 1 FROM broadcast t JOIN channel_rate r ON r.channel_id = t.channel_id
                 WHERE t.id = %(b)s AND {_FREE_AT} > now()
             )
-            RETURNING id, broadcast_id, first_id, last_id
+            RETURNING id, broadcast_id, first_id, last_id, part_day
             """,
             {
                 "b": batch.broadcast_id,
@@ -439,7 +484,7 @@ def end_run(
             },
         )
     ).first()
-    return back, Batch(row[0], row[1], row[2], row[3], next_token) if row else None
+    return back, Batch(row[0], row[1], row[2], row[3], next_token, row[4]) if row else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,7 +499,7 @@ class Progress:
     next_due_in: float | None
 
 
-def progress(broadcast_id: int, first_id: int, last_id: int) -> One[Progress]:
+def progress(broadcast_id: int, first_id: int, last_id: int, part_day: date) -> One[Progress]:
     """What is left of a batch's range."""
 
     def read(result: Result) -> Progress:
@@ -475,9 +520,10 @@ def progress(broadcast_id: int, first_id: int, last_id: int) -> One[Progress]:
                                       FILTER (WHERE status = 'queued') - now())::float8
             FROM delivery
             WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s
+              AND part_day = %(p)s
               AND status IN ('queued', 'sending')
             """,
-            {"b": broadcast_id, "lo": first_id, "hi": last_id},
+            {"b": broadcast_id, "p": part_day, "lo": first_id, "hi": last_id},
         ),
         read,
     )
@@ -582,6 +628,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
             WITH picked AS (
                 SELECT d.id FROM delivery d JOIN contact c ON c.id = d.contact_id
                 WHERE d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
+                  AND d.part_day = %(p)s
                   AND d.status = 'queued'
                   AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
                   AND c.opted_out_at IS NULL AND c.unreachable_at IS NULL
@@ -594,6 +641,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
                 updated_at = now()
             FROM picked
             WHERE d.id = picked.id
+              AND d.part_day = %(p)s
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
               AND EXISTS (SELECT 1 FROM delivery_batch
                           WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running')
@@ -602,6 +650,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
             """,
             {
                 "b": batch.broadcast_id,
+                "p": batch.part_day,
                 "batch": batch.id,
                 "lo": batch.first_id,
                 "hi": batch.last_id,
@@ -616,6 +665,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
 #: Queued rows of a batch whose contact opted out or was found unreachable since the snapshot.
 _GONE = """
     d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.status = 'queued'
+    AND d.part_day = %(p)s
     AND c.id = d.contact_id AND (c.opted_out_at IS NOT NULL OR c.unreachable_at IS NOT NULL)
 """
 
@@ -624,7 +674,12 @@ def skip_gone(batch: Batch) -> Op[int]:
     """Queued rows of the batch whose contact opted out or was found unreachable since the
     snapshot become ``skipped``, with the reason. Returns how many.
     """
-    bounds = {"b": batch.broadcast_id, "lo": batch.first_id, "hi": batch.last_id}
+    bounds = {
+        "b": batch.broadcast_id,
+        "p": batch.part_day,
+        "lo": batch.first_id,
+        "hi": batch.last_id,
+    }
     # The common case is one cheap read and no lock.
     if not (yield Query(f"SELECT 1 FROM delivery d, contact c WHERE {_GONE} LIMIT 1", bounds)).rows:
         return 0
@@ -665,10 +720,12 @@ class Record:
 
 def record(batch: Batch, records: Sequence[Record]) -> One[list[int]]:
     """Write the outcomes of one run's sends (see ``record_runs``)."""
-    return record_runs(batch.broadcast_id, [(batch.token, r) for r in records])
+    return record_runs(batch.broadcast_id, batch.part_day, [(batch.token, r) for r in records])
 
 
-def record_runs(broadcast_id: int, records: Sequence[tuple[uuid.UUID, Record]]) -> One[list[int]]:
+def record_runs(
+    broadcast_id: int, part_day: date, records: Sequence[tuple[uuid.UUID, Record]]
+) -> One[list[int]]:
     """Write the outcomes of sends of one task's runs, each record with the token of the run
     that made it; returns the ids written. Rows whose lease their run lost (taken back,
     perhaps sent by another run since) are not written: the caller reports them. A retry of a
@@ -706,6 +763,7 @@ def record_runs(broadcast_id: int, records: Sequence[tuple[uuid.UUID, Record]]) 
                 WHERE (SELECT status FROM task) IS NOT NULL
                   AND d.id = v.id AND d.broadcast_id = %(b)s AND d.status = 'sending'
                   AND d.lease_token = v.token
+                  AND d.part_day = %(p)s
                 RETURNING d.id, v.gone, v.err
             ),
             marked AS (
@@ -730,6 +788,7 @@ def record_runs(broadcast_id: int, records: Sequence[tuple[uuid.UUID, Record]]) 
                 "gone": [r.unreachable_contact for _, r in records],
                 "tokens": [token for token, _ in records],
                 "b": broadcast_id,
+                "p": part_day,
             },
         ),
         lambda result: [int(r[0]) for r in result.rows],
@@ -743,7 +802,13 @@ def release(batch: Batch, ids: Sequence[int], *, delay: float | None = None) -> 
     status = yield from _lock_task(batch.broadcast_id)
     return (
         yield from _come_back(
-            batch.broadcast_id, status, [batch.token], only=ids, attempt_used=False, delay=delay
+            batch.broadcast_id,
+            batch.part_day,
+            status,
+            [batch.token],
+            only=ids,
+            attempt_used=False,
+            delay=delay,
         )
     )
 
@@ -773,12 +838,12 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
     """
     dead = (
         yield Query(
-            "SELECT broadcast_id, id, run_token FROM delivery_batch "
+            "SELECT broadcast_id, id, run_token, part_day FROM delivery_batch "
             "WHERE state = 'running' AND lease_expires_at < now() ORDER BY broadcast_id, id"
         )
     ).rows
     batches = rows = 0
-    for broadcast_id, group in groupby(dead, key=lambda r: int(r[0])):
+    for (broadcast_id, part_day), group in groupby(dead, key=lambda r: (int(r[0]), r[3])):
         status = yield from _lock_task(broadcast_id)
         # Only batches still dead once the task is locked (a late renewal may have saved one);
         # one a renewal holds this moment is left for the next sweep, never waited for.
@@ -792,7 +857,7 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
         if not still:
             continue
         rows += yield from _come_back(
-            broadcast_id, status, [r[1] for r in still], attempt_used=True
+            broadcast_id, part_day, status, [r[1] for r in still], attempt_used=True
         )
         yield Query(
             "UPDATE delivery_batch SET state = 'ready', due_at = now(), run_token = NULL, "
@@ -803,7 +868,7 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
     orphaned = (
         yield Query(
             """
-            SELECT DISTINCT d.broadcast_id, d.lease_token FROM delivery d
+            SELECT DISTINCT d.broadcast_id, d.lease_token, d.part_day FROM delivery d
             WHERE d.status = 'sending' AND d.updated_at < now() - %(s)s * interval '1 second'
               AND NOT EXISTS (SELECT 1 FROM delivery_batch b
                               WHERE b.state = 'running' AND b.run_token = d.lease_token)
@@ -812,10 +877,10 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
             {"s": orphan_after},
         )
     ).rows
-    for broadcast_id, group in groupby(orphaned, key=lambda r: int(r[0])):
+    for (broadcast_id, part_day), group in groupby(orphaned, key=lambda r: (int(r[0]), r[2])):
         status = yield from _lock_task(broadcast_id)
         tokens = [r[1] for r in group]
-        back = yield from _come_back(broadcast_id, status, tokens, attempt_used=True)
+        back = yield from _come_back(broadcast_id, part_day, status, tokens, attempt_used=True)
         if back:
             rows += back
             # Their batches may have been finished meanwhile: send what came back.
@@ -823,10 +888,11 @@ def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
                 """
                 UPDATE delivery_batch b SET state = 'ready', due_at = now(), updated_at = now()
                 WHERE b.broadcast_id = %(b)s AND b.state = 'done' AND EXISTS (
-                    SELECT 1 FROM delivery d WHERE d.broadcast_id = %(b)s AND d.status = 'queued'
+                    SELECT 1 FROM delivery d
+                    WHERE d.broadcast_id = %(b)s AND d.part_day = %(p)s AND d.status = 'queued'
                       AND d.id BETWEEN b.first_id AND b.last_id)
                 """,
-                {"b": broadcast_id},
+                {"b": broadcast_id, "p": part_day},
             )
     republished = (
         yield Query(

@@ -131,6 +131,17 @@ class Settings(BaseSettings):
     batch_max_seconds: float = Field(default=120.0, gt=0)
     dispatcher_metrics_port: int = 9101
 
+    # --- delivery rows (docs/retention.md) ---
+    #: Days of broadcasts whose delivery rows share one partition of the ``delivery`` table.
+    delivery_partition_days: int = Field(default=7, ge=1, le=366)
+    #: Delivery rows are removed, a whole partition at a time, once every day the partition
+    #: covers lies at least this many days back and all its broadcasts are completed or
+    #: canceled. The counts on the broadcast stay. 0 keeps them forever.
+    delivery_retention_days: int = Field(default=90, ge=0)
+    #: Detach partitions past retention and keep them as tables of their own
+    #: (``delivery_archived_p...``) instead of dropping them.
+    delivery_archive: bool = False
+
     @field_validator("database_url")
     @classmethod
     def _plain_postgres_url(cls, value: str) -> str:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from psycopg import sql
 
+from shared import delivery_partitions, delivery_store
 from shared.db import migrate
 from shared.db.engine import get_engine, get_sessionmaker, libpq_url
 from shared.secrets_box import get_secrets_box, new_key
@@ -50,6 +51,9 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ["BCAST_SECRET_KEYS"] = new_key()
     _clear_caches()
     migrate.upgrade(url)
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        width = get_settings().delivery_partition_days
+        delivery_store.run(conn, delivery_partitions.ensure_ahead(width))
     yield url
     get_engine().dispose()
     _clear_caches()

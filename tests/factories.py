@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
-from shared.db.engine import transaction
+from shared import delivery_partitions, delivery_store
+from shared.db.engine import raw_connection, transaction
 from shared.db.models import Broadcast, Contact, Delivery
+from shared.delivery_store import TODAY
 
 
 def start_with_deliveries(
-    broadcast_id: int, statuses: Sequence[str], *, errors: Sequence[str | None] = ()
+    broadcast_id: int,
+    statuses: Sequence[str],
+    *,
+    errors: Sequence[str | None] = (),
+    day: date | None = None,
 ) -> list[int]:
     """Mark the broadcast started and give it one delivery per status, to its audience's
-    first contacts (in id order); return the delivery ids.
+    first contacts (in id order); return the delivery ids. The rows are filed under ``day``
+    (its partition made if missing), today by default, as a snapshot made now would be.
     """
     with transaction() as session:
         broadcast = session.get(Broadcast, broadcast_id)
@@ -26,9 +34,15 @@ def start_with_deliveries(
             .limit(len(statuses))
         ).all()
         assert len(contacts) == len(statuses), "not enough contacts for the deliveries asked for"
+        if day is None:
+            day = session.execute(text(f"SELECT {TODAY}")).scalar_one()
+        else:
+            delivery_store.run(raw_connection(session), delivery_partitions.ensure(day, 7))
+        broadcast.part_day = day
         ids = []
         for i, ((contact_id, address), status) in enumerate(zip(contacts, statuses, strict=True)):
             delivery = Delivery(
+                part_day=day,
                 workspace_id=broadcast.workspace_id,
                 broadcast_id=broadcast_id,
                 contact_id=contact_id,

@@ -225,6 +225,11 @@ class BroadcastOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    recipients_removed_at: datetime | None = Field(
+        description="When retention removed its per-recipient rows "
+        "(BCAST_DELIVERY_RETENTION_DAYS): the counts stay, the recipient list is empty from "
+        "then on. Null while they are kept."
+    )
 
 
 class RecipientOut(BaseModel):
@@ -238,6 +243,19 @@ class RecipientOut(BaseModel):
     provider_message_id: str | None
     sent_at: datetime | None
     updated_at: datetime
+
+
+class RecipientPage(Page[RecipientOut]):
+    """One page of a broadcast's recipients."""
+
+    recipients_removed_at: datetime | None = Field(
+        default=None,
+        description="Set when retention removed the broadcast's recipient rows: the list is "
+        "empty, and the broadcast's counts still say how many were reached.",
+    )
+    message: str | None = Field(
+        default=None, description="Why the list is empty when that is not for want of matches."
+    )
 
 
 # --- conversations, media -------------------------------------------------------------------

@@ -477,7 +477,12 @@ class BatchRun:
             await store.arun(conn, store.skip_gone(self.batch))
             left = await store.arun(
                 conn,
-                store.progress(self.batch.broadcast_id, self.batch.first_id, self.batch.last_id),
+                store.progress(
+                    self.batch.broadcast_id,
+                    self.batch.first_id,
+                    self.batch.last_id,
+                    self.batch.part_day,
+                ),
             )
         if left.due:
             # Due rows another transaction holds for a moment (a cancel, say): look again soon.

@@ -71,7 +71,10 @@ class ResultGroup:
             entries = [(r.batch.token, record) for r, held in taken for record, _, _ in held]
             try:
                 async with taken[0][0].rt.pool.connection() as conn:
-                    ids = await store.arun(conn, store.record_runs(self.broadcast_id, entries))
+                    ids = await store.arun(
+                        conn,
+                        store.record_runs(self.broadcast_id, taken[0][0].batch.part_day, entries),
+                    )
                 written = set(ids)
             except UNSTORABLE:
                 # One result the database refuses (a provider's odd answer) must not hold

@@ -3,7 +3,10 @@
 The audience is the same query the API previews (``shared.domain.audience``), narrowed to the
 contacts that existed when the broadcast started (a contact added later does not receive it).
 The copy itself is the delivery store's: one ``INSERT ... SELECT`` inside Postgres, so no
-recipient passes through this process and memory stays flat for any audience size.
+recipient passes through this process and memory stays flat for any audience size. Before it,
+the broadcast's day is fixed and the partition of ``delivery`` for that day made sure of, each
+in a short transaction of its own (the scheduler makes partitions ahead, so this is most often
+one read of the catalog).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.dialects import postgresql
 
 from services.dispatcher import metrics
+from shared import delivery_partitions as partitions
 from shared import delivery_store as store
 from shared.db.models import Contact
 from shared.domain.audience import AudienceSpec, audience_query
@@ -66,6 +70,10 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
         source = audience_source(
             workspace_id, channel_id, AudienceSpec.model_validate(audience), started_at
         )
+        day = await store.arun(conn, store.snapshot_day(broadcast_id))
+        if day is None:
+            return None
+        await store.arun(conn, partitions.ensure(day, rt.settings.delivery_partition_days))
         copied = await store.arun(
             conn, store.snapshot(broadcast_id, source, batch_size=rt.settings.batch_size)
         )

@@ -13,7 +13,8 @@ Each pass:
      and a task whose audience was never copied (a lost start message) is started again.
 Between passes it sleeps until the next task or batch is due, the poll interval runs out, or
 Postgres NOTIFYs a new task, a status change, an outbox row or a batch ready to go: immediate
-sends start at once.
+sends start at once. Beside the loop, a thread keeps the partitions of the delivery table: made
+ahead, removed past retention (``services.scheduler.partitions``).
 
 Any number of schedulers may run: SKIP LOCKED hands each due task and outbox row to one, and
 one relays or sweeps at a time.
@@ -37,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from services.scheduler.partitions import PartitionKeeper
 from shared import delivery_store as store
 from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
@@ -276,6 +278,7 @@ class Scheduler:
         self.sessions = get_sessionmaker()
         self.stopping = threading.Event()
         self._last_sweep = 0.0
+        self.partitions = PartitionKeeper(settings, self.stopping)
 
     def publish(self, broadcast_ids: list[int]) -> None:
         """Start messages for ``broadcast_ids``, all taken by RabbitMQ when this returns."""
@@ -348,6 +351,7 @@ class Scheduler:
     def run(self) -> None:
         """Loop until ``stop()``; survive database or broker outages by retrying."""
         conninfo = libpq_url(self.settings.database_url)
+        self.partitions.start()
         for attempt in tenacity.Retrying(
             wait=tenacity.wait_exponential(multiplier=0.5, max=10),
             retry=tenacity.retry_if_exception_type(Exception),

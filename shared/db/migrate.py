@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import psycopg
 from alembic import command
 from alembic.config import Config
@@ -9,6 +12,7 @@ from psycopg import sql
 from sqlalchemy import make_url
 
 from shared.db.engine import libpq_url
+from shared.delivery_partitions import is_partition_table
 
 
 def alembic_config(database_url: str) -> Config:
@@ -17,6 +21,15 @@ def alembic_config(database_url: str) -> Config:
     config.set_main_option("script_location", "shared.db:migrations")
     config.attributes["database_url"] = database_url
     return config
+
+
+def include_name(name: str | None, type_: str, parent_names: Mapping[Any, str | None]) -> bool:
+    """What Alembic compares with the models: not the partitions of ``delivery`` and the
+    tables retention archived, nor their indexes, which the models do not describe (they
+    come and go at run time, ``shared.delivery_partitions``).
+    """
+    table = name if type_ == "table" else parent_names.get("table_name")
+    return table is None or not is_partition_table(table)
 
 
 def create_database_if_missing(database_url: str) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -230,6 +231,8 @@ class Broadcast(Base):
             unique=True,
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
+        # Retention: the broadcasts whose rows sit in one partition of ``delivery``.
+        Index(None, "part_day"),
     )
 
     id: Mapped[int] = _pk()
@@ -260,6 +263,12 @@ class Broadcast(Base):
     late_start_approved: Mapped[bool] = mapped_column(Boolean, server_default="false")
     #: When the audience was copied into delivery rows; it is copied once, never again.
     snapshot_at: Mapped[datetime | None]
+    #: The UTC day the copy of its audience was made (fixed just before it is made): every
+    #: delivery row and batch of the broadcast carries it, and it picks their partition.
+    part_day: Mapped[date | None] = mapped_column(Date)
+    #: When retention removed its delivery rows (their partition was dropped or archived);
+    #: the counts stay.
+    recipients_removed_at: Mapped[datetime | None]
     #: When the task was last handed to the dispatchers to start; the scheduler hands out again
     #: a task whose audience was not copied within the stall time (a lost start message).
     heartbeat_at: Mapped[datetime | None]
@@ -270,11 +279,20 @@ class Broadcast(Base):
 
 
 class Delivery(Base):
-    """One recipient of one broadcast, snapshotted when the broadcast starts."""
+    """One recipient of one broadcast, snapshotted when the broadcast starts.
+
+    The table is partitioned by range of ``part_day`` (``shared.delivery_partitions``): all
+    rows of a broadcast sit in one partition, every statement of the delivery store names the
+    day and so touches that partition only, and retention removes a whole partition at once.
+    It has no foreign keys: its rows are written only by the snapshot, from the broadcast and
+    its contacts, and a foreign key would make each copied row check (and lock) its contact
+    and broadcast, and every partition made or removed lock those tables too. Deleting a
+    broadcast or a contact deletes its rows (triggers of migration 0007).
+    """
 
     __tablename__ = "delivery"
     __table_args__ = (
-        UniqueConstraint("broadcast_id", "contact_id"),
+        UniqueConstraint("broadcast_id", "contact_id", "part_day"),
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
         Index(None, "broadcast_id", "status", "id"),
         # Rows held by one run of a batch; the sweeper finds those of dead runs by token.
@@ -283,12 +301,15 @@ class Delivery(Base):
             "lease_token",
             postgresql_where=text("status = 'sending'"),
         ),
+        {"postgresql_partition_by": "RANGE (part_day)"},
     )
 
     id: Mapped[int] = _pk()
-    workspace_id: Mapped[int] = _workspace_fk()
-    broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
-    contact_id: Mapped[int] = mapped_column(ForeignKey("contact.id", ondelete="CASCADE"))
+    #: The broadcast's ``part_day``: the partition key.
+    part_day: Mapped[date] = mapped_column(Date, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(BigInteger)
+    broadcast_id: Mapped[int] = mapped_column(BigInteger)
+    contact_id: Mapped[int] = mapped_column(BigInteger)
     #: The contact's address when the audience was snapshotted.
     address: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text, server_default="queued")
@@ -336,6 +357,8 @@ class DeliveryBatch(Base):
     id: Mapped[int] = _pk()
     workspace_id: Mapped[int] = _workspace_fk()
     broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
+    #: The broadcast's ``part_day``: where its deliveries are.
+    part_day: Mapped[date] = mapped_column(Date)
     first_id: Mapped[int] = mapped_column(BigInteger)
     last_id: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(Text, server_default="ready")

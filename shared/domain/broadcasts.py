@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -384,18 +384,38 @@ def cancel_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> 
     return broadcast
 
 
+def recipients_removed(broadcast: Broadcast) -> str | None:
+    """Why a broadcast's recipient list is empty though it had recipients: retention removed
+    its rows (None while they are kept).
+    """
+    if broadcast.recipients_removed_at is None:
+        return None
+    return (
+        f"the recipient rows of broadcast {broadcast.id} were removed by retention on "
+        f"{broadcast.recipients_removed_at.date().isoformat()} (BCAST_DELIVERY_RETENTION_DAYS); "
+        "its counts remain"
+    )
+
+
 def recipients_query(
     workspace_id: int,
     broadcast_id: int,
+    part_day: date,
     *,
     statuses: Sequence[DeliveryStatus] = (),
     after_id: int | None = None,
 ) -> Select[Delivery, str]:
-    """Deliveries of a broadcast with the contact's name, in snapshot order."""
+    """Deliveries of a broadcast with the contact's name, in snapshot order. ``part_day`` is
+    the broadcast's: its rows are read from that one partition.
+    """
     query = (
         select(Delivery, Contact.name)
         .join(Contact, Contact.id == Delivery.contact_id)
-        .where(Delivery.broadcast_id == broadcast_id, Delivery.workspace_id == workspace_id)
+        .where(
+            Delivery.broadcast_id == broadcast_id,
+            Delivery.part_day == part_day,
+            Delivery.workspace_id == workspace_id,
+        )
     )
     if statuses:
         query = query.where(Delivery.status.in_([s.value for s in statuses]))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import date
 from typing import Any
 
+import psycopg
 import pytest
 
+from shared import delivery_partitions
+from shared.db.engine import libpq_url
 from tests.conftest import Api
-from tests.factories import start_with_deliveries
+from tests.factories import set_status, start_with_deliveries
 
 
 @pytest.fixture
@@ -102,3 +106,57 @@ def test_unknown_recipient_status_is_422(api: Api, started: dict[str, Any]) -> N
     response = api.get(f"/v1/broadcasts/{started['broadcast']['id']}/recipients?status=lost")
     assert response.status_code == 422
     assert "skipped" in response.json()["detail"][0]["msg"]
+
+
+def test_recipients_removed_by_retention_are_listed_as_removed_and_counted_still(
+    api: Api, database_url: str
+) -> None:
+    account = api.account(api.channel()["id"])
+    for i in range(3):
+        api.contact(account["id"], f"old-{i}")
+    b = api.broadcast(account["channel_id"])
+    start_with_deliveries(
+        b["id"], ["sent", "failed", "failed"], errors=[None, "404", "403"], day=date(2001, 2, 3)
+    )
+    set_status(b["id"], "completed")
+    url = f"/v1/broadcasts/{b['id']}/recipients"
+    assert len(api.ok("get", url + "?status=failed")["items"]) == 2
+
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        delivery_partitions.prune(conn, retention_days=90, archive=False)
+
+    page = api.ok("get", url + "?status=failed")
+    assert page["items"] == []
+    assert page["next_cursor"] is None
+    assert page["recipients_removed_at"] is not None
+    assert "removed by retention" in page["message"]
+    shown = api.ok("get", f"/v1/broadcasts/{b['id']}")
+    assert shown["recipients_removed_at"] == page["recipients_removed_at"]
+    assert (shown["counts"]["total"], shown["counts"]["sent"], shown["counts"]["failed"]) == (
+        3,
+        1,
+        2,
+    )
+    exported = api.get(url, headers={"Accept": "text/csv"})
+    assert exported.status_code == 410
+    assert "removed by retention" in exported.json()["message"]
+
+
+def test_recipients_kept_say_nothing_of_retention(api: Api, started: dict[str, Any]) -> None:
+    page = api.ok("get", f"/v1/broadcasts/{started['broadcast']['id']}/recipients")
+    assert len(page["items"]) == 6
+    assert (page["recipients_removed_at"], page["message"]) == (None, None)
+    shown = api.ok("get", f"/v1/broadcasts/{started['broadcast']['id']}")
+    assert shown["recipients_removed_at"] is None
+
+
+def test_recipients_of_a_broadcast_not_started_are_an_empty_list(api: Api) -> None:
+    account = api.account(api.channel()["id"])
+    api.contact(account["id"], "later-1")
+    b = api.broadcast(account["channel_id"])
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}/recipients")["items"] == []
+    exported = api.get(f"/v1/broadcasts/{b['id']}/recipients?format=csv")
+    assert exported.status_code == 200
+    assert exported.text.splitlines() == [
+        "contact_id,name,address,status,attempts,last_error,provider_message_id,sent_at"
+    ]

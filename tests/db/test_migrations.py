@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+from uuid import uuid4
+
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -18,7 +21,8 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            context = MigrationContext.configure(conn, opts={"include_name": migrate.include_name})
+            diff = compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
     assert diff == []
@@ -142,3 +146,153 @@ def test_tags_that_one_case_folding_makes_equal_are_merged_keeping_their_contact
         linked = conn.execute("SELECT contact_id, tag_id FROM contact_tag ORDER BY 1").fetchall()
     assert left == [(tags[0], "Straße", "strasse"), (tags[2], "other", "other")]
     assert linked == [(contacts[0], tags[0]), (contacts[1], tags[0])]
+
+
+def test_rows_of_the_older_schema_become_the_first_partition_and_keep_being_sent(
+    scratch_url: str,
+) -> None:
+    from alembic import command
+
+    from shared import delivery_partitions, delivery_store
+    from shared.delivery_store import Record
+    from shared.domain.lifecycle import DeliveryStatus
+
+    migrate.upgrade(scratch_url, "0006")
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        ws = one(conn, "INSERT INTO workspace (name, signing_key) VALUES ('w', 'k') RETURNING id")
+        ch = one(
+            conn,
+            "INSERT INTO channel (workspace_id, name, kind, config, rate_limit_per_second) "
+            "VALUES (%s, 'c', 'webhook', '{}', 1) RETURNING id",
+            ws,
+        )
+        acct = one(
+            conn,
+            "INSERT INTO account (workspace_id, channel_id, name) VALUES (%s, %s, 'a') "
+            "RETURNING id",
+            ws,
+            ch,
+        )
+        conn.execute(
+            "INSERT INTO contact (workspace_id, account_id, address) "
+            "SELECT %s, %s, 'r-' || g FROM generate_series(1, 6) AS g",
+            (ws, acct),
+        )
+        sending, done = (
+            one(
+                conn,
+                "INSERT INTO broadcast (workspace_id, name, channel_id, audience, content, "
+                "send_at, status, started_at) VALUES (%s, %s, %s, '{}', '{}', now(), "
+                "'in_progress', now()) RETURNING id",
+                ws,
+                name,
+                ch,
+            )
+            for name in ("sending", "done")
+        )
+        conn.execute(
+            "INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status) "
+            "SELECT %s, CASE WHEN c.n <= 4 THEN %s ELSE %s END, c.id, c.address, "
+            "CASE WHEN c.n IN (1, 2, 5, 6) THEN 'sent' ELSE 'queued' END "
+            "FROM (SELECT id, address, row_number() OVER (ORDER BY id) AS n FROM contact) AS c",
+            (ws, sending, done),
+        )
+        conn.execute(
+            "INSERT INTO delivery_batch (workspace_id, broadcast_id, first_id, last_id) "
+            "SELECT %s, %s, min(id), max(id) FROM delivery WHERE broadcast_id = %s",
+            (ws, sending, sending),
+        )
+        conn.execute("UPDATE broadcast SET snapshot_at = now()")
+        before = conn.execute(
+            "SELECT id, broadcast_id, status FROM delivery ORDER BY id"
+        ).fetchall()
+        counts = "SELECT id, status, total_count, sent_count FROM broadcast ORDER BY id"
+        counted = conn.execute(counts).fetchall()
+        assert [c[1] for c in counted] == ["in_progress", "completed"]
+
+    migrate.upgrade(scratch_url)
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        day = one(conn, "SELECT (now() AT TIME ZONE 'UTC')::date - 1")
+        legacy = f"delivery_p{day:%Y%m%d}"
+        assert one(conn, "SELECT relkind FROM pg_class WHERE relname = 'delivery'") == "p"
+        moved = conn.execute(
+            "SELECT id, broadcast_id, status, tableoid::regclass::text, part_day FROM delivery "
+            "ORDER BY id"
+        ).fetchall()
+        assert [m[:3] for m in moved] == before
+        assert {m[3:] for m in moved} == {(legacy, day)}
+        assert conn.execute(counts).fetchall() == counted
+        assert conn.execute("SELECT DISTINCT part_day FROM broadcast").fetchall() == [(day,)]
+        assert conn.execute("SELECT part_day FROM delivery_batch").fetchall() == [(day,)]
+        # No foreign keys, and the old table's indexes serve as the partition's: none twice.
+        assert (
+            one(
+                conn,
+                "SELECT count(*) FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                "AND contype = 'f'",
+                legacy,
+            )
+            == 0
+        )
+        assert (
+            one(conn, "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass(%s)", legacy) == 4
+        )
+
+        # What was being sent goes on: its rows are claimed and recorded, and it completes.
+        batch_id = one(conn, "SELECT id FROM delivery_batch WHERE broadcast_id = %s", sending)
+        conn.execute("UPDATE delivery_batch SET state = 'queued' WHERE id = %s", (batch_id,))
+        batch = delivery_store.run(conn, delivery_store.claim_batch(batch_id, uuid4(), lease=30))
+        assert batch is not None
+        held = delivery_store.run(conn, delivery_store.claim(batch, 10))
+        assert [h.id for h in held] == [
+            b[0] for b in before if b[1] == sending and b[2] == "queued"
+        ]
+        delivery_store.run(
+            conn,
+            delivery_store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held]),
+        )
+        assert conn.execute(counts).fetchall()[0][1:] == ("completed", 4, 4)
+        # New rows go to new partitions, with ids after the old ones.
+        delivery_store.run(conn, delivery_partitions.ensure_ahead(7))
+        fresh = one(
+            conn,
+            "INSERT INTO broadcast (workspace_id, name, channel_id, audience, content, send_at, "
+            "status, started_at) VALUES (%s, 'fresh', %s, '{}', '{}', now(), 'in_progress', "
+            "now()) RETURNING id",
+            ws,
+            ch,
+        )
+        audience = delivery_store.Query("SELECT id, address, false, NULL::text FROM contact", {})
+        assert (
+            delivery_store.run(conn, delivery_store.snapshot(fresh, audience, batch_size=10)) == 6
+        )
+        new_ids = conn.execute(
+            "SELECT id, tableoid::regclass::text FROM delivery WHERE broadcast_id = %s", (fresh,)
+        ).fetchall()
+        assert min(i for i, _ in new_ids) > max(b[0] for b in before)
+        assert {t for _, t in new_ids} != {legacy}
+        counted = conn.execute(counts).fetchall()
+
+    command.downgrade(migrate.alembic_config(scratch_url), "0006")
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        assert one(conn, "SELECT relkind FROM pg_class WHERE relname = 'delivery'") == "r"
+        assert one(conn, "SELECT count(*) FROM delivery") == 12
+        assert (
+            one(
+                conn,
+                "SELECT count(*) FROM pg_constraint WHERE conrelid = 'delivery'::regclass "
+                "AND contype = 'f'",
+            )
+            == 3
+        )
+        assert conn.execute(counts).fetchall() == counted
+        # The counters follow the rows again.
+        conn.execute("UPDATE delivery SET status = 'failed' WHERE broadcast_id = %s", (fresh,))
+        assert conn.execute(counts).fetchall()[2][1:] == ("completed", 6, 0)
+    migrate.upgrade(scratch_url)
+
+
+def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
+    row = conn.execute(sql, params or None).fetchone()
+    assert row is not None
+    return row[0]

@@ -174,13 +174,13 @@ def test_progress_tells_done_from_waiting(api: Api, conn: psycopg.Connection[Any
             ],
         ),
     )
-    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id))
+    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id, batch.part_day))
     assert (p.queued, p.due, p.sending) == (1, 0, 1)
     assert p.next_due_in is not None
     assert 15 < p.next_due_in <= 20
     store.run(conn, store.record(batch, [Record(held[2].id, DeliveryStatus.FAILED)]))
     conn.execute("UPDATE delivery SET next_attempt_at = now() WHERE id = %s", (held[1].id,))
-    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id))
+    p = store.run(conn, store.progress(task.id, batch.first_id, batch.last_id, batch.part_day))
     assert (p.queued, p.due, p.sending, p.next_due_in) == (1, 1, 0, 0.0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from typing import Any
@@ -59,7 +60,7 @@ def test_two_runs_on_one_range_never_hold_the_same_row(
     assert not {r.id for r in first} & {r.id for r in second}
     # A run whose batch was taken over (another token) claims nothing at all.
     store.run(conn, store.release(batch, [r.id for r in first]))
-    stale = store.Batch(batch.id, batch.broadcast_id, batch.first_id, batch.last_id, uuid.uuid4())
+    stale = dataclasses.replace(batch, token=uuid.uuid4())
     assert store.run(conn, store.claim(stale, 10)) == []
 
 

@@ -9,8 +9,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import psycopg
 import pytest
 
+from shared import delivery_partitions
+from shared import delivery_store as store
+from shared.db.engine import libpq_url
 from tests.e2e.conftest import Api, System, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -107,12 +111,16 @@ def test_exports_to_readers_that_never_read_hold_no_database_connection(
         "SELECT %s, %s, 'x-' || i, 'Name ' || i FROM generate_series(1, 150000) AS i",
         (workspace_id, account["id"]),
     )
+    with psycopg.connect(libpq_url(system.database_url), autocommit=True) as conn:
+        day = store.run(conn, store.snapshot_day(b["id"]))
+        assert day is not None
+        store.run(conn, delivery_partitions.ensure(day, 7))
     system.sql(
         "INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status, "
-        "last_error) SELECT workspace_id, %s, id, address, 'failed', "
-        "'webhook HTTP 404: no such recipient, and a reason long enough to fill the pipe' "
+        "last_error, part_day) SELECT workspace_id, %s, id, address, 'failed', "
+        "'webhook HTTP 404: no such recipient, and a reason long enough to fill the pipe', %s "
         "FROM contact WHERE account_id = %s",
-        (b["id"], account["id"]),
+        (b["id"], day, account["id"]),
     )
     token = api.http.headers["Authorization"]
     readers = []

@@ -8,6 +8,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from datetime import date
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -23,6 +24,7 @@ from services.api.schemas import (
     Counts,
     Page,
     RecipientOut,
+    RecipientPage,
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
@@ -39,6 +41,7 @@ from shared.domain.broadcasts import (
     modify_broadcast,
     pause_broadcast,
     recipients_query,
+    recipients_removed,
     request_hash,
     resume_broadcast,
 )
@@ -104,6 +107,7 @@ def broadcast_out(broadcast: Broadcast) -> BroadcastOut:
         updated_at=broadcast.updated_at,
         started_at=broadcast.started_at,
         finished_at=broadcast.finished_at,
+        recipients_removed_at=broadcast.recipients_removed_at,
     )
 
 
@@ -265,8 +269,14 @@ CSV_HEADER = (
 
 @router.get(
     "/{broadcast_id}/recipients",
-    response_model=Page[RecipientOut],
-    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+    response_model=RecipientPage,
+    responses={
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+        410: {
+            "description": "CSV only: retention removed the broadcast's recipient rows (the "
+            "JSON answer is an empty page saying so)."
+        },
+    },
 )
 def recipients(
     broadcast_id: PathId,
@@ -278,15 +288,21 @@ def recipients(
     format_: Annotated[str | None, Query(alias="format", pattern="^(json|csv)$")] = None,
     limit: Limit = 100,
     cursor: Cursor = None,
-) -> Page[RecipientOut] | Response:
+) -> RecipientPage | Response:
     """Who the broadcast reached and who not, and why: JSON pages, or the whole list as CSV
-    with ``Accept: text/csv`` (or ``?format=csv``).
+    with ``Accept: text/csv`` (or ``?format=csv``). Once retention removed the rows, the list
+    is empty and says so (CSV: 410); the broadcast's counts remain.
     """
-    get_broadcast(session, workspace, broadcast_id)
+    broadcast = get_broadcast(session, workspace, broadcast_id)
     statuses = parse_statuses(status_, DeliveryStatus)
     wants_csv = format_ == "csv" or (
         format_ is None and "text/csv" in request.headers.get("accept", "")
     )
+    removed = recipients_removed(broadcast)
+    part_day = broadcast.part_day
+    if wants_csv and removed is not None:
+        # A file with nobody in it would read as nobody reached.
+        raise HTTPException(status.HTTP_410_GONE, removed)
     if wants_csv:
         slots = export_slots(settings.api_exports_per_workspace)
         if not slots.take(workspace):
@@ -299,7 +315,7 @@ def recipients(
         # as the answer streams; the export takes a connection per page instead.
         session.close()
         release = _Once(lambda: slots.give_back(workspace))
-        export = _csv_rows(workspace, broadcast_id, statuses, release)
+        export = _csv_rows(workspace, broadcast_id, part_day, statuses, release)
         # Given back when the export ends; or, if it never started, when it is dropped.
         weakref.finalize(export, release)
         return StreamingResponse(
@@ -309,9 +325,20 @@ def recipients(
                 "Content-Disposition": f'attachment; filename="broadcast-{broadcast_id}-recipients.csv"'
             },
         )
-    query = recipients_query(workspace, broadcast_id, statuses=statuses, after_id=cursor_id(cursor))
+    after = cursor_id(cursor)
+    if removed is not None:
+        return RecipientPage(
+            items=[],
+            next_cursor=None,
+            recipients_removed_at=broadcast.recipients_removed_at,
+            message=removed,
+        )
+    if part_day is None:
+        # Its audience was never copied: no recipient rows yet.
+        return RecipientPage(items=[], next_cursor=None)
+    query = recipients_query(workspace, broadcast_id, part_day, statuses=statuses, after_id=after)
     rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
-    return Page(items=[_recipient(d, name) for d, name in rows], next_cursor=next_cursor)
+    return RecipientPage(items=[_recipient(d, name) for d, name in rows], next_cursor=next_cursor)
 
 
 def _recipient(delivery: Delivery, name: str) -> RecipientOut:
@@ -388,32 +415,38 @@ class _Once:
 
 
 def _csv_rows(
-    workspace: int, broadcast_id: int, statuses: list[DeliveryStatus], done: Callable[[], None]
+    workspace: int,
+    broadcast_id: int,
+    part_day: date | None,
+    statuses: list[DeliveryStatus],
+    done: Callable[[], None],
 ) -> Iterator[bytes]:
     """The CSV export, page by page in delivery order: memory stays flat for any size, and no
     connection or transaction is held between pages (a client reading slowly holds nothing).
     ``done`` is called when the export ends, however it ends.
     """
     try:
-        yield from _csv_pages(workspace, broadcast_id, statuses)
+        yield from _csv_pages(workspace, broadcast_id, part_day, statuses)
     finally:
         done()
 
 
 def _csv_pages(
-    workspace: int, broadcast_id: int, statuses: list[DeliveryStatus]
+    workspace: int, broadcast_id: int, part_day: date | None, statuses: list[DeliveryStatus]
 ) -> Iterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_HEADER)
     after: int | None = None
     while True:
-        with get_sessionmaker()() as session:
-            page = session.execute(
-                recipients_query(workspace, broadcast_id, statuses=statuses, after_id=after).limit(
-                    EXPORT_PAGE
+        if part_day is None:
+            page = []
+        else:
+            with get_sessionmaker()() as session:
+                query = recipients_query(
+                    workspace, broadcast_id, part_day, statuses=statuses, after_id=after
                 )
-            ).all()
+                page = list(session.execute(query.limit(EXPORT_PAGE)).all())
         for delivery, name in page:
             writer.writerow(
                 (

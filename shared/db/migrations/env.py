@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from shared.db.engine import make_engine
+from shared.db.migrate import include_name
 from shared.db.models import Base
 from shared.settings import get_settings
 
@@ -17,7 +18,9 @@ def run_migrations_online() -> None:
     engine = make_engine(url, pool_size=1, application_name="bcast-migrate")
     try:
         with engine.connect() as connection:
-            context.configure(connection=connection, target_metadata=target_metadata)
+            context.configure(
+                connection=connection, target_metadata=target_metadata, include_name=include_name
+            )
             with context.begin_transaction():
                 context.run_migrations()
     finally:
