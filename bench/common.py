@@ -160,11 +160,11 @@ def simulator_up(base: str) -> bool:
         return False
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its descendants, from /proc."""
+def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
+    """User + system CPU time of a process and (unless told) all its descendants, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *(_descendants(pid) if descendants else [])]:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick

@@ -167,9 +167,9 @@ def pids_named(name: str) -> list[int]:
     return pids
 
 
-def cpu_of(pids: list[int]) -> float:
-    """CPU seconds of these processes and their descendants."""
-    return sum(cpu_seconds(p) for p in pids)
+def cpu_of(pids: list[int], *, descendants: bool = True) -> float:
+    """CPU seconds of these processes (and, unless told, their descendants)."""
+    return sum(cpu_seconds(p, descendants=descendants) for p in pids)
 
 
 def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
@@ -215,8 +215,9 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
             "dispatcher": cpu_of([dispatcher.pid]),
             "scheduler": cpu_of([scheduler.pid]),
             "api": cpu_of([api_proc.pid]),
-            "postgres": cpu_of(pids_named("postgres")),
-            "rabbitmq": cpu_of(pids_named("beam.smp")),
+            # Every process of the name is listed: the postmaster's children count once.
+            "postgres": cpu_of(pids_named("postgres"), descendants=False),
+            "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
         }
 
     cpu_before = cpu_now()
