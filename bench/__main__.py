@@ -2,6 +2,10 @@
 
     .venv/bin/python -m bench all [--quick | --full]     # quick: 100,000 recipients; full: 1,000,000
     .venv/bin/python -m bench e2e [--recipients N]
+    .venv/bin/python -m bench naive [--recipients N]     # the naive design against the pipeline
+
+The naive design runs on 100,000 recipients in ``all`` (quick or full), against the pipeline
+on the same number measured in the same run.
 
 Then ``.venv/bin/python -m bench.readme`` puts the figures into README.md.
 """
@@ -12,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from bench import e2e, http_client, pause, rate_limited, scheduler
+from bench import e2e, http_client, naive, pause, rate_limited, scheduler
 from bench.results import LATEST, load, markdown, save
 
 QUICK = 100_000
@@ -32,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help=f"{FULL:,} recipients")
     one = sub.add_parser("e2e", help="create -> completed against the raw limit")
     one.add_argument("--recipients", type=int, default=QUICK)
+    naive_one = sub.add_parser(
+        "naive", help="one message per recipient, synchronous HTTP: the pipeline's speed-up"
+    )
+    naive_one.add_argument("--recipients", type=int, default=QUICK)
     sub.add_parser("http-client", help="client CPU per request, aiohttp against httpx")
     sub.add_parser("pause", help="provider calls after a pause answered, repeated")
     sub.add_parser("scheduler", help="10,000 timed sends due in the same second")
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
-    for p in (every, one):
+    for p in (every, one, naive_one):
         p.add_argument("--processes", type=int, default=e2e.Shape.processes)
         p.add_argument("--threads", type=int, default=e2e.Shape.threads)
     args = parser.parse_args(argv)
@@ -45,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("all", "e2e"):
         n = (FULL if args.full else QUICK) if args.what == "all" else args.recipients
         sections["e2e"] = e2e.run(n, e2e.Shape(processes=args.processes, threads=args.threads))
+    if args.what in ("all", "naive"):
+        n = QUICK if args.what == "all" else args.recipients
+        shape = e2e.Shape(processes=args.processes, threads=args.threads)
+        pipeline = sections.get("e2e")
+        if not isinstance(pipeline, dict) or pipeline["recipients"] != n:
+            print(f"the pipeline on {n:,} recipients, to compare the naive design with")
+            pipeline = e2e.run(n, shape)
+        sections["naive"] = naive.compared(naive.run(n, shape), pipeline)
     if args.what in ("all", "http-client"):
         sections["http_client"] = http_client.run()
     if args.what in ("all", "scheduler"):

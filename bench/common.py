@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,9 @@ def scratch_vhost() -> Iterator[str]:
 
 
 class Children:
-    """bcast processes started for a benchmark, stopped when it ends."""
+    """Processes started for a benchmark (bcast's own, or another ``program``), stopped when
+    it ends.
+    """
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -96,11 +98,16 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._files: list[Any] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, program: Sequence[str] = BCAST
+    ) -> subprocess.Popen[bytes]:
+        """Start ``program`` with ``args`` (the ``bcast`` command unless told), its output
+        logged to ``NAME.log``.
+        """
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
         self._files.append(log)
         proc = subprocess.Popen(
-            [*BCAST, *args],
+            [*program, *args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -153,11 +160,11 @@ def simulator_up(base: str) -> bool:
         return False
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its descendants, from /proc."""
+def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
+    """User + system CPU time of a process and (unless told) all its descendants, from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *(_descendants(pid) if descendants else [])]:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick

@@ -122,7 +122,42 @@ class PeakRss:
                             self.peak = max(self.peak, int(line.split()[1]) / 1024)
 
 
-def _pids_named(name: str) -> list[int]:
+def webhook_audience(
+    client: httpx.Client, url: str, secret: str, n: int
+) -> tuple[dict[str, Any], float]:
+    """The benchmark's audience, made through the API: a webhook channel posting to ``url``
+    signed with ``secret``, one account, and ``n`` contacts (``b-0``, ``b-1``, ...) imported
+    with the CSV import. Returns the channel and the seconds the import took.
+    """
+    channel: dict[str, Any] = ok(
+        client.post(
+            "/v1/channels",
+            json={
+                "name": "bench",
+                "kind": "webhook",
+                "config": {"url": url, "secret": secret},
+                "rate_limit_per_second": 10_000,
+            },
+        )
+    )
+    account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
+    imported_at = time.perf_counter()
+    for start in range(0, n, IMPORT_ROWS):
+        rows = "".join(
+            f"{account['id']},b-{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
+        )
+        ok(
+            client.post(
+                "/v1/contacts/import",
+                content=("account_id,address\n" + rows).encode(),
+                headers={"Content-Type": "text/csv"},
+            )
+        )
+    return channel, time.perf_counter() - imported_at
+
+
+def pids_named(name: str) -> list[int]:
+    """Processes whose command name is ``name`` (``postgres``, ``beam.smp``)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -132,8 +167,9 @@ def _pids_named(name: str) -> list[int]:
     return pids
 
 
-def _cpu_of(pids: list[int]) -> float:
-    return sum(cpu_seconds(p) for p in pids)
+def cpu_of(pids: list[int], *, descendants: bool = True) -> float:
+    """CPU seconds of these processes (and, unless told, their descendants)."""
+    return sum(cpu_seconds(p, descendants=descendants) for p in pids)
 
 
 def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
@@ -161,31 +197,7 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
         raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
 
     client, api_proc = start_api(children, api)
-    channel = ok(
-        client.post(
-            "/v1/channels",
-            json={
-                "name": "bench",
-                "kind": "webhook",
-                "config": {"url": f"{sim}/hooks/bench", "secret": secret},
-                "rate_limit_per_second": 10_000,
-            },
-        )
-    )
-    account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
-    imported_at = time.perf_counter()
-    for start in range(0, n, IMPORT_ROWS):
-        rows = "".join(
-            f"{account['id']},b-{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
-        )
-        ok(
-            client.post(
-                "/v1/contacts/import",
-                content=("account_id,address\n" + rows).encode(),
-                headers={"Content-Type": "text/csv"},
-            )
-        )
-    import_seconds = time.perf_counter() - imported_at
+    channel, import_seconds = webhook_audience(client, f"{sim}/hooks/bench", secret, n)
 
     scheduler = children.start("scheduler", "scheduler")
     dispatcher = children.start(
@@ -200,11 +212,12 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
 
     def cpu_now() -> dict[str, float]:
         return {
-            "dispatcher": _cpu_of([dispatcher.pid]),
-            "scheduler": _cpu_of([scheduler.pid]),
-            "api": _cpu_of([api_proc.pid]),
-            "postgres": _cpu_of(_pids_named("postgres")),
-            "rabbitmq": _cpu_of(_pids_named("beam.smp")),
+            "dispatcher": cpu_of([dispatcher.pid]),
+            "scheduler": cpu_of([scheduler.pid]),
+            "api": cpu_of([api_proc.pid]),
+            # Every process of the name is listed: the postmaster's children count once.
+            "postgres": cpu_of(pids_named("postgres"), descendants=False),
+            "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
         }
 
     cpu_before = cpu_now()

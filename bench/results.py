@@ -14,7 +14,16 @@ from typing import Any
 
 DIR = Path(__file__).resolve().parent / "results"
 LATEST = DIR / "latest.json"
-PACKAGES = ("aiohttp", "dramatiq", "psycopg", "SQLAlchemy", "fastapi", "uvicorn", "pika")
+PACKAGES = (
+    "aiohttp",
+    "dramatiq",
+    "psycopg",
+    "SQLAlchemy",
+    "fastapi",
+    "uvicorn",
+    "pika",
+    "requests",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -81,6 +90,24 @@ def markdown(results: dict[str, Any]) -> str:
         if "dispatcher_peak_rss_mib" in e2e:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
+            )
+    slow = results.get("naive")
+    if slow:
+        lines += [
+            f"| naive design, same audience: one dramatiq message per recipient, synchronous "
+            f"HTTP ({slow['http_client']}), {slow['workers']} | {slow['recipients']:,} in "
+            f"{slow['seconds']:.1f} s, {slow['per_second']:,.0f} / s; accepted / duplicates / bad "
+            f"signatures {slow['accepted']:,} / {slow['duplicates']} / {slow['bad_signatures']} |",
+            f"| **speed-up of the pipeline over the naive design** | **{slow['speedup']:.1f}x** "
+            f"({slow['e2e_per_second']:,.0f} / s against {slow['per_second']:,.0f} / s, "
+            f"{slow['recipients']:,} recipients each, same run) |",
+        ]
+        cpu = slow.get("cpu_us_per_recipient", {})
+        if cpu:
+            lines.append(
+                "| naive design CPU µs per recipient | "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items())
+                + " |"
             )
     client = results.get("http_client")
     if client:
