@@ -137,9 +137,14 @@ def scale_out_rows(scaled: dict[str, Any], cores: int | None) -> list[str]:
             if r["idle_groups"]
             else f"every group sent within {r['last_first_send_s']:.1f} s"
         )
+        against = (
+            f"{r['vs_first_run']:.2f} of the first run"
+            if r.get("channels", 1) == 1
+            else f"the channels' limits allow {r['channels'] * r['channel_rate']:,.0f}"
+        )
         rows.append(
-            f"| {r['name']} | {r['per_second']:,.0f} recipients/s ({r['vs_first_run']:.2f} of "
-            f"the first run; per group {groups}; {started}); per recipient: Postgres "
+            f"| {r['name']} | {r['per_second']:,.0f} recipients/s ({against}; per group "
+            f"{groups}; {started}); per recipient: Postgres "
             f"{pg['rows_written']:.2f} rows written, {pg['wal_bytes']:,.0f} B WAL, "
             f"{pg['statements']:.3f} statements, {r['cpu_us_per_recipient']['postgres']:,.0f} µs "
             f"CPU; dispatchers {r['cpu_us_per_recipient']['dispatchers']:,.0f} µs CPU; RabbitMQ "

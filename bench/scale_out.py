@@ -92,20 +92,30 @@ TARGET_RATES = (10_000, 50_000, 100_000)
 
 @dataclass(frozen=True)
 class Case:
-    """One run: dispatcher groups (``bcast dispatcher`` commands) and schedulers."""
+    """One run: dispatcher groups (``bcast dispatcher`` commands), schedulers, and the
+    channels the recipients are spread over (one broadcast each), each limited to ``rate``
+    sends per second.
+    """
 
     groups: int
     schedulers: int = 1
+    channels: int = 1
+    rate: float = 10_000
 
     @property
     def name(self) -> str:
-        return (
+        name = (
             f"{self.groups} group{'s' if self.groups != 1 else ''}, "
             f"{self.schedulers} scheduler{'s' if self.schedulers != 1 else ''}"
         )
+        if self.channels > 1:
+            name += f", {self.channels} channels at {self.rate:g}/s"
+        return name
 
 
-CASES = (Case(1), Case(2), Case(4), Case(2, schedulers=2))
+#: The last case is what a provider's limits make of the load: many channels at a WhatsApp
+#: number's default 80 sends per second, one broadcast each, instead of one unlimited channel.
+CASES = (Case(1), Case(2), Case(4), Case(2, schedulers=2), Case(2, channels=25, rate=80))
 
 
 def note(cores: int | None) -> str:
@@ -151,6 +161,7 @@ def _show(conn: psycopg.Connection[Any], name: str) -> str:
 def run_case(pg: PrivatePostgres, n: int, shape: Shape, case: Case) -> dict[str, Any]:
     """One run on a fresh database of ``pg`` and a fresh vhost."""
     began = time.monotonic()
+    n = n // case.channels * case.channels  # the same audience on every channel
     with scratch_database(pg.url()) as db_url, scratch_vhost() as vhost:
         env = bench_env(db_url, vhost)
         api_port = free_port()
@@ -165,6 +176,7 @@ def run_case(pg: PrivatePostgres, n: int, shape: Shape, case: Case) -> dict[str,
             children.stop_all()
         result["postgres_per_recipient"] = counters.per_recipient(before, counters.read(), n)
         result["postgres_per_recipient"].update(result.pop("_postgres_now"))
+        result["postgres_per_recipient"].update(counters.delivery_bytes(n))
     result["wall_seconds"] = round(time.monotonic() - began, 1)
     return result
 
@@ -178,11 +190,16 @@ def _send(
     api_port: int,
 ) -> tuple[dict[str, Any], Counts]:
     sim = start_simulator(children)
-    secret = secrets.token_urlsafe(24)
-    httpx.put(f"{sim}/_sim/hooks/bench", json={"secret": secret}).raise_for_status()
     client, api_proc = start_api(children, f"http://127.0.0.1:{api_port}")
-    channel_id, account_id = webhook_channel(client, f"{sim}/hooks/bench", secret)
-    import_contacts(client, account_id, n)
+    hooks: dict[str, int] = {}
+    for c in range(case.channels):
+        hook, secret = f"bench-{c}", secrets.token_urlsafe(24)
+        httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
+        channel_id, account_id = webhook_channel(
+            client, f"{sim}/hooks/{hook}", secret, rate=case.rate, name=hook
+        )
+        import_contacts(client, account_id, n // case.channels, prefix=f"{c}-")
+        hooks[hook] = channel_id
     imported = time.monotonic()
 
     scheduler_ports = [free_port() for _ in range(case.schedulers)]
@@ -230,7 +247,7 @@ def _send(
     group_cpu_before = [cpu_seconds(g.pid) for g in groups]
     sampler = Sampler(group_ports)
     created = time.perf_counter()
-    broadcast_id = create_broadcast(client, channel_id)
+    broadcasts = [create_broadcast(client, channel_id) for channel_id in hooks.values()]
     sampler.start(created)
     try:
         wait_for(
@@ -239,12 +256,13 @@ def _send(
             timeout=max(600, n / 200),
             every=0.05,
         )
-        wait_for(
-            "the broadcast to complete",
-            lambda: completed(client, broadcast_id),
-            timeout=max(600, n / 200),
-            every=0.05,
-        )
+        left = set(broadcasts)
+
+        def all_completed() -> bool:
+            left.difference_update([b for b in left if completed(client, b)])
+            return not left
+
+        wait_for("every broadcast to complete", all_completed, timeout=600, every=0.05)
         seconds = time.perf_counter() - created
     finally:
         sampler.stop()
@@ -252,8 +270,12 @@ def _send(
     group_cpu = [cpu_seconds(g.pid) - c for g, c in zip(groups, group_cpu_before, strict=True)]
     postgres_now = {**counters.wal(began_at, counters.lsn(), n), **counters.statements(n)}
     client.close()
-    stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
-    check_provider(stats, n)
+    stats = {"accepted": 0, "duplicates": 0, "bad_signatures": 0}
+    for hook in hooks:
+        one = httpx.get(f"{sim}/_sim/hooks/{hook}/stats").json()
+        check_provider(one, n // case.channels)
+        for key in stats:
+            stats[key] += int(one[key])
     finals = [scrape(port) or [] for port in group_ports]
     published = sum(
         metric(samples, "bcast_batches_published_total")
@@ -268,6 +290,8 @@ def _send(
         "name": case.name,
         "groups": case.groups,
         "schedulers": case.schedulers,
+        "channels": case.channels,
+        "channel_rate": case.rate,
         "recipients": n,
         "accepted": stats["accepted"],
         "duplicates": stats["duplicates"],
@@ -461,6 +485,21 @@ class PostgresCounters:
         assert wal is not None
         return Counts(tables, int(db[0]), int(db[1]), int(wal[0]), int(wal[1]))
 
+    def delivery_bytes(self, n: int) -> dict[str, float]:
+        """Disk the ``delivery`` table takes per recipient: its rows (with the versions the
+        send's updates left for vacuum) and its indexes.
+        """
+        with psycopg.connect(self.db, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pg_table_size('delivery'), pg_indexes_size('delivery')"
+            ).fetchone()
+        assert row is not None
+        return {
+            "delivery_bytes": round((int(row[0]) + int(row[1])) / n, 1),
+            "delivery_table_bytes": round(int(row[0]) / n, 1),
+            "delivery_index_bytes": round(int(row[1]) / n, 1),
+        }
+
     def lsn(self) -> str:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
@@ -475,17 +514,22 @@ class PostgresCounters:
             row = conn.execute(
                 "SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)", (end, start)
             ).fetchone()
-            kinds = conn.execute(
-                "SELECT resource_manager, combined_size, fpi_size "
-                "FROM pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn) "
-                "WHERE combined_size > 0 ORDER BY combined_size DESC",
-                (start, end),
-            ).fetchall()
+            # Columns: resource manager, count, %, record size, %, FPI size, %, combined, %.
+            kinds = sorted(
+                (
+                    (str(k[0]), int(k[7]), int(k[5]))
+                    for k in conn.execute(
+                        "SELECT * FROM pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn)", (start, end)
+                    ).fetchall()
+                    if k[7]
+                ),
+                key=lambda k: -k[1],
+            )
         assert row is not None
         return {
             "wal_bytes": round(float(row[0]) / n, 1),
-            "wal_bytes_by_kind": {str(k[0]): round(int(k[1]) / n, 1) for k in kinds},
-            "wal_full_page_image_bytes": round(sum(int(k[2]) for k in kinds) / n, 1),
+            "wal_bytes_by_kind": {k[0]: round(k[1] / n, 1) for k in kinds},
+            "wal_full_page_image_bytes": round(sum(k[2] for k in kinds) / n, 1),
         }
 
     def reset_statements(self) -> None:
@@ -511,6 +555,7 @@ class PostgresCounters:
                 {
                     "per_1000": round(int(r[0]) / n * 1000, 2),
                     "rows_per_call": round(int(r[1]) / max(1, int(r[0])), 1),
+                    "mean_ms": round(float(r[2]) / max(1, int(r[0])), 3),
                     "query": _shorten(str(r[3])),
                 }
                 for r in rows[:TOP_STATEMENTS]
@@ -576,7 +621,15 @@ def runs_table(scaled: Mapping[str, Any]) -> str:
             "| --- |" + " ---: |" * len(runs),
             row("create -> completed", [f"{r['seconds']:.1f} s" for r in runs]),
             row("recipients / s", [f"{r['per_second']:,.0f}" for r in runs]),
-            row("of the first run", [f"{r['vs_first_run']:.2f}" for r in runs]),
+            row(
+                "of the first run (or: the channels' limits)",
+                [
+                    f"{r['vs_first_run']:.2f}"
+                    if r.get("channels", 1) == 1
+                    else f"({r['channels'] * r['channel_rate']:,.0f}/s)"
+                    for r in runs
+                ],
+            ),
             row(
                 "recipients / s by group",
                 [" / ".join(f"{g['per_second']:,.0f}" for g in r["per_group"]) for r in runs],
@@ -619,6 +672,14 @@ def runs_table(scaled: Mapping[str, Any]) -> str:
                 ],
             ),
             row("WAL full-page images / recipient", pg("wal_full_page_images", ".4f")),
+            row(
+                "delivery table + indexes, bytes / recipient",
+                [
+                    f"{r['postgres_per_recipient'].get('delivery_table_bytes', 0):,.0f} + "
+                    f"{r['postgres_per_recipient'].get('delivery_index_bytes', 0):,.0f}"
+                    for r in runs
+                ],
+            ),
             row("transactions / recipient", pg("transactions", ".3f")),
             row("statements / recipient", pg("statements", ".3f")),
             row("Postgres CPU µs / recipient", cpu("postgres")),
@@ -641,6 +702,7 @@ def runs_table(scaled: Mapping[str, Any]) -> str:
 COSTS = (
     ("rows written", ("postgres_per_recipient", "rows_written"), "rows/s"),
     ("WAL bytes", ("postgres_per_recipient", "wal_bytes"), "bytes"),
+    ("delivery table + indexes bytes", ("postgres_per_recipient", "delivery_bytes"), "stored"),
     ("transactions", ("postgres_per_recipient", "transactions"), "/s"),
     ("statements", ("postgres_per_recipient", "statements"), "/s"),
     ("Postgres CPU µs", ("cpu_us_per_recipient", "postgres"), "cores"),
@@ -683,6 +745,8 @@ def capacity_table(scaled: Mapping[str, Any]) -> str:
     def amount(value: float, unit: str) -> str:
         if unit == "bytes":
             return f"{value / 1e6:,.1f} MB/s ({value * 3600 / 1e9:,.0f} GB/h)"
+        if unit == "stored":
+            return f"{value * 86400 / 1e12:,.2f} TB/day"
         if unit == "cores":
             return f"{value:,.1f} cores"
         return f"{value:,.0f}{'' if unit.startswith('/') else ' '}{unit}"

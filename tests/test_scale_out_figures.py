@@ -45,6 +45,9 @@ def _run(name: str, groups: int, per_second: float, idle: int = 0) -> dict[str, 
             "wal_bytes": 1600.0,
             "wal_bytes_by_kind": {"Heap": 800.0, "Btree": 700.0, "Transaction": 20.0},
             "wal_full_page_images": 0.001,
+            "delivery_bytes": 400.0,
+            "delivery_table_bytes": 250.0,
+            "delivery_index_bytes": 150.0,
             "transactions": 0.5,
             "statements": 0.6,
             "tables": {"delivery": {"inserted": 20_000, "updated": 40_000, "deleted": 0}},
@@ -82,5 +85,6 @@ def test_the_scaling_page_blocks_render_with_and_without_figures() -> None:
     assert "| recipients / s | 4,000 | 3,600 |" in runs
     assert "Heap 800" in runs
     assert "`scale_out.runs[].postgres_per_recipient.wal_bytes`" in model
+    assert "3.46 TB/day" in model  # 400 bytes a recipient at 100,000/s
     empty = scaling_blocks({})
     assert all("No scale-out figures" in block for block in empty)
