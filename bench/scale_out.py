@@ -173,7 +173,9 @@ def run_case(pg: PrivatePostgres, n: int, shape: Shape, case: Case) -> dict[str,
             result, before = _send(children, counters, n, shape, case, api_port)
         finally:
             # Every backend reports its last counts as it ends.
+            stopping = time.monotonic()
             children.stop_all()
+        result["stop_seconds"] = round(time.monotonic() - stopping, 1)
         result["postgres_per_recipient"] = counters.per_recipient(before, counters.read(), n)
         result["postgres_per_recipient"].update(result.pop("_postgres_now"))
         result["postgres_per_recipient"].update(counters.delivery_bytes(n))
@@ -189,6 +191,7 @@ def _send(
     case: Case,
     api_port: int,
 ) -> tuple[dict[str, Any], Counts]:
+    began = time.monotonic()
     sim = start_simulator(children)
     client, api_proc = start_api(children, f"http://127.0.0.1:{api_port}")
     hooks: dict[str, int] = {}
@@ -246,6 +249,7 @@ def _send(
     cpu_before = cpu_now()
     group_cpu_before = [cpu_seconds(g.pid) for g in groups]
     sampler = Sampler(group_ports)
+    setup_seconds = time.monotonic() - began
     created = time.perf_counter()
     broadcasts = [create_broadcast(client, channel_id) for channel_id in hooks.values()]
     sampler.start(created)
@@ -296,6 +300,7 @@ def _send(
         "accepted": stats["accepted"],
         "duplicates": stats["duplicates"],
         "seconds": round(seconds, 2),
+        "setup_seconds": round(setup_seconds, 1),
         "per_second": round(n / seconds, 1),
         "per_group": per_group,
         "idle_groups": sum(1 for g in per_group if g["sent"] == 0),
