@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench all [--quick | --full]     # quick: 100,000 recipients; full: 1,000,000
     .venv/bin/python -m bench e2e [--recipients N]
-    .venv/bin/python -m bench scale-out [--recipients N]
+    .venv/bin/python -m bench scale-out [--recipients N]     # all: 20,000 quick, 100,000 full
 
 Then ``.venv/bin/python -m bench.readme`` puts the figures into README.md.
 """
@@ -18,7 +18,7 @@ from bench.results import LATEST, load, markdown, save
 
 QUICK = 100_000
 FULL = 1_000_000
-#: Recipients of each scale-out run (four runs, each with its own setup).
+#: Recipients of each scale-out run (five runs, each with its own setup).
 SCALE_OUT_QUICK = 20_000
 SCALE_OUT_FULL = 100_000
 
@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("pause", help="provider calls after a pause answered, repeated")
     sub.add_parser("scheduler", help="10,000 timed sends due in the same second")
     scaled = sub.add_parser(
-        "scale-out", help="1, 2 and 4 dispatcher groups and 2 schedulers: throughput and cost"
+        "scale-out",
+        help="1, 2 and 4 dispatcher groups, 2 schedulers, 25 channels: throughput and cost",
     )
-    scaled.add_argument("--recipients", type=int, default=SCALE_OUT_QUICK)
+    scaled.add_argument("--recipients", type=int, default=SCALE_OUT_QUICK, help="a run")
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
     for p in (every, one, scaled):

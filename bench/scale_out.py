@@ -669,8 +669,9 @@ def runs_table(scaled: Mapping[str, Any]) -> str:
                 [
                     ", ".join(
                         f"{kind} {size:,.0f}"
-                        for kind, size in list(
-                            r["postgres_per_recipient"]["wal_bytes_by_kind"].items()
+                        for kind, size in sorted(
+                            r["postgres_per_recipient"]["wal_bytes_by_kind"].items(),
+                            key=lambda item: -float(item[1]),
                         )[:3]
                     )
                     for r in runs
