@@ -3,6 +3,7 @@
     .venv/bin/python -m bench all [--quick | --full]     # quick: 100,000 recipients; full: 1,000,000
     .venv/bin/python -m bench e2e [--recipients N]
     .venv/bin/python -m bench naive [--recipients N]     # the naive design against the pipeline
+    .venv/bin/python -m bench scale-out [--recipients N] # all: 20,000 quick, 100,000 full
 
 The naive design runs on 100,000 recipients in ``all`` (quick or full), against the pipeline
 on the same number measured in the same run.
@@ -16,11 +17,14 @@ import argparse
 import shlex
 import sys
 
-from bench import e2e, http_client, naive, pause, rate_limited, scheduler
+from bench import e2e, http_client, naive, pause, rate_limited, scale_out, scheduler
 from bench.results import LATEST, load, markdown, save
 
 QUICK = 100_000
 FULL = 1_000_000
+#: Recipients of each scale-out run (five runs, each with its own setup).
+SCALE_OUT_QUICK = 20_000
+SCALE_OUT_FULL = 100_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("http-client", help="client CPU per request, aiohttp against httpx")
     sub.add_parser("pause", help="provider calls after a pause answered, repeated")
     sub.add_parser("scheduler", help="10,000 timed sends due in the same second")
+    scaled = sub.add_parser(
+        "scale-out",
+        help="1, 2 and 4 dispatcher groups, 2 schedulers, 25 channels: throughput and cost",
+    )
+    scaled.add_argument("--recipients", type=int, default=SCALE_OUT_QUICK, help="a run")
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
-    for p in (every, one, naive_one):
+    for p in (every, one, naive_one, scaled):
         p.add_argument("--processes", type=int, default=e2e.Shape.processes)
         p.add_argument("--threads", type=int, default=e2e.Shape.threads)
     args = parser.parse_args(argv)
@@ -61,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the pipeline on {n:,} recipients, to compare the naive design with")
             pipeline = e2e.run(n, shape)
         sections["naive"] = naive.compared(naive.run(n, shape), pipeline)
+    if args.what in ("all", "scale-out"):
+        n = (
+            (SCALE_OUT_FULL if args.full else SCALE_OUT_QUICK)
+            if args.what == "all"
+            else args.recipients
+        )
+        sections["scale_out"] = scale_out.run(
+            n, e2e.Shape(processes=args.processes, threads=args.threads)
+        )
     if args.what in ("all", "http-client"):
         sections["http_client"] = http_client.run()
     if args.what in ("all", "scheduler"):

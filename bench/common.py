@@ -56,15 +56,15 @@ def wait_for(
 
 
 @contextlib.contextmanager
-def scratch_database() -> Iterator[str]:
-    """A migrated database that is dropped afterwards."""
+def scratch_database(admin_url: str = ADMIN_URL) -> Iterator[str]:
+    """A migrated database on the server of ``admin_url``, dropped afterwards."""
     name = f"bcast_bench_{secrets.token_hex(4)}"
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
     migrate.upgrade(url)
     try:
         yield url
     finally:
-        with psycopg.connect(libpq_url(ADMIN_URL), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
@@ -160,14 +160,19 @@ def simulator_up(base: str) -> bool:
         return False
 
 
-def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
-    """User + system CPU time of a process and (unless told) all its descendants, from /proc."""
+def cpu_seconds(pid: int, *, descendants: bool = True, ended: bool = False) -> float:
+    """User + system CPU time of a process and (unless told) all its descendants, from /proc.
+    With ``ended``, also the time of its children that already ended (a server whose workers
+    come and go, like Postgres's backends).
+    """
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for p in [pid, *(_descendants(pid) if descendants else [])]:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
+            if ended and p == pid:
+                total += (int(fields[13]) + int(fields[14])) / tick
     return total
 
 
@@ -233,3 +238,83 @@ def follow_database() -> None:
     get_settings.cache_clear()
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
+
+
+#: Contacts per import call (the API's limit).
+IMPORT_ROWS = 100_000
+
+
+def webhook_channel(
+    client: httpx2.Client, url: str, secret: str, *, rate: float = 10_000, name: str = "bench"
+) -> tuple[int, int]:
+    """A signed webhook channel to ``url`` and an account on it, both called ``name``,
+    through the API; returns (channel id, account id).
+    """
+    channel = ok(
+        client.post(
+            "/v1/channels",
+            json={
+                "name": name,
+                "kind": "webhook",
+                "config": {"url": url, "secret": secret},
+                "rate_limit_per_second": rate,
+            },
+        )
+    )
+    account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": name}))
+    return int(channel["id"]), int(account["id"])
+
+
+def import_contacts(client: httpx2.Client, account_id: int, n: int, prefix: str = "b-") -> float:
+    """Import ``n`` contacts (addresses ``b-0`` ... with the default ``prefix``) through the
+    API's CSV import; returns the seconds it took.
+    """
+    started = time.perf_counter()
+    for start in range(0, n, IMPORT_ROWS):
+        rows = "".join(
+            f"{account_id},{prefix}{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
+        )
+        ok(
+            client.post(
+                "/v1/contacts/import",
+                content=("account_id,address\n" + rows).encode(),
+                headers={"Content-Type": "text/csv"},
+            )
+        )
+    return time.perf_counter() - started
+
+
+def create_broadcast(
+    client: httpx2.Client, channel_id: int, *, name: str = "bench", text: str = "bench"
+) -> int:
+    """An immediate broadcast of ``text`` to every contact of the workspace, through the API;
+    returns its id.
+    """
+    broadcast = ok(
+        client.post(
+            "/v1/broadcasts",
+            json={
+                "name": name,
+                "channel_id": channel_id,
+                "audience": {},
+                "content": {"text": text},
+            },
+        )
+    )
+    return int(broadcast["id"])
+
+
+def completed(client: httpx2.Client, broadcast_id: int) -> bool:
+    """Whether the API answers the broadcast ``completed``."""
+    return bool(client.get(f"/v1/broadcasts/{broadcast_id}").json()["status"] == "completed")
+
+
+def check_provider(stats: dict[str, Any], n: int) -> None:
+    """Stop the benchmark unless the provider accepted every one of ``n`` recipients exactly
+    once, with no bad signature.
+    """
+    accepted, duplicates, bad = stats["accepted"], stats["duplicates"], stats["bad_signatures"]
+    if accepted != n or duplicates or bad:
+        raise SystemExit(
+            f"the provider accepted {accepted} of {n} (duplicates {duplicates}, bad signatures {bad})"
+        )

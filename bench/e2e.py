@@ -31,18 +31,20 @@ import httpx2 as httpx
 from bench.common import (
     Children,
     bench_env,
+    check_provider,
+    completed,
     cpu_seconds,
+    create_broadcast,
     free_port,
-    ok,
+    import_contacts,
     scratch_database,
     scratch_vhost,
     start_api,
     start_simulator,
     wait_for,
+    webhook_channel,
 )
 
-#: Contacts per import call (the API's limit).
-IMPORT_ROWS = 100_000
 SIGNATURE_HEADER = "X-Bcast-Signature"
 
 
@@ -122,38 +124,13 @@ class PeakRss:
                             self.peak = max(self.peak, int(line.split()[1]) / 1024)
 
 
-def webhook_audience(
-    client: httpx.Client, url: str, secret: str, n: int
-) -> tuple[dict[str, Any], float]:
+def webhook_audience(client: httpx.Client, url: str, secret: str, n: int) -> tuple[int, float]:
     """The benchmark's audience, made through the API: a webhook channel posting to ``url``
     signed with ``secret``, one account, and ``n`` contacts (``b-0``, ``b-1``, ...) imported
-    with the CSV import. Returns the channel and the seconds the import took.
+    with the CSV import. Returns the channel id and the seconds the import took.
     """
-    channel: dict[str, Any] = ok(
-        client.post(
-            "/v1/channels",
-            json={
-                "name": "bench",
-                "kind": "webhook",
-                "config": {"url": url, "secret": secret},
-                "rate_limit_per_second": 10_000,
-            },
-        )
-    )
-    account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": "bench"}))
-    imported_at = time.perf_counter()
-    for start in range(0, n, IMPORT_ROWS):
-        rows = "".join(
-            f"{account['id']},b-{i}\n" for i in range(start, min(n, start + IMPORT_ROWS))
-        )
-        ok(
-            client.post(
-                "/v1/contacts/import",
-                content=("account_id,address\n" + rows).encode(),
-                headers={"Content-Type": "text/csv"},
-            )
-        )
-    return channel, time.perf_counter() - imported_at
+    channel_id, account_id = webhook_channel(client, url, secret)
+    return channel_id, import_contacts(client, account_id, n)
 
 
 def pids_named(name: str) -> list[int]:
@@ -197,7 +174,7 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
         raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
 
     client, api_proc = start_api(children, api)
-    channel, import_seconds = webhook_audience(client, f"{sim}/hooks/bench", secret, n)
+    channel_id, import_seconds = webhook_audience(client, f"{sim}/hooks/bench", secret, n)
 
     scheduler = children.start("scheduler", "scheduler")
     dispatcher = children.start(
@@ -223,39 +200,24 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
     cpu_before = cpu_now()
     with PeakRss(dispatcher.pid) as rss:
         created = time.perf_counter()
-        broadcast = ok(
-            client.post(
-                "/v1/broadcasts",
-                json={
-                    "name": "bench",
-                    "channel_id": channel["id"],
-                    "audience": {},
-                    "content": {"text": "bench"},
-                },
-            )
+        broadcast_id = create_broadcast(client, channel_id)
+        wait_for(
+            "the broadcast to complete",
+            lambda: completed(client, broadcast_id),
+            timeout=max(600, n / 200),
+            every=0.05,
         )
-
-        def completed() -> bool:
-            return bool(
-                client.get(f"/v1/broadcasts/{broadcast['id']}").json()["status"] == "completed"
-            )
-
-        wait_for("the broadcast to complete", completed, timeout=max(600, n / 200), every=0.05)
         seconds = time.perf_counter() - created
     cpu = {name: v - cpu_before[name] for name, v in cpu_now().items()}
     stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
     client.close()
-    accepted, duplicates, bad = stats["accepted"], stats["duplicates"], stats["bad_signatures"]
-    if accepted != n or duplicates or bad:
-        raise SystemExit(
-            f"the provider accepted {accepted} of {n} (duplicates {duplicates}, bad signatures {bad})"
-        )
+    check_provider(stats, n)
     per_second = n / seconds
     return {
         "recipients": n,
-        "accepted": accepted,
-        "duplicates": duplicates,
-        "bad_signatures": bad,
+        "accepted": stats["accepted"],
+        "duplicates": stats["duplicates"],
+        "bad_signatures": stats["bad_signatures"],
         "seconds": round(seconds, 2),
         "per_second": round(per_second, 1),
         "raw_per_second": round(raw, 1),

@@ -92,13 +92,13 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
     secret = secrets.token_urlsafe(24)
     httpx.put(f"{sim}/_sim/hooks/naive", json={"secret": secret}).raise_for_status()
     client, _api = start_api(children, api)
-    channel, import_seconds = webhook_audience(client, f"{sim}/hooks/naive", secret, n)
+    channel_id, import_seconds = webhook_audience(client, f"{sim}/hooks/naive", secret, n)
     broadcast = ok(
         client.post(
             "/v1/broadcasts",
             json={
                 "name": "naive",
-                "channel_id": channel["id"],
+                "channel_id": channel_id,
                 "audience": {},
                 "content": {"text": "bench"},
             },

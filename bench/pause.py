@@ -18,7 +18,9 @@ import httpx2 as httpx
 from bench.common import (
     Children,
     bench_env,
+    create_broadcast,
     free_port,
+    import_contacts,
     ok,
     quantile,
     scratch_database,
@@ -26,6 +28,7 @@ from bench.common import (
     start_api,
     start_simulator,
     wait_for,
+    webhook_channel,
 )
 
 #: Sends a broadcast makes before it is paused: it is at full speed by then.
@@ -61,43 +64,15 @@ def _run(
         hook = f"pause-{r}-{secrets.token_hex(3)}"
         secret = secrets.token_urlsafe(24)
         httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
-        channel = ok(
-            client.post(
-                "/v1/channels",
-                json={
-                    "name": hook,
-                    "kind": "webhook",
-                    "config": {"url": f"{sim}/hooks/{hook}", "secret": secret},
-                    "rate_limit_per_second": 10_000,
-                },
-            )
-        )
-        account = ok(client.post("/v1/accounts", json={"channel_id": channel["id"], "name": hook}))
-        rows = "".join(f"{account['id']},p-{i}\n" for i in range(n))
-        ok(
-            client.post(
-                "/v1/contacts/import",
-                content=("account_id,address\n" + rows).encode(),
-                headers={"Content-Type": "text/csv"},
-            )
-        )
-        b = ok(
-            client.post(
-                "/v1/broadcasts",
-                json={
-                    "name": hook,
-                    "channel_id": channel["id"],
-                    "audience": {},
-                    "content": {"text": "x"},
-                },
-            )
-        )
+        channel_id, account_id = webhook_channel(client, f"{sim}/hooks/{hook}", secret, name=hook)
+        import_contacts(client, account_id, n, prefix="p-")
+        broadcast_id = create_broadcast(client, channel_id, name=hook, text="x")
 
         def warm(hook: str = hook) -> bool:
             return int(httpx.get(f"{sim}/_sim/hooks/{hook}/stats").json()["requests"]) >= WARM
 
         wait_for("the send to reach full speed", warm, timeout=120, every=0.02)
-        ok(client.post(f"/v1/broadcasts/{b['id']}/pause"))
+        ok(client.post(f"/v1/broadcasts/{broadcast_id}/pause"))
         paused_at = time.time()
         time.sleep(3)
         arrivals = [float(x["t"]) for x in httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()]
@@ -106,7 +81,7 @@ def _run(
         slipped.append(len(later))
         if len(arrivals) >= n:
             raise SystemExit("the broadcast finished before it was paused: raise the recipients")
-        ok(client.post(f"/v1/broadcasts/{b['id']}/cancel"))
+        ok(client.post(f"/v1/broadcasts/{broadcast_id}/cancel"))
     client.close()
     ordered = sorted(after)
     return {

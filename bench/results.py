@@ -140,6 +140,41 @@ def markdown(results: dict[str, Any]) -> str:
             f"pause answered | p50 {paused['p50_s']:.3f} s, p99 {paused['p99_s']:.3f} s; at most "
             f"{paused['slipped_max']} calls arrived after it, all within the p99 |"
         )
+    scaled = results.get("scale_out")
+    if scaled:
+        lines += scale_out_rows(scaled, results.get("machine", {}).get("cores"))
     m = results.get("machine", {})
     lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
     return "\n".join(lines)
+
+
+def scale_out_rows(scaled: dict[str, Any], cores: int | None) -> list[str]:
+    """One row per scale-out run, after a row saying what the runs can show."""
+    rows = [
+        f"| scale-out: {scaled['recipients']:,} recipients a run, each dispatcher group "
+        f"{scaled['group']}, one Postgres and one RabbitMQ | every group on the same "
+        f"{cores or '?'} cores: the runs show coordination cost and where throughput "
+        "flattens, not more hardware |"
+    ]
+    for r in scaled["runs"]:
+        pg = r["postgres_per_recipient"]
+        groups = " / ".join(f"{g['per_second']:,.0f}" for g in r["per_group"])
+        started = (
+            f"{r['idle_groups']} group(s) sent nothing"
+            if r["idle_groups"]
+            else f"every group sent within {r['last_first_send_s']:.1f} s"
+        )
+        against = (
+            f"{r['vs_first_run']:.2f} of the first run"
+            if r.get("channels", 1) == 1
+            else f"the channels' limits allow {r['channels'] * r['channel_rate']:,.0f}"
+        )
+        rows.append(
+            f"| {r['name']} | {r['per_second']:,.0f} recipients/s ({against}; per group "
+            f"{groups}; {started}); per recipient: Postgres "
+            f"{pg['rows_written']:.2f} rows written, {pg['wal_bytes']:,.0f} B WAL, "
+            f"{pg['statements']:.3f} statements, {r['cpu_us_per_recipient']['postgres']:,.0f} µs "
+            f"CPU; dispatchers {r['cpu_us_per_recipient']['dispatchers']:,.0f} µs CPU; RabbitMQ "
+            f"{r['rabbitmq_per_recipient']['taken_by_dispatchers']:.4f} messages |"
+        )
+    return rows

@@ -1,4 +1,4 @@
-"""Every figure block in README.md is exactly what its results file renders to."""
+"""Every figure block in README.md and docs/ is exactly what its results file renders to."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from bench.readme import BLOCKS, current, rendered
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_the_readme_block_matches_its_results_file(name: str) -> None:
-    assert current(name) is not None, f"README.md has no <!-- {name}:start --> block"
+    doc = BLOCKS[name][2].name
+    assert current(name) is not None, f"{doc} has no <!-- {name}:start --> block"
     assert current(name) == rendered(name), (
-        f"README.md's {name} figures differ from {BLOCKS[name][0].name}: run "
+        f"{doc}'s {name} figures differ from {BLOCKS[name][0].name}: run "
         "`.venv/bin/python -m bench.readme`"
     )

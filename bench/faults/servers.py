@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -72,11 +73,18 @@ def _postgres_bin() -> Path:
 class PrivatePostgres:
     """A Postgres cluster of the suite's own: initdb into a temp dir, trust auth, fsync on,
     loopback only. ``restart()`` is a fast shutdown and a start, as an operator's would be.
+
+    Parameters:
+      settings: more server settings (``-c name=value``), e.g. ``shared_preload_libraries``.
+      prefix: the name of its temp dir starts with this.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, settings: Mapping[str, str] | None = None, prefix: str = "bcast-faults-pg-"
+    ) -> None:
         self.bin = _postgres_bin()
-        self.dir = Path(tempfile.mkdtemp(prefix="bcast-faults-pg-"))
+        self.settings = dict(settings or {})
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
         self.port = free_port()
@@ -126,6 +134,7 @@ class PrivatePostgres:
                 "-c fsync=on",
                 "-c max_connections=200",
                 "-c shared_buffers=256MB",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         _run(
@@ -153,6 +162,10 @@ class PrivatePostgres:
             timeout=START_SECONDS + 10,
         )
         self.running = False
+
+    def postmaster_pid(self) -> int:
+        """The pid of the running server's postmaster (every backend is its child)."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
     def create_database(self, name: str) -> str:
         with psycopg.connect(self.url(), autocommit=True) as conn:
