@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     #: Longest one run of a batch lasts before it hands the rest back, so work spreads over
     #: dispatchers as they come and go.
     batch_max_seconds: float = Field(default=120.0, gt=0)
+    #: A run that finished its batch goes on with the broadcast's next one (no round trip
+    #: through the queue) for this long at most; then the next batch goes through the queue,
+    #: so a dispatcher that joins a send under way (a scale-up, a restart) gets its share.
+    chain_max_seconds: float = Field(default=10.0, gt=0)
     dispatcher_metrics_port: int = 9101
 
     # --- delivery rows (docs/retention.md) ---

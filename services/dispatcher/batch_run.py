@@ -120,6 +120,9 @@ class BatchRun:
             max_seconds=s.retry_max_seconds,
         )
         self.deadline = time.monotonic() + s.batch_max_seconds
+        #: Until when the run may go on with the broadcast's next batch itself (the engine
+        #: sets it for the chain of batches this run belongs to).
+        self.chain_until = math.inf
         #: Set when the run must start no more calls (a stop, a pause, a lost lease).
         self.halted = False
         self.status = BroadcastStatus.IN_PROGRESS.value
@@ -556,7 +559,9 @@ class BatchRun:
         """Give the batch back (rows still held come back; the batch is done or ready) and,
         when the run may go on, take the task's next due batch in the same transaction.
         """
-        go_on = ending.go_on and not self.stopping.is_set()
+        go_on = (
+            ending.go_on and not self.stopping.is_set() and time.monotonic() < self.chain_until
+        )
         claimed_at = time.monotonic()
         try:
             async with self.rt.pool.connection() as conn:

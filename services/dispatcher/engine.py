@@ -4,7 +4,9 @@ A ``send_batch`` message only points at a batch. The actor hands it to the engin
 claims the batch in Postgres (under a lease) and starts running it on the process's event
 loop; the actor's thread is free again at once. A run that must wait gives its batch back
 instead of waiting, and a run that finished its batch goes on with the next due batch of the
-same broadcast, keeping the broadcast's number of batches in flight the same. So any number
+same broadcast, keeping the broadcast's number of batches in flight the same (for
+``chain_max_seconds``; then the next batch goes through the queue, so work spreads over the
+dispatchers there are, new ones included). So any number
 of slow or throttled channels never keep a fast one from starting: the threads are never
 theirs, and the send queue never holds more than a few messages per broadcast.
 
@@ -116,11 +118,16 @@ class Engine:
         metrics.BATCH_RUNS.set(len(self.runs))
 
     async def _runner(self, batch: Batch, claimed_at: float) -> None:
-        """Run a batch, then the broadcast's next due batches while the run may go on."""
+        """Run a batch, then the broadcast's next due batches while the run may go on (for
+        ``chain_max_seconds`` at most: then the next batch goes through the queue, to whichever
+        dispatcher has room, a newly started one included).
+        """
         current: Batch | None = batch
+        chain_until = time.monotonic() + self.rt.settings.chain_max_seconds
         while current is not None:
             ids = {"broadcast_id": current.broadcast_id, "batch_id": current.id}
             run = BatchRun(self.rt, current, claimed_at, self.stopping)
+            run.chain_until = chain_until
             try:
                 ending, current = await run.run()
             except Exception:

@@ -120,3 +120,28 @@ def test_each_dispatcher_process_keeps_a_fixed_number_of_database_connections(
     finally:
         procs.stop("wide")
         procs.start("dispatcher", "dispatcher", "--processes", "1", "--threads", "4")
+
+
+def test_a_dispatcher_started_during_a_send_gets_a_share_of_it(api: Api, system: System) -> None:
+    # 8,000 recipients at 800/s on one channel: 40 batches of 200, at most 16 of them in
+    # flight. The dispatcher running when the send starts holds all 16; one started a moment
+    # later must get batches of the same broadcast (a scale-up helps the send under way).
+    n = 8000
+    channel, hook = api.webhook_channel(rate=800, latency_ms=5)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], [f"{hook}-{i}" for i in range(n)])
+    b = api.broadcast(channel["id"], {})
+    wait_for("the send to be under way", lambda: api.sim_stats(hook)["accepted"] > 0)
+    system.procs.start("dispatcher-late", "dispatcher", "--processes", "1", "--threads", "2")
+    try:
+        wait_for(
+            "the late dispatcher to run batches of the broadcast",
+            lambda: f"broadcast {b['id']} batch" in system.procs.log("dispatcher-late"),
+            timeout=60,
+        )
+        assert api.sim_stats(hook)["accepted"] < n, "it joined while the send was under way"
+        api.wait_status(b["id"], "completed")
+    finally:
+        system.procs.stop("dispatcher-late")
+    stats = api.sim_stats(hook)
+    assert (stats["accepted"], stats["duplicates"]) == (n, 0)
