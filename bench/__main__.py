@@ -3,7 +3,12 @@
     .venv/bin/python -m bench all [--quick | --full]     # quick: 100,000 recipients; full: 1,000,000
     .venv/bin/python -m bench e2e [--recipients N]
     .venv/bin/python -m bench naive [--recipients N]     # the naive design against the pipeline
-    .venv/bin/python -m bench scale-out [--recipients N] # all: 20,000 quick, 100,000 full
+    .venv/bin/python -m bench scale-out [--recipients N] # all: 20,000 quick, 50,000 full
+
+``all`` sends to a tenth of the audience and to all of it (time per recipient and memory as it
+grows), and after the large run sends it once more as the 10th broadcast the delivery table has
+seen (the 8 between written by SQL, as sent), keeping a flame graph of a dispatcher worker in
+bench/results/flame-dispatcher.svg.
 
 The naive design runs on 100,000 recipients in ``all`` (quick or full), against the pipeline
 on the same number measured in the same run.
@@ -16,15 +21,44 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
 from bench import e2e, http_client, naive, pause, rate_limited, scale_out, scheduler
-from bench.results import LATEST, load, markdown, save
+from bench.results import DIR, LATEST, load, markdown, save
 
 QUICK = 100_000
 FULL = 1_000_000
 #: Recipients of each scale-out run (five runs, each with its own setup).
 SCALE_OUT_QUICK = 20_000
-SCALE_OUT_FULL = 100_000
+SCALE_OUT_FULL = 50_000
+#: Broadcasts of the whole audience the delivery table has seen when the last one is measured.
+HISTORY = 10
+
+
+def sized(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
+    """The ``e2e``, ``memory`` and ``cpu`` sections from a run of a tenth of the audience and
+    one of all of it: time per recipient and memory as the audience grows tenfold.
+    """
+    per_small = small["seconds"] / small["recipients"]
+    per_large = large["seconds"] / large["recipients"]
+    summary = {k: small[k] for k in ("recipients", "seconds", "per_second", "ratio_to_raw")}
+    return {
+        "e2e": {
+            **large,
+            "small": summary,
+            "per_recipient_growth": round(per_large / per_small, 3),
+        },
+        "memory": {
+            "rss_mib_small": small["dispatcher_peak_rss_mib"],
+            "rss_mib_large": large["dispatcher_peak_rss_mib"],
+            "recipients_small": small["recipients"],
+            "recipients_large": large["recipients"],
+        },
+        "cpu": {
+            f"{name}_us_per_recipient": value
+            for name, value in large["cpu_us_per_recipient"].items()
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=e2e.Shape.threads)
     args = parser.parse_args(argv)
     sections: dict[str, object] = {}
-    if args.what in ("all", "e2e"):
-        n = (FULL if args.full else QUICK) if args.what == "all" else args.recipients
-        sections["e2e"] = e2e.run(n, e2e.Shape(processes=args.processes, threads=args.threads))
+    shape = e2e.Shape(processes=args.processes, threads=args.threads)
+    if args.what == "e2e":
+        sections["e2e"] = e2e.run(args.recipients, shape)
+    runs: list[dict[str, Any]] = []
+    if args.what == "all":
+        n = FULL if args.full else QUICK
+        small = e2e.run(n // 10, shape)
+        large = e2e.run(n, shape, history=HISTORY, flame=DIR / "flame-dispatcher.svg")
+        runs = [small, large]
+        sections.update(sized(small, large))
     if args.what in ("all", "naive"):
         n = QUICK if args.what == "all" else args.recipients
-        shape = e2e.Shape(processes=args.processes, threads=args.threads)
-        pipeline = sections.get("e2e")
-        if not isinstance(pipeline, dict) or pipeline["recipients"] != n:
+        pipeline = next((r for r in runs if r["recipients"] == n), None)
+        if pipeline is None:
             print(f"the pipeline on {n:,} recipients, to compare the naive design with")
             pipeline = e2e.run(n, shape)
         sections["naive"] = naive.compared(naive.run(n, shape), pipeline)
@@ -76,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.what == "all"
             else args.recipients
         )
-        sections["scale_out"] = scale_out.run(
-            n, e2e.Shape(processes=args.processes, threads=args.threads)
-        )
+        sections["scale_out"] = scale_out.run(n, shape)
     if args.what in ("all", "http-client"):
         sections["http_client"] = http_client.run()
     if args.what in ("all", "scheduler"):

@@ -19,6 +19,8 @@ import hashlib
 import hmac
 import json
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,9 +29,11 @@ from typing import Any
 
 import aiohttp
 import httpx2 as httpx
+import psycopg
 
 from bench.common import (
     Children,
+    _descendants,
     bench_env,
     check_provider,
     completed,
@@ -44,6 +48,7 @@ from bench.common import (
     wait_for,
     webhook_channel,
 )
+from shared.db.engine import libpq_url
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
 
@@ -144,13 +149,31 @@ def pids_named(name: str) -> list[int]:
     return pids
 
 
+def postmaster() -> int:
+    """The Postgres server's first process (its backends come and go as its children)."""
+    pids = pids_named("postgres")
+    for pid in pids:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if ppid not in pids:
+            return pid
+    raise SystemExit("no Postgres server process found")
+
+
 def cpu_of(pids: list[int], *, descendants: bool = True) -> float:
     """CPU seconds of these processes (and, unless told, their descendants)."""
     return sum(cpu_seconds(p, descendants=descendants) for p in pids)
 
 
-def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
-    """One end-to-end run of ``n`` recipients; returns the ``e2e`` section of the results."""
+def run(
+    n: int, shape: Shape = Shape(), *, history: int = 0, flame: Path | None = None
+) -> dict[str, Any]:
+    """One end-to-end run of ``n`` recipients; returns the ``e2e`` section of the results.
+
+    With ``history`` (>= 2), the same audience is then sent again as broadcast number
+    ``history``, after the rows of the broadcasts between were written (by SQL, as sent): what
+    one more broadcast costs once the delivery table holds ``history - 1`` of them. With
+    ``flame``, a py-spy flame graph of one dispatcher worker while it sends is kept there.
+    """
     with scratch_database() as db_url, scratch_vhost() as vhost:
         env = bench_env(db_url, vhost)
         api_port = free_port()
@@ -158,12 +181,20 @@ def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
         env["BCAST_PUBLIC_URL"] = f"http://127.0.0.1:{api_port}"
         children = Children(env)
         try:
-            return _run(children, env, n, shape, f"http://127.0.0.1:{api_port}")
+            return _run(children, env, n, shape, f"http://127.0.0.1:{api_port}", history, flame)
         finally:
             children.stop_all()
 
 
-def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str) -> dict[str, Any]:
+def _run(
+    children: Children,
+    env: dict[str, str],
+    n: int,
+    shape: Shape,
+    api: str,
+    history: int,
+    flame: Path | None,
+) -> dict[str, Any]:
     sim = start_simulator(children)
     secret = secrets.token_urlsafe(24)
     for hook in ("raw", "bench"):
@@ -192,13 +223,16 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
             "dispatcher": cpu_of([dispatcher.pid]),
             "scheduler": cpu_of([scheduler.pid]),
             "api": cpu_of([api_proc.pid]),
-            # Every process of the name is listed: the postmaster's children count once.
-            "postgres": cpu_of(pids_named("postgres"), descendants=False),
+            # The server and its backends, those that ended since included.
+            "postgres": cpu_seconds(postmaster(), ended=True),
             "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
         }
 
-    cpu_before = cpu_now()
-    with PeakRss(dispatcher.pid) as rss:
+    def send_all() -> tuple[int, float, dict[str, float]]:
+        """One broadcast to the whole audience: its id, seconds create -> completed, and CPU
+        seconds of each process meanwhile.
+        """
+        cpu_before = cpu_now()
         created = time.perf_counter()
         broadcast_id = create_broadcast(client, channel_id)
         wait_for(
@@ -208,10 +242,39 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
             every=0.05,
         )
         seconds = time.perf_counter() - created
-    cpu = {name: v - cpu_before[name] for name, v in cpu_now().items()}
+        return broadcast_id, seconds, {k: v - cpu_before[k] for k, v in cpu_now().items()}
+
+    profiler = (
+        FlameGraph(dispatcher.pid, f"{sim}/_sim/hooks/bench/stats", n, flame) if flame else None
+    )
+    with PeakRss(dispatcher.pid) as rss:
+        if profiler:
+            profiler.start()
+        broadcast_id, seconds, cpu = send_all()
+    if profiler:
+        profiler.join(timeout=60)
     stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
-    client.close()
     check_provider(stats, n)
+    later: dict[str, Any] = {}
+    if history >= 2:
+        filled = fill_history(env["BCAST_DATABASE_URL"], broadcast_id, history - 2)
+        _, last_seconds, last_cpu = send_all()
+        check_provider(httpx.get(f"{sim}/_sim/hooks/bench/stats").json(), 2 * n)
+        later = {
+            "history": {
+                "broadcasts": history,
+                "rows_before_last": (history - 1) * n,
+                "fill_seconds": round(filled, 1),
+                "first_seconds": round(seconds, 2),
+                "last_seconds": round(last_seconds, 2),
+                "growth": round(last_seconds / seconds, 3),
+                "postgres_us_first": round(cpu["postgres"] / n * 1e6, 1),
+                "postgres_us_last": round(last_cpu["postgres"] / n * 1e6, 1),
+                "dispatcher_us_first": round(cpu["dispatcher"] / n * 1e6, 1),
+                "dispatcher_us_last": round(last_cpu["dispatcher"] / n * 1e6, 1),
+            }
+        }
+    client.close()
     per_second = n / seconds
     return {
         "recipients": n,
@@ -226,4 +289,88 @@ def _run(children: Children, env: dict[str, str], n: int, shape: Shape, api: str
         "dispatchers": f"{shape.processes} processes x {shape.threads} threads",
         "cpu_us_per_recipient": {name: round(v / n * 1e6, 1) for name, v in cpu.items()},
         "dispatcher_peak_rss_mib": round(rss.peak, 1),
+        **({"flame_graph": profiler.out.name} if profiler and profiler.made else {}),
+        **later,
     }
+
+
+def fill_history(database_url: str, first: int, count: int) -> float:
+    """``count`` more completed broadcasts of broadcast ``first``'s audience, their delivery
+    rows written as sent (by SQL: what the table holds after they were sent). Returns seconds.
+    """
+    started = time.perf_counter()
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        for _ in range(count):
+            conn.execute(
+                """
+                WITH b AS (
+                    INSERT INTO broadcast (workspace_id, name, channel_id, origin, audience,
+                                           content, send_at, status, snapshot_at, started_at,
+                                           finished_at, part_day)
+                    SELECT workspace_id, 'history', channel_id, origin, audience, content,
+                           send_at, 'completed', now(), now(), now(), part_day
+                    FROM broadcast WHERE id = %(first)s
+                    RETURNING id, workspace_id, part_day
+                )
+                INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
+                                      attempts, provider_message_id, sent_at, part_day)
+                SELECT b.workspace_id, b.id, d.contact_id, d.address, 'sent', 1,
+                       'history-' || d.id, now(), b.part_day
+                FROM b, delivery d WHERE d.broadcast_id = %(first)s
+                """,
+                {"first": first},
+            )
+        conn.execute("ANALYZE delivery")
+    return time.perf_counter() - started
+
+
+class FlameGraph(threading.Thread):
+    """A py-spy flame graph (SVG) of one dispatcher worker process, 20 s from when a tenth of
+    the audience was sent.
+    """
+
+    def __init__(self, dispatcher: int, stats_url: str, n: int, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.dispatcher = dispatcher
+        self.stats_url = stats_url
+        self.n = n
+        self.out = out
+        self.made = False
+
+    def run(self) -> None:
+        spy = Path(sys.executable).parent / "py-spy"
+        if not spy.exists():
+            print("py-spy is not installed: no flame graph")
+            return
+        with contextlib.suppress(Exception):
+            wait_for(
+                "a tenth of the audience sent",
+                lambda: httpx.get(self.stats_url).json()["accepted"] >= self.n // 10,
+                timeout=600,
+                every=0.2,
+            )
+            workers = _descendants(self.dispatcher)
+            if not workers:
+                return
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(
+                [
+                    str(spy),
+                    "record",
+                    "--duration",
+                    "20",
+                    "--rate",
+                    "200",
+                    "--format",
+                    "flamegraph",
+                    "--output",
+                    str(self.out),
+                    "--pid",
+                    str(workers[0]),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            self.made = done.returncode == 0 and self.out.exists()
+            if not self.made:
+                print(f"no flame graph: py-spy said {done.stderr.decode(errors='replace')[-300:]}")

@@ -91,6 +91,29 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
             )
+        small = e2e.get("small")
+        if small and "per_recipient_growth" in e2e:
+            lines.append(
+                f"| time per recipient, {e2e['recipients']:,} against {small['recipients']:,} "
+                f"recipients ({small['recipients']:,} in {small['seconds']:.1f} s) | "
+                f"**{e2e['per_recipient_growth']:.2f}x** |"
+            )
+        history = e2e.get("history")
+        if history:
+            lines.append(
+                f"| broadcast no. {history['broadcasts']} of the same {e2e['recipients']:,}, "
+                f"{history['rows_before_last']:,} delivery rows already in the table | "
+                f"{history['last_seconds']:.1f} s against {history['first_seconds']:.1f} s for "
+                f"the first (**{history['growth']:.2f}x**); Postgres CPU µs per recipient "
+                f"{history['postgres_us_last']:,.0f} against {history['postgres_us_first']:,.0f} |"
+            )
+    memory = results.get("memory")
+    if memory:
+        lines.append(
+            f"| dispatcher peak RSS, {memory['recipients_small']:,} / "
+            f"{memory['recipients_large']:,} recipients | {memory['rss_mib_small']:.0f} / "
+            f"{memory['rss_mib_large']:.0f} MiB |"
+        )
     slow = results.get("naive")
     if slow:
         lines += [
