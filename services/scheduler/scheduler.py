@@ -2,9 +2,10 @@
 
 Each pass:
   1. claims due tasks (``pending``, ``send_at <= now()``, ``FOR UPDATE SKIP LOCKED``), up to
-     ``CLAIM_LIMIT`` in one short transaction, chunk after chunk until none is due, and in
-     each moves them to ``in_progress`` and writes an outbox row for each, or pauses a task
-     found too long overdue (after downtime) with a reason the operator sees;
+     ``CLAIM_LIMIT`` in one short transaction, chunk after chunk until none is due (on
+     ``CLAIMERS`` connections at once when many are due), and in each moves them to
+     ``in_progress`` and writes an outbox row for each, or pauses a task found too long
+     overdue (after downtime) with a reason the operator sees;
   2. publishes outbox rows (start messages) to RabbitMQ in one AMQP transaction, deleting them
      only after the broker took them, so a crash between commit and publish loses nothing.
      Small audiences go as groups (one message, one copy transaction for up to
@@ -32,6 +33,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 #: Tasks claimed per transaction: short enough that a task's ``started_at`` is when it was
 #: taken.
 CLAIM_LIMIT = 1000
+#: Connections that claim at once while more tasks are due than one chunk holds (they take
+#: disjoint chunks: SKIP LOCKED).
+CLAIMERS = 2
 #: Outbox rows (and batches) published per transaction (one AMQP transaction each).
 RELAY_LIMIT = 2000
 #: A broadcast whose audience (as counted when it was written) is at most this is started
@@ -119,26 +124,40 @@ def claim_due(
     session: Session, overdue_limit: timedelta, *, limit: int = CLAIM_LIMIT
 ) -> tuple[list[int], list[int]]:
     """Start up to ``limit`` due tasks and pause the ones too late to fire silently; one
-    transaction, a few statements whatever the number. Returns (started ids, paused ids).
+    transaction, one statement for those started (and their outbox rows), however many.
+    Returns (started ids, paused ids).
     """
     due = session.execute(
         text(
             """
-            SELECT id, send_at, late_start_approved, now() AS now
-            FROM broadcast
-            WHERE status = 'pending' AND send_at <= now()
-            ORDER BY send_at
-            LIMIT :n
-            FOR UPDATE SKIP LOCKED
+            WITH due AS (
+                SELECT id, send_at, late_start_approved FROM broadcast
+                WHERE status = 'pending' AND send_at <= now()
+                ORDER BY send_at
+                LIMIT :n
+                FOR UPDATE SKIP LOCKED
+            ),
+            started AS (
+                UPDATE broadcast
+                SET status = 'in_progress', status_reason = NULL, updated_at = now(),
+                    started_at = coalesce(started_at, now()), heartbeat_at = now()
+                WHERE id = ANY(ARRAY(
+                    SELECT id FROM due
+                    WHERE late_start_approved OR now() - send_at <= :overdue * interval '1 second'
+                ))
+                RETURNING id, workspace_id
+            ),
+            queued AS (
+                INSERT INTO dispatch_outbox (workspace_id, broadcast_id, reason)
+                SELECT workspace_id, id, 'start' FROM started
+            )
+            SELECT due.id, due.send_at, now() AS now, started.id IS NOT NULL AS started
+            FROM due LEFT JOIN started ON started.id = due.id
             """
         ),
-        {"n": limit},
+        {"n": limit, "overdue": overdue_limit.total_seconds()},
     ).all()
-    if not due:
-        return [], []
-    start = [r for r in due if r.late_start_approved or r.now - r.send_at <= overdue_limit]
-    started = {r.id for r in start}
-    late = [r for r in due if r.id not in started]
+    late = [r for r in due if not r.started]
     for r in late:
         session.execute(
             text(
@@ -154,20 +173,7 @@ def claim_due(
                 ),
             },
         )
-    if start:
-        ids = [r.id for r in start]
-        session.execute(
-            text(
-                """
-                UPDATE broadcast
-                SET status = 'in_progress', status_reason = NULL, updated_at = now(),
-                    started_at = coalesce(started_at, now()), heartbeat_at = now()
-                WHERE id = ANY(:ids)
-                """
-            ),
-            {"ids": ids},
-        )
-        _to_outbox(session, ids, "start")
+    start = [r for r in due if r.started]
     for r in start:
         START_DELAY.observe(max(0.0, (r.now - r.send_at).total_seconds()))
     return [r.id for r in start], [r.id for r in late]
@@ -355,27 +361,18 @@ class Scheduler:
 
     def run_pass(self) -> None:
         """One pass: claim every due task (chunk by chunk, each chunk committed at once, so
-        a task's ``started_at`` is when it was taken), publish the starts, relay batches, and
-        sweep when due.
+        a task's ``started_at`` is when it was taken; ``CLAIMERS`` connections at once when
+        more are due than one chunk holds), publish the starts, relay batches, and sweep when
+        due.
         """
         started = time.perf_counter()
         overdue = timedelta(seconds=self.settings.overdue_limit_seconds)
-        while True:
-            with self.sessions() as session, session.begin():
-                claimed, paused = claim_due(session, overdue)
-            CLAIMED.inc(len(claimed))
-            OVERDUE.inc(len(paused))
-            if claimed or paused:
-                log.info(
-                    "started %s broadcasts (%s), paused %s as overdue (%s)",
-                    len(claimed),
-                    _listed(claimed),
-                    len(paused),
-                    _listed(paused),
-                    extra={"broadcast_ids": claimed[:10]},
-                )
-            if len(claimed) + len(paused) < CLAIM_LIMIT:
-                break
+        if self._claim_chunk(overdue) == CLAIM_LIMIT:
+            with ThreadPoolExecutor(CLAIMERS, thread_name_prefix="bcast-claim") as claimers:
+                for claiming in [
+                    claimers.submit(self._claim_all, overdue) for _ in range(CLAIMERS)
+                ]:
+                    claiming.result()
         while True:
             with self.sessions() as session, session.begin():
                 if relay_outbox(session, self.publish) < RELAY_LIMIT:
@@ -408,6 +405,28 @@ class Scheduler:
                     swept.restarted,
                 )
         PASS_SECONDS.observe(time.perf_counter() - started)
+
+    def _claim_chunk(self, overdue: timedelta) -> int:
+        """Claim one chunk of due tasks in a transaction of its own; returns how many."""
+        with self.sessions() as session, session.begin():
+            claimed, paused = claim_due(session, overdue)
+        CLAIMED.inc(len(claimed))
+        OVERDUE.inc(len(paused))
+        if claimed or paused:
+            log.info(
+                "started %s broadcasts (%s), paused %s as overdue (%s)",
+                len(claimed),
+                _listed(claimed),
+                len(paused),
+                _listed(paused),
+                extra={"broadcast_ids": claimed[:10]},
+            )
+        return len(claimed) + len(paused)
+
+    def _claim_all(self, overdue: timedelta) -> None:
+        """Claim chunks until one is not full (another claimer may be taking the rest)."""
+        while self._claim_chunk(overdue) == CLAIM_LIMIT:
+            pass
 
     def next_wait(self) -> float:
         """Seconds until the next pending task or waiting batch is due, capped by the poll
