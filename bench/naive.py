@@ -22,6 +22,7 @@ import contextlib
 import secrets
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2 as httpx
@@ -45,6 +46,8 @@ from bench.common import (
 )
 from bench.e2e import PeakRss, Shape, pids_named, webhook_audience
 from bench.naive_worker import QUEUE, send_message
+from shared import delivery_partitions
+from shared import delivery_store as store
 from shared.db.engine import libpq_url, make_engine
 from shared.db.models import Broadcast, Contact, Delivery
 from shared.domain.audience import AudienceSpec, audience_query
@@ -218,26 +221,39 @@ class Timed:
         }
 
 
+PARTITION_DAYS = 7
+
+
 def _copy_audience(engine: Engine, broadcast_id: int) -> list[int]:
     """Start the broadcast: its audience copied into delivery rows in one transaction, the way
     the schema records a broadcast being sent. Returns the rows' ids.
     """
+    day = datetime.now(UTC).date()
+    # The delivery partition of the day, as the dispatcher's copy makes sure of it.
+    with psycopg.connect(libpq_url(engine.url.render_as_string(hide_password=False))) as conn:
+        store.run(conn, delivery_partitions.ensure(day, PARTITION_DAYS))
     with engine.begin() as conn:
         task = conn.execute(
             update(Broadcast)
             .where(Broadcast.id == broadcast_id)
-            .values(status=BroadcastStatus.IN_PROGRESS, started_at=func.now())
+            .values(status=BroadcastStatus.IN_PROGRESS, started_at=func.now(), part_day=day)
             .returning(Broadcast.workspace_id, Broadcast.channel_id, Broadcast.audience)
         ).one()
         audience = audience_query(
             task.workspace_id, task.channel_id, AudienceSpec.model_validate(task.audience)
         ).with_only_columns(
-            literal(task.workspace_id), literal(broadcast_id), Contact.id, Contact.address
+            literal(task.workspace_id),
+            literal(broadcast_id),
+            Contact.id,
+            Contact.address,
+            literal(day),
         )
         ids = list(
             conn.execute(
                 insert(Delivery)
-                .from_select(["workspace_id", "broadcast_id", "contact_id", "address"], audience)
+                .from_select(
+                    ["workspace_id", "broadcast_id", "contact_id", "address", "part_day"], audience
+                )
                 .returning(Delivery.id)
             ).scalars()
         )
