@@ -559,9 +559,7 @@ class BatchRun:
         """Give the batch back (rows still held come back; the batch is done or ready) and,
         when the run may go on, take the task's next due batch in the same transaction.
         """
-        go_on = (
-            ending.go_on and not self.stopping.is_set() and time.monotonic() < self.chain_until
-        )
+        go_on = ending.go_on and not self.stopping.is_set() and time.monotonic() < self.chain_until
         claimed_at = time.monotonic()
         try:
             async with self.rt.pool.connection() as conn:
