@@ -318,3 +318,20 @@ def check_provider(stats: dict[str, Any], n: int) -> None:
         raise SystemExit(
             f"the provider accepted {accepted} of {n} (duplicates {duplicates}, bad signatures {bad})"
         )
+
+
+@contextlib.contextmanager
+def bench_system() -> Iterator[tuple[Children, dict[str, str], str]]:
+    """A scratch database and vhost, an API port: the children to start on them (all stopped
+    at the end), their environment, and the API's URL.
+    """
+    with scratch_database() as db_url, scratch_vhost() as vhost:
+        env = bench_env(db_url, vhost)
+        api = f"http://127.0.0.1:{free_port()}"
+        env["BCAST_API_PORT"] = api.rsplit(":", 1)[1]
+        env["BCAST_PUBLIC_URL"] = api
+        children = Children(env)
+        try:
+            yield children, env, api
+        finally:
+            children.stop_all()

@@ -34,15 +34,12 @@ import psycopg
 from bench.common import (
     Children,
     _descendants,
-    bench_env,
+    bench_system,
     check_provider,
     completed,
     cpu_seconds,
     create_broadcast,
-    free_port,
     import_contacts,
-    scratch_database,
-    scratch_vhost,
     start_api,
     start_simulator,
     wait_for,
@@ -174,16 +171,8 @@ def run(
     one more broadcast costs once the delivery table holds ``history - 1`` of them. With
     ``flame``, a py-spy flame graph of one dispatcher worker while it sends is kept there.
     """
-    with scratch_database() as db_url, scratch_vhost() as vhost:
-        env = bench_env(db_url, vhost)
-        api_port = free_port()
-        env["BCAST_API_PORT"] = str(api_port)
-        env["BCAST_PUBLIC_URL"] = f"http://127.0.0.1:{api_port}"
-        children = Children(env)
-        try:
-            return _run(children, env, n, shape, f"http://127.0.0.1:{api_port}", history, flame)
-        finally:
-            children.stop_all()
+    with bench_system() as (children, env, api):
+        return _run(children, env, n, shape, api, history, flame)
 
 
 def _run(

@@ -34,12 +34,9 @@ from sqlalchemy import Engine, func, insert, literal, update
 
 from bench.common import (
     Children,
-    bench_env,
+    bench_system,
     cpu_seconds,
-    free_port,
     ok,
-    scratch_database,
-    scratch_vhost,
     start_api,
     start_simulator,
     wait_for,
@@ -60,16 +57,8 @@ def run(n: int, shape: Shape = Shape()) -> dict[str, Any]:
     """One run of the naive design on ``n`` recipients; returns the ``naive`` section of the
     results without the comparison (see ``compared``).
     """
-    with scratch_database() as db_url, scratch_vhost() as vhost:
-        env = bench_env(db_url, vhost)
-        api_port = free_port()
-        env["BCAST_API_PORT"] = str(api_port)
-        env["BCAST_PUBLIC_URL"] = f"http://127.0.0.1:{api_port}"
-        children = Children(env)
-        try:
-            return _run(children, env, n, shape, f"http://127.0.0.1:{api_port}")
-        finally:
-            children.stop_all()
+    with bench_system() as (children, env, api):
+        return _run(children, env, n, shape, api)
 
 
 def compared(naive: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, Any]:

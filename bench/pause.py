@@ -17,14 +17,11 @@ import httpx2 as httpx
 
 from bench.common import (
     Children,
-    bench_env,
+    bench_system,
     create_broadcast,
-    free_port,
     import_contacts,
     ok,
     quantile,
-    scratch_database,
-    scratch_vhost,
     start_api,
     start_simulator,
     wait_for,
@@ -37,17 +34,8 @@ WARM = 1500
 
 def run(repeats: int = 20, recipients: int = 20_000, processes: int = 2) -> dict[str, Any]:
     """The ``pause`` section of the results."""
-    with scratch_database() as db_url, scratch_vhost() as vhost:
-        env = bench_env(db_url, vhost)
-        api_port = free_port()
-        env["BCAST_API_PORT"] = str(api_port)
-        children = Children(env)
-        try:
-            return _run(
-                children, env, f"http://127.0.0.1:{api_port}", repeats, recipients, processes
-            )
-        finally:
-            children.stop_all()
+    with bench_system() as (children, env, api):
+        return _run(children, env, api, repeats, recipients, processes)
 
 
 def _run(

@@ -82,11 +82,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         cpu = e2e.get("cpu_us_per_recipient", {})
         if cpu:
-            lines.append(
-                "| CPU µs per recipient | "
-                + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items())
-                + " |"
-            )
+            lines.append(cpu_row("CPU µs per recipient", cpu))
         if "dispatcher_peak_rss_mib" in e2e:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
@@ -127,11 +123,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         cpu = slow.get("cpu_us_per_recipient", {})
         if cpu:
-            lines.append(
-                "| naive design CPU µs per recipient | "
-                + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items())
-                + " |"
-            )
+            lines.append(cpu_row("naive design CPU µs per recipient", cpu))
     client = results.get("http_client")
     if client:
         lines.append(
@@ -169,6 +161,11 @@ def markdown(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
     return "\n".join(lines)
+
+
+def cpu_row(label: str, cpu: dict[str, float]) -> str:
+    """A table row of CPU µs per recipient, process by process."""
+    return f"| {label} | " + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items()) + " |"
 
 
 def scale_out_rows(scaled: dict[str, Any], cores: int | None) -> list[str]:
