@@ -456,7 +456,20 @@ def end_run(
             "t": batch.token,
         },
     )
-    if next_token is None or status != BroadcastStatus.IN_PROGRESS:
+    if status != BroadcastStatus.IN_PROGRESS:
+        return back, None
+    if next_token is None:
+        if done:
+            # The batch left the task's window without handing it on (the run may not go
+            # on): wake the relay if a batch of the task is due, or its window stays short
+            # until the next poll. (A batch given back as ready wakes it by its trigger.)
+            yield Query(
+                """
+                SELECT pg_notify('bcast_batch', '') FROM delivery_batch
+                WHERE broadcast_id = %(b)s AND state = 'ready' AND due_at <= now() LIMIT 1
+                """,
+                {"b": batch.broadcast_id},
+            )
         return back, None
     row = (
         yield Query(

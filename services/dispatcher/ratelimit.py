@@ -111,10 +111,11 @@ class RateLimiter:
                 await conn.execute(
                     """
                     WITH cur AS (
-                        SELECT channel_id, clock_timestamp() AS now, blocked_until,
-                               greatest(tat, clock_timestamp(),
-                                        coalesce(blocked_until, '-infinity')) AS base
-                        FROM channel_rate WHERE channel_id = %(c)s FOR UPDATE
+                        -- One reading of the clock: two could differ and cost a slot.
+                        SELECT channel_id, t.now, blocked_until,
+                               greatest(tat, t.now, coalesce(blocked_until, '-infinity')) AS base
+                        FROM channel_rate, LATERAL (SELECT clock_timestamp() AS now) t
+                        WHERE channel_id = %(c)s FOR UPDATE OF channel_rate
                     ), took AS (
                         SELECT *, CASE
                             WHEN base > now + %(within)s * interval '1 second' THEN 0

@@ -160,6 +160,31 @@ def test_a_finished_run_goes_on_with_the_next_due_batch_in_the_same_transaction(
     assert none is None
 
 
+def test_a_run_that_ends_without_going_on_wakes_the_relay_when_a_batch_is_due(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    listener = connect()
+    listener.execute("LISTEN bcast_batch")
+
+    def woken() -> bool:
+        return any(True for _ in listener.notifies(timeout=0.2, stop_after=1))
+
+    task = new_task(api, conn, 6, batch_size=2)
+    woken()  # the copy made ready batches; what follows is about the end of a run
+    one = run_batch(conn, task.id, 0)
+    two = run_batch(conn, task.id, 1)
+    # Its time to go on is up (or it is stopping): the batch is done, the third one due,
+    # and the relay must hear of it now, not at its next poll.
+    store.run(conn, store.end_run(one, done=True))
+    assert woken()
+    # With no batch of the task left to hand out, the end of a run wakes nobody.
+    three = run_batch(conn, task.id, 2)
+    store.run(conn, store.end_run(two, done=True))
+    assert not woken()
+    store.run(conn, store.end_run(three, done=True))
+    assert not woken()
+
+
 def test_progress_tells_done_from_waiting(api: Api, conn: psycopg.Connection[Any]) -> None:
     task = new_task(api, conn, 3)
     batch = run_batch(conn, task.id)
