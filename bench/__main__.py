@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=e2e.Shape.threads)
     args = parser.parse_args(argv)
     sections: dict[str, object] = {}
-    shape = e2e.Shape(processes=args.processes, threads=args.threads)
+    # Only the runs that start dispatchers of their own shape take --processes/--threads.
+    shape = e2e.Shape(
+        processes=getattr(args, "processes", e2e.Shape.processes),
+        threads=getattr(args, "threads", e2e.Shape.threads),
+    )
     if args.what == "e2e":
         sections["e2e"] = e2e.run(args.recipients, shape)
     runs: list[dict[str, Any]] = []

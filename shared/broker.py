@@ -15,7 +15,8 @@ import pika
 from dramatiq import Message
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-#: Queue of "start this broadcast" messages (snapshot the audience, enqueue batches).
+#: Queue of "start this broadcast" messages (snapshot the audience, enqueue batches): one
+#: broadcast, or a group of small ones copied together.
 START_QUEUE = "bcast_start"
 START_ACTOR = "start_broadcast"
 #: Queue of "run this batch" messages.
@@ -28,9 +29,11 @@ def make_broker(url: str) -> RabbitmqBroker:
     return RabbitmqBroker(url=url, confirm_delivery=True)
 
 
-def start_message(broadcast_id: int) -> Message[None]:
+def start_message(broadcast_ids: int | Sequence[int]) -> Message[None]:
+    """Start one broadcast (an id), or several small ones copied together (a list of ids)."""
+    ids = broadcast_ids if isinstance(broadcast_ids, int) else list(broadcast_ids)
     return Message(
-        queue_name=START_QUEUE, actor_name=START_ACTOR, args=(broadcast_id,), kwargs={}, options={}
+        queue_name=START_QUEUE, actor_name=START_ACTOR, args=(ids,), kwargs={}, options={}
     )
 
 

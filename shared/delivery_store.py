@@ -330,6 +330,117 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
     return copied
 
 
+def snapshot_days(broadcast_ids: Sequence[int]) -> One[dict[int, date]]:
+    """``snapshot_day`` for several broadcasts in one statement: fix the day each copy is
+    filed under (today, the first time) and return them by broadcast.
+    """
+    return One(
+        Query(
+            f"UPDATE broadcast SET part_day = coalesce(part_day, {TODAY}) "
+            "WHERE id = ANY(%(ids)s::bigint[]) RETURNING id, part_day",
+            {"ids": sorted(set(broadcast_ids))},
+        ),
+        lambda result: {int(r[0]): r[1] for r in result.rows},
+    )
+
+
+def snapshot_group(
+    broadcast_ids: Sequence[int], recipients: Query, *, batch_size: int
+) -> Op[dict[int, int]]:
+    """Copy the audiences of several small broadcasts being sent, in one transaction, each
+    once. Returns how many rows each broadcast copied now; a broadcast missing from it was
+    copied before, is being copied by another dispatcher this moment, or is not being sent.
+
+    ``recipients`` selects ``(broadcast_id, contact_id, address, unreachable,
+    unreachable_reason)`` for every broadcast of the group (rows of a broadcast not copied
+    now are left out). The task rows are locked first, in id order, and their status read
+    under the lock: only those still ``in_progress`` are copied, so a pause or cancel either
+    commits before the copy (and the task waits for its next start) or after it (and finds
+    its rows). A copy is short by design, so the lock is held for a moment only; large
+    audiences go through ``snapshot``, which locks the task last. Each broadcast's rows go to
+    the partition of its ``part_day`` (``snapshot_days``; today if it was not fixed), which
+    must exist (``shared.delivery_partitions.ensure``).
+    """
+    ids = sorted(set(broadcast_ids))
+    if not ids:
+        return {}
+    ours = (
+        yield Query(
+            "SELECT id FROM unnest(%(grp_ids)s::bigint[]) AS id "
+            "WHERE pg_try_advisory_xact_lock(%(grp_ns)s, id::int)",
+            {"grp_ids": ids, "grp_ns": SNAPSHOT_LOCK},
+        )
+    ).rows
+    tasks = (
+        yield Query(
+            f"""
+            SELECT id, coalesce(part_day, {TODAY}) FROM broadcast
+            WHERE id = ANY(%(grp_ids)s::bigint[]) AND status = 'in_progress' AND snapshot_at IS NULL
+            ORDER BY id
+            FOR UPDATE
+            """,
+            {"grp_ids": [int(r[0]) for r in ours]},
+        )
+    ).rows
+    if not tasks:
+        return {}
+    copy = [int(r[0]) for r in tasks]
+    days: dict[date, list[int]] = {}
+    for broadcast_id, day in tasks:
+        days.setdefault(day, []).append(int(broadcast_id))
+    params = {**recipients.params, "grp_ids": copy}
+    copied = (
+        yield Query(
+            f"""
+            WITH copied AS (
+                INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
+                                      last_error, part_day)
+                SELECT t.workspace_id, a.broadcast_id, a.contact_id, a.address,
+                       CASE WHEN a.unreachable THEN 'skipped' ELSE 'queued' END,
+                       CASE WHEN a.unreachable
+                            THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END,
+                       coalesce(t.part_day, {TODAY})
+                FROM ({recipients.sql})
+                     AS a(broadcast_id, contact_id, address, unreachable, reason)
+                JOIN broadcast t ON t.id = a.broadcast_id
+                WHERE a.broadcast_id = ANY(%(grp_ids)s::bigint[])
+                ORDER BY a.broadcast_id, a.contact_id
+                ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
+                RETURNING broadcast_id
+            )
+            SELECT broadcast_id, count(*) FROM copied GROUP BY broadcast_id
+            """,
+            params,
+        )
+    ).rows
+    for day, of_day in sorted(days.items()):
+        yield Query(
+            """
+            INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id, last_id)
+            SELECT workspace_id, broadcast_id, %(grp_day)s, min(id), max(id)
+            FROM (
+                SELECT workspace_id, broadcast_id, id,
+                       (row_number() OVER (PARTITION BY broadcast_id ORDER BY id) - 1)
+                       / %(size)s AS n
+                FROM delivery
+                WHERE broadcast_id = ANY(%(grp_ids)s::bigint[]) AND part_day = %(grp_day)s
+                  AND status = 'queued'
+            ) AS run
+            GROUP BY workspace_id, broadcast_id, n
+            """,
+            {"grp_ids": of_day, "grp_day": day, "size": batch_size},
+        )
+    # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
+    yield Query(
+        f"UPDATE broadcast SET snapshot_at = now(), part_day = coalesce(part_day, {TODAY}) "
+        "WHERE id = ANY(%(grp_ids)s::bigint[])",
+        {"grp_ids": copy},
+    )
+    counts = dict.fromkeys(copy, 0)
+    counts.update({int(r[0]): int(r[1]) for r in copied})
+    return counts
+
+
 # --- batches: handed out, run under a lease, given back --------------------------------------
 
 
@@ -542,7 +653,9 @@ def progress(broadcast_id: int, first_id: int, last_id: int, part_day: date) -> 
     )
 
 
-def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tuple[int, int]]]:
+def relay(
+    *, per_batch_rate: float, max_window: int, limit: int, max_queued: int | None = None
+) -> Op[list[tuple[int, int]]]:
     """Pick the batches to hand to the dispatchers now and mark them ``queued``; returns
     (batch id, broadcast id) pairs. The caller publishes a message for each inside the same
     transaction and commits only after the broker confirmed them (an outbox), so a crash
@@ -553,18 +666,44 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
     enough that the send queue never holds more than a few messages per task, so a new task
     never waits behind the backlog of another. Batches of a channel throttled by its provider
     or booked more than ``MAX_WAIT`` ahead wait until it is free (``_free_at``), so a channel
-    that must wait is not handed batch after batch that would only be given back. One relay
+    that must wait is not handed batch after batch that would only be given back.
+
+    The send queue as a whole holds at most ``max_queued`` batches handed out and not yet
+    taken by a dispatcher: ten thousand small tasks started at once wait here, in the order
+    their batches fell due, not in the queue, where dispatchers with no room would hand them
+    back and forth and a task started a moment later would wait behind all of them. One relay
     runs at a time (advisory lock).
     """
     locked = (yield Query("SELECT pg_try_advisory_xact_lock(%(k)s)", {"k": RELAY_LOCK})).scalar()
     if not locked:
         return []
+    if max_queued is not None:
+        limit = min(limit, max_queued - (yield from _queued()))
+        if limit <= 0:
+            return []
     result = yield Query(
         f"""
-        WITH picked AS (
+        WITH RECURSIVE due AS (
+            -- The tasks with due, ready batches, in the order they fell due, read from the
+            -- index one (due time, task) at a time, and only as far as the pick needs.
+            (SELECT due_at, broadcast_id FROM delivery_batch
+             WHERE state = 'ready' AND due_at <= now()
+             ORDER BY due_at, broadcast_id LIMIT 1)
+            UNION ALL
+            SELECT n.due_at, n.broadcast_id
+            FROM due AS d CROSS JOIN LATERAL (
+                SELECT due_at, broadcast_id FROM delivery_batch
+                WHERE state = 'ready' AND due_at <= now()
+                  AND (due_at, broadcast_id) > (d.due_at, d.broadcast_id)
+                ORDER BY due_at, broadcast_id LIMIT 1
+            ) AS n
+        ),
+        picked AS (
             SELECT next.id
-            FROM broadcast t
+            FROM due
+            JOIN broadcast t ON t.id = due.broadcast_id
             JOIN channel c ON c.id = t.channel_id
+            LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
             CROSS JOIN LATERAL (
                 SELECT least(%(max)s, greatest(2, ceil(c.rate_limit_per_second / %(per)s)))::int
                        - (SELECT count(*) FROM delivery_batch
@@ -576,14 +715,13 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
                 ORDER BY due_at, id
                 LIMIT greatest(w.room, 0)
             ) AS next
-            LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
             WHERE t.status = 'in_progress' AND {_FREE_AT} <= now()
             LIMIT %(limit)s
         )
         UPDATE delivery_batch b
         SET state = 'queued', published_at = now(), updated_at = now()
-        FROM picked
-        WHERE b.id = picked.id AND b.state = 'ready'
+        FROM (SELECT DISTINCT id FROM picked) AS p
+        WHERE b.id = p.id AND b.state = 'ready'
         RETURNING b.id, b.broadcast_id
         """,
         {"max": max_window, "per": per_batch_rate, "limit": limit, "wait": MAX_WAIT},
@@ -591,20 +729,37 @@ def relay(*, per_batch_rate: float, max_window: int, limit: int) -> Op[list[tupl
     return sorted((int(r[0]), int(r[1])) for r in result.rows)
 
 
+def _queued() -> Op[int]:
+    count = (yield Query("SELECT count(*) FROM delivery_batch WHERE state = 'queued'")).scalar()
+    return int(count)
+
+
+def queued_batches() -> Op[int]:
+    """How many batches are handed out and not yet taken by a dispatcher."""
+    return (yield from _queued())
+
+
 def next_relay_in() -> Op[float | None]:
     """Seconds until the next ready batch of a task being sent falls due, or its channel is
     free again (None: none waits). Batches already due but held back by a full window are not
     waited for here: the batch that leaves the window makes room and wakes the relay
-    (``bcast_batch``).
+    (``bcast_batch``). Never later than the first such moment, sometimes sooner (a channel free
+    before its batches are due wakes the relay once more): two short index reads, however many
+    tasks are being sent.
     """
     seconds = (
         yield Query(
             f"""
-            SELECT extract(epoch FROM min(greatest(b.due_at, {_FREE_AT})) - now())::float8
-            FROM broadcast t JOIN delivery_batch b ON b.broadcast_id = t.id
-            LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
-            WHERE t.status = 'in_progress' AND b.state = 'ready'
-              AND greatest(b.due_at, {_FREE_AT}) > now()
+            SELECT extract(epoch FROM least(
+                (SELECT b.due_at FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id
+                 WHERE b.state = 'ready' AND b.due_at > now() AND t.status = 'in_progress'
+                 ORDER BY b.due_at LIMIT 1),
+                (SELECT min({_FREE_AT}) FROM channel_rate r
+                 WHERE {_FREE_AT} > now() AND EXISTS (
+                     SELECT 1 FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id
+                     WHERE b.state = 'ready' AND t.channel_id = r.channel_id
+                       AND t.status = 'in_progress'))
+            ) - now())::float8
             """,
             {"wait": MAX_WAIT},
         )

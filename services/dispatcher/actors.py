@@ -1,7 +1,8 @@
 """The dispatcher's dramatiq actors. Run them with ``bcast dispatcher``.
 
 Each actor is a thin shell over the process's engine: ``start_broadcast`` starts an audience
-copy, ``send_batch`` starts a batch run, and the thread is free again at once. Both are safe to
+copy (of one broadcast, or of a group of small ones), ``send_batch`` starts a batch run, and the
+thread is free again at once. Both are safe to
 run twice for the same message: the work they do is decided by rows in Postgres, not by the
 message. A message that arrives while the process is stopping goes back to the queue for
 another process; one that finds the process full comes back a moment later.
@@ -54,17 +55,20 @@ FULL_DELAY_MS = 1000
 
 
 @dramatiq.actor(actor_name=START_ACTOR, queue_name=START_QUEUE, **ACTOR_OPTIONS)
-def start_broadcast(broadcast_id: int) -> None:
+def start_broadcast(broadcast_ids: int | list[int]) -> None:
     """Copy the audience into delivery rows and batches (once); the scheduler hands the
-    batches out.
+    batches out. One broadcast (an id), or a group of small ones copied together (a list).
     """
     try:
         rt = runtime.current()
-        taken = rt.call(rt.engine.start_copy(broadcast_id))
+        if isinstance(broadcast_ids, int):
+            taken = rt.call(rt.engine.start_copy(broadcast_ids))
+        else:
+            taken = rt.call(rt.engine.start_copies(broadcast_ids))
     except RuntimeClosed:
         taken = Taken.STOPPING
     if taken is not Taken.TAKEN:
-        broker.enqueue(start_message(broadcast_id), delay=FULL_DELAY_MS)
+        broker.enqueue(start_message(broadcast_ids), delay=FULL_DELAY_MS)
 
 
 @dramatiq.actor(actor_name=SEND_ACTOR, queue_name=SEND_QUEUE, **ACTOR_OPTIONS)

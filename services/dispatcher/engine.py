@@ -10,8 +10,11 @@ dispatchers there are, new ones included). So any number
 of slow or throttled channels never keep a fast one from starting: the threads are never
 theirs, and the send queue never holds more than a few messages per broadcast.
 
-A ``start_broadcast`` message starts an audience copy here the same way, one at a time per
-process (each holds a database connection for the length of its copy).
+A ``start_broadcast`` message starts an audience copy here the same way: the copy of one large
+audience, or of a group of small ones in one transaction. Large copies go one at a time per
+process (each holds a pool connection for the length of its copy), and so do groups, side by
+side, on a connection of their own: a long copy never holds up a thousand timed sends, nor
+they it.
 """
 
 from __future__ import annotations
@@ -51,16 +54,21 @@ class Engine:
     Parameters:
       rt: the process runtime.
       max_runs: the most batches this process runs at once.
-      copies_at_once: the most audience copies this process makes at once.
+      copies_at_once: the most copies of large audiences this process makes at once.
+      groups_at_once: the most copies of groups of small audiences this process makes at once
+        (besides the large ones).
     """
 
-    def __init__(self, rt: Runtime, max_runs: int, copies_at_once: int = 1) -> None:
+    def __init__(
+        self, rt: Runtime, max_runs: int, copies_at_once: int = 1, groups_at_once: int = 1
+    ) -> None:
         self.rt = rt
         self.max_runs = max_runs
         self.runs: set[asyncio.Task[None]] = set()
-        self.copies: set[asyncio.Task[int | None]] = set()
+        self.copies: set[asyncio.Task[object]] = set()
         self.stopping = asyncio.Event()
         self._copying = asyncio.Semaphore(copies_at_once)
+        self._copying_groups = asyncio.Semaphore(groups_at_once)
 
     async def adopt(self, batch_id: int) -> Taken:
         """Claim the batch a message points at and start running it."""
@@ -98,6 +106,37 @@ class Engine:
         self.copies.add(task)
         task.add_done_callback(self.copies.discard)
         return Taken.TAKEN
+
+    async def start_copies(self, broadcast_ids: list[int]) -> Taken:
+        """Copy the audiences of a group of small started broadcasts in one transaction, in
+        the background (each once). A copy cut short rolls back as a whole, and the scheduler
+        starts the broadcasts again after the stall time.
+        """
+        if self.stopping.is_set():
+            return Taken.STOPPING
+        task = asyncio.create_task(
+            self._copy_group(broadcast_ids), name=f"copy-group-{broadcast_ids[0]}"
+        )
+        self.copies.add(task)
+        task.add_done_callback(self.copies.discard)
+        return Taken.TAKEN
+
+    async def _copy_group(self, broadcast_ids: list[int]) -> dict[int, int]:
+        async with self._copying_groups:
+            if self.stopping.is_set():
+                return {}
+            try:
+                return await snapshot.start_group(self.rt, broadcast_ids)
+            except Exception:
+                log.exception(
+                    "broadcast %s: copying the audiences of %s broadcasts failed; the scheduler "
+                    "starts them again",
+                    ", ".join(map(str, broadcast_ids[:10]))
+                    + (" ..." if len(broadcast_ids) > 10 else ""),
+                    len(broadcast_ids),
+                    extra={"broadcast_ids": broadcast_ids[:10]},
+                )
+                return {}
 
     async def _copy(self, broadcast_id: int) -> int | None:
         async with self._copying:

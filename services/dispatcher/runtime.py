@@ -1,7 +1,8 @@
 """What a dispatcher process shares, opened when its worker boots and closed when it stops.
 
 One asyncio loop in its own thread holds the Postgres pool (a fixed number of connections,
-whatever the thread count), the HTTP keep-alive pool, the status board, the rate limiter, one
+whatever the thread count, and one more for copies of small audiences), the HTTP keep-alive
+pool, the status board, the rate limiter, one
 lane per channel, the process's call pool and the engine that runs batches. dramatiq's worker
 threads hand their work (a batch to run, an audience to copy) to this loop and are free again
 at once.
@@ -51,8 +52,12 @@ STOP_SECONDS = 20.0
 #: How long an interrupted actor's coroutine may take to give back what it holds.
 CLEANUP_SECONDS = 15.0
 WAIT_SLICE = 0.25
-#: Audience copies one process makes at once (each holds a pool connection while it runs).
+#: Copies of large audiences one process makes at once (each holds a pool connection while it
+#: runs).
 COPIES_AT_ONCE = 1
+#: Copies of groups of small audiences one process makes at once, besides the large ones (each
+#: on a connection of its own, outside the pool: a group's copy is short by design).
+GROUPS_AT_ONCE = 1
 #: Young-generation collection threshold. Each send allocates tasks, futures and buffers that
 #: are almost all freed by reference counting; the default (700) runs the cycle collector
 #: every few sends and cost a seventh of the send loop's time.
@@ -100,6 +105,16 @@ class Runtime:
             open=False,
         )
         await self.pool.open(wait=True, timeout=30)
+        # Copies of small audiences have a connection of their own: timed sends due by the
+        # thousand are not queued behind the statements of every run, nor behind a large copy.
+        self.group_pool = AsyncConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=GROUPS_AT_ONCE,
+            kwargs={"autocommit": True, "application_name": "bcast-dispatcher-copy"},
+            open=False,
+        )
+        await self.group_pool.open(wait=True, timeout=30)
         self.http = make_session(
             self.egress,
             max_in_flight=self.settings.max_in_flight,
@@ -113,7 +128,9 @@ class Runtime:
         self.status.on_channel_notice = self.limiter.hear
         self.leases = LeaseKeeper(self)
         self.leases.start()
-        self.engine = Engine(self, self.settings.dispatcher_max_batches, COPIES_AT_ONCE)
+        self.engine = Engine(
+            self, self.settings.dispatcher_max_batches, COPIES_AT_ONCE, GROUPS_AT_ONCE
+        )
 
     def adapter(
         self,
@@ -200,6 +217,7 @@ class Runtime:
                     await adapter.close()
             await self.http.close()
             await self.status.stop()
+            await self.group_pool.close()
             await self.pool.close()
 
         try:

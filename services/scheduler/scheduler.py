@@ -1,16 +1,22 @@
 """The scheduler: one loop that starts due broadcasts and keeps sending ones moving.
 
 Each pass:
-  1. claims due tasks (``pending``, ``send_at <= now()``, ``FOR UPDATE SKIP LOCKED``) and, in
-     the same transaction, moves them to ``in_progress`` and writes an outbox row for each, or
-     pauses a task found too long overdue (after downtime) with a reason the operator sees;
-  2. publishes outbox rows (start messages) to RabbitMQ (publisher confirms), deleting each
-     only after the broker confirmed it, so a crash between commit and publish loses nothing;
+  1. claims due tasks (``pending``, ``send_at <= now()``, ``FOR UPDATE SKIP LOCKED``), up to
+     ``CLAIM_LIMIT`` in one short transaction, chunk after chunk until none is due (on
+     ``CLAIMERS`` connections at once when many are due), and in each moves them to
+     ``in_progress`` and writes an outbox row for each, or pauses a task found too long
+     overdue (after downtime) with a reason the operator sees;
+  2. publishes outbox rows (start messages) to RabbitMQ in one AMQP transaction, deleting them
+     only after the broker took them, so a crash between commit and publish loses nothing.
+     Small audiences go as groups (one message, one copy transaction for up to
+     ``GROUP_TASKS`` of them), each large one alone;
   3. relays batches: the due, ready batches of tasks being sent, at most a small window per
      task (sized to its channel's rate), are marked queued and published the same way;
   4. now and then sweeps: batches whose run's lease ran out (a dead dispatcher) are taken
      back with exactly the rows they held, batch messages that were lost are published again,
      and a task whose audience was never copied (a lost start message) is started again.
+Thousands of tasks due in the same second are so started in a few short transactions, one
+after the other, and their starts leave in a few messages right after.
 Between passes it sleeps until the next task or batch is due, the poll interval runs out, or
 Postgres NOTIFYs a new task, a status change, an outbox row or a batch ready to go: immediate
 sends start at once. Beside the loop, a thread keeps the partitions of the delivery table: made
@@ -26,7 +32,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -46,10 +53,27 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Tasks claimed per transaction.
-CLAIM_LIMIT = 100
-#: Outbox rows (and batches) published per transaction.
-RELAY_LIMIT = 200
+#: Tasks claimed per transaction: short enough that a task's ``started_at`` is when it was
+#: taken.
+CLAIM_LIMIT = 1000
+#: Connections that claim at once while more tasks are due than one chunk holds (they take
+#: disjoint chunks: SKIP LOCKED).
+CLAIMERS = 2
+#: Outbox rows (and batches) published per transaction (one AMQP transaction each).
+RELAY_LIMIT = 2000
+#: A broadcast whose audience (as counted when it was written) is at most this is started
+#: together with other small ones: one message and one copy transaction for the group.
+SMALL_AUDIENCE = 1000
+#: Most broadcasts in one group.
+GROUP_TASKS = 200
+#: Most recipients in one group (as counted when the broadcasts were written), so that its
+#: copy stays a short transaction.
+GROUP_RECIPIENTS = 2000
+#: Most batches handed out and not yet taken by a dispatcher, all tasks together: more wait in
+#: Postgres, in the order they fell due, rather than in the send queue.
+RELAY_MAX_QUEUED = 128
+#: While the send queue is full, the relay looks again this often (seconds).
+RELAY_RETRY_SECONDS = 0.05
 #: Sends per second one running batch is counted on for, when a task's window of batches in
 #: flight is sized to its channel's rate.
 SENDS_PER_BATCH = 500.0
@@ -96,27 +120,44 @@ START_DELAY = Histogram(
 PASS_SECONDS = Histogram("bcast_scheduler_pass_duration_seconds", "Time of one scheduler pass.")
 
 
-def claim_due(session: Session, overdue_limit: timedelta) -> tuple[list[int], list[int]]:
-    """Start the due tasks and pause the ones too late to fire silently; one transaction.
+def claim_due(
+    session: Session, overdue_limit: timedelta, *, limit: int = CLAIM_LIMIT
+) -> tuple[list[int], list[int]]:
+    """Start up to ``limit`` due tasks and pause the ones too late to fire silently; one
+    transaction, one statement for those started (and their outbox rows), however many.
     Returns (started ids, paused ids).
     """
     due = session.execute(
         text(
             """
-            SELECT id, send_at, late_start_approved, now() AS now
-            FROM broadcast
-            WHERE status = 'pending' AND send_at <= now()
-            ORDER BY send_at
-            LIMIT :n
-            FOR UPDATE SKIP LOCKED
+            WITH due AS (
+                SELECT id, send_at, late_start_approved FROM broadcast
+                WHERE status = 'pending' AND send_at <= now()
+                ORDER BY send_at
+                LIMIT :n
+                FOR UPDATE SKIP LOCKED
+            ),
+            started AS (
+                UPDATE broadcast
+                SET status = 'in_progress', status_reason = NULL, updated_at = now(),
+                    started_at = coalesce(started_at, now()), heartbeat_at = now()
+                WHERE id = ANY(ARRAY(
+                    SELECT id FROM due
+                    WHERE late_start_approved OR now() - send_at <= :overdue * interval '1 second'
+                ))
+                RETURNING id, workspace_id
+            ),
+            queued AS (
+                INSERT INTO dispatch_outbox (workspace_id, broadcast_id, reason)
+                SELECT workspace_id, id, 'start' FROM started
+            )
+            SELECT due.id, due.send_at, now() AS now, started.id IS NOT NULL AS started
+            FROM due LEFT JOIN started ON started.id = due.id
             """
         ),
-        {"n": CLAIM_LIMIT},
+        {"n": limit, "overdue": overdue_limit.total_seconds()},
     ).all()
-    if not due:
-        return [], []
-    start = [r.id for r in due if r.late_start_approved or r.now - r.send_at <= overdue_limit]
-    late = [r for r in due if r.id not in set(start)]
+    late = [r for r in due if not r.started]
     for r in late:
         session.execute(
             text(
@@ -132,23 +173,10 @@ def claim_due(session: Session, overdue_limit: timedelta) -> tuple[list[int], li
                 ),
             },
         )
-    if start:
-        session.execute(
-            text(
-                """
-                UPDATE broadcast
-                SET status = 'in_progress', status_reason = NULL, updated_at = now(),
-                    started_at = coalesce(started_at, now()), heartbeat_at = now()
-                WHERE id = ANY(:ids)
-                """
-            ),
-            {"ids": start},
-        )
-        _to_outbox(session, start, "start")
-    for r in due:
-        if r.id in start:
-            START_DELAY.observe(max(0.0, (r.now - r.send_at).total_seconds()))
-    return start, [r.id for r in late]
+    start = [r for r in due if r.started]
+    for r in start:
+        START_DELAY.observe(max(0.0, (r.now - r.send_at).total_seconds()))
+    return [r.id for r in start], [r.id for r in late]
 
 
 def _to_outbox(session: Session, ids: list[int], reason: str) -> None:
@@ -161,18 +189,49 @@ def _to_outbox(session: Session, ids: list[int], reason: str) -> None:
     )
 
 
-def relay_outbox(session: Session, publish: Callable[[list[int]], None]) -> int:
+#: What one start message carries: one broadcast's id, or the ids of a group of small ones.
+Start = int | list[int]
+
+
+def start_groups(tasks: Sequence[tuple[int, int]]) -> list[Start]:
+    """The start messages for ``(broadcast id, audience size)`` pairs, in their order: each
+    large audience alone, small ones in groups of at most ``GROUP_TASKS`` broadcasts and
+    ``GROUP_RECIPIENTS`` recipients.
+    """
+    starts: list[Start] = []
+    group: list[int] = []
+    recipients = 0
+    for broadcast_id, size in tasks:
+        if size > SMALL_AUDIENCE:
+            starts.append(broadcast_id)
+            continue
+        if group and (len(group) >= GROUP_TASKS or recipients + size > GROUP_RECIPIENTS):
+            starts.append(group)
+            group, recipients = [], 0
+        if broadcast_id not in group:
+            group.append(broadcast_id)
+            recipients += size
+    if group:
+        starts.append(group)
+    return starts
+
+
+def relay_outbox(session: Session, publish: Callable[[list[Start]], None]) -> int:
     """Publish a batch of outbox rows, then delete them, in one transaction: a row leaves the
-    outbox only once the broker has confirmed its message. Returns how many were published.
+    outbox only once the broker has taken its message. Returns how many rows were published.
     """
     rows = session.execute(
         text(
-            "SELECT id, broadcast_id, reason FROM dispatch_outbox ORDER BY id LIMIT :n "
-            "FOR UPDATE SKIP LOCKED"
+            """
+            SELECT o.id, o.broadcast_id, o.reason, b.audience_size
+            FROM dispatch_outbox o JOIN broadcast b ON b.id = o.broadcast_id
+            ORDER BY o.id LIMIT :n
+            FOR UPDATE OF o SKIP LOCKED
+            """
         ),
         {"n": RELAY_LIMIT},
     ).all()
-    publish([row.broadcast_id for row in rows])
+    publish(start_groups([(row.broadcast_id, row.audience_size) for row in rows]))
     for row in rows:
         PUBLISHED.labels(row.reason).inc()
     if rows:
@@ -191,7 +250,12 @@ def relay_batches(
     """
     picked = store.run(
         raw_connection(session),
-        store.relay(per_batch_rate=SENDS_PER_BATCH, max_window=max_window, limit=RELAY_LIMIT),
+        store.relay(
+            per_batch_rate=SENDS_PER_BATCH,
+            max_window=max_window,
+            limit=RELAY_LIMIT,
+            max_queued=RELAY_MAX_QUEUED,
+        ),
     )
     publish([batch_id for batch_id, _ in picked])
     BATCHES_PUBLISHED.inc(len(picked))
@@ -254,6 +318,11 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     return Swept(taken, len(stalled))
 
 
+def _listed(ids: Sequence[int]) -> str:
+    """The first ids of a list, for a log line."""
+    return ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+
+
 def _human(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds < 120:
@@ -280,25 +349,30 @@ class Scheduler:
         self._last_sweep = 0.0
         self.partitions = PartitionKeeper(settings, self.stopping)
 
-    def publish(self, broadcast_ids: list[int]) -> None:
-        """Start messages for ``broadcast_ids``, all taken by RabbitMQ when this returns."""
-        self.publisher.publish([start_message(i) for i in broadcast_ids])
+    def publish(self, starts: list[Start]) -> None:
+        """Start messages (one broadcast or a group each), all taken by RabbitMQ when this
+        returns.
+        """
+        self.publisher.publish([start_message(start) for start in starts])
 
     def publish_batch(self, batch_ids: list[int]) -> None:
         """Batch messages for ``batch_ids``, all taken by RabbitMQ when this returns."""
         self.publisher.publish([send_batch_message(i) for i in batch_ids])
 
     def run_pass(self) -> None:
-        """One pass: claim, relay, and sweep when due."""
+        """One pass: claim every due task (chunk by chunk, each chunk committed at once, so
+        a task's ``started_at`` is when it was taken; ``CLAIMERS`` connections at once when
+        more are due than one chunk holds), publish the starts, relay batches, and sweep when
+        due.
+        """
         started = time.perf_counter()
-        with self.sessions() as session, session.begin():
-            claimed, paused = claim_due(
-                session, timedelta(seconds=self.settings.overdue_limit_seconds)
-            )
-        CLAIMED.inc(len(claimed))
-        OVERDUE.inc(len(paused))
-        if claimed or paused:
-            log.info("started %s, paused as overdue %s", claimed, paused)
+        overdue = timedelta(seconds=self.settings.overdue_limit_seconds)
+        if self._claim_chunk(overdue) == CLAIM_LIMIT:
+            with ThreadPoolExecutor(CLAIMERS, thread_name_prefix="bcast-claim") as claimers:
+                for claiming in [
+                    claimers.submit(self._claim_all, overdue) for _ in range(CLAIMERS)
+                ]:
+                    claiming.result()
         while True:
             with self.sessions() as session, session.begin():
                 if relay_outbox(session, self.publish) < RELAY_LIMIT:
@@ -332,16 +406,42 @@ class Scheduler:
                 )
         PASS_SECONDS.observe(time.perf_counter() - started)
 
+    def _claim_chunk(self, overdue: timedelta) -> int:
+        """Claim one chunk of due tasks in a transaction of its own; returns how many."""
+        with self.sessions() as session, session.begin():
+            claimed, paused = claim_due(session, overdue)
+        CLAIMED.inc(len(claimed))
+        OVERDUE.inc(len(paused))
+        if claimed or paused:
+            log.info(
+                "started %s broadcasts (%s), paused %s as overdue (%s)",
+                len(claimed),
+                _listed(claimed),
+                len(paused),
+                _listed(paused),
+                extra={"broadcast_ids": claimed[:10]},
+            )
+        return len(claimed) + len(paused)
+
+    def _claim_all(self, overdue: timedelta) -> None:
+        """Claim chunks until one is not full (another claimer may be taking the rest)."""
+        while self._claim_chunk(overdue) == CLAIM_LIMIT:
+            pass
+
     def next_wait(self) -> float:
         """Seconds until the next pending task or waiting batch is due, capped by the poll
-        interval.
+        interval; a moment while the send queue is full (the dispatchers taking batches
+        make room for the next).
         """
         wait = self.settings.scheduler_poll_seconds
         with self.sessions() as session:
             due = session.execute(
                 text("SELECT min(send_at) FROM broadcast WHERE status = 'pending'")
             ).scalar_one()
-            batch_due = store.run(raw_connection(session), store.next_relay_in())
+            conn = raw_connection(session)
+            batch_due = store.run(conn, store.next_relay_in())
+            if store.run(conn, store.queued_batches()) >= RELAY_MAX_QUEUED:
+                wait = min(wait, RELAY_RETRY_SECONDS)
         if due is not None:
             wait = min(wait, (due - datetime.now(UTC)).total_seconds())
         if batch_due is not None:

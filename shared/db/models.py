@@ -352,6 +352,14 @@ class DeliveryBatch(Base):
             "published_at",
             postgresql_where=text("state = 'queued'"),
         ),
+        # The relay's pick (tasks in the order their batches fell due) and its next wake-up read
+        # only the batches waiting to be handed out.
+        Index(
+            "ix_delivery_batch_due_at_broadcast_id_ready",
+            "due_at",
+            "broadcast_id",
+            postgresql_where=text("state = 'ready'"),
+        ),
     )
 
     id: Mapped[int] = _pk()

@@ -1,8 +1,11 @@
-"""The audience a started broadcast copies: the preview's query, as it stood at the start."""
+"""The audience a started broadcast copies: the preview's query, as it stood at the start, for
+one broadcast or for many small ones at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -10,8 +13,9 @@ import psycopg
 import pytest
 
 from services.dispatcher import snapshot
+from services.dispatcher.engine import Taken
 from services.dispatcher.runtime import Runtime
-from services.dispatcher.snapshot import audience_source
+from services.dispatcher.snapshot import Starting, audience_source, recipients_source
 from shared import delivery_partitions as partitions
 from shared import delivery_store as store
 from shared.db.engine import libpq_url
@@ -121,3 +125,148 @@ def test_a_start_makes_the_partition_of_its_day_when_missing(
     assert [(p.state, p.first_day <= day < p.end_day) for p in made] == [
         (partitions.State.ATTACHED, True)
     ]
+
+
+def recipients(conn: psycopg.Connection[Any], source: store.Query) -> set[tuple[Any, ...]]:
+    return {tuple(r) for r in conn.execute(source.sql, source.params).fetchall()}
+
+
+def test_many_audiences_in_one_query_are_each_as_its_own_copy_would_take_it(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    channel, other_channel = api.channel(), api.channel()
+    account, other_account = api.account(channel["id"]), api.account(other_channel["id"])
+    ann = api.contact(account["id"], "ann", tags=["vip"])
+    bob = api.contact(account["id"], "bob")
+    cyd = api.contact(account["id"], "cyd", tags=["vip"])
+    gone = api.contact(account["id"], "gone", tags=["vip"], opted_out=True)
+    elsewhere = api.contact(other_account["id"], "eve")
+    conn.execute(
+        "UPDATE contact SET unreachable_at = now(), unreachable_reason = 'blocked' WHERE id = %s",
+        (cyd["id"],),
+    )
+    early = datetime.now(UTC)
+    late_one = api.contact(account["id"], "dan", tags=["vip"])
+    later = datetime.now(UTC)
+    vip = api.tag_id("vip")
+    picks = [
+        # Hand-picked, same workspace, channel and filter: one audience query between them.
+        (AudienceSpec(selection="manual", contact_ids=[ann["id"]]), channel, early),
+        (AudienceSpec(selection="manual", contact_ids=[ann["id"], bob["id"]]), channel, later),
+        (AudienceSpec(selection="manual", contact_ids=[late_one["id"]]), channel, early),
+        (AudienceSpec(selection="manual", contact_ids=[late_one["id"], cyd["id"]]), channel, later),
+        # The same picks under a filter, and a pick of another channel's contact.
+        (
+            AudienceSpec(tag_ids=[vip], selection="manual", contact_ids=[ann["id"], bob["id"]]),
+            channel,
+            later,
+        ),
+        (AudienceSpec(selection="manual", contact_ids=[gone["id"]]), channel, later),
+        (AudienceSpec(selection="manual", contact_ids=[elsewhere["id"]]), other_channel, later),
+        # Whole audiences.
+        (AudienceSpec(tag_ids=[vip]), channel, later),
+        (AudienceSpec(exclude_contact_ids=[bob["id"]]), channel, early),
+    ]
+    tasks = [
+        Starting(1000 + i, api.workspace_id, ch["id"], spec, at)
+        for i, (spec, ch, at) in enumerate(picks)
+    ]
+    together = recipients(conn, recipients_source(tasks))
+    alone = {
+        (task.broadcast_id, *row)
+        for task in tasks
+        for row in recipients(
+            conn,
+            audience_source(task.workspace_id, task.channel_id, task.spec, task.started_at),
+        )
+    }
+    assert together == alone
+    by_task: dict[int, set[int]] = {}
+    for broadcast_id, contact_id, *_ in together:
+        by_task.setdefault(broadcast_id, set()).add(contact_id)
+    assert by_task == {
+        1000: {ann["id"]},
+        1001: {ann["id"], bob["id"]},
+        1003: {late_one["id"], cyd["id"]},
+        1004: {ann["id"]},
+        1006: {elsewhere["id"]},
+        1007: {ann["id"], cyd["id"], late_one["id"]},
+        1008: {ann["id"], cyd["id"]},
+    }
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_long_copy_does_not_hold_up_a_group_of_small_ones(
+    api: Api, conn: psycopg.Connection[Any], runtime: Runtime, database_url: str
+) -> None:
+    channel = api.channel()
+    account = api.account(channel["id"])
+    contacts = [api.contact(account["id"], f"c-{i}")["id"] for i in range(4)]
+    big = api.broadcast(channel["id"])
+    small = [
+        api.broadcast(channel["id"], {"selection": "manual", "contact_ids": [c]})["id"]
+        for c in contacts[:3]
+    ]
+    conn.execute(
+        "UPDATE broadcast SET status = 'in_progress', started_at = now() WHERE id = ANY(%s)",
+        ([big["id"], *small],),
+    )
+
+    def copied(ids: list[int]) -> bool:
+        row = conn.execute(
+            "SELECT count(*) FROM broadcast WHERE id = ANY(%s) AND snapshot_at IS NOT NULL",
+            (ids,),
+        ).fetchone()
+        return row == (len(ids),)
+
+    with psycopg.connect(libpq_url(database_url)) as blocker:
+        # Another transaction holds one of the big audience's rows: its copy waits for it.
+        blocker.execute(
+            "INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, part_day) "
+            f"VALUES (%s, %s, %s, 'c-3', {store.TODAY})",
+            (api.workspace_id, big["id"], contacts[3]),
+        )
+        assert runtime.call(runtime.engine.start_copy(big["id"])) is Taken.TAKEN
+        assert runtime.call(runtime.engine.start_copies(small)) is Taken.TAKEN
+        wait_for("the small audiences to be copied", lambda: copied(small))
+        assert not copied([big["id"]])
+        blocker.rollback()
+    wait_for("the large audience to be copied", lambda: copied([big["id"]]))
+    counts = dict(
+        conn.execute(
+            "SELECT broadcast_id, count(*) FROM delivery WHERE broadcast_id = ANY(%s) "
+            "GROUP BY broadcast_id",
+            ([big["id"], *small],),
+        ).fetchall()
+    )
+    assert counts == {big["id"]: 4, **dict.fromkeys(small, 1)}
+    wait_for("the copies to end", lambda: not runtime.engine.copies)
+
+
+def test_a_group_start_files_each_copy_under_its_own_day(
+    api: Api, conn: psycopg.Connection[Any], runtime: Runtime
+) -> None:
+    fixed, fresh = _started(api, conn, 1), _started(api, conn, 2)
+    # One had its day fixed by an earlier attempt, long enough ago that no partition holds it.
+    day = date(1999, 4, 8)
+    conn.execute("UPDATE broadcast SET part_day = %s WHERE id = %s", (day, fixed))
+    assert runtime.call(snapshot.start_group(runtime, [fixed, fresh])) == {fixed: 1, fresh: 2}
+    today = conn.execute(f"SELECT {store.TODAY}").fetchone()
+    assert today is not None
+    for b, filed in ((fixed, day), (fresh, today[0])):
+        ((table, row_day),) = _partitions_of(conn, b)
+        assert row_day == filed
+        assert table.startswith("delivery_p")
+        assert conn.execute(
+            "SELECT part_day, snapshot_at IS NOT NULL FROM broadcast WHERE id = %s", (b,)
+        ).fetchone() == (filed, True)
+        assert conn.execute(
+            "SELECT DISTINCT part_day FROM delivery_batch WHERE broadcast_id = %s", (b,)
+        ).fetchall() == [(filed,)]
