@@ -68,6 +68,15 @@ class RuntimeClosed(Exception):
     """The runtime is not open (the worker is booting or stopping)."""
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (it costs less CPU per send), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class Runtime:
     """Parameters:
     settings: the process settings.
@@ -76,7 +85,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.conninfo = libpq_url(settings.database_url)
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="bcast-io", daemon=True)
         self._adapters: dict[tuple[int, str], ChannelAdapter] = {}
         self._lanes: dict[int, Lane] = {}
