@@ -371,7 +371,10 @@ def started_once(run: Run) -> None:
     starts: Counter[int] = Counter()
     by: dict[int, list[str]] = {}
     for name in ("scheduler-1", "scheduler-2"):
-        for line in re.findall(r"started \[([\d, ]*)\]", run.system.procs.log(name)):
+        # "started 5 broadcasts (1, 2, 3, 4, 5), ..." (a log line names its first 10 ids; a
+        # scenario starts fewer).
+        log = run.system.procs.log(name)
+        for line in re.findall(r"started \d+ broadcasts \(([\d, ]*)(?: \.\.\.)?\)", log):
             for raw in filter(None, (x.strip() for x in line.split(","))):
                 starts[int(raw)] += 1
                 by.setdefault(int(raw), []).append(name)

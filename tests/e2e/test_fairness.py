@@ -105,9 +105,10 @@ def test_each_dispatcher_process_keeps_a_fixed_number_of_database_connections(
     wait_for("the dispatcher's connections to close", lambda: dispatcher_connections() == 0)
     procs.start("wide", "dispatcher", "--processes", "2", "--threads", "16")
     try:
-        # Two processes, each a pool of 2 (BCAST_DISPATCHER_DB_CONNECTIONS) and one listener,
-        # whatever their 16 threads and however busy they are.
-        wait_for("both processes to connect", lambda: dispatcher_connections() == 6)
+        # Two processes, each a pool of 2 (BCAST_DISPATCHER_DB_CONNECTIONS), one connection for
+        # copies of small audiences and one listener, whatever their 16 threads and however
+        # busy they are.
+        wait_for("both processes to connect", lambda: dispatcher_connections() == 8)
         b, hook = start_broadcast(api, 2000, 3000, latency_ms=5)
         seen = set()
         deadline = time.monotonic() + 60
@@ -115,7 +116,7 @@ def test_each_dispatcher_process_keeps_a_fixed_number_of_database_connections(
             seen.add(dispatcher_connections())
             assert time.monotonic() < deadline, "the broadcast did not complete"
             time.sleep(0.05)
-        assert seen == {6}
+        assert seen == {8}
         assert api.sim_stats(hook)["accepted"] == 3000
     finally:
         procs.stop("wide")

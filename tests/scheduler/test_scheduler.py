@@ -74,6 +74,8 @@ def due_tasks(
         "UPDATE broadcast SET send_at = send_at + interval '1 year' "
         "WHERE status = 'pending' AND send_at <= now()"
     )
+    # Nor does a start another test claimed and never published wait in the outbox.
+    conn.execute("DELETE FROM dispatch_outbox")
     channel = api.channel()
     account = api.account(channel["id"])
     small = [
@@ -172,9 +174,9 @@ def test_many_tasks_due_in_the_same_second_all_start_in_one_pass_each_in_one_mes
         if isinstance(message, int):
             assert message in large, "only large audiences start alone"
         else:
-            assert set(message) <= set(small), "large audiences never share a message"
+            assert not set(message) & set(large), "large audiences never share a message"
             assert len(message) <= sched.GROUP_TASKS
-        seen.extend(ids)
+        seen.extend(i for i in ids if i in mine)
     assert sorted(seen) == sorted(mine), "every task in exactly one start message"
     assert len(messages) < count // 10
 
