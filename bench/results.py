@@ -87,6 +87,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| dispatcher peak RSS (all processes) | {e2e['dispatcher_peak_rss_mib']:.0f} MiB |"
             )
+        settings = e2e.get("postgres_settings")
+        if settings:
+            lines.append(
+                "| Postgres of these runs (a private cluster) | "
+                + ", ".join(f"{k} {v}" for k, v in settings.items())
+                + " |"
+            )
         small = e2e.get("small")
         if small and "per_recipient_growth" in e2e:
             lines.append(
