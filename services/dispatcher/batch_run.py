@@ -342,7 +342,6 @@ class BatchRun:
                         # Too late for its slot (it waited for a place in the call pool): sent
                         # now it would crowd the next ones into a window over the limit. It
                         # takes a fresh slot: one already at hand and due now keeps its place.
-                        self._cache.missed()
                         fresh = self._cache.take_at_hand(within=LATE_TOLERANCE)
                         if fresh is None:
                             late = True

@@ -198,13 +198,6 @@ class SlotCache:
     used in time is dropped, never used late, so the limit still holds exactly; at most one
     block of capacity is lost when sending stops.
 
-    The block follows what the process can use: a channel allowing more than this process
-    starts (10,000/s against a few thousand a process sends) has its slots a fraction of a
-    millisecond apart, and the tail of a large block goes stale before its sends get the CPU,
-    to be dropped and taken again in another round trip. So a block that left slots unused
-    (or whose sends came too late for them: ``missed``) makes the next one half as large, and
-    a block used in full lets the next grow by a quarter, up to ``block``.
-
     Parameters:
       limiter: where blocks of slots come from.
       channel_id, workspace_id: the channel.
@@ -217,39 +210,16 @@ class SlotCache:
         self._times: deque[float] = deque()
         self._next_free = 0.0
         self._refill = asyncio.Lock()
-        #: Slots the next block takes (None: the most allowed).
-        self._size: int | None = None
-        #: Whether a slot of the last block went unused in time.
-        self._missed = False
-
-    @property
-    def size(self) -> int | None:
-        """Slots the next block takes (None until a block was taken)."""
-        return self._size
-
-    def missed(self) -> None:
-        """A send came too late for the slot it was given (the slot is lost)."""
-        self._missed = True
 
     async def take(self, rate: float, n: int, *, within: float, block: int) -> Slots:
-        """Up to ``n`` slots that start within ``within`` seconds (fewer while the process
-        cannot use so many in time).
-        """
-        most = min(block, self.limiter.grant_size(rate, block))
-        if self._size is not None:
-            n = min(n, self._size)
+        """Up to ``n`` slots that start within ``within`` seconds."""
         if len(self._fresh()) < n:
             async with self._refill:
                 have = len(self._fresh())
                 if have < n:
-                    size = self._next_size(most)
-                    n = min(n, size)
+                    wanted = max(n - have, min(block, self.limiter.grant_size(rate, block)))
                     got = await self.limiter.reserve(
-                        self.channel_id,
-                        self.workspace_id,
-                        rate,
-                        max(n - have, size),
-                        within=within,
+                        self.channel_id, self.workspace_id, rate, wanted, within=within
                     )
                     self._times.extend(got.times)
                     self._next_free = got.next_free
@@ -259,18 +229,6 @@ class SlotCache:
         while times and len(taken) < n and times[0] <= horizon:
             taken.append(times.popleft())
         return Slots(taken, times[0] if times else self._next_free)
-
-    def _next_size(self, most: int) -> int:
-        """The size of the block about to be taken, from how the last one was used."""
-        if self._size is None:
-            size = most
-        elif self._missed:
-            size = max(1, self._size // 2)
-        else:
-            size = self._size + max(1, self._size // 4)
-        self._size = min(most, size)
-        self._missed = False
-        return self._size
 
     def take_at_hand(self, *, within: float) -> float | None:
         """A slot already taken that starts within ``within`` seconds, without a round trip."""
@@ -283,5 +241,4 @@ class SlotCache:
         stale = time.time() - LATE_TOLERANCE
         while self._times and self._times[0] < stale:
             self._times.popleft()
-            self._missed = True
         return self._times

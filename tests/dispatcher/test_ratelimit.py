@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache, Slots
+from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache
 from shared.db.engine import libpq_url
 from tests.conftest import Api
 
@@ -142,67 +142,3 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
         assert calls == 2
 
     with_limiter(database_url, body)
-
-
-class AheadLimiter:
-    """Hands out slots as the database would, but starting a moment ahead, so that a slot
-    going stale is this test's doing, not a slow round trip's. Records the sizes asked for.
-    """
-
-    LEAD = 0.1
-
-    def __init__(self) -> None:
-        self.asked: list[int] = []
-        self.next_free = 0.0
-
-    def grant_size(self, rate: float, wanted: int) -> int:
-        return RateLimiter.grant_size(self, rate, wanted)  # type: ignore[arg-type]
-
-    async def reserve(
-        self, channel_id: int, workspace_id: int, rate: float, n: int, *, within: float
-    ) -> Slots:
-        self.asked.append(n)
-        interval = 1 / (rate * HEADROOM)
-        first = max(self.next_free, time.time() + self.LEAD)
-        self.next_free = first + n * interval
-        return Slots([first + i * interval for i in range(n)], self.next_free)
-
-
-def test_the_slot_cache_block_follows_what_the_process_can_use_in_time() -> None:
-    # Slots a tenth of a millisecond apart: more than one process starts in time.
-    rate = 10_000.0
-
-    async def body() -> None:
-        limiter = AheadLimiter()
-        cache = SlotCache(limiter, 1, 1)  # type: ignore[arg-type]
-        first = await cache.take(rate, 64, within=1.0, block=64)
-        assert len(first.times) == 64
-        assert limiter.asked == [64]
-        # Its sends came too late for some of them: the next block is half as large, and no
-        # more is handed out at once.
-        cache.missed()
-        second = await cache.take(rate, 64, within=1.0, block=64)
-        assert len(second.times) == 32
-        assert limiter.asked[-1] == 32
-        # A block used in full lets the next one grow by a quarter ...
-        third = await cache.take(rate, 8, within=1.0, block=64)
-        assert len(third.times) == 8
-        assert limiter.asked[-1] == 40
-        # ... and the 32 slots it left in the cache go stale unused: half again.
-        await asyncio.sleep(AheadLimiter.LEAD + 0.05)
-        fourth = await cache.take(rate, 64, within=1.0, block=64)
-        assert len(fourth.times) == 20
-        assert limiter.asked[-1] == 20
-        assert min(fourth.times) > max(third.times), "never a stale slot"
-        # However often slots are missed, a block holds one at least ...
-        for _ in range(8):
-            cache.missed()
-            await cache.take(rate, 64, within=1.0, block=64)
-        assert limiter.asked[-3:] == [1, 1, 1]
-        # ... and it grows back while its slots are used: 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, ...
-        for _ in range(20):
-            await cache.take(rate, 64, within=1.0, block=64)
-        assert limiter.asked[-20:-12] == [2, 3, 4, 5, 6, 7, 8, 10]
-        assert limiter.asked[-1] == 64, "never more than the block"
-
-    asyncio.run(body())
