@@ -495,8 +495,11 @@ class PostgresCounters:
         send's updates left for vacuum) and its indexes.
         """
         with psycopg.connect(self.db, autocommit=True) as conn:
+            # ``delivery`` is partitioned: its rows and indexes are its partitions'.
             row = conn.execute(
-                "SELECT pg_table_size('delivery'), pg_indexes_size('delivery')"
+                "SELECT coalesce(sum(pg_table_size(i.inhrelid)), 0), "
+                "coalesce(sum(pg_indexes_size(i.inhrelid)), 0) "
+                "FROM pg_inherits i WHERE i.inhparent = 'delivery'::regclass"
             ).fetchone()
         assert row is not None
         return {
@@ -659,7 +662,7 @@ def runs_table(scaled: Mapping[str, Any]) -> str:
             row(
                 "of which delivery rows updated",
                 [
-                    f"{r['postgres_per_recipient']['tables'].get('delivery', {}).get('updated', 0) / r['recipients']:.2f}"
+                    f"{_delivery_updates(r['postgres_per_recipient']['tables']) / r['recipients']:.2f}"
                     for r in runs
                 ],
             ),
@@ -772,3 +775,12 @@ def capacity_table(scaled: Mapping[str, Any]) -> str:
             + " |"
         )
     return "\n".join(rows)
+
+
+def _delivery_updates(tables: dict[str, dict[str, int]]) -> int:
+    """Rows updated in ``delivery``: in its partitions (``delivery_p<day>``)."""
+    return sum(
+        counts.get("updated", 0)
+        for name, counts in tables.items()
+        if name == "delivery" or name.startswith("delivery_p")
+    )
