@@ -110,12 +110,17 @@ class RateLimiter:
             row = await (
                 await conn.execute(
                     """
-                    WITH cur AS (
-                        -- One reading of the clock: two could differ and cost a slot.
-                        SELECT channel_id, t.now, blocked_until,
-                               greatest(tat, t.now, coalesce(blocked_until, '-infinity')) AS base
-                        FROM channel_rate, LATERAL (SELECT clock_timestamp() AS now) t
-                        WHERE channel_id = %(c)s FOR UPDATE OF channel_rate
+                    WITH locked AS MATERIALIZED (
+                        SELECT channel_id, tat, blocked_until FROM channel_rate
+                        WHERE channel_id = %(c)s FOR UPDATE
+                    ), read AS MATERIALIZED (
+                        -- The clock is read once (two readings could differ and cost a slot),
+                        -- and only once the row is ours: after any wait for the lock.
+                        SELECT *, clock_timestamp() AS now FROM locked
+                    ), cur AS (
+                        SELECT channel_id, now, blocked_until,
+                               greatest(tat, now, coalesce(blocked_until, '-infinity')) AS base
+                        FROM read
                     ), took AS (
                         SELECT *, CASE
                             WHEN base > now + %(within)s * interval '1 second' THEN 0

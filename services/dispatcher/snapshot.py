@@ -218,6 +218,11 @@ async def start_group(rt: Runtime, broadcast_ids: Sequence[int]) -> dict[int, in
         if not rows:
             return {}
         tasks = [Starting(r[0], r[1], r[2], AudienceSpec.model_validate(r[3]), r[4]) for r in rows]
+        # Each copy is filed under its task's day (today, the first time): those days'
+        # partitions must exist before the copy, as for a single start.
+        days = await store.arun(conn, store.snapshot_days([t.broadcast_id for t in tasks]))
+        for day in sorted(set(days.values())):
+            await store.arun(conn, partitions.ensure(day, rt.settings.delivery_partition_days))
         copied = await store.arun(
             conn,
             store.snapshot_group(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -142,3 +144,38 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
         assert calls == 2
 
     with_limiter(database_url, body)
+
+
+def test_slots_start_when_the_channel_row_is_ours_not_when_we_began_to_wait_for_it(
+    api: Api, database_url: str
+) -> None:
+    channel = api.channel()["id"]
+    rate = 100.0
+    interval = 1 / (rate * HEADROOM)
+    with_limiter(
+        database_url,
+        lambda limiter: limiter.reserve(channel, api.workspace_id, rate, 1, within=0.1),
+    )
+    held, released = threading.Event(), []
+
+    def hold() -> None:
+        # Another process reserving slots of the channel holds its row for a moment.
+        with psycopg.connect(libpq_url(database_url)) as other:
+            other.execute("SELECT 1 FROM channel_rate WHERE channel_id = %s FOR UPDATE", (channel,))
+            held.set()
+            time.sleep(0.5)
+            released.append(time.time())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+
+    async def body(limiter: RateLimiter) -> Any:
+        return await limiter.reserve(channel, api.workspace_id, rate, 500, within=0.5)
+
+    slots = with_limiter(database_url, body)
+    holder.join()
+    # The horizon counts from when the row was ours: a clock read before the wait would have
+    # dated the slots half a second back and granted none, or a burst of stale ones.
+    assert slots.times[0] >= released[0] - 0.05
+    assert len(slots.times) == int(0.5 / interval) + 1

@@ -254,9 +254,15 @@ def test_a_group_start_files_each_copy_under_its_own_day(
     api: Api, conn: psycopg.Connection[Any], runtime: Runtime
 ) -> None:
     fixed, fresh = _started(api, conn, 1), _started(api, conn, 2)
-    # One had its day fixed by an earlier attempt, long enough ago that no partition holds it.
-    day = date(1999, 4, 8)
+    # One had its day fixed by an earlier attempt, long enough ago that no partition holds it
+    # (a day no other test files anything under): the group's copy makes its partition.
+    day = date(1998, 7, 20)
     conn.execute("UPDATE broadcast SET part_day = %s WHERE id = %s", (day, fixed))
+    assert not [
+        p
+        for p in store.run(conn, partitions.listing())
+        if p.state == partitions.State.ATTACHED and p.first_day <= day < p.end_day
+    ]
     assert runtime.call(snapshot.start_group(runtime, [fixed, fresh])) == {fixed: 1, fresh: 2}
     today = conn.execute(f"SELECT {store.TODAY}").fetchone()
     assert today is not None
