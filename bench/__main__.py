@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from typing import Any
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--processes", type=int, default=e2e.Shape.processes)
         p.add_argument("--threads", type=int, default=e2e.Shape.threads)
     args = parser.parse_args(argv)
+    # A SIGTERM stops the run as Ctrl-C does: the private Postgres, the scratch vhost and
+    # the started processes are stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, _stop)
     sections: dict[str, object] = {}
     # Only the runs that start dispatchers of their own shape take --processes/--threads.
     shape = e2e.Shape(
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(load()))
     print(f"\nwritten to {LATEST} and {dated}")
     return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
