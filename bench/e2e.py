@@ -336,15 +336,6 @@ def fill_history(database_url: str, first: int, count: int) -> float:
     return time.perf_counter() - started
 
 
-def _cpu_ticks(pid: int) -> int:
-    """User and system CPU ticks a process has used so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
 class FlameGraph(threading.Thread):
     """A py-spy flame graph (SVG) of one dispatcher worker process, 20 s from when a tenth of
     the audience was sent.
@@ -375,7 +366,7 @@ class FlameGraph(threading.Thread):
                 return
             # The worker that has used the most CPU (not dramatiq's fork helpers or
             # multiprocessing's resource tracker).
-            workers.sort(key=_cpu_ticks, reverse=True)
+            workers.sort(key=lambda pid: cpu_seconds(pid, descendants=False), reverse=True)
             self.out.parent.mkdir(parents=True, exist_ok=True)
             done = subprocess.run(
                 [

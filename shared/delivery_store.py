@@ -678,7 +678,7 @@ def relay(
     if not locked:
         return []
     if max_queued is not None:
-        limit = min(limit, max_queued - (yield from _queued()))
+        limit = min(limit, max_queued - (yield from queued_batches()))
         if limit <= 0:
             return []
     result = yield Query(
@@ -729,14 +729,10 @@ def relay(
     return sorted((int(r[0]), int(r[1])) for r in result.rows)
 
 
-def _queued() -> Op[int]:
-    count = (yield Query("SELECT count(*) FROM delivery_batch WHERE state = 'queued'")).scalar()
-    return int(count)
-
-
 def queued_batches() -> Op[int]:
     """How many batches are handed out and not yet taken by a dispatcher."""
-    return (yield from _queued())
+    count = (yield Query("SELECT count(*) FROM delivery_batch WHERE state = 'queued'")).scalar()
+    return int(count)
 
 
 def next_relay_in() -> Op[float | None]:

@@ -8,10 +8,14 @@ for every other database error the class and SQLSTATE say enough.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psycopg
 
 #: Longest error text kept in a log line.
 MAX_TEXT = 300
+#: Most ids named in one log line.
+MAX_IDS = 10
 
 
 def error_text(exc: BaseException) -> str:
@@ -27,3 +31,8 @@ def error_text(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{name}: {first}" if first else name
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def listed_ids(ids: Sequence[int]) -> str:
+    """The first ``MAX_IDS`` of ``ids`` for a log line, with "..." when there are more."""
+    return ", ".join(map(str, ids[:MAX_IDS])) + (" ..." if len(ids) > MAX_IDS else "")

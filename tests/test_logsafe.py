@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from shared.db.engine import get_engine, libpq_url
-from shared.logsafe import error_text
+from shared.logsafe import error_text, listed_ids
 
 
 def test_a_data_error_is_named_without_its_value(database_url: str) -> None:
@@ -35,3 +35,10 @@ def test_a_connection_error_keeps_its_words() -> None:
     said = error_text(caught.value)
     assert said.startswith("OperationalError: ")
     assert len(said) > len("OperationalError: ")
+
+
+def test_a_log_line_names_the_first_ten_ids_and_says_when_there_are_more() -> None:
+    assert listed_ids([3, 1, 2]) == "3, 1, 2"
+    assert listed_ids(list(range(10))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    assert listed_ids(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ..."
+    assert listed_ids([]) == ""

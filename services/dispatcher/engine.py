@@ -30,6 +30,7 @@ from services.dispatcher import metrics, snapshot
 from services.dispatcher.batch_run import BatchRun
 from shared import delivery_store as store
 from shared.delivery_store import Batch
+from shared.logsafe import listed_ids
 
 if TYPE_CHECKING:
     from services.dispatcher.runtime import Runtime
@@ -131,8 +132,7 @@ class Engine:
                 log.exception(
                     "broadcast %s: copying the audiences of %s broadcasts failed; the scheduler "
                     "starts them again",
-                    ", ".join(map(str, broadcast_ids[:10]))
-                    + (" ..." if len(broadcast_ids) > 10 else ""),
+                    listed_ids(broadcast_ids),
                     len(broadcast_ids),
                     extra={"broadcast_ids": broadcast_ids[:10]},
                 )

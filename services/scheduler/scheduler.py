@@ -49,6 +49,7 @@ from services.scheduler.partitions import PartitionKeeper
 from shared import delivery_store as store
 from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
+from shared.logsafe import listed_ids
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -318,11 +319,6 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     return Swept(taken, len(stalled))
 
 
-def _listed(ids: Sequence[int]) -> str:
-    """The first ids of a list, for a log line."""
-    return ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
-
-
 def _human(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds < 120:
@@ -416,9 +412,9 @@ class Scheduler:
             log.info(
                 "started %s broadcasts (%s), paused %s as overdue (%s)",
                 len(claimed),
-                _listed(claimed),
+                listed_ids(claimed),
                 len(paused),
-                _listed(paused),
+                listed_ids(paused),
                 extra={"broadcast_ids": claimed[:10]},
             )
         return len(claimed) + len(paused)
