@@ -6,8 +6,10 @@ each other's rows and need no cleanup between them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,22 @@ if TYPE_CHECKING:
     from tests.secret_rows import SecretRows
 
 ADMIN_URL = os.environ.get("BCAST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def scratch_vhost(prefix: str) -> Iterator[str]:
+    """A RabbitMQ vhost of its own (named ``<prefix>_<pid>_<random>``), deleted afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
 def _drop_database(name: str) -> None:

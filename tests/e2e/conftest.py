@@ -22,7 +22,7 @@ import pytest
 
 from shared.db import migrate
 from shared.db.engine import libpq_url
-from tests.conftest import _drop_database
+from tests.conftest import _drop_database, scratch_vhost
 
 BCAST = [sys.executable, "-m", "services.cli"]
 #: Every wait in these tests gives up after this long; the system should take a fraction.
@@ -47,18 +47,11 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT, every: 
         time.sleep(every)
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
 def vhost() -> Iterator[str]:
     """A RabbitMQ vhost for this test run, deleted at the end."""
-    name = f"bcast_test_{os.getpid()}_{secrets.token_hex(3)}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    with scratch_vhost("bcast_test") as name:
+        yield name
 
 
 def _ahead_of_bcast(pid: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pika
@@ -11,7 +9,7 @@ import pytest
 from dramatiq import Message
 
 from shared.broker import START_QUEUE, BatchPublisher, make_broker, start_message
-from tests.e2e.conftest import rabbitmqctl
+from tests.conftest import scratch_vhost
 
 pytestmark = pytest.mark.e2e
 
@@ -19,11 +17,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def own_vhost() -> Iterator[str]:
     """A vhost no dispatcher consumes from (the running system's would take the messages)."""
-    name = f"bcast_broker_{os.getpid()}_{secrets.token_hex(3)}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    with scratch_vhost("bcast_broker") as name:
+        yield name
 
 
 def test_a_batch_of_messages_is_taken_whole_and_in_order(own_vhost: str) -> None:

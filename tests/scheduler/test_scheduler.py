@@ -6,9 +6,6 @@ publish loses none of them.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
-import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -25,21 +22,14 @@ from services.scheduler.scheduler import Scheduler, claim_due, start_groups
 from shared.broker import START_QUEUE
 from shared.db.engine import libpq_url, make_engine
 from shared.settings import Settings
-from tests.conftest import Api
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+from tests.conftest import Api, scratch_vhost
 
 
 @pytest.fixture
 def vhost() -> Iterator[str]:
     """A vhost of this test's own: nothing consumes from it."""
-    name = f"bcast_sched_{os.getpid()}_{secrets.token_hex(3)}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    with scratch_vhost("bcast_sched") as name:
+        yield name
 
 
 @pytest.fixture
