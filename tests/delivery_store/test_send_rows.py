@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 
 from shared import delivery_store as store
 from shared.delivery_store import Record
@@ -125,6 +126,46 @@ def test_record_writes_each_outcome(api: Api, conn: psycopg.Connection[Any]) -> 
     assert unreachable == ("Telegram 403: bot was blocked",)
     # Not due yet: the next claim passes over both.
     assert store.run(conn, store.claim(batch, 5)) == []
+
+
+ODD_TEXTS = ['say "no"', "back\\slash", "a,b", "{x}", "NULL", " edge ", "é ✓ 日本", ""]
+
+
+def test_texts_of_every_shape_are_written_as_given(api: Api, conn: psycopg.Connection[Any]) -> None:
+    # Results travel to Postgres as array literals: quotes, backslashes, commas, braces, the
+    # word NULL, outer spaces and non-ASCII text must come back exactly as they went.
+    task = new_task(api, conn, len(ODD_TEXTS))
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, len(ODD_TEXTS)))
+    store.run(
+        conn,
+        store.record(
+            batch,
+            [
+                Record(h.id, DeliveryStatus.FAILED, provider_message_id=text, error=text)
+                for h, text in zip(held, ODD_TEXTS, strict=True)
+            ],
+        ),
+    )
+    for h, text in zip(held, ODD_TEXTS, strict=True):
+        d = delivery(conn, h.id)
+        assert (d["provider_message_id"], d["last_error"]) == (text, text)
+
+
+def test_array_literals_read_back_as_the_values_given(conn: psycopg.Connection[Any]) -> None:
+    values: list[Any] = [*ODD_TEXTS, None, "tab\there\nnewline"]
+    assert conn.execute("SELECT %s::text[]", (store.array_literal(values),)).fetchone() == (values,)
+    numbers = conn.execute(
+        "SELECT %s::bigint[], %s::float8[], %s::int[]",
+        (
+            store.array_literal([1, None, 2**62]),
+            store.array_literal([0.1, 1e-05, None, 2.5]),
+            store.array_literal([]),
+        ),
+    ).fetchone()
+    assert numbers == ([1, None, 2**62], [0.1, 1e-05, None, 2.5], [])
+    with pytest.raises(TypeError, match="bool"):
+        store.array_literal([True])
 
 
 def test_release_gives_back_the_attempt_and_can_hold_the_row_back(

@@ -146,6 +146,12 @@ def test_a_providers_answer_is_always_fit_to_store_as_a_reason(given: str, store
         ("a\x00b", "ab"),
         (42, "42"),
         ("x" * 300, "x" * 200),
+        ("x" * 200, "x" * 200),
+        ("a,b", "a b"),
+        (" a  b ", "a b"),
+        ("a\tb", "ab"),
+        ("ü-1", "ü-1"),
+        ("\u200b", None),
     ],
 )
 def test_provider_message_ids_are_kept_only_when_fit_to_store(

@@ -140,6 +140,15 @@ def message_id(value: object) -> str | None:
     """
     if value is None or isinstance(value, bool | dict | list):
         return None
+    if (
+        type(value) is str
+        and len(value) <= MAX_ID
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+        and "," not in value
+    ):
+        return value or None  # the common case, already fit: no character to look at
     kept = "".join(ch for ch in str(value) if ch == " " or unicodedata.category(ch)[0] not in "CZ")
     text = " ".join(kept.replace(",", " ").split())[:MAX_ID]
     return text or None

@@ -38,9 +38,11 @@ async def read_answer(resp: aiohttp.ClientResponse) -> bytes:
     """The answer's body, or its first ``MAX_ANSWER`` bytes when it is longer (the connection
     is then closed, not reused).
     """
-    if resp.content_length is not None and resp.content_length > MAX_ANSWER:
-        resp.close()
-        return b""
+    if resp.content_length is not None:
+        if resp.content_length > MAX_ANSWER:
+            resp.close()
+            return b""
+        return await resp.read()  # its length is known and small: one read
     body = bytearray()
     while len(body) <= MAX_ANSWER:
         chunk = await resp.content.read(MAX_ANSWER + 1 - len(body))
