@@ -230,10 +230,14 @@ def _run(
             "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
         }
 
+    vacuums: dict[str, dict[str, int]] = {}
+
     def send_all() -> tuple[int, float, dict[str, float]]:
         """One broadcast to the whole audience: its id, seconds create -> completed, and CPU
         seconds of each process meanwhile.
         """
+        nonlocal vacuums
+        vacuums_before = vacuum_counts(env["BCAST_DATABASE_URL"])
         cpu_before = cpu_now()
         broadcast_id = create_broadcast(client, channel_id)
         # Polled twice a second: each poll is an API request on the same cores, and the time
@@ -245,6 +249,11 @@ def _run(
             every=0.5,
         )
         cpu = {k: v - cpu_before[k] for k, v in cpu_now().items()}
+        vacuums = {
+            table: {k: v - vacuums_before.get(table, {}).get(k, 0) for k, v in counts.items()}
+            for table, counts in vacuum_counts(env["BCAST_DATABASE_URL"]).items()
+        }
+        vacuums = {t: c for t, c in vacuums.items() if any(c.values())}
         with psycopg.connect(libpq_url(env["BCAST_DATABASE_URL"])) as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM broadcast "
@@ -264,6 +273,7 @@ def _run(
         broadcast_id, seconds, cpu = send_all()
     if profiler:
         profiler.join(timeout=60)
+    first_vacuums = vacuums
     stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
     check_provider(stats, n)
     later: dict[str, Any] = {}
@@ -283,6 +293,7 @@ def _run(
                 "postgres_us_last": round(last_cpu["postgres"] / n * 1e6, 1),
                 "dispatcher_us_first": round(cpu["dispatcher"] / n * 1e6, 1),
                 "dispatcher_us_last": round(last_cpu["dispatcher"] / n * 1e6, 1),
+                "vacuums_last": vacuums,
             }
         }
     client.close()
@@ -301,9 +312,20 @@ def _run(
         "cpu_us_per_recipient": {name: round(v / n * 1e6, 1) for name, v in cpu.items()},
         "dispatcher_peak_rss_mib": round(rss.peak, 1),
         "postgres_settings": postgres_settings(env["BCAST_DATABASE_URL"]),
+        # Autovacuum and autoanalyze passes that ran during the send, by table.
+        "vacuums": first_vacuums,
         **({"flame_graph": profiler.out.name} if profiler and profiler.made else {}),
         **later,
     }
+
+
+def vacuum_counts(database_url: str) -> dict[str, dict[str, int]]:
+    """Autovacuum and autoanalyze passes so far, by table (delivery partitions by name)."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+        ).fetchall()
+    return {name: {"autovacuum": int(v), "autoanalyze": int(a)} for name, v, a in rows}
 
 
 def fill_history(database_url: str, first: int, count: int) -> float:
