@@ -368,6 +368,26 @@ def scheduler(
     loop.run()
 
 
+@app.command("probe")
+def probe(
+    service: str = typer.Argument(..., help="dispatcher or scheduler"),
+    max_age: float = typer.Option(
+        60.0, min=1.0, help="Seconds a live process may go without a heartbeat."
+    ),
+) -> None:
+    """Liveness probe: exits 1 when a live process of SERVICE on this machine has not turned
+    its work loop for MAX_AGE seconds (hung or stopped), or when none is running.
+    """
+    from shared import heartbeat
+
+    if service not in ("dispatcher", "scheduler"):
+        typer.echo(f"service must be dispatcher or scheduler, not {service!r}", err=True)
+        raise typer.Exit(2)
+    verdict = heartbeat.check(get_settings().heartbeat_dir, service, max_age=max_age)
+    typer.echo(verdict.message, err=not verdict.ok)
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
 @app.command("dispatcher")
 def dispatcher(
     processes: int = typer.Option(2, help="Worker processes."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     api_port: int = 8000
     #: Where the schedulers' and dispatchers' Prometheus endpoints listen.
     metrics_host: str = "127.0.0.1"
+    #: Where scheduler and dispatcher processes leave their heartbeats (``bcast probe``).
+    heartbeat_dir: Path = Path(tempfile.gettempdir()) / "bcast-heartbeat"
     #: The address operators and providers reach the API at; used to build media URLs.
     public_url: str = ""
     #: Where uploaded images are kept: ``local`` (``media_dir``) or ``s3`` (any S3-compatible store).

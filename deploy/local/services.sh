@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure Postgres and RabbitMQ are installed and running on this machine (Debian, as root).
+# Make sure Postgres and RabbitMQ are installed and running on this machine (Debian, as root),
+# and that promtool (Debian's prometheus package: the alert rules' tests) is there.
 # Starts whichever is stopped; installs whichever is missing. Safe to run again and again.
 set -euo pipefail
 
@@ -56,6 +57,14 @@ ensure_rabbitmq() {
   return 1
 }
 
+ensure_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing promtool (Debian's prometheus package; its server is not started)"
+    apt_install --no-install-recommends prometheus
+  fi
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_promtool
 log "Postgres and RabbitMQ are up"

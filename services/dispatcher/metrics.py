@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.domain.lifecycle import CHANNEL_KINDS
+
 DELIVERIES = Counter(
     "bcast_deliveries_total",
     "Recipients finished or put back, by channel kind and outcome "
@@ -81,3 +83,28 @@ FLUSH_LATENCY = Histogram(
     "Time to write one batch of send results to Postgres.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+
+#: Values of ``DELIVERIES``' outcome label (the retry policy's labels and the recorder's own).
+OUTCOMES = ("sent", "failed", "partial", "retry", "throttled", "held", "released")
+#: Values of ``BATCH_ENDS``' reason label.
+BATCH_END_REASONS = ("done", "wait", "not_sending", "slice", "stopping", "lease_lost", "error")
+
+
+def init_metrics() -> None:
+    """Every series whose label values are known at start, at 0: the first increment after a
+    start (a restart, a scale-up) must read as a rise in ``rate()``, not as a new series.
+    """
+    for kind in CHANNEL_KINDS:
+        for outcome in OUTCOMES:
+            DELIVERIES.labels(kind, outcome)
+        for metric in (PROVIDER_LATENCY, RATE_WAIT, THROTTLED, RESULTS_DROPPED):
+            metric.labels(kind)
+    for reason in BATCH_END_REASONS:
+        BATCH_ENDS.labels(reason)
+
+
+def init_channel(channel_id: int, kind: str) -> None:
+    """A channel's series at 0 when this process first sees it, before its first send."""
+    channel = str(channel_id)
+    for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT):
+        metric.labels(channel, kind)

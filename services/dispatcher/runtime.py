@@ -29,6 +29,7 @@ import aiohttp
 import dramatiq
 from psycopg_pool import AsyncConnectionPool
 
+from services.dispatcher import metrics
 from services.dispatcher.channels.base import ChannelAdapter
 from services.dispatcher.channels.http import make_session
 from services.dispatcher.engine import Engine
@@ -38,6 +39,7 @@ from services.dispatcher.pacing import CallPool, Lane
 from services.dispatcher.ratelimit import RateLimiter, SlotCache
 from services.dispatcher.recorder import ResultGroups
 from services.dispatcher.status import StatusBoard
+from shared import heartbeat
 from shared.db.engine import libpq_url
 from shared.egress import Egress
 from shared.media_store import MediaStore, make_media_store
@@ -140,6 +142,18 @@ class Runtime:
         self.engine = Engine(
             self, self.settings.dispatcher_max_batches, COPIES_AT_ONCE, GROUPS_AT_ONCE
         )
+        self._beating = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """The process's heartbeat, from the loop that runs every batch: it stops when the
+        loop does (a blocking call, a stopped process), whatever the metrics server says.
+        """
+        while True:
+            try:
+                heartbeat.beat(self.settings.heartbeat_dir, "dispatcher")
+            except OSError as exc:
+                log.warning("heartbeat could not be written: %s", exc)
+            await asyncio.sleep(heartbeat.BEAT_SECONDS)
 
     def adapter(
         self,
@@ -164,6 +178,7 @@ class Runtime:
             cap = min(cap, job.adapter.max_in_flight)
         lane = self._lanes.get(job.channel_id)
         if lane is None:
+            metrics.init_channel(job.channel_id, job.kind)
             lane = self._lanes[job.channel_id] = Lane(job.channel_id, cap)
         elif lane.size != cap:
             lane.size = cap
@@ -219,6 +234,8 @@ class Runtime:
             return
 
         async def _close() -> None:
+            self._beating.cancel()
+            heartbeat.forget(self.settings.heartbeat_dir, "dispatcher")
             await self.engine.stop(STOP_SECONDS)
             await self.leases.stop()
             for adapter in self._adapters.values():
@@ -255,6 +272,7 @@ class RuntimeMiddleware(dramatiq.Middleware):
         # collector need not look at it again, and runs less often (see GC_THRESHOLD).
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLD)
+        metrics.init_metrics()
         runtime = Runtime(self._settings())
         runtime.open()
         self.runtime = runtime

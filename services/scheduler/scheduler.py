@@ -12,9 +12,15 @@ Each pass:
      ``GROUP_TASKS`` of them), each large one alone;
   3. relays batches: the due, ready batches of tasks being sent, at most a small window per
      task (sized to its channel's rate), are marked queued and published the same way;
-  4. now and then sweeps: batches whose run's lease ran out (a dead dispatcher) are taken
-     back with exactly the rows they held, batch messages that were lost are published again,
-     and a task whose audience was never copied (a lost start message) is started again.
+  4. now and then sets the backlog gauges and sweeps: batches whose run's lease ran out (a
+     dead dispatcher) are taken back with exactly the rows they held, batch messages that were
+     lost are published again, and a task whose audience was never copied (a lost start
+     message) is started again.
+Each stage runs whatever happened to the ones before it: a broker refusing publishes stops
+neither the claims nor the gauges nor the sweeps. A failed stage is counted
+(``bcast_scheduler_errors_total{stage}``) and logged; a pass in which every stage succeeded
+stamps ``bcast_scheduler_last_pass_timestamp_seconds``; every turn of the loop, failing or not,
+is a heartbeat (``shared.heartbeat``: the liveness probe).
 Thousands of tasks due in the same second are so started in a few short transactions, one
 after the other, and their starts leave in a few messages right after.
 Between passes it sleeps until the next task or batch is due, the poll interval runs out, or
@@ -47,9 +53,11 @@ from sqlalchemy.orm import Session
 
 from services.scheduler.partitions import PartitionKeeper
 from shared import delivery_store as store
+from shared import heartbeat
 from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
-from shared.logsafe import listed_ids
+from shared.domain.lifecycle import BatchState
+from shared.logsafe import error_text, listed_ids
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,7 +114,38 @@ STALLED = Counter(
     "bcast_scheduler_redispatched_total",
     "Started broadcasts whose audience was never copied, started again.",
 )
-OUTBOX_BACKLOG = Gauge("bcast_outbox_backlog", "Outbox rows waiting to be published.")
+OUTBOX_BACKLOG = Gauge(
+    "bcast_outbox_backlog",
+    "Outbox rows waiting to be published (measured every few seconds, whatever else fails).",
+)
+OUTBOX_OLDEST = Gauge(
+    "bcast_outbox_oldest_age_seconds",
+    "Age of the oldest outbox row waiting to be published (0 when there is none).",
+)
+IN_PROGRESS = Gauge(
+    "bcast_broadcasts_in_progress",
+    "Broadcasts being sent (status in_progress), measured every few seconds.",
+)
+#: The stages of a pass; each runs whatever happened to the ones before it.
+STAGES = ("claim", "outbox", "relay", "observe", "sweep")
+STAGE_ERRORS = Counter(
+    "bcast_scheduler_errors_total",
+    "Scheduler stages that failed (claim: starting due broadcasts; outbox: publishing start "
+    "messages; relay: publishing batches; observe: the backlog gauges; sweep: recovery).",
+    ["stage"],
+)
+STAGE_SUCCESS = Gauge(
+    "bcast_scheduler_stage_last_success_timestamp_seconds",
+    "When a stage of this scheduler last succeeded (Unix time).",
+    ["stage"],
+)
+LAST_PASS = Gauge(
+    "bcast_scheduler_last_pass_timestamp_seconds",
+    "When this scheduler last finished a pass in which every stage succeeded (Unix time).",
+)
+#: After a pass with a failed stage the next waits at least this long, doubling to the most.
+ERROR_BACKOFF = 0.5
+ERROR_BACKOFF_MAX = 10.0
 BATCHES = Gauge(
     "bcast_batches",
     "Batches of broadcasts being sent, by state (ready: waiting its turn or its time; queued: "
@@ -313,10 +352,40 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
         _to_outbox(session, list(stalled), "stalled")
         STALLED.inc(len(stalled))
     store.run(conn, store.drop_finished_batches())
-    for state, count in store.run(conn, store.batch_counts()).items():
-        BATCHES.labels(state).set(count)
-    OUTBOX_BACKLOG.set(session.execute(text("SELECT count(*) FROM dispatch_outbox")).scalar_one())
     return Swept(taken, len(stalled))
+
+
+def observe(session: Session) -> None:
+    """Set the backlog gauges: outbox rows waiting (and the age of the oldest), broadcasts
+    being sent, batches by state. Run on its own, so that they tell the truth while publishing or sweeping fails.
+    """
+    backlog, oldest = session.execute(
+        text(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 "
+            "FROM dispatch_outbox"
+        )
+    ).one()
+    OUTBOX_BACKLOG.set(backlog)
+    OUTBOX_OLDEST.set(oldest)
+    IN_PROGRESS.set(
+        session.execute(
+            text("SELECT count(*) FROM broadcast WHERE status = 'in_progress'")
+        ).scalar_one()
+    )
+    for state, count in store.run(raw_connection(session), store.batch_counts()).items():
+        BATCHES.labels(state).set(count)
+
+
+def init_metrics() -> None:
+    """Every labelled series at 0 from the start: a first increment must read as a rise."""
+    for stage in STAGES:
+        STAGE_ERRORS.labels(stage)
+    for reason in ("start", "stalled"):
+        PUBLISHED.labels(reason)
+    for reason in ("lease", "message"):
+        BATCHES_RECOVERED.labels(reason)
+    for state in BatchState:
+        BATCHES.labels(state.value)
 
 
 def _human(delta: timedelta) -> str:
@@ -337,6 +406,7 @@ class Scheduler:
     """
 
     def __init__(self, settings: Settings, broker: RabbitmqBroker | None = None) -> None:
+        init_metrics()
         self.settings = settings
         self.broker = broker or make_broker(settings.broker_url)
         self.publisher = BatchPublisher(self.broker, settings.broker_url)
@@ -355,13 +425,44 @@ class Scheduler:
         """Batch messages for ``batch_ids``, all taken by RabbitMQ when this returns."""
         self.publisher.publish([send_batch_message(i) for i in batch_ids])
 
-    def run_pass(self) -> None:
+    def run_pass(self) -> bool:
         """One pass: claim every due task (chunk by chunk, each chunk committed at once, so
         a task's ``started_at`` is when it was taken; ``CLAIMERS`` connections at once when
-        more are due than one chunk holds), publish the starts, relay batches, and sweep when
-        due.
+        more are due than one chunk holds), publish the starts, relay batches, and, every
+        ``SWEEP_SECONDS``, set the backlog gauges and sweep. Each stage runs whatever happened
+        to the ones before it (a broker refusing publishes must not stop claims, gauges or
+        recovery); a failed stage is counted and logged. Returns whether every stage succeeded.
         """
         started = time.perf_counter()
+        stages: list[tuple[str, Callable[[], None]]] = [
+            ("claim", self._claim),
+            ("outbox", self._relay_outbox),
+            ("relay", self._relay_batches),
+        ]
+        if time.monotonic() - self._last_sweep >= SWEEP_SECONDS:
+            self._last_sweep = time.monotonic()
+            stages += [("observe", self._observe), ("sweep", self._sweep)]
+        ok = True
+        for stage, step in stages:
+            try:
+                step()
+            except Exception as exc:
+                ok = False
+                STAGE_ERRORS.labels(stage).inc()
+                log.error(
+                    "scheduler stage %s failed: %s",
+                    stage,
+                    error_text(exc),
+                    extra={"stage": stage},
+                )
+            else:
+                STAGE_SUCCESS.labels(stage).set_to_current_time()
+        if ok:
+            LAST_PASS.set_to_current_time()
+        PASS_SECONDS.observe(time.perf_counter() - started)
+        return ok
+
+    def _claim(self) -> None:
         overdue = timedelta(seconds=self.settings.overdue_limit_seconds)
         if self._claim_chunk(overdue) == CLAIM_LIMIT:
             with ThreadPoolExecutor(CLAIMERS, thread_name_prefix="bcast-claim") as claimers:
@@ -369,10 +470,14 @@ class Scheduler:
                     claimers.submit(self._claim_all, overdue) for _ in range(CLAIMERS)
                 ]:
                     claiming.result()
+
+    def _relay_outbox(self) -> None:
         while True:
             with self.sessions() as session, session.begin():
                 if relay_outbox(session, self.publish) < RELAY_LIMIT:
-                    break
+                    return
+
+    def _relay_batches(self) -> None:
         while True:
             with self.sessions() as session, session.begin():
                 published = relay_batches(
@@ -381,26 +486,29 @@ class Scheduler:
                     max_window=self.settings.broadcast_max_batches,
                 )
             if published < RELAY_LIMIT:
-                break
-        if time.monotonic() - self._last_sweep >= SWEEP_SECONDS:
-            self._last_sweep = time.monotonic()
-            with self.sessions() as session, session.begin():
-                swept = sweep(
-                    session,
-                    lease=timedelta(seconds=self.settings.lease_seconds),
-                    stall=timedelta(seconds=self.settings.stall_seconds),
-                )
-            taken = swept.taken_back
-            if taken.batches or taken.rows or taken.republished or swept.restarted:
-                log.warning(
-                    "sweep: %s batches of dead dispatchers taken back with %s rows, %s lost "
-                    "batch messages published again, %s broadcasts started again",
-                    taken.batches,
-                    taken.rows,
-                    taken.republished,
-                    swept.restarted,
-                )
-        PASS_SECONDS.observe(time.perf_counter() - started)
+                return
+
+    def _observe(self) -> None:
+        with self.sessions() as session, session.begin():
+            observe(session)
+
+    def _sweep(self) -> None:
+        with self.sessions() as session, session.begin():
+            swept = sweep(
+                session,
+                lease=timedelta(seconds=self.settings.lease_seconds),
+                stall=timedelta(seconds=self.settings.stall_seconds),
+            )
+        taken = swept.taken_back
+        if taken.batches or taken.rows or taken.republished or swept.restarted:
+            log.warning(
+                "sweep: %s batches of dead dispatchers taken back with %s rows, %s lost "
+                "batch messages published again, %s broadcasts started again",
+                taken.batches,
+                taken.rows,
+                taken.republished,
+                swept.restarted,
+            )
 
     def _claim_chunk(self, overdue: timedelta) -> int:
         """Claim one chunk of due tasks in a transaction of its own; returns how many."""
@@ -458,11 +566,14 @@ class Scheduler:
             with attempt:
                 if self.stopping.is_set():
                     break
+                # Trying again is the loop turning: a restart would do no better.
+                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
                 try:
                     self._listen_and_loop(conninfo)
                 finally:
                     self.publisher.close()
                 break
+        heartbeat.forget(self.settings.heartbeat_dir, "scheduler")
 
     def _listen_and_loop(self, conninfo: str) -> None:
         with psycopg.connect(
@@ -471,9 +582,16 @@ class Scheduler:
             listener.execute("LISTEN bcast_broadcast")
             listener.execute("LISTEN bcast_outbox")
             listener.execute("LISTEN bcast_batch")
+            backoff = 0.0
             while not self.stopping.is_set():
-                self.run_pass()
-                wait = self.next_wait()
+                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
+                if self.run_pass():
+                    backoff = 0.0
+                else:
+                    # Something failed (the broker refusing, the database out): try again
+                    # soon, not at once, whatever is due.
+                    backoff = min(ERROR_BACKOFF_MAX, max(ERROR_BACKOFF, 2 * backoff))
+                wait = max(self.next_wait(), backoff)
                 if wait > 0:
                     # Wake at the next due time, the poll interval, or the first notice; then
                     # take every notice already waiting, so one pass answers them all.

@@ -68,6 +68,18 @@ def test_alert_rules_are_well_formed() -> None:
         assert rule["expr"].strip()
         if "alert" in rule:
             assert rule["annotations"]["summary"]
+            assert rule["annotations"]["description"]
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    [doc] = yaml_docs(DEPLOY / "prometheus/rules.yml")
+    runbooks = (DEPLOY.parent / "docs/runbooks.md").read_text()
+    anchors = {line[3:].strip().lower() for line in runbooks.splitlines() if line.startswith("## ")}
+    for rule in doc["groups"][0]["rules"]:
+        if "alert" in rule:
+            name = rule["alert"]
+            assert rule["annotations"]["runbook_url"] == f"docs/runbooks.md#{name.lower()}"
+            assert name.lower() in anchors, f"docs/runbooks.md has no section {name}"
 
 
 def test_compose_and_k8s_run_real_cli_commands() -> None:

@@ -6,6 +6,9 @@ publish loses none of them.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -14,7 +17,7 @@ import pika
 import psycopg
 import pytest
 from dramatiq import Message
-from dramatiq.errors import BrokerError
+from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session
 
 from services.scheduler import scheduler as sched
@@ -22,7 +25,7 @@ from services.scheduler.scheduler import Scheduler, claim_due, start_groups
 from shared.broker import START_QUEUE
 from shared.db.engine import libpq_url, make_engine
 from shared.settings import Settings
-from tests.conftest import Api, scratch_vhost
+from tests.conftest import Api, rabbitmqctl, scratch_vhost
 
 
 @pytest.fixture
@@ -178,8 +181,8 @@ def test_a_crash_between_the_claim_and_the_publish_loses_nothing(
     ids = small + large
     # RabbitMQ cannot be reached: the tasks are claimed and committed, chunk by chunk, then
     # the publish fails, as if the scheduler had died between the two.
-    with scheduler(settings, amqp_url(vhost, port=1)) as broken, pytest.raises(BrokerError):
-        broken.run_pass()
+    with scheduler(settings, amqp_url(vhost, port=1)) as broken:
+        assert not broken.run_pass()
     assert started(conn, ids) == {"in_progress": len(ids)}
     assert outbox(conn, ids) == len(ids), "every claimed task keeps its outbox row"
     # Another scheduler (or this one restarted) publishes them.
@@ -246,3 +249,58 @@ def test_a_pass_with_nothing_due_does_not_wake_the_scheduler_itself(
     finally:
         listener.close()
         engine.dispose()
+
+
+def sample(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_a_broker_refusing_publishes_fails_its_stages_only_and_is_seen(
+    api: Api, conn: psycopg.Connection[Any], settings: Settings, vhost: str
+) -> None:
+    # RabbitMQ answers, but refuses every publish (ACCESS_REFUSED: no write permission).
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", "^$", ".*")
+    small, _ = due_tasks(api, conn, 3)
+    errors_before = sample("bcast_scheduler_errors_total", stage="outbox")
+    last_pass_before = sample("bcast_scheduler_last_pass_timestamp_seconds")
+    with scheduler(settings, amqp_url(vhost)) as s:
+        assert not s.run_pass(), "a pass with a failed stage says so"
+        # The stages after the failing one still ran: due tasks were started, the backlog
+        # is measured, recovery swept.
+        assert started(conn, small) == {"in_progress": len(small)}
+        assert sample("bcast_outbox_backlog") >= len(small)
+        assert sample("bcast_outbox_oldest_age_seconds") >= 0
+        for stage in ("claim", "observe", "sweep"):
+            assert sample(
+                "bcast_scheduler_stage_last_success_timestamp_seconds", stage=stage
+            ) == pytest.approx(time.time(), abs=30)
+        assert sample("bcast_scheduler_errors_total", stage="outbox") == errors_before + 1
+        assert sample("bcast_scheduler_last_pass_timestamp_seconds") == last_pass_before
+        # The broker takes publishes again: the next pass publishes the backlog.
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        assert s.run_pass()
+    assert outbox(conn, small) == 0
+    assert sample("bcast_scheduler_last_pass_timestamp_seconds") == pytest.approx(
+        time.time(), abs=30
+    )
+
+
+def test_every_labelled_scheduler_series_starts_at_zero(settings: Settings, vhost: str) -> None:
+    # A fresh process: what a scheduler exports before it has done anything.
+    script = (
+        "from prometheus_client import generate_latest\n"
+        "from services.scheduler.scheduler import Scheduler\n"
+        "from shared.settings import Settings\n"
+        f"Scheduler(Settings(broker_url={amqp_url(vhost)!r}))\n"
+        "print(generate_latest().decode())\n"
+    )
+    exported = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for stage in sched.STAGES:
+        assert f'bcast_scheduler_errors_total{{stage="{stage}"}} 0.0' in exported
+    for reason in ("lease", "message"):
+        assert f'bcast_batches_recovered_total{{reason="{reason}"}} 0.0' in exported
+    for reason in ("start", "stalled"):
+        assert f'bcast_outbox_published_total{{reason="{reason}"}} 0.0' in exported
