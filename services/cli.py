@@ -51,12 +51,11 @@ app.add_typer(token_app, name="token")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(deliveries_app, name="deliveries")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
+def _logging(service: str) -> None:
+    from shared import logs
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logs.configure(service, get_settings().log_format)
 
 
 @db_app.command("upgrade")
@@ -132,7 +131,7 @@ def deliveries_prune(
     whose broadcasts are all completed or canceled: dropped, or detached and kept as tables of
     their own with BCAST_DELIVERY_ARCHIVE=true. The schedulers do this every 10 minutes.
     """
-    _logging()
+    _logging("deliveries")
     settings = get_settings()
     if not settings.delivery_retention_days:
         typer.echo("BCAST_DELIVERY_RETENTION_DAYS=0: delivery rows are kept forever")
@@ -331,11 +330,15 @@ def api(
     from services.api.server import HeadTimeoutH11
 
     settings = get_settings()
+    _logging("api")
     HeadTimeoutH11.header_timeout = settings.api_header_timeout_seconds
     uvicorn.run(
         create_app(settings),
         host=host or settings.api_host,
         port=port or settings.api_port,
+        # Its records go through bcast's handler (one format for every line); the access log
+        # is bcast's own (services.api.middleware), with the route and the duration.
+        log_config=None,
         log_level="info",
         access_log=False,
         http=HeadTimeoutH11,
@@ -357,7 +360,7 @@ def scheduler(
 
     from services.scheduler.scheduler import Scheduler, install_signal_handlers
 
-    _logging()
+    _logging("scheduler")
     settings = get_settings()
     port = settings.scheduler_metrics_port if metrics_port is None else metrics_port
     if port:
@@ -400,6 +403,7 @@ def dispatcher(
     from shared.broker import SEND_QUEUE, START_QUEUE
 
     settings = get_settings()
+    _logging("dispatcher")
     port = settings.dispatcher_metrics_port if metrics_port is None else metrics_port
     # Worker processes start fresh (spawn) and find these before prometheus_client loads,
     # so their metrics are summed across processes by dramatiq's exposition server.
@@ -428,6 +432,9 @@ def dispatcher(
             "--use-spawn",
             "--worker-shutdown-timeout",
             "30000",
+            # bcast's handler, set up above and in each worker process (actors.py): one
+            # format for dramatiq's lines and bcast's.
+            "--skip-logging",
         ]
     )
     try:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     #: Where the schedulers' and dispatchers' Prometheus endpoints listen.
     metrics_host: str = "127.0.0.1"
+    #: Log lines: ``json`` (one object a line), ``plain`` text, or ``auto`` (plain in a
+    #: terminal, JSON otherwise).
+    log_format: Literal["auto", "json", "plain"] = "auto"
     #: Where scheduler and dispatcher processes leave their heartbeats (``bcast probe``).
     heartbeat_dir: Path = Path(tempfile.gettempdir()) / "bcast-heartbeat"
     #: The address operators and providers reach the API at; used to build media URLs.

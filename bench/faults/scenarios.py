@@ -167,8 +167,9 @@ class Scenario:
 # --- 1. kill -9 a dispatcher, three times ----------------------------------------------------
 
 
-#: A dispatcher log line saying a batch run ended, and when.
-RUN_ENDED = re.compile(r"^\[([\d-]+ [\d:,]+)\].* run ended ", re.MULTILINE)
+#: A dispatcher log line (one JSON object) saying a batch run ended, and when (ISO 8601 UTC:
+#: later times sort later).
+RUN_ENDED = re.compile(r'^\{"time": "([^"]+)".* run ended ', re.MULTILINE)
 
 
 def _busiest(system: System) -> str | None:

@@ -199,6 +199,7 @@ class System:
             "TMPDIR": str(tmp),
             "BCAST_SCHEDULER_METRICS_PORT": "0",
             "BCAST_DISPATCHER_METRICS_PORT": "0",
+            "BCAST_LOG_FORMAT": "json",
             # The provider simulator is on loopback.
             "BCAST_ALLOW_PRIVATE_TARGETS": "true",
             **settings,

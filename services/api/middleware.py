@@ -387,9 +387,15 @@ def _forbidden_strings(data: Any) -> list[FieldError]:
     return errors
 
 
+#: The access log: one line per request (probes and scrapes aside).
+access = logging.getLogger("bcast.api.access")
+#: Requests too frequent and too dull for the access log.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class Metrics:
     """Count and time every request by its route template (never by raw path or id) and by
-    method (any method the API does not answer is counted as ``OTHER``).
+    method (any method the API does not answer is counted as ``OTHER``), and log it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -415,5 +421,23 @@ class Metrics:
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
             method = method if method in METHODS else "OTHER"
+            elapsed = time.perf_counter() - start
             REQUESTS.labels(method, template, str(status_code)).inc()
-            LATENCY.labels(method, template).observe(time.perf_counter() - start)
+            LATENCY.labels(method, template).observe(elapsed)
+            if template not in QUIET_ROUTES:
+                # The path, never its query string (a signed media URL carries its signature
+                # there); the route template names the operation.
+                access.info(
+                    "%s %s %s %.1f ms",
+                    method,
+                    scope.get("path", ""),
+                    status_code,
+                    elapsed * 1000,
+                    extra={
+                        "method": method,
+                        "route": template,
+                        "path": scope.get("path", ""),
+                        "status": status_code,
+                        "duration_ms": round(elapsed * 1000, 1),
+                    },
+                )

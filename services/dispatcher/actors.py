@@ -18,6 +18,7 @@ from dramatiq.middleware.prometheus import Prometheus
 
 from services.dispatcher.engine import Taken
 from services.dispatcher.runtime import RuntimeClosed, RuntimeMiddleware
+from shared import logs
 from shared.broker import (
     SEND_ACTOR,
     SEND_QUEUE,
@@ -32,6 +33,8 @@ from shared.settings import get_settings
 log = logging.getLogger(__name__)
 
 settings = get_settings()
+# A worker process: its stderr is the pipe to the parent's (dramatiq runs with --skip-logging).
+logs.configure("dispatcher", settings.log_format)
 broker = make_broker(settings.broker_url)
 runtime = RuntimeMiddleware()
 broker.add_middleware(runtime)

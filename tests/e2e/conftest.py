@@ -305,6 +305,7 @@ def system(
         "BCAST_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
         "BCAST_MEDIA_DIR": str(tmp_path_factory.mktemp("e2e-media")),
         "BCAST_HEARTBEAT_DIR": str(tmp_path_factory.mktemp("e2e-heartbeat")),
+        "BCAST_LOG_FORMAT": "json",
         "BCAST_SCHEDULER_METRICS_PORT": "0",
         "BCAST_DISPATCHER_METRICS_PORT": "0",
         "BCAST_SCHEDULER_POLL_SECONDS": "0.5",

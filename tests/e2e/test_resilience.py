@@ -4,6 +4,7 @@ nothing sent twice (a repeat after a hard kill carries the same idempotency key)
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -150,6 +151,10 @@ def test_a_dispatcher_stopped_mid_send_gives_back_its_rows_and_nothing_repeats(
         b = api.broadcast(channel["id"], {})
         wait_for("sending to be under way", lambda: api.sim_stats(hook)["accepted"] >= 60)
         procs.stop("leaving")  # SIGTERM, as a deploy or a scale-down would
+        # A normal stop reads as one: lifecycle lines, no error, no traceback.
+        stopped = [json.loads(line) for line in procs.log("leaving").splitlines() if line]
+        assert any("giving back its batches" in e["message"] for e in stopped)
+        assert [e for e in stopped if e["level"] in ("ERROR", "CRITICAL") or "traceback" in e] == []
         # Gone, and it kept nothing: every row is sent or back in the queue, none held.
         held = system.sql(
             "SELECT count(*) FROM delivery WHERE broadcast_id = %s AND status = 'sending'",
