@@ -33,6 +33,7 @@ from shared.domain.tokens import (
     parse_duration,
     revoke_token,
 )
+from shared.logsafe import error_text
 from shared.settings import get_settings
 
 app = typer.Typer(help="bcast: broadcast one message to a chosen audience.", no_args_is_help=True)
@@ -56,6 +57,34 @@ def _logging(service: str) -> None:
     from shared import logs
 
     logs.configure(service, get_settings().log_format)
+
+
+@db_app.command("check")
+def db_check(
+    wait: float = typer.Option(
+        0.0, min=0.0, help="Keep asking this many seconds until the schema is at the newest."
+    ),
+) -> None:
+    """Exit 0 when the database's schema is at the newest migration this code knows, 1 when
+    not (yet): run before a service starts (Kubernetes init containers), it makes every
+    process wait for the migration Job.
+    """
+    settings = get_settings()
+    head = migrate.head_revision()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            current = migrate.current_revision(settings.database_url)
+            problem = None if current == head else f"at {current or 'no migration'}"
+        except psycopg.Error as exc:
+            problem = f"unreachable ({error_text(exc)})"
+        if problem is None:
+            typer.echo(f"schema at {head}")
+            return
+        if time.monotonic() >= deadline:
+            typer.echo(f"database schema is not at {head}: {problem}", err=True)
+            raise typer.Exit(1)
+        time.sleep(2)
 
 
 @db_app.command("upgrade")

@@ -51,3 +51,22 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     """Create the database if needed and run every migration up to ``revision``."""
     create_database_if_missing(database_url)
     command.upgrade(alembic_config(database_url), revision)
+
+
+def head_revision() -> str:
+    """The newest migration this code knows."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(database_url: str) -> str | None:
+    """The database's migration, or None when it has none (or cannot be reached: raises)."""
+    with psycopg.connect(libpq_url(database_url), connect_timeout=5) as conn:
+        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return str(row[0]) if row else None

@@ -102,3 +102,31 @@ def test_bad_database_url_is_a_clear_error(fresh_env: dict[str, str]) -> None:
     result = run("db", "upgrade", env={**fresh_env, "BCAST_DATABASE_URL": "mysql://x/y"})
     assert result.returncode != 0
     assert "postgresql://" in result.stderr + result.stdout
+
+
+def test_db_check_waits_for_the_schema_at_the_newest_migration(
+    fresh_env: dict[str, str], database_url: str
+) -> None:
+    # Not there yet (no database at all, then no migration): a service's init step waits.
+    missing = run("db", "check", env=fresh_env)
+    assert missing.returncode == 1
+    assert "database schema is not at" in missing.stderr
+    assert "unreachable" in missing.stderr
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        name = fresh_env["BCAST_DATABASE_URL"].rsplit("/", 1)[1]
+        conn.execute(f'CREATE DATABASE "{name}"')
+    empty = run("db", "check", env=fresh_env)
+    assert empty.returncode == 1
+    assert "at no migration" in empty.stderr
+    # Migrated while a check waits: it succeeds then.
+    waiting = subprocess.Popen(
+        [*BCAST, "db", "check", "--wait", "60"],
+        env=fresh_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert run("db", "upgrade", env=fresh_env).returncode == 0
+    out, err = waiting.communicate(timeout=90)
+    assert waiting.returncode == 0, err
+    assert out.startswith("schema at ")

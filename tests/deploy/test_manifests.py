@@ -121,10 +121,80 @@ def test_scrape_ports_match_the_services_defaults() -> None:
     }
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_builds_every_manifest() -> None:
+def kustomize(path: Path) -> list[dict[str, Any]]:
     out = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, check=True
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True
     ).stdout
-    kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
-    assert {"Deployment", "ScaledObject", "Job", "Service", "Secret", "ConfigMap"} <= set(kinds)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl")
+
+
+@needs_kubectl
+def test_kustomize_builds_every_manifest_and_never_a_secret() -> None:
+    kinds = {d["kind"] for d in kustomize(DEPLOY / "k8s")}
+    assert {"Deployment", "ScaledObject", "Job", "Service", "ConfigMap"} <= kinds
+    assert "PodDisruptionBudget" in kinds
+    # Applying the manifests must never overwrite the real credentials.
+    assert "Secret" not in kinds
+    [example] = yaml_docs(DEPLOY / "k8s/secret.example.yaml")
+    assert example["kind"] == "Secret"
+    assert {"BCAST_DATABASE_URL", "BCAST_BROKER_URL", "BCAST_SECRET_KEYS"} <= set(
+        example["stringData"]
+    )
+
+
+def pods(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (d["metadata"]["name"], d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "Job")
+    ]
+
+
+@needs_kubectl
+def test_every_pod_runs_pinned_unprivileged_and_after_the_migration() -> None:
+    docs = kustomize(DEPLOY / "k8s")
+    for name, pod in pods(docs):
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            image = c["image"]
+            assert ":" in image, f"{name}: {image} has no tag"
+            assert not image.endswith(":latest"), f"{name}: {image} is not pinned"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        [wait] = pod["initContainers"]
+        assert wait["args"][:2] == ["db", "check"], "waits for the migration Job"
+        [main] = pod["containers"]
+        assert "livenessProbe" in main, d["metadata"]["name"]
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert budgets == {"api", "scheduler", "dispatcher"}
+
+
+@needs_kubectl
+def test_operator_objects_scrape_every_role_under_the_rules_job_names() -> None:
+    docs = kustomize(DEPLOY / "k8s/monitoring")
+    jobs = {
+        r["replacement"]
+        for d in docs
+        if d["kind"] in ("ServiceMonitor", "PodMonitor")
+        for e in d["spec"].get("endpoints", []) + d["spec"].get("podMetricsEndpoints", [])
+        for r in e["relabelings"]
+        if r["targetLabel"] == "job"
+    }
+    assert jobs == {"bcast-api", "bcast-scheduler", "bcast-dispatcher"}
+    rules = (DEPLOY / "prometheus/rules.yml").read_text()
+    assert set(re.findall(r'job="([a-z-]+)"', rules)) <= jobs
+    [rule] = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml_docs(DEPLOY / "prometheus/rules.yml")[0]["groups"]
