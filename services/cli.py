@@ -56,7 +56,12 @@ app.add_typer(deliveries_app, name="deliveries")
 def _logging(service: str) -> None:
     from shared import logs
 
-    logs.configure(service, get_settings().log_format)
+    fmt = logs.resolve(get_settings().log_format)
+    # Processes started from here (dramatiq's workers write to a pipe, never a terminal)
+    # use the same format as this one.
+    os.environ["BCAST_LOG_FORMAT"] = fmt
+    get_settings.cache_clear()
+    logs.configure(service, fmt)
 
 
 @db_app.command("check")
@@ -65,19 +70,25 @@ def db_check(
         0.0, min=0.0, help="Keep asking this many seconds until the schema is at the newest."
     ),
 ) -> None:
-    """Exit 0 when the database's schema is at the newest migration this code knows, 1 when
-    not (yet): run before a service starts (Kubernetes init containers), it makes every
-    process wait for the migration Job.
+    """Exit 0 when the database's schema is at the newest migration this code knows (or at a
+    newer one, which this code does not know: a rollback, or an older pod during a rollout;
+    migrations keep the schema usable by the release before them), 1 when it is older or
+    missing: run before a service starts (Kubernetes init containers), it makes every process
+    wait for the migration Job.
     """
     settings = get_settings()
     head = migrate.head_revision()
+    known = migrate.known_revisions()
     deadline = time.monotonic() + wait
     while True:
         try:
             current = migrate.current_revision(settings.database_url)
             problem = None if current == head else f"at {current or 'no migration'}"
         except psycopg.Error as exc:
-            problem = f"unreachable ({error_text(exc)})"
+            current, problem = None, f"unreachable ({error_text(exc)})"
+        if current is not None and current not in known:
+            typer.echo(f"schema at {current}, newer than this code's {head}")
+            return
         if problem is None:
             typer.echo(f"schema at {head}")
             return

@@ -43,6 +43,10 @@ def send_batch_message(batch_id: int) -> Message[None]:
     )
 
 
+#: Seconds a publisher waits while RabbitMQ blocks publishing (a memory or disk alarm).
+BLOCKED_TIMEOUT = 30.0
+
+
 class BatchPublisher:
     """Publishes many messages with one round trip to RabbitMQ, all or none.
 
@@ -88,7 +92,11 @@ class BatchPublisher:
     def _open(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             self.close()
-            self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+            params = pika.URLParameters(self.url)
+            # A broker out of memory or disk blocks publishers: give up (the rows stay in the
+            # outbox, the stage fails and is counted) rather than wait for ever.
+            params.blocked_connection_timeout = BLOCKED_TIMEOUT
+            self._connection = pika.BlockingConnection(params)
             self._channel = self._connection.channel()
             self._channel.tx_select()
         return self._channel

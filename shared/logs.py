@@ -17,6 +17,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from shared.logsafe import error_text
+
 LogFormat = Literal["auto", "json", "plain"]
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
@@ -25,6 +27,9 @@ _STANDARD = frozenset(
     vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None)).keys()
     | {"message", "asctime", "taskName"}
 )
+#: Extra fields libraries add that say nothing more than the message (uvicorn's message with
+#: terminal colour codes).
+_DROPPED = frozenset({"color_message"})
 #: Most items of a list field kept in a line.
 MAX_ITEMS = 20
 
@@ -56,12 +61,12 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_") and key not in entry:
-                entry[key] = _field(value)
+            if key in _STANDARD or key in _DROPPED or key.startswith("_") or key in entry:
+                continue
+            entry[key] = _field(value)
         if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            entry["error"] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            # The class and SQLSTATE of a database error, never the values it broke on.
+            entry["error"] = error_text(record.exc_info[1])
             entry["traceback"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["traceback"] = record.exc_text

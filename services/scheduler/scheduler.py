@@ -128,10 +128,14 @@ IN_PROGRESS = Gauge(
 )
 #: The stages of a pass; each runs whatever happened to the ones before it.
 STAGES = ("claim", "outbox", "relay", "observe", "sweep")
+#: What ``bcast_scheduler_errors_total`` counts: the stages, and the loop around them (its
+#: listener connection, the wait for the next pass).
+ERROR_STAGES = (*STAGES, "loop")
 STAGE_ERRORS = Counter(
     "bcast_scheduler_errors_total",
     "Scheduler stages that failed (claim: starting due broadcasts; outbox: publishing start "
-    "messages; relay: publishing batches; observe: the backlog gauges; sweep: recovery).",
+    "messages; relay: publishing batches; observe: the backlog gauges; sweep: recovery; loop: "
+    "the loop around them, e.g. its database connection).",
     ["stage"],
 )
 STAGE_SUCCESS = Gauge(
@@ -378,8 +382,10 @@ def observe(session: Session) -> None:
 
 def init_metrics() -> None:
     """Every labelled series at 0 from the start: a first increment must read as a rise."""
-    for stage in STAGES:
+    for stage in ERROR_STAGES:
         STAGE_ERRORS.labels(stage)
+    for stage in STAGES:
+        STAGE_SUCCESS.labels(stage)  # 0: never yet
     for reason in ("start", "stalled"):
         PUBLISHED.labels(reason)
     for reason in ("lease", "message"):
@@ -559,15 +565,13 @@ class Scheduler:
         for attempt in tenacity.Retrying(
             wait=tenacity.wait_exponential(multiplier=0.5, max=10),
             retry=tenacity.retry_if_exception_type(Exception),
-            before_sleep=lambda state: log.warning(
-                "scheduler error, retrying: %s", state.outcome.exception() if state.outcome else ""
-            ),
+            before_sleep=self._loop_failed,
         ):
             with attempt:
                 if self.stopping.is_set():
                     break
                 # Trying again is the loop turning: a restart would do no better.
-                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
+                self._beat()
                 try:
                     self._listen_and_loop(conninfo)
                 finally:
@@ -584,7 +588,7 @@ class Scheduler:
             listener.execute("LISTEN bcast_batch")
             backoff = 0.0
             while not self.stopping.is_set():
-                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
+                self._beat()
                 if self.run_pass():
                     backoff = 0.0
                 else:
@@ -599,6 +603,24 @@ class Scheduler:
                         pass
                     for _ in listener.notifies(timeout=0.001):
                         pass
+
+    def _loop_failed(self, state: tenacity.RetryCallState) -> None:
+        """The loop itself failed (the database unreachable for its listener): counted as the
+        ``loop`` stage, and tried again with backoff.
+        """
+        STAGE_ERRORS.labels("loop").inc()
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "scheduler loop failed, trying again: %s",
+            error_text(exc) if exc else "",
+            extra={"stage": "loop"},
+        )
+
+    def _beat(self) -> None:
+        try:
+            heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
+        except OSError as exc:
+            log.warning("heartbeat could not be written: %s", exc)
 
     def stop(self, *_: object) -> None:
         self.stopping.set()

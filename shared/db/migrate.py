@@ -62,6 +62,13 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> set[str]:
+    """Every migration this code knows."""
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config("")).walk_revisions()}
+
+
 def current_revision(database_url: str) -> str | None:
     """The database's migration, or None when it has none (or cannot be reached: raises)."""
     with psycopg.connect(libpq_url(database_url), connect_timeout=5) as conn:

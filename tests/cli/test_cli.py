@@ -130,3 +130,18 @@ def test_db_check_waits_for_the_schema_at_the_newest_migration(
     out, err = waiting.communicate(timeout=90)
     assert waiting.returncode == 0, err
     assert out.startswith("schema at ")
+    # A schema newer than this code knows (a rollback, an old pod mid-rollout) lets it start;
+    # one it knows but older does not.
+    target = fresh_env["BCAST_DATABASE_URL"]
+    with psycopg.connect(libpq_url(target), autocommit=True) as conn:
+        head = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        conn.execute("UPDATE alembic_version SET version_num = 'ffffffff0000'")
+        newer = run("db", "check", env=fresh_env)
+        assert newer.returncode == 0, newer.stderr
+        assert "newer than this code's" in newer.stdout
+        conn.execute("UPDATE alembic_version SET version_num = '0001'")
+        older = run("db", "check", env=fresh_env)
+        assert older.returncode == 1
+        assert "at 0001" in older.stderr
+        assert head is not None
+        conn.execute("UPDATE alembic_version SET version_num = %s", head)

@@ -166,6 +166,11 @@ def test_every_pod_runs_pinned_unprivileged_and_after_the_migration() -> None:
             assert sc["allowPrivilegeEscalation"] is False, name
             assert sc["readOnlyRootFilesystem"] is True, name
             assert sc["capabilities"]["drop"] == ["ALL"], name
+            # Python needs a writable temporary directory (settings, metrics, heartbeats).
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]  # noqa: S108
+            assert tmp, f"{name}/{c['name']}: read-only root and no /tmp"
+            [volume] = [v for v in pod["volumes"] if v["name"] == tmp[0]["name"]]
+            assert "emptyDir" in volume
     for d in docs:
         if d["kind"] != "Deployment":
             continue
