@@ -6,6 +6,7 @@ logs each request with its route, status and duration, and no credential appears
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.e2e.conftest import Api, System
@@ -82,3 +83,24 @@ def test_no_credential_is_ever_logged(api: Api, system: System) -> None:
         text = system.procs.log(name)
         assert token not in text, f"{name} logged an API token"
         assert secret not in text, f"{name} logged a channel secret"
+
+
+def test_each_operator_action_on_a_broadcast_is_a_line_of_its_own(api: Api, system: System) -> None:
+    channel, _ = api.webhook_channel(rate=500)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], ["life-1", "life-2"])
+    later = (datetime.now(UTC) + timedelta(minutes=30)).isoformat()
+    b = api.broadcast(channel["id"], {}, send_at=later)
+    for action in ("pause", "resume", "cancel"):
+        api.ok("POST", f"/v1/broadcasts/{b['id']}/{action}")
+    events = [
+        (e["event"], e["broadcast_status"])
+        for e in entries(system, "api")
+        if e.get("broadcast_id") == b["id"] and "event" in e
+    ]
+    assert events == [
+        ("created", "pending"),
+        ("paused", "paused"),
+        ("resumed", "pending"),
+        ("canceled", "canceled"),
+    ]

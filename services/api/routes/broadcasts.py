@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import threading
 import weakref
@@ -48,6 +49,7 @@ from shared.domain.broadcasts import (
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
 
 _KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
@@ -171,7 +173,33 @@ def post_broadcast(
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")) if idempotency_key else None,
     )
-    return answer_created(session, response, broadcast, created)
+    out = answer_created(session, response, broadcast, created)
+    if created:
+        lifecycle(
+            "created",
+            broadcast,
+            workspace,
+            f", {broadcast.audience_size} recipients, "
+            + (f"due at {broadcast.send_at.isoformat()}" if broadcast.send_at else "now"),
+        )
+    return out
+
+
+def lifecycle(event: str, broadcast: Broadcast, workspace: int, detail: str = "") -> None:
+    """One log line for an operator's action on a broadcast, after it committed."""
+    log.info(
+        "broadcast %s %s%s",
+        broadcast.id,
+        event,
+        detail,
+        extra={
+            "broadcast_id": broadcast.id,
+            "workspace_id": workspace,
+            "channel_id": broadcast.channel_id,
+            "event": event,
+            "broadcast_status": broadcast.status,
+        },
+    )
 
 
 @router.get("")
@@ -228,6 +256,7 @@ def patch_broadcast(
         ),
     )
     session.commit()
+    lifecycle("changed", broadcast, workspace, f" ({', '.join(sorted(given))})")
     return broadcast_out(broadcast)
 
 
@@ -236,6 +265,7 @@ def pause(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace
     """Pause a pending or sending broadcast; no provider call starts after this returns."""
     broadcast = pause_broadcast(session, workspace, broadcast_id)
     session.commit()
+    lifecycle("paused", broadcast, workspace)
     return broadcast_out(broadcast)
 
 
@@ -244,6 +274,7 @@ def resume(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspac
     """Resume a paused broadcast; it goes on with exactly the recipients not yet sent to."""
     broadcast = resume_broadcast(session, workspace, broadcast_id)
     session.commit()
+    lifecycle("resumed", broadcast, workspace)
     return broadcast_out(broadcast)
 
 
@@ -252,6 +283,7 @@ def cancel(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspac
     """Cancel for good: recipients not yet sent to become canceled; sent ones stay sent."""
     broadcast = cancel_broadcast(session, workspace, broadcast_id)
     session.commit()
+    lifecycle("canceled", broadcast, workspace)
     return broadcast_out(broadcast)
 
 
