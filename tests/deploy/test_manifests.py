@@ -102,8 +102,12 @@ def test_keda_scales_on_batches_in_flight_and_the_queues_the_dispatchers_consume
     docs = yaml_docs(DEPLOY / "k8s/dispatcher.yaml")
     [scaled] = [d for d in docs if d["kind"] == "ScaledObject"]
     triggers = scaled["spec"]["triggers"]
-    queues = {t["metadata"]["queueName"] for t in triggers if t["type"] == "rabbitmq"}
-    assert queues == {SEND_QUEUE, START_QUEUE}
+    rabbit = [t for t in triggers if t["type"] == "rabbitmq"]
+    queues = {t["metadata"]["queueName"] for t in rabbit}
+    # Each queue and its delay queue, counted with the messages taken but not acknowledged
+    # (only the management API's count has those).
+    assert queues == {SEND_QUEUE, START_QUEUE, f"{SEND_QUEUE}.DQ", f"{START_QUEUE}.DQ"}
+    assert {t["metadata"]["protocol"] for t in rabbit} == {"http"}
     [prometheus] = [t for t in triggers if t["type"] == "prometheus"]
     used = used_metrics(prometheus["metadata"]["query"])
     assert used == {"bcast_batches"}
@@ -113,7 +117,13 @@ def test_keda_scales_on_batches_in_flight_and_the_queues_the_dispatchers_consume
 def test_scrape_ports_match_the_services_defaults() -> None:
     settings = Settings()
     [prom] = yaml_docs(DEPLOY / "prometheus/prometheus.yml")
-    ports = {job["job_name"]: job["dns_sd_configs"][0]["port"] for job in prom["scrape_configs"]}
+    ports = {
+        job["job_name"]: job["dns_sd_configs"][0]["port"]
+        for job in prom["scrape_configs"]
+        if "dns_sd_configs" in job
+    }
+    [rabbitmq] = [job for job in prom["scrape_configs"] if job["job_name"] == "rabbitmq"]
+    assert rabbitmq["static_configs"][0]["targets"] == ["rabbitmq:15692"]
     assert ports == {
         "bcast-api": settings.api_port,
         "bcast-scheduler": settings.scheduler_metrics_port,
