@@ -230,13 +230,10 @@ def _run(
             "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
         }
 
-    vacuums: dict[str, dict[str, int]] = {}
-
-    def send_all() -> tuple[int, float, dict[str, float]]:
-        """One broadcast to the whole audience: its id, seconds create -> completed, and CPU
-        seconds of each process meanwhile.
+    def send_all() -> tuple[int, float, dict[str, float], dict[str, dict[str, int]]]:
+        """One broadcast to the whole audience: its id, seconds create -> completed, CPU
+        seconds of each process meanwhile, and the autovacuum passes that ran meanwhile.
         """
-        nonlocal vacuums
         vacuums_before = vacuum_counts(env["BCAST_DATABASE_URL"])
         cpu_before = cpu_now()
         broadcast_id = create_broadcast(client, channel_id)
@@ -249,11 +246,11 @@ def _run(
             every=0.5,
         )
         cpu = {k: v - cpu_before[k] for k, v in cpu_now().items()}
-        vacuums = {
-            table: {k: v - vacuums_before.get(table, {}).get(k, 0) for k, v in counts.items()}
-            for table, counts in vacuum_counts(env["BCAST_DATABASE_URL"]).items()
-        }
-        vacuums = {t: c for t, c in vacuums.items() if any(c.values())}
+        vacuums = {}
+        for table, counts in vacuum_counts(env["BCAST_DATABASE_URL"]).items():
+            ran = {k: v - vacuums_before.get(table, {}).get(k, 0) for k, v in counts.items()}
+            if any(ran.values()):
+                vacuums[table] = ran
         with psycopg.connect(libpq_url(env["BCAST_DATABASE_URL"])) as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM broadcast "
@@ -262,7 +259,7 @@ def _run(
             ).fetchone()
         if row is None or row[0] is None:
             raise SystemExit(f"broadcast {broadcast_id} is completed without finished_at")
-        return broadcast_id, float(row[0]), cpu
+        return broadcast_id, float(row[0]), cpu, vacuums
 
     profiler = (
         FlameGraph(dispatcher.pid, f"{sim}/_sim/hooks/bench/stats", n, flame) if flame else None
@@ -270,16 +267,15 @@ def _run(
     with PeakRss(dispatcher.pid) as rss:
         if profiler:
             profiler.start()
-        broadcast_id, seconds, cpu = send_all()
+        broadcast_id, seconds, cpu, vacuums = send_all()
     if profiler:
         profiler.join(timeout=60)
-    first_vacuums = vacuums
     stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
     check_provider(stats, n)
     later: dict[str, Any] = {}
     if history >= 2:
         filled = fill_history(env["BCAST_DATABASE_URL"], broadcast_id, history - 2)
-        _, last_seconds, last_cpu = send_all()
+        _, last_seconds, last_cpu, last_vacuums = send_all()
         check_provider(httpx.get(f"{sim}/_sim/hooks/bench/stats").json(), 2 * n)
         later = {
             "history": {
@@ -293,7 +289,7 @@ def _run(
                 "postgres_us_last": round(last_cpu["postgres"] / n * 1e6, 1),
                 "dispatcher_us_first": round(cpu["dispatcher"] / n * 1e6, 1),
                 "dispatcher_us_last": round(last_cpu["dispatcher"] / n * 1e6, 1),
-                "vacuums_last": vacuums,
+                "vacuums_last": last_vacuums,
             }
         }
     client.close()
@@ -313,7 +309,7 @@ def _run(
         "dispatcher_peak_rss_mib": round(rss.peak, 1),
         "postgres_settings": postgres_settings(env["BCAST_DATABASE_URL"]),
         # Autovacuum and autoanalyze passes that ran during the send, by table.
-        "vacuums": first_vacuums,
+        "vacuums": vacuums,
         **({"flame_graph": profiler.out.name} if profiler and profiler.made else {}),
         **later,
     }
