@@ -15,12 +15,15 @@ of that service has not beaten for ``--max-age`` seconds, or when none has beate
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Gauge
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT = Gauge(
     "bcast_heartbeat_timestamp_seconds",
@@ -40,14 +43,19 @@ def beat_file(directory: Path, service: str, pid: int | None = None) -> Path:
 
 
 def beat(directory: Path, service: str) -> None:
-    """Record that this process's work loop turned now."""
+    """Record that this process's work loop turned now. A file that cannot be written is
+    logged, never raised: the work goes on (and the probe says the process is silent).
+    """
     HEARTBEAT.labels(service).set_to_current_time()
     path = beat_file(directory, service)
     try:
-        os.utime(path)
-    except FileNotFoundError:
-        directory.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            directory.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    except OSError as exc:
+        log.warning("heartbeat could not be written: %s", exc)
 
 
 def forget(directory: Path, service: str) -> None:

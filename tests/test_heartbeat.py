@@ -61,3 +61,10 @@ def test_a_stopping_process_takes_its_heartbeat_with_it(tmp_path: Path) -> None:
     heartbeat.forget(tmp_path, "scheduler")
     assert not heartbeat.beat_file(tmp_path, "scheduler").exists()
     heartbeat.forget(tmp_path, "scheduler")  # twice is fine
+
+
+def test_a_heartbeat_that_cannot_be_written_never_stops_the_work(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file-not-a-folder"
+    blocked.write_text("")
+    heartbeat.beat(blocked, "scheduler")  # logged, not raised
+    assert not heartbeat.check(blocked, "scheduler").ok

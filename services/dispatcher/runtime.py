@@ -149,10 +149,7 @@ class Runtime:
         loop does (a blocking call, a stopped process), whatever the metrics server says.
         """
         while True:
-            try:
-                heartbeat.beat(self.settings.heartbeat_dir, "dispatcher")
-            except OSError as exc:
-                log.warning("heartbeat could not be written: %s", exc)
+            heartbeat.beat(self.settings.heartbeat_dir, "dispatcher")
             await asyncio.sleep(heartbeat.BEAT_SECONDS)
 
     def adapter(

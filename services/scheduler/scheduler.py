@@ -361,7 +361,8 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
 
 def observe(session: Session) -> None:
     """Set the backlog gauges: outbox rows waiting (and the age of the oldest), broadcasts
-    being sent, batches by state. Run on its own, so that they tell the truth while publishing or sweeping fails.
+    being sent, batches by state. Run on its own, so that they tell the truth while publishing
+    or sweeping fails.
     """
     backlog, oldest = session.execute(
         text(
@@ -571,7 +572,7 @@ class Scheduler:
                 if self.stopping.is_set():
                     break
                 # Trying again is the loop turning: a restart would do no better.
-                self._beat()
+                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
                 try:
                     self._listen_and_loop(conninfo)
                 finally:
@@ -588,7 +589,7 @@ class Scheduler:
             listener.execute("LISTEN bcast_batch")
             backoff = 0.0
             while not self.stopping.is_set():
-                self._beat()
+                heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
                 if self.run_pass():
                     backoff = 0.0
                 else:
@@ -615,12 +616,6 @@ class Scheduler:
             error_text(exc) if exc else "",
             extra={"stage": "loop"},
         )
-
-    def _beat(self) -> None:
-        try:
-            heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
-        except OSError as exc:
-            log.warning("heartbeat could not be written: %s", exc)
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
