@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -56,6 +56,8 @@ LOOKAHEAD = 1.0
 ERROR_DELAY = 5.0
 #: Pause between attempts to write the last results of a run.
 RETRY_SECONDS = 0.5
+#: How many failure reasons a run's summary line names (the most frequent).
+SUMMARY_REASONS = 5
 #: Fresh slots a send late for its own may take before it gives its row back.
 MAX_RESLOTS = 5
 #: Waits shorter than this are not slept (a slot due now, give or take the clock's grain).
@@ -138,6 +140,29 @@ class BatchRun:
         #: When the next batch was claimed, if the run went on with one.
         self.next_claimed_at = 0.0
         self._ids = {"broadcast_id": batch.broadcast_id, "batch_id": batch.id}
+        #: The run's recorder, once its broadcast is loaded (for the summary of the run).
+        self.recorder: Recorder | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the run did, as log fields: its channel, results written by outcome, and the
+        most frequent reasons sends failed or are to be tried again.
+        """
+        recorder = self.recorder
+        if recorder is None:
+            return {}
+        tally = recorder.tally
+        fields: dict[str, Any] = {
+            "channel_id": recorder.job.channel_id,
+            "kind": recorder.job.kind,
+            "sent": tally["sent"],
+            "failed": tally["failed"],
+            "partial": tally["partial"],
+            "retried": tally["retry"],
+            "throttled": tally["throttled"],
+        }
+        if recorder.reasons:
+            fields["failure_reasons"] = dict(recorder.reasons.most_common(SUMMARY_REASONS))
+        return fields
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -179,7 +204,7 @@ class BatchRun:
         lane = self.rt.lane(job)
         slots = self._cache = self.rt.slots(job)
         self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
-        recorder = Recorder(self.rt, job, self.batch, self.policy)
+        recorder = self.recorder = Recorder(self.rt, job, self.batch, self.policy)
         stop_flushing = asyncio.Event()
         watching = asyncio.create_task(self._watch_stopping())
         flushing = asyncio.create_task(recorder.keep_flushing(stop_flushing))
@@ -435,7 +460,12 @@ class BatchRun:
             job.channel_id,
             wait,
             outcome.reason,
-            extra={**self._ids, "channel_id": job.channel_id},
+            extra={
+                **self._ids,
+                "event": "throttled",
+                "channel_id": job.channel_id,
+                "wait_seconds": round(wait, 3),
+            },
         )
         try:
             await self.rt.limiter.throttle(job.channel_id, wait, outcome.reason)

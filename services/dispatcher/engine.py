@@ -173,13 +173,17 @@ class Engine:
                 log.exception("broadcast %s batch %s: run failed", *ids.values(), extra=ids)
                 return
             claimed_at = run.next_claimed_at
+            summary = run.summary()
             log.info(
-                "broadcast %s batch %s: run ended (%s%s)",
+                "broadcast %s batch %s: run ended (%s%s): %s sent, %s failed, %s to retry",
                 ids["broadcast_id"],
                 ids["batch_id"],
                 ending.reason,
                 f", due again in {ending.due_in:.1f} s" if ending.due_in else "",
-                extra={**ids, "reason": ending.reason},
+                summary.get("sent", 0),
+                summary.get("failed", 0),
+                summary.get("retried", 0),
+                extra={**ids, "event": "run_ended", "reason": ending.reason, **summary},
             )
 
     async def stop(self, timeout: float) -> None:

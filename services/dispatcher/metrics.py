@@ -44,6 +44,13 @@ CHANNEL_SENDS = Counter(
     "Provider calls made for a channel.",
     ["channel", "kind"],
 )
+CHANNEL_DELIVERIES = Counter(
+    "bcast_channel_deliveries_total",
+    "Provider answers for a channel's recipients, by outcome (sent, failed, partial, retry: "
+    "a failure to be tried again). One series per channel and outcome, so a channel that fails "
+    "can be told apart from the rest.",
+    ["channel", "kind", "outcome"],
+)
 CHANNEL_IN_FLIGHT = Gauge(
     "bcast_channel_in_flight",
     "Sends of a channel scheduled or under way (its lane), as of the last result write.",
@@ -86,6 +93,8 @@ FLUSH_LATENCY = Histogram(
 
 #: Values of ``DELIVERIES``' outcome label (the retry policy's labels and the recorder's own).
 OUTCOMES = ("sent", "failed", "partial", "retry", "throttled", "held", "released")
+#: Values of ``CHANNEL_DELIVERIES``' outcome label: the outcomes of a provider call.
+CHANNEL_OUTCOMES = ("sent", "failed", "partial", "retry")
 #: Values of ``BATCH_ENDS``' reason label.
 BATCH_END_REASONS = ("done", "wait", "not_sending", "slice", "stopping", "lease_lost", "error")
 
@@ -108,3 +117,5 @@ def init_channel(channel_id: int, kind: str) -> None:
     channel = str(channel_id)
     for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT):
         metric.labels(channel, kind)
+    for outcome in CHANNEL_OUTCOMES:
+        CHANNEL_DELIVERIES.labels(channel, kind, outcome)

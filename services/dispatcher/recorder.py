@@ -41,6 +41,10 @@ UNSTORABLE = (psycopg.DataError, UnicodeError)
 
 #: Results waiting are written together this often (one transaction per write).
 FLUSH_SECONDS = 0.05
+#: Metrics labels of results that did not reach their recipient (yet, or at all).
+FAILURE_LABELS = frozenset(("failed", "partial", "retry"))
+#: The most distinct failure texts a run keeps for its summary line.
+REASONS_KEPT = 20
 
 
 class ResultGroup:
@@ -156,6 +160,10 @@ class Recorder:
         #: place in the process's call pool (the answer of a call, until it is written).
         self.pending: list[tuple[Record, str, bool]] = []
         self.group = rt.results.join(self)
+        #: Results written by this run, by metrics label (the run's summary when it ends).
+        self.tally: Counter[str] = Counter()
+        #: Why sends of this run failed or are to be tried again, with how many.
+        self.reasons: Counter[str] = Counter()
         self._jitter = random.Random()  # noqa: S311 - spreading retries, not secrecy
 
     def outcome(self, row: Claimed, outcome: Outcome, *, holds_place: bool = False) -> Decision:
@@ -236,10 +244,25 @@ class Recorder:
             self.rt.calls.give_back(held)
         # Counted per write, not per send: each metric update costs a shared-memory write.
         labels = Counter(label for _, label, _ in taken)
+        channel = str(self.job.channel_id)
         for label, count in labels.items():
             metrics.DELIVERIES.labels(self.job.kind, label).inc(count)
+            if label in metrics.CHANNEL_OUTCOMES:
+                metrics.CHANNEL_DELIVERIES.labels(channel, self.job.kind, label).inc(count)
+        self.tally.update(labels)
+        if labels["failed"] or labels["retry"] or labels["partial"]:
+            # At most REASONS_KEPT distinct texts (a provider may put ids in them).
+            reasons = self.reasons
+            for record, label, _ in taken:
+                error = record.error
+                if (
+                    label in FAILURE_LABELS
+                    and error
+                    and (error in reasons or len(reasons) < REASONS_KEPT)
+                ):
+                    reasons[error] += 1
         if calls := len(taken) - labels["released"]:
-            metrics.CHANNEL_SENDS.labels(str(self.job.channel_id), self.job.kind).inc(calls)
+            metrics.CHANNEL_SENDS.labels(channel, self.job.kind).inc(calls)
         if any(record.id not in written for record, _, _ in taken):
             self._report_dropped(taken, written)
 

@@ -104,7 +104,12 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
             "broadcast %s: %s recipients copied",
             broadcast_id,
             copied,
-            extra={"broadcast_id": broadcast_id, "channel_id": channel_id},
+            extra={
+                "event": "snapshotted",
+                "broadcast_id": broadcast_id,
+                "channel_id": channel_id,
+                "recipients": copied,
+            },
         )
     return copied
 
@@ -238,6 +243,11 @@ async def start_group(rt: Runtime, broadcast_ids: Sequence[int]) -> dict[int, in
             "broadcast %s: %s recipients copied",
             broadcast_id,
             count,
-            extra={"broadcast_id": broadcast_id, "channel_id": channels[broadcast_id]},
+            extra={
+                "event": "snapshotted",
+                "broadcast_id": broadcast_id,
+                "channel_id": channels[broadcast_id],
+                "recipients": count,
+            },
         )
     return copied

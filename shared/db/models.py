@@ -224,6 +224,12 @@ class Broadcast(Base):
         Index("ix_broadcast_due", "send_at", postgresql_where=text("status = 'pending'")),
         # The scheduler's sweep of sending tasks, across workspaces.
         Index("ix_broadcast_in_progress", "id", postgresql_where=text("status = 'in_progress'")),
+        # Ended tasks whose end the scheduler has not logged yet (a handful at any time).
+        Index(
+            "ix_broadcast_end_unlogged",
+            "id",
+            postgresql_where=text("end_logged_at IS NULL AND status IN ('completed', 'canceled')"),
+        ),
         Index(
             "uq_broadcast_workspace_id_idempotency_key",
             "workspace_id",
@@ -276,6 +282,9 @@ class Broadcast(Base):
     updated_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: When a scheduler logged the task's end (completed or canceled, with its counts): once,
+    #: by whichever scheduler set this first.
+    end_logged_at: Mapped[datetime | None]
 
 
 class Delivery(Base):

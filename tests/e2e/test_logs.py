@@ -6,6 +6,7 @@ logs each request with its route, status and duration, and no credential appears
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,7 +50,7 @@ def test_every_line_is_one_json_object_with_the_ids_of_its_work(api: Api, system
     assert any(
         e.get("broadcast_id") == b["id"] and "batch_id" in e for e in logged["dispatcher"]
     ), "no dispatcher line carries the broadcast's id and a batch id"
-    assert any(b["id"] in (e.get("broadcast_ids") or []) for e in logged["scheduler"])
+    assert any(e.get("broadcast_id") == b["id"] for e in logged["scheduler"])
     # The access log: the route template, the status and the time taken.
     read = [
         e
@@ -104,3 +105,51 @@ def test_each_operator_action_on_a_broadcast_is_a_line_of_its_own(api: Api, syst
         ("resumed", "pending"),
         ("canceled", "canceled"),
     ]
+
+
+def test_a_broadcast_s_life_is_told_in_lines_with_its_counts(api: Api, system: System) -> None:
+    channel, _ = api.webhook_channel(
+        rate=500, fail_addresses=["life-3"], throttle_ratio=0.3, retry_after=0.2, seed=5
+    )
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], [f"life-{i}" for i in range(12)])
+    b = api.broadcast(channel["id"], {})
+    api.wait_status(b["id"], "completed", timeout=60)
+
+    def events(name: str, event: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in entries(system, name)
+            if e.get("event") == event and e.get("broadcast_id") == b["id"]
+        ]
+
+    # The end is logged by a scheduler pass after the last result: wait for it.
+    deadline = time.monotonic() + 30
+    while not events("scheduler", "completed"):
+        assert time.monotonic() < deadline, "no completed line from the scheduler"
+        time.sleep(0.2)
+    assert events("scheduler", "started")
+    [snapshot] = events("dispatcher", "snapshotted")
+    assert snapshot["recipients"] == 12
+    assert snapshot["channel_id"] == channel["id"]
+    runs = events("dispatcher", "run_ended")
+    assert runs
+    assert all("batch_id" in r and r["channel_id"] == channel["id"] for r in runs)
+    assert sum(r["sent"] for r in runs) == 11
+    assert sum(r["failed"] for r in runs) == 1
+    reasons = [reason for r in runs for reason in r.get("failure_reasons", {})]
+    assert reasons, "the failure's reason is in the run's summary"
+    throttled = events("dispatcher", "throttled")
+    assert throttled
+    assert all(t["channel_id"] == channel["id"] for t in throttled)
+    assert sum(r["throttled"] for r in runs) >= len(throttled)
+    [done] = events("scheduler", "completed")
+    assert (done["total"], done["sent"], done["failed"]) == (12, 11, 1)
+    assert done["broadcast_status"] == "completed"
+    assert done["channel_id"] == channel["id"]
+    # Later passes do not log it again.
+    passes = len(entries(system, "scheduler"))
+    deadline = time.monotonic() + 5
+    while len(entries(system, "scheduler")) == passes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(events("scheduler", "completed")) == 1

@@ -60,6 +60,15 @@ def test_dispatcher_scheduler_and_api_metrics_count_each_send_once(
         text = wait_for("the dispatcher's metrics", scraped, timeout=30)
         assert sample(text, "bcast_deliveries_total", kind="webhook", outcome="sent") == 47
         assert sample(text, "bcast_deliveries_total", kind="webhook", outcome="failed") == 3
+        # The same, told apart by channel.
+        mine = {"channel": str(channel["id"]), "kind": "webhook"}
+        assert sample(text, "bcast_channel_deliveries_total", **mine, outcome="sent") == 47
+        assert sample(text, "bcast_channel_deliveries_total", **mine, outcome="failed") == 3
+        assert (
+            f'bcast_channel_deliveries_total{{channel="{channel["id"]}",kind="webhook",outcome="retry"}} 0.0'
+            in text
+        )
+        assert sample(text, "bcast_channel_sends_total", **mine) == 50
         assert sample(text, "bcast_provider_request_duration_seconds_count", kind="webhook") == 50
         assert sample(text, "bcast_snapshot_recipients_total") == 50
         # The start message may be handled more than once (one reaching a worker process that
