@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure Postgres and RabbitMQ are installed and running on this machine (Debian, as root),
-# and that promtool (Debian's prometheus package: the alert rules' tests) is there.
+# and that promtool (Debian's prometheus package: the alert rules' tests) and amtool (its
+# prometheus-alertmanager package: the alert routing's tests) are there.
 # Starts whichever is stopped; installs whichever is missing. Safe to run again and again.
 set -euo pipefail
 
@@ -61,6 +62,10 @@ ensure_promtool() {
   if ! command -v promtool >/dev/null 2>&1; then
     log "installing promtool (Debian's prometheus package; its server is not started)"
     apt_install --no-install-recommends prometheus
+  fi
+  if ! command -v amtool >/dev/null 2>&1; then
+    log "installing amtool (Debian's prometheus-alertmanager package: the routing's tests)"
+    apt_install --no-install-recommends prometheus-alertmanager
   fi
 }
 
