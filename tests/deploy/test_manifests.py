@@ -208,7 +208,17 @@ def test_operator_objects_scrape_every_role_under_the_rules_job_names() -> None:
         for r in e["relabelings"]
         if r["targetLabel"] == "job"
     }
-    assert jobs == {"bcast-api", "bcast-scheduler", "bcast-dispatcher"}
+    assert jobs == {"bcast-api", "bcast-scheduler", "bcast-dispatcher", "rabbitmq"}
+    # RabbitMQ scraped as compose scrapes it: the same path and metric families.
+    [rabbit] = [d for d in docs if d["metadata"]["name"] == "bcast-rabbitmq"]
+    [compose_job] = [
+        j
+        for j in yaml_docs(DEPLOY / "prometheus/prometheus.yml")[0]["scrape_configs"]
+        if j["job_name"] == "rabbitmq"
+    ]
+    [endpoint] = rabbit["spec"]["endpoints"]
+    assert endpoint["path"] == compose_job["metrics_path"]
+    assert endpoint["params"] == compose_job["params"]
     rules = (DEPLOY / "prometheus/rules.yml").read_text()
     assert set(re.findall(r'job="([a-z-]+)"', rules)) <= jobs
     [rule] = [d for d in docs if d["kind"] == "PrometheusRule"]
