@@ -58,6 +58,15 @@ ensure_rabbitmq() {
   return 1
 }
 
+ensure_rabbitmq_prometheus() {
+  # RabbitMQ's own metrics endpoint (:15692), as deployed: the dashboard's queue panels and
+  # the dead-letter alert read it, and a test scrapes it with a real Prometheus.
+  if ! rabbitmq-plugins -q is_enabled rabbitmq_prometheus >/dev/null 2>&1; then
+    log "enabling RabbitMQ's Prometheus plugin"
+    rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null
+  fi
+}
+
 ensure_promtool() {
   if ! command -v promtool >/dev/null 2>&1; then
     log "installing promtool (Debian's prometheus package; its server is not started)"
@@ -71,5 +80,6 @@ ensure_promtool() {
 
 ensure_postgres
 ensure_rabbitmq
+ensure_rabbitmq_prometheus
 ensure_promtool
 log "Postgres and RabbitMQ are up"

@@ -35,11 +35,33 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 # A worker process: its stderr is the pipe to the parent's (dramatiq runs with --skip-logging).
 logs.configure("dispatcher", settings.log_format)
+
+
+class ZeroedPrometheus(Prometheus):
+    """dramatiq's Prometheus middleware with its per-actor counters at 0 from the worker's
+    boot: its first error (or retry, or dead letter) reads as a rise in ``rate()``, and the
+    dashboard's panels answer before anything went wrong.
+    """
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        super().after_process_boot(broker)  # type: ignore[no-untyped-call]
+        for name in broker.get_declared_actors():
+            queue = broker.get_actor(name).queue_name
+            for metric in (
+                self.total_messages,
+                self.total_errored_messages,
+                self.total_retried_messages,
+                self.total_rejected_messages,
+                self.message_durations,
+            ):
+                metric.labels(queue, name)
+
+
 broker = make_broker(settings.broker_url)
 runtime = RuntimeMiddleware()
 broker.add_middleware(runtime)
 if settings.dispatcher_metrics_port:
-    broker.add_middleware(Prometheus())
+    broker.add_middleware(ZeroedPrometheus())
 dramatiq.set_broker(broker)
 
 #: Below RabbitMQ's consumer_timeout (30 min), so a long message is never requeued under us.

@@ -42,6 +42,7 @@ from services.dispatcher.status import StatusBoard
 from shared import heartbeat
 from shared.db.engine import libpq_url
 from shared.egress import Egress
+from shared.logsafe import error_text
 from shared.media_store import MediaStore, make_media_store
 from shared.secrets_box import SecretsBox
 from shared.settings import Settings, get_settings
@@ -64,6 +65,8 @@ GROUPS_AT_ONCE = 1
 #: are almost all freed by reference counting; the default (700) runs the cycle collector
 #: every few sends and cost a seventh of the send loop's time.
 GC_THRESHOLD = (50_000, 20, 100)
+#: Channels whose series a worker makes at start (the most recently created).
+INIT_CHANNELS = 1000
 
 
 class RuntimeClosed(Exception):
@@ -143,6 +146,25 @@ class Runtime:
             self, self.settings.dispatcher_max_batches, COPIES_AT_ONCE, GROUPS_AT_ONCE
         )
         self._beating = asyncio.create_task(self._beat())
+        await self._init_channels()
+
+    async def _init_channels(self) -> None:
+        """The per-channel series of the channels that exist, at 0 from the start: after a
+        restart or a scale-up, a channel's first results read as a rise in ``rate()`` (a
+        series that appears with its first results shows none). The most recent
+        ``INIT_CHANNELS`` only: the rest get theirs when first used.
+        """
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT id, kind FROM channel ORDER BY id DESC LIMIT %s", (INIT_CHANNELS,)
+                )
+                channels = await cur.fetchall()
+        except Exception as exc:
+            log.warning("channel series not made at start: %s", error_text(exc))
+            return
+        for channel_id, kind in channels:
+            metrics.init_channel(channel_id, kind)
 
     async def _beat(self) -> None:
         """The process's heartbeat, from the loop that runs every batch: it stops when the

@@ -52,6 +52,16 @@ ROWS_REMOVED = Counter(
 )
 
 
+def init_metrics() -> None:
+    """Retention's series at 0 before its first run: removing rows reads as a rise."""
+    for action in partitions.Action:
+        if action != partitions.Action.HELD:
+            REMOVED.labels(action.value)
+            ROWS_REMOVED.labels(action.value)
+    for state in partitions.State:
+        PARTITIONS.labels(state.value)
+
+
 @dataclass(frozen=True)
 class Upkeep:
     """What one round did."""

@@ -52,6 +52,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from services.scheduler import partitions as partition_keeper
 from services.scheduler.partitions import PartitionKeeper
 from shared import delivery_store as store
 from shared import heartbeat
@@ -489,6 +490,7 @@ def init_metrics() -> None:
         BATCHES_RECOVERED.labels(reason)
     for state in BatchState:
         BATCHES.labels(state.value)
+    partition_keeper.init_metrics()
 
 
 def _human(delta: timedelta) -> str:

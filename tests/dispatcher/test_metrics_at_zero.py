@@ -45,6 +45,11 @@ def test_every_known_series_of_a_worker_starts_at_zero(tmp_path: Path) -> None:
     # A channel's series, from when the process first sees it.
     assert 'bcast_channel_sends_total{channel="7",kind="webhook"} 0.0' in text
     assert 'bcast_channel_throttled_total{channel="7",kind="webhook"} 0.0' in text
+    for outcome in metrics.CHANNEL_OUTCOMES:
+        assert (
+            f'bcast_channel_deliveries_total{{channel="7",kind="webhook",outcome="{outcome}"}} 0.0'
+            in text
+        )
 
 
 def test_every_outcome_the_retry_policy_names_is_one_made_at_start() -> None:

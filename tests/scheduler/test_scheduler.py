@@ -313,3 +313,6 @@ def test_every_labelled_scheduler_series_starts_at_zero(settings: Settings, vhos
         assert f'bcast_batches_recovered_total{{reason="{reason}"}} 0.0' in exported
     for reason in ("start", "stalled"):
         assert f'bcast_outbox_published_total{{reason="{reason}"}} 0.0' in exported
+    for action in ("dropped", "archived"):
+        assert f'bcast_delivery_rows_removed_total{{action="{action}"}} 0.0' in exported
+        assert f'bcast_delivery_partitions_removed_total{{action="{action}"}} 0.0' in exported
