@@ -55,7 +55,7 @@ DASHBOARDS = GRAFANA / "dashboards"
 OVERVIEW = DASHBOARDS / "bcast.json"
 BROADCAST = DASHBOARDS / "bcast-broadcast.json"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
-DOCS = ROOT / "docs" / "dashboards.md"
+ROLE_SQL = ROOT / "deploy" / "compose" / "postgres" / "grafana-role.sql"
 
 PROMETHEUS_UID = "bcast-prometheus"
 POSTGRES_UID = "bcast-postgres"
@@ -796,20 +796,16 @@ def conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def grafana_role(conn: psycopg.Connection[Any], database_url: str) -> Iterator[str]:
-    """The read-only role docs/dashboards.md creates, made as it says (under a name of its own
-    for this test, in this test's database), dropped afterwards.
+    """The read-only role deploy/compose/postgres/grafana-role.sql creates (compose's
+    grafana-role service runs it), made by that file (under a name of its own for this test,
+    in this test's database; twice: it is safe to run again), dropped afterwards.
     """
-    [block] = re.findall(r"```sql\n(.*?)```", DOCS.read_text(), re.DOTALL)
     role = f"bcast_grafana_test_{secrets.token_hex(4)}"
-    database = database_url.rsplit("/", 1)[1]
-    statements = block.replace("bcast_grafana", role).replace(
-        "DATABASE bcast ", f'DATABASE "{database}" '
-    )
-    assert role in statements
-    assert database in statements
+    script = ROLE_SQL.read_text().replace("bcast_grafana", role)
+    assert role in script
     try:
-        for statement in filter(None, (s.strip() for s in statements.split(";"))):
-            conn.execute(statement)
+        for _ in range(2):
+            conn.execute(script.encode())
         yield role
     finally:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
