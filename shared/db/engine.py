@@ -15,9 +15,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.settings import get_settings
 
 
+#: Seconds a new connection may take before it fails, unless the URL sets ``connect_timeout``:
+#: without it, a database whose packets are dropped holds a connect (and the scheduler's pass,
+#: a request, a batch run) for the kernel's TCP timeout, minutes.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
 def sqlalchemy_url(database_url: str) -> URL:
-    """Turn a plain ``postgresql://`` URL into one that names the psycopg 3 driver."""
+    """Turn a plain ``postgresql://`` URL into one that names the psycopg 3 driver (with a
+    connect timeout of ``CONNECT_TIMEOUT_SECONDS`` unless it gives one).
+    """
     url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+    if "connect_timeout" not in url.query:
+        url = url.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_SECONDS)})
     return url.set(drivername="postgresql+psycopg")
 
 

@@ -167,6 +167,12 @@ def metered(system: System, channel: Any) -> Iterator[tuple[int, int]]:
         procs.stop("prom-scheduler")
         procs.start("dispatcher", "dispatcher", "--processes", "1", "--threads", "4")
         procs.start("scheduler", "scheduler")
+    # With their metrics servers on (dramatiq's exposition process included), every line they
+    # wrote, up to their stop, is one JSON object.
+    for name in ("prom-dispatcher", "prom-scheduler"):
+        for line in filter(None, procs.log(name).splitlines()):
+            assert line.startswith("{"), (name, line)
+            assert isinstance(json.loads(line), dict), (name, line)
 
 
 @pytest.fixture
@@ -188,9 +194,11 @@ def prometheus(system: System, metered: tuple[int, int], tmp_path: Path) -> Iter
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    client = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        yield client
     finally:
+        client.http.close()
         proc.terminate()
         proc.wait(timeout=30)
 
@@ -202,6 +210,9 @@ def test_every_dashboard_query_answers_during_the_first_broadcast_after_a_start(
 
     def all_up() -> bool:
         try:
+            # 503 while Prometheus opens its storage.
+            if prometheus.http.get("/-/ready").status_code != 200:
+                return False
             health = prometheus.targets_up()
         except httpx.TransportError:
             return False
