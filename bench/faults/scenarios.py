@@ -4,6 +4,7 @@ mid-send; ``run_scenario`` then waits for the end and checks it (``checks.verify
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
@@ -372,13 +373,20 @@ def started_once(run: Run) -> None:
     starts: Counter[int] = Counter()
     by: dict[int, list[str]] = {}
     for name in ("scheduler-1", "scheduler-2"):
-        # "started 5 broadcasts (1, 2, 3, 4, 5), ..." (a log line names its first 10 ids; a
-        # scenario starts fewer).
-        log = run.system.procs.log(name)
-        for line in re.findall(r"started \d+ broadcasts \(([\d, ]*)(?: \.\.\.)?\)", log):
-            for raw in filter(None, (x.strip() for x in line.split(","))):
-                starts[int(raw)] += 1
-                by.setdefault(int(raw), []).append(name)
+        # The scheduler's lifecycle lines: {"event": "started", "broadcast_id": 1, ...} per
+        # broadcast (or "broadcast_ids" for a claim of many; a scenario starts few).
+        for line in run.system.procs.log(name).splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or entry.get("event") != "started":
+                continue
+            ids = entry.get("broadcast_ids") or [entry.get("broadcast_id")]
+            for broadcast_id in ids:
+                if isinstance(broadcast_id, int):
+                    starts[broadcast_id] += 1
+                    by.setdefault(broadcast_id, []).append(name)
     for broadcast_id in run.broadcast_ids:
         if starts[broadcast_id] != 1:
             run.verdict.problems.append(
