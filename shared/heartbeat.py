@@ -36,6 +36,9 @@ HEARTBEAT = Gauge(
 BEAT_SECONDS = 5.0
 #: Default age past which a process is taken for hung.
 MAX_AGE_SECONDS = 60.0
+#: A process's start time from /proc is rounded to clock ticks (and the boot time to seconds):
+#: a beat this close before it still counts as its own.
+START_SLACK = 2.0
 
 
 def beat_file(directory: Path, service: str, pid: int | None = None) -> Path:
@@ -74,6 +77,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        # Fields after the command name (which may hold spaces): starttime is the 20th.
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
@@ -84,7 +103,8 @@ def check(
     directory: Path, service: str, *, max_age: float = MAX_AGE_SECONDS, now: float | None = None
 ) -> Verdict:
     """Whether every live process of ``service`` beat within ``max_age`` seconds. Files of
-    processes that no longer exist are removed (a worker killed outright leaves its file).
+    processes that no longer exist are removed (a worker killed outright leaves its file), and
+    so are files last written before the process now holding their pid started.
     """
     now = time.time() if now is None else now
     fresh: list[int] = []
@@ -95,7 +115,10 @@ def check(
             age = now - path.stat().st_mtime
         except (ValueError, FileNotFoundError):
             continue
-        if not _alive(pid):
+        started = _started_at(pid)
+        # Gone; or the pid now names a younger process (a restarted container reuses pids):
+        # the file was left by a process that no longer exists.
+        if not _alive(pid) or (started is not None and started > now - age + START_SLACK):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             continue

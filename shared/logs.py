@@ -17,7 +17,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from shared.logsafe import error_text
+from shared.logsafe import error_text, safe_traceback
 
 LogFormat = Literal["auto", "json", "plain"]
 
@@ -67,12 +67,29 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             # The class and SQLSTATE of a database error, never the values it broke on.
             entry["error"] = error_text(record.exc_info[1])
-            entry["traceback"] = self.formatException(record.exc_info)
+            entry["traceback"] = safe_traceback(record.exc_info[1])
         elif record.exc_text:
             entry["traceback"] = record.exc_text
         if record.stack_info:
             entry["stack"] = record.stack_info
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """Plain text for a terminal; tracebacks without the values a driver's message quotes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Another handler's formatter may have cached the whole traceback on the record.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        if ei and ei[1] is not None:
+            return safe_traceback(ei[1])
+        return super().formatException(ei)
 
 
 class _BcastHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -95,7 +112,7 @@ def configure(service: str, fmt: LogFormat = "auto", level: int = logging.INFO) 
     if resolve(fmt) == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        handler.setFormatter(PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _BcastHandler)]:
         root.removeHandler(old)

@@ -8,6 +8,7 @@ for every other database error the class and SQLSTATE say enough.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Sequence
 
 import psycopg
@@ -31,6 +32,28 @@ def error_text(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{name}: {first}" if first else name
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """Where ``exc`` (and the exceptions that led to it) came from: the frames as Python
+    prints them, each exception as ``error_text`` gives it. A driver's message, which can
+    quote the statement's values, is left out (its SQLSTATE says what failed).
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts: list[str] = []
+    for i, e in enumerate(reversed(chain)):
+        if i:
+            parts.append("\nDuring the handling of the above, or caused by it:\n\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(e.__traceback__))
+        parts.append(error_text(e) + "\n")
+    return "".join(parts).rstrip("\n")
 
 
 def listed_ids(ids: Sequence[int]) -> str:

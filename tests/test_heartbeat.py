@@ -28,13 +28,42 @@ def test_a_process_that_beats_is_alive(tmp_path: Path) -> None:
     assert heartbeat.beat_file(tmp_path, "dispatcher").exists()
 
 
+def this_process_started() -> float:
+    """When this process started; returned once it is a few seconds old, so that a beat can be
+    placed after its start and still be old.
+    """
+    started = heartbeat._started_at(os.getpid())
+    assert started is not None, "/proc tells when a process started"
+    deadline = time.monotonic() + 10
+    while time.time() < started + heartbeat.START_SLACK + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return started
+
+
 def test_a_live_process_silent_too_long_is_hung(tmp_path: Path) -> None:
+    started = this_process_started()
     heartbeat.beat(tmp_path, "dispatcher")
-    past = time.time() - 120
-    os.utime(heartbeat.beat_file(tmp_path, "dispatcher"), (past, past))
+    last = started + heartbeat.START_SLACK + 0.5  # after this process started, and old
+    os.utime(heartbeat.beat_file(tmp_path, "dispatcher"), (last, last))
+    age = time.time() - last
+    verdict = heartbeat.check(tmp_path, "dispatcher", max_age=age / 2)
+    assert not verdict.ok
+    assert f"pid {os.getpid()} silent for {age:.0f} s" in verdict.message
+
+
+def test_a_file_older_than_the_process_now_holding_its_pid_is_dropped(tmp_path: Path) -> None:
+    # A restarted container reuses pids: the file a worker of the old one left behind names a
+    # pid that is alive again, as another process (here: this one).
+    started = this_process_started()
+    heartbeat.beat(tmp_path, "dispatcher")
+    path = heartbeat.beat_file(tmp_path, "dispatcher")
+    before = started - 100
+    os.utime(path, (before, before))
     verdict = heartbeat.check(tmp_path, "dispatcher", max_age=60)
     assert not verdict.ok
-    assert f"pid {os.getpid()} silent for 120 s" in verdict.message
+    assert "no process has beaten" in verdict.message, "not taken for a hung process"
+    assert not path.exists()
 
 
 def test_no_heartbeat_at_all_is_not_alive(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ import json
 import logging
 import sys
 
+import psycopg
 import pytest
 
 from shared import logs
+from shared.db.engine import libpq_url
 
 
 def line(record: logging.LogRecord) -> dict[str, object]:
@@ -86,3 +88,31 @@ def test_auto_is_plain_in_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert logs.resolve("auto") == "json"
     assert logs.resolve("plain") == "plain"
+
+
+def test_a_database_error_s_traceback_keeps_its_frames_not_the_value_it_quotes(
+    database_url: str,
+) -> None:
+    secret = "recipient-address-4711"
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        try:
+            try:
+                conn.execute("SELECT %s::int", (secret,))
+            except psycopg.DataError as exc:
+                raise RuntimeError("storing the result failed") from exc
+        except RuntimeError:
+            made = record("it failed")
+            made.exc_info = sys.exc_info()
+    # The driver's message quotes the value: 'invalid input syntax for type integer: "..."'.
+    assert made.exc_info is not None
+    cause = made.exc_info[1].__cause__  # type: ignore[union-attr]
+    assert secret in str(cause)
+    # logging's own formatter would print it.
+    assert secret in logging.Formatter().format(made)
+    plain = logs.PlainFormatter(logs.PLAIN_FORMAT).format(made)
+    for text in (json.dumps(line(made)), plain):
+        assert secret not in text
+        assert "InvalidTextRepresentation (SQLSTATE 22P02)" in text
+        assert "RuntimeError: storing the result failed" in text
+        assert "test_a_database_error_s_traceback_keeps_its_frames" in text  # the frames
+        assert "During the handling of the above, or caused by it" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.api import errors
-from services.api.middleware import BodyLimit, InputGuard, Metrics
+from services.api.middleware import BodyLimit, InputGuard, Metrics, init_metrics
 from services.api.openapi import install_openapi
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
 from shared.media_store import make_media_store
@@ -52,4 +52,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(Metrics)
     install_openapi(app)
+    init_metrics(app.openapi()["paths"])
     return app

@@ -38,6 +38,21 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+
+def init_metrics(paths: dict[str, Any]) -> None:
+    """Each operation's server-error series (500, 503) and its latency at 0 from the start
+    (``paths``: the OpenAPI document's): the first 5xx after a start reads as a rise in
+    ``rate()`` (and in BcastApiErrors).
+    """
+    for path, operations in paths.items():
+        for method in operations:
+            if method.upper() not in METHODS:
+                continue
+            LATENCY.labels(method.upper(), path)
+            for status in ("500", "503"):
+                REQUESTS.labels(method.upper(), path, status)
+
+
 #: The methods the API answers; any other is 405 and counted as ``OTHER``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

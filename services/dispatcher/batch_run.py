@@ -186,9 +186,7 @@ class BatchRun:
             job = await load_job(self.rt, self.batch.broadcast_id)
         except ChannelUnusable as exc:
             # Every send would fail the same way: the broadcast waits for the operator.
-            log.error("broadcast %s: paused: %s", self.batch.broadcast_id, exc, extra=self._ids)
-            async with self.rt.pool.connection() as conn:
-                await store.arun(conn, store.hold(self.batch.broadcast_id, str(exc)))
+            await self._hold(self.batch.broadcast_id, str(exc), self._ids)
             return Ending("not_sending"), []
         except Exception as exc:
             log.warning(
@@ -487,16 +485,29 @@ class BatchRun:
             return
         self._paused_for_refusal = True
         ids = {**self._ids, "channel_id": job.channel_id}
-        log.error("broadcast %s: paused: %s", job.broadcast_id, outcome.reason, extra=ids)
         try:
-            async with self.rt.pool.connection() as conn:
-                await store.arun(conn, store.hold(job.broadcast_id, outcome.reason))
+            await self._hold(job.broadcast_id, outcome.reason, ids)
         except Exception as exc:
             log.warning(
                 "broadcast %s: could not pause it (%s); its rows wait and are tried again",
                 job.broadcast_id,
                 error_text(exc),
                 extra=ids,
+            )
+
+    async def _hold(self, broadcast_id: int, reason: str, ids: dict[str, Any]) -> None:
+        """Pause the broadcast with ``reason`` for the operator; the run that paused it (not
+        the others that find it paused) logs it and counts it, once it is written.
+        """
+        async with self.rt.pool.connection() as conn:
+            paused = await store.arun(conn, store.hold(broadcast_id, reason))
+        if paused:
+            metrics.BROADCASTS_HELD.inc()
+            log.error(
+                "broadcast %s: paused: %s",
+                broadcast_id,
+                reason,
+                extra={**ids, "event": "paused", "reason": reason},
             )
 
     async def _nothing_due(self, recorder: Recorder) -> Ending | None:

@@ -82,6 +82,11 @@ BATCH_ENDS = Counter(
     "canceled, completed), slice (handed back to spread the work), stopping, lease_lost, error.",
     ["reason"],
 )
+BROADCASTS_HELD = Counter(
+    "bcast_broadcasts_held_total",
+    "Broadcasts a dispatcher paused because their channel cannot be used (its provider address "
+    "refused, its configuration unreadable): they wait for an operator.",
+)
 SNAPSHOT_ROWS = Counter(
     "bcast_snapshot_recipients_total", "Recipients copied into delivery rows at broadcast start."
 )

@@ -65,8 +65,8 @@ GROUPS_AT_ONCE = 1
 #: are almost all freed by reference counting; the default (700) runs the cycle collector
 #: every few sends and cost a seventh of the send loop's time.
 GC_THRESHOLD = (50_000, 20, 100)
-#: Channels whose series a worker makes at start (the most recently created).
-INIT_CHANNELS = 1000
+#: The newest channels whose series a worker makes at start (with those that have work).
+RECENT_CHANNELS = 100
 
 
 class RuntimeClosed(Exception):
@@ -149,15 +149,26 @@ class Runtime:
         await self._init_channels()
 
     async def _init_channels(self) -> None:
-        """The per-channel series of the channels that exist, at 0 from the start: after a
-        restart or a scale-up, a channel's first results read as a rise in ``rate()`` (a
-        series that appears with its first results shows none). The most recent
-        ``INIT_CHANNELS`` only: the rest get theirs when first used.
+        """Per-channel series at 0 from the start for the channels likely to send soon: those
+        with a broadcast being sent or due within the hour, and the ``RECENT_CHANNELS``
+        newest. After a restart or a scale-up their first results read as a rise in
+        ``rate()`` (a series that appears with its first results shows none). Bounded: any
+        other channel gets its series when this process first sends for it.
         """
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT id, kind FROM channel ORDER BY id DESC LIMIT %s", (INIT_CHANNELS,)
+                    """
+                    SELECT id, kind FROM channel WHERE id IN (
+                        SELECT channel_id FROM broadcast WHERE status = 'in_progress'
+                        UNION
+                        SELECT channel_id FROM broadcast
+                        WHERE status = 'pending' AND send_at < now() + interval '1 hour'
+                    )
+                    UNION
+                    (SELECT id, kind FROM channel ORDER BY id DESC LIMIT %s)
+                    """,
+                    (RECENT_CHANNELS,),
                 )
                 channels = await cur.fetchall()
         except Exception as exc:

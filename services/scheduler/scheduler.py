@@ -142,12 +142,14 @@ STAGE_ERRORS = Counter(
 )
 STAGE_SUCCESS = Gauge(
     "bcast_scheduler_stage_last_success_timestamp_seconds",
-    "When a stage of this scheduler last succeeded (Unix time).",
+    "When a stage of this scheduler last succeeded, or the process started if it has not yet "
+    "(Unix time).",
     ["stage"],
 )
 LAST_PASS = Gauge(
     "bcast_scheduler_last_pass_timestamp_seconds",
-    "When this scheduler last finished a pass in which every stage succeeded (Unix time).",
+    "When this scheduler last finished a pass in which every stage succeeded, or the process "
+    "started if none has yet (Unix time).",
 )
 #: After a pass with a failed stage the next waits at least this long, doubling to the most.
 ERROR_BACKOFF = 0.5
@@ -416,11 +418,15 @@ def observe(session: Session) -> None:
 END_LINES_LIMIT = 500
 
 
-def take_ended(session: Session, *, limit: int = END_LINES_LIMIT) -> list[Any]:
-    """Mark up to ``limit`` ended tasks (completed or canceled) whose end is not yet logged
-    as logged, and return them with their counts: the caller logs them once its transaction
-    has committed. Row locks skipped and the column set in one statement: with several
-    schedulers each end is taken by one.
+def take_ended(
+    session: Session, *, limit: int = END_LINES_LIMIT, settle_seconds: float = 900.0
+) -> list[Any]:
+    """Mark up to ``limit`` ended tasks (completed, or canceled with final counts) whose end
+    is not yet logged as logged, and return them with their counts: the caller logs them
+    before its transaction commits (a line logged and not marked is logged again, never
+    lost). Row locks skipped and the column set in one statement: with several schedulers
+    each end is taken by one. A canceled task whose counts never add up is taken
+    ``settle_seconds`` after it was canceled.
     """
     return list(
         session.execute(
@@ -430,6 +436,15 @@ def take_ended(session: Session, *, limit: int = END_LINES_LIMIT) -> list[Any]:
                 WHERE b.id = ANY(ARRAY(
                     SELECT id FROM broadcast
                     WHERE end_logged_at IS NULL AND status IN ('completed', 'canceled')
+                      -- A task canceled mid-send still has rows at dispatchers: they become
+                      -- canceled (or sent) as they come back. Its counts are final once they
+                      -- add up, or surely once every lease has run out.
+                      AND (
+                          status = 'completed'
+                          OR sent_count + failed_count + partial_count + canceled_count
+                             + skipped_count >= total_count
+                          OR finished_at < now() - :settle * interval '1 second'
+                      )
                     ORDER BY id
                     LIMIT :n
                     FOR UPDATE SKIP LOCKED
@@ -440,7 +455,7 @@ def take_ended(session: Session, *, limit: int = END_LINES_LIMIT) -> list[Any]:
                     extract(epoch FROM b.finished_at - b.started_at)::float8 AS seconds
                 """
             ),
-            {"n": limit},
+            {"n": limit, "settle": settle_seconds},
         ).all()
     )
 
@@ -483,7 +498,10 @@ def init_metrics() -> None:
     for stage in ERROR_STAGES:
         STAGE_ERRORS.labels(stage)
     for stage in STAGES:
-        STAGE_SUCCESS.labels(stage)  # 0: never yet
+        # From the process's start: "no success for 2 minutes" counts from then, not from 1970
+        # (a first failure right after a start is not two minutes of failing).
+        STAGE_SUCCESS.labels(stage).set_to_current_time()
+    LAST_PASS.set_to_current_time()
     for reason in ("start", "stalled"):
         PUBLISHED.labels(reason)
     for reason in ("lease", "message"):
@@ -596,8 +614,8 @@ class Scheduler:
     def _observe(self) -> None:
         with self.sessions() as session, session.begin():
             observe(session)
-            ended = take_ended(session)
-        log_ended(ended)
+            # Logged before the commit: a crash in between logs them again, never loses them.
+            log_ended(take_ended(session, settle_seconds=self.settings.lease_seconds * 3))
 
     def _sweep(self) -> None:
         with self.sessions() as session, session.begin():

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import get_settings
 
-
 #: Seconds a new connection may take before it fails, unless the URL sets ``connect_timeout``:
 #: without it, a database whose packets are dropped holds a connect (and the scheduler's pass,
 #: a request, a batch run) for the kernel's TCP timeout, minutes.

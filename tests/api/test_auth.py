@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -86,3 +89,24 @@ def test_metrics_expose_request_counts_by_route_template(api: Api, client: TestC
         in text
     )
     assert "/v1/broadcasts/424242" not in text
+
+
+def test_each_route_s_server_errors_are_counted_from_zero_before_any() -> None:
+    # A fresh process: the series a first 500 or 503 adds to exist at 0 (rate() sees the rise).
+    script = (
+        "from prometheus_client import generate_latest\n"
+        "from services.api.app import create_app\n"
+        "create_app()\n"
+        "print(generate_latest().decode())\n"
+    )
+    exported = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for method, route in (("POST", "/v1/broadcasts"), ("GET", "/readyz")):
+        for status in ("500", "503"):
+            sample = f'bcast_api_requests_total{{method="{method}",route="{route}",status="{status}"}} 0.0'
+            assert sample in exported
+        assert (
+            f'bcast_api_request_duration_seconds_count{{method="{method}",route="{route}"}} 0.0'
+            in exported
+        )

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from services.dispatcher import metrics, snapshot
 from services.dispatcher.engine import Taken
@@ -596,21 +597,31 @@ def test_a_channel_that_cannot_be_used_as_configured_pauses_its_broadcast_with_t
 
 
 def test_a_channel_whose_address_the_egress_rule_refuses_pauses_its_broadcast_unsent(
-    sending: Any, conn: psycopg.Connection[Any], settings: Settings
+    sending: Any,
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The channel was created when its name resolved elsewhere; now it points at loopback.
     s = sending(5, rate=100)
     strict = Runtime(
         settings.model_copy(update={"allow_private_targets": False, "dispatcher_db_connections": 3})
     )
+    held_before = REGISTRY.get_sample_value("bcast_broadcasts_held_total") or 0.0
     strict.open()
     try:
         s.rt = strict
-        s.adopt_first()
-        wait_for("the broadcast to be paused", lambda: s.status() == "paused")
-        wait_for("the run to end", lambda: not strict.engine.runs)
+        with caplog.at_level(logging.ERROR):
+            s.adopt_first()
+            wait_for("the broadcast to be paused", lambda: s.status() == "paused")
+            wait_for("the run to end", lambda: not strict.engine.runs)
     finally:
         strict.close()
+    # Counted and told once, by the run that paused it, with its ids as fields.
+    assert REGISTRY.get_sample_value("bcast_broadcasts_held_total") == held_before + 1
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "paused"]
+    assert (line.broadcast_id, line.batch_id) == (s.id, s.batches()[0][0])  # type: ignore[attr-defined]
+    assert line.reason.startswith("the channel's provider address is refused")  # type: ignore[attr-defined]
     [(reason,)] = conn.execute(
         "SELECT status_reason FROM broadcast WHERE id = %s", (s.id,)
     ).fetchall()

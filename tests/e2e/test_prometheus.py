@@ -260,6 +260,10 @@ def test_every_dashboard_query_answers_during_the_first_broadcast_after_a_start(
     assert wait_for("the send error ratio to be recorded", recorded, timeout=30) == (
         pytest.approx(2 / 400, rel=0.2)
     )
+    # A healthy start and a healthy broadcast raise no alert, not even a pending one (a
+    # "time since" gauge starting at 0, say, would page at once).
+    alerts = prometheus.range("ALERTS", started, time.time())
+    assert not alerts, [(a["metric"]["alertname"], a["values"][0][0] - started) for a in alerts]
     # RabbitMQ's own endpoint: the run's queues and their consumers.
     consumers = prometheus.instant('sum(rabbitmq_detailed_queue_consumers{queue=~"bcast_.*"})')
     assert consumers

@@ -122,3 +122,70 @@ def test_two_schedulers_log_each_end_once_with_its_counts(
         "canceled",
         4,
     )
+
+
+def test_a_task_canceled_mid_send_is_logged_once_its_counts_are_final(
+    api: Api, conn: psycopg.Connection[Any], database_url: str
+) -> None:
+    _, canceled, late = ended_tasks(api, conn)
+    # Two rows were still at a dispatcher when it was canceled: 3 of 5 counted so far.
+    conn.execute(
+        "UPDATE broadcast SET sent_count = 1, canceled_count = 2, end_logged_at = NULL "
+        "WHERE id = %s",
+        (canceled,),
+    )
+    # Another whose counts never add up (its rows were removed), canceled long ago.
+    conn.execute(
+        "UPDATE broadcast SET status = 'canceled', total_count = 9, sent_count = 2, "
+        "finished_at = now() - interval '1 hour' WHERE id = %s",
+        (late,),
+    )
+    engine = make_engine(database_url, pool_size=1)
+
+    def take() -> set[int]:
+        with Session(engine) as session, session.begin():
+            return {b.id for b in sched.take_ended(session, settle_seconds=600)}
+
+    try:
+        first = take()
+        assert canceled not in first, "its counts are not final yet"
+        assert late in first, "canceled longer ago than the settle time"
+        # The held rows came back: one sent, one canceled.
+        conn.execute(
+            "UPDATE broadcast SET sent_count = 2, canceled_count = 3 WHERE id = %s", (canceled,)
+        )
+        assert canceled in take()
+    finally:
+        engine.dispose()
+
+
+def test_an_end_is_logged_before_it_is_marked_so_a_crash_cannot_lose_it(
+    api: Api,
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    vhost: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    done, _, _ = ended_tasks(api, conn)
+    logged: list[int] = []
+    real = sched.log_ended
+
+    def log_then_die(ended: list[Any]) -> None:
+        real(ended)
+        logged.extend(b.id for b in ended)
+        raise RuntimeError("the process dies before its commit")
+
+    with scheduler(settings, amqp_url(vhost)) as s:
+        monkeypatch.setattr(sched, "log_ended", log_then_die)
+        with pytest.raises(RuntimeError):
+            s._observe()
+        assert done in logged
+        unmarked = conn.execute(
+            "SELECT end_logged_at IS NULL FROM broadcast WHERE id = %s", (done,)
+        ).fetchone()
+        assert unmarked == (True,), "logged, not marked: the next pass logs it again"
+        monkeypatch.setattr(sched, "log_ended", real)
+        with_lines: list[Any] = []
+        monkeypatch.setattr(sched, "log_ended", lambda ended: with_lines.extend(ended))
+        s._observe()
+    assert done in {b.id for b in with_lines}

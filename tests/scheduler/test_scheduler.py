@@ -6,6 +6,7 @@ publish loses none of them.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -262,14 +263,14 @@ def test_a_broker_refusing_publishes_fails_its_stages_only_and_is_seen(
     # RabbitMQ answers, but refuses every publish (ACCESS_REFUSED: no write permission).
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", "^$", ".*")
     small, _ = due_tasks(api, conn, 3)
-    errors_before = sample("bcast_scheduler_errors_total", stage="outbox")
-    last_pass_before = sample("bcast_scheduler_last_pass_timestamp_seconds")
     stages = ("claim", "observe", "sweep")
-    succeeded_before = {
-        stage: sample("bcast_scheduler_stage_last_success_timestamp_seconds", stage=stage)
-        for stage in stages
-    }
     with scheduler(settings, amqp_url(vhost)) as s:
+        errors_before = sample("bcast_scheduler_errors_total", stage="outbox")
+        last_pass_before = sample("bcast_scheduler_last_pass_timestamp_seconds")
+        succeeded_before = {
+            stage: sample("bcast_scheduler_stage_last_success_timestamp_seconds", stage=stage)
+            for stage in stages
+        }
         assert not s.run_pass(), "a pass with a failed stage says so"
         # The stages after the failing one still ran: due tasks were started, the backlog
         # is measured, recovery swept.
@@ -299,16 +300,22 @@ def test_every_labelled_scheduler_series_starts_at_zero(settings: Settings, vhos
         f"Scheduler(Settings(broker_url={amqp_url(vhost)!r}))\n"
         "print(generate_latest().decode())\n"
     )
+    started = time.time()
     exported = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     for stage in sched.ERROR_STAGES:
         assert f'bcast_scheduler_errors_total{{stage="{stage}"}} 0.0' in exported
+    # The success times count from the process's start until a first success.
     for stage in sched.STAGES:
-        assert (
-            f'bcast_scheduler_stage_last_success_timestamp_seconds{{stage="{stage}"}} 0.0'
-            in exported
+        [value] = re.findall(
+            rf'^bcast_scheduler_stage_last_success_timestamp_seconds{{stage="{stage}"}} (\S+)$',
+            exported,
+            re.MULTILINE,
         )
+        assert abs(float(value) - started) < 60
+    [value] = re.findall(r"^bcast_scheduler_last_pass_timestamp_seconds (\S+)$", exported, re.M)
+    assert abs(float(value) - started) < 60
     for reason in ("lease", "message"):
         assert f'bcast_batches_recovered_total{{reason="{reason}"}} 0.0' in exported
     for reason in ("start", "stalled"):
