@@ -103,6 +103,9 @@ class Runtime:
         #: Opens channel secrets and signing keys (see jobs.load_job).
         self.secrets = SecretsBox.from_settings(settings)
         self.closed = True
+        #: Names of the process's dramatiq threads that died (set by the middleware that
+        #: opens the runtime in a worker; None elsewhere): while any, no heartbeat.
+        self.dead_threads: Callable[[], list[str]] | None = None
 
     def open(self) -> None:
         self._thread.start()
@@ -182,7 +185,16 @@ class Runtime:
         loop does (a blocking call, a stopped process), whatever the metrics server says.
         """
         while True:
-            heartbeat.beat(self.settings.heartbeat_dir, "dispatcher")
+            dead = self.dead_threads() if self.dead_threads is not None else []
+            if dead:
+                # dramatiq's consumer or worker threads that died take no more messages: the
+                # process is not alive for its work, whatever its loop does; the probe says so.
+                log.error(
+                    "dispatcher threads died (%s): no heartbeat until the process is restarted",
+                    ", ".join(dead),
+                )
+            else:
+                heartbeat.beat(self.settings.heartbeat_dir, "dispatcher")
             await asyncio.sleep(heartbeat.BEAT_SECONDS)
 
     def adapter(
@@ -286,6 +298,12 @@ class Runtime:
                 self.loop.close()
 
 
+def dead_threads(worker: dramatiq.Worker) -> list[str]:
+    """The worker's consumer and worker threads that are no longer alive (once started)."""
+    threads = [*worker.consumers.values(), *worker.workers]
+    return [t.name for t in threads if t.ident is not None and not t.is_alive()]
+
+
 class RuntimeMiddleware(dramatiq.Middleware):
     """Opens the process's runtime when a worker boots and closes it when the worker stops.
 
@@ -304,6 +322,7 @@ class RuntimeMiddleware(dramatiq.Middleware):
         gc.set_threshold(*GC_THRESHOLD)
         metrics.init_metrics()
         runtime = Runtime(self._settings())
+        runtime.dead_threads = lambda: dead_threads(worker)
         runtime.open()
         self.runtime = runtime
         log.info("dispatcher runtime open")
