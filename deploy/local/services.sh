@@ -67,6 +67,14 @@ ensure_rabbitmq_prometheus() {
   fi
 }
 
+ensure_chromium() {
+  # The console's browser tests drive Debian's Chromium (through Playwright).
+  if ! command -v chromium >/dev/null 2>&1; then
+    log "installing Chromium (the console's browser tests)"
+    apt_install --no-install-recommends chromium
+  fi
+}
+
 ensure_promtool() {
   if ! command -v promtool >/dev/null 2>&1; then
     log "installing promtool (Debian's prometheus package; its server is not started)"
@@ -82,4 +90,5 @@ ensure_postgres
 ensure_rabbitmq
 ensure_rabbitmq_prometheus
 ensure_promtool
+ensure_chromium
 log "Postgres and RabbitMQ are up"

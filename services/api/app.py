@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from services.api import errors
+from services.api.console import routes as console
 from services.api.middleware import BodyLimit, InputGuard, Metrics, init_metrics
 from services.api.openapi import install_openapi
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
@@ -29,6 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, channels, contacts, broadcasts, conversations, media):
         app.include_router(module.router)
     app.include_router(media.public_router)
+    app.include_router(console.router)
+    app.mount("/console/static", StaticFiles(directory=console.STATIC), name="console-static")
+
+    @app.exception_handler(console.SignInNeeded)
+    def _sign_in(request: Request, exc: console.SignInNeeded) -> Response:
+        target = "/console/login?" + urlencode({"next": exc.next_path})
+        return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
     def limit_for(path: str) -> int:
         if path == "/v1/contacts/import":

@@ -99,6 +99,25 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None]
 
 
+class ConsoleSession(Base):
+    """An operator signed in to the web console with an API token. The browser holds the
+    session's random id in an HttpOnly cookie; only its SHA-256 digest is stored. Revoking the
+    token ends its sessions (checked on every request, and the rows go with the token).
+    """
+
+    __tablename__ = "console_session"
+
+    id_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    api_token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_token.id", ondelete="CASCADE"), index=True
+    )
+    workspace_id: Mapped[int] = _workspace_fk()
+    #: Every form of the session carries it back (a cross-site form cannot know it).
+    csrf_token: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Channel(Base):
     __tablename__ = "channel"
     __table_args__ = (

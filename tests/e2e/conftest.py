@@ -146,6 +146,7 @@ class Api:
 
     def __init__(self, system: System, token: str) -> None:
         self.system = system
+        self.token = token
         self.http = httpx.Client(
             base_url=system.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )

@@ -1,0 +1,32 @@
+// Live progress on the broadcast list: rows being sent are refreshed every 2 s (no reload).
+(function () {
+  "use strict";
+  function live() {
+    return Array.prototype.map.call(document.querySelectorAll("tr[data-live]"), function (row) {
+      return row.getAttribute("data-broadcast");
+    });
+  }
+  function refresh() {
+    var ids = live();
+    if (!ids.length) return;
+    var query = ids.map(function (id) { return "id=" + encodeURIComponent(id); }).join("&");
+    fetch("/console/broadcasts/progress?" + query, { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (data) {
+        if (!data) return;
+        data.items.forEach(function (item) {
+          var row = document.querySelector('tr[data-broadcast="' + item.id + '"]');
+          if (!row) return;
+          ["sent", "failed", "queued"].forEach(function (field) {
+            var cell = row.querySelector('[data-field="' + field + '"]');
+            if (cell) cell.textContent = item[field];
+          });
+          var badge = row.querySelector('[data-field="status"]');
+          if (badge) { badge.textContent = item.status_label; badge.className = "badge badge-" + item.status; }
+          if (item.status !== "in_progress") row.removeAttribute("data-live");
+        });
+      })
+      .catch(function () {});
+  }
+  document.addEventListener("DOMContentLoaded", function () { setInterval(refresh, 2000); });
+})();

@@ -1,0 +1,167 @@
+"""The console's sign-in, session and broadcast list over HTTP (the browser tests walk the
+same pages in Chromium): a session cookie instead of the token, CSRF on every form, one
+workspace's data only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from shared.db.engine import transaction
+from shared.domain.tokens import revoke_token
+from tests.conftest import Api
+
+
+@pytest.fixture
+def browser(app: FastAPI) -> Iterator[TestClient]:
+    """A client of its own: its cookies are one browser's."""
+    with TestClient(app, base_url="http://testserver", follow_redirects=False) as c:
+        yield c
+
+
+def form_token(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "the form carries a CSRF token"
+    return found.group(1)
+
+
+def sign_in(browser: TestClient, token: str) -> str:
+    """Sign in; returns the CSRF token of the session's pages."""
+    form = browser.get("/console/login")
+    answer = browser.post(
+        "/console/login", data={"token": token, "csrf_token": form_token(form.text)}
+    )
+    assert answer.status_code == 303, answer.text
+    listing = browser.get("/console/broadcasts")
+    assert listing.status_code == 200
+    return form_token(listing.text)
+
+
+def test_pages_need_a_session_and_send_the_browser_to_sign_in(browser: TestClient) -> None:
+    answer = browser.get("/console/broadcasts?status=paused")
+    assert answer.status_code == 303
+    assert (
+        answer.headers["location"]
+        == "/console/login?next=%2Fconsole%2Fbroadcasts%3Fstatus%3Dpaused"
+    )
+    assert browser.get("/console/broadcasts/progress?id=1").status_code == 303
+
+
+def test_signing_in_gives_an_httponly_samesite_cookie_not_the_token(
+    browser: TestClient, api: Api
+) -> None:
+    form = browser.get("/console/login")
+    assert form.headers["content-security-policy"].startswith("default-src 'self'")
+    assert form.headers["x-frame-options"] == "DENY"
+    answer = browser.post(
+        "/console/login",
+        data={
+            "token": api.token,
+            "csrf_token": form_token(form.text),
+            "next": "/console/broadcasts",
+        },
+    )
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/console/broadcasts"
+    cookie = next(
+        c for c in answer.headers.get_list("set-cookie") if c.startswith("bcast_console=")
+    )
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie
+    assert "Path=/console" in cookie
+    assert api.token not in cookie
+    page = browser.get("/console/broadcasts")
+    assert api.token not in page.text
+
+
+def test_a_wrong_token_says_so_and_a_forged_sign_in_form_is_refused(
+    browser: TestClient, api: Api
+) -> None:
+    form = browser.get("/console/login")
+    wrong = browser.post(
+        "/console/login", data={"token": "bcast_nope", "csrf_token": form_token(form.text)}
+    )
+    assert wrong.status_code == 401
+    assert "That token is unknown, revoked or expired." in wrong.text
+    # A form posted from elsewhere does not carry the value of this browser's cookie.
+    forged = browser.post("/console/login", data={"token": api.token, "csrf_token": "guess"})
+    assert forged.status_code == 403
+    assert "bcast_console=" not in "".join(forged.headers.get_list("set-cookie"))
+
+
+def test_sign_in_goes_back_to_a_console_page_only(browser: TestClient, api: Api) -> None:
+    for target, lands in (
+        ("/console/broadcasts?status=paused", "/console/broadcasts?status=paused"),
+        ("https://evil.example/", "/console/broadcasts"),
+        ("//evil.example/console", "/console/broadcasts"),
+    ):
+        form = browser.get("/console/login")
+        answer = browser.post(
+            "/console/login",
+            data={"token": api.token, "csrf_token": form_token(form.text), "next": target},
+        )
+        assert answer.headers["location"] == lands
+
+
+def test_the_list_shows_this_workspace_only_and_filters(
+    browser: TestClient, api: Api, other_api: Api
+) -> None:
+    def reachable(client: Api, name: str) -> dict[str, object]:
+        made = client.channel(name=name)
+        client.contact(client.account(made["id"])["id"], "https://hooks.example/1")
+        return made
+
+    channel = reachable(api, "north")
+    other_channel = reachable(api, "south")
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    spring = api.broadcast(channel["id"], name="spring 100% sale", send_at=later)
+    summer = api.broadcast(other_channel["id"], name="summer news", send_at=later)
+    api.ok("post", f"/v1/broadcasts/{summer['id']}/pause")
+    theirs = other_api.broadcast(
+        reachable(other_api, "west")["id"], name="their secret plan", send_at=later
+    )
+    sign_in(browser, api.token)
+
+    def names(url: str) -> set[str]:
+        html = browser.get(url).text
+        return set(re.findall(r'<td data-label="Name">([^<]+)</td>', html))
+
+    everything = names("/console/broadcasts")
+    assert {"spring 100% sale", "summer news"} <= everything
+    assert "their secret plan" not in everything
+    assert names("/console/broadcasts?status=paused") == {"summer news"}
+    assert names("/console/broadcasts?status=paused&status=pending") == everything
+    assert names(f"/console/broadcasts?channel={channel['id']}") == {"spring 100% sale"}
+    assert names("/console/broadcasts?q=100%25") == {"spring 100% sale"}  # % is a letter
+    assert names("/console/broadcasts?q=100_") == set()  # and _ is not a wildcard
+    assert names("/console/broadcasts?origin=conversation") == set()
+    # The filter form's "Any" sends empty values: no filter.
+    assert names("/console/broadcasts?status=paused&origin=&channel=&q=") == {"summer news"}
+    progress = browser.get(
+        f"/console/broadcasts/progress?id={spring['id']}&id={theirs['id']}"
+    ).json()
+    assert [item["id"] for item in progress["items"]] == [spring["id"]]
+
+
+def test_signing_out_needs_the_form_token_and_ends_the_session(
+    browser: TestClient, api: Api
+) -> None:
+    csrf = sign_in(browser, api.token)
+    assert browser.post("/console/logout", data={"csrf_token": "forged"}).status_code == 403
+    assert browser.get("/console/broadcasts").status_code == 200
+    out = browser.post("/console/logout", data={"csrf_token": csrf})
+    assert out.status_code == 303
+    assert browser.get("/console/broadcasts").status_code == 303
+
+
+def test_revoking_the_token_ends_its_console_sessions(browser: TestClient, api: Api) -> None:
+    sign_in(browser, api.token)
+    with transaction() as session:
+        revoke_token(session, api.token[:12])
+    assert browser.get("/console/broadcasts").status_code == 303

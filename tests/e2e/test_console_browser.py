@@ -1,0 +1,155 @@
+"""The console walked as an operator would, in a real headless Chromium (Debian's, driven by
+Playwright): sign in, see the broadcast list with live progress while a broadcast sends,
+filter it, at laptop and phone widths, with screenshots of each page kept as artifacts
+(``BCAST_TEST_ARTIFACTS``, default ``test-artifacts/``); a second workspace sees none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+
+from tests.e2e.conftest import Api, System, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ARTIFACTS = Path(os.environ.get("BCAST_TEST_ARTIFACTS", "test-artifacts")) / "console"
+LAPTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def chromium(playwright: Playwright) -> Iterator[Browser]:
+    binary = shutil.which("chromium")
+    assert binary, "Chromium is missing: bash deploy/local/services.sh installs it"
+    browser = playwright.chromium.launch(executable_path=binary, args=["--no-sandbox"])
+    yield browser
+    browser.close()
+
+
+def new_page(chromium: Browser, system: System, size: dict[str, int] = LAPTOP) -> Page:
+    context = chromium.new_context(base_url=system.api_url, viewport=size)  # type: ignore[arg-type]
+    return context.new_page()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def sign_in(page: Page, token: str) -> None:
+    page.goto("/console")
+    expect(page).to_have_url(re.compile(r"/console/login\?next="))
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Broadcasts")).to_be_visible()
+
+
+def sending_setup(api: Api, n: int, rate: float) -> tuple[dict[str, Any], int]:
+    channel, _ = api.webhook_channel(rate=rate)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], [f"c-{i}" for i in range(n)])
+    return channel, account["id"]
+
+
+def test_an_operator_signs_in_and_watches_the_list(
+    chromium: Browser, system: System, api: Api
+) -> None:
+    other = system.client()
+    their_channel, _ = sending_setup(other, 3, 100)
+    other.broadcast(
+        their_channel["id"],
+        {},
+        name="their private launch",
+        send_at=(datetime.now(UTC) + timedelta(days=2)).isoformat(),
+    )
+
+    channel, _ = sending_setup(api, 600, 40)  # 15 s of sending: progress to watch
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    api.broadcast(channel["id"], {}, name="tomorrow's digest", send_at=later)
+    live = api.broadcast(channel["id"], {}, name="flash sale")
+
+    page = new_page(chromium, system)
+    transferred: list[int] = []
+    page.on("response", lambda r: transferred.append(len(r.body()) if r.ok else 0))
+
+    # A wrong token is refused with the reason, then the right one signs in.
+    page.goto("/console")
+    page.get_by_label("API token").fill("bcast_not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text("That token is unknown, revoked or expired.")
+    shot(page, "login-refused")
+    transferred.clear()
+    page.get_by_label("API token").fill(api.token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Broadcasts")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    assert sum(transferred) < 100_000, f"the list page took {sum(transferred)} bytes"
+
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(2)
+    expect(page.get_by_text("their private launch")).to_have_count(0)
+    row = page.locator(f'tr[data-broadcast="{live["id"]}"]')
+    sent = row.locator('[data-field="sent"]')
+    # Live progress: the sent count moves without a reload.
+    api.wait_status(live["id"], "in_progress", timeout=30)
+    first = int(
+        wait_for(
+            "a first send in the row",
+            lambda: int(sent.inner_text() or 0) > 0 and sent.inner_text(),
+            timeout=30,
+        )
+    )
+    navigations: list[str] = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+    wait_for("the row's count to move", lambda: int(sent.inner_text()) > first, timeout=30)
+    assert navigations == [], "progress came without reloading the page"
+    shot(page, "broadcasts-sending")
+
+    # Filter by status: pending only, then pending and in progress.
+    page.get_by_label("Pending").check()
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("tomorrow's digest")
+    page.get_by_label("In progress").check()
+    page.get_by_label("Completed").check()
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(2)
+    page.get_by_label("Name contains").fill("flash")
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(1)
+    shot(page, "broadcasts-filtered")
+
+    # The same list at a phone's width.
+    phone = new_page(chromium, system, PHONE)
+    sign_in(phone, api.token)
+    expect(phone.get_by_text("flash sale")).to_be_visible()
+    shot(phone, "broadcasts-phone")
+
+    # Signing out ends the session: the list sends the browser to sign in again.
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.goto("/console/broadcasts")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+    # The other workspace signs in and sees only its own broadcast.
+    theirs = new_page(chromium, system)
+    sign_in(theirs, other.token)
+    expect(theirs.locator("tbody tr")).to_have_count(1)
+    expect(theirs.get_by_text("their private launch")).to_be_visible()
+    expect(theirs.get_by_text("flash sale")).to_have_count(0)
+    shot(theirs, "broadcasts-other-workspace")
