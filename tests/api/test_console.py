@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -112,7 +113,7 @@ def test_sign_in_goes_back_to_a_console_page_only(browser: TestClient, api: Api)
 def test_the_list_shows_this_workspace_only_and_filters(
     browser: TestClient, api: Api, other_api: Api
 ) -> None:
-    def reachable(client: Api, name: str) -> dict[str, object]:
+    def reachable(client: Api, name: str) -> dict[str, Any]:
         made = client.channel(name=name)
         client.contact(client.account(made["id"])["id"], "https://hooks.example/1")
         return made
