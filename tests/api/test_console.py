@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from shared.db.engine import transaction
 from shared.domain.tokens import revoke_token
 from tests.conftest import Api
+from tests.factories import start_with_deliveries
 
 
 @pytest.fixture
@@ -131,7 +132,8 @@ def test_the_list_shows_this_workspace_only_and_filters(
 
     def names(url: str) -> set[str]:
         html = browser.get(url).text
-        return set(re.findall(r'<td data-label="Name">([^<]+)</td>', html))
+        found = r'<td data-label="Name"><a href="/console/broadcasts/\d+">([^<]+)</a></td>'
+        return set(re.findall(found, html))
 
     everything = names("/console/broadcasts")
     assert {"spring 100% sale", "summer news"} <= everything
@@ -166,3 +168,81 @@ def test_revoking_the_token_ends_its_console_sessions(browser: TestClient, api: 
     with transaction() as session:
         revoke_token(session, api.token[:12])
     assert browser.get("/console/broadcasts").status_code == 303
+
+
+def made_broadcast(api: Api, contacts: int = 4, **kw: Any) -> dict[str, Any]:
+    channel = api.channel(name=f"ch-{contacts}")
+    account = api.account(channel["id"])
+    for i in range(contacts):
+        api.contact(account["id"], f"https://hooks.example/{i}", name=f"person {i}")
+    later = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    return api.broadcast(channel["id"], name="the detail", send_at=later, **kw)
+
+
+def test_the_detail_offers_only_the_actions_its_status_allows(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api)
+    csrf = sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    actions = set(re.findall(rf'action="/console/broadcasts/{b["id"]}/(\w+)"', page))
+    assert actions == {"pause", "cancel"}
+    # A forged form is refused and changes nothing.
+    forged = browser.post(f"/console/broadcasts/{b['id']}/pause", data={"csrf_token": "x"})
+    assert forged.status_code == 403
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == "pending"
+    done = browser.post(f"/console/broadcasts/{b['id']}/pause", data={"csrf_token": csrf})
+    assert done.status_code == 303
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == "paused"
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert set(re.findall(rf'action="/console/broadcasts/{b["id"]}/(\w+)"', page)) == {
+        "resume",
+        "cancel",
+    }
+    # An action its status does not allow says why, with the API's words.
+    again = browser.post(f"/console/broadcasts/{b['id']}/pause", data={"csrf_token": csrf})
+    shown = browser.get(again.headers["location"]).text
+    assert 'role="alert"' in shown
+    assert "paused" in shown
+    browser.post(f"/console/broadcasts/{b['id']}/cancel", data={"csrf_token": csrf})
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == "canceled"
+
+
+def test_another_workspace_s_broadcast_is_not_found(
+    browser: TestClient, api: Api, other_api: Api
+) -> None:
+    theirs = made_broadcast(other_api)
+    csrf = sign_in(browser, api.token)
+    assert browser.get(f"/console/broadcasts/{theirs['id']}").status_code == 404
+    acted = browser.post(f"/console/broadcasts/{theirs['id']}/cancel", data={"csrf_token": csrf})
+    assert acted.status_code == 404
+    assert browser.get(f"/console/broadcasts/{theirs['id']}/recipients.csv").status_code == 404
+    assert other_api.ok("get", f"/v1/broadcasts/{theirs['id']}")["status"] == "pending"
+
+
+def test_the_recipients_not_reached_are_listed_with_reasons_and_downloadable(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=4)
+    start_with_deliveries(
+        b["id"],
+        ["sent", "failed", "failed", "skipped"],
+        errors=[None, "HTTP 404: no such recipient", "HTTP 404: no such recipient", "opted out"],
+    )
+    sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    reasons = re.findall(
+        r'<td data-label="Reason">([^<]*)</td><td data-label="Recipients">(\d+)', page
+    )
+    assert reasons == [("HTTP 404: no such recipient", "2")]
+    listed = re.findall(r'<td data-label="Address">([^<]+)</td>', page)
+    assert sorted(listed) == [f"https://hooks.example/{i}" for i in (1, 2, 3)]
+    only_failed = browser.get(f"/console/broadcasts/{b['id']}?who=failed").text
+    assert len(re.findall(r'<td data-label="Address">', only_failed)) == 2
+    csv_file = browser.get(f"/console/broadcasts/{b['id']}/recipients.csv?who=failed")
+    assert csv_file.status_code == 200
+    assert csv_file.headers["content-type"].startswith("text/csv")
+    lines = csv_file.text.strip().splitlines()
+    assert lines[0].startswith("contact_id,name,address,status")
+    assert len(lines) == 3
+    assert all(",failed," in line for line in lines[1:])

@@ -59,8 +59,8 @@ def sign_in(page: Page, token: str) -> None:
     expect(page.get_by_role("heading", name="Broadcasts")).to_be_visible()
 
 
-def sending_setup(api: Api, n: int, rate: float) -> tuple[dict[str, Any], int]:
-    channel, _ = api.webhook_channel(rate=rate)
+def sending_setup(api: Api, n: int, rate: float, **sim: Any) -> tuple[dict[str, Any], int]:
+    channel, _ = api.webhook_channel(rate=rate, **sim)
     account = api.account(channel["id"])
     api.import_contacts(account["id"], [f"c-{i}" for i in range(n)])
     return channel, account["id"]
@@ -78,7 +78,8 @@ def test_an_operator_signs_in_and_watches_the_list(
         send_at=(datetime.now(UTC) + timedelta(days=2)).isoformat(),
     )
 
-    channel, _ = sending_setup(api, 600, 40)  # 15 s of sending: progress to watch
+    # 15 s of sending: progress to watch; two recipients the provider does not know.
+    channel, _ = sending_setup(api, 600, 40, fail_addresses=["c-1", "c-2"])
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     api.broadcast(channel["id"], {}, name="tomorrow's digest", send_at=later)
     live = api.broadcast(channel["id"], {}, name="flash sale")
@@ -153,3 +154,30 @@ def test_an_operator_signs_in_and_watches_the_list(
     expect(theirs.get_by_text("their private launch")).to_be_visible()
     expect(theirs.get_by_text("flash sale")).to_have_count(0)
     shot(theirs, "broadcasts-other-workspace")
+
+    # The detail of the sending broadcast: pause stops it, resume goes on, the recipients
+    # not reached are listed with the provider's reason and downloadable.
+    detail = new_page(chromium, system)
+    sign_in(detail, api.token)
+    detail.get_by_role("link", name="flash sale").click()
+    expect(detail.get_by_role("heading", name="flash sale")).to_be_visible()
+    detail.get_by_role("button", name="Pause").click()
+    expect(detail.locator('[data-field="status"]')).to_have_text("Paused")
+    expect(detail.get_by_role("button", name="Resume")).to_be_visible()
+    expect(detail.get_by_role("button", name="Pause")).to_have_count(0)
+    assert api.get(live["id"])["status"] == "paused", "the console paused it, as the API sees"
+    shot(detail, "detail-paused")
+    detail.get_by_role("button", name="Resume").click()
+    sent_now = detail.locator('dd[data-field="sent"]')
+    before = int(sent_now.inner_text())
+    wait_for("progress after resuming", lambda: int(sent_now.inner_text()) > before, timeout=30)
+    api.wait_status(live["id"], "completed", timeout=60)
+    detail.reload()
+    expect(detail.locator("table").first).to_contain_text("no such recipient")
+    expect(detail.get_by_role("cell", name="c-1", exact=True)).to_be_visible()
+    with detail.expect_download() as download:
+        detail.get_by_role("link", name="Download CSV").click()
+    text = Path(download.value.path()).read_text()
+    assert text.splitlines()[0].startswith("contact_id,name,address,status")
+    assert {line.split(",")[2] for line in text.strip().splitlines()[1:]} == {"c-1", "c-2"}
+    shot(detail, "detail-completed")

@@ -11,15 +11,25 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from services.api.deps import SessionDep
+from services.api.deps import SessionDep, SettingsDep
 from services.api.pagination import newest_first
-from shared.db.models import Broadcast, Channel
-from shared.domain.broadcasts import broadcasts_query, counts
+from services.api.routes.broadcasts import csv_export, lifecycle
+from shared.db.models import Broadcast, Channel, Delivery
+from shared.domain.broadcasts import (
+    broadcasts_query,
+    cancel_broadcast,
+    counts,
+    get_broadcast,
+    pause_broadcast,
+    recipients_query,
+    recipients_removed,
+    resume_broadcast,
+)
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
-from shared.domain.errors import DomainError
-from shared.domain.lifecycle import BroadcastStatus, Origin
+from shared.domain.errors import DomainError, NotFound
+from shared.domain.lifecycle import ACTION_ALLOWED_FROM, BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.types import MAX_ID
 
 HERE = Path(__file__).parent
@@ -293,3 +303,163 @@ def progress(
         for b in rows
     ]
     return JSONResponse({"items": items}, headers={"Cache-Control": "no-store"})
+
+
+#: The detail page's counts, in order.
+COUNT_FIELDS = (
+    ("total", "Recipients"),
+    ("sent", "Sent"),
+    ("failed", "Failed"),
+    ("partial", "Partly sent"),
+    ("queued", "Queued"),
+    ("canceled", "Canceled"),
+    ("skipped", "Skipped"),
+)
+ACTION_LABELS = {"pause": "Pause", "resume": "Resume", "cancel": "Cancel"}
+#: The "not reached" list's choices: which delivery statuses each shows.
+NOT_REACHED: dict[str, tuple[str, tuple[DeliveryStatus, ...]]] = {
+    "all": (
+        "Everyone not reached",
+        (
+            DeliveryStatus.FAILED,
+            DeliveryStatus.PARTIAL,
+            DeliveryStatus.SKIPPED,
+            DeliveryStatus.CANCELED,
+        ),
+    ),
+    "failed": ("Failed", (DeliveryStatus.FAILED,)),
+    "partial": ("Partly sent", (DeliveryStatus.PARTIAL,)),
+    "skipped": ("Skipped (unreachable or opted out)", (DeliveryStatus.SKIPPED,)),
+    "canceled": ("Canceled", (DeliveryStatus.CANCELED,)),
+}
+#: Rows of the "not reached" list on the page (the CSV has all).
+RECIPIENTS_SHOWN = 100
+
+
+def _owned(session: SessionDep, who: Signed, broadcast_id: int) -> Broadcast:
+    if not 0 < broadcast_id <= MAX_ID:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such broadcast")
+    try:
+        return get_broadcast(session, who.workspace_id, broadcast_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such broadcast") from None
+
+
+def _reasons(session: SessionDep, b: Broadcast) -> list[tuple[str, int]]:
+    if b.part_day is None or b.recipients_removed_at is not None:
+        return []
+    why = func.coalesce(Delivery.last_error, "(no reason given)")
+    rows = session.execute(
+        select(why, func.count())
+        .where(
+            Delivery.broadcast_id == b.id,
+            Delivery.part_day == b.part_day,
+            Delivery.workspace_id == b.workspace_id,
+            Delivery.status.in_([DeliveryStatus.FAILED.value, DeliveryStatus.PARTIAL.value]),
+        )
+        .group_by(why)
+        .order_by(func.count().desc())
+        .limit(20)
+    ).all()
+    return [(str(reason), int(count)) for reason, count in rows]
+
+
+@router.get("/broadcasts/{broadcast_id}")
+def detail(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    who_: Annotated[str, Query(alias="who", max_length=20)] = "all",
+    notice: str = "",
+) -> Response:
+    b = _owned(session, who, broadcast_id)
+    choice = who_ if who_ in NOT_REACHED else "all"
+    removed = recipients_removed(b)
+    shown: list[dict[str, Any]] = []
+    more = False
+    if removed is None and b.part_day is not None:
+        query = recipients_query(
+            who.workspace_id, b.id, b.part_day, statuses=NOT_REACHED[choice][1]
+        )
+        rows = session.execute(query.limit(RECIPIENTS_SHOWN + 1)).all()
+        more = len(rows) > RECIPIENTS_SHOWN
+        shown = [
+            {
+                "name": name,
+                "address": d.address,
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+            }
+            for d, name in rows[:RECIPIENTS_SHOWN]
+        ]
+    channel = session.get(Channel, b.channel_id)
+    return page(
+        request,
+        "detail.html",
+        {
+            "signed": who,
+            "nav": "broadcasts",
+            "b": b,
+            "numbers": _row(b)["counts"],
+            "count_fields": COUNT_FIELDS,
+            "channel_name": channel.name if channel else b.channel_id,
+            "actions": [
+                (action, label)
+                for action, label in ACTION_LABELS.items()
+                if BroadcastStatus(b.status) in ACTION_ALLOWED_FROM[action]
+            ],
+            "reasons": _reasons(session, b),
+            "removed": removed,
+            "recipients": shown,
+            "more": more,
+            "who": choice,
+            "who_options": [(k, v[0]) for k, v in NOT_REACHED.items()],
+            "notice": notice[:300],
+        },
+    )
+
+
+@router.post("/broadcasts/{broadcast_id}/{action}")
+def act(
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    action: str,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    """Pause, resume or cancel, as the API does (same rules, same log lines)."""
+    check_csrf(who, csrf_token)
+    if action not in ACTION_LABELS:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such action")
+    _owned(session, who, broadcast_id)
+    do = {"pause": pause_broadcast, "resume": resume_broadcast, "cancel": cancel_broadcast}
+    event = {"pause": "paused", "resume": "resumed", "cancel": "canceled"}[action]
+    target = f"/console/broadcasts/{broadcast_id}"
+    try:
+        b = do[action](session, who.workspace_id, broadcast_id)
+    except DomainError as exc:
+        session.rollback()
+        return RedirectResponse(
+            target + "?" + urlencode({"notice": str(exc)}), status.HTTP_303_SEE_OTHER
+        )
+    session.commit()
+    lifecycle(event, b, who.workspace_id)
+    return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
+
+
+@router.get("/broadcasts/{broadcast_id}/recipients.csv")
+def recipients_csv(
+    session: SessionDep,
+    settings: SettingsDep,
+    who: Operator,
+    broadcast_id: int,
+    who_: Annotated[str, Query(alias="who", max_length=20)] = "all",
+) -> Response:
+    b = _owned(session, who, broadcast_id)
+    removed = recipients_removed(b)
+    if removed is not None:
+        raise HTTPException(status.HTTP_410_GONE, removed)
+    choice = who_ if who_ in NOT_REACHED else "all"
+    return csv_export(session, settings, who.workspace_id, b, list(NOT_REACHED[choice][1]))

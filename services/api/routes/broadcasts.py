@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
+from sqlalchemy.orm import Session
 
 from services.api.deps import CurrentWorkspace, PathId, SessionDep, SettingsDep
 from services.api.pagination import Cursor, Limit, cursor_id, fetch_page, newest_first
@@ -48,6 +49,7 @@ from shared.domain.broadcasts import (
 )
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
@@ -336,27 +338,7 @@ def recipients(
         # A file with nobody in it would read as nobody reached.
         raise HTTPException(status.HTTP_410_GONE, removed)
     if wants_csv:
-        slots = export_slots(settings.api_exports_per_workspace)
-        if not slots.take(workspace):
-            raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                f"this workspace already runs {slots.limit} CSV exports; retry when one ends",
-                headers={"Retry-After": "5"},
-            )
-        # The request's own session would otherwise stay open (in a transaction) for as long
-        # as the answer streams; the export takes a connection per page instead.
-        session.close()
-        release = _Once(lambda: slots.give_back(workspace))
-        export = _csv_rows(workspace, broadcast_id, part_day, statuses, release)
-        # Given back when the export ends; or, if it never started, when it is dropped.
-        weakref.finalize(export, release)
-        return StreamingResponse(
-            export,
-            media_type="text/csv; charset=utf-8",
-            headers={
-                "Content-Disposition": f'attachment; filename="broadcast-{broadcast_id}-recipients.csv"'
-            },
-        )
+        return csv_export(session, settings, workspace, broadcast, statuses)
     after = cursor_id(cursor)
     if removed is not None:
         return RecipientPage(
@@ -371,6 +353,41 @@ def recipients(
     query = recipients_query(workspace, broadcast_id, part_day, statuses=statuses, after_id=after)
     rows, next_cursor = fetch_page(session, query, limit, lambda r: r[0].id)
     return RecipientPage(items=[_recipient(d, name) for d, name in rows], next_cursor=next_cursor)
+
+
+def csv_export(
+    session: Session,
+    settings: Settings,
+    workspace: int,
+    broadcast: Broadcast,
+    statuses: list[DeliveryStatus],
+) -> Response:
+    """A broadcast's recipients (those in ``statuses``; all when empty) as a streamed CSV file,
+    at most ``api_exports_per_workspace`` at once per workspace (429 beyond). The broadcast's
+    rows must still exist (the caller answers 410 otherwise).
+    """
+    slots = export_slots(settings.api_exports_per_workspace)
+    if not slots.take(workspace):
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"this workspace already runs {slots.limit} CSV exports; retry when one ends",
+            headers={"Retry-After": "5"},
+        )
+    broadcast_id, part_day = broadcast.id, broadcast.part_day
+    # The request's own session would otherwise stay open (in a transaction) for as long
+    # as the answer streams; the export takes a connection per page instead.
+    session.close()
+    release = _Once(lambda: slots.give_back(workspace))
+    export = _csv_rows(workspace, broadcast_id, part_day, statuses, release)
+    # Given back when the export ends; or, if it never started, when it is dropped.
+    weakref.finalize(export, release)
+    return StreamingResponse(
+        export,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="broadcast-{broadcast_id}-recipients.csv"'
+        },
+    )
 
 
 def _recipient(delivery: Delivery, name: str) -> RecipientOut:

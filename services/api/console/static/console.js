@@ -2,7 +2,7 @@
 (function () {
   "use strict";
   function live() {
-    return Array.prototype.map.call(document.querySelectorAll("tr[data-live]"), function (row) {
+    return Array.prototype.map.call(document.querySelectorAll("[data-live]"), function (row) {
       return row.getAttribute("data-broadcast");
     });
   }
@@ -15,9 +15,9 @@
       .then(function (data) {
         if (!data) return;
         data.items.forEach(function (item) {
-          var row = document.querySelector('tr[data-broadcast="' + item.id + '"]');
+          var row = document.querySelector('[data-broadcast="' + item.id + '"]');
           if (!row) return;
-          ["sent", "failed", "queued"].forEach(function (field) {
+          ["sent", "failed", "queued", "partial", "canceled", "skipped", "total"].forEach(function (field) {
             var cell = row.querySelector('[data-field="' + field + '"]');
             if (cell) cell.textContent = item[field];
           });
