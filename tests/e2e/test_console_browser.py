@@ -6,9 +6,13 @@ filter it, at laptop and phone widths, with screenshots of each page kept as art
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +26,10 @@ from tests.e2e.conftest import Api, System, wait_for
 pytestmark = pytest.mark.e2e
 
 ARTIFACTS = Path(os.environ.get("BCAST_TEST_ARTIFACTS", "test-artifacts")) / "console"
+#: axe-core, the accessibility rules engine, from the npm registry: this version, this digest.
+AXE_VERSION = "4.14.1"
+AXE_INTEGRITY = "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ=="
+AXE_CACHE = Path(__file__).parents[2] / ".cache" / f"axe-core-{AXE_VERSION}"
 LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -41,8 +49,52 @@ def chromium(playwright: Playwright) -> Iterator[Browser]:
     browser.close()
 
 
+@pytest.fixture(scope="module")
+def axe() -> str:
+    """axe-core's script (fetched once with npm, checked against its published digest)."""
+    script = AXE_CACHE / "axe.min.js"
+    if not script.exists():
+        npm = shutil.which("npm")
+        assert npm, "npm is missing: it fetches axe-core for the accessibility checks"
+        AXE_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [npm, "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(AXE_CACHE)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        tarball = AXE_CACHE / f"axe-core-{AXE_VERSION}.tgz"
+        digest = base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+        assert f"sha512-{digest}" == AXE_INTEGRITY, "axe-core's tarball is not the one published"
+        with tarfile.open(tarball) as tar:
+            member = tar.extractfile("package/axe.min.js")
+            assert member is not None
+            script.write_bytes(member.read())
+    return script.read_text()
+
+
+def accessible(page: Page, axe: str) -> None:
+    """No serious or critical axe-core violation (WCAG 2.1 A and AA rules) on the page."""
+    page.add_script_tag(content=axe)
+    result = page.evaluate(
+        "() => axe.run(document, {runOnly: {type: 'tag', values: "
+        "['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})"
+    )
+    bad = [
+        (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert not bad, f"{page.url}: {bad}"
+
+
 def new_page(chromium: Browser, system: System, size: dict[str, int] = LAPTOP) -> Page:
-    context = chromium.new_context(base_url=system.api_url, viewport=size)  # type: ignore[arg-type]
+    # The pages' own policy allows no inline script: the accessibility check injects one.
+    context = chromium.new_context(
+        base_url=system.api_url,
+        viewport=size,  # type: ignore[arg-type]
+        bypass_csp=True,
+    )
     return context.new_page()
 
 
@@ -67,7 +119,7 @@ def sending_setup(api: Api, n: int, rate: float, **sim: Any) -> tuple[dict[str, 
 
 
 def test_an_operator_signs_in_and_watches_the_list(
-    chromium: Browser, system: System, api: Api
+    chromium: Browser, system: System, api: Api, axe: str
 ) -> None:
     other = system.client()
     their_channel, _ = sending_setup(other, 3, 100)
@@ -94,6 +146,7 @@ def test_an_operator_signs_in_and_watches_the_list(
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("alert")).to_have_text("That token is unknown, revoked or expired.")
     shot(page, "login-refused")
+    accessible(page, axe)
     transferred.clear()
     page.get_by_label("API token").fill(api.token)
     page.get_by_role("button", name="Sign in").click()
@@ -120,6 +173,7 @@ def test_an_operator_signs_in_and_watches_the_list(
     wait_for("the row's count to move", lambda: int(sent.inner_text()) > first, timeout=30)
     assert navigations == [], "progress came without reloading the page"
     shot(page, "broadcasts-sending")
+    accessible(page, axe)
 
     # Filter by status: pending only, then pending and in progress.
     page.get_by_label("Pending").check()
@@ -140,6 +194,7 @@ def test_an_operator_signs_in_and_watches_the_list(
     sign_in(phone, api.token)
     expect(phone.get_by_text("flash sale")).to_be_visible()
     shot(phone, "broadcasts-phone")
+    accessible(phone, axe)
 
     # Signing out ends the session: the list sends the browser to sign in again.
     page.get_by_role("button", name="Sign out").click()
@@ -167,6 +222,7 @@ def test_an_operator_signs_in_and_watches_the_list(
     expect(detail.get_by_role("button", name="Pause")).to_have_count(0)
     assert api.get(live["id"])["status"] == "paused", "the console paused it, as the API sees"
     shot(detail, "detail-paused")
+    accessible(detail, axe)
     detail.get_by_role("button", name="Resume").click()
     sent_now = detail.locator('dd[data-field="sent"]')
     before = int(sent_now.inner_text())
@@ -181,3 +237,4 @@ def test_an_operator_signs_in_and_watches_the_list(
     assert text.splitlines()[0].startswith("contact_id,name,address,status")
     assert {line.split(",")[2] for line in text.strip().splitlines()[1:]} == {"c-1", "c-2"}
     shot(detail, "detail-completed")
+    accessible(detail, axe)
