@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi import FastAPI
@@ -246,3 +247,79 @@ def test_the_recipients_not_reached_are_listed_with_reasons_and_downloadable(
     assert lines[0].startswith("contact_id,name,address,status")
     assert len(lines) == 3
     assert all(",failed," in line for line in lines[1:])
+
+
+def conversation_of(api: Api) -> int:
+    channel = api.channel(name="inbox")
+    account = api.account(channel["id"])
+    contact = api.contact(account["id"], "https://hooks.example/ana", name="Ana")
+    made = api.ok(
+        "post",
+        "/v1/conversations",
+        201,
+        json={"account_id": account["id"], "contact_id": contact["id"]},
+    )
+    return int(made["id"])
+
+
+def test_a_timed_send_is_typed_in_the_operator_s_time_zone_and_refused_as_the_api_refuses(
+    browser: TestClient, api: Api
+) -> None:
+    conversation = conversation_of(api)
+    csrf = sign_in(browser, api.token)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    url = f"/console/conversations/{conversation}/timed-send"
+
+    def local(minutes: int) -> str:
+        return (datetime.now(tokyo) + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M")
+
+    soon = browser.post(
+        url,
+        data={
+            "csrf_token": csrf,
+            "text": "see you",
+            "when": "later",
+            "at": local(4),
+            "tz": "Asia/Tokyo",
+        },
+    )
+    assert soon.status_code == 422
+    # The API's own words for the same mistake.
+    assert "a scheduled send must be at least 5 minutes ahead" in soon.text
+    assert "see you" in soon.text, "what was typed is kept"
+    at = local(30)
+    made = browser.post(
+        url,
+        data={"csrf_token": csrf, "text": "see you", "when": "later", "at": at, "tz": "Asia/Tokyo"},
+    )
+    assert made.status_code == 303
+    sends = api.ok("get", f"/v1/conversations/{conversation}/timed-sends")["items"]
+    assert len(sends) == 1
+    expected = datetime.fromisoformat(at).replace(tzinfo=tokyo).astimezone(UTC)
+    assert datetime.fromisoformat(sends[0]["send_at"]) == expected
+    # It is in the broadcast list with its origin.
+    listed = browser.get("/console/broadcasts?origin=conversation").text
+    assert "Timed send to Ana" in listed
+    assert "Timed send</td>" in listed
+    bad_zone = browser.post(
+        url, data={"csrf_token": csrf, "text": "x", "when": "later", "at": at, "tz": "Mars/Base"}
+    )
+    assert bad_zone.status_code == 422
+    assert "is not a time zone" in bad_zone.text
+    forged = browser.post(url, data={"csrf_token": "no", "text": "x", "when": "now"})
+    assert forged.status_code == 403
+    assert len(api.ok("get", f"/v1/conversations/{conversation}/timed-sends")["items"]) == 1
+
+
+def test_another_workspace_s_conversation_is_not_found(
+    browser: TestClient, api: Api, other_api: Api
+) -> None:
+    theirs = conversation_of(other_api)
+    csrf = sign_in(browser, api.token)
+    assert browser.get(f"/console/conversations/{theirs}").status_code == 404
+    sent = browser.post(
+        f"/console/conversations/{theirs}/timed-send",
+        data={"csrf_token": csrf, "text": "hi", "when": "now"},
+    )
+    assert sent.status_code == 404
+    assert other_api.ok("get", f"/v1/conversations/{theirs}/timed-sends")["items"] == []

@@ -17,9 +17,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Page,
+    Playwright,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from tests.e2e.conftest import Api, System, wait_for
 
@@ -30,8 +38,8 @@ ARTIFACTS = Path(os.environ.get("BCAST_TEST_ARTIFACTS", "test-artifacts")) / "co
 AXE_VERSION = "4.14.1"
 AXE_INTEGRITY = "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ=="
 AXE_CACHE = Path(__file__).parents[2] / ".cache" / f"axe-core-{AXE_VERSION}"
-LAPTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +96,11 @@ def accessible(page: Page, axe: str) -> None:
     assert not bad, f"{page.url}: {bad}"
 
 
-def new_page(chromium: Browser, system: System, size: dict[str, int] = LAPTOP) -> Page:
+def new_page(chromium: Browser, system: System, size: ViewportSize = LAPTOP) -> Page:
     # The pages' own policy allows no inline script: the accessibility check injects one.
     context = chromium.new_context(
         base_url=system.api_url,
-        viewport=size,  # type: ignore[arg-type]
+        viewport=size,
         bypass_csp=True,
     )
     return context.new_page()
@@ -238,3 +246,52 @@ def test_an_operator_signs_in_and_watches_the_list(
     assert {line.split(",")[2] for line in text.strip().splitlines()[1:]} == {"c-1", "c-2"}
     shot(detail, "detail-completed")
     accessible(detail, axe)
+
+
+def test_a_timed_send_from_a_conversation_in_the_operator_s_time_zone(
+    chromium: Browser, system: System, api: Api, axe: str
+) -> None:
+    _, account_id = sending_setup(api, 1, 100)
+    contact_id = api.contacts(account_id)["c-0"]
+    conversation = api.ok(
+        "POST", "/v1/conversations", 201, json={"account_id": account_id, "contact_id": contact_id}
+    )
+    # The operator's browser is in Tokyo.
+    context = chromium.new_context(
+        base_url=system.api_url, viewport=LAPTOP, timezone_id="Asia/Tokyo", bypass_csp=True
+    )
+    page = context.new_page()
+    sign_in(page, api.token)
+    page.get_by_role("link", name="Conversations").click()
+    page.get_by_role("link", name="N c-0").click()
+    expect(page.get_by_role("heading", name="Timed Send", exact=True)).to_be_visible()
+    expect(page.locator("[data-timezone-name]")).to_have_text("Asia/Tokyo")
+    tokyo = ZoneInfo("Asia/Tokyo")
+
+    def schedule(minutes: int) -> str:
+        at = (datetime.now(tokyo) + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M")
+        page.get_by_label("Message").fill("your order is ready")
+        page.get_by_label("At a time").check()
+        page.get_by_label(re.compile("^Send time")).fill(at)
+        page.get_by_role("button", name="Schedule").click()
+        return at
+
+    schedule(4)
+    expect(page.get_by_role("alert")).to_contain_text(
+        "a scheduled send must be at least 5 minutes ahead"
+    )
+    shot(page, "timed-send-refused")
+    accessible(page, axe)
+    at = schedule(45)
+    expect(page.get_by_role("status")).to_contain_text("Scheduled for")
+    [made] = api.ok("GET", f"/v1/conversations/{conversation['id']}/timed-sends")["items"]
+    sent_at = datetime.fromisoformat(made["send_at"])
+    assert sent_at == datetime.fromisoformat(at).replace(tzinfo=tokyo).astimezone(UTC)
+    shot(page, "timed-send-scheduled")
+    # It shows in the broadcast list, as a timed send.
+    page.get_by_role("link", name="Broadcasts").click()
+    page.get_by_label("Origin").select_option("conversation")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(page.locator("tbody tr").first).to_contain_text("Timed send")
+    context.close()

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from services.api.deps import SessionDep, SettingsDep
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle
-from shared.db.models import Broadcast, Channel, Delivery
+from shared.db.models import Account, Broadcast, Channel, Contact, Conversation, Delivery
 from shared.domain.broadcasts import (
+    Content,
     broadcasts_query,
     cancel_broadcast,
+    conversation_broadcast,
     counts,
+    create_broadcast,
     get_broadcast,
     pause_broadcast,
     recipients_query,
@@ -28,7 +34,7 @@ from shared.domain.broadcasts import (
     resume_broadcast,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
-from shared.domain.errors import DomainError, NotFound
+from shared.domain.errors import DomainError, NotFound, ValidationFailed
 from shared.domain.lifecycle import ACTION_ALLOWED_FROM, BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.types import MAX_ID
 
@@ -463,3 +469,165 @@ def recipients_csv(
         raise HTTPException(status.HTTP_410_GONE, removed)
     choice = who_ if who_ in NOT_REACHED else "all"
     return csv_export(session, settings, who.workspace_id, b, list(NOT_REACHED[choice][1]))
+
+
+# --- conversations and their timed sends ---------------------------------------------------
+
+
+def _conversation(session: SessionDep, who: Signed, conversation_id: int) -> dict[str, Any]:
+    row = session.execute(
+        select(Conversation, Contact.name, Contact.address, Account.name)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .join(Account, Account.id == Conversation.account_id)
+        .where(
+            Conversation.id == conversation_id,
+            Conversation.workspace_id == who.workspace_id,
+        )
+    ).one_or_none()
+    if row is None or not 0 < conversation_id <= MAX_ID:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation")
+    conversation, name, address, account = row
+    return {
+        "id": conversation.id,
+        "contact_id": conversation.contact_id,
+        "contact_name": name,
+        "address": address,
+        "account_name": account,
+    }
+
+
+@router.get("/conversations")
+def conversations(request: Request, session: SessionDep, who: Operator) -> Response:
+    sends = (
+        select(func.count())
+        .where(Broadcast.conversation_id == Conversation.id)
+        .correlate(Conversation)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Conversation, Contact.name, Contact.address, Account.name, sends)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .join(Account, Account.id == Conversation.account_id)
+        .where(Conversation.workspace_id == who.workspace_id)
+        .order_by(Conversation.id.desc())
+        .limit(PAGE_SIZE)
+    ).all()
+    return page(
+        request,
+        "conversations.html",
+        {
+            "signed": who,
+            "nav": "conversations",
+            "rows": [
+                {
+                    "id": c.id,
+                    "contact_id": c.contact_id,
+                    "contact_name": name,
+                    "address": address,
+                    "account_name": account,
+                    "timed_sends": count,
+                }
+                for c, name, address, account, count in rows
+            ],
+        },
+    )
+
+
+def _conversation_page(
+    request: Request,
+    session: SessionDep,
+    who: Signed,
+    conversation_id: int,
+    *,
+    form: dict[str, str] | None = None,
+    error: str = "",
+    notice: str = "",
+    code: int = 200,
+) -> Response:
+    c = _conversation(session, who, conversation_id)
+    sends = session.scalars(
+        broadcasts_query(who.workspace_id, origin=Origin.CONVERSATION)
+        .where(Broadcast.conversation_id == conversation_id)
+        .order_by(Broadcast.id.desc())
+        .limit(PAGE_SIZE)
+    ).all()
+    return page(
+        request,
+        "conversation.html",
+        {
+            "signed": who,
+            "nav": "conversations",
+            "c": c,
+            "sends": sends,
+            "form": form or {"text": "", "when": "now", "at": "", "tz": ""},
+            "error": error,
+            "notice": notice[:300],
+        },
+        code=code,
+    )
+
+
+@router.get("/conversations/{conversation_id}")
+def conversation(
+    request: Request, session: SessionDep, who: Operator, conversation_id: int, notice: str = ""
+) -> Response:
+    return _conversation_page(request, session, who, conversation_id, notice=notice)
+
+
+def local_send_time(at: str, tz: str) -> datetime:
+    """A ``datetime-local`` value typed in the operator's time zone, as an aware time."""
+    try:
+        zone = ZoneInfo(tz) if tz else UTC
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationFailed.one("tz", f"{tz!r} is not a time zone", "timezone") from None
+    try:
+        naive = datetime.fromisoformat(at)
+    except ValueError:
+        raise ValidationFailed.one(
+            "send_at", "needs a date and a time, e.g. 2026-12-01 09:00", "datetime"
+        ) from None
+    if naive.tzinfo is not None:
+        raise ValidationFailed.one("send_at", "is a local time: give no UTC offset", "datetime")
+    return naive.replace(tzinfo=zone)
+
+
+@router.post("/conversations/{conversation_id}/timed-send")
+def timed_send(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    conversation_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    text: Annotated[str, Form(max_length=20_000)] = "",
+    when: Annotated[str, Form(max_length=10)] = "now",
+    at: Annotated[str, Form(max_length=40)] = "",
+    tz: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """Schedule a message to the conversation's contact, through the API's rules (and with
+    its words when they refuse it).
+    """
+    check_csrf(who, csrf_token)
+    form = {"text": text, "when": when, "at": at, "tz": tz}
+    try:
+        send_at = local_send_time(at, tz) if when == "later" else None
+        try:
+            content = Content(text=text)
+        except ValidationError as exc:
+            raise ValidationFailed.from_pydantic(exc, prefix="content") from None
+        new = conversation_broadcast(session, who.workspace_id, conversation_id, content, send_at)
+        broadcast, _ = create_broadcast(session, who.workspace_id, new)
+    except ValidationFailed as exc:
+        session.rollback()
+        return _conversation_page(
+            request, session, who, conversation_id, form=form, error=str(exc), code=422
+        )
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation") from None
+    session.commit()
+    lifecycle("created", broadcast, who.workspace_id)
+    when_text = broadcast.send_at.strftime("%Y-%m-%d %H:%M UTC")
+    notice = f"Scheduled for {when_text}." if send_at else "Sending now."
+    return RedirectResponse(
+        f"/console/conversations/{conversation_id}?" + urlencode({"notice": notice}),
+        status.HTTP_303_SEE_OTHER,
+    )

@@ -28,5 +28,19 @@
       })
       .catch(function () {});
   }
-  document.addEventListener("DOMContentLoaded", function () { setInterval(refresh, 2000); });
+  // Send times are typed in the operator's own time zone: the form says which.
+  function timezone() {
+    var zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    document.querySelectorAll("input[data-timezone]").forEach(function (input) {
+      if (!input.value) input.value = zone;
+    });
+    document.querySelectorAll("[data-timezone-name]").forEach(function (el) {
+      var input = document.querySelector("input[data-timezone]");
+      el.textContent = input ? input.value : zone;
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    timezone();
+    setInterval(refresh, 2000);
+  });
 })();
