@@ -323,3 +323,89 @@ def test_another_workspace_s_conversation_is_not_found(
     )
     assert sent.status_code == 404
     assert other_api.ok("get", f"/v1/conversations/{theirs}/timed-sends")["items"] == []
+
+
+def picker_world(api: Api) -> dict[str, Any]:
+    channel = api.channel(name="shop")
+    account = api.account(channel["id"], name="main number")
+    people = [
+        api.contact(account["id"], f"https://hooks.example/p{i}", name=f"P{i}", tags=tags)
+        for i, tags in enumerate([["vip"], ["vip", "new"], ["new"], []])
+    ]
+    return {"channel": channel, "account": account, "people": people}
+
+
+def test_the_picker_counts_and_lists_who_a_filter_reaches(browser: TestClient, api: Api) -> None:
+    world = picker_world(api)
+    sign_in(browser, api.token)
+    channel = world["channel"]["id"]
+    page = browser.get(f"/console/broadcasts/new?channel={channel}").text
+    assert re.search(r"<strong data-count>4</strong> contacts match", page)
+    vip, new = api.tag_id("vip"), api.tag_id("new")
+    anyof = browser.get(f"/console/broadcasts/new?channel={channel}&tag={vip}&tag={new}").text
+    assert re.search(r"<strong data-count>3</strong>", anyof)
+    both = browser.get(
+        f"/console/broadcasts/new?channel={channel}&tag={vip}&tag={new}&tag_match=all"
+    ).text
+    assert re.search(r"<strong data-count>1</strong>", both)
+    ticked = re.findall(r'name="contact" value="(\d+)" checked', both)
+    assert ticked == [str(world["people"][1]["id"])]
+
+
+def test_creating_takes_everyone_less_the_unticked_or_only_the_ticked(
+    browser: TestClient, api: Api
+) -> None:
+    world = picker_world(api)
+    csrf = sign_in(browser, api.token)
+    ids = [p["id"] for p in world["people"]]
+    base = {
+        "csrf_token": csrf,
+        "channel": str(world["channel"]["id"]),
+        "shown": ",".join(map(str, ids)),
+        "text": "hello all",
+        "when": "later",
+        "at": (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"),
+        "tz": "UTC",
+    }
+    everyone_but = browser.post(
+        "/console/broadcasts/new",
+        data={**base, "name": "all but one", "selection": "all", "contact": ids[:3]},
+    )
+    assert everyone_but.status_code == 303, everyone_but.text
+    made = api.ok("get", "/v1/broadcasts/" + everyone_but.headers["location"].rsplit("/", 1)[1])
+    assert made["audience_size"] == 3
+    assert made["audience"]["exclude_contact_ids"] == [ids[3]]
+    picked = browser.post(
+        "/console/broadcasts/new",
+        data={**base, "name": "two", "selection": "manual", "contact": [ids[0], ids[2]]},
+    )
+    made = api.ok("get", "/v1/broadcasts/" + picked.headers["location"].rsplit("/", 1)[1])
+    assert made["audience"]["contact_ids"] == [ids[0], ids[2]]
+    assert made["audience_size"] == 2
+
+
+def test_a_create_the_api_would_refuse_is_refused_with_its_words_and_nothing_written(
+    browser: TestClient, api: Api
+) -> None:
+    world = picker_world(api)
+    csrf = sign_in(browser, api.token)
+    before = len(api.ok("get", "/v1/broadcasts")["items"])
+    soon = (datetime.now(UTC) + timedelta(minutes=4)).strftime("%Y-%m-%dT%H:%M")
+    base = {"csrf_token": csrf, "channel": str(world["channel"]["id"]), "selection": "all"}
+    cases = [
+        (
+            {"name": "x", "text": "hi", "when": "later", "at": soon, "tz": "UTC"},
+            "a scheduled send must be at least 5 minutes ahead",
+        ),
+        ({"name": "", "text": "hi"}, "name:"),
+        ({"name": "x", "text": "  "}, "content: is empty"),
+        (
+            {"name": "x", "text": "hi", "selection": "manual"},
+            "selection &#39;manual&#39; needs contact_ids",
+        ),
+    ]
+    for fields, words in cases:
+        answer = browser.post("/console/broadcasts/new", data={**base, **fields})
+        assert answer.status_code == 422, fields
+        assert words in answer.text, (fields, answer.text[:2000])
+    assert len(api.ok("get", "/v1/broadcasts")["items"]) == before

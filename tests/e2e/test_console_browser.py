@@ -295,3 +295,41 @@ def test_a_timed_send_from_a_conversation_in_the_operator_s_time_zone(
     expect(page.locator("tbody tr")).to_have_count(1)
     expect(page.locator("tbody tr").first).to_contain_text("Timed send")
     context.close()
+
+
+def test_an_operator_picks_people_and_creates_a_broadcast(
+    chromium: Browser, system: System, api: Api, axe: str
+) -> None:
+    channel, hook = api.webhook_channel(rate=200)
+    account_id = api.account(channel["id"])["id"]
+    api.import_contacts(account_id, ["v-1", "v-2", "v-3"], tags=["vip"])
+    api.import_contacts(account_id, ["o-1", "o-2"], tags=["other"])
+    page = new_page(chromium, system)
+    sign_in(page, api.token)
+    page.get_by_role("link", name="New broadcast").click()
+    expect(page.locator("[data-count]")).to_have_text("5")
+    page.get_by_label("Tags", exact=True).select_option(label="vip")
+    page.get_by_role("button", name="Select people").click()
+    expect(page.locator("[data-count]")).to_have_text("3")
+    page.get_by_label("N v-2").uncheck()  # everyone matching but one
+    page.get_by_label("Name", exact=True).fill("vip preview")
+    page.get_by_label("Message").fill("members first")
+    # Too soon is refused with the API's words; what was typed stays.
+    page.get_by_label("At a time").check()
+    soon = (datetime.now(UTC) + timedelta(minutes=4)).astimezone()
+    page.get_by_label(re.compile("^Send time")).fill(soon.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_role("button", name="Create broadcast").click()
+    expect(page.get_by_role("alert")).to_contain_text("at least 5 minutes ahead")
+    expect(page.get_by_label("Message")).to_have_value("members first")
+    expect(page.get_by_label("N v-2")).not_to_be_checked()
+    shot(page, "new-refused")
+    accessible(page, axe)
+    page.get_by_label("Now").check()
+    page.get_by_role("button", name="Create broadcast").click()
+    expect(page.get_by_role("heading", name="vip preview")).to_be_visible()
+    broadcast_id = int(page.url.rsplit("/", 1)[1])
+    done = api.wait_status(broadcast_id, "completed", timeout=60)
+    assert done["counts"]["sent"] == 2
+    reached = {r["to"] for r in api.sim_requests(hook)}
+    assert reached == {"v-1", "v-3"}
+    shot(page, "new-created")
