@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from shared.db.engine import transaction
 from shared.domain.tokens import revoke_token
@@ -409,3 +410,27 @@ def test_a_create_the_api_would_refuse_is_refused_with_its_words_and_nothing_wri
         assert answer.status_code == 422, fields
         assert words in answer.text, (fields, answer.text[:2000])
     assert len(api.ok("get", "/v1/broadcasts")["items"]) == before
+
+
+def test_the_progress_chart_counts_sends_per_time_bucket(browser: TestClient, api: Api) -> None:
+    b = made_broadcast(api, contacts=4)
+    ids = start_with_deliveries(b["id"], ["sent", "sent", "failed", "sent"])
+    # Ended at 0 s, 1 s, 100 s and 100 s after the first: 100 s in at most 60 bars of 2 s.
+    with transaction() as session:
+        for delivery_id, after in zip(ids, (0, 1, 100, 100), strict=True):
+            session.execute(
+                text(
+                    "UPDATE delivery SET sent_at = CASE WHEN status = 'sent' THEN t END, "
+                    "updated_at = t FROM (SELECT timestamptz '2026-01-01 00:00:00+00' "
+                    "+ make_interval(secs => :after) AS t) AS x WHERE id = :id"
+                ),
+                {"after": after, "id": delivery_id},
+            )
+    sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    labels = re.findall(r"<rect [^>]*><title>([^<]+)</title></rect>", page)
+    assert len(labels) == 51
+    assert labels[0] == "0-2 s: 2 sends (1.0/s)"
+    assert labels[-1] == "100-102 s: 2 sends (1.0/s)"
+    assert all(": 0 sends" in label for label in labels[1:-1])
+    assert "Sends ended per 2 s, from 00:00:00 UTC over 100 s" in page

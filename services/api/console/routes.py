@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -381,6 +382,63 @@ def _reasons(session: SessionDep, b: Broadcast) -> list[tuple[str, int]]:
     return [(str(reason), int(count)) for reason, count in rows]
 
 
+#: The most bars the progress chart draws (its bucket widens to fit the sending time).
+CHART_BARS = 60
+CHART_W, CHART_H = 600, 120
+
+
+def _progress(session: SessionDep, b: Broadcast) -> dict[str, Any] | None:
+    """Sends ended per time bucket (sent, failed or partly sent), as SVG bars: None before
+    any ended.
+    """
+    if b.part_day is None or b.recipients_removed_at is not None:
+        return None
+    ended = func.coalesce(Delivery.sent_at, Delivery.updated_at)
+    where = (
+        Delivery.broadcast_id == b.id,
+        Delivery.part_day == b.part_day,
+        Delivery.workspace_id == b.workspace_id,
+        Delivery.status.in_(
+            [DeliveryStatus.SENT.value, DeliveryStatus.FAILED.value, DeliveryStatus.PARTIAL.value]
+        ),
+    )
+    first, last = session.execute(select(func.min(ended), func.max(ended)).where(*where)).one()
+    if first is None:
+        return None
+    span = max((last - first).total_seconds(), 1.0)
+    bucket = max(1, math.ceil(span / CHART_BARS))
+    t = func.floor(func.extract("epoch", ended - first) / bucket)
+    counts_by: dict[int, int] = {
+        int(i): int(c)
+        for i, c in session.execute(select(t, func.count()).where(*where).group_by(t)).all()
+    }
+    n = int(max(counts_by)) + 1
+    peak = max(counts_by.values())
+    width = CHART_W / n
+    bars = []
+    for i in range(n):
+        count = int(counts_by.get(i, 0))
+        height = CHART_H * count / peak
+        bars.append(
+            {
+                "x": round(i * width, 2),
+                "y": round(CHART_H - height, 2),
+                "w": round(max(width - 1, 1), 2),
+                "h": round(height, 2),
+                "label": f"{i * bucket}-{(i + 1) * bucket} s: {count} sends ({count / bucket:.1f}/s)",
+            }
+        )
+    return {
+        "bars": bars,
+        "bucket": bucket,
+        "width": CHART_W,
+        "height": CHART_H,
+        "peak_rate": round(peak / bucket, 1),
+        "seconds": round(span),
+        "first": first,
+    }
+
+
 @router.get("/broadcasts/{broadcast_id:int}")
 def detail(
     request: Request,
@@ -428,6 +486,7 @@ def detail(
                 if BroadcastStatus(b.status) in ACTION_ALLOWED_FROM[action]
             ],
             "reasons": _reasons(session, b),
+            "chart": _progress(session, b),
             "removed": removed,
             "recipients": shown,
             "more": more,
