@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
     def limit_for(path: str) -> int:
-        if path == "/v1/contacts/import":
+        if path in ("/v1/contacts/import", "/console/contacts/import"):
             return settings.import_max_body_bytes
         if path == "/v1/media":
             # Room above the image limit, so an image a little too large gets a 422 that

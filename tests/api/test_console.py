@@ -434,3 +434,62 @@ def test_the_progress_chart_counts_sends_per_time_bucket(browser: TestClient, ap
     assert labels[-1] == "100-102 s: 2 sends (1.0/s)"
     assert all(": 0 sends" in label for label in labels[1:-1])
     assert "Sends ended per 2 s, from 00:00:00 UTC over 100 s" in page
+
+
+def test_a_csv_import_reports_what_it_took_or_everything_it_refused(
+    browser: TestClient, api: Api
+) -> None:
+    channel = api.channel(name="imports")
+    account = api.account(channel["id"])["id"]
+    csrf = sign_in(browser, api.token)
+    good = (
+        "account_id,address,name,tags,opted_out\n"
+        f"{account},https://hooks.example/a,Ann,vip;new,false\n"
+        f"{account},https://hooks.example/b,Bob,,false\n"
+    )
+    done = browser.post(
+        "/console/contacts/import",
+        data={"csrf_token": csrf},
+        files={"file": ("people.csv", good.encode(), "text/csv")},
+    )
+    assert done.status_code == 303
+    page = browser.get(done.headers["location"]).text
+    assert "Imported 2 rows: 2 new contacts, 0 updated." in page
+    assert 'vip <span class="muted">(1)</span>' in page
+    bad = (
+        "account_id,address,name,tags,opted_out\n"
+        f"{account},https://hooks.example/c,Cy,,false\n"
+        "999999,https://hooks.example/d,Di,,false\n"
+        f"{account},,Ed,,maybe\n"
+    )
+    refused = browser.post(
+        "/console/contacts/import",
+        data={"csrf_token": csrf},
+        files={"file": ("people.csv", bad.encode(), "text/csv")},
+    )
+    assert refused.status_code == 422
+    assert "Nothing was imported" in refused.text
+    problems = re.findall(r"<li><code>([^<]+)</code>: ([^<]+)</li>", refused.text)
+    assert len(problems) >= 2, problems
+    assert all(field.startswith("rows[") for field, _ in problems), problems
+    listed = api.ok("get", "/v1/contacts", params={"account_id": account})["items"]
+    assert sorted(c["name"] for c in listed) == ["Ann", "Bob"], "a refused file writes nothing"
+    forged = browser.post(
+        "/console/contacts/import",
+        data={"csrf_token": "no"},
+        files={"file": ("people.csv", good.encode(), "text/csv")},
+    )
+    assert forged.status_code == 403
+
+
+def test_the_channels_page_lists_channels_never_their_secrets(
+    browser: TestClient, api: Api
+) -> None:
+    secret = "s3cret-webhook-key-0001"
+    channel = api.channel(name="quiet one")
+    api.account(channel["id"])
+    sign_in(browser, api.token)
+    page = browser.get("/console/channels").text
+    assert "quiet one" in page
+    assert "webhook" in page
+    assert secret not in page

@@ -333,3 +333,36 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     reached = {r["to"] for r in api.sim_requests(hook)}
     assert reached == {"v-1", "v-3"}
     shot(page, "new-created")
+
+
+def test_contacts_import_and_channels_pages(
+    chromium: Browser, system: System, api: Api, axe: str, tmp_path: Path
+) -> None:
+    channel, _ = api.webhook_channel(rate=50)
+    account_id = api.account(channel["id"])["id"]
+    page = new_page(chromium, system)
+    sign_in(page, api.token)
+    page.get_by_role("link", name="Contacts").click()
+    expect(page.get_by_role("heading", name="Contacts", exact=True)).to_be_visible()
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"account_id,address,name,tags,opted_out\n{account_id},,Nobody,,false\n")
+    page.get_by_label("CSV file").set_input_files(bad)
+    page.get_by_role("button", name="Import").click()
+    expect(page.get_by_role("alert")).to_contain_text("Nothing was imported")
+    shot(page, "contacts-refused")
+    accessible(page, axe)
+    good = tmp_path / "good.csv"
+    good.write_text(
+        "account_id,address,name,tags,opted_out\n"
+        f"{account_id},k-1,Kim,team,false\n{account_id},k-2,Lee,team,false\n"
+    )
+    page.get_by_label("CSV file").set_input_files(good)
+    page.get_by_role("button", name="Import").click()
+    expect(page.get_by_role("status")).to_have_text("Imported 2 rows: 2 new contacts, 0 updated.")
+    expect(page.get_by_role("cell", name="Kim", exact=True)).to_be_visible()
+    shot(page, "contacts")
+    accessible(page, axe)
+    page.get_by_role("link", name="Channels").click()
+    expect(page.get_by_role("cell", name=channel["name"], exact=True)).to_be_visible()
+    shot(page, "channels")
+    accessible(page, axe)

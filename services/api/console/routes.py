@@ -11,7 +11,8 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from shared.db.models import (
     Broadcast,
     Channel,
     Contact,
+    ContactTag,
     Conversation,
     Delivery,
     Tag,
@@ -46,6 +48,7 @@ from shared.domain.broadcasts import (
     resume_broadcast,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
+from shared.domain.contacts import CSV_COLUMNS, ImportResult, import_contacts, parse_import
 from shared.domain.errors import DomainError, NotFound, ValidationFailed
 from shared.domain.lifecycle import ACTION_ALLOWED_FROM, BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.types import MAX_ID
@@ -879,3 +882,121 @@ def create(
     session.commit()
     lifecycle("created", broadcast, who.workspace_id, f", {broadcast.audience_size} recipients")
     return RedirectResponse(f"/console/broadcasts/{broadcast.id}", status.HTTP_303_SEE_OTHER)
+
+
+# --- contacts, tags, channels ---------------------------------------------------------------
+
+#: Problems of a refused import listed on the page (the count says how many there were).
+PROBLEMS_SHOWN = 50
+
+
+def _contacts_page(
+    request: Request,
+    session: SessionDep,
+    who: Signed,
+    *,
+    report: str = "",
+    refused: list[tuple[str, str]] | None = None,
+    code: int = 200,
+) -> Response:
+    channels = _channels(session, who.workspace_id)
+    accounts = list(
+        session.scalars(
+            select(Account).where(Account.workspace_id == who.workspace_id).order_by(Account.id)
+        )
+    )
+    tags = session.execute(
+        select(Tag.name, func.count(ContactTag.contact_id))
+        .outerjoin(ContactTag, ContactTag.tag_id == Tag.id)
+        .where(Tag.workspace_id == who.workspace_id)
+        .group_by(Tag.id, Tag.name)
+        .order_by(Tag.name)
+    ).all()
+    contacts = list(
+        session.scalars(
+            select(Contact)
+            .where(Contact.workspace_id == who.workspace_id)
+            .order_by(Contact.id.desc())
+            .limit(PAGE_SIZE)
+        )
+    )
+    return page(
+        request,
+        "contacts.html",
+        {
+            "signed": who,
+            "nav": "contacts",
+            "columns": ",".join(CSV_COLUMNS),
+            "accounts": accounts,
+            "channel_names": {c.id: c.name for c in channels},
+            "tags": [(str(n), int(c)) for n, c in tags],
+            "contacts": contacts,
+            "report": report,
+            "refused": refused or [],
+        },
+        code=code,
+    )
+
+
+@router.get("/contacts")
+def contacts_page(
+    request: Request, session: SessionDep, who: Operator, report: str = ""
+) -> Response:
+    return _contacts_page(request, session, who, report=report[:300])
+
+
+@router.post("/contacts/import")
+async def contacts_import(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: Operator,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    file: UploadFile,
+) -> Response:
+    """Import a CSV file as the API does (all rows or none), with a report of the result."""
+    check_csrf(who, csrf_token)
+    body = await file.read()
+
+    def write() -> ImportResult | ValidationFailed:
+        try:
+            rows = parse_import(body, "text/csv", max_rows=settings.import_max_rows)
+            result = import_contacts(session, who.workspace_id, rows)
+        except ValidationFailed as exc:
+            session.rollback()
+            return exc
+        session.commit()
+        return result
+
+    outcome = await run_in_threadpool(write)
+    if isinstance(outcome, ValidationFailed):
+        problems = [(e.field, e.message) for e in outcome.errors]
+        return _contacts_page(request, session, who, refused=problems[:PROBLEMS_SHOWN], code=422)
+    report = (
+        f"Imported {outcome.received} rows: {outcome.created} new contacts, "
+        f"{outcome.updated} updated."
+    )
+    return RedirectResponse(
+        "/console/contacts?" + urlencode({"report": report}), status.HTTP_303_SEE_OTHER
+    )
+
+
+@router.get("/channels")
+def channels_page(request: Request, session: SessionDep, who: Operator) -> Response:
+    """The workspace's channels: name, kind, rate limit, accounts; never their secrets."""
+    accounts = (
+        select(func.count())
+        .where(Account.channel_id == Channel.id)
+        .correlate(Channel)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Channel, accounts)
+        .where(Channel.workspace_id == who.workspace_id)
+        .order_by(Channel.name)
+    ).all()
+    return page(
+        request,
+        "channels.html",
+        {"signed": who, "nav": "channels", "channels": [(c, n) for c, n in rows]},
+    )
