@@ -349,6 +349,8 @@ def test_the_picker_counts_and_lists_who_a_filter_reaches(browser: TestClient, a
         f"/console/broadcasts/new?channel={channel}&tag={vip}&tag={new}&tag_match=all"
     ).text
     assert re.search(r"<strong data-count>1</strong>", both)
+    live = browser.get(f"/console/audience/count?channel={channel}&tag={vip}&tag={new}")
+    assert live.json() == {"count": 3, "unreachable": 0}
     ticked = re.findall(r'name="contact" value="(\d+)" checked', both)
     assert ticked == [str(world["people"][1]["id"])]
 
@@ -493,3 +495,11 @@ def test_the_channels_page_lists_channels_never_their_secrets(
     assert "quiet one" in page
     assert "webhook" in page
     assert secret not in page
+
+
+def test_the_live_count_is_of_this_workspace_s_channels_only(
+    browser: TestClient, api: Api, other_api: Api
+) -> None:
+    theirs = other_api.channel(name="theirs")
+    sign_in(browser, api.token)
+    assert browser.get(f"/console/audience/count?channel={theirs['id']}").status_code == 404

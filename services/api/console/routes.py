@@ -1000,3 +1000,33 @@ def channels_page(request: Request, session: SessionDep, who: Operator) -> Respo
         "channels.html",
         {"signed": who, "nav": "channels", "channels": [(c, n) for c, n in rows]},
     )
+
+
+@router.get("/audience/count")
+def audience_count(
+    session: SessionDep,
+    who: Operator,
+    channel: Annotated[str, Query(max_length=20)] = "",
+    account: Annotated[list[str] | None, Query(max_length=1000)] = None,
+    tag: Annotated[list[str] | None, Query(max_length=1000)] = None,
+    tag_match: Annotated[str, Query(max_length=5)] = "any",
+) -> Response:
+    """How many contacts the picker's filter reaches now (its live count)."""
+    channel_id = int(channel) if channel.isdigit() and int(channel) <= MAX_ID else 0
+    owned = {c.id for c in _channels(session, who.workspace_id)}
+    if channel_id not in owned:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such channel")
+    spec = AudienceFilter(
+        account_ids=_ids(account or []),
+        tag_ids=_ids(tag or []),
+        tag_match="all" if tag_match == "all" else "any",
+    )
+    return JSONResponse(
+        {
+            "count": count_audience(session, who.workspace_id, channel_id, spec),
+            "unreachable": count_audience(
+                session, who.workspace_id, channel_id, spec, reachable=False
+            ),
+        },
+        headers={"Cache-Control": "no-store"},
+    )

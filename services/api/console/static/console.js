@@ -39,7 +39,22 @@
       el.textContent = input ? input.value : zone;
     });
   }
+  // The people picker's count follows its filter as it changes (the list, on "Select people").
+  function picker() {
+    var form = document.getElementById("picker");
+    var out = document.querySelector("[data-count]");
+    if (!form || !out) return;
+    form.addEventListener("change", function (event) {
+      if (event.target && event.target.name === "channel") return; // another channel: reload
+      var query = new URLSearchParams(new FormData(form)).toString();
+      fetch("/console/audience/count?" + query, { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (data) { if (data) out.textContent = data.count; })
+        .catch(function () {});
+    });
+  }
   document.addEventListener("DOMContentLoaded", function () {
+    picker();
     timezone();
     setInterval(refresh, 2000);
   });
