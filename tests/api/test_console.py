@@ -503,3 +503,54 @@ def test_the_live_count_is_of_this_workspace_s_channels_only(
     theirs = other_api.channel(name="theirs")
     sign_in(browser, api.token)
     assert browser.get(f"/console/audience/count?channel={theirs['id']}").status_code == 404
+
+
+def test_editing_changes_what_the_api_would_and_only_before_the_first_send(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api)
+    csrf = sign_in(browser, api.token)
+    detail = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert f'href="/console/broadcasts/{b["id"]}/edit"' in detail
+    form = browser.get(f"/console/broadcasts/{b['id']}/edit").text
+    assert 'value="the detail"' in form
+    later = datetime.now(UTC) + timedelta(hours=5)
+    saved = browser.post(
+        f"/console/broadcasts/{b['id']}/edit",
+        data={
+            "csrf_token": csrf,
+            "name": "renamed",
+            "text": "new words",
+            "when": "later",
+            "at": later.strftime("%Y-%m-%dT%H:%M"),
+            "tz": "UTC",
+        },
+    )
+    assert saved.status_code == 303, saved.text
+    now = api.ok("get", f"/v1/broadcasts/{b['id']}")
+    assert (now["name"], now["content"]["text"]) == ("renamed", "new words")
+    assert datetime.fromisoformat(now["send_at"]) == later.replace(second=0, microsecond=0)
+    soon = browser.post(
+        f"/console/broadcasts/{b['id']}/edit",
+        data={
+            "csrf_token": csrf,
+            "name": "renamed again",
+            "text": "x",
+            "when": "later",
+            "at": (datetime.now(UTC) + timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M"),
+            "tz": "UTC",
+        },
+    )
+    assert soon.status_code == 422
+    assert "a scheduled send must be at least 5 minutes ahead" in soon.text
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["name"] == "renamed"
+    # Once sending started it cannot be edited: no link, and the form says why.
+    started = made_broadcast(api, contacts=2)
+    start_with_deliveries(started["id"], ["sent", "queued"])
+    assert "/edit" not in browser.get(f"/console/broadcasts/{started['id']}").text
+    refused = browser.post(
+        f"/console/broadcasts/{started['id']}/edit",
+        data={"csrf_token": csrf, "name": "late", "text": "x", "when": "now"},
+    )
+    assert refused.status_code == 422
+    assert "is in_progress; modify is allowed only while paused or pending" in refused.text

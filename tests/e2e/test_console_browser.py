@@ -247,6 +247,20 @@ def test_an_operator_signs_in_and_watches_the_list(
     shot(detail, "detail-completed")
     accessible(detail, axe)
 
+    # The scheduled one: edited, then canceled.
+    detail.get_by_role("link", name="Broadcasts", exact=True).click()
+    detail.get_by_role("link", name="tomorrow's digest").click()
+    detail.get_by_role("link", name="Edit").click()
+    detail.get_by_label("Name").fill("Friday's digest")
+    detail.get_by_role("button", name="Save").click()
+    expect(detail.get_by_role("heading", name="Friday's digest")).to_be_visible()
+    shot(detail, "detail-scheduled")
+    accessible(detail, axe)
+    detail.get_by_role("button", name="Cancel").click()
+    expect(detail.locator('[data-field="status"]')).to_have_text("Canceled")
+    expect(detail.get_by_role("link", name="Edit")).to_have_count(0)
+    expect(detail.get_by_role("button", name="Resume")).to_have_count(0)
+
 
 def test_a_timed_send_from_a_conversation_in_the_operator_s_time_zone(
     chromium: Browser, system: System, api: Api, axe: str

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from services.api.deps import SessionDep, SettingsDep
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle
-from services.api.schemas import BroadcastCreate
+from services.api.schemas import BroadcastCreate, BroadcastPatch
 from shared.db.models import (
     Account,
     Broadcast,
@@ -34,6 +34,7 @@ from shared.db.models import (
 )
 from shared.domain.audience import AudienceFilter, audience_query, count_audience
 from shared.domain.broadcasts import (
+    Changes,
     Content,
     NewBroadcast,
     broadcasts_query,
@@ -42,6 +43,7 @@ from shared.domain.broadcasts import (
     counts,
     create_broadcast,
     get_broadcast,
+    modify_broadcast,
     pause_broadcast,
     recipients_query,
     recipients_removed,
@@ -488,6 +490,8 @@ def detail(
                 for action, label in ACTION_LABELS.items()
                 if BroadcastStatus(b.status) in ACTION_ALLOWED_FROM[action]
             ],
+            "editable": BroadcastStatus(b.status) in ACTION_ALLOWED_FROM["modify"]
+            and b.started_at is None,
             "reasons": _reasons(session, b),
             "chart": _progress(session, b),
             "removed": removed,
@@ -500,18 +504,15 @@ def detail(
     )
 
 
-@router.post("/broadcasts/{broadcast_id:int}/{action}")
-def act(
-    session: SessionDep,
-    who: Operator,
-    broadcast_id: int,
+def _act(
     action: str,
-    csrf_token: Annotated[str, Form(max_length=200)],
+    session: SessionDep,
+    who: Signed,
+    broadcast_id: int,
+    csrf_token: str,
 ) -> Response:
     """Pause, resume or cancel, as the API does (same rules, same log lines)."""
     check_csrf(who, csrf_token)
-    if action not in ACTION_LABELS:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such action")
     _owned(session, who, broadcast_id)
     do = {"pause": pause_broadcast, "resume": resume_broadcast, "cancel": cancel_broadcast}
     event = {"pause": "paused", "resume": "resumed", "cancel": "canceled"}[action]
@@ -526,6 +527,36 @@ def act(
     session.commit()
     lifecycle(event, b, who.workspace_id)
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/pause")
+def pause(
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    return _act("pause", session, who, broadcast_id, csrf_token)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/resume")
+def resume(
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    return _act("resume", session, who, broadcast_id, csrf_token)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/cancel")
+def cancel(
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    return _act("cancel", session, who, broadcast_id, csrf_token)
 
 
 @router.get("/broadcasts/{broadcast_id:int}/recipients.csv")
@@ -1030,3 +1061,84 @@ def audience_count(
         },
         headers={"Cache-Control": "no-store"},
     )
+
+
+def _edit_page(
+    request: Request,
+    who: Signed,
+    b: Broadcast,
+    form: dict[str, str],
+    *,
+    error: str = "",
+    code: int = 200,
+) -> Response:
+    return page(
+        request,
+        "edit.html",
+        {"signed": who, "nav": "broadcasts", "b": b, "form": form, "error": error},
+        code=code,
+    )
+
+
+@router.get("/broadcasts/{broadcast_id:int}/edit")
+def edit_form(request: Request, session: SessionDep, who: Operator, broadcast_id: int) -> Response:
+    b = _owned(session, who, broadcast_id)
+    form = {
+        "name": b.name,
+        "text": (b.content or {}).get("text") or "",
+        "when": "later",
+        # The stored time in UTC; the operator's zone is filled in by the page's script.
+        "at": b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"),
+        "tz": "UTC",
+    }
+    return _edit_page(request, who, b, form)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/edit")
+def edit(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(max_length=1000)] = "",
+    text: Annotated[str, Form(max_length=20_000)] = "",
+    when: Annotated[str, Form(max_length=10)] = "later",
+    at: Annotated[str, Form(max_length=40)] = "",
+    tz: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """Change name, message and send time through the API's rules (as ``PATCH``)."""
+    check_csrf(who, csrf_token)
+    b = _owned(session, who, broadcast_id)
+    form = {"name": name, "text": text, "when": when, "at": at, "tz": tz}
+    try:
+        send_at = local_send_time(at, tz) if when == "later" else None
+        content = dict(b.content or {})
+        content["text"] = text
+        try:
+            valid = BroadcastPatch.model_validate(
+                {
+                    "name": name,
+                    "content": content,
+                    "send_at": send_at.isoformat() if send_at else None,
+                }
+            )
+        except ValidationError as exc:
+            raise ValidationFailed.from_pydantic(exc) from None
+        changed = modify_broadcast(
+            session,
+            who.workspace_id,
+            broadcast_id,
+            Changes(
+                fields=frozenset({"name", "content", "send_at"}),
+                name=valid.name,
+                content=valid.content,
+                send_at=valid.send_at,
+            ),
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _edit_page(request, who, b, form, error=str(exc), code=422)
+    session.commit()
+    lifecycle("changed", changed, who.workspace_id, " (name, content, send_at)")
+    return RedirectResponse(f"/console/broadcasts/{broadcast_id}", status.HTTP_303_SEE_OTHER)
