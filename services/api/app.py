@@ -13,6 +13,7 @@ from services.api.console import routes as console
 from services.api.middleware import BodyLimit, InputGuard, Metrics, init_metrics
 from services.api.openapi import install_openapi
 from services.api.routes import broadcasts, channels, contacts, conversations, health, media
+from shared.domain.media import MAX_IMAGES
 from shared.media_store import make_media_store
 from shared.secrets_box import get_secrets_box
 from shared.settings import Settings, get_settings
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def limit_for(path: str) -> int:
         if path in ("/v1/contacts/import", "/console/contacts/import"):
             return settings.import_max_body_bytes
+        if path == "/console/broadcasts/new":
+            # A message's images come with the form that creates it.
+            return settings.media_max_bytes * (MAX_IMAGES + 1)
         if path == "/v1/media":
             # Room above the image limit, so an image a little too large gets a 422 that
             # says by how much, rather than a bare 413.

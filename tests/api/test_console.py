@@ -5,15 +5,18 @@ workspace's data only.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import text
 
 from shared.db.engine import transaction
@@ -554,3 +557,53 @@ def test_editing_changes_what_the_api_would_and_only_before_the_first_send(
     )
     assert refused.status_code == 422
     assert "is in_progress; modify is allowed only while paused or pending" in refused.text
+
+
+def png(color: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_images_go_out_in_the_order_chosen_and_a_refused_form_keeps_none(
+    browser: TestClient, api: Api, media_dir: Path
+) -> None:
+    world = picker_world(api)
+    csrf = sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/new?channel={world['channel']['id']}").text
+    assert "Up to 10 images" in page
+    base = {
+        "csrf_token": csrf,
+        "channel": str(world["channel"]["id"]),
+        "selection": "all",
+        "name": "pictures",
+        "text": "look",
+    }
+    files = [
+        ("images", ("second.png", png("blue"), "image/png")),
+        ("images", ("first.png", png("red"), "image/png")),
+    ]
+    made = browser.post("/console/broadcasts/new", data=base, files=files)
+    assert made.status_code == 303, made.text
+    b = api.ok("get", "/v1/broadcasts/" + made.headers["location"].rsplit("/", 1)[1])
+    names = [api.ok("get", f"/v1/media/{m}")["filename"] for m in b["content"]["media_ids"]]
+    assert names == ["second.png", "first.png"]
+    stored_before = sorted(p.name for p in media_dir.rglob("*") if p.is_file())
+    refused = browser.post(
+        "/console/broadcasts/new",
+        data={**base, "name": ""},
+        files=[
+            ("images", ("ok.png", png("green"), "image/png")),
+            ("images", ("not-an-image.png", b"plain text", "image/png")),
+        ],
+    )
+    assert refused.status_code == 422
+    assert sorted(p.name for p in media_dir.rglob("*") if p.is_file()) == stored_before
+    refused_late = browser.post(
+        "/console/broadcasts/new",
+        data={**base, "name": ""},
+        files=[("images", ("ok.png", png("green"), "image/png"))],
+    )
+    assert refused_late.status_code == 422, "the name is missing"
+    assert "name:" in refused_late.text
+    assert sorted(p.name for p in media_dir.rglob("*") if p.is_file()) == stored_before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from PIL import Image
 from playwright.sync_api import (
     Browser,
     Page,
@@ -344,6 +346,17 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     expect(page.get_by_label("N v-2")).not_to_be_checked()
     shot(page, "new-refused")
     accessible(page, axe)
+    # Two images, previewed in the order they will go out.
+    pictures = []
+    for name, color in (("second.png", "blue"), ("first.png", "red")):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(buf, "PNG")
+        pictures.append({"name": name, "mimeType": "image/png", "buffer": buf.getvalue()})
+    page.get_by_label(re.compile("^Images")).set_input_files(pictures)  # type: ignore[arg-type]
+    previews = page.get_by_role("list", name="Chosen images, in sending order").get_by_role("img")
+    expect(previews).to_have_count(2)
+    expect(previews.first).to_have_attribute("alt", "1: second.png")
+    shot(page, "new-with-images")
     page.get_by_label("Now").check()
     page.get_by_role("button", name="Create broadcast").click()
     expect(page.get_by_role("heading", name="vip preview")).to_be_visible()
@@ -352,6 +365,9 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     assert done["counts"]["sent"] == 2
     reached = {r["to"] for r in api.sim_requests(hook)}
     assert reached == {"v-1", "v-3"}
+    media = api.get(broadcast_id)["content"]["media_ids"]
+    names = [api.ok("GET", f"/v1/media/{m}")["filename"] for m in media]
+    assert names == ["second.png", "first.png"]
     shot(page, "new-created")
 
 

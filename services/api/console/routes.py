@@ -11,14 +11,24 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    UploadFile,
+    status,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from services.api.deps import SessionDep, SettingsDep
+from services.api.deps import MediaStoreDep, SessionDep, SettingsDep
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle
 from services.api.schemas import BroadcastCreate, BroadcastPatch
@@ -52,7 +62,14 @@ from shared.domain.broadcasts import (
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
 from shared.domain.contacts import CSV_COLUMNS, ImportResult, import_contacts, parse_import
 from shared.domain.errors import DomainError, NotFound, ValidationFailed
-from shared.domain.lifecycle import ACTION_ALLOWED_FROM, BroadcastStatus, DeliveryStatus, Origin
+from shared.domain.lifecycle import (
+    ACTION_ALLOWED_FROM,
+    BroadcastStatus,
+    ChannelKind,
+    DeliveryStatus,
+    Origin,
+)
+from shared.domain.media import MAX_IMAGES, PROVIDER_IMAGES, create_media
 from shared.domain.types import MAX_ID
 
 HERE = Path(__file__).parent
@@ -787,6 +804,15 @@ def _new_page(
                 .limit(PICKER_SHOWN)
             )
         )
+    kind = next((c.kind for c in channels if c.id == form["channel"]), None)
+    limits = f"Up to {MAX_IMAGES} images (JPEG, PNG, WebP or GIF)"
+    if kind is not None and ChannelKind(kind) in PROVIDER_IMAGES:
+        types, max_bytes = PROVIDER_IMAGES[ChannelKind(kind)]
+        names = ", ".join(sorted(t.removeprefix("image/").upper() for t in types))
+        limits = (
+            f"Up to {MAX_IMAGES} images; {kind} takes {names}, "
+            f"at most {max_bytes // (1024 * 1024)} MB each"
+        )
     if form["ticked"] is None:
         # First view: everyone matching is in, so every box is ticked.
         form["ticked"] = {c.id for c in contacts}
@@ -803,6 +829,7 @@ def _new_page(
             "count": count,
             "unreachable": unreachable,
             "contacts": contacts,
+            "image_limits": limits + ".",
             "error": error,
         },
         code=code,
@@ -840,6 +867,8 @@ def new_broadcast(
 def create(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
+    store: MediaStoreDep,
     who: Operator,
     csrf_token: Annotated[str, Form(max_length=200)],
     channel: Annotated[str, Form(max_length=20)] = "",
@@ -854,9 +883,13 @@ def create(
     when: Annotated[str, Form(max_length=10)] = "now",
     at: Annotated[str, Form(max_length=40)] = "",
     tz: Annotated[str, Form(max_length=64)] = "",
+    images: Annotated[list[UploadFile] | None, File()] = None,
 ) -> Response:
-    """Create a broadcast through the API's rules; refused with its words, the form kept."""
+    """Create a broadcast through the API's rules; refused with its words, the form kept.
+    Images are stored in the order chosen; if the broadcast is refused, they go again.
+    """
     check_csrf(who, csrf_token)
+    stored: list[str] = []
     ticked = set(_ids(contact or []))
     form: dict[str, Any] = {
         "channel": int(channel) if channel.isdigit() and int(channel) <= MAX_ID else 0,
@@ -879,6 +912,24 @@ def create(
             # Everyone matching, less those shown and unticked.
             audience = {"selection": "all", "exclude_contact_ids": sorted(listed - ticked)}
         send_at = local_send_time(at, tz) if when == "later" else None
+        chosen = [f for f in images or [] if f.filename]
+        if len(chosen) > MAX_IMAGES:
+            raise ValidationFailed.one(
+                "images", f"has {len(chosen)} images; a message may carry at most {MAX_IMAGES}"
+            )
+        media_ids = []
+        for upload in chosen:
+            media = create_media(
+                session,
+                store,
+                who.workspace_id,
+                filename=upload.filename or "",
+                data=upload.file.read(),
+                max_bytes=settings.media_max_bytes,
+                max_pixels=settings.media_max_pixels,
+            )
+            stored.append(media.storage_key)
+            media_ids.append(media.id)
         body = {
             "name": name,
             "channel_id": form["channel"],
@@ -888,7 +939,7 @@ def create(
                 "tag_match": form["tag_match"],
                 **audience,
             },
-            "content": {"text": text},
+            "content": {"text": text, "media_ids": media_ids},
             "send_at": send_at.isoformat() if send_at else None,
         }
         # The API's own input rules, field by field, with its words.
@@ -909,8 +960,15 @@ def create(
         )
     except (ValidationFailed, NotFound) as exc:
         session.rollback()
+        for key in stored:
+            store.delete(key)
         return _new_page(request, session, who, form, error=str(exc), code=422)
-    session.commit()
+    try:
+        session.commit()
+    except BaseException:
+        for key in stored:
+            store.delete(key)
+        raise
     lifecycle("created", broadcast, who.workspace_id, f", {broadcast.audience_size} recipients")
     return RedirectResponse(f"/console/broadcasts/{broadcast.id}", status.HTTP_303_SEE_OTHER)
 

@@ -53,8 +53,31 @@
         .catch(function () {});
     });
   }
+  // Chosen images shown before they are sent, in the order they go out.
+  function previews() {
+    document.querySelectorAll("input[type=file][data-previews]").forEach(function (input) {
+      var list = document.getElementById(input.getAttribute("data-previews"));
+      if (!list) return;
+      input.addEventListener("change", function () {
+        list.textContent = "";
+        Array.prototype.forEach.call(input.files, function (file, i) {
+          var item = document.createElement("li");
+          var img = document.createElement("img");
+          img.src = URL.createObjectURL(file);
+          img.alt = (i + 1) + ": " + file.name;
+          img.width = 96;
+          var caption = document.createElement("span");
+          caption.textContent = file.name + " (" + Math.ceil(file.size / 1024) + " KB)";
+          item.appendChild(img);
+          item.appendChild(caption);
+          list.appendChild(item);
+        });
+      });
+    });
+  }
   document.addEventListener("DOMContentLoaded", function () {
     picker();
+    previews();
     timezone();
     setInterval(refresh, 2000);
   });
