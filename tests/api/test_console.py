@@ -607,3 +607,22 @@ def test_images_go_out_in_the_order_chosen_and_a_refused_form_keeps_none(
     assert refused_late.status_code == 422, "the name is missing"
     assert "name:" in refused_late.text
     assert sorted(p.name for p in media_dir.rglob("*") if p.is_file()) == stored_before
+
+
+def test_the_list_pages_newest_first_keeping_its_filter(browser: TestClient, api: Api) -> None:
+    channel = api.channel(name="many")
+    api.contact(api.account(channel["id"])["id"], "https://hooks.example/m")
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    made = [api.broadcast(channel["id"], name=f"b{i:02d}", send_at=later)["id"] for i in range(53)]
+    sign_in(browser, api.token)
+    first = browser.get("/console/broadcasts?status=pending").text
+    shown = re.findall(r'<tr data-broadcast="(\d+)"', first)
+    assert [int(x) for x in shown] == sorted(made, reverse=True)[:50]
+    older = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert older
+    url = older.group(1).replace("&amp;", "&")
+    assert "status=pending" in url
+    second = browser.get(url).text
+    rest = [int(x) for x in re.findall(r'<tr data-broadcast="(\d+)"', second)]
+    assert rest == sorted(made, reverse=True)[50:]
+    assert 'rel="next"' not in second

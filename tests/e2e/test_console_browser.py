@@ -369,6 +369,29 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     names = [api.ok("GET", f"/v1/media/{m}")["filename"] for m in media]
     assert names == ["second.png", "first.png"]
     shot(page, "new-created")
+    # And a scheduled one, an hour ahead in the browser's time zone.
+    page.get_by_role("link", name="Broadcasts", exact=True).click()
+    page.get_by_role("link", name="New broadcast").click()
+    page.get_by_label("Name", exact=True).fill("vip reminder")
+    page.get_by_label("Message").fill("tomorrow")
+    page.get_by_label("At a time").check()
+    later = datetime.now(UTC).astimezone() + timedelta(hours=1)
+    page.get_by_label(re.compile("^Send time")).fill(later.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_role("button", name="Create broadcast").click()
+    expect(page.get_by_role("heading", name="vip reminder")).to_be_visible()
+    expect(page.locator('[data-field="status"]')).to_have_text("Pending")
+
+
+def test_signing_in_works_from_the_keyboard(chromium: Browser, system: System, api: Api) -> None:
+    page = new_page(chromium, system)
+    page.goto("/console/login")
+    page.keyboard.press("Tab")  # the skip link first
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("API token")).to_be_focused()
+    page.keyboard.type(api.token)
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Broadcasts")).to_be_visible()
 
 
 def test_contacts_import_and_channels_pages(
