@@ -84,8 +84,11 @@ def axe() -> str:
 
 
 def accessible(page: Page, axe: str) -> None:
-    """No serious or critical axe-core violation (WCAG 2.1 A and AA rules) on the page."""
-    page.add_script_tag(content=axe)
+    """No serious or critical axe-core violation (WCAG 2.1 A and AA rules) on the page. The
+    script is evaluated through the browser's debugging protocol, which the page's
+    Content-Security-Policy (no injected scripts) does not govern.
+    """
+    page.evaluate(axe + "\n;undefined")
     result = page.evaluate(
         "() => axe.run(document, {runOnly: {type: 'tag', values: "
         "['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})"
@@ -99,12 +102,8 @@ def accessible(page: Page, axe: str) -> None:
 
 
 def new_page(chromium: Browser, system: System, size: ViewportSize = LAPTOP) -> Page:
-    # The pages' own policy allows no inline script: the accessibility check injects one.
-    context = chromium.new_context(
-        base_url=system.api_url,
-        viewport=size,
-        bypass_csp=True,
-    )
+    # The pages' own Content-Security-Policy applies: what the tests see works under it.
+    context = chromium.new_context(base_url=system.api_url, viewport=size)
     return context.new_page()
 
 
@@ -274,7 +273,7 @@ def test_a_timed_send_from_a_conversation_in_the_operator_s_time_zone(
     )
     # The operator's browser is in Tokyo.
     context = chromium.new_context(
-        base_url=system.api_url, viewport=LAPTOP, timezone_id="Asia/Tokyo", bypass_csp=True
+        base_url=system.api_url, viewport=LAPTOP, timezone_id="Asia/Tokyo"
     )
     page = context.new_page()
     sign_in(page, api.token)
@@ -330,7 +329,10 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     page.get_by_label("Tags", exact=True).select_option(label="vip")
     expect(page.locator("[data-count]")).to_have_text("3")
     assert navigations == []
+    # Until the list is brought up to date, nothing can be created with the old filter.
+    expect(page.get_by_role("button", name="Create broadcast")).to_be_disabled()
     page.get_by_role("button", name="Select people").click()
+    expect(page.get_by_role("button", name="Create broadcast")).to_be_enabled()
     expect(page.locator("[data-count]")).to_have_text("3")
     expect(page.locator('input[name="contact"]')).to_have_count(3)
     page.get_by_label("N v-2").uncheck()  # everyone matching but one

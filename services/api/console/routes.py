@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
+import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +59,7 @@ from shared.domain.broadcasts import (
     pause_broadcast,
     recipients_query,
     recipients_removed,
+    request_hash,
     resume_broadcast,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
@@ -71,6 +74,7 @@ from shared.domain.lifecycle import (
 )
 from shared.domain.media import MAX_IMAGES, PROVIDER_IMAGES, create_media
 from shared.domain.types import MAX_ID
+from shared.settings import get_settings
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -114,8 +118,19 @@ class SignInNeeded(Exception):
         self.next_path = next_path
 
 
+_DIGITS = re.compile(r"[1-9][0-9]{0,15}")
+
+
+def _id(value: str) -> int | None:
+    """A row id typed in a form or a query (plain ASCII digits), or None."""
+    if _DIGITS.fullmatch(value) and int(value) <= MAX_ID:
+        return int(value)
+    return None
+
+
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    # Behind a proxy that ends TLS the request itself may read http: the public URL says.
+    return request.url.scheme == "https" or get_settings().public_url.startswith("https://")
 
 
 def page(request: Request, name: str, context: dict[str, Any], code: int = 200) -> Response:
@@ -130,6 +145,8 @@ def current(request: Request, session: SessionDep) -> Signed:
     who = signed(session, session_id) if session_id else None
     if who is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            target = "/console/broadcasts"  # a form's target cannot be opened by a link
         raise SignInNeeded(target)
     return who
 
@@ -263,7 +280,7 @@ def broadcasts(
 ) -> Response:
     # A form's "Any" sends an empty value; anything else unknown is treated alike.
     origin = Origin(origin_) if origin_ in ORIGIN_LABELS else None
-    channel = int(channel_) if channel_.isdigit() and 0 < int(channel_) <= MAX_ID else None
+    channel = _id(channel_)
     query = broadcasts_query(who.workspace_id, statuses=status_ or (), origin=origin)
     if channel is not None:
         query = query.where(Broadcast.channel_id == channel)
@@ -428,7 +445,8 @@ def _progress(session: SessionDep, b: Broadcast) -> dict[str, Any] | None:
     if first is None:
         return None
     span = max((last - first).total_seconds(), 1.0)
-    bucket = max(1, math.ceil(span / CHART_BARS))
+    # Bars of whole seconds, at most CHART_BARS of them (the last send falls in the last).
+    bucket = math.floor(span / CHART_BARS) + 1
     t = func.floor(func.extract("epoch", ended - first) / bucket)
     counts_by: dict[int, int] = {
         int(i): int(c)
@@ -468,8 +486,23 @@ def detail(
     who: Operator,
     broadcast_id: int,
     who_: Annotated[str, Query(alias="who", max_length=20)] = "all",
-    notice: str = "",
 ) -> Response:
+    return _detail_page(request, session, who, broadcast_id, who_)
+
+
+def _detail_page(
+    request: Request,
+    session: SessionDep,
+    who: Signed,
+    broadcast_id: int,
+    who_: str = "all",
+    *,
+    notice: str = "",
+    code: int = 200,
+) -> Response:
+    """A broadcast's page; ``notice``: why the action just tried was refused (never text
+    from a link: a crafted URL cannot put words in the console's mouth).
+    """
     b = _owned(session, who, broadcast_id)
     choice = who_ if who_ in NOT_REACHED else "all"
     removed = recipients_removed(b)
@@ -516,12 +549,14 @@ def detail(
             "more": more,
             "who": choice,
             "who_options": [(k, v[0]) for k, v in NOT_REACHED.items()],
-            "notice": notice[:300],
+            "notice": notice,
         },
+        code=code,
     )
 
 
 def _act(
+    request: Request,
     action: str,
     session: SessionDep,
     who: Signed,
@@ -538,9 +573,7 @@ def _act(
         b = do[action](session, who.workspace_id, broadcast_id)
     except DomainError as exc:
         session.rollback()
-        return RedirectResponse(
-            target + "?" + urlencode({"notice": str(exc)}), status.HTTP_303_SEE_OTHER
-        )
+        return _detail_page(request, session, who, broadcast_id, notice=str(exc), code=409)
     session.commit()
     lifecycle(event, b, who.workspace_id)
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
@@ -548,32 +581,35 @@ def _act(
 
 @router.post("/broadcasts/{broadcast_id:int}/pause")
 def pause(
+    request: Request,
     session: SessionDep,
     who: Operator,
     broadcast_id: int,
     csrf_token: Annotated[str, Form(max_length=200)],
 ) -> Response:
-    return _act("pause", session, who, broadcast_id, csrf_token)
+    return _act(request, "pause", session, who, broadcast_id, csrf_token)
 
 
 @router.post("/broadcasts/{broadcast_id:int}/resume")
 def resume(
+    request: Request,
     session: SessionDep,
     who: Operator,
     broadcast_id: int,
     csrf_token: Annotated[str, Form(max_length=200)],
 ) -> Response:
-    return _act("resume", session, who, broadcast_id, csrf_token)
+    return _act(request, "resume", session, who, broadcast_id, csrf_token)
 
 
 @router.post("/broadcasts/{broadcast_id:int}/cancel")
 def cancel(
+    request: Request,
     session: SessionDep,
     who: Operator,
     broadcast_id: int,
     csrf_token: Annotated[str, Form(max_length=200)],
 ) -> Response:
-    return _act("cancel", session, who, broadcast_id, csrf_token)
+    return _act(request, "cancel", session, who, broadcast_id, csrf_token)
 
 
 @router.get("/broadcasts/{broadcast_id:int}/recipients.csv")
@@ -680,9 +716,10 @@ def _conversation_page(
             "nav": "conversations",
             "c": c,
             "sends": sends,
-            "form": form or {"text": "", "when": "now", "at": "", "tz": ""},
+            "form": form
+            or {"text": "", "when": "now", "at": "", "tz": "", "key": secrets.token_urlsafe(16)},
             "error": error,
-            "notice": notice[:300],
+            "notice": notice,
         },
         code=code,
     )
@@ -690,8 +727,19 @@ def _conversation_page(
 
 @router.get("/conversations/{conversation_id:int}")
 def conversation(
-    request: Request, session: SessionDep, who: Operator, conversation_id: int, notice: str = ""
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    conversation_id: int,
+    scheduled: Annotated[str, Query(max_length=20)] = "",
 ) -> Response:
+    notice = ""
+    made = _id(scheduled)
+    if made is not None:
+        # Said from the row itself, not from the link.
+        b = session.get(Broadcast, made)
+        if b is not None and b.workspace_id == who.workspace_id:
+            notice = f"Scheduled for {b.send_at:%Y-%m-%d %H:%M} UTC."
     return _conversation_page(request, session, who, conversation_id, notice=notice)
 
 
@@ -709,7 +757,21 @@ def local_send_time(at: str, tz: str) -> datetime:
         ) from None
     if naive.tzinfo is not None:
         raise ValidationFailed.one("send_at", "is a local time: give no UTC offset", "datetime")
-    return naive.replace(tzinfo=zone)
+    early, late = naive.replace(tzinfo=zone, fold=0), naive.replace(tzinfo=zone, fold=1)
+    if early.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != naive:
+        raise ValidationFailed.one(
+            "send_at",
+            f"{naive:%Y-%m-%d %H:%M} does not exist in {tz} (the clocks go forward then)",
+            "nonexistent_time",
+        )
+    if early.utcoffset() != late.utcoffset():
+        raise ValidationFailed.one(
+            "send_at",
+            f"{naive:%Y-%m-%d %H:%M} happens twice in {tz} (the clocks go back then): "
+            "pick a time outside that hour",
+            "ambiguous_time",
+        )
+    return early
 
 
 @router.post("/conversations/{conversation_id:int}/timed-send")
@@ -723,12 +785,13 @@ def timed_send(
     when: Annotated[str, Form(max_length=10)] = "now",
     at: Annotated[str, Form(max_length=40)] = "",
     tz: Annotated[str, Form(max_length=64)] = "",
+    form_key: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     """Schedule a message to the conversation's contact, through the API's rules (and with
-    its words when they refuse it).
+    its words when they refuse it). A form sent twice schedules one message.
     """
     check_csrf(who, csrf_token)
-    form = {"text": text, "when": when, "at": at, "tz": tz}
+    form = {"text": text, "when": when, "at": at, "tz": tz, "key": form_key}
     try:
         send_at = local_send_time(at, tz) if when == "later" else None
         try:
@@ -736,7 +799,14 @@ def timed_send(
         except ValidationError as exc:
             raise ValidationFailed.from_pydantic(exc, prefix="content") from None
         new = conversation_broadcast(session, who.workspace_id, conversation_id, content, send_at)
-        broadcast, _ = create_broadcast(session, who.workspace_id, new)
+        body = {"conversation_id": conversation_id, "text": text, "send_at": str(send_at)}
+        broadcast, _ = create_broadcast(
+            session,
+            who.workspace_id,
+            new,
+            idempotency_key=f"console-timed-{form_key}" if form_key else None,
+            body_hash=request_hash(body) if form_key else None,
+        )
     except ValidationFailed as exc:
         session.rollback()
         return _conversation_page(
@@ -746,10 +816,8 @@ def timed_send(
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation") from None
     session.commit()
     lifecycle("created", broadcast, who.workspace_id)
-    when_text = broadcast.send_at.strftime("%Y-%m-%d %H:%M UTC")
-    notice = f"Scheduled for {when_text}." if send_at else "Sending now."
     return RedirectResponse(
-        f"/console/conversations/{conversation_id}?" + urlencode({"notice": notice}),
+        f"/console/conversations/{conversation_id}?scheduled={broadcast.id}",
         status.HTTP_303_SEE_OTHER,
     )
 
@@ -761,7 +829,7 @@ PICKER_SHOWN = 100
 
 
 def _ids(values: list[str]) -> list[int]:
-    return [int(v) for v in values if v.isdigit() and 0 < int(v) <= MAX_ID]
+    return [i for i in (_id(v) for v in values) if i]
 
 
 def _new_page(
@@ -848,7 +916,7 @@ def new_broadcast(
     name: Annotated[str, Query(max_length=200)] = "",
 ) -> Response:
     form = {
-        "channel": int(channel) if channel.isdigit() and int(channel) <= MAX_ID else 0,
+        "channel": _id(channel) or 0,
         "accounts": _ids(account or []),
         "tags": _ids(tag or []),
         "tag_match": "all" if tag_match == "all" else "any",
@@ -859,6 +927,7 @@ def new_broadcast(
         "when": "now",
         "at": "",
         "tz": "",
+        "key": secrets.token_urlsafe(16),
     }
     return _new_page(request, session, who, form)
 
@@ -884,6 +953,7 @@ def create(
     at: Annotated[str, Form(max_length=40)] = "",
     tz: Annotated[str, Form(max_length=64)] = "",
     images: Annotated[list[UploadFile] | None, File()] = None,
+    form_key: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     """Create a broadcast through the API's rules; refused with its words, the form kept.
     Images are stored in the order chosen; if the broadcast is refused, they go again.
@@ -892,7 +962,7 @@ def create(
     stored: list[str] = []
     ticked = set(_ids(contact or []))
     form: dict[str, Any] = {
-        "channel": int(channel) if channel.isdigit() and int(channel) <= MAX_ID else 0,
+        "channel": _id(channel) or 0,
         "accounts": _ids(account or []),
         "tags": _ids(tag or []),
         "tag_match": "all" if tag_match == "all" else "any",
@@ -903,6 +973,7 @@ def create(
         "when": when,
         "at": at,
         "tz": tz,
+        "key": form_key,
     }
     listed = set(_ids(shown.split(",")))
     try:
@@ -947,6 +1018,7 @@ def create(
             valid = BroadcastCreate.model_validate(body)
         except ValidationError as exc:
             raise ValidationFailed.from_pydantic(exc) from None
+        # A form sent twice (a double click, a reload) makes one broadcast.
         broadcast, _ = create_broadcast(
             session,
             who.workspace_id,
@@ -957,17 +1029,18 @@ def create(
                 content=valid.content,
                 send_at=valid.send_at,
             ),
+            idempotency_key=f"console-new-{form_key}" if form_key else None,
+            body_hash=request_hash({**body, "media": len(media_ids)}) if form_key else None,
         )
-    except (ValidationFailed, NotFound) as exc:
+        session.commit()
+    except BaseException as exc:
+        # Nothing of a refused or failed form stays: its rows roll back, its images go.
         session.rollback()
         for key in stored:
-            store.delete(key)
-        return _new_page(request, session, who, form, error=str(exc), code=422)
-    try:
-        session.commit()
-    except BaseException:
-        for key in stored:
-            store.delete(key)
+            with contextlib.suppress(Exception):
+                store.delete(key)
+        if isinstance(exc, DomainError):
+            return _new_page(request, session, who, form, error=str(exc), code=422)
         raise
     lifecycle("created", broadcast, who.workspace_id, f", {broadcast.audience_size} recipients")
     return RedirectResponse(f"/console/broadcasts/{broadcast.id}", status.HTTP_303_SEE_OTHER)
@@ -1060,14 +1133,14 @@ async def contacts_import(
     outcome = await run_in_threadpool(write)
     if isinstance(outcome, ValidationFailed):
         problems = [(e.field, e.message) for e in outcome.errors]
-        return _contacts_page(request, session, who, refused=problems[:PROBLEMS_SHOWN], code=422)
+        return await run_in_threadpool(
+            _contacts_page, request, session, who, refused=problems[:PROBLEMS_SHOWN], code=422
+        )
     report = (
         f"Imported {outcome.received} rows: {outcome.created} new contacts, "
         f"{outcome.updated} updated."
     )
-    return RedirectResponse(
-        "/console/contacts?" + urlencode({"report": report}), status.HTTP_303_SEE_OTHER
-    )
+    return await run_in_threadpool(_contacts_page, request, session, who, report=report)
 
 
 @router.get("/channels")
@@ -1101,7 +1174,7 @@ def audience_count(
     tag_match: Annotated[str, Query(max_length=5)] = "any",
 ) -> Response:
     """How many contacts the picker's filter reaches now (its live count)."""
-    channel_id = int(channel) if channel.isdigit() and int(channel) <= MAX_ID else 0
+    channel_id = _id(channel) or 0
     owned = {c.id for c in _channels(session, who.workspace_id)}
     if channel_id not in owned:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such channel")
@@ -1147,6 +1220,7 @@ def edit_form(request: Request, session: SessionDep, who: Operator, broadcast_id
         "when": "later",
         # The stored time in UTC; the operator's zone is filled in by the page's script.
         "at": b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"),
+        "shown_at": b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"),
         "tz": "UTC",
     }
     return _edit_page(request, who, b, form)
@@ -1163,24 +1237,26 @@ def edit(
     text: Annotated[str, Form(max_length=20_000)] = "",
     when: Annotated[str, Form(max_length=10)] = "later",
     at: Annotated[str, Form(max_length=40)] = "",
+    shown_at: Annotated[str, Form(max_length=40)] = "",
     tz: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
-    """Change name, message and send time through the API's rules (as ``PATCH``)."""
+    """Change name, message and send time through the API's rules (as ``PATCH``). The send
+    time changes only when it was changed (or set to now), so a rename of a broadcast due
+    in a minute is not refused for its time.
+    """
     check_csrf(who, csrf_token)
     b = _owned(session, who, broadcast_id)
-    form = {"name": name, "text": text, "when": when, "at": at, "tz": tz}
+    form = {"name": name, "text": text, "when": when, "at": at, "shown_at": shown_at, "tz": tz}
+    moved = when != "later" or at != shown_at
     try:
-        send_at = local_send_time(at, tz) if when == "later" else None
+        send_at = local_send_time(at, tz) if when == "later" and moved else None
         content = dict(b.content or {})
         content["text"] = text
+        patch: dict[str, Any] = {"name": name, "content": content}
+        if moved:
+            patch["send_at"] = send_at.isoformat() if send_at else None
         try:
-            valid = BroadcastPatch.model_validate(
-                {
-                    "name": name,
-                    "content": content,
-                    "send_at": send_at.isoformat() if send_at else None,
-                }
-            )
+            valid = BroadcastPatch.model_validate(patch)
         except ValidationError as exc:
             raise ValidationFailed.from_pydantic(exc) from None
         changed = modify_broadcast(
@@ -1188,7 +1264,7 @@ def edit(
             who.workspace_id,
             broadcast_id,
             Changes(
-                fields=frozenset({"name", "content", "send_at"}),
+                fields=frozenset(patch),
                 name=valid.name,
                 content=valid.content,
                 send_at=valid.send_at,
@@ -1198,5 +1274,5 @@ def edit(
         session.rollback()
         return _edit_page(request, who, b, form, error=str(exc), code=422)
     session.commit()
-    lifecycle("changed", changed, who.workspace_id, " (name, content, send_at)")
+    lifecycle("changed", changed, who.workspace_id, f" ({', '.join(sorted(patch))})")
     return RedirectResponse(f"/console/broadcasts/{broadcast_id}", status.HTTP_303_SEE_OTHER)

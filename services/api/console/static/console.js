@@ -46,6 +46,12 @@
     if (!form || !out) return;
     form.addEventListener("change", function (event) {
       if (event.target && event.target.name === "channel") return; // another channel: reload
+      // The list below and the create form still hold the filter the page was drawn with:
+      // creating waits for "Select people" to bring them up to date.
+      var create = document.querySelector("[data-create]");
+      var stale = document.querySelector("[data-stale]");
+      if (create) create.disabled = true;
+      if (stale) stale.hidden = false;
       var query = new URLSearchParams(new FormData(form)).toString();
       fetch("/console/audience/count?" + query, { credentials: "same-origin" })
         .then(function (r) { return r.ok ? r.json() : null; })
