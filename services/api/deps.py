@@ -31,6 +31,15 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _DIGITS = re.compile(r"[1-9][0-9]{0,15}")
 
 
+def plain_id(value: str) -> int | None:
+    """``value`` as a row id if it is one spelled plainly (1 to ``MAX_ID``), else None: for
+    form fields and filters that ignore what is not an id rather than refuse it.
+    """
+    if _DIGITS.fullmatch(value) and int(value) <= MAX_ID:
+        return int(value)
+    return None
+
+
 def _plain_digits(value: object) -> object:
     # int() would also take " 1", "+1", "01" and "1_0": an id is spelled one way only.
     if isinstance(value, str) and not _DIGITS.fullmatch(value):

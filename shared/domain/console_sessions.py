@@ -12,11 +12,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiToken, ConsoleSession, Workspace
-from shared.domain.tokens import hash_token
+from shared.domain.tokens import hash_token, token_live
 
 #: The longest a console session lasts; signing in again makes a new one.
 SESSION_HOURS = 12
@@ -44,8 +44,7 @@ def sign_in(session: Session, token: str) -> tuple[str, Signed] | None:
         .join(Workspace, Workspace.id == ApiToken.workspace_id)
         .where(
             ApiToken.token_hash == hash_token(token),
-            ApiToken.revoked_at.is_(None),
-            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > func.now()),
+            token_live(),
         )
     ).one_or_none()
     if row is None:
@@ -77,8 +76,7 @@ def signed(session: Session, session_id: str) -> Signed | None:
         .where(
             ConsoleSession.id_hash == _digest(session_id),
             ConsoleSession.expires_at > func.now(),
-            ApiToken.revoked_at.is_(None),
-            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > func.now()),
+            token_live(),
         )
     ).one_or_none()
     if row is None:

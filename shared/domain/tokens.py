@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, func, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -195,15 +195,21 @@ def _infos(session: Session, where: ColumnElement[bool]) -> list[TokenInfo]:
     return [TokenInfo(**row._asdict()) for row in session.execute(query)]
 
 
+def token_live() -> ColumnElement[bool]:
+    """The condition on ``api_token`` rows that may still be used: not revoked, not expired."""
+    return and_(
+        ApiToken.revoked_at.is_(None),
+        or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > func.now()),
+    )
+
+
 def workspace_for_token(session: Session, token: str) -> int | None:
     """The workspace a live token belongs to (not revoked, not expired), or None; notes when
     the token was last used.
     """
     row = session.execute(
         select(ApiToken.id, ApiToken.workspace_id, ApiToken.last_used_at).where(
-            ApiToken.token_hash == hash_token(token),
-            ApiToken.revoked_at.is_(None),
-            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > func.now()),
+            ApiToken.token_hash == hash_token(token), token_live()
         )
     ).one_or_none()
     if row is None:

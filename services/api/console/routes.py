@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
-import re
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +30,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from services.api.deps import MediaStoreDep, SessionDep, SettingsDep
+from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle
 from services.api.schemas import BroadcastCreate, BroadcastPatch
@@ -116,16 +116,6 @@ class SignInNeeded(Exception):
 
     def __init__(self, next_path: str) -> None:
         self.next_path = next_path
-
-
-_DIGITS = re.compile(r"[1-9][0-9]{0,15}")
-
-
-def _id(value: str) -> int | None:
-    """A row id typed in a form or a query (plain ASCII digits), or None."""
-    if _DIGITS.fullmatch(value) and int(value) <= MAX_ID:
-        return int(value)
-    return None
 
 
 def _secure(request: Request) -> bool:
@@ -280,7 +270,7 @@ def broadcasts(
 ) -> Response:
     # A form's "Any" sends an empty value; anything else unknown is treated alike.
     origin = Origin(origin_) if origin_ in ORIGIN_LABELS else None
-    channel = _id(channel_)
+    channel = plain_id(channel_)
     query = broadcasts_query(who.workspace_id, statuses=status_ or (), origin=origin)
     if channel is not None:
         query = query.where(Broadcast.channel_id == channel)
@@ -579,37 +569,24 @@ def _act(
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
 
-@router.post("/broadcasts/{broadcast_id:int}/pause")
-def pause(
-    request: Request,
-    session: SessionDep,
-    who: Operator,
-    broadcast_id: int,
-    csrf_token: Annotated[str, Form(max_length=200)],
-) -> Response:
-    return _act(request, "pause", session, who, broadcast_id, csrf_token)
+def _action_route(action: str) -> Callable[..., Response]:
+    def route(
+        request: Request,
+        session: SessionDep,
+        who: Operator,
+        broadcast_id: int,
+        csrf_token: Annotated[str, Form(max_length=200)],
+    ) -> Response:
+        return _act(request, action, session, who, broadcast_id, csrf_token)
+
+    route.__name__ = action
+    return route
 
 
-@router.post("/broadcasts/{broadcast_id:int}/resume")
-def resume(
-    request: Request,
-    session: SessionDep,
-    who: Operator,
-    broadcast_id: int,
-    csrf_token: Annotated[str, Form(max_length=200)],
-) -> Response:
-    return _act(request, "resume", session, who, broadcast_id, csrf_token)
-
-
-@router.post("/broadcasts/{broadcast_id:int}/cancel")
-def cancel(
-    request: Request,
-    session: SessionDep,
-    who: Operator,
-    broadcast_id: int,
-    csrf_token: Annotated[str, Form(max_length=200)],
-) -> Response:
-    return _act(request, "cancel", session, who, broadcast_id, csrf_token)
+for _action in ACTION_LABELS:
+    router.add_api_route(
+        f"/broadcasts/{{broadcast_id:int}}/{_action}", _action_route(_action), methods=["POST"]
+    )
 
 
 @router.get("/broadcasts/{broadcast_id:int}/recipients.csv")
@@ -734,7 +711,7 @@ def conversation(
     scheduled: Annotated[str, Query(max_length=20)] = "",
 ) -> Response:
     notice = ""
-    made = _id(scheduled)
+    made = plain_id(scheduled)
     if made is not None:
         # Said from the row itself, not from the link.
         b = session.get(Broadcast, made)
@@ -829,7 +806,7 @@ PICKER_SHOWN = 100
 
 
 def _ids(values: list[str]) -> list[int]:
-    return [i for i in (_id(v) for v in values) if i]
+    return [i for i in (plain_id(v) for v in values) if i]
 
 
 def _new_page(
@@ -916,7 +893,7 @@ def new_broadcast(
     name: Annotated[str, Query(max_length=200)] = "",
 ) -> Response:
     form = {
-        "channel": _id(channel) or 0,
+        "channel": plain_id(channel) or 0,
         "accounts": _ids(account or []),
         "tags": _ids(tag or []),
         "tag_match": "all" if tag_match == "all" else "any",
@@ -962,7 +939,7 @@ def create(
     stored: list[str] = []
     ticked = set(_ids(contact or []))
     form: dict[str, Any] = {
-        "channel": _id(channel) or 0,
+        "channel": plain_id(channel) or 0,
         "accounts": _ids(account or []),
         "tags": _ids(tag or []),
         "tag_match": "all" if tag_match == "all" else "any",
@@ -1174,7 +1151,7 @@ def audience_count(
     tag_match: Annotated[str, Query(max_length=5)] = "any",
 ) -> Response:
     """How many contacts the picker's filter reaches now (its live count)."""
-    channel_id = _id(channel) or 0
+    channel_id = plain_id(channel) or 0
     owned = {c.id for c in _channels(session, who.workspace_id)}
     if channel_id not in owned:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such channel")
