@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "naive", help="one message per recipient, synchronous HTTP: the pipeline's speed-up"
     )
     naive_one.add_argument("--recipients", type=int, default=QUICK)
-    sub.add_parser("http-client", help="client CPU per request, aiohttp against httpx")
+    sub.add_parser("http-client", help="client CPU per request: bcast's own, aiohttp, httpx")
     sub.add_parser("pause", help="provider calls after a pause answered, repeated")
     sub.add_parser("scheduler", help="10,000 timed sends due in the same second")
     scaled = sub.add_parser(

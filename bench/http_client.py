@@ -1,8 +1,9 @@
 """Which HTTP client goes on the send path: CPU per request at 64 in flight, on loopback.
 
-Runs the project's simulator in its own process, first measures its raw rate with a plain
-aiohttp load, then sends the same number of webhook-shaped POSTs with httpx.AsyncClient and
-with aiohttp.ClientSession, measuring the client process's CPU time for each.
+Runs the project's simulator in its own process, warms it up with a plain aiohttp load, then
+sends the same number of webhook-shaped POSTs with httpx.AsyncClient, aiohttp.ClientSession
+and bcast's own send-path client (``services.dispatcher.channels.client``), measuring the
+client process's CPU time for each, all on the dispatcher's event loop (uvloop).
 
     .venv/bin/python -m bench.http_client [--requests 20000] [--in-flight 64]
 """
@@ -14,10 +15,16 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import httpx
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - not on every platform
+    uvloop = None  # type: ignore[assignment]
 
 from bench.common import Children, start_simulator
 
@@ -54,6 +61,22 @@ async def with_aiohttp(url: str, requests: int, in_flight: int) -> tuple[float, 
         return await drive(send, requests, in_flight)
 
 
+async def with_bcast(url: str, requests: int, in_flight: int) -> tuple[float, float]:
+    from services.dispatcher.channels.client import HttpClient
+    from shared.egress import Egress
+
+    headers = {"Content-Type": "application/json"}
+    async with HttpClient(
+        Egress(allow_private=True), max_in_flight=in_flight, timeout_seconds=30
+    ) as client:
+
+        async def send(i: int) -> None:
+            answer = await client.post(url, BODY, headers)
+            assert answer.status == 200, answer.status
+
+        return await drive(send, requests, in_flight)
+
+
 async def with_httpx(url: str, requests: int, in_flight: int) -> tuple[float, float]:
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -65,28 +88,45 @@ async def with_httpx(url: str, requests: int, in_flight: int) -> tuple[float, fl
         return await drive(send, requests, in_flight)
 
 
-def run(requests: int = 20_000, in_flight: int = 64) -> dict[str, float]:
+def run(requests: int = 20_000, in_flight: int = 64) -> dict[str, Any]:
     """The ``http_client`` section of the results: client CPU per request of each client."""
     children = Children(dict(os.environ))
     try:
         url = f"{start_simulator(children)}/hooks/bench"
-        asyncio.run(with_aiohttp(url, 2000, in_flight))  # warm up both sides
+        run_loop(with_aiohttp(url, 2000, in_flight))  # warm up both sides
         measured = {}
-        for name, client in (("aiohttp", with_aiohttp), ("httpx", with_httpx)):
-            wall, cpu = asyncio.run(client(url, requests, in_flight))
+        for name, client in (
+            ("aiohttp", with_aiohttp),
+            ("httpx", with_httpx),
+            ("bcast", with_bcast),
+        ):
+            wall, cpu = run_loop(client(url, requests, in_flight))
             measured[name] = (wall, cpu)
     finally:
         children.stop_all()
     (a_wall, a_cpu), (h_wall, h_cpu) = measured["aiohttp"], measured["httpx"]
+    b_wall, b_cpu = measured["bcast"]
     return {
         "requests": requests,
         "in_flight": in_flight,
+        "loop": "uvloop" if uvloop is not None else "asyncio",
         "aiohttp_us_per_request": round(a_cpu / requests * 1e6, 1),
         "httpx_us_per_request": round(h_cpu / requests * 1e6, 1),
+        "bcast_us_per_request": round(b_cpu / requests * 1e6, 1),
         "httpx_over_aiohttp_cpu": round(h_cpu / a_cpu, 2),
+        "bcast_over_aiohttp_cpu": round(b_cpu / a_cpu, 2),
         "aiohttp_per_second": round(requests / a_wall, 1),
         "httpx_per_second": round(requests / h_wall, 1),
+        "bcast_per_second": round(requests / b_wall, 1),
+        "send_path": "bcast",
     }
+
+
+def run_loop(coro: Coroutine[Any, Any, tuple[float, float]]) -> tuple[float, float]:
+    """Run on the dispatcher's loop (uvloop where installed)."""
+    if uvloop is not None:
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def main() -> None:

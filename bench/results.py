@@ -133,11 +133,21 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(cpu_row("naive design CPU µs per recipient", cpu))
     client = results.get("http_client")
     if client:
-        lines.append(
-            f"| HTTP client CPU per request, {client['in_flight']} in flight | aiohttp "
-            f"{client['aiohttp_us_per_request']:,.0f} µs, httpx {client['httpx_us_per_request']:,.0f} µs "
-            f"({client['httpx_over_aiohttp_cpu']:.1f}x): aiohttp is on the send path |"
-        )
+        if "bcast_us_per_request" in client:
+            lines.append(
+                f"| HTTP client CPU per request, {client['in_flight']} in flight | bcast's own "
+                f"{client['bcast_us_per_request']:,.0f} µs, aiohttp "
+                f"{client['aiohttp_us_per_request']:,.0f} µs, httpx "
+                f"{client['httpx_us_per_request']:,.0f} µs: bcast's own client is on the send "
+                "path |"
+            )
+        else:
+            lines.append(
+                f"| HTTP client CPU per request, {client['in_flight']} in flight | aiohttp "
+                f"{client['aiohttp_us_per_request']:,.0f} µs, httpx "
+                f"{client['httpx_us_per_request']:,.0f} µs "
+                f"({client['httpx_over_aiohttp_cpu']:.1f}x): aiohttp was on the send path |"
+            )
     limited = results.get("rate_limited")
     if limited:
         for r in limited["runs"]:

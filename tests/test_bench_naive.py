@@ -13,6 +13,7 @@ from bench.naive_worker import signed_request
 from bench.readme import bench_block
 from bench.results import markdown
 from services.dispatcher.channels.base import OutboundMessage, Sent
+from services.dispatcher.channels.client import Answer
 from services.dispatcher.channels.webhook import WebhookAdapter
 
 NAIVE: dict[str, Any] = {
@@ -28,36 +29,15 @@ NAIVE: dict[str, Any] = {
 }
 
 
-class _Answer:
-    """Enough of an aiohttp response for the webhook adapter: 200 with ``{"id": "m1"}``."""
-
-    status = 200
-    content_length = None
-
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {}
-        self._chunks = [b'{"id":"m1"}', b""]
-        self.content = self
-
-    async def read(self, n: int) -> bytes:
-        return self._chunks.pop(0)
-
-    async def __aenter__(self) -> _Answer:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
 class _Capture:
-    """Keeps what the adapter posts."""
+    """Keeps what the adapter posts; answers 200 with ``{"id": "m1"}``."""
 
     def __init__(self) -> None:
         self.posted: list[tuple[bytes, dict[str, str]]] = []
 
-    def post(self, url: str, *, data: bytes, headers: dict[str, str], **_: Any) -> _Answer:
-        self.posted.append((data, headers))
-        return _Answer()
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        self.posted.append((body, dict(headers)))
+        return Answer(200, {}, b'{"id":"m1"}')
 
 
 def test_the_naive_design_posts_the_webhook_adapters_body_and_signature(

@@ -25,13 +25,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-import aiohttp
 import dramatiq
 from psycopg_pool import AsyncConnectionPool
 
 from services.dispatcher import metrics
 from services.dispatcher.channels.base import ChannelAdapter
-from services.dispatcher.channels.http import make_session
+from services.dispatcher.channels.client import HttpClient
+from services.dispatcher.channels.http import make_client
 from services.dispatcher.engine import Engine
 from services.dispatcher.jobs import Job
 from services.dispatcher.lease import LeaseKeeper
@@ -132,7 +132,7 @@ class Runtime:
             open=False,
         )
         await self.group_pool.open(wait=True, timeout=30)
-        self.http = make_session(
+        self.http = make_client(
             self.egress,
             max_in_flight=self.settings.max_in_flight,
             timeout_seconds=self.settings.send_timeout_seconds,
@@ -202,9 +202,7 @@ class Runtime:
         channel_id: int,
         kind: str,
         config: dict[str, Any],
-        make: Callable[
-            [str, dict[str, Any], aiohttp.ClientSession, MediaStore, Egress], ChannelAdapter
-        ],
+        make: Callable[[str, dict[str, Any], HttpClient, MediaStore, Egress], ChannelAdapter],
     ) -> ChannelAdapter:
         """One adapter per channel and config, reused by every run of the process."""
         key = (channel_id, json.dumps(config, sort_keys=True))

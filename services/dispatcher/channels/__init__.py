@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
-
 from services.dispatcher.channels.base import ChannelAdapter
+from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.smtp import STRICT, TIMEOUT_SECONDS, SmtpAdapter
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
@@ -23,11 +22,11 @@ class UnsupportedChannel(Exception):
 def make_adapter(
     kind: str,
     config: dict[str, Any],
-    http: aiohttp.ClientSession,
+    http: HttpClient,
     store: MediaStore,
     egress: Egress = STRICT,
 ) -> ChannelAdapter:
-    """The adapter for one channel. One send takes at most the session's total timeout (the
+    """The adapter for one channel. One send takes at most the HTTP client's timeout (the
     dispatcher's send timeout), an SMTP conversation included.
     """
     if kind == ChannelKind.WEBHOOK:
@@ -38,6 +37,6 @@ def make_adapter(
         return WhatsappAdapter(config, http)
     if kind == ChannelKind.SMTP:
         return SmtpAdapter(
-            config, store, timeout=http.timeout.total or TIMEOUT_SECONDS, egress=egress
+            config, store, timeout=http.timeout_seconds or TIMEOUT_SECONDS, egress=egress
         )
     raise UnsupportedChannel(f"no adapter for channel kind {kind!r}")

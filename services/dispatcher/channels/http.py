@@ -1,9 +1,9 @@
 """The HTTP client every HTTP channel shares, and how its failures read.
 
-The session connects only where the egress rule allows (``shared.egress``): names are
-resolved, refused addresses dropped, and the socket factory checks the address once more just
-before it connects (literal addresses skip resolution). Redirects are never followed, so a
-provider's 3xx cannot send a request somewhere the rule would refuse.
+The client (``channels.client``) connects only where the egress rule allows
+(``shared.egress``): names are resolved, refused addresses dropped, and the socket is checked
+once more just before it connects (literal addresses skip resolution). Redirects are never
+followed, so a provider's 3xx cannot send a request somewhere the rule would refuse.
 
 A failure stored for an operator holds bcast's own words and at most a short, cleaned
 message the provider gave in a JSON error body, never raw bytes of whatever answered: an
@@ -14,115 +14,33 @@ Connection failures read the same whatever their cause, so a reason cannot map p
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-
 from services.dispatcher.channels.base import Transient, printable
-from shared.egress import Egress, EgressRefused, parse_literal
+from services.dispatcher.channels.client import MAX_ANSWER as MAX_ANSWER
+from services.dispatcher.channels.client import HttpClient, HttpError, InvalidUrl
+from shared.egress import Egress, EgressRefused
+
+#: Whatever a call can raise when it got no HTTP answer.
+NO_ANSWER = (TimeoutError, HttpError, OSError)
 
 #: What any failure to reach a provider, or to read an HTTP answer from it, is stored as.
 UNREACHABLE_PROVIDER = "could not reach the provider (no connection, no HTTP answer, or timed out)"
 #: Longest part of a provider's own error message kept in a reason.
 MAX_PROVIDER_MESSAGE = 200
-#: Most bytes of an answer read: a provider's reply is small, and whatever sends more (a
-#: tenant's own endpoint streaming gigabytes) is cut off rather than held in memory.
-MAX_ANSWER = 64 * 1024
 
 
-async def read_answer(resp: aiohttp.ClientResponse) -> bytes:
-    """The answer's body, or its first ``MAX_ANSWER`` bytes when it is longer (the connection
-    is then closed, not reused).
+def make_client(egress: Egress, *, max_in_flight: int, timeout_seconds: float) -> HttpClient:
+    """The process's one HTTP client: keep-alive connections, the egress rule, one timeout
+    for a whole call (connect, send, read).
     """
-    if resp.content_length is not None:
-        if resp.content_length > MAX_ANSWER:
-            resp.close()
-            return b""
-        return await resp.read()  # its length is known and small: one read
-    body = bytearray()
-    while len(body) <= MAX_ANSWER:
-        chunk = await resp.content.read(MAX_ANSWER + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
-    resp.close()
-    return bytes(body[:MAX_ANSWER])
+    return HttpClient(egress, max_in_flight=max_in_flight, timeout_seconds=timeout_seconds)
 
 
-class EgressResolver(AbstractResolver):
-    """Resolves names, then keeps only the addresses the egress rule allows.
-
-    Parameters:
-      egress: the rule.
-      inner: the resolver that does the lookups.
-    """
-
-    def __init__(self, egress: Egress, inner: AbstractResolver | None = None) -> None:
-        self.egress = egress
-        self.inner = inner or DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        literal = parse_literal(host)
-        if literal is not None:
-            # A legacy spelling of an address (``2130706433``, ``127.1``): judged as the
-            # address it is, never handed to DNS.
-            self.egress.check(str(literal), host)
-            return [
-                {
-                    "hostname": host,
-                    "host": str(literal),
-                    "port": port,
-                    "family": socket.AF_INET6 if literal.version == 6 else socket.AF_INET,
-                    "proto": 0,
-                    "flags": socket.AI_NUMERICHOST,
-                }
-            ]
-        found = await self.inner.resolve(host, port, family)
-        if self.egress.allow_private:
-            return found
-        allowed: list[ResolveResult] = []
-        first_refusal: EgressRefused | None = None
-        for result in found:
-            try:
-                self.egress.check(result["host"], host)
-            except EgressRefused as exc:
-                first_refusal = first_refusal or exc
-            else:
-                allowed.append(result)
-        if not allowed and first_refusal is not None:
-            raise first_refusal
-        return allowed
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-def make_session(
-    egress: Egress, *, max_in_flight: int, timeout_seconds: float
-) -> aiohttp.ClientSession:
-    """The process's one client session: keep-alive pool, egress rule, one timeout for a
-    whole call (connect, send, read).
-    """
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=max_in_flight,
-            ttl_dns_cache=300,
-            resolver=EgressResolver(egress),
-            socket_factory=egress.socket,
-        ),
-        timeout=aiohttp.ClientTimeout(total=timeout_seconds),
-        # Providers' cookies mean nothing to a sender, and parsing them costs CPU per call.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        headers={"User-Agent": "bcast"},
-        # No environment proxies: every connection goes where the egress rule looked.
-        trust_env=False,
-    )
+def json_body(value: Any) -> bytes:
+    """``value`` as a compact UTF-8 JSON body."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def refused_by_egress(exc: BaseException) -> EgressRefused | None:
@@ -133,9 +51,6 @@ def refused_by_egress(exc: BaseException) -> EgressRefused | None:
         seen.add(id(current))
         if isinstance(current, EgressRefused):
             return current
-        if isinstance(current, aiohttp.ClientConnectorError):
-            current = current.os_error
-            continue
         current = current.__cause__ or current.__context__
     return None
 
@@ -159,8 +74,8 @@ def connection_failure(exc: BaseException) -> Transient:
     refused = refused_by_egress(exc)
     if refused is not None:
         return Transient(f"the channel's provider address is refused: {refused}", refused=True)
-    if isinstance(exc, aiohttp.InvalidURL):
-        # Legacy address spellings (``http://2130706433/``) and the like: never connected.
+    if isinstance(exc, InvalidUrl):
+        # Not an http(s) URL with a host: never connected.
         return Transient(
             "the channel's provider address is refused: its URL is not a valid address",
             refused=True,

@@ -11,8 +11,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from services.dispatcher.channels.base import (
     OutboundMessage,
     Outcome,
@@ -24,11 +22,13 @@ from services.dispatcher.channels.base import (
     send_in_parts,
     wait_asked,
 )
+from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
+    NO_ANSWER,
     connection_failure,
     header_refused,
+    json_body,
     provider_message,
-    read_answer,
 )
 
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
@@ -39,12 +39,12 @@ UNREACHABLE_HINTS = ("chat not found", "user is deactivated", "bot was blocked",
 class TelegramAdapter:
     """Parameters:
     config: ``bot_token`` and ``api_base_url``.
-    http: the process's shared client session.
+    http: the process's shared HTTP client.
     """
 
     max_in_flight: int | None = None
 
-    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    def __init__(self, config: dict[str, Any], http: HttpClient) -> None:
         self.token = str(config["bot_token"])
         self.base = f"{str(config['api_base_url']).rstrip('/')}/bot{self.token}"
         self.http = http
@@ -87,18 +87,16 @@ class TelegramAdapter:
 
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
         try:
-            async with self.http.post(
+            got = await self.http.post(
                 f"{self.base}/{method}",
-                json=payload,
-                headers={"Idempotency-Key": key},
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                raw = await read_answer(resp)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                json_body(payload),
+                {"Content-Type": "application/json", "Idempotency-Key": key},
+            )
+        except NO_ANSWER as exc:
             return connection_failure(exc)
         except ValueError as exc:
             return header_refused(exc)
+        status, raw = got.status, got.body
         try:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -127,7 +125,7 @@ class TelegramAdapter:
         return text.replace(self.token, "<bot token>")
 
     async def close(self) -> None:
-        """The HTTP session belongs to the process."""
+        """The HTTP client belongs to the process."""
 
 
 def _code(value: Any, status: int) -> int:

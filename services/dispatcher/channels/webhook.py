@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from services.dispatcher.channels.base import (
     OutboundMessage,
     Outcome,
@@ -21,11 +19,13 @@ from services.dispatcher.channels.base import (
     message_id,
     parse_retry_after,
 )
+from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
+    NO_ANSWER,
     connection_failure,
     header_refused,
     http_reason,
-    read_answer,
+    json_body,
 )
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
@@ -46,12 +46,12 @@ class WebhookAdapter:
 
     Parameters:
       config: the channel config: ``url`` and ``secret``.
-      http: the process's shared client session (keep-alive pool).
+      http: the process's shared HTTP client (keep-alive connections).
     """
 
     max_in_flight: int | None = None
 
-    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    def __init__(self, config: dict[str, Any], http: HttpClient) -> None:
         self.url = str(config["url"])
         self.secret_text = str(config["secret"])
         self.secret = self.secret_text.encode()
@@ -70,11 +70,11 @@ class WebhookAdapter:
         body = b"".join(
             (
                 b'{"idempotency_key":',
-                _json(idempotency_key),
+                json_body(idempotency_key),
                 b',"timestamp":',
                 str(int(time.time())).encode(),
                 b',"to":',
-                _json(address),
+                json_body(address),
                 b",",
                 self._rest(message),
             )
@@ -85,16 +85,12 @@ class WebhookAdapter:
             SIGNATURE_HEADER: sign(self.secret, body),
         }
         try:
-            async with self.http.post(
-                self.url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                answer = await read_answer(resp)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            got = await self.http.post(self.url, body, headers)
+        except NO_ANSWER as exc:
             return connection_failure(exc)
         except ValueError as exc:
             return header_refused(exc)
+        status, answer, retry_after = got.status, got.body, got.headers.get("retry-after")
         if 200 <= status < 300:
             return Sent(_message_id(answer))
         text = http_reason("webhook", status, answer, ERROR_PATHS, self._scrub)
@@ -108,12 +104,12 @@ class WebhookAdapter:
         return text.replace(self.secret_text, "<secret>") if self.secret_text else text
 
     async def close(self) -> None:
-        """Nothing of its own to close: the HTTP session belongs to the process."""
+        """Nothing of its own to close: the HTTP client belongs to the process."""
 
     def _rest(self, message: OutboundMessage) -> bytes:
         """The part of the body every recipient shares, encoded once per message."""
         if self._cached is None or self._cached[0] is not message:
-            rest = _json(
+            rest = json_body(
                 {
                     "broadcast_id": message.broadcast_id,
                     "text": message.text,
@@ -124,10 +120,6 @@ class WebhookAdapter:
             )[1:]
             self._cached = (message, rest)
         return self._cached[1]
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _message_id(answer: bytes) -> str | None:

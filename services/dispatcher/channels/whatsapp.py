@@ -12,8 +12,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from services.dispatcher.channels.base import (
     OutboundMessage,
     Outcome,
@@ -26,11 +24,13 @@ from services.dispatcher.channels.base import (
     reason,
     send_in_parts,
 )
+from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
+    NO_ANSWER,
     connection_failure,
     header_refused,
+    json_body,
     provider_message,
-    read_answer,
 )
 
 MAX_CAPTION = 1024
@@ -47,12 +47,12 @@ THROTTLE_WAIT = 1.0
 class WhatsappAdapter:
     """Parameters:
     config: ``access_token``, ``phone_number_id``, ``api_version``, ``api_base_url``.
-    http: the process's shared client session.
+    http: the process's shared HTTP client.
     """
 
     max_in_flight: int | None = None
 
-    def __init__(self, config: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    def __init__(self, config: dict[str, Any], http: HttpClient) -> None:
         base = str(config["api_base_url"]).rstrip("/")
         self.url = f"{base}/{config['api_version']}/{config['phone_number_id']}/messages"
         self.token = str(config["access_token"])
@@ -97,18 +97,18 @@ class WhatsappAdapter:
         return await send_in_parts(len(parts), parts_done, idempotency_key, call, may_go_on)
 
     async def _call(self, body: dict[str, Any], key: str) -> Outcome:
-        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
+        headers = {
+            "Authorization": f"Bearer {self.token}",
+            "Content-Type": "application/json",
+            "Idempotency-Key": key,
+        }
         try:
-            async with self.http.post(
-                self.url, json=body, headers=headers, allow_redirects=False
-            ) as resp:
-                status = resp.status
-                raw = await read_answer(resp)
-                retry_after = resp.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            got = await self.http.post(self.url, json_body(body), headers)
+        except NO_ANSWER as exc:
             return connection_failure(exc)
         except ValueError as exc:
             return header_refused(exc)
+        status, raw, retry_after = got.status, got.body, got.headers.get("retry-after")
         try:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -140,7 +140,7 @@ class WhatsappAdapter:
         return text.replace(self.token, "<access token>") if self.token else text
 
     async def close(self) -> None:
-        """The HTTP session belongs to the process."""
+        """The HTTP client belongs to the process."""
 
 
 def _message_id(messages: Any) -> str | None:
