@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import Account, Channel, Contact, ContactTag, Tag
 from shared.db.sql import in_ids, owned
 from shared.domain.channels import normalize_address
-from shared.domain.errors import FieldError, StateConflict, ValidationFailed, describe
+from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
 from shared.domain.types import (
     Id,
@@ -96,6 +96,29 @@ def create_tag(session: Session, workspace_id: int, name: str) -> Tag:
         raise StateConflict(f"tag {name!r} already exists (id {exists})")
     tag = Tag(workspace_id=workspace_id, name=tag_name(name), name_key=key)
     session.add(tag)
+    session.flush()
+    return tag
+
+
+def rename_tag(session: Session, workspace_id: int, tag_id: int, name: str) -> Tag:
+    """Give a tag of the workspace a new name (its contacts and the audiences that name it
+    keep it); a name another tag has (ignoring case) is a conflict.
+    """
+    tag = session.execute(
+        select(Tag).where(Tag.workspace_id == workspace_id, Tag.id == tag_id).with_for_update()
+    ).scalar_one_or_none()
+    if tag is None:
+        raise NotFound("tag", tag_id)
+    key = tag_key(name)
+    taken = session.execute(
+        select(Tag.id).where(
+            Tag.workspace_id == workspace_id, Tag.name_key == key, Tag.id != tag_id
+        )
+    ).scalar_one_or_none()
+    if taken is not None:
+        raise StateConflict(f"tag {tag_name(name)!r} already exists (id {taken})")
+    tag.name = tag_name(name)
+    tag.name_key = key
     session.flush()
     return tag
 

@@ -348,17 +348,24 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     expect(page.get_by_label("N v-2")).not_to_be_checked()
     shot(page, "new-refused")
     accessible(page, axe)
-    # Two images, previewed in the order they will go out.
+    # Three images, previewed in the order they will go out; one moved earlier, one left out.
     pictures = []
-    for name, color in (("second.png", "blue"), ("first.png", "red")):
+    for name, color in (("second.png", "blue"), ("first.png", "red"), ("spare.png", "green")):
         buf = io.BytesIO()
         Image.new("RGB", (40, 40), color).save(buf, "PNG")
         pictures.append({"name": name, "mimeType": "image/png", "buffer": buf.getvalue()})
     page.get_by_label(re.compile("^Images")).set_input_files(pictures)  # type: ignore[arg-type]
     previews = page.get_by_role("list", name="Chosen images, in sending order").get_by_role("img")
-    expect(previews).to_have_count(2)
+    expect(previews).to_have_count(3)
     expect(previews.first).to_have_attribute("alt", "1: second.png")
+    page.get_by_role("button", name="Send first.png earlier").click()
+    expect(page.get_by_role("button", name="Send first.png later")).to_be_focused()
+    page.get_by_role("button", name="Leave out spare.png").click()
+    expect(previews).to_have_count(2)
+    expect(previews.first).to_have_attribute("alt", "1: first.png")
+    expect(previews.last).to_have_attribute("alt", "2: second.png")
     shot(page, "new-with-images")
+    accessible(page, axe)
     page.get_by_label("Now").check()
     page.get_by_role("button", name="Create broadcast").click()
     expect(page.get_by_role("heading", name="vip preview")).to_be_visible()
@@ -369,7 +376,7 @@ def test_an_operator_picks_people_and_creates_a_broadcast(
     assert reached == {"v-1", "v-3"}
     media = api.get(broadcast_id)["content"]["media_ids"]
     names = [api.ok("GET", f"/v1/media/{m}")["filename"] for m in media]
-    assert names == ["second.png", "first.png"]
+    assert names == ["first.png", "second.png"], "sent in the order the operator left them"
     shot(page, "new-created")
     # And a scheduled one, an hour ahead in the browser's time zone.
     page.get_by_role("link", name="Broadcasts", exact=True).click()
@@ -427,3 +434,43 @@ def test_contacts_import_and_channels_pages(
     expect(page.get_by_role("cell", name=channel["name"], exact=True)).to_be_visible()
     shot(page, "channels")
     accessible(page, axe)
+
+
+def test_every_page_fits_a_phone(chromium: Browser, system: System, api: Api, axe: str) -> None:
+    """At a phone's width no page scrolls sideways, and each still passes the checks."""
+    channel, account_id = sending_setup(api, 3, 100)
+    contact_id = api.contacts(account_id)["c-0"]
+    conversation = api.ok(
+        "POST", "/v1/conversations", 201, json={"account_id": account_id, "contact_id": contact_id}
+    )
+    later = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
+    broadcast = api.broadcast(
+        channel["id"],
+        {"account_ids": [account_id], "selection": "all"},
+        name="a long broadcast name that has to wrap on a narrow screen somewhere",
+        send_at=later,
+    )
+    api.ok("POST", "/v1/tags", 201, json={"name": "a-rather-long-tag-name-for-phones"})
+    phone = new_page(chromium, system, PHONE)
+    phone.goto("/console/login")
+    shot(phone, "login-phone")
+    sign_in(phone, api.token)
+    pages = {
+        "broadcasts": "/console/broadcasts",
+        "new": f"/console/broadcasts/new?channel={channel['id']}",
+        "detail": f"/console/broadcasts/{broadcast['id']}",
+        "edit": f"/console/broadcasts/{broadcast['id']}/edit",
+        "conversations": "/console/conversations",
+        "conversation": f"/console/conversations/{conversation['id']}",
+        "contacts": "/console/contacts",
+        "channels": "/console/channels",
+    }
+    for name, path in pages.items():
+        phone.goto(path)
+        expect(phone.get_by_role("heading", level=1)).to_be_visible()
+        overflow = phone.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"{name} scrolls sideways by {overflow} px at {PHONE['width']} px"
+        shot(phone, f"{name}-phone")
+        accessible(phone, axe)

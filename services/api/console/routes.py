@@ -28,12 +28,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle
-from services.api.schemas import BroadcastCreate, BroadcastPatch
+from services.api.schemas import BroadcastCreate, BroadcastPatch, TagCreate
 from shared.db.models import (
     Account,
     Broadcast,
@@ -42,6 +42,7 @@ from shared.db.models import (
     ContactTag,
     Conversation,
     Delivery,
+    Media,
     Tag,
 )
 from shared.domain.audience import AudienceFilter, audience_query, count_audience
@@ -63,7 +64,14 @@ from shared.domain.broadcasts import (
     resume_broadcast,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
-from shared.domain.contacts import CSV_COLUMNS, ImportResult, import_contacts, parse_import
+from shared.domain.contacts import (
+    CSV_COLUMNS,
+    ImportResult,
+    create_tag,
+    import_contacts,
+    parse_import,
+    rename_tag,
+)
 from shared.domain.errors import DomainError, NotFound, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
@@ -74,7 +82,8 @@ from shared.domain.lifecycle import (
 )
 from shared.domain.media import MAX_IMAGES, PROVIDER_IMAGES, create_media
 from shared.domain.types import MAX_ID
-from shared.settings import get_settings
+from shared.media_store import MediaStore
+from shared.settings import Settings, get_settings
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -809,15 +818,138 @@ def _ids(values: list[str]) -> list[int]:
     return [i for i in (plain_id(v) for v in values) if i]
 
 
-def _new_page(
+def _id_set(text: str) -> set[int]:
+    """Ids from a comma-separated hidden field (anything else in it is ignored)."""
+    return set(_ids(text.split(","))) if text else set()
+
+
+def _picker_form(
+    *,
+    channel: str,
+    account: list[str] | None,
+    tag: list[str] | None,
+    tag_match: str,
+    name: str,
+    **rest: Any,
+) -> dict[str, Any]:
+    """A broadcast form's state, from the raw values of the GET picker or of the POST."""
+    return {
+        "channel": plain_id(channel) or 0,
+        "accounts": _ids(account or []),
+        "tags": _ids(tag or []),
+        "tag_match": "all" if tag_match == "all" else "any",
+        "name": name,
+        "selection": "all",
+        "picked": set(),
+        "left_out": set(),
+        "q": "",
+        "ppage": 1,
+        "text": "",
+        "when": "now",
+        "at": "",
+        "shown_at": "",
+        "tz": "",
+        "media": [],
+        "key": secrets.token_urlsafe(16),
+        **rest,
+    }
+
+
+class FormIn:
+    """The fields of the broadcast form (new or edit), as posted."""
+
+    def __init__(
+        self,
+        csrf_token: Annotated[str, Form(max_length=200)],
+        channel: Annotated[str, Form(max_length=20)] = "",
+        account: Annotated[list[str] | None, Form(max_length=1000)] = None,
+        tag: Annotated[list[str] | None, Form(max_length=1000)] = None,
+        tag_match: Annotated[str, Form(max_length=5)] = "any",
+        name: Annotated[str, Form(max_length=1000)] = "",
+        selection: Annotated[str, Form(max_length=10)] = "all",
+        shown: Annotated[str, Form(max_length=2_000_000)] = "",
+        contact: Annotated[list[str] | None, Form(max_length=PICKER_SHOWN)] = None,
+        picked: Annotated[str, Form(max_length=2_000_000)] = "",
+        left_out: Annotated[str, Form(max_length=2_000_000)] = "",
+        q: Annotated[str, Form(max_length=200)] = "",
+        ppage: Annotated[str, Form(max_length=10)] = "1",
+        go: Annotated[str, Form(max_length=20)] = "save",
+        text: Annotated[str, Form(max_length=20_000)] = "",
+        keep_media: Annotated[list[str] | None, Form(max_length=MAX_IMAGES)] = None,
+        media_listed: Annotated[str, Form(max_length=1)] = "",
+        when: Annotated[str, Form(max_length=10)] = "now",
+        at: Annotated[str, Form(max_length=40)] = "",
+        shown_at: Annotated[str, Form(max_length=40)] = "",
+        tz: Annotated[str, Form(max_length=64)] = "",
+        form_key: Annotated[str, Form(max_length=64)] = "",
+    ) -> None:
+        self.csrf_token = csrf_token
+        self.go = go
+        #: The form listed the images it carries (the edit page): those not kept go.
+        self.media_listed = media_listed == "1"
+        ticked = set(_ids(contact or []))
+        listed = _id_set(shown)
+        self.state = _picker_form(
+            channel=channel,
+            account=account,
+            tag=tag,
+            tag_match=tag_match,
+            name=name,
+            selection="manual" if selection == "manual" else "all",
+            # Ticks of the page left join those of the pages seen before.
+            picked=(_id_set(picked) - listed) | ticked,
+            left_out=(_id_set(left_out) - listed) | (listed - ticked),
+            q=" ".join(q.split()),
+            ppage=plain_id(ppage) or 1,
+            text=text,
+            media=_ids(keep_media or []),
+            when=when,
+            at=at,
+            shown_at=shown_at,
+            tz=tz,
+            key=form_key,
+        )
+
+    def turned_page(self) -> bool:
+        """Is this a search or a page of the picker (draw the form again), not a save?"""
+        if self.go == "search":
+            self.state["ppage"] = 1
+            return True
+        if self.go.startswith("page-"):
+            self.state["ppage"] = plain_id(self.go.removeprefix("page-")) or 1
+            return True
+        return False
+
+    def audience(self) -> dict[str, Any]:
+        form = self.state
+        if form["selection"] == "manual":
+            chosen: dict[str, Any] = {"selection": "manual", "contact_ids": sorted(form["picked"])}
+        else:
+            # Everyone matching, less those unticked on any page of the picker.
+            chosen = {"selection": "all", "exclude_contact_ids": sorted(form["left_out"])}
+        return {
+            "account_ids": form["accounts"],
+            "tag_ids": form["tags"],
+            "tag_match": form["tag_match"],
+            **chosen,
+        }
+
+
+Posted = Annotated[FormIn, Depends()]
+Images = Annotated[list[UploadFile] | None, File()]
+
+
+def _form_page(
     request: Request,
     session: SessionDep,
     who: Signed,
     form: dict[str, Any],
     *,
+    editing: Broadcast | None = None,
     error: str = "",
     code: int = 200,
 ) -> Response:
+    """The broadcast form: new, or an edit of ``editing`` (same picker, content, send time)."""
     channels = _channels(session, who.workspace_id)
     if form["channel"] not in {c.id for c in channels}:
         form["channel"] = channels[0].id if channels else 0
@@ -831,7 +963,7 @@ def _new_page(
     tags = list(
         session.scalars(select(Tag).where(Tag.workspace_id == who.workspace_id).order_by(Tag.name))
     )
-    count = unreachable = 0
+    count = unreachable = found = 0
     contacts: list[Contact] = []
     if form["channel"]:
         spec = AudienceFilter(
@@ -841,12 +973,25 @@ def _new_page(
         unreachable = count_audience(
             session, who.workspace_id, form["channel"], spec, reachable=False
         )
+        listed = audience_query(who.workspace_id, form["channel"], spec).with_only_columns(
+            Contact.id
+        )
+        if form["q"]:
+            like = f"%{_escape_like(form['q'])}%"
+            listed = listed.where(
+                or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
+            )
+        found = int(
+            session.execute(select(func.count()).select_from(listed.subquery())).scalar_one()
+        )
+        pages = max(1, -(-found // PICKER_SHOWN))
+        form["ppage"] = min(max(1, form["ppage"]), pages)
+        ids = listed.order_by(Contact.id).offset((form["ppage"] - 1) * PICKER_SHOWN)
         contacts = list(
             session.scalars(
-                audience_query(who.workspace_id, form["channel"], spec)
-                .with_only_columns(Contact)
+                select(Contact)
+                .where(Contact.id.in_(ids.limit(PICKER_SHOWN).scalar_subquery()))
                 .order_by(Contact.id)
-                .limit(PICKER_SHOWN)
             )
         )
     kind = next((c.kind for c in channels if c.id == form["channel"]), None)
@@ -858,9 +1003,18 @@ def _new_page(
             f"Up to {MAX_IMAGES} images; {kind} takes {names}, "
             f"at most {max_bytes // (1024 * 1024)} MB each"
         )
-    if form["ticked"] is None:
-        # First view: everyone matching is in, so every box is ticked.
-        form["ticked"] = {c.id for c in contacts}
+    kept = []
+    if form["media"]:
+        by_id = {
+            m.id: m
+            for m in session.scalars(
+                select(Media).where(
+                    Media.workspace_id == who.workspace_id, Media.id.in_(form["media"])
+                )
+            )
+        }
+        kept = [by_id[i] for i in form["media"] if i in by_id]
+    action = f"/console/broadcasts/{editing.id}/edit" if editing else "/console/broadcasts/new"
     return page(
         request,
         "new.html",
@@ -868,12 +1022,19 @@ def _new_page(
             "signed": who,
             "nav": "broadcasts",
             "form": form,
+            "editing": editing,
+            "action": action,
             "channels": channels,
             "accounts": accounts,
             "tags": tags,
             "count": count,
             "unreachable": unreachable,
             "contacts": contacts,
+            "found": found,
+            "pages": max(1, -(-found // PICKER_SHOWN)),
+            "picked_list": ",".join(map(str, sorted(form["picked"]))),
+            "left_out_list": ",".join(map(str, sorted(form["left_out"]))),
+            "kept_media": kept,
             "image_limits": limits + ".",
             "error": error,
         },
@@ -892,21 +1053,57 @@ def new_broadcast(
     tag_match: Annotated[str, Query(max_length=5)] = "any",
     name: Annotated[str, Query(max_length=200)] = "",
 ) -> Response:
-    form = {
-        "channel": plain_id(channel) or 0,
-        "accounts": _ids(account or []),
-        "tags": _ids(tag or []),
-        "tag_match": "all" if tag_match == "all" else "any",
-        "name": name,
-        "selection": "all",
-        "ticked": None,
-        "text": "",
-        "when": "now",
-        "at": "",
-        "tz": "",
-        "key": secrets.token_urlsafe(16),
-    }
-    return _new_page(request, session, who, form)
+    form = _picker_form(channel=channel, account=account, tag=tag, tag_match=tag_match, name=name)
+    return _form_page(request, session, who, form)
+
+
+def _store_images(
+    session: SessionDep,
+    settings: Settings,
+    store: MediaStore,
+    who: Signed,
+    images: list[UploadFile] | None,
+    already: int,
+    stored: list[str],
+) -> list[int]:
+    """Store the chosen images in the order chosen; their storage keys go into ``stored``
+    (for the caller to remove should the form be refused).
+    """
+    chosen = [f for f in images or [] if f.filename]
+    if already + len(chosen) > MAX_IMAGES:
+        raise ValidationFailed.one(
+            "images",
+            f"has {already + len(chosen)} images; a message may carry at most {MAX_IMAGES}",
+        )
+    media_ids = []
+    for upload in chosen:
+        media = create_media(
+            session,
+            store,
+            who.workspace_id,
+            filename=upload.filename or "",
+            data=upload.file.read(),
+            max_bytes=settings.media_max_bytes,
+            max_pixels=settings.media_max_pixels,
+        )
+        stored.append(media.storage_key)
+        media_ids.append(media.id)
+    return media_ids
+
+
+def _refused(
+    session: SessionDep, store: MediaStore, stored: list[str], exc: BaseException
+) -> DomainError:
+    """Nothing of a refused or failed form stays: its rows roll back, its images go. Returns
+    the refusal to show, or raises what was not one.
+    """
+    session.rollback()
+    for key in stored:
+        with contextlib.suppress(Exception):
+            store.delete(key)
+    if isinstance(exc, DomainError):
+        return exc
+    raise exc
 
 
 @router.post("/broadcasts/new")
@@ -916,78 +1113,30 @@ def create(
     settings: SettingsDep,
     store: MediaStoreDep,
     who: Operator,
-    csrf_token: Annotated[str, Form(max_length=200)],
-    channel: Annotated[str, Form(max_length=20)] = "",
-    account: Annotated[list[str] | None, Form(max_length=1000)] = None,
-    tag: Annotated[list[str] | None, Form(max_length=1000)] = None,
-    tag_match: Annotated[str, Form(max_length=5)] = "any",
-    name: Annotated[str, Form(max_length=1000)] = "",
-    selection: Annotated[str, Form(max_length=10)] = "all",
-    shown: Annotated[str, Form(max_length=2_000_000)] = "",
-    contact: Annotated[list[str] | None, Form(max_length=PICKER_SHOWN)] = None,
-    text: Annotated[str, Form(max_length=20_000)] = "",
-    when: Annotated[str, Form(max_length=10)] = "now",
-    at: Annotated[str, Form(max_length=40)] = "",
-    tz: Annotated[str, Form(max_length=64)] = "",
-    images: Annotated[list[UploadFile] | None, File()] = None,
-    form_key: Annotated[str, Form(max_length=64)] = "",
+    f: Posted,
+    images: Images = None,
 ) -> Response:
     """Create a broadcast through the API's rules; refused with its words, the form kept.
     Images are stored in the order chosen; if the broadcast is refused, they go again.
+
+    The people picker pages through everyone the filter matches (and searches them by name or
+    address): ``go`` = ``search`` or ``page-N`` only draws the form again, keeping what was
+    ticked on the page left (``picked``: chosen by hand; ``left_out``: unticked while
+    everyone matching is in).
     """
-    check_csrf(who, csrf_token)
+    check_csrf(who, f.csrf_token)
+    form = f.state
+    if f.turned_page():
+        return _form_page(request, session, who, form)
     stored: list[str] = []
-    ticked = set(_ids(contact or []))
-    form: dict[str, Any] = {
-        "channel": plain_id(channel) or 0,
-        "accounts": _ids(account or []),
-        "tags": _ids(tag or []),
-        "tag_match": "all" if tag_match == "all" else "any",
-        "name": name,
-        "selection": "manual" if selection == "manual" else "all",
-        "ticked": ticked,
-        "text": text,
-        "when": when,
-        "at": at,
-        "tz": tz,
-        "key": form_key,
-    }
-    listed = set(_ids(shown.split(",")))
     try:
-        if form["selection"] == "manual":
-            audience = {"selection": "manual", "contact_ids": sorted(ticked)}
-        else:
-            # Everyone matching, less those shown and unticked.
-            audience = {"selection": "all", "exclude_contact_ids": sorted(listed - ticked)}
-        send_at = local_send_time(at, tz) if when == "later" else None
-        chosen = [f for f in images or [] if f.filename]
-        if len(chosen) > MAX_IMAGES:
-            raise ValidationFailed.one(
-                "images", f"has {len(chosen)} images; a message may carry at most {MAX_IMAGES}"
-            )
-        media_ids = []
-        for upload in chosen:
-            media = create_media(
-                session,
-                store,
-                who.workspace_id,
-                filename=upload.filename or "",
-                data=upload.file.read(),
-                max_bytes=settings.media_max_bytes,
-                max_pixels=settings.media_max_pixels,
-            )
-            stored.append(media.storage_key)
-            media_ids.append(media.id)
+        send_at = local_send_time(form["at"], form["tz"]) if form["when"] == "later" else None
+        media_ids = _store_images(session, settings, store, who, images, 0, stored)
         body = {
-            "name": name,
+            "name": form["name"],
             "channel_id": form["channel"],
-            "audience": {
-                "account_ids": form["accounts"],
-                "tag_ids": form["tags"],
-                "tag_match": form["tag_match"],
-                **audience,
-            },
-            "content": {"text": text, "media_ids": media_ids},
+            "audience": f.audience(),
+            "content": {"text": form["text"], "media_ids": media_ids},
             "send_at": send_at.isoformat() if send_at else None,
         }
         # The API's own input rules, field by field, with its words.
@@ -1006,19 +1155,13 @@ def create(
                 content=valid.content,
                 send_at=valid.send_at,
             ),
-            idempotency_key=f"console-new-{form_key}" if form_key else None,
-            body_hash=request_hash({**body, "media": len(media_ids)}) if form_key else None,
+            idempotency_key=f"console-new-{form['key']}" if form["key"] else None,
+            body_hash=request_hash({**body, "media": len(media_ids)}) if form["key"] else None,
         )
         session.commit()
     except BaseException as exc:
-        # Nothing of a refused or failed form stays: its rows roll back, its images go.
-        session.rollback()
-        for key in stored:
-            with contextlib.suppress(Exception):
-                store.delete(key)
-        if isinstance(exc, DomainError):
-            return _new_page(request, session, who, form, error=str(exc), code=422)
-        raise
+        refusal = _refused(session, store, stored, exc)
+        return _form_page(request, session, who, form, error=str(refusal), code=422)
     lifecycle("created", broadcast, who.workspace_id, f", {broadcast.audience_size} recipients")
     return RedirectResponse(f"/console/broadcasts/{broadcast.id}", status.HTTP_303_SEE_OTHER)
 
@@ -1036,6 +1179,9 @@ def _contacts_page(
     *,
     report: str = "",
     refused: list[tuple[str, str]] | None = None,
+    tag_error: str = "",
+    q: str = "",
+    cursor: str | None = None,
     code: int = 200,
 ) -> Response:
     channels = _channels(session, who.workspace_id)
@@ -1045,20 +1191,28 @@ def _contacts_page(
         )
     )
     tags = session.execute(
-        select(Tag.name, func.count(ContactTag.contact_id))
+        select(Tag.id, Tag.name, func.count(ContactTag.contact_id))
         .outerjoin(ContactTag, ContactTag.tag_id == Tag.id)
         .where(Tag.workspace_id == who.workspace_id)
         .group_by(Tag.id, Tag.name)
         .order_by(Tag.name)
     ).all()
-    contacts = list(
-        session.scalars(
-            select(Contact)
-            .where(Contact.workspace_id == who.workspace_id)
-            .order_by(Contact.id.desc())
-            .limit(PAGE_SIZE)
+    q = " ".join(q.split())
+    query = select(Contact).where(Contact.workspace_id == who.workspace_id)
+    if q:
+        like = f"%{_escape_like(q)}%"
+        query = query.where(
+            or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
         )
-    )
+    try:
+        contacts, next_cursor = newest_first(session, query, Contact.id, PAGE_SIZE, cursor)
+    except DomainError:
+        contacts, next_cursor = [], None
+    next_url = None
+    if next_cursor:
+        next_url = "/console/contacts?" + urlencode(
+            [*([("q", q)] if q else []), ("cursor", next_cursor)]
+        )
     return page(
         request,
         "contacts.html",
@@ -1068,10 +1222,14 @@ def _contacts_page(
             "columns": ",".join(CSV_COLUMNS),
             "accounts": accounts,
             "channel_names": {c.id: c.name for c in channels},
-            "tags": [(str(n), int(c)) for n, c in tags],
+            "tags": [(int(i), str(n), int(c)) for i, n, c in tags],
             "contacts": contacts,
+            "q": q,
+            "paged": cursor is not None,
+            "next_url": next_url,
             "report": report,
             "refused": refused or [],
+            "tag_error": tag_error,
         },
         code=code,
     )
@@ -1079,9 +1237,90 @@ def _contacts_page(
 
 @router.get("/contacts")
 def contacts_page(
-    request: Request, session: SessionDep, who: Operator, report: str = ""
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    report: Annotated[str, Query(max_length=300)] = "",
+    q: Annotated[str, Query(max_length=200)] = "",
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
-    return _contacts_page(request, session, who, report=report[:300])
+    return _contacts_page(request, session, who, report=_notice(report), q=q, cursor=cursor)
+
+
+#: What a tag form did, by the ``report`` code the redirect carries (never free text).
+TAG_NOTICES = {"tag-created": "The tag was created.", "tag-renamed": "The tag was renamed."}
+
+
+def _notice(code: str) -> str:
+    return TAG_NOTICES.get(code, "")
+
+
+def _tag_form(
+    request: Request,
+    session: SessionDep,
+    who: Signed,
+    name: str,
+    write: Callable[[str], object],
+    done: str,
+) -> Response:
+    """Write a tag through the API's rules; refused with its words on the contacts page."""
+    try:
+        try:
+            valid = TagCreate.model_validate({"name": name})
+        except ValidationError as exc:
+            raise ValidationFailed.from_pydantic(exc) from None
+        write(valid.name)
+        session.commit()
+    except NotFound:
+        session.rollback()
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such tag") from None
+    except DomainError as exc:
+        session.rollback()
+        return _contacts_page(request, session, who, tag_error=str(exc), code=422)
+    return RedirectResponse(f"/console/contacts?report={done}", status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/tags")
+def tag_create(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """A new tag (a name another tag has, ignoring case, is refused)."""
+    check_csrf(who, csrf_token)
+    return _tag_form(
+        request,
+        session,
+        who,
+        name,
+        lambda valid: create_tag(session, who.workspace_id, valid),
+        "tag-created",
+    )
+
+
+@router.post("/tags/{tag_id:int}/rename")
+def tag_rename(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    tag_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    name: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """A tag's new name; its contacts and the audiences naming it keep it."""
+    check_csrf(who, csrf_token)
+    if not 0 < tag_id <= MAX_ID:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such tag")
+    return _tag_form(
+        request,
+        session,
+        who,
+        name,
+        lambda valid: rename_tag(session, who.workspace_id, tag_id, valid),
+        "tag-renamed",
+    )
 
 
 @router.post("/contacts/import")
@@ -1175,11 +1414,14 @@ def _edit_page(
     request: Request,
     who: Signed,
     b: Broadcast,
-    form: dict[str, str],
+    form: dict[str, Any],
     *,
     error: str = "",
     code: int = 200,
 ) -> Response:
+    """A conversation's timed send: its name, message and send time (its one recipient and
+    channel are the conversation's).
+    """
     return page(
         request,
         "edit.html",
@@ -1188,48 +1430,97 @@ def _edit_page(
     )
 
 
-@router.get("/broadcasts/{broadcast_id:int}/edit")
-def edit_form(request: Request, session: SessionDep, who: Operator, broadcast_id: int) -> Response:
-    b = _owned(session, who, broadcast_id)
-    form = {
-        "name": b.name,
-        "text": (b.content or {}).get("text") or "",
-        "when": "later",
+def _stored_form(b: Broadcast) -> dict[str, Any]:
+    """The form of a stored broadcast, as it stands."""
+    audience = b.audience or {}
+    content = b.content or {}
+    at = b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")
+    return _picker_form(
+        channel=str(b.channel_id),
+        account=[str(i) for i in audience.get("account_ids") or []],
+        tag=[str(i) for i in audience.get("tag_ids") or []],
+        tag_match=str(audience.get("tag_match") or "any"),
+        name=b.name,
+        selection="manual" if audience.get("selection") == "manual" else "all",
+        picked=set(audience.get("contact_ids") or []),
+        left_out=set(audience.get("exclude_contact_ids") or []),
+        text=content.get("text") or "",
+        media=list(content.get("media_ids") or []),
+        when="later",
         # The stored time in UTC; the operator's zone is filled in by the page's script.
-        "at": b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"),
-        "shown_at": b.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"),
-        "tz": "UTC",
-    }
-    return _edit_page(request, who, b, form)
+        at=at,
+        shown_at=at,
+        tz="UTC",
+        key="",
+    )
+
+
+@router.get("/broadcasts/{broadcast_id:int}/edit")
+def edit_form(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    channel: Annotated[str, Query(max_length=20)] = "",
+    account: Annotated[list[str] | None, Query(max_length=1000)] = None,
+    tag: Annotated[list[str] | None, Query(max_length=1000)] = None,
+    tag_match: Annotated[str, Query(max_length=5)] = "any",
+) -> Response:
+    """The broadcast's form as it stands; with a picker filter in the query (the operator
+    chose another channel, accounts or tags), that filter and everyone it matches.
+    """
+    b = _owned(session, who, broadcast_id)
+    form = _stored_form(b)
+    if b.origin == Origin.CONVERSATION.value:
+        return _edit_page(request, who, b, form)
+    if channel:
+        form.update(
+            _picker_form(channel=channel, account=account, tag=tag, tag_match=tag_match, name="")
+            | {k: form[k] for k in ("name", "text", "media", "when", "at", "shown_at", "tz")}
+        )
+    return _form_page(request, session, who, form, editing=b)
 
 
 @router.post("/broadcasts/{broadcast_id:int}/edit")
 def edit(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
+    store: MediaStoreDep,
     who: Operator,
     broadcast_id: int,
-    csrf_token: Annotated[str, Form(max_length=200)],
-    name: Annotated[str, Form(max_length=1000)] = "",
-    text: Annotated[str, Form(max_length=20_000)] = "",
-    when: Annotated[str, Form(max_length=10)] = "later",
-    at: Annotated[str, Form(max_length=40)] = "",
-    shown_at: Annotated[str, Form(max_length=40)] = "",
-    tz: Annotated[str, Form(max_length=64)] = "",
+    f: Posted,
+    images: Images = None,
 ) -> Response:
-    """Change name, message and send time through the API's rules (as ``PATCH``). The send
-    time changes only when it was changed (or set to now), so a rename of a broadcast due
-    in a minute is not refused for its time.
+    """Change a broadcast through the API's rules (as ``PATCH``): its channel, audience,
+    message and images (those kept, in their order, then the ones added), and send time. The
+    send time changes only when it was changed (or set to now), so a rename of a broadcast
+    due in a minute is not refused for its time. A conversation's timed send keeps its
+    channel and recipient.
     """
-    check_csrf(who, csrf_token)
+    check_csrf(who, f.csrf_token)
     b = _owned(session, who, broadcast_id)
-    form = {"name": name, "text": text, "when": when, "at": at, "shown_at": shown_at, "tz": tz}
-    moved = when != "later" or at != shown_at
+    form = f.state
+    timed = b.origin == Origin.CONVERSATION.value
+    if not timed and f.turned_page():
+        return _form_page(request, session, who, form, editing=b)
+    moved = form["when"] != "later" or form["at"] != form["shown_at"]
+    stored: list[str] = []
     try:
-        send_at = local_send_time(at, tz) if when == "later" and moved else None
+        send_at = (
+            local_send_time(form["at"], form["tz"]) if form["when"] == "later" and moved else None
+        )
         content = dict(b.content or {})
-        content["text"] = text
-        patch: dict[str, Any] = {"name": name, "content": content}
+        content["text"] = form["text"]
+        patch: dict[str, Any] = {"name": form["name"], "content": content}
+        if not timed:
+            carried = list(content.get("media_ids") or [])
+            kept = [i for i in form["media"] if i in carried] if f.media_listed else carried
+            added = _store_images(session, settings, store, who, images, len(kept), stored)
+            content["media_ids"] = kept + added
+            if form["channel"]:
+                patch["channel_id"] = form["channel"]
+                patch["audience"] = f.audience()
         if moved:
             patch["send_at"] = send_at.isoformat() if send_at else None
         try:
@@ -1243,13 +1534,17 @@ def edit(
             Changes(
                 fields=frozenset(patch),
                 name=valid.name,
+                channel_id=valid.channel_id,
+                audience=valid.audience,
                 content=valid.content,
                 send_at=valid.send_at,
             ),
         )
-    except DomainError as exc:
-        session.rollback()
-        return _edit_page(request, who, b, form, error=str(exc), code=422)
-    session.commit()
+        session.commit()
+    except BaseException as exc:
+        refusal = _refused(session, store, stored, exc)
+        if timed:
+            return _edit_page(request, who, b, form, error=str(refusal), code=422)
+        return _form_page(request, session, who, form, editing=b, error=str(refusal), code=422)
     lifecycle("changed", changed, who.workspace_id, f" ({', '.join(sorted(patch))})")
     return RedirectResponse(f"/console/broadcasts/{broadcast_id}", status.HTTP_303_SEE_OTHER)

@@ -59,25 +59,75 @@
         .catch(function () {});
     });
   }
-  // Chosen images shown before they are sent, in the order they go out.
+  // Chosen images shown before they are sent, in the order they go out; each can be moved
+  // earlier or later, or taken out, and the file field is rewritten in that order.
   function previews() {
     document.querySelectorAll("input[type=file][data-previews]").forEach(function (input) {
       var list = document.getElementById(input.getAttribute("data-previews"));
       if (!list) return;
-      input.addEventListener("change", function () {
+      var files = [];
+      function button(label, text, onclick) {
+        var b = document.createElement("button");
+        b.type = "button";
+        b.textContent = text;
+        b.setAttribute("aria-label", label);
+        b.addEventListener("click", onclick);
+        return b;
+      }
+      function apply(focusIndex, focusWhich) {
+        if (typeof DataTransfer === "function") {
+          var dt = new DataTransfer();
+          files.forEach(function (f) { dt.items.add(f); });
+          input.files = dt.files;
+        }
+        draw();
+        if (focusIndex !== undefined && list.children[focusIndex]) {
+          var target = list.children[focusIndex].querySelector('[data-move="' + focusWhich + '"]') ||
+            list.children[focusIndex].querySelector("button");
+          if (target) target.focus();
+        }
+      }
+      function draw() {
         list.textContent = "";
-        Array.prototype.forEach.call(input.files, function (file, i) {
+        files.forEach(function (file, i) {
           var item = document.createElement("li");
           var img = document.createElement("img");
           img.src = URL.createObjectURL(file);
           img.alt = (i + 1) + ": " + file.name;
           img.width = 96;
           var caption = document.createElement("span");
-          caption.textContent = file.name + " (" + Math.ceil(file.size / 1024) + " KB)";
+          caption.textContent = (i + 1) + ". " + file.name + " (" + Math.ceil(file.size / 1024) + " KB)";
+          var tools = document.createElement("span");
+          tools.className = "image-tools";
+          if (i > 0) {
+            var up = button("Send " + file.name + " earlier", "↑ Earlier", function () {
+              files.splice(i - 1, 0, files.splice(i, 1)[0]);
+              apply(i - 1, "earlier");
+            });
+            up.setAttribute("data-move", "earlier");
+            tools.appendChild(up);
+          }
+          if (i < files.length - 1) {
+            var down = button("Send " + file.name + " later", "↓ Later", function () {
+              files.splice(i + 1, 0, files.splice(i, 1)[0]);
+              apply(i + 1, "later");
+            });
+            down.setAttribute("data-move", "later");
+            tools.appendChild(down);
+          }
+          tools.appendChild(button("Leave out " + file.name, "Remove", function () {
+            files.splice(i, 1);
+            apply(Math.min(i, files.length - 1), "remove");
+          }));
           item.appendChild(img);
           item.appendChild(caption);
+          item.appendChild(tools);
           list.appendChild(item);
         });
+      }
+      input.addEventListener("change", function () {
+        files = Array.prototype.slice.call(input.files);
+        draw();
       });
     });
   }
