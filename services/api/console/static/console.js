@@ -100,7 +100,7 @@
           var tools = document.createElement("span");
           tools.className = "image-tools";
           if (i > 0) {
-            var up = button("Send " + file.name + " earlier", "↑ Earlier", function () {
+            var up = button("Move earlier: " + file.name, "Move earlier", function () {
               files.splice(i - 1, 0, files.splice(i, 1)[0]);
               apply(i - 1, "earlier");
             });
@@ -108,14 +108,14 @@
             tools.appendChild(up);
           }
           if (i < files.length - 1) {
-            var down = button("Send " + file.name + " later", "↓ Later", function () {
+            var down = button("Move later: " + file.name, "Move later", function () {
               files.splice(i + 1, 0, files.splice(i, 1)[0]);
               apply(i + 1, "later");
             });
             down.setAttribute("data-move", "later");
             tools.appendChild(down);
           }
-          tools.appendChild(button("Leave out " + file.name, "Remove", function () {
+          tools.appendChild(button("Remove: " + file.name, "Remove", function () {
             files.splice(i, 1);
             apply(Math.min(i, files.length - 1), "remove");
           }));
