@@ -9,8 +9,9 @@ import base64
 import datetime
 import ipaddress
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -94,7 +95,7 @@ def answering(*answers: bytes, then_close: bool = False) -> Script:
     return script
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """On asyncio's own loop, and on uvloop (the dispatcher's)."""
     asyncio.run(test())
     uvloop.run(test())
