@@ -409,7 +409,7 @@ def test_tls_is_verified_against_the_trusted_authorities(tmp_path: Path) -> None
 
     async def go() -> None:
         server = await asyncio.start_server(
-            lambda r, w: answering(OK)(r, w, peer), "127.0.0.1", 0, ssl=server_tls
+            lambda r, w: answering(OK, OK, OK)(r, w, peer), "127.0.0.1", 0, ssl=server_tls
         )
         port = server.sockets[0].getsockname()[1]
         try:
@@ -417,13 +417,70 @@ def test_tls_is_verified_against_the_trusted_authorities(tmp_path: Path) -> None
             async with client() as http:
                 with pytest.raises((HttpError, OSError)):
                     await http.post(f"https://127.0.0.1:{port}/", b"x", {})
-            # Trusted, and the name checked against the certificate: an answer.
+            # Trusted, and the name checked against the certificate: an answer (a name's
+            # final dot is the same host).
             async with client(tls_context=trusting) as http:
-                for host in ("localhost", "127.0.0.1"):
+                for host in ("localhost", "localhost.", "127.0.0.1"):
                     got = await http.post(f"https://{host}:{port}/", b"x", {})
                     assert got.body == b"ok"
         finally:
             server.close()
 
     peer = Peer(answering(OK))
+    run(go)
+
+
+def test_bytes_after_an_answer_never_reach_the_next_request() -> None:
+    extra = b"HTTP/1.1 500 Oops\r\nRetry-After: 3600\r\nContent-Length: 48\r\n\r\n"
+    mine = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmine"
+
+    async def go() -> None:
+        async with Peer(answering(OK + extra, mine)) as peer, client() as http:
+            first = await http.post(peer.url, b"x", {"Idempotency-Key": "1"})
+            assert first == Answer(200, {"content-length": "2"}, b"ok")
+            await asyncio.sleep(0.05)
+            async with Peer(answering(mine)) as fresh:
+                second = await http.post(fresh.url, b"x", {"Idempotency-Key": "2"})
+                assert second.body == b"mine"
+            third = await http.post(peer.url, b"x", {"Idempotency-Key": "3"})
+            assert (third.status, third.body) == (200, b"ok"), "a new connection, its own answer"
+            assert peer.connections == 2
+            assert first.headers == {"content-length": "2"}
+
+    run(go)
+
+
+def test_idle_connections_of_a_quiet_origin_are_closed_by_age() -> None:
+    async def go() -> None:
+        closed: list[bool] = []
+
+        async def note_close(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+        ) -> None:
+            await peer.read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+            await reader.read()  # returns once the client closes the connection
+            closed.append(True)
+
+        async with Peer(note_close) as peer, client(idle_seconds=0.1) as http:
+            await http.post(peer.url, b"x", {})
+            deadline = asyncio.get_running_loop().time() + 5
+            while not closed and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert closed, "no call to that origin since, yet its idle connection was closed"
+
+    run(go)
+
+
+def test_a_switch_of_protocols_is_no_answer() -> None:
+    upgrade = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+
+    async def go() -> None:
+        async with Peer(answering(upgrade)) as peer, client() as http:
+            with pytest.raises(HttpError):
+                await http.post(peer.url, b"x", {})
+
     run(go)

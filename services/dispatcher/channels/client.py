@@ -111,9 +111,12 @@ def _target(url: str) -> _Target:
     host = parsed.raw_host
     if scheme not in ("http", "https") or not host:
         raise InvalidUrl("not an http or https URL with a host")
-    port = parsed.port or (443 if scheme == "https" else 80)
+    # A fully qualified name's final dot: the same host, but not a name a certificate holds.
+    host = host.rstrip(".") or host
+    default_port = 443 if scheme == "https" else 80
+    port = parsed.port or default_port
     shown_host = f"[{host}]" if ":" in host else host
-    if parsed.explicit_port:
+    if port != default_port:
         shown_host = f"{shown_host}:{port}"
     authorization = None
     if parsed.user is not None or parsed.password is not None:
@@ -154,6 +157,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._got_bytes = False
         self._length_known = False
+        self._answered = False
         self.reusable = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -173,7 +177,7 @@ class _Connection(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(HttpError("not an HTTP answer"))
 
     def eof_received(self) -> bool:
@@ -193,6 +197,13 @@ class _Connection(asyncio.Protocol):
             self._fail(_Closed("the connection closed before an answer"))
 
     # --- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._answered:
+            # A second answer to one request: whatever it is, the connection's framing can no
+            # longer be trusted; it is closed, never handed to the next request.
+            self.reusable = False
+            self.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -227,7 +238,7 @@ class _Connection(asyncio.Protocol):
             self._reset()
             self._got_bytes = True
             return
-        self.reusable = self.parser.should_keep_alive()
+        self.reusable = self.parser.should_keep_alive() and not self.closed
         self._finish()
 
     # --- calls --------------------------------------------------------------------------------
@@ -240,9 +251,10 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def _finish(self, *, cut: bool = False) -> None:
+        self._answered = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(Answer(self._status, self._headers, bytes(self._body)))
+            waiter.set_result(Answer(self._status, dict(self._headers), bytes(self._body)))
         if cut:
             self.reusable = False
             self.close()
@@ -252,6 +264,9 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         self.close()
+
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
         self.reusable = False
@@ -295,6 +310,7 @@ class HttpClient:
         self._targets: dict[str, _Target] = {}
         self._resolved: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
         self._tls = tls_context
+        self._pruning: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def __aenter__(self) -> HttpClient:
@@ -354,7 +370,7 @@ class HttpClient:
                 try:
                     return await self._exchange(conn, target, request)
                 except _Closed:
-                    if not repeatable:
+                    if not repeatable or self.closed:
                         raise
             conn = await self._connect(target)
             return await self._exchange(conn, target, request)
@@ -368,7 +384,7 @@ class HttpClient:
             raise
         finally:
             self._busy.discard(conn)
-        if conn.reusable and not conn.closed:
+        if conn.reusable and not conn.closed and not self.closed:
             self._put_idle(target.origin, conn)
         else:
             conn.close()
@@ -381,13 +397,28 @@ class HttpClient:
         too_old = time.monotonic() - self.idle_seconds
         while idle:
             conn = idle.pop()
-            if conn.closed or conn.idle_since < too_old:
+            if conn.closed or conn.idle_since < too_old or conn.closing():
                 conn.close()
                 continue
             return conn
         return None
 
+    def _prune(self) -> None:
+        """Close idle connections past their age, and forget origins with none left."""
+        self._pruning = None
+        too_old = time.monotonic() - self.idle_seconds
+        for origin in list(self._idle):
+            idle = self._idle[origin]
+            while idle and (idle[0].closed or idle[0].idle_since < too_old):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[origin]
+        if self._idle and not self.closed:
+            self._pruning = asyncio.get_running_loop().call_later(self.idle_seconds, self._prune)
+
     def _put_idle(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+        if self._pruning is None:
+            self._pruning = asyncio.get_running_loop().call_later(self.idle_seconds, self._prune)
         idle = self._idle.setdefault(origin, deque())
         conn.idle_since = time.monotonic()
         idle.append(conn)
@@ -459,6 +490,9 @@ class HttpClient:
     async def close(self) -> None:
         """Close every connection, idle or busy."""
         self.closed = True
+        if self._pruning is not None:
+            self._pruning.cancel()
+            self._pruning = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
