@@ -1076,3 +1076,82 @@ def test_a_timed_send_s_edit_page_keeps_its_recipient_and_channel(
     now = api.ok("get", f"/v1/broadcasts/{timed['id']}")
     assert now["content"]["text"] == "see you soon"
     assert now["channel_id"] == timed["channel_id"]
+
+
+def test_switching_between_everyone_and_by_hand_counts_only_the_page_in_view(
+    browser: TestClient, api: Api
+) -> None:
+    csrf = sign_in(browser, api.token)
+    world = many_people(browser, csrf, api, 250)
+    ids = world["ids"]
+    first = browser.get(f"/console/broadcasts/new?channel={world['channel']}").text
+    base = {"csrf_token": csrf, "channel": str(world["channel"]), "name": "n", "text": "t"}
+    # By hand: one ticked on page 1, then page 2 is drawn.
+    second = picker_post(
+        browser,
+        {
+            **base,
+            "selection": "manual",
+            "mode_was": "manual",
+            "shown": hidden(first, "shown"),
+            "contact": [ids[3]],
+            "go": "page-3",
+        },
+    )
+    assert hidden(second, "picked") == str(ids[3])
+    # Switched to everyone matching on page 3, all of it ticked: nobody is left out.
+    made = browser.post(
+        "/console/broadcasts/new",
+        data={
+            **base,
+            "selection": "all",
+            "mode_was": hidden(second, "mode_was"),
+            "shown": hidden(second, "shown"),
+            "picked": hidden(second, "picked"),
+            "left_out": hidden(second, "left_out"),
+            "contact": ids[200:],
+        },
+    )
+    assert made.status_code == 303, made.text[:800]
+    b = api.ok("get", "/v1/broadcasts/" + made.headers["location"].rsplit("/", 1)[1])
+    assert b["audience"]["exclude_contact_ids"] == []
+    assert b["audience_size"] == 250
+
+
+def test_an_edit_that_keeps_the_audience_is_not_refused_for_who_opted_out_since(
+    browser: TestClient, api: Api
+) -> None:
+    world = picker_world(api)
+    ids = [p["id"] for p in world["people"]]
+    later = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
+    b = api.broadcast(
+        world["channel"]["id"],
+        name="picked",
+        send_at=later,
+        audience={"selection": "manual", "contact_ids": [ids[0], ids[1]]},
+    )
+    api.ok("patch", f"/v1/contacts/{ids[1]}", json={"opted_out": True})
+    csrf = sign_in(browser, api.token)
+    form = browser.get(f"/console/broadcasts/{b['id']}/edit").text
+    data = {
+        "csrf_token": csrf,
+        "channel": hidden(form, "channel"),
+        "selection": "manual",
+        "mode_was": "manual",
+        "picked": hidden(form, "picked"),
+        "shown": hidden(form, "shown"),
+        "contact": ticked_people(form),
+        "media_listed": "1",
+        "name": "renamed",
+        "text": "hello",
+        "when": "later",
+        "at": hidden(form, "shown_at"),
+        "shown_at": hidden(form, "shown_at"),
+        "tz": "UTC",
+    }
+    saved = browser.post(f"/console/broadcasts/{b['id']}/edit", data=data)
+    assert saved.status_code == 303, saved.text[:800]
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["name"] == "renamed"
+    # A channel in the address that is not the workspace's is ignored, not swapped in.
+    odd = browser.get(f"/console/broadcasts/{b['id']}/edit?channel=abc").text
+    assert re.search(rf'<option value="{world["channel"]["id"]}" selected>', odd)

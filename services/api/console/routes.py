@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
@@ -874,6 +875,7 @@ class FormIn:
         q: Annotated[str, Form(max_length=200)] = "",
         ppage: Annotated[str, Form(max_length=10)] = "1",
         go: Annotated[str, Form(max_length=20)] = "save",
+        mode_was: Annotated[str, Form(max_length=10)] = "",
         text: Annotated[str, Form(max_length=20_000)] = "",
         keep_media: Annotated[list[str] | None, Form(max_length=MAX_IMAGES)] = None,
         media_listed: Annotated[str, Form(max_length=1)] = "",
@@ -889,13 +891,18 @@ class FormIn:
         self.media_listed = media_listed == "1"
         ticked = set(_ids(contact or []))
         listed = _id_set(shown)
+        mode = "manual" if selection == "manual" else "all"
+        if mode_was and mode_was != mode:
+            # The operator switched between "everyone matching" and "only those ticked": the
+            # ticks carried from other pages meant the other thing, so only this page's count.
+            picked = left_out = ""
         self.state = _picker_form(
             channel=channel,
             account=account,
             tag=tag,
             tag_match=tag_match,
             name=name,
-            selection="manual" if selection == "manual" else "all",
+            selection=mode,
             # Ticks of the page left join those of the pages seen before.
             picked=(_id_set(picked) - listed) | ticked,
             left_out=(_id_set(left_out) - listed) | (listed - ticked),
@@ -1274,6 +1281,12 @@ def _tag_form(
     except NotFound:
         session.rollback()
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such tag") from None
+    except IntegrityError:
+        # Another form took the name in the same moment.
+        session.rollback()
+        return _contacts_page(
+            request, session, who, tag_error=f"tag {name.strip()!r} already exists", code=422
+        )
     except DomainError as exc:
         session.rollback()
         return _contacts_page(request, session, who, tag_error=str(exc), code=422)
@@ -1430,6 +1443,22 @@ def _edit_page(
     )
 
 
+def _same_audience(posted: dict[str, Any], stored: dict[str, Any] | None) -> bool:
+    """Do two audiences name the same people rule (ids compared as sets)?"""
+
+    def norm(a: dict[str, Any]) -> tuple[object, ...]:
+        return (
+            a.get("selection") or "all",
+            a.get("tag_match") or "any",
+            *(
+                frozenset(a.get(k) or ())
+                for k in ("account_ids", "tag_ids", "contact_ids", "exclude_contact_ids")
+            ),
+        )
+
+    return norm(posted) == norm(stored or {})
+
+
 def _stored_form(b: Broadcast) -> dict[str, Any]:
     """The form of a stored broadcast, as it stands."""
     audience = b.audience or {}
@@ -1473,7 +1502,7 @@ def edit_form(
     form = _stored_form(b)
     if b.origin == Origin.CONVERSATION.value:
         return _edit_page(request, who, b, form)
-    if channel:
+    if plain_id(channel) in {c.id for c in _channels(session, who.workspace_id)}:
         form.update(
             _picker_form(channel=channel, account=account, tag=tag, tag_match=tag_match, name="")
             | {k: form[k] for k in ("name", "text", "media", "when", "at", "shown_at", "tz")}
@@ -1518,7 +1547,11 @@ def edit(
             kept = [i for i in form["media"] if i in carried] if f.media_listed else carried
             added = _store_images(session, settings, store, who, images, len(kept), stored)
             content["media_ids"] = kept + added
-            if form["channel"]:
+            # Only what changed is checked again: a rename is not refused because someone
+            # picked by hand has opted out since.
+            if form["channel"] and (
+                form["channel"] != b.channel_id or not _same_audience(f.audience(), b.audience)
+            ):
                 patch["channel_id"] = form["channel"]
                 patch["audience"] = f.audience()
         if moved:

@@ -45,13 +45,14 @@
     var out = document.querySelector("[data-count]");
     if (!form || !out) return;
     form.addEventListener("change", function (event) {
-      if (event.target && event.target.name === "channel") return; // another channel: reload
       // The list below and the create form still hold the filter the page was drawn with:
       // creating waits for "Select people" to bring them up to date.
       var create = document.querySelector("[data-create]");
       var stale = document.querySelector("[data-stale]");
       if (create) create.disabled = true;
       if (stale) stale.hidden = false;
+      // Another channel has other accounts: its count comes with "Select people".
+      if (event.target && event.target.name === "channel") return;
       var query = new URLSearchParams(new FormData(form)).toString();
       fetch("/console/audience/count?" + query, { credentials: "same-origin" })
         .then(function (r) { return r.ok ? r.json() : null; })
@@ -81,7 +82,9 @@
           input.files = dt.files;
         }
         draw();
-        if (focusIndex !== undefined && list.children[focusIndex]) {
+        if (focusIndex === undefined) {
+          input.focus();
+        } else if (list.children[focusIndex]) {
           var target = list.children[focusIndex].querySelector('[data-move="' + focusWhich + '"]') ||
             list.children[focusIndex].querySelector("button");
           if (target) target.focus();
@@ -117,7 +120,7 @@
           }
           tools.appendChild(button("Remove: " + file.name, "Remove", function () {
             files.splice(i, 1);
-            apply(Math.min(i, files.length - 1), "remove");
+            apply(files.length ? Math.min(i, files.length - 1) : undefined, "remove");
           }));
           item.appendChild(img);
           item.appendChild(caption);
