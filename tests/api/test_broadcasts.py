@@ -312,6 +312,10 @@ def test_list_filters_by_several_statuses_newest_first(api: Api, setup: dict[str
     bad = api.get("/v1/broadcasts?status=done")
     assert bad.status_code == 422
     assert "in_progress" in bad.json()["detail"][0]["msg"]
+    for empty in ("status=", "status=paused,", "status=%20"):
+        refused = api.get(f"/v1/broadcasts?{empty}")
+        assert refused.status_code == 422, empty
+        assert refused.json()["detail"][0]["field"] == "status"
 
 
 def test_list_pages_with_a_cursor(api: Api, setup: dict[str, Any]) -> None:

@@ -128,12 +128,12 @@ def answer_created(
 
 
 def parse_statuses(values: list[str] | None, enum: type[E]) -> list[E]:
-    """``["pending,paused", "completed"]`` -> the three statuses; a 422 names any unknown one."""
+    """``["pending,paused", "completed"]`` -> the three statuses; a 422 names any unknown one
+    (an empty one too: ``status=`` filters nothing and is refused rather than ignored).
+    """
     allowed = [s.value for s in enum]
     out: list[E] = []
     for value in (v.strip() for raw in values or [] for v in raw.split(",")):
-        if not value:
-            continue
         if value not in allowed:
             raise ValidationFailed.one(
                 "status", f"{value!r} is not a status; allowed: {', '.join(allowed)}", "enum"
