@@ -30,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
@@ -265,6 +266,12 @@ def _channels(session: SessionDep, workspace_id: int) -> list[Channel]:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _name_or_address(q: str) -> ColumnElement[bool]:
+    """Contacts whose name or address holds ``q`` (case ignored; ``%`` and ``_`` as typed)."""
+    like = f"%{_escape_like(q)}%"
+    return or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
 
 
 @router.get("/broadcasts")
@@ -984,10 +991,7 @@ def _form_page(
             Contact.id
         )
         if form["q"]:
-            like = f"%{_escape_like(form['q'])}%"
-            listed = listed.where(
-                or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
-            )
+            listed = listed.where(_name_or_address(form["q"]))
         found = int(
             session.execute(select(func.count()).select_from(listed.subquery())).scalar_one()
         )
@@ -1207,10 +1211,7 @@ def _contacts_page(
     q = " ".join(q.split())
     query = select(Contact).where(Contact.workspace_id == who.workspace_id)
     if q:
-        like = f"%{_escape_like(q)}%"
-        query = query.where(
-            or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
-        )
+        query = query.where(_name_or_address(q))
     try:
         contacts, next_cursor = newest_first(session, query, Contact.id, PAGE_SIZE, cursor)
     except DomainError:
