@@ -48,6 +48,9 @@ ANCHOR = date(1970, 1, 5)
 PARTITIONS_AHEAD = 2
 #: Longest a maker waits for a lock on ``delivery`` (only other DDL holds a conflicting one).
 MAKE_LOCK_TIMEOUT = "10s"
+#: Room left on each page for the later versions of its rows: a send's claim and answer are
+#: heap-only updates only when the new version fits on the row's page (migration 0011).
+FILLFACTOR = 45
 
 _NAME = re.compile(r"^delivery_(archived_)?p[0-9]{8}$")
 _DAY = re.compile(r"'(\d{4}-\d{2}-\d{2})'")
@@ -207,7 +210,10 @@ def ensure(day: date, width: int) -> Op[Partition]:
     name = partition_name(first)
     low, high = f"'{first.isoformat()}'::date", f"'{end.isoformat()}'::date"
     yield Query(f"SET LOCAL lock_timeout = '{MAKE_LOCK_TIMEOUT}'")
-    yield Query(f"CREATE TABLE {name} (LIKE delivery INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    yield Query(
+        f"CREATE TABLE {name} (LIKE delivery INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
+        f"WITH (fillfactor = {FILLFACTOR})"
+    )
     # The CHECK spares ATTACH its scan, and tells the range of the table once detached.
     yield Query(
         f"ALTER TABLE {name} ADD CONSTRAINT {name}_range "

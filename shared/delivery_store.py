@@ -160,21 +160,23 @@ def given_back(task_status: str) -> str:
 
 
 def _come_back(
-    broadcast_id: int,
-    part_day: date,
+    batch: Batch,
     task_status: str | None,
-    tokens: Sequence[uuid.UUID],
     *,
     only: Sequence[int] | None = None,
     keep: Sequence[int] = (),
     attempt_used: bool,
     delay: float | None = None,
+    orphans: bool = False,
 ) -> Op[int]:
-    """Rows held under ``tokens`` come back unsent (queued, or canceled with their task).
+    """Rows of the batch's range held under its run's token come back unsent (queued, or
+    canceled with their task). With ``orphans``, rows held under any *other* token come back
+    instead: the batch was just taken under ``batch.token``, so no live run holds them.
 
     ``only``/``keep`` narrow which rows; ``attempt_used`` False gives back the attempt the claim
     counted (the provider was never called); ``delay`` keeps the row from being claimed again
-    for that many seconds.
+    for that many seconds. The batch's range bounds the statement to its rows (by the primary
+    key): no index names the token, so that a send's updates stay heap-only.
     """
     result = yield Query(
         f"""
@@ -183,8 +185,9 @@ def _come_back(
             attempts = attempts - %(give_back)s,
             next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
                                    ELSE now() + %(delay)s::float8 * interval '1 second' END
-        WHERE broadcast_id = %(b)s AND status = 'sending' AND lease_token = ANY(%(tokens)s::uuid[])
-          AND part_day = %(p)s
+        WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s AND part_day = %(p)s
+          AND status = 'sending'
+          AND (lease_token = %(t)s) <> %(orphans)s
           AND (%(only)s::bigint[] IS NULL OR id = ANY(%(only)s::bigint[]))
           AND id <> ALL(%(keep)s::bigint[])
         """,
@@ -192,14 +195,33 @@ def _come_back(
             "task": task_status,
             "give_back": 0 if attempt_used else 1,
             "delay": delay,
-            "b": broadcast_id,
-            "p": part_day,
-            "tokens": array_literal(tokens),
+            "b": batch.broadcast_id,
+            "p": batch.part_day,
+            "lo": batch.first_id,
+            "hi": batch.last_id,
+            "t": batch.token,
+            "orphans": orphans,
             "only": array_literal(only) if only is not None else None,
             "keep": array_literal(keep),
         },
     )
     return result.rowcount
+
+
+def _take_orphans(batch: Batch) -> Op[int]:
+    """Just after a run took ``batch``: rows of its range still held under an older run's
+    token come back (that run lost its batch, to the sweeper or a crash, after a claim the
+    sweeper did not see). The common case is one read of the range and no lock.
+    """
+    held = yield Query(
+        "SELECT 1 FROM delivery WHERE broadcast_id = %(b)s AND id BETWEEN %(lo)s AND %(hi)s "
+        "AND part_day = %(p)s AND status = 'sending' LIMIT 1",
+        {"b": batch.broadcast_id, "p": batch.part_day, "lo": batch.first_id, "hi": batch.last_id},
+    )
+    if not held.rows:
+        return 0
+    status = yield from _lock_task(batch.broadcast_id)
+    return (yield from _come_back(batch, status, attempt_used=True, orphans=True))
 
 
 def _cancel_queued(broadcast_id: int, part_day: date) -> Op[int]:
@@ -270,6 +292,28 @@ def snapshot_day(broadcast_id: int) -> One[date | None]:
     )
 
 
+#: A copy of at least this many rows has its partition's statistics taken again before it
+#: commits (below).
+ANALYZE_AFTER = 10_000
+
+
+def _analyze(broadcast_id: int, part_day: date) -> Op[None]:
+    """Take the statistics of the partition a large copy went into, in the copy's transaction
+    (its own rows count). Until then the planner believes the broadcast has the handful of
+    rows it had before, and may read a batch's rows through all of the broadcast's: a result
+    write that read 30,000 rows to find 50 was seen before this.
+    """
+    found = (
+        yield Query(
+            "SELECT tableoid::regclass::text FROM delivery "
+            "WHERE broadcast_id = %(b)s AND part_day = %(p)s LIMIT 1",
+            {"b": broadcast_id, "p": part_day},
+        )
+    ).first()
+    if found is not None:
+        yield Query(f"ANALYZE {found[0]}")
+
+
 def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
     """Copy the audience into one delivery row per recipient and cut the rows into batches,
     once. Returns how many rows were copied, or None when the copy was made before (or is
@@ -324,6 +368,8 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
             params,
         )
     ).rowcount
+    if copied >= ANALYZE_AFTER:
+        yield from _analyze(broadcast_id, part_day)
     yield Query(
         """
         INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id, last_id)
@@ -519,7 +565,11 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
             {"id": batch_id, "t": token, "lease": lease},
         )
     ).first()
-    return Batch(row[0], row[1], row[2], row[3], token, row[4]) if row else None
+    if row is None:
+        return None
+    taken = Batch(row[0], row[1], row[2], row[3], token, row[4])
+    yield from _take_orphans(taken)
+    return taken
 
 
 def renew(batches: Sequence[Batch], *, lease: float) -> One[set[int]]:
@@ -571,9 +621,7 @@ def end_run(
     the lease runs out. Returns how many rows came back, and the next batch if one was taken.
     """
     status = yield from _lock_task(batch.broadcast_id)
-    back = yield from _come_back(
-        batch.broadcast_id, batch.part_day, status, [batch.token], keep=keep, attempt_used=False
-    )
+    back = yield from _come_back(batch, status, keep=keep, attempt_used=False)
     if keep:
         return back, None
     yield Query(
@@ -631,7 +679,11 @@ def end_run(
             },
         )
     ).first()
-    return back, Batch(row[0], row[1], row[2], row[3], next_token, row[4]) if row else None
+    if row is None:
+        return back, None
+    taken = Batch(row[0], row[1], row[2], row[3], next_token, row[4])
+    yield from _take_orphans(taken)
+    return back, taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -803,6 +855,15 @@ class Claimed:
     provider_message_id: str | None
 
 
+#: The row's contact may still be sent to: a subquery per row by the contact's key, which
+#: the planner cannot turn into a join, so a claim always reads its batch's rows first,
+#: whatever the statistics say of a freshly imported contact table.
+_REACHABLE = """
+    (SELECT c.opted_out_at IS NULL AND c.unreachable_at IS NULL
+     FROM contact c WHERE c.id = d.contact_id)
+"""
+
+
 def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
     still being sent and the run still holds its batch. Rows of contacts who opted out or
@@ -811,14 +872,22 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
     """
     return One(
         Query(
-            """
-            WITH picked AS (
-                SELECT d.id FROM delivery d JOIN contact c ON c.id = d.contact_id
-                WHERE d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
+            f"""
+            WITH held AS (
+                -- Held until the statement commits: the sweeper skips a batch being claimed
+                -- from, and a claim waits for a take-back under way (then finds no batch).
+                SELECT 1 FROM delivery_batch
+                WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running'
+                FOR KEY SHARE
+            ),
+            picked AS (
+                SELECT d.id FROM delivery d
+                WHERE EXISTS (SELECT 1 FROM held)
+                  AND d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
                   AND d.part_day = %(p)s
                   AND d.status = 'queued'
                   AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
-                  AND c.opted_out_at IS NULL AND c.unreachable_at IS NULL
+                  AND {_REACHABLE}
                 ORDER BY d.id
                 LIMIT %(n)s
                 FOR UPDATE OF d SKIP LOCKED
@@ -830,8 +899,6 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
             WHERE d.id = picked.id
               AND d.part_day = %(p)s
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
-              AND EXISTS (SELECT 1 FROM delivery_batch
-                          WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running')
             RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
                       d.provider_message_id
             """,
@@ -867,8 +934,17 @@ def skip_gone(batch: Batch) -> Op[int]:
         "lo": batch.first_id,
         "hi": batch.last_id,
     }
-    # The common case is one cheap read and no lock.
-    if not (yield Query(f"SELECT 1 FROM delivery d, contact c WHERE {_GONE} LIMIT 1", bounds)).rows:
+    # The common case is one cheap read (of the batch's rows) and no lock.
+    gone = yield Query(
+        f"""
+        SELECT 1 FROM delivery d
+        WHERE d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.status = 'queued'
+          AND d.part_day = %(p)s AND NOT {_REACHABLE}
+        LIMIT 1
+        """,
+        bounds,
+    )
+    if not gone.rows:
         return 0
     yield from _lock_task(batch.broadcast_id)
     result = yield Query(
@@ -937,8 +1013,11 @@ def record_runs(
                                   ELSE v.status END,
                     provider_message_id = coalesce(v.pmid, d.provider_message_id),
                     parts_done = coalesce(v.parts, d.parts_done),
+                    -- A row not reached always says why (a CHECK of delivery).
                     last_error = CASE WHEN v.status = 'sent' THEN NULL
-                                      ELSE coalesce(v.err, d.last_error) END,
+                                      WHEN v.status = 'queued' THEN coalesce(v.err, d.last_error)
+                                      ELSE coalesce(v.err, d.last_error, '(no reason given)')
+                                 END,
                     sent_at = CASE WHEN v.status IN ('sent', 'partial') THEN now()
                                    ELSE d.sent_at END,
                     next_attempt_at = CASE WHEN v.wait IS NULL THEN NULL
@@ -987,17 +1066,7 @@ def release(batch: Batch, ids: Sequence[int], *, delay: float | None = None) -> 
     seconds if given (the channel is told to wait).
     """
     status = yield from _lock_task(batch.broadcast_id)
-    return (
-        yield from _come_back(
-            batch.broadcast_id,
-            batch.part_day,
-            status,
-            [batch.token],
-            only=ids,
-            attempt_used=False,
-            delay=delay,
-        )
-    )
+    return (yield from _come_back(batch, status, only=ids, attempt_used=False, delay=delay))
 
 
 # --- the sweeper -----------------------------------------------------------------------------
@@ -1015,72 +1084,48 @@ class TakenBack:
     republished: int = 0
 
 
-def take_back(*, orphan_after: float, republish_after: float) -> Op[TakenBack]:
+def take_back(*, republish_after: float) -> Op[TakenBack]:
     """Recover from dispatchers that died or stalled, exactly: the batches whose run's lease
     ran out become ready again and the rows their runs held go back; nothing else is handed
-    out again. Rows held under a token of no running batch for ``orphan_after`` seconds (left
-    by an older schema, or a run that lost its batch) go back too. Batches whose message was
-    published ``republish_after`` seconds ago and never taken (a lost message) are handed out
-    again; a duplicate message is harmless, since a batch is claimed once.
+    out again. Batches whose message was published ``republish_after`` seconds ago and never
+    taken (a lost message) are handed out again; a duplicate message is harmless, since a
+    batch is claimed once.
+
+    A claim locks its batch row (``FOR KEY SHARE``) and a batch is taken back under
+    ``FOR UPDATE SKIP LOCKED``, so no run claims rows of a batch being taken back; rows a run
+    held under an older token are given back anyway when the batch is next taken
+    (``_take_orphans``).
     """
     dead = (
         yield Query(
-            "SELECT broadcast_id, id, run_token, part_day FROM delivery_batch "
+            "SELECT broadcast_id, id FROM delivery_batch "
             "WHERE state = 'running' AND lease_expires_at < now() ORDER BY broadcast_id, id"
         )
     ).rows
     batches = rows = 0
-    for (broadcast_id, part_day), group in groupby(dead, key=lambda r: (int(r[0]), r[3])):
+    for broadcast_id, group in groupby(dead, key=lambda r: int(r[0])):
         status = yield from _lock_task(broadcast_id)
         # Only batches still dead once the task is locked (a late renewal may have saved one);
-        # one a renewal holds this moment is left for the next sweep, never waited for.
+        # one a renewal or a claim holds this moment is left for the next sweep, never waited
+        # for.
         still = (
             yield Query(
-                "SELECT id, run_token FROM delivery_batch WHERE id = ANY(%(ids)s) "
+                "SELECT id, broadcast_id, first_id, last_id, run_token, part_day "
+                "FROM delivery_batch WHERE id = ANY(%(ids)s) "
                 "AND state = 'running' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED",
                 {"ids": [int(r[1]) for r in group]},
             )
         ).rows
         if not still:
             continue
-        rows += yield from _come_back(
-            broadcast_id, part_day, status, [r[1] for r in still], attempt_used=True
-        )
+        for r in still:
+            rows += yield from _come_back(Batch(*r), status, attempt_used=True)
         yield Query(
             "UPDATE delivery_batch SET state = 'ready', due_at = now(), run_token = NULL, "
             "lease_expires_at = NULL, updated_at = now() WHERE id = ANY(%(ids)s)",
             {"ids": [r[0] for r in still]},
         )
         batches += len(still)
-    orphaned = (
-        yield Query(
-            """
-            SELECT DISTINCT d.broadcast_id, d.lease_token, d.part_day FROM delivery d
-            WHERE d.status = 'sending' AND d.updated_at < now() - %(s)s * interval '1 second'
-              AND NOT EXISTS (SELECT 1 FROM delivery_batch b
-                              WHERE b.state = 'running' AND b.run_token = d.lease_token)
-            ORDER BY d.broadcast_id
-            """,
-            {"s": orphan_after},
-        )
-    ).rows
-    for (broadcast_id, part_day), group in groupby(orphaned, key=lambda r: (int(r[0]), r[2])):
-        status = yield from _lock_task(broadcast_id)
-        tokens = [r[1] for r in group]
-        back = yield from _come_back(broadcast_id, part_day, status, tokens, attempt_used=True)
-        if back:
-            rows += back
-            # Their batches may have been finished meanwhile: send what came back.
-            yield Query(
-                """
-                UPDATE delivery_batch b SET state = 'ready', due_at = now(), updated_at = now()
-                WHERE b.broadcast_id = %(b)s AND b.state = 'done' AND EXISTS (
-                    SELECT 1 FROM delivery d
-                    WHERE d.broadcast_id = %(b)s AND d.part_day = %(p)s AND d.status = 'queued'
-                      AND d.id BETWEEN b.first_id AND b.last_id)
-                """,
-                {"b": broadcast_id, "p": part_day},
-            )
     republished = (
         yield Query(
             "UPDATE delivery_batch SET state = 'ready', updated_at = now() "

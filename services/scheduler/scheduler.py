@@ -359,7 +359,7 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     conn = raw_connection(session)
     taken = store.run(
         conn,
-        store.take_back(orphan_after=lease.total_seconds(), republish_after=stall.total_seconds()),
+        store.take_back(republish_after=stall.total_seconds()),
     )
     REQUEUED.inc(taken.rows)
     BATCHES_RECOVERED.labels("lease").inc(taken.batches)

@@ -322,12 +322,21 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("broadcast_id", "contact_id", "part_day"),
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
-        Index(None, "broadcast_id", "status", "id"),
-        # Rows held by one run of a batch; the sweeper finds those of dead runs by token.
+        # A recipient not reached carries its reason (which ix_delivery_not_reached finds).
+        CheckConstraint(
+            "status NOT IN ('failed', 'partial', 'skipped') OR last_error IS NOT NULL",
+            name="reason",
+        ),
+        # No index names ``status``, ``lease_token`` or the other columns a send changes, so
+        # a send's claim and answer are heap-only (HOT) updates (migration 0011). Rows that
+        # failed, waited for a retry or were skipped carry ``last_error``; a send that succeeds
+        # the first time never writes it.
+        Index(None, "broadcast_id", "id"),
         Index(
-            "ix_delivery_lease_token_sending",
-            "lease_token",
-            postgresql_where=text("status = 'sending'"),
+            "ix_delivery_not_reached",
+            "broadcast_id",
+            "id",
+            postgresql_where=text("last_error IS NOT NULL"),
         ),
         {"postgresql_partition_by": "RANGE (part_day)"},
     )

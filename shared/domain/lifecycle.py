@@ -67,6 +67,11 @@ FINAL_DELIVERY_STATUSES = frozenset(
         DeliveryStatus.PARTIAL,
     }
 )
+#: Rows in these statuses always carry their reason in ``last_error`` (a CHECK of
+#: ``delivery``), so ``ix_delivery_not_reached`` finds them without reading the others.
+REASONED_DELIVERY_STATUSES = frozenset(
+    {DeliveryStatus.FAILED, DeliveryStatus.PARTIAL, DeliveryStatus.SKIPPED}
+)
 
 #: Operator actions and the statuses each may start from.
 ACTION_ALLOWED_FROM: dict[str, frozenset[BroadcastStatus]] = {

@@ -224,7 +224,9 @@ def test_rows_of_the_older_schema_become_the_first_partition_and_keep_being_sent
         assert conn.execute(counts).fetchall() == counted
         assert conn.execute("SELECT DISTINCT part_day FROM broadcast").fetchall() == [(day,)]
         assert conn.execute("SELECT part_day FROM delivery_batch").fetchall() == [(day,)]
-        # No foreign keys, and the old table's indexes serve as the partition's: none twice.
+        # No foreign keys, and the old table's indexes serve as the partition's: none twice
+        # (the primary key, the unique key, the broadcast's rows by id and, since 0011, the
+        # index of rows not reached).
         assert (
             one(
                 conn,

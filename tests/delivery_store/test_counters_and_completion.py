@@ -189,7 +189,8 @@ def test_one_statement_over_many_tasks_moves_each_task_by_its_own_rows(
 ) -> None:
     a, b = new_task(api, conn, 3), new_task(api, conn, 5)
     conn.execute(
-        "UPDATE delivery SET status = 'failed' WHERE broadcast_id = ANY(%s)", ([a.id, b.id],)
+        "UPDATE delivery SET status = 'failed', last_error = 'x' WHERE broadcast_id = ANY(%s)",
+        ([a.id, b.id],),
     )
     assert (task_row(conn, a.id)["failed_count"], task_row(conn, b.id)["failed_count"]) == (3, 5)
     assert task_row(conn, a.id)["status"] == task_row(conn, b.id)["status"] == "completed"

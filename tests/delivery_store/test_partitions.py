@@ -184,7 +184,7 @@ def test_counters_stay_exact_for_statements_over_several_partitions(
         (both, [a.contacts[0], b.contacts[0], b.contacts[1]]),
     )
     conn.execute(
-        "UPDATE delivery SET status = 'failed' WHERE broadcast_id = ANY(%s) AND status = 'queued' "
+        "UPDATE delivery SET status = 'failed', last_error = 'x' WHERE broadcast_id = ANY(%s) AND status = 'queued' "
         "AND contact_id = ANY(%s)",
         (both, [a.contacts[1], b.contacts[2]]),
     )

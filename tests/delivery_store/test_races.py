@@ -172,7 +172,7 @@ def test_a_renewal_that_comes_too_late_loses_to_the_sweeper(
     )
     sweeper = connect()
     with sweeper.transaction():
-        op = store.take_back(orphan_after=30, republish_after=60)
+        op = store.take_back(republish_after=60)
         query = drive_until(sweeper, op, "FOR UPDATE")
         # The sweeper has seen the lease run out; the renewal arrives now and waits ...
         renewed: list[set[int]] = []
@@ -212,3 +212,31 @@ def test_a_message_that_arrives_before_the_relay_commits_still_takes_its_batch(
     claim.join(10)
     assert taken
     assert taken[0] is not None
+
+
+def test_a_claim_waits_for_a_take_back_under_way_and_then_takes_nothing(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 4)
+    batch = run_batch(conn, task.id)
+    assert len(store.run(conn, store.claim(batch, 2))) == 2
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch.id,),
+    )
+    sweeper = connect()
+    claimed: list[list[store.Claimed]] = []
+    with sweeper.transaction():
+        op = store.take_back(republish_after=60)
+        query = drive_until(sweeper, op, "lease_expires_at = NULL")
+        # The sweeper holds the dead batch; the stalled run wakes and claims its next rows.
+        claiming = threading.Thread(
+            target=lambda: claimed.append(store.run(connect(), store.claim(batch, 2)))
+        )
+        claiming.start()
+        claiming.join(0.5)
+        assert claiming.is_alive(), "the claim waits for the take-back"
+        drive_rest(sweeper, op, query)
+    claiming.join(10)
+    assert claimed == [[]]
+    assert rows(conn, task.id) == {"queued": 4}, "no row is left held by the lost run"

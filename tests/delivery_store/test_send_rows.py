@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -19,6 +20,7 @@ from tests.delivery_store.conftest import (
     run_batch,
     task_row,
 )
+from tests.delivery_store.test_partitions import filed_task, today
 
 
 def delivery(conn: psycopg.Connection[Any], delivery_id: int) -> dict[str, Any]:
@@ -41,6 +43,48 @@ def test_claim_takes_due_queued_rows_of_its_range_under_its_token(
         row = delivery(conn, h.id)
         assert (row["status"], row["lease_token"]) == ("sending", first.token)
     assert store.run(conn, store.claim(first, 10)) == []
+
+
+def test_a_sends_claim_and_answer_write_no_index_entry(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    """A send's two updates change no indexed column, so both are heap-only (HOT): no new
+    index entries, and their dead versions pruned from the page without vacuum. A retry's
+    answer writes the row's reason, which the index of rows not reached holds.
+    """
+    # A partition of its own, whose pages hold only this task's rows.
+    task = filed_task(api, conn, today(conn) - timedelta(days=7777), 40, status="in_progress")
+    batch = run_batch(conn, task.id)
+    partition = conn.execute(
+        "SELECT DISTINCT tableoid FROM delivery WHERE broadcast_id = %s", (task.id,)
+    ).fetchone()
+    assert partition is not None
+
+    def updates() -> tuple[int, int]:
+        """Row updates of the partition so far, and how many of them were heap-only."""
+        conn.execute("SELECT pg_stat_force_next_flush()")  # this session's, when it idles
+        found = conn.execute(
+            "SELECT pg_stat_get_tuples_updated(%(p)s), pg_stat_get_tuples_hot_updated(%(p)s)",
+            {"p": partition[0]},
+        ).fetchone()
+        assert found is not None
+        return int(found[0]), int(found[1])
+
+    before = updates()
+    # Claimed and answered in separate transactions, as a run does.
+    held = store.run(conn, store.claim(batch, 40))
+    store.run(conn, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held[1:]]))
+    assert tuple(a - b for a, b in zip(updates(), before, strict=True)) == (79, 79)
+    store.run(
+        conn,
+        store.record(batch, [Record(held[0].id, DeliveryStatus.QUEUED, error="HTTP 503", delay=1)]),
+    )
+    assert tuple(a - b for a, b in zip(updates(), before, strict=True)) == (80, 79)
+    assert rows(conn, task.id) == {"sent": 39, "queued": 1}
+    options = conn.execute(
+        "SELECT reloptions FROM pg_class WHERE oid = %s", (partition[0],)
+    ).fetchone()
+    assert options == (["fillfactor=45"],), "room on each page for a row's later versions"
 
 
 def test_claim_takes_nothing_while_the_task_is_paused(
@@ -219,7 +263,7 @@ def test_results_of_a_run_that_lost_its_lease_are_not_written(
         "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
         (batch.id,),
     )
-    taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+    taken = store.run(conn, store.take_back(republish_after=60))
     assert (taken.batches, taken.rows) == (1, 3)
     assert rows(conn, task.id) == {"queued": 3}
     assert store.run(conn, store.renew([batch], lease=30)) == set()

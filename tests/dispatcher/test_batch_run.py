@@ -217,7 +217,7 @@ def test_a_run_that_cannot_renew_its_lease_stops_calling_in_time_and_loses_nothi
         )
         # The sweeper takes the batch and the rows it held back, as it would from a dead
         # dispatcher; another run may send them from now on.
-        taken = store.run(conn, store.take_back(orphan_after=30, republish_after=60))
+        taken = store.run(conn, store.take_back(republish_after=60))
         taken_at = time.time()
         # (The sweep is global: batches other tests left behind may come back with it.)
         assert taken.batches >= 1
@@ -252,7 +252,7 @@ def test_answers_that_come_back_after_a_stalled_runs_rows_were_taken_back_are_re
     expire_lease(conn, s.id)
     with caplog.at_level(logging.ERROR):
         # (Batches other tests of this database left with an expired lease come back too.)
-        assert store.run(conn, store.take_back(orphan_after=30, republish_after=60)).batches >= 1
+        assert store.run(conn, store.take_back(republish_after=60)).batches >= 1
         taken = conn.execute(
             "SELECT state FROM delivery_batch WHERE broadcast_id = %s AND run_token IS NULL",
             (s.id,),

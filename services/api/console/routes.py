@@ -420,6 +420,8 @@ def _reasons(session: SessionDep, b: Broadcast) -> list[tuple[str, int]]:
             Delivery.part_day == b.part_day,
             Delivery.workspace_id == b.workspace_id,
             Delivery.status.in_([DeliveryStatus.FAILED.value, DeliveryStatus.PARTIAL.value]),
+            # Implied (they carry their reason): read from the index of rows not reached.
+            Delivery.last_error.is_not(None),
         )
         .group_by(why)
         .order_by(func.count().desc())
