@@ -29,16 +29,21 @@ PARTITION = re.compile(r"^delivery_(archived_)?p[0-9]{8}$")
 _DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
-def relations(plan: Any) -> set[str]:
-    """Every relation a plan reads or writes."""
+def named(plan: Any, field: str) -> set[str]:
+    """Every value of ``field`` (``Relation Name``, ``Index Name``) in a plan's nodes."""
     if isinstance(plan, dict):
-        found = {plan["Relation Name"]} if "Relation Name" in plan else set()
+        found = {plan[field]} if field in plan else set()
         for value in plan.values():
-            found |= relations(value)
+            found |= named(value, field)
         return found
     if isinstance(plan, list):
-        return set().union(*(relations(v) for v in plan)) if plan else set()
+        return set().union(*(named(v, field) for v in plan)) if plan else set()
     return set()
+
+
+def relations(plan: Any) -> set[str]:
+    """Every relation a plan reads or writes."""
+    return named(plan, "Relation Name")
 
 
 class Planner:
@@ -189,18 +194,6 @@ def test_prepared_hot_path_statements_keep_plans_of_their_own_partition(
     assert [(generic, custom > 0) for _, generic, custom in plans] == [(0, True)] * 3
 
 
-def index_names(plan: Any) -> set[str]:
-    """Every index a plan reads."""
-    if isinstance(plan, dict):
-        found = {plan["Index Name"]} if "Index Name" in plan else set()
-        for value in plan.values():
-            found |= index_names(value)
-        return found
-    if isinstance(plan, list):
-        return set().union(*(index_names(v) for v in plan)) if plan else set()
-    return set()
-
-
 def test_the_recipients_not_reached_are_read_from_their_own_index(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
@@ -226,7 +219,7 @@ def test_the_recipients_not_reached_are_read_from_their_own_index(
         assert row is not None
         return str(listing), {
             str(conn.execute("SELECT pg_get_indexdef(%s::regclass)", (name,)).fetchone()[0])  # type: ignore[index]
-            for name in index_names(row[0])
+            for name in named(row[0], "Index Name")
         }
 
     sql, indexes = plan_of(DeliveryStatus.FAILED, DeliveryStatus.SKIPPED)
