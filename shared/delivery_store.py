@@ -34,7 +34,14 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 
-from shared.domain.lifecycle import BatchState, BroadcastStatus, DeliveryStatus
+from shared.domain.lifecycle import (
+    CANCELED_REASON,
+    CANCELED_UNSURE_REASON,
+    NO_REASON,
+    BatchState,
+    BroadcastStatus,
+    DeliveryStatus,
+)
 
 T = TypeVar("T")
 
@@ -159,6 +166,30 @@ def given_back(task_status: str) -> str:
     return f"CASE WHEN {task_status} = 'canceled' THEN 'canceled' ELSE 'queued' END"
 
 
+def _text(value: str) -> str:
+    """An SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def canceled_reason(last_error: str, *, unsure: bool = False) -> str:
+    """The reason a row canceled now carries (every recipient not reached says why: a CHECK
+    of ``delivery``): why it was canceled, then its last attempt's error if it had one.
+    ``last_error`` is an SQL expression; ``unsure`` says a send to it was under way in a run
+    that was lost.
+    """
+    why = CANCELED_UNSURE_REASON if unsure else CANCELED_REASON
+    return f"coalesce({_text(why + '; last attempt: ')} || {last_error}, {_text(why)})"
+
+
+def reason_given_back(task_status: str, last_error: str, *, unsure: bool = False) -> str:
+    """The reason a row coming back unsent carries (``given_back``): ``last_error`` when it
+    is queued again, the cancel's when its task is canceled. A row queued again keeps its
+    reason unchanged, so its update stays heap-only.
+    """
+    canceled = canceled_reason(last_error, unsure=unsure)
+    return f"CASE WHEN {task_status} = 'canceled' THEN {canceled} ELSE {last_error} END"
+
+
 def _come_back(
     batch: Batch,
     task_status: str | None,
@@ -182,6 +213,7 @@ def _come_back(
         f"""
         UPDATE delivery
         SET status = {given_back("%(task)s::text")}, lease_token = NULL, updated_at = now(),
+            last_error = {reason_given_back("%(task)s::text", "last_error", unsure=attempt_used)},
             attempts = attempts - %(give_back)s,
             next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
                                    ELSE now() + %(delay)s::float8 * interval '1 second' END
@@ -226,7 +258,8 @@ def _take_orphans(batch: Batch) -> Op[int]:
 
 def _cancel_queued(broadcast_id: int, part_day: date) -> Op[int]:
     result = yield Query(
-        "UPDATE delivery SET status = 'canceled', updated_at = now() "
+        f"UPDATE delivery SET status = 'canceled', last_error = {canceled_reason('last_error')}, "
+        "updated_at = now() "
         "WHERE broadcast_id = %(b)s AND part_day = %(p)s AND status = 'queued'",
         {"b": broadcast_id, "p": part_day},
     )
@@ -537,6 +570,12 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
     (one the relay handed out) is taken: None when it is running elsewhere, done, or back to
     ``ready`` waiting its time (a duplicate or stale message), or when its task is not being
     sent (then the batch goes back to ``ready`` for the relay to hand out once it is).
+
+    Locks: the batch, then (only to give back rows an older run left held in its range) the
+    task. Every other path locks the task first, so none may wait for a ``queued`` batch while
+    holding its task: ``end_run`` and ``take_back`` take batches under the task's lock only
+    with ``SKIP LOCKED`` or their own running one, and ``take_back`` hands lost messages out
+    again before it locks any task.
     """
     # Locking the batch row waits for the relay's transaction, which publishes before it
     # commits: a message can arrive before the batch reads ``queued``.
@@ -996,6 +1035,7 @@ def record_runs(
     (the task row is written once): the task row is locked first (the ``task`` InitPlan runs
     before any delivery row is touched), then the rows, then the contacts found unreachable.
     """
+    retried = reason_given_back("(SELECT status FROM task)", "coalesce(v.err, d.last_error)")
     return One(
         Query(
             f"""
@@ -1015,8 +1055,8 @@ def record_runs(
                     parts_done = coalesce(v.parts, d.parts_done),
                     -- A row not reached always says why (a CHECK of delivery).
                     last_error = CASE WHEN v.status = 'sent' THEN NULL
-                                      WHEN v.status = 'queued' THEN coalesce(v.err, d.last_error)
-                                      ELSE coalesce(v.err, d.last_error, '(no reason given)')
+                                      WHEN v.status = 'queued' THEN {retried}
+                                      ELSE coalesce(v.err, d.last_error, {_text(NO_REASON)})
                                  END,
                     sent_at = CASE WHEN v.status IN ('sent', 'partial') THEN now()
                                    ELSE d.sent_at END,
@@ -1095,7 +1135,18 @@ def take_back(*, republish_after: float) -> Op[TakenBack]:
     ``FOR UPDATE SKIP LOCKED``, so no run claims rows of a batch being taken back; rows a run
     held under an older token are given back anyway when the batch is next taken
     (``_take_orphans``).
+
+    Lost messages are handed out again first, before any task is locked: a claim holds its
+    ``queued`` batch and then, to give back rows left held in its range, locks the task; a
+    sweep that waited for that batch while holding the task would close a cycle.
     """
+    republished = (
+        yield Query(
+            "UPDATE delivery_batch SET state = 'ready', updated_at = now() "
+            "WHERE state = 'queued' AND published_at < now() - %(s)s * interval '1 second'",
+            {"s": republish_after},
+        )
+    ).rowcount
     dead = (
         yield Query(
             "SELECT broadcast_id, id FROM delivery_batch "
@@ -1126,25 +1177,118 @@ def take_back(*, republish_after: float) -> Op[TakenBack]:
             {"ids": [r[0] for r in still]},
         )
         batches += len(still)
-    republished = (
-        yield Query(
-            "UPDATE delivery_batch SET state = 'ready', updated_at = now() "
-            "WHERE state = 'queued' AND published_at < now() - %(s)s * interval '1 second'",
-            {"s": republish_after},
-        )
-    ).rowcount
     return TakenBack(batches=batches, rows=rows, republished=republished)
 
 
+@dataclass(frozen=True, slots=True)
+class Stranded:
+    """One task whose rows nothing would hand out again, settled."""
+
+    broadcast_id: int
+    #: Its task's status.
+    status: str
+    #: Rows left ``sending`` by a lost run: back in the queue, or canceled with their task.
+    rows: int
+    #: Its ``done`` batches holding rows to send, ready again.
+    batches: int
+
+
+#: The tasks whose every row should be final by now: one being sent with every batch done (the
+#: last result write completes it, before its run marks its batch done), or a canceled one
+#: with no batch running (each run gives its rows back as canceled when it ends) whose counts
+#: do not add up. Canceled tasks are looked for among those whose batches are not dropped yet
+#: (``drop_finished_batches`` keeps them until every row of the task is final).
+_UNFINISHED = """
+    t.sent_count + t.failed_count + t.canceled_count + t.skipped_count + t.partial_count
+    < t.total_count
+"""
+_STRANDED = f"""
+    SELECT t.id FROM broadcast t
+    WHERE t.status = 'in_progress' AND t.snapshot_at IS NOT NULL AND {_UNFINISHED}
+      AND NOT EXISTS (SELECT 1 FROM delivery_batch b WHERE b.broadcast_id = t.id
+                      AND b.state IN ('ready', 'queued', 'running'))
+      {{also}}
+    UNION
+    SELECT t.id FROM (SELECT DISTINCT broadcast_id FROM delivery_batch) AS b
+    JOIN broadcast t ON t.id = b.broadcast_id
+    WHERE t.status = 'canceled' AND {_UNFINISHED}
+      AND NOT EXISTS (SELECT 1 FROM delivery_batch b WHERE b.broadcast_id = t.id
+                      AND b.state = 'running')
+      {{also}}
+"""
+
+
+def settle_stranded(*, limit: int = 100) -> Op[list[Stranded]]:
+    """Rows that no run holds and no batch would hand out again come back. A run that lost
+    its batch after a claim nothing saw leaves rows ``sending`` (a dispatcher of an earlier
+    version, or rows from before ``_take_orphans``): they come back when their batch is taken
+    again, but a batch already ``done`` is never taken again, so the task would never complete
+    (or a canceled one would list them as being sent, for good). Such rows go back to
+    ``queued`` (attempt kept) and their batches are ready again, or they are canceled with
+    their task. In the normal course this finds nothing: it reads the tasks being sent and
+    the batches of canceled ones, and the rows of a task only when it is stranded.
+    """
+    found = (yield Query(_STRANDED.format(also="") + " LIMIT %(limit)s", {"limit": limit})).rows
+    settled = []
+    for (broadcast_id,) in found:
+        status = yield from _lock_task(broadcast_id)
+        # Still stranded once the task is locked (a run ending or a cancel may have moved it).
+        still = (
+            yield Query(
+                f"SELECT part_day FROM broadcast WHERE id = %(b)s AND id IN "
+                f"({_STRANDED.format(also='AND t.id = %(b)s')})",
+                {"b": broadcast_id},
+            )
+        ).first()
+        if still is None or status is None:
+            continue
+        part_day = still[0]
+        rows = (
+            yield Query(
+                f"""
+                UPDATE delivery
+                SET status = {given_back("%(task)s::text")},
+                    last_error = {reason_given_back("%(task)s::text", "last_error", unsure=True)},
+                    lease_token = NULL, updated_at = now()
+                WHERE broadcast_id = %(b)s AND part_day = %(p)s AND status = 'sending'
+                """,
+                {"b": broadcast_id, "p": part_day, "task": status},
+            )
+        ).rowcount
+        batches = 0
+        if status == BroadcastStatus.CANCELED:
+            rows += yield from _cancel_queued(broadcast_id, part_day)
+        else:
+            batches = (
+                yield Query(
+                    """
+                    UPDATE delivery_batch b
+                    SET state = 'ready', due_at = now(), updated_at = now()
+                    WHERE b.broadcast_id = %(b)s AND b.state = 'done' AND EXISTS (
+                        SELECT 1 FROM delivery d
+                        WHERE d.broadcast_id = %(b)s AND d.part_day = %(p)s
+                          AND d.id BETWEEN b.first_id AND b.last_id AND d.status = 'queued'
+                    )
+                    """,
+                    {"b": broadcast_id, "p": part_day},
+                )
+            ).rowcount
+        settled.append(Stranded(broadcast_id, status, rows, batches))
+    return settled
+
+
 def drop_finished_batches() -> Op[int]:
-    """Batches of tasks that are completed or canceled have nothing left to do: drop them
-    (a batch still being run is left to its run, which gives it back in a moment).
+    """Batches of tasks that are completed or canceled have nothing left to do: drop them.
+    A batch still running is left to its run, which gives it back in a moment, or to
+    ``take_back`` once its lease has run out: dropped while running, the rows its run holds
+    would stay ``sending`` with nothing to bring them back. A canceled task keeps its batches
+    until all its rows are final: they are how ``settle_stranded`` finds it.
     """
     result = yield Query(
-        """
+        f"""
         DELETE FROM delivery_batch b USING broadcast t
-        WHERE t.id = b.broadcast_id AND t.status IN ('completed', 'canceled')
-          AND (b.state <> 'running' OR b.lease_expires_at < now())
+        WHERE t.id = b.broadcast_id AND b.state <> 'running'
+          AND (t.status = 'completed' OR t.status = 'canceled' AND NOT ({_UNFINISHED}))
         """
     )
     return result.rowcount

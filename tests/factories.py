@@ -11,7 +11,12 @@ from shared import delivery_partitions, delivery_store
 from shared.db.engine import raw_connection, transaction
 from shared.db.models import Broadcast, Contact, Delivery
 from shared.delivery_store import TODAY
-from shared.domain.lifecycle import REASONED_DELIVERY_STATUSES
+from shared.domain.lifecycle import (
+    CANCELED_REASON,
+    NO_REASON,
+    REASONED_DELIVERY_STATUSES,
+    DeliveryStatus,
+)
 
 
 def start_with_deliveries(
@@ -70,7 +75,9 @@ def reason(status: str) -> str | None:
     """What a row of ``status`` says when a test names no reason: a row not reached always
     carries one (a CHECK of ``delivery``), as the delivery store writes it.
     """
-    return "(no reason given)" if status in REASONED_DELIVERY_STATUSES else None
+    if status == DeliveryStatus.CANCELED:
+        return CANCELED_REASON
+    return NO_REASON if status in REASONED_DELIVERY_STATUSES else None
 
 
 def set_status(broadcast_id: int, status: str) -> None:

@@ -535,7 +535,9 @@ class BatchRun:
         if left.queued == 0 and left.sending == 0:
             return Ending("done", done=True, go_on=True)
         if left.queued == 0:
-            # Held by nobody alive (this run wrote all of its own): the sweeper takes them back.
+            # Held under another run's token (this run wrote all of its own), by a run that
+            # lost this batch: they come back when the batch is next taken (the delivery
+            # store's _take_orphans), a lease's time from now.
             return Ending("wait", due_in=self.rt.settings.lease_seconds, go_on=True)
         wait = left.next_due_in or 0.0
         if wait > MAX_WAIT:

@@ -108,9 +108,14 @@ REQUEUED = Counter(
 )
 BATCHES_RECOVERED = Counter(
     "bcast_batches_recovered_total",
-    "Batches handed out again: their run's lease ran out (lease) or their message was lost "
-    "(message).",
+    "Batches handed out again: their run's lease ran out (lease), their message was lost "
+    "(message), or they were done with rows a lost run left held (stranded).",
     ["reason"],
+)
+STRANDED = Counter(
+    "bcast_stranded_rows_total",
+    "Delivery rows left sending by a run that lost its batch, found when nothing else would "
+    "hand them out again (their batches done, or their broadcast canceled), and given back.",
 )
 STALLED = Counter(
     "bcast_scheduler_redispatched_total",
@@ -345,12 +350,14 @@ class Swept:
 
     taken_back: store.TakenBack = field(default_factory=store.TakenBack)
     restarted: int = 0
+    stranded: list[store.Stranded] = field(default_factory=list)
 
 
 def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     """Recover from dead dispatchers and lost messages, exactly (the delivery store's
-    ``take_back``), start again tasks whose audience was never copied, and drop the batches
-    of finished tasks. One scheduler sweeps at a time.
+    ``take_back``), give back rows nothing else would (``settle_stranded``), start again
+    tasks whose audience was never copied, and drop the batches of finished tasks. One
+    scheduler sweeps at a time.
     """
     if not session.execute(
         text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}
@@ -364,6 +371,10 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     REQUEUED.inc(taken.rows)
     BATCHES_RECOVERED.labels("lease").inc(taken.batches)
     BATCHES_RECOVERED.labels("message").inc(taken.republished)
+    # Before the batches of canceled tasks are dropped below: they are how those are found.
+    stranded = store.run(conn, store.settle_stranded())
+    STRANDED.inc(sum(s.rows for s in stranded))
+    BATCHES_RECOVERED.labels("stranded").inc(sum(s.batches for s in stranded))
     # Started, but the audience was never copied: the start message was lost or its
     # dispatcher died mid-copy (the copy is one transaction, so nothing half-done remains).
     stalled = (
@@ -389,7 +400,7 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
         _to_outbox(session, list(stalled), "stalled")
         STALLED.inc(len(stalled))
     store.run(conn, store.drop_finished_batches())
-    return Swept(taken, len(stalled))
+    return Swept(taken, len(stalled), stranded)
 
 
 def observe(session: Session) -> None:
@@ -504,7 +515,7 @@ def init_metrics() -> None:
     LAST_PASS.set_to_current_time()
     for reason in ("start", "stalled"):
         PUBLISHED.labels(reason)
-    for reason in ("lease", "message"):
+    for reason in ("lease", "message", "stranded"):
         BATCHES_RECOVERED.labels(reason)
     for state in BatchState:
         BATCHES.labels(state.value)
@@ -633,6 +644,23 @@ class Scheduler:
                 taken.rows,
                 taken.republished,
                 swept.restarted,
+            )
+        for s in swept.stranded:
+            # Nothing in the normal course leaves rows so: a dispatcher of an earlier version
+            # in the fleet, or a fault worth a look.
+            log.warning(
+                "broadcast %s (%s): %s rows left held by a lost run given back, %s batches "
+                "ready again",
+                s.broadcast_id,
+                s.status,
+                s.rows,
+                s.batches,
+                extra={
+                    "event": "stranded_rows",
+                    "broadcast_id": s.broadcast_id,
+                    "rows": s.rows,
+                    "batches": s.batches,
+                },
             )
 
     def _claim_chunk(self, overdue: timedelta) -> int:

@@ -324,7 +324,7 @@ class Delivery(Base):
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
         # A recipient not reached carries its reason (which ix_delivery_not_reached finds).
         CheckConstraint(
-            "status NOT IN ('failed', 'partial', 'skipped') OR last_error IS NOT NULL",
+            "status NOT IN ('failed', 'partial', 'skipped', 'canceled') OR last_error IS NOT NULL",
             name="reason",
         ),
         # No index names ``status``, ``lease_token`` or the other columns a send changes, so

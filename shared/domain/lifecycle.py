@@ -67,11 +67,25 @@ FINAL_DELIVERY_STATUSES = frozenset(
         DeliveryStatus.PARTIAL,
     }
 )
-#: Rows in these statuses always carry their reason in ``last_error`` (a CHECK of
-#: ``delivery``), so ``ix_delivery_not_reached`` finds them without reading the others.
+#: Rows in these statuses (the recipients not reached) always carry their reason in
+#: ``last_error`` (a CHECK of ``delivery``), so ``ix_delivery_not_reached`` finds them without
+#: reading the others.
 REASONED_DELIVERY_STATUSES = frozenset(
-    {DeliveryStatus.FAILED, DeliveryStatus.PARTIAL, DeliveryStatus.SKIPPED}
+    {
+        DeliveryStatus.FAILED,
+        DeliveryStatus.PARTIAL,
+        DeliveryStatus.SKIPPED,
+        DeliveryStatus.CANCELED,
+    }
 )
+#: The reason a recipient not reached carries when its send's outcome gave none.
+NO_REASON = "(no reason given)"
+#: The reason of a recipient whose broadcast was canceled before it was sent to (followed by
+#: its last attempt's error, if it had one).
+CANCELED_REASON = "canceled before it was sent"
+#: The reason of a recipient whose broadcast was canceled while a send to it was under way in
+#: a run that was lost (a dispatcher that died or stalled): the provider may have it.
+CANCELED_UNSURE_REASON = "canceled; a send to it was under way when its run was lost"
 
 #: Operator actions and the statuses each may start from.
 ACTION_ALLOWED_FROM: dict[str, frozenset[BroadcastStatus]] = {

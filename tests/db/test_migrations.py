@@ -298,3 +298,90 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
     row = conn.execute(sql, params or None).fetchone()
     assert row is not None
     return row[0]
+
+
+def test_the_reason_and_index_migrations_keep_every_row_and_leave_valid_indexes_and_checks(
+    scratch_url: str,
+) -> None:
+    """Migrations 0011 and 0012 on rows from before them (built one partition at a time, so
+    that sends go on): every recipient not reached gets a reason, the CHECK is validated, the
+    new indexes are valid on every partition and the old ones are gone.
+    """
+    from shared import delivery_partitions, delivery_store
+
+    migrate.upgrade(scratch_url, "0010")
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        made = delivery_store.run(conn, delivery_partitions.ensure_ahead(1, ahead=2))
+        ws = one(conn, "INSERT INTO workspace (name, signing_key) VALUES ('w', 'k') RETURNING id")
+        ch = one(
+            conn,
+            "INSERT INTO channel (workspace_id, name, kind, config, rate_limit_per_second) "
+            "VALUES (%s, 'c', 'webhook', '{}', 1) RETURNING id",
+            ws,
+        )
+        statuses = ["sent", "failed", "partial", "skipped", "canceled", "queued"]
+        for partition in made[:2]:
+            b = one(
+                conn,
+                "INSERT INTO broadcast (workspace_id, name, channel_id, audience, content, "
+                "send_at, status, started_at, part_day) VALUES (%s, 'b', %s, '{}', '{}', now(), "
+                "'canceled', now(), %s) RETURNING id",
+                ws,
+                ch,
+                partition.first_day,
+            )
+            conn.execute(
+                "INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status, "
+                "last_error, part_day) "
+                "SELECT %s, %s, g, 'r-' || g, (%s::text[])[1 + g %% 6], "
+                "CASE WHEN g %% 12 = 1 THEN 'HTTP 500' END, %s "
+                "FROM generate_series(1, 120) AS g",
+                (ws, b, statuses, partition.first_day),
+            )
+        before = conn.execute("SELECT id, status, last_error FROM delivery ORDER BY id").fetchall()
+
+    migrate.upgrade(scratch_url)
+    with psycopg.connect(libpq_url(scratch_url), autocommit=True) as conn:
+        after = conn.execute("SELECT id, status, last_error FROM delivery ORDER BY id").fetchall()
+        assert [r[:2] for r in after] == [r[:2] for r in before]
+        expected = {
+            "failed": "(no reason given)",
+            "partial": "(no reason given)",
+            "skipped": "(no reason given)",
+            "canceled": "canceled before it was sent",
+        }
+        for (_, status, was), (_, _, now) in zip(before, after, strict=True):
+            assert now == (was if was is not None else expected.get(status)), (status, was, now)
+        assert conn.execute(
+            "SELECT convalidated, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conname = 'ck_delivery_reason' AND conrelid = 'delivery'::regclass"
+        ).fetchall() == [
+            (
+                True,
+                "CHECK (((status <> ALL (ARRAY['failed'::text, 'partial'::text, "
+                "'skipped'::text, 'canceled'::text])) OR (last_error IS NOT NULL)))",
+            )
+        ]
+        parts = sorted(
+            r[0]
+            for r in conn.execute(
+                "SELECT inhrelid::regclass::text FROM pg_inherits "
+                "WHERE inhparent = 'delivery'::regclass"
+            )
+        )
+        assert len(parts) >= 3
+        for name in ("ix_delivery_broadcast_id_id", "ix_delivery_not_reached"):
+            assert one(
+                conn, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", name
+            )
+            children = conn.execute(
+                "SELECT x.indrelid::regclass::text FROM pg_inherits i "
+                "JOIN pg_index x ON x.indexrelid = i.inhrelid "
+                "WHERE i.inhparent = %s::regclass AND x.indisvalid",
+                (name,),
+            ).fetchall()
+            assert sorted(c[0] for c in children) == parts
+        for gone in ("ix_delivery_broadcast_id_status_id", "ix_delivery_lease_token_sending"):
+            assert one(conn, "SELECT to_regclass(%s)", gone) is None
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE delivery SET status = 'canceled' WHERE status = 'queued'")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
 from shared import delivery_store as store
 from shared.delivery_store import Record
-from shared.domain.lifecycle import DeliveryStatus
+from shared.domain.lifecycle import CANCELED_UNSURE_REASON, DeliveryStatus
 from tests.conftest import Api
 from tests.delivery_store.conftest import (
     LEASE,
@@ -18,7 +20,9 @@ from tests.delivery_store.conftest import (
     new_task,
     rows,
     run_batch,
+    task_row,
 )
+from tests.delivery_store.test_partitions import filed_task, partition_of, today
 
 #: The relay's knobs as the scheduler sets them by default.
 RELAY: dict[str, Any] = {"per_batch_rate": 500.0, "max_window": 16, "limit": 1000}
@@ -304,3 +308,127 @@ def test_batches_of_finished_tasks_are_dropped(api: Api, conn: psycopg.Connectio
     assert store.run(conn, store.drop_finished_batches()) >= 1
     assert batches(conn, done.id) == []
     assert len(batches(conn, going.id)) == 1
+
+
+def settled(conn: psycopg.Connection[Any], broadcast_id: int) -> list[store.Stranded]:
+    """Settle stranded rows (as a sweep does); what was settled of this task."""
+    return [s for s in store.run(conn, store.settle_stranded()) if s.broadcast_id == broadcast_id]
+
+
+def lose_run(conn: psycopg.Connection[Any], batch: store.Batch, state: str) -> None:
+    """The batch's run is lost without its rows coming back (what a claim racing a take-back
+    left before claims locked their batch, or a dispatcher of an earlier version): the batch
+    is ``state`` with no run, its rows held under a token nothing has.
+    """
+    conn.execute(
+        "UPDATE delivery_batch SET state = %s, run_token = NULL, lease_expires_at = NULL "
+        "WHERE id = %s",
+        (state, batch.id),
+    )
+
+
+def test_rows_left_held_when_a_run_goes_on_come_back_with_the_batch_it_takes(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4, batch_size=2)
+    first, second = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
+    store.run(conn, store.claim(second, 2))
+    lose_run(conn, second, "ready")
+    held = store.run(conn, store.claim(first, 2))
+    store.run(conn, store.record(first, [Record(h.id, DeliveryStatus.SENT) for h in held]))
+    # The run finishes its batch and goes on with the next due one: the lost run's rows in it
+    # come back in the same transaction, their attempt kept.
+    _, going_on = store.run(
+        conn, store.end_run(first, done=True, next_token=uuid.uuid4(), lease=LEASE)
+    )
+    assert going_on is not None
+    assert going_on.id == second.id
+    assert rows(conn, task.id) == {"sent": 2, "queued": 2}
+    assert [c.attempts for c in store.run(conn, store.claim(going_on, 2))] == [2, 2]
+
+
+def test_rows_left_held_in_a_done_batch_come_back_when_nothing_else_would_send_them(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4, batch_size=2)
+    lost, last = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
+    held = store.run(conn, store.claim(lost, 2))
+    store.run(conn, store.record(lost, [Record(held[0].id, DeliveryStatus.SENT)]))
+    lose_run(conn, lost, "done")
+    # While another run holds the task's last batch, nothing is stranded: it may yet finish.
+    assert settled(conn, task.id) == []
+    done = store.run(conn, store.claim(last, 2))
+    store.run(conn, store.record(last, [Record(h.id, DeliveryStatus.SENT) for h in done]))
+    store.run(conn, store.end_run(last, done=True))
+    assert states(conn, task.id) == ["done", "done"]
+    assert task_row(conn, task.id)["status"] == "in_progress", "one row held by nobody"
+
+    assert settled(conn, task.id) == [store.Stranded(task.id, "in_progress", rows=1, batches=1)]
+    assert states(conn, task.id) == ["ready", "done"]
+    assert rows(conn, task.id) == {"sent": 3, "queued": 1}
+    assert settled(conn, task.id) == [], "settled once"
+    # Handed out again and sent, its attempt kept: the task completes.
+    again = run_batch(conn, task.id, 0)
+    [row] = store.run(conn, store.claim(again, 2))
+    assert (row.id, row.attempts) == (held[1].id, 2)
+    store.run(conn, store.record(again, [Record(row.id, DeliveryStatus.SENT)]))
+    assert task_row(conn, task.id)["status"] == "completed"
+    assert_counters_match_rows(conn, task.id)
+
+
+def test_rows_left_held_in_a_canceled_task_are_canceled_before_its_batches_go(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4, batch_size=2)
+    lost, running = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
+    store.run(conn, store.claim(lost, 2))
+    store.run(conn, store.claim(running, 1))
+    lose_run(conn, lost, "done")
+    store.run(conn, store.cancel(task.id))
+    assert rows(conn, task.id) == {"sending": 3, "canceled": 1}
+    # The live run's row comes back with it: the task is left alone while it runs, and so
+    # are its batches, even once the lease ran out (until the sweeper takes that run back).
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (running.id,),
+    )
+    assert settled(conn, task.id) == []
+    store.run(conn, store.drop_finished_batches())
+    assert states(conn, task.id) == ["done", "running"]
+    taken = store.run(conn, store.take_back(republish_after=60))
+    assert (taken.batches, taken.rows) == (1, 1)
+    assert rows(conn, task.id) == {"sending": 2, "canceled": 2}
+
+    assert settled(conn, task.id) == [store.Stranded(task.id, "canceled", rows=2, batches=0)]
+    assert rows(conn, task.id) == {"canceled": 4}
+    reasons = conn.execute(
+        "SELECT DISTINCT last_error FROM delivery WHERE broadcast_id = %s AND id <= %s",
+        (task.id, lost.last_id),
+    ).fetchall()
+    assert reasons == [(CANCELED_UNSURE_REASON,)]
+    assert_counters_match_rows(conn, task.id)
+    store.run(conn, store.drop_finished_batches())
+    assert batches(conn, task.id) == []
+
+
+def test_a_large_copy_takes_its_partitions_statistics_before_it_commits(
+    api: Api, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner's estimates for a partition a copy just filled: a stale one reads a batch's
+    rows through all of the broadcast's, or turns a claim's contact lookup into a scan.
+    """
+    monkeypatch.setattr(store, "ANALYZE_AFTER", 5)
+    day = today(conn) - timedelta(days=7770)
+    small = filed_task(api, conn, day, 4, status="in_progress")
+    partition = partition_of(conn, small)
+
+    def estimate() -> float:
+        found = conn.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (partition,)
+        ).fetchone()
+        assert found is not None
+        return float(found[0])
+
+    assert estimate() == -1, "a copy below the threshold leaves it unknown"
+    filed_task(api, conn, day, 6, status="in_progress")
+    assert estimate() == 10

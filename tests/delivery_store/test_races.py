@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -240,3 +241,77 @@ def test_a_claim_waits_for_a_take_back_under_way_and_then_takes_nothing(
     claiming.join(10)
     assert claimed == [[]]
     assert rows(conn, task.id) == {"queued": 4}, "no row is left held by the lost run"
+
+
+def test_a_sweep_skips_a_batch_a_claim_holds_and_takes_it_back_with_its_rows_next_time(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    task = new_task(api, conn, 4)
+    batch = run_batch(conn, task.id)
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch.id,),
+    )
+    claiming = connect()
+    with claiming.transaction():
+        # A stalled run's claim is under way (its transaction not yet committed): the sweep
+        # does not wait for it, nor take the batch from under it.
+        assert len(store.run(claiming, store.claim(batch, 2))) == 2
+        skipped = store.run(conn, store.take_back(republish_after=60))
+        assert (skipped.batches, skipped.rows) == (0, 0)
+    assert rows(conn, task.id) == {"queued": 2, "sending": 2}
+    taken = store.run(conn, store.take_back(republish_after=60))
+    assert (taken.batches, taken.rows) == (1, 2)
+    assert rows(conn, task.id) == {"queued": 4}
+    assert [b[1] for b in batches(conn, task.id)] == ["ready"]
+
+
+def waiting_for_a_lock(conn: psycopg.Connection[Any], pid: int) -> bool:
+    found = conn.execute(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    return bool(found and found[0])
+
+
+def test_a_sweep_and_a_claim_that_gives_back_an_older_runs_rows_do_not_deadlock(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    """A claim locks its batch, then its task (to give back rows an older run left held); a
+    sweep taking back a dead batch of the same task while handing out a lost message for that
+    batch must not hold the task while it waits for the batch.
+    """
+    task = new_task(api, conn, 4, batch_size=2)
+    dead, lost = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
+    store.run(conn, store.claim(lost, 2))
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (dead.id,),
+    )
+    # The second batch's message was lost after its run lost it with two rows held.
+    conn.execute(
+        "UPDATE delivery_batch SET state = 'queued', run_token = NULL, lease_expires_at = NULL, "
+        "published_at = now() - interval '2 minutes' WHERE id = %s",
+        (lost.id,),
+    )
+    claiming, sweeping = connect(), connect()
+    swept: list[Any] = []
+    with claiming.transaction():
+        op = store.claim_batch(lost.id, uuid.uuid4(), lease=LEASE)
+        query = drive_until(claiming, op, "SELECT status FROM broadcast")
+        sweep = threading.Thread(
+            target=lambda: swept.append(
+                store.run(sweeping, store.take_back(republish_after=60))
+            )
+        )
+        sweep.start()
+        deadline = time.monotonic() + 10
+        while not waiting_for_a_lock(conn, sweeping.info.backend_pid):
+            assert time.monotonic() < deadline, "the sweep never waited for the claimed batch"
+            time.sleep(0.01)
+        # The claim goes on to lock the task: the sweep holds nothing it needs.
+        taken = drive_rest(claiming, op, query)
+    sweep.join(10)
+    assert taken is not None
+    assert len(swept) == 1
+    assert (swept[0].batches, swept[0].republished) == (1, 0)
+    assert rows(conn, task.id) == {"queued": 4}

@@ -10,7 +10,7 @@ import pytest
 
 from shared import delivery_store as store
 from shared.delivery_store import Record
-from shared.domain.lifecycle import DeliveryStatus
+from shared.domain.lifecycle import CANCELED_REASON, CANCELED_UNSURE_REASON, DeliveryStatus
 from tests.conftest import Api
 from tests.delivery_store.conftest import (
     assert_counters_match_rows,
@@ -71,16 +71,18 @@ def test_a_sends_claim_and_answer_write_no_index_entry(
         return int(found[0]), int(found[1])
 
     before = updates()
-    # Claimed and answered in separate transactions, as a run does.
+    # Claimed and answered in separate transactions, as a run does; one row is given back
+    # unsent (a run told to wait), which is heap-only too.
     held = store.run(conn, store.claim(batch, 40))
-    store.run(conn, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held[1:]]))
+    assert store.run(conn, store.release(batch, [held[-1].id])) == 1
+    store.run(conn, store.record(batch, [Record(h.id, DeliveryStatus.SENT) for h in held[1:-1]]))
     assert tuple(a - b for a, b in zip(updates(), before, strict=True)) == (79, 79)
     store.run(
         conn,
         store.record(batch, [Record(held[0].id, DeliveryStatus.QUEUED, error="HTTP 503", delay=1)]),
     )
     assert tuple(a - b for a, b in zip(updates(), before, strict=True)) == (80, 79)
-    assert rows(conn, task.id) == {"sent": 39, "queued": 1}
+    assert rows(conn, task.id) == {"sent": 38, "queued": 2}
     options = conn.execute(
         "SELECT reloptions FROM pg_class WHERE oid = %s", (partition[0],)
     ).fetchone()
@@ -250,6 +252,45 @@ def test_cancel_ends_every_row_not_yet_sent_and_sent_rows_stay_sent(
     t = task_row(conn, task.id)
     assert (t["status"], t["sent_count"], t["canceled_count"]) == ("canceled", 2, 4)
     assert_counters_match_rows(conn, task.id)
+    # Each canceled recipient says why it was not reached (the list of those not reached is
+    # read from the rows that carry a reason), with its last attempt's error if it had one.
+    reasons = dict(
+        conn.execute(
+            "SELECT id, last_error FROM delivery WHERE broadcast_id = %s AND status = 'canceled'",
+            (task.id,),
+        ).fetchall()
+    )
+    assert reasons.pop(held[2].id) == f"{CANCELED_REASON}; last attempt: HTTP 503"
+    assert set(reasons.values()) == {CANCELED_REASON}
+
+
+def test_rows_canceled_with_their_task_say_why_and_what_their_last_attempt_got(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 4)
+    batch = run_batch(conn, task.id)
+    retried, lost, *_ = store.run(conn, store.claim(batch, 2))
+    store.run(
+        conn,
+        store.record(batch, [Record(retried.id, DeliveryStatus.QUEUED, error="HTTP 429", delay=0)]),
+    )
+    store.run(conn, store.cancel(task.id))
+    # A row whose retry was waiting keeps what its attempt got after the cancel's reason.
+    assert delivery(conn, retried.id)["last_error"] == f"{CANCELED_REASON}; last attempt: HTTP 429"
+    # The run holding the other one died: taken back canceled, the call may have gone out.
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch.id,),
+    )
+    assert store.run(conn, store.take_back(republish_after=60)).rows == 1
+    assert (delivery(conn, lost.id)["status"], delivery(conn, lost.id)["last_error"]) == (
+        "canceled",
+        CANCELED_UNSURE_REASON,
+    )
+    assert rows(conn, task.id) == {"canceled": 4}
+    assert conn.execute(
+        "SELECT count(*) FROM delivery WHERE broadcast_id = %s AND last_error IS NULL", (task.id,)
+    ).fetchone() == (0,)
 
 
 def test_results_of_a_run_that_lost_its_lease_are_not_written(

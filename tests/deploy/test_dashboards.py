@@ -45,6 +45,7 @@ import services.scheduler.partitions
 import services.scheduler.scheduler
 import shared.heartbeat  # noqa: F401 - registers the heartbeat gauge
 from shared.db.engine import libpq_url
+from shared.domain.lifecycle import CANCELED_REASON
 from tests.conftest import Api
 from tests.factories import start_with_deliveries
 
@@ -1105,7 +1106,7 @@ def test_a_broadcast_being_sent(conn: psycopg.Connection[Any], broadcasts: Broad
     assert [
         (r["contact"], r["status"], r["last error"])
         for r in answer("Recipients not reached (first 500)")
-    ] == [(b.contacts[2][0], "failed", "timeout"), (b.contacts[3][0], "canceled", None)]
+    ] == [(b.contacts[2][0], "failed", "timeout"), (b.contacts[3][0], "canceled", CANCELED_REASON)]
 
 
 def test_the_progress_panel_keeps_to_the_time_range(

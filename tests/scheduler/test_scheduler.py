@@ -316,10 +316,39 @@ def test_every_labelled_scheduler_series_starts_at_zero(settings: Settings, vhos
         assert abs(float(value) - started) < 60
     [value] = re.findall(r"^bcast_scheduler_last_pass_timestamp_seconds (\S+)$", exported, re.M)
     assert abs(float(value) - started) < 60
-    for reason in ("lease", "message"):
+    for reason in ("lease", "message", "stranded"):
         assert f'bcast_batches_recovered_total{{reason="{reason}"}} 0.0' in exported
     for reason in ("start", "stalled"):
         assert f'bcast_outbox_published_total{{reason="{reason}"}} 0.0' in exported
     for action in ("dropped", "archived"):
         assert f'bcast_delivery_rows_removed_total{{action="{action}"}} 0.0' in exported
         assert f'bcast_delivery_partitions_removed_total{{action="{action}"}} 0.0' in exported
+
+
+def test_a_sweep_gives_back_rows_nothing_else_would_and_tells_the_operator(
+    settings: Settings, vhost: str, api: Api, conn: psycopg.Connection[Any], caplog: Any
+) -> None:
+    from shared import delivery_store as store
+    from tests.delivery_store.conftest import new_task, rows, run_batch
+
+    task = new_task(api, conn, 2)
+    batch = run_batch(conn, task.id)
+    store.run(conn, store.claim(batch, 2))
+    # Its run lost the batch, marked done, with the rows still held (an earlier version's).
+    conn.execute(
+        "UPDATE delivery_batch SET state = 'done', run_token = NULL, lease_expires_at = NULL "
+        "WHERE id = %s",
+        (batch.id,),
+    )
+    counted = REGISTRY.get_sample_value("bcast_stranded_rows_total") or 0.0
+    with scheduler(settings, amqp_url(vhost)) as s, caplog.at_level("WARNING"):
+        s._sweep()
+    assert rows(conn, task.id) == {"queued": 2}
+    assert (REGISTRY.get_sample_value("bcast_stranded_rows_total") or 0.0) - counted >= 2
+    [line] = [
+        r
+        for r in caplog.records
+        if getattr(r, "event", None) == "stranded_rows"
+        and getattr(r, "broadcast_id", None) == task.id
+    ]
+    assert (getattr(line, "rows", None), getattr(line, "batches", None)) == (2, 1)

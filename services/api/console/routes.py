@@ -412,7 +412,7 @@ def _owned(session: SessionDep, who: Signed, broadcast_id: int) -> Broadcast:
 def _reasons(session: SessionDep, b: Broadcast) -> list[tuple[str, int]]:
     if b.part_day is None or b.recipients_removed_at is not None:
         return []
-    why = func.coalesce(Delivery.last_error, "(no reason given)")
+    why = Delivery.last_error
     rows = session.execute(
         select(why, func.count())
         .where(

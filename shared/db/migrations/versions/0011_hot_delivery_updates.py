@@ -20,6 +20,11 @@ whose dead version the next reader of the page prunes, with no vacuum. So:
   sure every such row carries its reason (rows from before without one get a fixed text);
 * partitions are made with ``fillfactor = 45``, the room a row's later versions need on its
   page (existing partitions get it for the pages they fill from now on).
+
+The table is large and written by every send: each step here lets sends go on while it runs
+(``shared.db.online_ddl``): the new indexes are built one partition at a time
+``CONCURRENTLY`` before the old ones go, the rows without a reason are given one a range at a
+time, and the CHECK is validated under a lock that lets writes go on.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from shared.db import online_ddl
+
 revision: str = "0011"
 down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
@@ -35,56 +42,40 @@ depends_on: str | Sequence[str] | None = None
 
 #: Set on each partition of ``delivery`` (a partitioned table has no storage of its own).
 FILLFACTOR = 45
-
-_PARTITIONS = """
-    SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-    WHERE i.inhparent = 'delivery'::regclass
-"""
-
-
-def _set_fillfactor(value: int | None) -> None:
-    setting = f"SET (fillfactor = {value})" if value else "RESET (fillfactor)"
-    op.execute(
-        f"""
-        DO $$
-        DECLARE part text;
-        BEGIN
-            FOR part IN {_PARTITIONS} LOOP
-                EXECUTE format('ALTER TABLE %s {setting}', part);
-            END LOOP;
-        END $$
-        """
-    )
+REASONED = "('failed', 'partial', 'skipped')"
 
 
 def upgrade() -> None:
-    op.execute("DROP INDEX IF EXISTS ix_delivery_broadcast_id_status_id")
-    op.execute("DROP INDEX IF EXISTS ix_delivery_lease_token_sending")
-    op.execute("CREATE INDEX ix_delivery_broadcast_id_id ON delivery (broadcast_id, id)")
-    op.execute(
-        "UPDATE delivery SET last_error = '(no reason recorded)' "
-        "WHERE status IN ('failed', 'partial', 'skipped') AND last_error IS NULL"
-    )
-    op.execute(
-        "ALTER TABLE delivery ADD CONSTRAINT ck_delivery_reason "
-        "CHECK (status NOT IN ('failed', 'partial', 'skipped') OR last_error IS NOT NULL)"
-    )
-    op.execute(
-        "CREATE INDEX ix_delivery_not_reached ON delivery (broadcast_id, id) "
-        "WHERE last_error IS NOT NULL"
-    )
-    _set_fillfactor(FILLFACTOR)
+    with op.get_context().autocommit_block():
+        bind = op.get_bind()
+        online_ddl.create_index(bind, "ix_delivery_broadcast_id_id", "broadcast_id, id")
+        online_ddl.create_index(
+            bind, "ix_delivery_not_reached", "broadcast_id, id", where="last_error IS NOT NULL"
+        )
+        online_ddl.check(
+            bind,
+            "ck_delivery_reason",
+            f"status NOT IN {REASONED} OR last_error IS NOT NULL",
+            fix=(
+                "last_error = '(no reason given)'",
+                f"status IN {REASONED} AND last_error IS NULL",
+            ),
+        )
+        online_ddl.drop_index(bind, "ix_delivery_broadcast_id_status_id")
+        online_ddl.drop_index(bind, "ix_delivery_lease_token_sending")
+        online_ddl.set_fillfactor(bind, FILLFACTOR)
 
 
 def downgrade() -> None:
-    _set_fillfactor(None)
-    op.execute("DROP INDEX ix_delivery_not_reached")
-    op.execute("DROP INDEX ix_delivery_broadcast_id_id")
-    op.execute("ALTER TABLE delivery DROP CONSTRAINT ck_delivery_reason")
-    op.execute(
-        "CREATE INDEX ix_delivery_broadcast_id_status_id ON delivery (broadcast_id, status, id)"
-    )
-    op.execute(
-        "CREATE INDEX ix_delivery_lease_token_sending ON delivery (lease_token) "
-        "WHERE status = 'sending'"
-    )
+    with op.get_context().autocommit_block():
+        bind = op.get_bind()
+        online_ddl.set_fillfactor(bind, None)
+        online_ddl.create_index(
+            bind, "ix_delivery_broadcast_id_status_id", "broadcast_id, status, id"
+        )
+        online_ddl.create_index(
+            bind, "ix_delivery_lease_token_sending", "lease_token", where="status = 'sending'"
+        )
+        online_ddl.drop_index(bind, "ix_delivery_not_reached")
+        online_ddl.drop_index(bind, "ix_delivery_broadcast_id_id")
+        online_ddl.briefly(bind, "ALTER TABLE delivery DROP CONSTRAINT ck_delivery_reason")
