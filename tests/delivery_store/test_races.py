@@ -299,9 +299,7 @@ def test_a_sweep_and_a_claim_that_gives_back_an_older_runs_rows_do_not_deadlock(
         op = store.claim_batch(lost.id, uuid.uuid4(), lease=LEASE)
         query = drive_until(claiming, op, "SELECT status FROM broadcast")
         sweep = threading.Thread(
-            target=lambda: swept.append(
-                store.run(sweeping, store.take_back(republish_after=60))
-            )
+            target=lambda: swept.append(store.run(sweeping, store.take_back(republish_after=60)))
         )
         sweep.start()
         deadline = time.monotonic() + 10
