@@ -167,8 +167,8 @@ def given_back(task_status: str) -> str:
 
 
 def _text(value: str) -> str:
-    """An SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
+    """An SQL string literal, for a statement with parameters (a ``%`` is doubled)."""
+    return "'" + value.replace("'", "''").replace("%", "%%") + "'"
 
 
 def canceled_reason(last_error: str, *, unsure: bool = False) -> str:
@@ -328,6 +328,8 @@ def snapshot_day(broadcast_id: int) -> One[date | None]:
 #: A copy of at least this many rows has its partition's statistics taken again before it
 #: commits (below).
 ANALYZE_AFTER = 10_000
+#: How long such a copy waits for the partition's statistics lock before it goes without.
+ANALYZE_WAIT = "200ms"
 
 
 def _analyze(broadcast_id: int, part_day: date) -> Op[None]:
@@ -335,6 +337,11 @@ def _analyze(broadcast_id: int, part_day: date) -> Op[None]:
     (its own rows count). Until then the planner believes the broadcast has the handful of
     rows it had before, and may read a batch's rows through all of the broadcast's: a result
     write that read 30,000 rows to find 50 was seen before this.
+
+    Only if its lock is free within ``ANALYZE_WAIT``: an index being built on the partition
+    (``CREATE INDEX CONCURRENTLY``, a migration) or a constraint being validated holds it
+    for as long as that takes, and waits for this transaction meanwhile. Skipped then, the
+    statistics come from autovacuum as before.
     """
     found = (
         yield Query(
@@ -344,7 +351,21 @@ def _analyze(broadcast_id: int, part_day: date) -> Op[None]:
         )
     ).first()
     if found is not None:
-        yield Query(f"ANALYZE {found[0]}")
+        yield Query(
+            f"""
+            DO $$
+            DECLARE was text := current_setting('lock_timeout');
+            BEGIN
+                PERFORM set_config('lock_timeout', '{ANALYZE_WAIT}', true);
+                BEGIN
+                    ANALYZE {found[0]};
+                EXCEPTION WHEN lock_not_available THEN
+                    NULL;
+                END;
+                PERFORM set_config('lock_timeout', was, true);
+            END $$
+            """
+        )
 
 
 def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
@@ -572,10 +593,10 @@ def claim_batch(batch_id: int, token: uuid.UUID, *, lease: float) -> Op[Batch | 
     sent (then the batch goes back to ``ready`` for the relay to hand out once it is).
 
     Locks: the batch, then (only to give back rows an older run left held in its range) the
-    task. Every other path locks the task first, so none may wait for a ``queued`` batch while
-    holding its task: ``end_run`` and ``take_back`` take batches under the task's lock only
-    with ``SKIP LOCKED`` or their own running one, and ``take_back`` hands lost messages out
-    again before it locks any task.
+    task. Every other path locks the task first, so none may wait for a batch a claim holds
+    while holding a task: ``end_run`` takes only its own running batch or one under ``SKIP
+    LOCKED``; the sweep hands lost messages out again before it locks any task, and after
+    that takes, readies or drops batches only under ``SKIP LOCKED``.
     """
     # Locking the batch row waits for the relay's transaction, which publishes before it
     # commits: a message can arrive before the batch reads ``queued``.
@@ -1228,7 +1249,9 @@ def settle_stranded(*, limit: int = 100) -> Op[list[Stranded]]:
     their task. In the normal course this finds nothing: it reads the tasks being sent and
     the batches of canceled ones, and the rows of a task only when it is stranded.
     """
-    found = (yield Query(_STRANDED.format(also="") + " LIMIT %(limit)s", {"limit": limit})).rows
+    found = (
+        yield Query(_STRANDED.format(also="") + " ORDER BY 1 LIMIT %(limit)s", {"limit": limit})
+    ).rows
     settled = []
     for (broadcast_id,) in found:
         status = yield from _lock_task(broadcast_id)
@@ -1258,13 +1281,26 @@ def settle_stranded(*, limit: int = 100) -> Op[list[Stranded]]:
         batches = 0
         if status == BroadcastStatus.CANCELED:
             rows += yield from _cancel_queued(broadcast_id, part_day)
+            # Nothing of it is left to send (and none of its batches runs): its batches go now,
+            # so that it is not looked at again whatever its counts say.
+            yield Query(
+                "DELETE FROM delivery_batch WHERE id IN (SELECT id FROM delivery_batch "
+                "WHERE broadcast_id = %(b)s AND state <> 'running' FOR UPDATE SKIP LOCKED)",
+                {"b": broadcast_id},
+            )
         else:
+            # (A batch a claim holds this moment is left for the next sweep, never waited for:
+            # the task is locked, and a claim may be about to lock it.)
             batches = (
                 yield Query(
                     """
                     UPDATE delivery_batch b
                     SET state = 'ready', due_at = now(), updated_at = now()
-                    WHERE b.broadcast_id = %(b)s AND b.state = 'done' AND EXISTS (
+                    WHERE b.id IN (
+                        SELECT id FROM delivery_batch
+                        WHERE broadcast_id = %(b)s AND state = 'done'
+                        FOR UPDATE SKIP LOCKED
+                    ) AND EXISTS (
                         SELECT 1 FROM delivery d
                         WHERE d.broadcast_id = %(b)s AND d.part_day = %(p)s
                           AND d.id BETWEEN b.first_id AND b.last_id AND d.status = 'queued'
@@ -1273,7 +1309,8 @@ def settle_stranded(*, limit: int = 100) -> Op[list[Stranded]]:
                     {"b": broadcast_id, "p": part_day},
                 )
             ).rowcount
-        settled.append(Stranded(broadcast_id, status, rows, batches))
+        if rows or batches:
+            settled.append(Stranded(broadcast_id, status, rows, batches))
     return settled
 
 
@@ -1284,11 +1321,16 @@ def drop_finished_batches() -> Op[int]:
     would stay ``sending`` with nothing to bring them back. A canceled task keeps its batches
     until all its rows are final: they are how ``settle_stranded`` finds it.
     """
+    # A batch a claim holds this moment is left for the next sweep: the sweep holds the locks
+    # of tasks it took batches back from, and a claim may be about to lock its task.
     result = yield Query(
         f"""
-        DELETE FROM delivery_batch b USING broadcast t
-        WHERE t.id = b.broadcast_id AND b.state <> 'running'
-          AND (t.status = 'completed' OR t.status = 'canceled' AND NOT ({_UNFINISHED}))
+        DELETE FROM delivery_batch WHERE id IN (
+            SELECT b.id FROM delivery_batch b JOIN broadcast t ON t.id = b.broadcast_id
+            WHERE b.state <> 'running'
+              AND (t.status = 'completed' OR t.status = 'canceled' AND NOT ({_UNFINISHED}))
+            FOR UPDATE OF b SKIP LOCKED
+        )
         """
     )
     return result.rowcount

@@ -38,15 +38,26 @@ LOCK_TRIES = 30
 ROWS_PER_STEP = 50_000
 
 
+def _run(bind: sa.Connection, statement: str) -> sa.CursorResult[Any]:
+    """Run a statement as written: no parameters, so a ``%`` in it is just a ``%``."""
+    return bind.exec_driver_sql(statement, execution_options={"no_parameters": True})
+
+
 def _one(bind: sa.Connection, statement: str) -> Any:
-    return bind.exec_driver_sql(statement).scalar()
+    return _run(bind, statement).scalar()
+
+
+def _gave_way(error: sa.exc.OperationalError) -> bool:
+    """A lock not granted in time, or a deadlock this statement lost: worth another try."""
+    return isinstance(error.orig, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected)
 
 
 def partitions(bind: sa.Connection) -> list[str]:
     """The partitions of ``delivery`` (the attached ones and any being detached)."""
-    rows = bind.exec_driver_sql(
+    rows = _run(
+        bind,
         "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        f"WHERE i.inhparent = '{TABLE}'::regclass ORDER BY 1"
+        f"WHERE i.inhparent = '{TABLE}'::regclass ORDER BY 1",
     )
     return [str(r[0]) for r in rows]
 
@@ -56,18 +67,16 @@ def briefly(bind: sa.Connection, statement: str) -> None:
     ``LOCK_TIMEOUT`` for it each time.
     """
     for attempt in range(LOCK_TRIES):
-        bind.exec_driver_sql(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        _run(bind, f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         try:
-            bind.exec_driver_sql(statement)
+            _run(bind, statement)
             return
         except sa.exc.OperationalError as error:
-            if not isinstance(error.orig, psycopg.errors.LockNotAvailable):
-                raise
-            if attempt == LOCK_TRIES - 1:
+            if not _gave_way(error) or attempt == LOCK_TRIES - 1:
                 raise
             time.sleep(0.5)
         finally:
-            bind.exec_driver_sql("RESET lock_timeout")
+            _run(bind, "RESET lock_timeout")
 
 
 def create_index(bind: sa.Connection, name: str, columns: str, *, where: str = "") -> None:
@@ -83,9 +92,18 @@ def create_index(bind: sa.Connection, name: str, columns: str, *, where: str = "
         if attached:
             continue
         child = f"{part}_{name.removeprefix('ix_' + TABLE + '_')}"[:63]
-        # An earlier try that was cut short leaves an invalid index behind.
-        bind.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")
-        bind.exec_driver_sql(f"CREATE INDEX CONCURRENTLY {child} ON {part} ({columns}){predicate}")
+        for attempt in range(LOCK_TRIES):
+            # An earlier try that failed or was cut short leaves an invalid index behind.
+            _run(bind, f"DROP INDEX CONCURRENTLY IF EXISTS {child}")
+            try:
+                _run(bind, f"CREATE INDEX CONCURRENTLY {child} ON {part} ({columns}){predicate}")
+                break
+            except sa.exc.OperationalError as error:
+                # A build waits for every transaction writing the partition; one of them may
+                # wait for the build in turn (a deadlock it loses): build it again.
+                if not _gave_way(error) or attempt == LOCK_TRIES - 1:
+                    raise
+                time.sleep(0.5)
         briefly(bind, f"ALTER INDEX {name} ATTACH PARTITION {child}")
 
 
@@ -100,13 +118,15 @@ def rewrite(bind: sa.Connection, assignments: str, where: str) -> int:
     """
     done = 0
     for part in partitions(bind):
-        low, high = bind.exec_driver_sql(f"SELECT min(id), max(id) FROM {part}").one()
+        bounds: Any = _run(bind, f"SELECT min(id), max(id) FROM {part}").one()
+        low, high = bounds[0], bounds[1]
         if low is None:
             continue
         for start in range(int(low), int(high) + 1, ROWS_PER_STEP):
-            done += bind.exec_driver_sql(
+            done += _run(
+                bind,
                 f"UPDATE {part} SET {assignments} WHERE id >= {start} "
-                f"AND id < {start + ROWS_PER_STEP} AND ({where})"
+                f"AND id < {start + ROWS_PER_STEP} AND ({where})",
             ).rowcount
     return done
 
@@ -125,7 +145,7 @@ def check(bind: sa.Connection, name: str, condition: str, *, fix: tuple[str, str
     )
     # Rows written between the rewrite and the constraint.
     rewrite(bind, assignments, broken)
-    bind.exec_driver_sql(f"ALTER TABLE {TABLE} VALIDATE CONSTRAINT {name}")
+    _run(bind, f"ALTER TABLE {TABLE} VALIDATE CONSTRAINT {name}")
 
 
 def set_fillfactor(bind: sa.Connection, value: int | None) -> None:

@@ -412,7 +412,7 @@ def test_rows_left_held_in_a_canceled_task_are_canceled_before_its_batches_go(
 
 
 def test_a_large_copy_takes_its_partitions_statistics_before_it_commits(
-    api: Api, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    api: Api, conn: psycopg.Connection[Any], connect: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The planner's estimates for a partition a copy just filled: a stale one reads a batch's
     rows through all of the broadcast's, or turns a claim's contact lookup into a scan.
@@ -432,3 +432,61 @@ def test_a_large_copy_takes_its_partitions_statistics_before_it_commits(
     assert estimate() == -1, "a copy below the threshold leaves it unknown"
     filed_task(api, conn, day, 6, status="in_progress")
     assert estimate() == 10
+    # An index being built on the partition holds the statistics' lock, and waits for the
+    # copy's transaction: the copy goes on without them rather than close a cycle.
+    building = connect()
+    conn.execute("SET lock_timeout = '5s'")  # (a copy that waited would fail, not hang)
+    with building.transaction():
+        building.execute(f"LOCK TABLE {partition} IN SHARE UPDATE EXCLUSIVE MODE")
+        filed_task(api, conn, day, 7, status="in_progress")
+    assert estimate() == 10
+    assert conn.execute("SELECT count(*) FROM delivery WHERE part_day = %s", (day,)).fetchone() == (
+        17,
+    )
+
+
+def test_nothing_is_settled_in_the_normal_course_of_a_broadcast(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 6, batch_size=2)
+    assert relayed(conn, task.id), "its messages on their way"
+    assert settled(conn, task.id) == []
+    # A retry waits for its time: its batch is ready again, due later.
+    one = run_batch(conn, task.id, 0)
+    first, retry = store.run(conn, store.claim(one, 2))
+    store.run(
+        conn,
+        store.record(
+            one,
+            [
+                Record(first.id, DeliveryStatus.SENT),
+                Record(retry.id, DeliveryStatus.QUEUED, error="HTTP 503", delay=60),
+            ],
+        ),
+    )
+    store.run(conn, store.end_run(one, done=False, due_in=60))
+    assert settled(conn, task.id) == []
+    # A run that could not write a result keeps that row, and its batch, for the sweeper.
+    two = run_batch(conn, task.id, 1)
+    sent, unwritten = store.run(conn, store.claim(two, 2))
+    store.run(conn, store.record(two, [Record(sent.id, DeliveryStatus.SENT)]))
+    store.run(conn, store.end_run(two, done=False, keep=[unwritten.id]))
+    assert settled(conn, task.id) == []
+    # Paused, with its last batch done.
+    three = run_batch(conn, task.id, 2)
+    done = store.run(conn, store.claim(three, 2))
+    store.run(conn, store.record(three, [Record(h.id, DeliveryStatus.SENT) for h in done]))
+    store.run(conn, store.end_run(three, done=True))
+    conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (task.id,))
+    assert settled(conn, task.id) == []
+    assert rows(conn, task.id) == {"sent": 4, "queued": 1, "sending": 1}
+    assert states(conn, task.id) == ["ready", "running", "done"]
+    # Its only batch held by a run (here one that kept a row it could not write): that run
+    # or the sweeper gives the row back, not this.
+    alone = new_task(api, conn, 2)
+    only = run_batch(conn, alone.id)
+    sent, unwritten = store.run(conn, store.claim(only, 2))
+    store.run(conn, store.record(only, [Record(sent.id, DeliveryStatus.SENT)]))
+    store.run(conn, store.end_run(only, done=False, keep=[unwritten.id]))
+    assert settled(conn, alone.id) == []
+    assert rows(conn, alone.id) == {"sent": 1, "sending": 1}

@@ -313,3 +313,43 @@ def test_a_sweep_and_a_claim_that_gives_back_an_older_runs_rows_do_not_deadlock(
     assert len(swept) == 1
     assert (swept[0].batches, swept[0].republished) == (1, 0)
     assert rows(conn, task.id) == {"queued": 4}
+
+
+def test_a_sweep_never_waits_for_a_batch_a_claim_holds(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    """The sweep holds the tasks it settles while it drops batches; a claim holding one of
+    those batches may be about to lock its task (to give back an older run's rows): the
+    sweep skips that batch rather than wait for it.
+    """
+    task = new_task(api, conn, 4, batch_size=2)
+    lost = run_batch(conn, task.id, 1)
+    store.run(conn, store.claim(lost, 2))
+    conn.execute(
+        "UPDATE delivery_batch SET state = 'queued', run_token = NULL, lease_expires_at = NULL "
+        "WHERE id = %s",
+        (lost.id,),
+    )
+    claiming, sweeping = connect(), connect()
+    swept: list[Any] = []
+
+    def sweep() -> None:
+        with sweeping.transaction():
+            store.run(sweeping, store.take_back(republish_after=60))
+            swept.append(store.run(sweeping, store.settle_stranded()))
+            store.run(sweeping, store.drop_finished_batches())
+
+    with claiming.transaction():
+        op = store.claim_batch(lost.id, uuid.uuid4(), lease=LEASE)
+        query = drive_until(claiming, op, "SELECT status FROM broadcast")
+        # The operator cancels meanwhile, and a sweep comes.
+        store.run(conn, store.cancel(task.id))
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        sweeper.join(10)
+        assert not sweeper.is_alive(), "the sweep waited for the claimed batch"
+        taken = drive_rest(claiming, op, query)
+    assert taken is not None
+    assert [(s.status, s.rows) for s in swept[0] if s.broadcast_id == task.id] == [("canceled", 2)]
+    assert rows(conn, task.id) == {"canceled": 4}
+    assert [b[0] for b in batches(conn, task.id)] == [lost.id], "the claimed batch stays"

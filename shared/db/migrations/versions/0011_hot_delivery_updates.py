@@ -78,4 +78,6 @@ def downgrade() -> None:
         )
         online_ddl.drop_index(bind, "ix_delivery_not_reached")
         online_ddl.drop_index(bind, "ix_delivery_broadcast_id_id")
-        online_ddl.briefly(bind, "ALTER TABLE delivery DROP CONSTRAINT ck_delivery_reason")
+        online_ddl.briefly(
+            bind, "ALTER TABLE delivery DROP CONSTRAINT IF EXISTS ck_delivery_reason"
+        )
