@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Path, Query, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BeforeValidator
 from sqlalchemy.orm import Session
 
 from shared.db.engine import get_sessionmaker
+from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.tokens import workspace_for_token
 from shared.domain.types import MAX_ID
 from shared.media_store import MediaStore
@@ -89,3 +92,40 @@ def get_media_store(request: Request) -> MediaStore:
 
 
 MediaStoreDep = Annotated[MediaStore, Depends(get_media_store)]
+
+
+class StrictQueryRoute(APIRoute):
+    """A route that refuses a query parameter it does not take, with a 422 naming it and what
+    it takes, rather than ignore it: a misspelt filter (``?stauts=failed``) would otherwise
+    answer with everything, unfiltered.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        known = sorted(_query_names(self.dependant))
+
+        async def route(request: Request) -> Response:
+            unknown = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
+            if unknown:
+                takes = f"it takes {', '.join(known)}" if known else "it takes none"
+                raise ValidationFailed(
+                    [
+                        FieldError(
+                            name[:100],
+                            f"is not a query parameter of this route; {takes}",
+                            "unknown_parameter",
+                        )
+                        for name in unknown[:10]
+                    ]
+                )
+            return await handler(request)
+
+        return route
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

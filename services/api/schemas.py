@@ -183,6 +183,33 @@ class BroadcastCreate(_In):
         )
 
 
+class RetryFailedIn(_In):
+    name: Name | None = Field(
+        default=None, description='Default: the original\'s name and " (retry of failed)".'
+    )
+    send_at: IsoDatetime | None = Field(
+        default=None,
+        description="null sends immediately; otherwise an ISO-8601 time with offset, "
+        "at least 5 minutes ahead.",
+    )
+
+
+class CloneIn(_In):
+    """What the copy changes; every field is optional (the original's is kept)."""
+
+    name: Name | None = Field(default=None, description='Default: the original\'s and " (copy)".')
+    channel_id: Id | None = None
+    audience: AudienceSpec | None = None
+    content: Content | None = None
+    send_at: IsoDatetime | None = Field(
+        default=None,
+        description="null (the default) sends immediately once created; otherwise an ISO-8601 "
+        "time with offset, at least 5 minutes ahead.",
+    )
+
+    _single_channel = field_validator("channel_id", mode="before")(_one_channel)
+
+
 class BroadcastPatch(_In):
     name: Name | None = None
     channel_id: Id | None = None
@@ -225,6 +252,14 @@ class BroadcastOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    retry_of: int | None = Field(
+        default=None,
+        description="The broadcast whose failed recipients this one retries "
+        "(POST /v1/broadcasts/{id}/retry-failed).",
+    )
+    retries: list[int] = Field(
+        default_factory=list, description="The broadcasts made to retry its failed recipients."
+    )
     recipients_removed_at: datetime | None = Field(
         description="When retention removed its per-recipient rows "
         "(BCAST_DELIVERY_RETENTION_DAYS): the counts stay, the recipient list is empty from "

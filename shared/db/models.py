@@ -258,6 +258,12 @@ class Broadcast(Base):
         ),
         # Retention: the broadcasts whose rows sit in one partition of ``delivery``.
         Index(None, "part_day"),
+        # The retries of a broadcast (its detail lists them).
+        Index(
+            "ix_broadcast_retry_of_id",
+            "retry_of_id",
+            postgresql_where=text("retry_of_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = _pk()
@@ -268,6 +274,8 @@ class Broadcast(Base):
     conversation_id: Mapped[int | None] = mapped_column(
         ForeignKey("conversation.id", ondelete="SET NULL")
     )
+    #: The broadcast whose failed recipients this one retries (``POST .../retry-failed``).
+    retry_of_id: Mapped[int | None] = mapped_column(ForeignKey("broadcast.id", ondelete="SET NULL"))
     audience: Mapped[dict[str, Any]]
     content: Mapped[dict[str, Any]]
     send_at: Mapped[datetime]

@@ -46,3 +46,10 @@ def owned(session: Session, model: type[M], id_: int, workspace_id: int, kind: s
     if row is None or row.workspace_id != workspace_id:
         raise NotFound(kind, id_)
     return row
+
+
+def contains(text: str) -> str:
+    """A LIKE pattern (escape character ``\\``) matching values that hold ``text`` as typed:
+    its ``%``, ``_`` and ``\\`` match themselves.
+    """
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

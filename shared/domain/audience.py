@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, false, func, select
 from sqlalchemy.orm import Session
 
-from shared.db.models import Account, Contact, ContactTag, Tag
+from shared.db.models import Account, Broadcast, Contact, ContactTag, Delivery, Tag
 from shared.db.sql import in_ids, not_in_ids
 from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.types import Id
@@ -40,6 +40,12 @@ class AudienceSpec(AudienceFilter):
     selection: Literal["all", "manual"] = "all"
     contact_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS)
     exclude_contact_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS)
+    failed_in: Id | None = Field(
+        default=None,
+        description="Only the contacts whose delivery failed in this broadcast (of the same "
+        "channel), and who are neither opted out nor unreachable now: what "
+        "POST /v1/broadcasts/{id}/retry-failed sets. Any number of them.",
+    )
 
     @model_validator(mode="after")
     def _selection_fits(self) -> AudienceSpec:
@@ -104,10 +110,35 @@ def audience_query(
             conditions.append(in_ids(Contact.id, spec.contact_ids))
         elif spec.exclude_contact_ids:
             conditions.append(not_in_ids(Contact.id, spec.exclude_contact_ids))
+        if spec.failed_in is not None:
+            conditions.append(Contact.id.in_(failed_in(workspace_id, spec.failed_in)))
+            # A retry goes to no contact known to be unreachable (none is copied as skipped).
+            if reachable is False:
+                conditions.append(false())
+            elif reachable is None:
+                conditions.append(Contact.unreachable_at.is_(None))
     return (
         select(Contact.id, Contact.account_id, Contact.address)
         .join(Account, Account.id == Contact.account_id)
         .where(*conditions)
+    )
+
+
+def failed_in(workspace_id: int, broadcast_id: int) -> Select[int]:
+    """The contacts whose delivery failed in a broadcast, read from its one partition and the
+    index of recipients not reached (a failed row always carries its reason).
+    """
+    day = (
+        select(Broadcast.part_day)
+        .where(Broadcast.id == broadcast_id, Broadcast.workspace_id == workspace_id)
+        .scalar_subquery()
+    )
+    return select(Delivery.contact_id).where(
+        Delivery.broadcast_id == broadcast_id,
+        Delivery.part_day == day,
+        Delivery.workspace_id == workspace_id,
+        Delivery.status == "failed",
+        Delivery.last_error.is_not(None),
     )
 
 
@@ -202,6 +233,8 @@ def check_audience(
                 )
                 for i, cid in _listed(spec.contact_ids, _not_in(inside))
             )
+    if isinstance(spec, AudienceSpec) and spec.failed_in is not None:
+        errors.extend(_source_errors(session, workspace_id, channel_id, spec.failed_in, field))
     if errors:
         raise ValidationFailed(errors)
     size = count_audience(session, workspace_id, channel_id, spec)
@@ -216,6 +249,39 @@ def check_audience(
             "empty_audience",
         )
     return size
+
+
+def _source_errors(
+    session: Session, workspace_id: int, channel_id: int, source_id: int, field: str
+) -> list[FieldError]:
+    """What is wrong with ``failed_in``: a broadcast of the workspace, on the same channel,
+    whose recipient rows are still kept.
+    """
+    where = f"{field}.failed_in"
+    source = session.execute(
+        select(Broadcast).where(Broadcast.id == source_id, Broadcast.workspace_id == workspace_id)
+    ).scalar_one_or_none()
+    if source is None:
+        return [FieldError(where, f"broadcast {source_id} not found", "not_found")]
+    if source.channel_id != channel_id:
+        return [
+            FieldError(
+                where,
+                f"broadcast {source_id} went out on channel {source.channel_id}, not on the "
+                f"broadcast's channel {channel_id}",
+                "wrong_channel",
+            )
+        ]
+    if source.recipients_removed_at is not None:
+        return [
+            FieldError(
+                where,
+                f"the recipient rows of broadcast {source_id} were removed by retention: who "
+                "failed is no longer known",
+                "recipients_removed",
+            )
+        ]
+    return []
 
 
 def _existing_contacts(session: Session, workspace_id: int, ids: Sequence[int]) -> set[int]:

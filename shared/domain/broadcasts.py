@@ -27,6 +27,7 @@ from shared.db.models import (
     Delivery,
     DispatchOutbox,
 )
+from shared.db.sql import contains
 from shared.domain.audience import AudienceSpec, check_audience
 from shared.domain.errors import NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
@@ -123,6 +124,8 @@ class NewBroadcast:
     send_at: datetime | None
     origin: Origin = Origin.BROADCAST
     conversation_id: int | None = None
+    #: The broadcast whose failed recipients this one retries.
+    retry_of_id: int | None = None
 
 
 def create_broadcast(
@@ -159,6 +162,7 @@ def create_broadcast(
         channel_id=new.channel_id,
         origin=new.origin.value,
         conversation_id=new.conversation_id,
+        retry_of_id=new.retry_of_id,
         audience=new.audience.model_dump(mode="json"),
         content=new.content.model_dump(mode="json"),
         send_at=send_at,
@@ -252,19 +256,85 @@ def decode_cursor(cursor: str, *, field: str = "cursor") -> int:
         ) from None
 
 
-def broadcasts_query(
-    workspace_id: int,
-    *,
-    statuses: Sequence[BroadcastStatus] = (),
-    origin: Origin | None = None,
-) -> Select[Broadcast]:
-    """Broadcasts of a workspace, narrowed by status and origin."""
+@dataclass(frozen=True)
+class ListFilter:
+    """What a list of broadcasts is narrowed by (each optional); ranges are half-open:
+    ``*_from`` included, ``*_before`` not.
+    """
+
+    statuses: Sequence[BroadcastStatus] = ()
+    origin: Origin | None = None
+    channel_id: int | None = None
+    #: Part of the name, any case.
+    name: str | None = None
+    created_from: datetime | None = None
+    created_before: datetime | None = None
+    send_from: datetime | None = None
+    send_before: datetime | None = None
+
+
+def broadcasts_query(workspace_id: int, where: ListFilter = ListFilter()) -> Select[Broadcast]:
+    """Broadcasts of a workspace, narrowed by ``where``."""
     query = select(Broadcast).where(Broadcast.workspace_id == workspace_id)
-    if statuses:
-        query = query.where(Broadcast.status.in_([s.value for s in statuses]))
-    if origin is not None:
-        query = query.where(Broadcast.origin == origin.value)
+    if where.statuses:
+        query = query.where(Broadcast.status.in_([s.value for s in where.statuses]))
+    if where.origin is not None:
+        query = query.where(Broadcast.origin == where.origin.value)
+    if where.channel_id is not None:
+        query = query.where(Broadcast.channel_id == where.channel_id)
+    if where.name:
+        query = query.where(Broadcast.name.ilike(contains(where.name), escape="\\"))
+    for column, low, high in (
+        (Broadcast.created_at, where.created_from, where.created_before),
+        (Broadcast.send_at, where.send_from, where.send_before),
+    ):
+        if low is not None:
+            query = query.where(column >= low)
+        if high is not None:
+            query = query.where(column < high)
     return query
+
+
+def retry_of_failed(
+    session: Session, workspace_id: int, broadcast_id: int, *, name: str | None
+) -> NewBroadcast:
+    """A new broadcast to exactly the recipients that failed in ``broadcast_id`` (not the
+    skipped ones, and none opted out or unreachable since), with its channel and content, linked
+    to it. However many they are: the audience names the broadcast, not a list of contacts.
+    """
+    source = get_broadcast(session, workspace_id, broadcast_id)
+    if source.failed_count == 0:
+        raise StateConflict(
+            f"broadcast {source.id} has no failed recipients to retry "
+            f"(sent {source.sent_count}, skipped {source.skipped_count}, "
+            f"partly sent {source.partial_count}, canceled {source.canceled_count})"
+        )
+    reason = recipients_removed(source)
+    if reason is not None:
+        raise StateConflict(f"{reason}: who failed is no longer known")
+    return NewBroadcast(
+        name=name or f"{source.name} (retry of failed)",
+        channel_id=source.channel_id,
+        audience=AudienceSpec(failed_in=source.id),
+        content=Content.model_validate(source.content),
+        send_at=None,
+        retry_of_id=source.id,
+    )
+
+
+def retries_of(session: Session, broadcast_ids: Sequence[int]) -> dict[int, list[int]]:
+    """The ids of the broadcasts made to retry each of these, oldest first."""
+    found: dict[int, list[int]] = {i: [] for i in broadcast_ids}
+    if broadcast_ids:
+        rows = session.execute(
+            select(Broadcast.retry_of_id, Broadcast.id)
+            .where(Broadcast.retry_of_id.in_(list(broadcast_ids)))
+            .order_by(Broadcast.id)
+        ).all()
+        for source, retry in rows:
+            if source is not None:
+                found[source].append(retry)
+    return found
 
 
 def _require(broadcast: Broadcast, action: str) -> None:

@@ -517,3 +517,48 @@ def test_images_a_provider_does_not_take_are_refused_for_that_channel(api: Api) 
     )
     assert moved.status_code == 422
     assert moved.json()["detail"][0]["field"] == "content.media_ids[0]"
+
+
+def test_the_list_filters_by_channel_name_and_time_ranges(api: Api) -> None:
+    first, second = api.channel(), api.channel()
+    for channel in (first, second):
+        api.contact(api.account(channel["id"])["id"], f"c-{channel['id']}")
+    later = datetime.now(UTC) + timedelta(days=2)
+    made = [
+        api.broadcast(first["id"], name="Spring sale", send_at=later.isoformat()),
+        api.broadcast(first["id"], name="100% off_", send_at=(later + timedelta(days=1)).isoformat()),
+        api.broadcast(second["id"], name="spring news"),
+    ]
+
+    def ids(query: str) -> list[int]:
+        return sorted(b["id"] for b in api.ok("get", f"/v1/broadcasts?{query}")["items"])
+
+    mine = sorted(b["id"] for b in made)
+    assert ids(f"channel_id={first['id']}") == mine[:2]
+    assert ids("q=SPRING") == [made[0]["id"], made[2]["id"]]
+    # % and _ are matched as typed, not as wildcards.
+    assert ids("q=0%25 off_") == [made[1]["id"]]
+    assert ids("q=0_") == []
+    cut = (later + timedelta(hours=12)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert ids(f"send_before={cut}&channel_id={first['id']}") == [made[0]["id"]]
+    assert ids(f"send_from={cut}") == [made[1]["id"]]
+    created = min(datetime.fromisoformat(b["created_at"]) for b in made)
+    stamp = created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert ids(f"created_from={stamp}") == mine
+    assert ids(f"created_before={stamp}") == []
+    bad = api.get("/v1/broadcasts?send_from=tomorrow")
+    assert bad.status_code == 422
+    assert "send_from" in bad.text
+
+
+def test_a_query_parameter_a_route_does_not_take_is_refused_not_ignored(api: Api) -> None:
+    misspelt = api.get("/v1/broadcasts?stauts=failed")
+    assert misspelt.status_code == 422, misspelt.text
+    [error] = misspelt.json()["errors"]
+    assert (error["field"], error["type"]) == ("stauts", "unknown_parameter")
+    assert "status" in error["msg"]
+    for path in ("/v1/contacts?acount_id=1", "/v1/channels?x=1", "/v1/conversations?y=2"):
+        answer = api.get(path)
+        assert answer.status_code == 422, (path, answer.text)
+    # Parameters a route takes (its dependencies' too: limit, cursor) are accepted.
+    assert api.get("/v1/broadcasts?status=pending&limit=5").status_code == 200

@@ -256,6 +256,38 @@ def test_the_recipients_not_reached_are_listed_with_reasons_and_downloadable(
     assert all(",failed," in line for line in lines[1:])
 
 
+def test_the_failed_recipients_are_retried_from_the_detail_in_a_linked_broadcast(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=3)
+    start_with_deliveries(b["id"], ["sent", "failed", "failed"], errors=[None, "HTTP 500", "x"])
+    csrf = sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert f'action="/console/broadcasts/{b["id"]}/retry-failed"' in page
+    assert "Retry the 2 failed now" in page
+    path = f"/console/broadcasts/{b['id']}/retry-failed"
+    assert browser.post(path, data={"csrf_token": "forged"}).status_code == 403
+    done = browser.post(path, data={"csrf_token": csrf})
+    assert done.status_code == 303
+    retry_id = int(done.headers["location"].rsplit("/", 1)[1])
+    retry = api.ok("get", f"/v1/broadcasts/{retry_id}")
+    assert (retry["retry_of"], retry["audience_size"]) == (b["id"], 2)
+    assert f'href="/console/broadcasts/{b["id"]}"' in browser.get(done.headers["location"]).text
+    assert (
+        f'href="/console/broadcasts/{retry_id}"'
+        in browser.get(f"/console/broadcasts/{b['id']}").text
+    )
+    # Nobody failed: no such button, and a forged post says why.
+    clean = made_broadcast(api, contacts=1)
+    start_with_deliveries(clean["id"], ["sent"])
+    assert "retry-failed" not in browser.get(f"/console/broadcasts/{clean['id']}").text
+    refused = browser.post(
+        f"/console/broadcasts/{clean['id']}/retry-failed", data={"csrf_token": csrf}
+    )
+    assert refused.status_code == 409
+    assert "no failed recipients" in refused.text
+
+
 def conversation_of(api: Api) -> int:
     channel = api.channel(name="inbox")
     account = api.account(channel["id"])

@@ -31,6 +31,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("patch", "/v1/contacts/{contact_id}"): {"name": "changed", "opted_out": True},
     ("patch", "/v1/broadcasts/{broadcast_id}"): {"name": "changed"},
     ("post", "/v1/conversations/{conversation_id}/timed-sends"): {"content": {"text": "x"}},
+    ("post", "/v1/broadcasts/{broadcast_id}/retry-failed"): {"name": "again"},
+    ("post", "/v1/broadcasts/{broadcast_id}/clone"): {"name": "copy"},
 }
 #: Operations that are public by design (signed URLs), not a workspace's.
 PUBLIC = {("get", "/media/{media_id}")}

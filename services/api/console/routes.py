@@ -47,10 +47,12 @@ from shared.db.models import (
     Media,
     Tag,
 )
+from shared.db.sql import contains
 from shared.domain.audience import AudienceFilter, audience_query, count_audience
 from shared.domain.broadcasts import (
     Changes,
     Content,
+    ListFilter,
     NewBroadcast,
     broadcasts_query,
     cancel_broadcast,
@@ -64,6 +66,8 @@ from shared.domain.broadcasts import (
     recipients_removed,
     request_hash,
     resume_broadcast,
+    retries_of,
+    retry_of_failed,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
 from shared.domain.contacts import (
@@ -264,13 +268,9 @@ def _channels(session: SessionDep, workspace_id: int) -> list[Channel]:
     )
 
 
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def _name_or_address(q: str) -> ColumnElement[bool]:
     """Contacts whose name or address holds ``q`` (case ignored; ``%`` and ``_`` as typed)."""
-    like = f"%{_escape_like(q)}%"
+    like = contains(q)
     return or_(Contact.name.ilike(like, escape="\\"), Contact.address.ilike(like, escape="\\"))
 
 
@@ -288,11 +288,12 @@ def broadcasts(
     # A form's "Any" sends an empty value; anything else unknown is treated alike.
     origin = Origin(origin_) if origin_ in ORIGIN_LABELS else None
     channel = plain_id(channel_)
-    query = broadcasts_query(who.workspace_id, statuses=status_ or (), origin=origin)
-    if channel is not None:
-        query = query.where(Broadcast.channel_id == channel)
-    if q.strip():
-        query = query.where(Broadcast.name.ilike(f"%{_escape_like(q.strip())}%", escape="\\"))
+    query = broadcasts_query(
+        who.workspace_id,
+        ListFilter(
+            statuses=status_ or (), origin=origin, channel_id=channel, name=q.strip() or None
+        ),
+    )
     try:
         rows, next_cursor = newest_first(session, query, Broadcast.id, PAGE_SIZE, cursor)
     except DomainError:
@@ -551,6 +552,9 @@ def _detail_page(
             ],
             "editable": BroadcastStatus(b.status) in ACTION_ALLOWED_FROM["modify"]
             and b.started_at is None,
+            "retriable": b.failed_count > 0 and removed is None,
+            "retry_of": b.retry_of_id,
+            "retries": retries_of(session, [b.id])[b.id],
             "reasons": _reasons(session, b),
             "chart": _progress(session, b),
             "removed": removed,
@@ -606,6 +610,35 @@ for _action in ACTION_LABELS:
     router.add_api_route(
         f"/broadcasts/{{broadcast_id:int}}/{_action}", _action_route(_action), methods=["POST"]
     )
+
+
+@router.post("/broadcasts/{broadcast_id:int}/retry-failed")
+def retry_failed(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    """A new broadcast to the recipients that failed in this one, sent now (as the API's
+    retry-failed); the operator lands on its page.
+    """
+    check_csrf(who, csrf_token)
+    _owned(session, who, broadcast_id)
+    try:
+        new = retry_of_failed(session, who.workspace_id, broadcast_id, name=None)
+        b, _ = create_broadcast(session, who.workspace_id, new)
+    except DomainError as exc:
+        session.rollback()
+        return _detail_page(request, session, who, broadcast_id, notice=str(exc), code=409)
+    session.commit()
+    lifecycle(
+        "created",
+        b,
+        who.workspace_id,
+        f" to retry the {b.audience_size} failed recipients of broadcast {broadcast_id}",
+    )
+    return RedirectResponse(f"/console/broadcasts/{b.id}", status.HTTP_303_SEE_OTHER)
 
 
 @router.get("/broadcasts/{broadcast_id:int}/recipients.csv")
@@ -699,7 +732,7 @@ def _conversation_page(
 ) -> Response:
     c = _conversation(session, who, conversation_id)
     sends = session.scalars(
-        broadcasts_query(who.workspace_id, origin=Origin.CONVERSATION)
+        broadcasts_query(who.workspace_id, ListFilter(origin=Origin.CONVERSATION))
         .where(Broadcast.conversation_id == conversation_id)
         .order_by(Broadcast.id.desc())
         .limit(PAGE_SIZE)

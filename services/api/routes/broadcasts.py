@@ -9,24 +9,34 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import date
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
-from services.api.deps import CurrentWorkspace, PathId, SessionDep, SettingsDep
+from services.api.deps import (
+    CurrentWorkspace,
+    PathId,
+    QueryId,
+    SessionDep,
+    SettingsDep,
+    StrictQueryRoute,
+)
 from services.api.pagination import Cursor, Limit, cursor_id, fetch_page, newest_first
 from services.api.schemas import (
     BroadcastCreate,
     BroadcastOut,
     BroadcastPatch,
+    CloneIn,
     Counts,
     Page,
     RecipientOut,
     RecipientPage,
+    RetryFailedIn,
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
@@ -34,6 +44,7 @@ from shared.domain.audience import AudienceSpec
 from shared.domain.broadcasts import (
     Changes,
     Content,
+    ListFilter,
     NewBroadcast,
     broadcasts_query,
     cancel_broadcast,
@@ -46,13 +57,16 @@ from shared.domain.broadcasts import (
     recipients_removed,
     request_hash,
     resume_broadcast,
+    retries_of,
+    retry_of_failed,
 )
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
+from shared.domain.types import IsoDatetime
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
+router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"], route_class=StrictQueryRoute)
 
 _KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
 
@@ -93,13 +107,19 @@ DeliveryStatusFilter = Annotated[
 E = TypeVar("E", BroadcastStatus, DeliveryStatus)
 
 
-def broadcast_out(broadcast: Broadcast) -> BroadcastOut:
+def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> BroadcastOut:
+    """The answer for a broadcast; ``retries`` (its retries' ids) are read when not given."""
+    if retries is None:
+        session = object_session(broadcast)
+        retries = retries_of(session, [broadcast.id])[broadcast.id] if session else []
     return BroadcastOut(
         id=broadcast.id,
         name=broadcast.name,
         channel_id=broadcast.channel_id,
         origin=Origin(broadcast.origin),
         conversation_id=broadcast.conversation_id,
+        retry_of=broadcast.retry_of_id,
+        retries=retries,
         audience=AudienceSpec.model_validate(broadcast.audience),
         content=Content.model_validate(broadcast.content),
         send_at=broadcast.send_at,
@@ -210,15 +230,38 @@ def list_broadcasts(
     workspace: CurrentWorkspace,
     status_: BroadcastStatusFilter = None,
     origin: Origin | None = None,
+    channel_id: QueryId = None,
+    q: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="Part of the name, any case."),
+    ] = None,
+    created_from: Annotated[IsoDatetime | None, Query(description="Created at or after.")] = None,
+    created_before: Annotated[IsoDatetime | None, Query(description="Created before.")] = None,
+    send_from: Annotated[IsoDatetime | None, Query(description="Due at or after.")] = None,
+    send_before: Annotated[IsoDatetime | None, Query(description="Due before.")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Page[BroadcastOut]:
-    """Broadcasts newest first, filtered by status (several at once) and origin."""
+    """Broadcasts newest first, filtered by status (several at once), origin, channel, part of
+    the name, and ranges of creation and send time (ISO-8601 with offset; ``*_from``
+    included, ``*_before`` not). A query parameter the list does not take is refused (422).
+    """
     query = broadcasts_query(
-        workspace, statuses=parse_statuses(status_, BroadcastStatus), origin=origin
+        workspace,
+        ListFilter(
+            statuses=parse_statuses(status_, BroadcastStatus),
+            origin=origin,
+            channel_id=channel_id,
+            name=q,
+            created_from=created_from,
+            created_before=created_before,
+            send_from=send_from,
+            send_before=send_before,
+        ),
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
-    return Page(items=[broadcast_out(b) for b in rows], next_cursor=next_cursor)
+    retries = retries_of(session, [b.id for b in rows])
+    return Page(items=[broadcast_out(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
 
 
 @router.get("/{broadcast_id}")
@@ -227,6 +270,90 @@ def read_broadcast(
 ) -> BroadcastOut:
     """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial."""
     return broadcast_out(get_broadcast(session, workspace, broadcast_id))
+
+
+@router.post(
+    "/{broadcast_id}/retry-failed",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {"description": "Created (or replayed, as for POST /v1/broadcasts)."},
+        409: {"description": "The broadcast has no failed recipients, or they are not kept."},
+    },
+)
+def retry_failed(
+    broadcast_id: PathId,
+    response: Response,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    body: RetryFailedIn | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> BroadcastOut:
+    """A new pending broadcast to exactly the recipients that failed in this one (not the
+    skipped ones, nor any opted out or found unreachable since), with its channel and content,
+    linked both ways (``retry_of`` and ``retries``). Any number of recipients.
+    """
+    given = body or RetryFailedIn()
+    new = retry_of_failed(session, workspace, broadcast_id, name=given.name)
+    broadcast, created = create_broadcast(
+        session,
+        workspace,
+        replace(new, send_at=given.send_at),
+        idempotency_key=idempotency_key,
+        body_hash=_hash(f"retry-failed/{broadcast_id}", given) if idempotency_key else None,
+    )
+    out = answer_created(session, response, broadcast, created)
+    if created:
+        lifecycle(
+            "created",
+            broadcast,
+            workspace,
+            f" to retry the {broadcast.audience_size} failed recipients of broadcast "
+            f"{broadcast_id}",
+        )
+    return out
+
+
+@router.post(
+    "/{broadcast_id}/clone",
+    status_code=status.HTTP_201_CREATED,
+    responses={201: {"description": "Created (or replayed, as for POST /v1/broadcasts)."}},
+)
+def clone(
+    broadcast_id: PathId,
+    response: Response,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    body: CloneIn | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> BroadcastOut:
+    """A new pending broadcast with this one's channel, audience and content (in any status),
+    each replaced by the body's where it gives one. Its audience is worked out anew: who
+    matches now, not who was sent to then. ``send_at`` null (the default) sends it at once.
+    """
+    given = body or CloneIn()
+    source = get_broadcast(session, workspace, broadcast_id)
+    broadcast, created = create_broadcast(
+        session,
+        workspace,
+        NewBroadcast(
+            name=given.name or f"{source.name} (copy)",
+            channel_id=given.channel_id or source.channel_id,
+            audience=given.audience or AudienceSpec.model_validate(source.audience),
+            content=given.content or Content.model_validate(source.content),
+            send_at=given.send_at,
+        ),
+        idempotency_key=idempotency_key,
+        body_hash=_hash(f"clone/{broadcast_id}", given) if idempotency_key else None,
+    )
+    out = answer_created(session, response, broadcast, created)
+    if created:
+        lifecycle("created", broadcast, workspace, f" as a copy of broadcast {broadcast_id}")
+    return out
+
+
+def _hash(action: str, body: RetryFailedIn | CloneIn) -> str:
+    """The request a key was first used for: the action, its broadcast, and the body."""
+    return request_hash({"action": action, **body.model_dump(mode="json")})
 
 
 @router.patch("/{broadcast_id}")

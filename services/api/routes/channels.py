@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, PathId, QueryId, SecretsBoxDep, SessionDep
+from services.api.deps import (
+    CurrentWorkspace,
+    PathId,
+    QueryId,
+    SecretsBoxDep,
+    SessionDep,
+    StrictQueryRoute,
+)
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AccountCreate,
@@ -29,7 +36,7 @@ from shared.domain.contacts import create_tag
 from shared.domain.errors import StateConflict
 from shared.domain.lifecycle import ChannelKind
 
-router = APIRouter(prefix="/v1", tags=["channels"])
+router = APIRouter(prefix="/v1", tags=["channels"], route_class=StrictQueryRoute)
 
 
 def channel_out(channel: Channel) -> ChannelOut:

@@ -8,7 +8,14 @@ from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from services.api.deps import CurrentWorkspace, PathId, QueryId, SessionDep, SettingsDep
+from services.api.deps import (
+    CurrentWorkspace,
+    PathId,
+    QueryId,
+    SessionDep,
+    SettingsDep,
+    StrictQueryRoute,
+)
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.schemas import (
     AudiencePreviewIn,
@@ -34,7 +41,7 @@ from shared.domain.contacts import (
 )
 from shared.domain.errors import ValidationFailed
 
-router = APIRouter(prefix="/v1", tags=["contacts"])
+router = APIRouter(prefix="/v1", tags=["contacts"], route_class=StrictQueryRoute)
 
 
 def contacts_out(session: Session, contacts: Sequence[Contact]) -> list[ContactOut]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
-from services.api.deps import CurrentWorkspace, PathId, SessionDep
+from services.api.deps import CurrentWorkspace, PathId, SessionDep, StrictQueryRoute
 from services.api.pagination import Cursor, Limit, newest_first
 from services.api.routes.broadcasts import IdempotencyKey, answer_created, broadcast_out
 from services.api.schemas import (
@@ -18,6 +18,7 @@ from services.api.schemas import (
 from shared.db.models import Account, Broadcast, Contact, Conversation
 from shared.db.sql import owned
 from shared.domain.broadcasts import (
+    ListFilter,
     broadcasts_query,
     conversation_broadcast,
     create_broadcast,
@@ -26,7 +27,7 @@ from shared.domain.broadcasts import (
 from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.lifecycle import Origin
 
-router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"], route_class=StrictQueryRoute)
 
 
 @router.post(
@@ -128,7 +129,7 @@ def list_timed_sends(
     cursor: Cursor = None,
 ) -> Page[BroadcastOut]:
     read_conversation(conversation_id, session, workspace)
-    query = broadcasts_query(workspace, origin=Origin.CONVERSATION).where(
+    query = broadcasts_query(workspace, ListFilter(origin=Origin.CONVERSATION)).where(
         Broadcast.conversation_id == conversation_id
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)

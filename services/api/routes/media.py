@@ -15,6 +15,7 @@ from services.api.deps import (
     SecretsBoxDep,
     SessionDep,
     SettingsDep,
+    StrictQueryRoute,
 )
 from services.api.schemas import MediaOut
 from shared.db.models import Media, Workspace
@@ -22,7 +23,7 @@ from shared.db.sql import owned
 from shared.domain.media import create_media, signature_valid
 from shared.domain.types import MAX_ID
 
-router = APIRouter(prefix="/v1/media", tags=["media"])
+router = APIRouter(prefix="/v1/media", tags=["media"], route_class=StrictQueryRoute)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
