@@ -526,7 +526,9 @@ def test_the_list_filters_by_channel_name_and_time_ranges(api: Api) -> None:
     later = datetime.now(UTC) + timedelta(days=2)
     made = [
         api.broadcast(first["id"], name="Spring sale", send_at=later.isoformat()),
-        api.broadcast(first["id"], name="100% off_", send_at=(later + timedelta(days=1)).isoformat()),
+        api.broadcast(
+            first["id"], name="100% off_", send_at=(later + timedelta(days=1)).isoformat()
+        ),
         api.broadcast(second["id"], name="spring news"),
     ]
 
