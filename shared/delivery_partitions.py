@@ -254,7 +254,8 @@ class Filed(NamedTuple):
     """The broadcasts filed under a partition's days."""
 
     broadcasts: int
-    #: Of which not completed or canceled.
+    #: Of which not completed or canceled, and broadcasts not yet started whose audience is
+    #: the failed recipients of one of them (a retry reads them when it starts).
     unfinished: int
     #: Of which not yet told their rows go (``recipients_removed_at``).
     unretired: int
@@ -266,7 +267,13 @@ def _filed(partition: Partition) -> Op[Filed]:
     row = (
         yield Query(
             f"""
-            SELECT count(*), count(*) FILTER (WHERE status NOT IN {_FINAL}),
+            SELECT count(*),
+                   count(*) FILTER (WHERE status NOT IN {_FINAL})
+                   + (SELECT count(*) FROM broadcast r
+                      WHERE r.snapshot_at IS NULL AND r.status NOT IN {_FINAL}
+                        AND (r.audience ->> 'failed_in')::bigint IN (
+                            SELECT id FROM broadcast
+                            WHERE part_day >= %(first)s AND part_day < %(end)s)),
                    count(*) FILTER (WHERE recipients_removed_at IS NULL),
                    coalesce(sum(total_count), 0)::bigint
             FROM broadcast WHERE part_day >= %(first)s AND part_day < %(end)s

@@ -135,7 +135,8 @@ def _recipient_columns() -> tuple[Any, ...]:
 
 
 def _picked(tasks: Sequence[Starting]) -> Select[Any]:
-    """The recipients of hand-picked audiences that share a workspace, channel and filter:
+    """The recipients of hand-picked audiences that share a workspace, channel and filter
+    (accounts, tags, and the broadcast whose failed recipients they are drawn from, if any):
     one audience query over every pick of them all, each task keeping only its own picks
     among the contacts that existed when it started.
     """
@@ -180,7 +181,8 @@ def _picked(tasks: Sequence[Starting]) -> Select[Any]:
 def recipients_source(tasks: Sequence[Starting]) -> store.Query:
     """``(broadcast_id, contact_id, address, unreachable, unreachable_reason)`` of every
     recipient of every task, in one query: each task's audience as ``audience_source`` has it.
-    Hand-picked audiences of the same workspace, channel and filter share one audience query.
+    Hand-picked audiences of the same workspace, channel and filter (``failed_in`` included)
+    share one audience query.
     """
     parts: list[Select[Any]] = []
     picks: defaultdict[tuple[Any, ...], list[Starting]] = defaultdict(list)
@@ -193,6 +195,7 @@ def recipients_source(tasks: Sequence[Starting]) -> store.Query:
                 tuple(spec.account_ids),
                 tuple(spec.tag_ids),
                 spec.tag_match,
+                spec.failed_in,
             )
             picks[key].append(task)
             continue

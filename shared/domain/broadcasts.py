@@ -124,8 +124,6 @@ class NewBroadcast:
     send_at: datetime | None
     origin: Origin = Origin.BROADCAST
     conversation_id: int | None = None
-    #: The broadcast whose failed recipients this one retries.
-    retry_of_id: int | None = None
 
 
 def create_broadcast(
@@ -142,7 +140,7 @@ def create_broadcast(
     one made; the same key with another body is refused.
     """
     if idempotency_key is not None:
-        earlier = _by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
+        earlier = by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
         if earlier is not None:
             return earlier, False
     now = utcnow()
@@ -162,7 +160,8 @@ def create_broadcast(
         channel_id=new.channel_id,
         origin=new.origin.value,
         conversation_id=new.conversation_id,
-        retry_of_id=new.retry_of_id,
+        # A broadcast to the failed recipients of another is its retry, however it was made.
+        retry_of_id=new.audience.failed_in,
         audience=new.audience.model_dump(mode="json"),
         content=new.content.model_dump(mode="json"),
         send_at=send_at,
@@ -181,14 +180,14 @@ def create_broadcast(
             session.add(broadcast)
             session.flush()
     except IntegrityError:
-        earlier = _by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
+        earlier = by_idempotency_key(session, workspace_id, idempotency_key, body_hash)
         if earlier is None:
             raise
         return earlier, False
     return broadcast, True
 
 
-def _by_idempotency_key(
+def by_idempotency_key(
     session: Session, workspace_id: int, key: str, body_hash: str | None
 ) -> Broadcast | None:
     earlier = session.execute(
@@ -302,7 +301,8 @@ def retry_of_failed(
     skipped ones, and none opted out or unreachable since), with its channel and content, linked
     to it. However many they are: the audience names the broadcast, not a list of contacts.
     """
-    source = get_broadcast(session, workspace_id, broadcast_id)
+    # Locked: two requests at once (a double click) make one retry, not two.
+    source = get_broadcast(session, workspace_id, broadcast_id, lock=True)
     if source.failed_count == 0:
         raise StateConflict(
             f"broadcast {source.id} has no failed recipients to retry "
@@ -312,23 +312,39 @@ def retry_of_failed(
     reason = recipients_removed(source)
     if reason is not None:
         raise StateConflict(f"{reason}: who failed is no longer known")
+    # A second retry would send again to everyone the first one reaches.
+    earlier = session.execute(
+        select(Broadcast.id, Broadcast.status)
+        .where(Broadcast.retry_of_id == source.id, Broadcast.status != BroadcastStatus.CANCELED)
+        .order_by(Broadcast.id)
+        .limit(1)
+    ).first()
+    if earlier is not None:
+        raise StateConflict(
+            f"broadcast {source.id} is already retried by broadcast {earlier.id} "
+            f"({earlier.status}): retry that one's failed recipients instead, or cancel it first"
+        )
     return NewBroadcast(
         name=name or f"{source.name} (retry of failed)",
         channel_id=source.channel_id,
         audience=AudienceSpec(failed_in=source.id),
         content=Content.model_validate(source.content),
         send_at=None,
-        retry_of_id=source.id,
     )
 
 
-def retries_of(session: Session, broadcast_ids: Sequence[int]) -> dict[int, list[int]]:
+def retries_of(
+    session: Session, workspace_id: int, broadcast_ids: Sequence[int]
+) -> dict[int, list[int]]:
     """The ids of the broadcasts made to retry each of these, oldest first."""
     found: dict[int, list[int]] = {i: [] for i in broadcast_ids}
     if broadcast_ids:
         rows = session.execute(
             select(Broadcast.retry_of_id, Broadcast.id)
-            .where(Broadcast.retry_of_id.in_(list(broadcast_ids)))
+            .where(
+                Broadcast.workspace_id == workspace_id,
+                Broadcast.retry_of_id.in_(list(broadcast_ids)),
+            )
             .order_by(Broadcast.id)
         ).all()
         for source, retry in rows:
@@ -390,6 +406,8 @@ def modify_broadcast(
         audience = changes.audience or AudienceSpec.model_validate(broadcast.audience)
         broadcast.audience_size = check_audience(session, workspace_id, channel_id, audience)
         broadcast.audience = audience.model_dump(mode="json")
+        # A broadcast to the failed recipients of another is its retry, however it was made.
+        broadcast.retry_of_id = audience.failed_in
     if changes.content is not None or changes.channel_id is not None:
         content = changes.content or Content.model_validate(broadcast.content)
         check_media_ids(

@@ -541,6 +541,7 @@ def test_the_list_filters_by_channel_name_and_time_ranges(api: Api) -> None:
     # % and _ are matched as typed, not as wildcards.
     assert ids("q=0%25 off_") == [made[1]["id"]]
     assert ids("q=0_") == []
+    assert ids("q=%25") == [made[1]["id"]]
     cut = (later + timedelta(hours=12)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert ids(f"send_before={cut}&channel_id={first['id']}") == [made[0]["id"]]
     assert ids(f"send_from={cut}") == [made[1]["id"]]
@@ -564,3 +565,11 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_not_ignored(api: Api
         assert answer.status_code == 422, (path, answer.text)
     # Parameters a route takes (its dependencies' too: limit, cursor) are accepted.
     assert api.get("/v1/broadcasts?status=pending&limit=5").status_code == 200
+    channel = api.channel()
+    api.contact(api.account(channel["id"])["id"], "someone")
+    b = api.broadcast(channel["id"])
+    listed = api.get(f"/v1/broadcasts/{b['id']}/recipients?status=failed&format=csv&limit=5")
+    assert listed.status_code == 200, listed.text
+    naive = api.get("/v1/broadcasts?created_from=2026-01-01T00:00:00")
+    assert naive.status_code == 422
+    assert "UTC offset" in naive.text

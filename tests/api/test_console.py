@@ -277,6 +277,37 @@ def test_the_failed_recipients_are_retried_from_the_detail_in_a_linked_broadcast
         f'href="/console/broadcasts/{retry_id}"'
         in browser.get(f"/console/broadcasts/{b['id']}").text
     )
+    # Its page to edit offers no audience to change: a change there would send it to others.
+    edit = browser.get(f"/console/broadcasts/{retry_id}/edit").text
+    assert "It goes to the recipients that failed in" in edit
+    assert 'name="account"' not in edit
+    assert 'name="selection"' not in edit
+    shown = re.search(r'name="shown_at" value="([^"]+)"', edit)
+    assert shown
+    renamed = browser.post(
+        f"/console/broadcasts/{retry_id}/edit",
+        data={
+            "csrf_token": csrf,
+            "name": "second try",
+            "text": "hello again",
+            "when": "later",
+            "at": shown.group(1),
+            "shown_at": shown.group(1),
+            "tz": "UTC",
+            "channel": "",
+        },
+    )
+    assert renamed.status_code == 303, renamed.text
+    after = api.ok("get", f"/v1/broadcasts/{retry_id}")
+    assert (after["name"], after["audience"]["failed_in"], after["retry_of"]) == (
+        "second try",
+        b["id"],
+        b["id"],
+    )
+    # A second click makes no second retry.
+    twice = browser.post(path, data={"csrf_token": csrf})
+    assert twice.status_code == 409
+    assert f"already retried by broadcast {retry_id}" in twice.text
     # Nobody failed: no such button, and a forged post says why.
     clean = made_broadcast(api, contacts=1)
     start_with_deliveries(clean["id"], ["sent"])

@@ -25,16 +25,16 @@ def conn(database_url: str) -> Any:
 
 @pytest.fixture
 def sent(api: Api, conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """A completed broadcast to six contacts: sent, failed, skipped, failed (opted out since),
-    failed (found unreachable since), canceled.
+    """A completed broadcast to seven contacts: sent, failed, skipped, failed (opted out
+    since), failed (found unreachable since), canceled, partly sent.
     """
     account = api.account(api.channel()["id"])
-    contacts = [api.contact(account["id"], f"user-{i}")["id"] for i in range(6)]
+    contacts = [api.contact(account["id"], f"user-{i}")["id"] for i in range(7)]
     b = api.broadcast(account["channel_id"], content={"text": "hello again"})
     start_with_deliveries(
         b["id"],
-        ["sent", "failed", "skipped", "failed", "failed", "canceled"],
-        errors=[None, "HTTP 503", None, "HTTP 500", "timeout", None],
+        ["sent", "failed", "skipped", "failed", "failed", "canceled", "partial"],
+        errors=[None, "HTTP 503", None, "HTTP 500", "timeout", None, "1 of 2 parts"],
     )
     set_status(b["id"], "completed")
     conn.execute("UPDATE contact SET opted_out_at = now() WHERE id = %s", (contacts[3],))
@@ -88,7 +88,12 @@ def test_a_retry_goes_to_exactly_the_recipients_that_failed_and_is_linked_both_w
     assert listed[retry["id"]]["retry_of"] == original["id"]
     # What is copied when it starts is that same one contact, none as skipped.
     assert copied(conn, api, retry) == [sent["contacts"][1]]
-    # A second retry, named, and due later.
+    # A second retry would send again to everyone the first reaches: refused while it
+    # stands, and made once it is canceled (named, and due later).
+    twice = api.post(f"/v1/broadcasts/{original['id']}/retry-failed")
+    assert twice.status_code == 409, twice.text
+    assert f"already retried by broadcast {retry['id']}" in twice.text
+    api.ok("post", f"/v1/broadcasts/{retry['id']}/cancel")
     later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     again = api.ok(
         "post",
@@ -133,6 +138,19 @@ def test_a_retry_is_replayed_for_the_same_idempotency_key(api: Api, sent: dict[s
     other = api.post(path, headers=key, json={"name": "other"})
     assert other.status_code == 422
     assert "Idempotency-Key" in other.text
+    # The same key on another route (or broadcast) is another request: refused, not replayed.
+    clone = api.post(f"/v1/broadcasts/{sent['broadcast']['id']}/clone", headers=key)
+    assert clone.status_code == 422
+    assert "Idempotency-Key" in clone.text
+
+
+def test_a_retry_is_refused_when_everyone_that_failed_may_no_longer_be_sent_to(
+    api: Api, conn: psycopg.Connection[Any], sent: dict[str, Any]
+) -> None:
+    conn.execute("UPDATE contact SET opted_out_at = now() WHERE id = %s", (sent["contacts"][1],))
+    refused = api.post(f"/v1/broadcasts/{sent['broadcast']['id']}/retry-failed")
+    assert refused.status_code == 409, refused.text
+    assert "opted out or was found unreachable since" in refused.text
 
 
 def test_an_audience_of_failed_recipients_names_a_broadcast_of_the_same_channel(
@@ -190,8 +208,8 @@ def test_a_clone_copies_channel_audience_and_content_and_takes_overrides(
         original["audience"],
         original["content"],
     )
-    # Worked out anew: 6 then, 4 now (one opted out, one unreachable).
-    assert (original["audience_size"], copy["audience_size"]) == (6, 4)
+    # Worked out anew: 7 then, 5 now (one opted out, one unreachable).
+    assert (original["audience_size"], copy["audience_size"]) == (7, 5)
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     changed = api.ok(
         "post",

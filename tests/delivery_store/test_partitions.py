@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from shared import delivery_partitions as partitions
 from shared import delivery_store as store
@@ -378,3 +379,34 @@ def test_one_prune_at_a_time(api: Api, conn: psycopg.Connection[Any], connect: A
         other.execute("SELECT pg_advisory_unlock(%s)", (partitions.PRUNE_LOCK,))
     done = partitions.prune(conn, retention_days=30, archive=False)
     assert [r.action for r in done if r.partition.name == name] == [Action.DROPPED]
+
+
+def test_a_retry_not_yet_started_holds_the_partition_of_the_broadcast_it_reads(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    """A retry copies the failed recipients of its original when it starts: until then the
+    original's rows must stay, however old.
+    """
+    source = filed_task(api, conn, today(conn) - timedelta(days=2800), 2, status="completed")
+    part = partition_of(conn, source)
+    retry = new_task(api, conn, 1, snapshot=False)
+    conn.execute(
+        "UPDATE broadcast SET status = 'pending', audience = %s WHERE id = %s",
+        (Jsonb({"failed_in": source.id}), retry.id),
+    )
+
+    def removal() -> Any:
+        [found] = [
+            r
+            for r in partitions.prune(conn, retention_days=30, archive=False)
+            if r.partition.name == part
+        ]
+        return found
+
+    held = removal()
+    assert (held.action, held.unfinished) == (Action.HELD, 1)
+    assert attached(conn, part)
+    # Started (its audience copied), it no longer needs them.
+    conn.execute("UPDATE broadcast SET snapshot_at = now() WHERE id = %s", (retry.id,))
+    assert removal().action == Action.DROPPED
+    assert not exists(conn, part)

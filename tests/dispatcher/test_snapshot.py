@@ -22,6 +22,7 @@ from shared.db.engine import libpq_url
 from shared.domain.audience import AudienceSpec
 from shared.settings import Settings
 from tests.conftest import Api
+from tests.factories import start_with_deliveries
 
 
 @pytest.fixture
@@ -149,6 +150,9 @@ def test_many_audiences_in_one_query_are_each_as_its_own_copy_would_take_it(
     late_one = api.contact(account["id"], "dan", tags=["vip"])
     later = datetime.now(UTC)
     vip = api.tag_id("vip")
+    # A broadcast in which ann and cyd failed and bob was sent to (cyd is unreachable now).
+    source = api.broadcast(channel["id"])["id"]
+    start_with_deliveries(source, ["failed", "sent", "failed"])
     picks = [
         # Hand-picked, same workspace, channel and filter: one audience query between them.
         (AudienceSpec(selection="manual", contact_ids=[ann["id"]]), channel, early),
@@ -166,6 +170,14 @@ def test_many_audiences_in_one_query_are_each_as_its_own_copy_would_take_it(
         # Whole audiences.
         (AudienceSpec(tag_ids=[vip]), channel, later),
         (AudienceSpec(exclude_contact_ids=[bob["id"]]), channel, early),
+        # Those that failed in a broadcast: hand-picked among them (not grouped with the
+        # same picks drawn from everyone), and all of them.
+        (
+            AudienceSpec(selection="manual", contact_ids=[ann["id"], bob["id"]], failed_in=source),
+            channel,
+            later,
+        ),
+        (AudienceSpec(failed_in=source), channel, later),
     ]
     tasks = [
         Starting(1000 + i, api.workspace_id, ch["id"], spec, at)
@@ -192,6 +204,8 @@ def test_many_audiences_in_one_query_are_each_as_its_own_copy_would_take_it(
         1006: {elsewhere["id"]},
         1007: {ann["id"], cyd["id"], late_one["id"]},
         1008: {ann["id"], cyd["id"]},
+        1009: {ann["id"]},
+        1010: {ann["id"]},
     }
 
 

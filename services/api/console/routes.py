@@ -554,7 +554,7 @@ def _detail_page(
             and b.started_at is None,
             "retriable": b.failed_count > 0 and removed is None,
             "retry_of": b.retry_of_id,
-            "retries": retries_of(session, [b.id])[b.id],
+            "retries": retries_of(session, who.workspace_id, [b.id])[b.id],
             "reasons": _reasons(session, b),
             "chart": _progress(session, b),
             "removed": removed,
@@ -1468,15 +1468,34 @@ def _edit_page(
     error: str = "",
     code: int = 200,
 ) -> Response:
-    """A conversation's timed send: its name, message and send time (its one recipient and
-    channel are the conversation's).
+    """A broadcast whose recipients are fixed: its name, message and send time. A
+    conversation's timed send (its one recipient and channel are the conversation's) and a
+    retry of the failed recipients of another broadcast (its audience is those).
     """
     return page(
         request,
         "edit.html",
-        {"signed": who, "nav": "broadcasts", "b": b, "form": form, "error": error},
+        {
+            "signed": who,
+            "nav": "broadcasts",
+            "b": b,
+            "form": form,
+            "error": error,
+            "retry_of": _failed_in(b),
+        },
         code=code,
     )
+
+
+def _failed_in(b: Broadcast) -> int | None:
+    """The broadcast whose failed recipients ``b`` goes to, if that is its audience."""
+    found = (b.audience or {}).get("failed_in")
+    return int(found) if found is not None else None
+
+
+def _fixed_recipients(b: Broadcast) -> bool:
+    """Are the channel and audience not the console's to change? (See ``_edit_page``.)"""
+    return b.origin == Origin.CONVERSATION.value or _failed_in(b) is not None
 
 
 def _same_audience(posted: dict[str, Any], stored: dict[str, Any] | None) -> bool:
@@ -1536,7 +1555,7 @@ def edit_form(
     """
     b = _owned(session, who, broadcast_id)
     form = _stored_form(b)
-    if b.origin == Origin.CONVERSATION.value:
+    if _fixed_recipients(b):
         return _edit_page(request, who, b, form)
     if plain_id(channel) in {c.id for c in _channels(session, who.workspace_id)}:
         form.update(
@@ -1561,12 +1580,12 @@ def edit(
     message and images (those kept, in their order, then the ones added), and send time. The
     send time changes only when it was changed (or set to now), so a rename of a broadcast
     due in a minute is not refused for its time. A conversation's timed send keeps its
-    channel and recipient.
+    channel and recipient, and a retry its channel and audience (``_edit_page``).
     """
     check_csrf(who, f.csrf_token)
     b = _owned(session, who, broadcast_id)
     form = f.state
-    timed = b.origin == Origin.CONVERSATION.value
+    timed = _fixed_recipients(b)
     if not timed and f.turned_page():
         return _form_page(request, session, who, form, editing=b)
     moved = form["when"] != "later" or form["at"] != form["shown_at"]

@@ -10,7 +10,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -47,6 +47,7 @@ from shared.domain.broadcasts import (
     ListFilter,
     NewBroadcast,
     broadcasts_query,
+    by_idempotency_key,
     cancel_broadcast,
     counts,
     create_broadcast,
@@ -60,7 +61,7 @@ from shared.domain.broadcasts import (
     retries_of,
     retry_of_failed,
 )
-from shared.domain.errors import ValidationFailed
+from shared.domain.errors import StateConflict, ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.types import IsoDatetime
 from shared.settings import Settings
@@ -107,11 +108,28 @@ DeliveryStatusFilter = Annotated[
 E = TypeVar("E", BroadcastStatus, DeliveryStatus)
 
 
+def _with_offset(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError(
+            "needs its UTC offset (Z or +01:00, written %2B01:00 in a URL): a time without "
+            "one names no single moment"
+        )
+    return value
+
+
+#: A moment in a query filter: ISO-8601 with its offset.
+QueryTime = Annotated[IsoDatetime | None, AfterValidator(_with_offset)]
+
+
 def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> BroadcastOut:
     """The answer for a broadcast; ``retries`` (its retries' ids) are read when not given."""
     if retries is None:
         session = object_session(broadcast)
-        retries = retries_of(session, [broadcast.id])[broadcast.id] if session else []
+        retries = (
+            retries_of(session, broadcast.workspace_id, [broadcast.id])[broadcast.id]
+            if session
+            else []
+        )
     return BroadcastOut(
         id=broadcast.id,
         name=broadcast.name,
@@ -235,10 +253,10 @@ def list_broadcasts(
         str | None,
         Query(min_length=1, max_length=200, description="Part of the name, any case."),
     ] = None,
-    created_from: Annotated[IsoDatetime | None, Query(description="Created at or after.")] = None,
-    created_before: Annotated[IsoDatetime | None, Query(description="Created before.")] = None,
-    send_from: Annotated[IsoDatetime | None, Query(description="Due at or after.")] = None,
-    send_before: Annotated[IsoDatetime | None, Query(description="Due before.")] = None,
+    created_from: Annotated[QueryTime, Query(description="Created at or after.")] = None,
+    created_before: Annotated[QueryTime, Query(description="Created before.")] = None,
+    send_from: Annotated[QueryTime, Query(description="Due at or after.")] = None,
+    send_before: Annotated[QueryTime, Query(description="Due before.")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Page[BroadcastOut]:
@@ -260,7 +278,7 @@ def list_broadcasts(
         ),
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
-    retries = retries_of(session, [b.id for b in rows])
+    retries = retries_of(session, workspace, [b.id for b in rows])
     return Page(items=[broadcast_out(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
 
 
@@ -293,14 +311,26 @@ def retry_failed(
     linked both ways (``retry_of`` and ``retries``). Any number of recipients.
     """
     given = body or RetryFailedIn()
+    body_hash = _hash(f"retry-failed/{broadcast_id}", given) if idempotency_key else None
+    replayed = _replayed(session, response, workspace, idempotency_key, body_hash)
+    if replayed is not None:
+        return replayed
     new = retry_of_failed(session, workspace, broadcast_id, name=given.name)
-    broadcast, created = create_broadcast(
-        session,
-        workspace,
-        replace(new, send_at=given.send_at),
-        idempotency_key=idempotency_key,
-        body_hash=_hash(f"retry-failed/{broadcast_id}", given) if idempotency_key else None,
-    )
+    try:
+        broadcast, created = create_broadcast(
+            session,
+            workspace,
+            replace(new, send_at=given.send_at),
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+        )
+    except ValidationFailed as exc:
+        if [e.type for e in exc.errors] != ["empty_audience"]:
+            raise
+        raise StateConflict(
+            f"none of the recipients that failed in broadcast {broadcast_id} can be sent to "
+            "now: each has opted out or was found unreachable since"
+        ) from None
     out = answer_created(session, response, broadcast, created)
     if created:
         lifecycle(
@@ -331,6 +361,10 @@ def clone(
     matches now, not who was sent to then. ``send_at`` null (the default) sends it at once.
     """
     given = body or CloneIn()
+    body_hash = _hash(f"clone/{broadcast_id}", given) if idempotency_key else None
+    replayed = _replayed(session, response, workspace, idempotency_key, body_hash)
+    if replayed is not None:
+        return replayed
     source = get_broadcast(session, workspace, broadcast_id)
     broadcast, created = create_broadcast(
         session,
@@ -343,12 +377,28 @@ def clone(
             send_at=given.send_at,
         ),
         idempotency_key=idempotency_key,
-        body_hash=_hash(f"clone/{broadcast_id}", given) if idempotency_key else None,
+        body_hash=body_hash,
     )
     out = answer_created(session, response, broadcast, created)
     if created:
         lifecycle("created", broadcast, workspace, f" as a copy of broadcast {broadcast_id}")
     return out
+
+
+def _replayed(
+    session: SessionDep,
+    response: Response,
+    workspace: int,
+    key: str | None,
+    body_hash: str | None,
+) -> BroadcastOut | None:
+    """The first answer again for a repeated Idempotency-Key, before anything is checked: the
+    original may have changed since (retried, its rows removed), the request has not.
+    """
+    if key is None:
+        return None
+    earlier = by_idempotency_key(session, workspace, key, body_hash)
+    return None if earlier is None else answer_created(session, response, earlier, False)
 
 
 def _hash(action: str, body: RetryFailedIn | CloneIn) -> str:

@@ -23,6 +23,7 @@ from shared.domain.broadcasts import (
     conversation_broadcast,
     create_broadcast,
     request_hash,
+    retries_of,
 )
 from shared.domain.errors import FieldError, ValidationFailed
 from shared.domain.lifecycle import Origin
@@ -133,4 +134,5 @@ def list_timed_sends(
         Broadcast.conversation_id == conversation_id
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
-    return Page(items=[broadcast_out(b) for b in rows], next_cursor=next_cursor)
+    retries = retries_of(session, workspace, [b.id for b in rows])
+    return Page(items=[broadcast_out(b, retries[b.id]) for b in rows], next_cursor=next_cursor)

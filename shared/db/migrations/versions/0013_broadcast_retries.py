@@ -35,12 +35,16 @@ def upgrade() -> None:
             nullable=True,
         ),
     )
-    op.create_index(
-        "ix_broadcast_retry_of_id",
-        "broadcast",
-        ["retry_of_id"],
-        postgresql_where=sa.text("retry_of_id IS NOT NULL"),
-    )
+    # Built concurrently: every send's result write updates its broadcast's counts.
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_broadcast_retry_of_id")
+        op.create_index(
+            "ix_broadcast_retry_of_id",
+            "broadcast",
+            ["retry_of_id"],
+            postgresql_where=sa.text("retry_of_id IS NOT NULL"),
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
