@@ -105,6 +105,9 @@ class StrictQueryRoute(APIRoute):
         known = sorted(_query_names(self.dependant))
 
         async def route(request: Request) -> Response:
+            if "authorization" not in request.headers:
+                # Not signed: the route answers 401 before anything about its parameters.
+                return await handler(request)
             unknown = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
             if unknown:
                 takes = f"it takes {', '.join(known)}" if known else "it takes none"

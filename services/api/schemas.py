@@ -311,6 +311,9 @@ class ConversationOut(BaseModel):
 
 
 class TimedSendCreate(_In):
+    name: Name | None = Field(
+        default=None, description='Default: "Timed send to" and the contact\'s name.'
+    )
     content: Content
     send_at: IsoDatetime | None = Field(
         default=None, description="null sends immediately; otherwise at least 5 minutes ahead."

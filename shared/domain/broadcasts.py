@@ -523,19 +523,38 @@ def conversation_broadcast(
     conversation_id: int,
     content: Content,
     send_at: datetime | None,
+    *,
+    name: str | None = None,
 ) -> NewBroadcast:
-    """The broadcast a conversation's timed send becomes: that conversation's one contact."""
+    """The broadcast a conversation's timed send becomes: that conversation's one contact.
+    A contact who opted out or was found unreachable is refused by name, with the reason.
+    """
     row = session.execute(
-        select(Conversation, Contact.name, Account.channel_id)
+        select(Conversation, Contact, Account.channel_id)
         .join(Contact, Contact.id == Conversation.contact_id)
         .join(Account, Account.id == Conversation.account_id)
         .where(Conversation.id == conversation_id, Conversation.workspace_id == workspace_id)
     ).one_or_none()
     if row is None:
         raise NotFound("conversation", conversation_id)
-    conversation, contact_name, channel_id = row
+    conversation, contact, channel_id = row
+    who = f"contact {contact.id} ({contact.name or contact.address})"
+    if contact.opted_out_at is not None:
+        raise ValidationFailed.one(
+            "conversation_id",
+            f"{who} opted out on {contact.opted_out_at.date().isoformat()}: nothing is sent "
+            "to them",
+            "opted_out",
+        )
+    if contact.unreachable_at is not None:
+        raise ValidationFailed.one(
+            "conversation_id",
+            f"{who} was found unreachable on {contact.unreachable_at.date().isoformat()}: "
+            f"{contact.unreachable_reason or 'no reason given'}",
+            "unreachable",
+        )
     return NewBroadcast(
-        name=f"Timed send to {contact_name or 'contact ' + str(conversation.contact_id)}",
+        name=name or f"Timed send to {contact.name or 'contact ' + str(contact.id)}",
         channel_id=channel_id,
         audience=AudienceSpec(
             account_ids=[conversation.account_id],

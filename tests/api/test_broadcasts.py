@@ -563,6 +563,8 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_not_ignored(api: Api
     for path in ("/v1/contacts?acount_id=1", "/v1/channels?x=1", "/v1/conversations?y=2"):
         answer = api.get(path)
         assert answer.status_code == 422, (path, answer.text)
+    # Unsigned, the answer is 401 first, whatever the parameters.
+    assert api.client.get("/v1/broadcasts?stauts=x").status_code == 401
     # Parameters a route takes (its dependencies' too: limit, cursor) are accepted.
     assert api.get("/v1/broadcasts?status=pending&limit=5").status_code == 200
     channel = api.channel()

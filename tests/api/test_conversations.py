@@ -114,3 +114,44 @@ def test_timed_send_honours_idempotency_key(api: Api, conversation: dict[str, An
 def test_unknown_conversation_is_404(api: Api) -> None:
     response = api.post("/v1/conversations/987654321/timed-sends", json={"content": {"text": "x"}})
     assert response.status_code == 404
+
+
+def test_a_timed_send_can_be_named(api: Api, conversation: dict[str, Any]) -> None:
+    path = f"/v1/conversations/{conversation['id']}/timed-sends"
+    named = api.ok("post", path, 201, json={"name": "Follow-up", "content": {"text": "hi"}})
+    assert named["name"] == "Follow-up"
+    plain = api.ok("post", path, 201, json={"content": {"text": "hi"}})
+    assert plain["name"] == "Timed send to Ann"
+
+
+def test_a_timed_send_to_a_contact_who_opted_out_or_is_unreachable_names_them_and_why(
+    api: Api, conversation: dict[str, Any]
+) -> None:
+    from sqlalchemy import text
+
+    from shared.db.engine import transaction
+
+    path = f"/v1/conversations/{conversation['id']}/timed-sends"
+    contact = conversation["contact_id"]
+    api.ok("patch", f"/v1/contacts/{contact}", json={"opted_out": True})
+    before = len(api.ok("get", "/v1/broadcasts")["items"])
+    refused = api.post(path, json={"content": {"text": "hi"}})
+    assert refused.status_code == 422, refused.text
+    [error] = refused.json()["errors"]
+    assert (error["field"], error["type"]) == ("conversation_id", "opted_out")
+    assert f"contact {contact} (Ann) opted out on" in error["msg"]
+    api.ok("patch", f"/v1/contacts/{contact}", json={"opted_out": False})
+    with transaction() as session:
+        session.execute(
+            text(
+                "UPDATE contact SET unreachable_at = now(), unreachable_reason = 'bot was "
+                "blocked by the user' WHERE id = :id"
+            ),
+            {"id": contact},
+        )
+    refused = api.post(path, json={"content": {"text": "hi"}})
+    assert refused.status_code == 422, refused.text
+    [error] = refused.json()["errors"]
+    assert error["type"] == "unreachable"
+    assert "bot was blocked by the user" in error["msg"]
+    assert len(api.ok("get", "/v1/broadcasts")["items"]) == before

@@ -160,3 +160,14 @@ def test_recipients_of_a_broadcast_not_started_are_an_empty_list(api: Api) -> No
     assert exported.text.splitlines() == [
         "contact_id,name,address,status,attempts,last_error,provider_message_id,sent_at"
     ]
+
+
+def test_csv_export_can_start_with_a_byte_order_mark_for_spreadsheets(
+    api: Api, started: dict[str, Any]
+) -> None:
+    path = f"/v1/broadcasts/{started['broadcast']['id']}/recipients?format=csv"
+    plain = api.get(path)
+    marked = api.get(path + "&bom=true")
+    assert marked.status_code == 200
+    assert not plain.content.startswith(b"\xef\xbb\xbf")
+    assert marked.content == b"\xef\xbb\xbf" + plain.content

@@ -497,6 +497,13 @@ def recipients(
     settings: SettingsDep,
     status_: DeliveryStatusFilter = None,
     format_: Annotated[str | None, Query(alias="format", pattern="^(json|csv)$")] = None,
+    bom: Annotated[
+        bool,
+        Query(
+            description="CSV only: start the file with a UTF-8 byte order mark, so that "
+            "spreadsheet programs read names and reasons in any script correctly."
+        ),
+    ] = False,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> RecipientPage | Response:
@@ -515,7 +522,7 @@ def recipients(
         # A file with nobody in it would read as nobody reached.
         raise HTTPException(status.HTTP_410_GONE, removed)
     if wants_csv:
-        return csv_export(session, settings, workspace, broadcast, statuses)
+        return csv_export(session, settings, workspace, broadcast, statuses, bom=bom)
     after = cursor_id(cursor)
     if removed is not None:
         return RecipientPage(
@@ -538,6 +545,8 @@ def csv_export(
     workspace: int,
     broadcast: Broadcast,
     statuses: list[DeliveryStatus],
+    *,
+    bom: bool = False,
 ) -> Response:
     """A broadcast's recipients (those in ``statuses``; all when empty) as a streamed CSV file,
     at most ``api_exports_per_workspace`` at once per workspace (429 beyond). The broadcast's
@@ -555,7 +564,7 @@ def csv_export(
     # as the answer streams; the export takes a connection per page instead.
     session.close()
     release = _Once(lambda: slots.give_back(workspace))
-    export = _csv_rows(workspace, broadcast_id, part_day, statuses, release)
+    export = _csv_rows(workspace, broadcast_id, part_day, statuses, release, bom=bom)
     # Given back when the export ends; or, if it never started, when it is dropped.
     weakref.finalize(export, release)
     return StreamingResponse(
@@ -646,12 +655,16 @@ def _csv_rows(
     part_day: date | None,
     statuses: list[DeliveryStatus],
     done: Callable[[], None],
+    *,
+    bom: bool = False,
 ) -> Iterator[bytes]:
     """The CSV export, page by page in delivery order: memory stays flat for any size, and no
     connection or transaction is held between pages (a client reading slowly holds nothing).
     ``done`` is called when the export ends, however it ends.
     """
     try:
+        if bom:
+            yield "\ufeff".encode()
         yield from _csv_pages(workspace, broadcast_id, part_day, statuses)
     finally:
         done()

@@ -109,7 +109,9 @@ def post_timed_send(
     """Schedule a message to this conversation's contact. It is a broadcast with origin
     ``conversation`` and one recipient, listed, paused and canceled like any other.
     """
-    new = conversation_broadcast(session, workspace, conversation_id, body.content, body.send_at)
+    new = conversation_broadcast(
+        session, workspace, conversation_id, body.content, body.send_at, name=body.name
+    )
     payload = {"conversation_id": conversation_id, **body.model_dump(mode="json")}
     broadcast, created = create_broadcast(
         session,
