@@ -183,6 +183,14 @@ class BroadcastCreate(_In):
         )
 
 
+class ResumeIn(_In):
+    confirm_late_start: bool = Field(
+        default=False,
+        description="Needed to resume a broadcast the scheduler paused for being found too "
+        "late: it goes out now, that late.",
+    )
+
+
 class RetryFailedIn(_In):
     name: Name | None = Field(
         default=None, description='Default: the original\'s name and " (retry of failed)".'

@@ -58,7 +58,7 @@ from shared import delivery_store as store
 from shared import heartbeat
 from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
-from shared.domain.lifecycle import BatchState
+from shared.domain.lifecycle import OVERDUE_REASON_PREFIX, BatchState
 from shared.logsafe import error_text, listed_ids
 from shared.settings import Settings
 
@@ -249,9 +249,10 @@ def claim_due(
             {
                 "id": r.id,
                 "reason": (
-                    f"overdue: it was due at {r.send_at.isoformat()} but the scheduler found it "
+                    f"{OVERDUE_REASON_PREFIX}it was due at {r.send_at.isoformat()} but the "
+                    "scheduler found it "
                     f"{_human(r.now - r.send_at)} later (limit {_human(overdue_limit)}); "
-                    "resume it to send anyway, or cancel it"
+                    "resume it confirming the late start to send anyway, or cancel it"
                 ),
             },
         )

@@ -32,6 +32,7 @@ from shared.domain.audience import AudienceSpec, check_audience
 from shared.domain.errors import NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
+    OVERDUE_REASON_PREFIX,
     REASONED_DELIVERY_STATUSES,
     BroadcastStatus,
     ChannelKind,
@@ -434,12 +435,27 @@ def pause_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> B
     return broadcast
 
 
-def resume_broadcast(session: Session, workspace_id: int, broadcast_id: int) -> Broadcast:
+def resume_broadcast(
+    session: Session, workspace_id: int, broadcast_id: int, *, confirm_late_start: bool = False
+) -> Broadcast:
     """Go on: a task that never started is pending again (and may start late, the operator
-    having said so); one that had started continues with exactly its unsent recipients.
+    having said so); one that had started continues with exactly its unsent recipients. A
+    task the scheduler paused for being found too late is resumed only with
+    ``confirm_late_start``: it would go out that late.
     """
     broadcast = get_broadcast(session, workspace_id, broadcast_id, lock=True)
     _require(broadcast, "resume")
+    overdue = broadcast.started_at is None and (broadcast.status_reason or "").startswith(
+        OVERDUE_REASON_PREFIX
+    )
+    if overdue and not confirm_late_start:
+        late = utcnow() - broadcast.send_at
+        raise StateConflict(
+            f"broadcast {broadcast.id} was paused as overdue: it was due at "
+            f"{broadcast.send_at.isoformat()}, {int(late.total_seconds() // 60)} minutes ago, and "
+            "resuming sends it now; resume with confirm_late_start true to send it anyway, or "
+            "cancel it"
+        )
     if broadcast.started_at is None:
         broadcast.status = BroadcastStatus.PENDING.value
         broadcast.late_start_approved = True

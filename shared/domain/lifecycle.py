@@ -87,6 +87,10 @@ CANCELED_REASON = "canceled before it was sent"
 #: a run that was lost (a dispatcher that died or stalled): the provider may have it.
 CANCELED_UNSURE_REASON = "canceled; a send to it was under way when its run was lost"
 
+#: How the reason of a task the scheduler paused for being found too late begins: resuming
+#: it asks for the operator's explicit word (it would go out that late).
+OVERDUE_REASON_PREFIX = "overdue: "
+
 #: Operator actions and the statuses each may start from.
 ACTION_ALLOWED_FROM: dict[str, frozenset[BroadcastStatus]] = {
     "pause": frozenset({BroadcastStatus.PENDING, BroadcastStatus.IN_PROGRESS}),

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from shared.db.engine import transaction
 from shared.db.models import Broadcast, Delivery
@@ -575,3 +575,31 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_not_ignored(api: Api
     naive = api.get("/v1/broadcasts?created_from=2026-01-01T00:00:00")
     assert naive.status_code == 422
     assert "UTC offset" in naive.text
+
+
+def test_resuming_a_broadcast_paused_as_overdue_needs_the_operator_s_word(api: Api) -> None:
+    channel = api.channel()
+    api.contact(api.account(channel["id"])["id"], "late-one")
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    b = api.broadcast(channel["id"], send_at=later)
+    # As the scheduler leaves a broadcast it found two hours late.
+    set_status(b["id"], "paused")
+    with transaction() as session:
+        session.execute(
+            text(
+                "UPDATE broadcast SET send_at = now() - interval '2 hours', "
+                "status_reason = 'overdue: it was due at ... ; resume it confirming' WHERE id = :id"
+            ),
+            {"id": b["id"]},
+        )
+    refused = api.post(f"/v1/broadcasts/{b['id']}/resume")
+    assert refused.status_code == 409, refused.text
+    assert "confirm_late_start" in refused.text
+    assert "120 minutes ago" in refused.text
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == "paused"
+    resumed = api.ok("post", f"/v1/broadcasts/{b['id']}/resume", json={"confirm_late_start": True})
+    assert (resumed["status"], resumed["status_reason"]) == ("pending", None)
+    # One an operator paused needs no such word.
+    other = api.broadcast(channel["id"], send_at=later)
+    api.ok("post", f"/v1/broadcasts/{other['id']}/pause")
+    assert api.ok("post", f"/v1/broadcasts/{other['id']}/resume")["status"] == "pending"

@@ -319,6 +319,34 @@ def test_the_failed_recipients_are_retried_from_the_detail_in_a_linked_broadcast
     assert "no failed recipients" in refused.text
 
 
+def test_resuming_a_broadcast_paused_as_overdue_asks_for_a_ticked_box(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api)
+    with transaction() as session:
+        session.execute(
+            text(
+                "UPDATE broadcast SET status = 'paused', send_at = now() - interval '2 hours', "
+                "status_reason = 'overdue: it was due at ...' WHERE id = :id"
+            ),
+            {"id": b["id"]},
+        )
+    csrf = sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert 'name="confirm_late_start"' in page
+    path = f"/console/broadcasts/{b['id']}/resume"
+    refused = browser.post(path, data={"csrf_token": csrf})
+    assert refused.status_code == 409
+    assert "paused as overdue" in refused.text
+    done = browser.post(path, data={"csrf_token": csrf, "confirm_late_start": "yes"})
+    assert done.status_code == 303
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["status"] == "pending"
+    # One an operator paused shows no such box.
+    other = made_broadcast(api, contacts=2)
+    browser.post(f"/console/broadcasts/{other['id']}/pause", data={"csrf_token": csrf})
+    assert 'name="confirm_late_start"' not in browser.get(f"/console/broadcasts/{other['id']}").text
+
+
 def conversation_of(api: Api) -> int:
     channel = api.channel(name="inbox")
     account = api.account(channel["id"])

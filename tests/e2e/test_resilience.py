@@ -133,7 +133,7 @@ def test_a_task_found_long_overdue_is_paused_with_a_reason_and_resumes_on_reques
     assert "limit 60 min" in paused["status_reason"]
     time.sleep(1)
     assert api.sim_stats(hook)["requests"] == 0
-    api.ok("POST", f"/v1/broadcasts/{b['id']}/resume")
+    api.ok("POST", f"/v1/broadcasts/{b['id']}/resume", json={"confirm_late_start": True})
     api.wait_status(b["id"], "completed")
     assert api.sim_stats(hook)["accepted"] == 1
 

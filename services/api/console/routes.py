@@ -30,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
@@ -81,6 +82,7 @@ from shared.domain.contacts import (
 from shared.domain.errors import DomainError, NotFound, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
+    OVERDUE_REASON_PREFIX,
     BroadcastStatus,
     ChannelKind,
     DeliveryStatus,
@@ -553,6 +555,9 @@ def _detail_page(
             "editable": BroadcastStatus(b.status) in ACTION_ALLOWED_FROM["modify"]
             and b.started_at is None,
             "retriable": b.failed_count > 0 and removed is None,
+            "overdue": b.started_at is None
+            and b.status == BroadcastStatus.PAUSED
+            and (b.status_reason or "").startswith(OVERDUE_REASON_PREFIX),
             "retry_of": b.retry_of_id,
             "retries": retries_of(session, who.workspace_id, [b.id])[b.id],
             "reasons": _reasons(session, b),
@@ -575,11 +580,18 @@ def _act(
     who: Signed,
     broadcast_id: int,
     csrf_token: str,
+    confirm_late_start: bool = False,
 ) -> Response:
-    """Pause, resume or cancel, as the API does (same rules, same log lines)."""
+    """Pause, resume or cancel, as the API does (same rules, same log lines). Resuming a
+    broadcast paused as overdue needs its form's box ticked, as the API needs its flag.
+    """
     check_csrf(who, csrf_token)
     _owned(session, who, broadcast_id)
-    do = {"pause": pause_broadcast, "resume": resume_broadcast, "cancel": cancel_broadcast}
+    do: dict[str, Callable[[Session, int, int], Broadcast]] = {
+        "pause": pause_broadcast,
+        "resume": lambda s, w, b: resume_broadcast(s, w, b, confirm_late_start=confirm_late_start),
+        "cancel": cancel_broadcast,
+    }
     event = {"pause": "paused", "resume": "resumed", "cancel": "canceled"}[action]
     target = f"/console/broadcasts/{broadcast_id}"
     try:
@@ -599,8 +611,11 @@ def _action_route(action: str) -> Callable[..., Response]:
         who: Operator,
         broadcast_id: int,
         csrf_token: Annotated[str, Form(max_length=200)],
+        confirm_late_start: Annotated[str, Form(max_length=10)] = "",
     ) -> Response:
-        return _act(request, action, session, who, broadcast_id, csrf_token)
+        return _act(
+            request, action, session, who, broadcast_id, csrf_token, confirm_late_start == "yes"
+        )
 
     route.__name__ = action
     return route

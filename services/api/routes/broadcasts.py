@@ -36,6 +36,7 @@ from services.api.schemas import (
     Page,
     RecipientOut,
     RecipientPage,
+    ResumeIn,
     RetryFailedIn,
 )
 from shared.db.engine import get_sessionmaker
@@ -449,9 +450,19 @@ def pause(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace
 
 
 @router.post("/{broadcast_id}/resume")
-def resume(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> BroadcastOut:
-    """Resume a paused broadcast; it goes on with exactly the recipients not yet sent to."""
-    broadcast = resume_broadcast(session, workspace, broadcast_id)
+def resume(
+    broadcast_id: PathId,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    body: ResumeIn | None = None,
+) -> BroadcastOut:
+    """Resume a paused broadcast; it goes on with exactly the recipients not yet sent to.
+    One the scheduler paused for being found too late (``status_reason`` begins
+    ``overdue:``) needs ``{"confirm_late_start": true}``: it would go out that late (409
+    without it).
+    """
+    confirm = body.confirm_late_start if body else False
+    broadcast = resume_broadcast(session, workspace, broadcast_id, confirm_late_start=confirm)
     session.commit()
     lifecycle("resumed", broadcast, workspace)
     return broadcast_out(broadcast)
