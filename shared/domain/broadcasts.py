@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -295,7 +295,39 @@ def broadcasts_query(workspace_id: int, where: ListFilter = ListFilter()) -> Sel
     return query
 
 
-def retry_of_failed(
+def create_retry(
+    session: Session,
+    workspace_id: int,
+    broadcast_id: int,
+    *,
+    name: str | None,
+    send_at: datetime | None,
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
+) -> tuple[Broadcast, bool]:
+    """Write the retry of ``broadcast_id``'s failed recipients (``_retry_of_failed``), as
+    ``create_broadcast`` writes any broadcast. A 409 when every one that failed has opted out
+    or was found unreachable since (rather than an audience error about fields never given).
+    """
+    new = _retry_of_failed(session, workspace_id, broadcast_id, name=name)
+    try:
+        return create_broadcast(
+            session,
+            workspace_id,
+            replace(new, send_at=send_at),
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+        )
+    except ValidationFailed as exc:
+        if [e.type for e in exc.errors] != ["empty_audience"]:
+            raise
+        raise StateConflict(
+            f"none of the recipients that failed in broadcast {broadcast_id} can be sent to "
+            "now: each has opted out or was found unreachable since"
+        ) from None
+
+
+def _retry_of_failed(
     session: Session, workspace_id: int, broadcast_id: int, *, name: str | None
 ) -> NewBroadcast:
     """A new broadcast to exactly the recipients that failed in ``broadcast_id`` (not the

@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
-from services.api.routes.broadcasts import csv_export, lifecycle
+from services.api.routes.broadcasts import csv_export, lifecycle, retry_created
 from services.api.schemas import BroadcastCreate, BroadcastPatch, TagCreate
 from shared.db.models import (
     Account,
@@ -60,6 +60,7 @@ from shared.domain.broadcasts import (
     conversation_broadcast,
     counts,
     create_broadcast,
+    create_retry,
     get_broadcast,
     modify_broadcast,
     pause_broadcast,
@@ -68,7 +69,6 @@ from shared.domain.broadcasts import (
     request_hash,
     resume_broadcast,
     retries_of,
-    retry_of_failed,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
 from shared.domain.contacts import (
@@ -641,18 +641,12 @@ def retry_failed(
     check_csrf(who, csrf_token)
     _owned(session, who, broadcast_id)
     try:
-        new = retry_of_failed(session, who.workspace_id, broadcast_id, name=None)
-        b, _ = create_broadcast(session, who.workspace_id, new)
+        b, _ = create_retry(session, who.workspace_id, broadcast_id, name=None, send_at=None)
     except DomainError as exc:
         session.rollback()
         return _detail_page(request, session, who, broadcast_id, notice=str(exc), code=409)
     session.commit()
-    lifecycle(
-        "created",
-        b,
-        who.workspace_id,
-        f" to retry the {b.audience_size} failed recipients of broadcast {broadcast_id}",
-    )
+    retry_created(b, who.workspace_id)
     return RedirectResponse(f"/console/broadcasts/{b.id}", status.HTTP_303_SEE_OTHER)
 
 

@@ -9,7 +9,6 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import date, datetime
 from typing import Annotated, TypeVar
 
@@ -52,6 +51,7 @@ from shared.domain.broadcasts import (
     cancel_broadcast,
     counts,
     create_broadcast,
+    create_retry,
     get_broadcast,
     modify_broadcast,
     pause_broadcast,
@@ -60,9 +60,8 @@ from shared.domain.broadcasts import (
     request_hash,
     resume_broadcast,
     retries_of,
-    retry_of_failed,
 )
-from shared.domain.errors import StateConflict, ValidationFailed
+from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.types import IsoDatetime
 from shared.settings import Settings
@@ -316,32 +315,30 @@ def retry_failed(
     replayed = _replayed(session, response, workspace, idempotency_key, body_hash)
     if replayed is not None:
         return replayed
-    new = retry_of_failed(session, workspace, broadcast_id, name=given.name)
-    try:
-        broadcast, created = create_broadcast(
-            session,
-            workspace,
-            replace(new, send_at=given.send_at),
-            idempotency_key=idempotency_key,
-            body_hash=body_hash,
-        )
-    except ValidationFailed as exc:
-        if [e.type for e in exc.errors] != ["empty_audience"]:
-            raise
-        raise StateConflict(
-            f"none of the recipients that failed in broadcast {broadcast_id} can be sent to "
-            "now: each has opted out or was found unreachable since"
-        ) from None
+    broadcast, created = create_retry(
+        session,
+        workspace,
+        broadcast_id,
+        name=given.name,
+        send_at=given.send_at,
+        idempotency_key=idempotency_key,
+        body_hash=body_hash,
+    )
     out = answer_created(session, response, broadcast, created)
     if created:
-        lifecycle(
-            "created",
-            broadcast,
-            workspace,
-            f" to retry the {broadcast.audience_size} failed recipients of broadcast "
-            f"{broadcast_id}",
-        )
+        retry_created(broadcast, workspace)
     return out
+
+
+def retry_created(broadcast: Broadcast, workspace: int) -> None:
+    """The lifecycle line of a retry just made (the API's and the console's)."""
+    lifecycle(
+        "created",
+        broadcast,
+        workspace,
+        f" to retry the {broadcast.audience_size} failed recipients of broadcast "
+        f"{broadcast.retry_of_id}",
+    )
 
 
 @router.post(
