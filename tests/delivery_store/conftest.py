@@ -148,3 +148,23 @@ def assert_counters_match_rows(conn: psycopg.Connection[Any], broadcast_id: int)
     assert task["total_count"] == sum(by_status.values())
     for status in ("sent", "failed", "canceled", "skipped", "partial"):
         assert task[f"{status}_count"] == by_status.get(status, 0), status
+
+
+def expire_lease(conn: psycopg.Connection[Any], batch_id: int) -> None:
+    """The run of a batch stalled or died: its lease ran out a second ago."""
+    conn.execute(
+        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (batch_id,),
+    )
+
+
+def lose_run(conn: psycopg.Connection[Any], batch_id: int, state: str) -> None:
+    """The batch's run is lost without its rows coming back (what a claim racing a take-back
+    left before claims locked their batch, or a dispatcher of an earlier version): the batch
+    is ``state`` with no run, its rows held under a token nothing has.
+    """
+    conn.execute(
+        "UPDATE delivery_batch SET state = %s, run_token = NULL, lease_expires_at = NULL "
+        "WHERE id = %s",
+        (state, batch_id),
+    )

@@ -17,6 +17,8 @@ from tests.delivery_store.conftest import (
     LEASE,
     assert_counters_match_rows,
     batches,
+    expire_lease,
+    lose_run,
     new_task,
     rows,
     run_batch,
@@ -227,10 +229,7 @@ def test_the_sweeper_recovers_exactly_the_batches_of_dead_runs(
     dead, alive, _ = (run_batch(conn, task.id, i) for i in range(3))
     store.run(conn, store.claim(dead, 2))
     store.run(conn, store.claim(alive, 2))
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (dead.id,),
-    )
+    expire_lease(conn, dead.id)
     taken = store.run(conn, store.take_back(republish_after=60))
     assert (taken.batches, taken.rows, taken.republished) == (1, 2, 0)
     assert states(conn, task.id) == ["ready", "running", "running"]
@@ -258,11 +257,7 @@ def test_rows_left_held_under_an_older_token_come_back_when_their_batch_is_taken
     store.run(conn, store.record(first, [Record(sent[0], DeliveryStatus.SENT)]))
     # The run lost its batch without its rows coming back (what a claim racing a take-back
     # left before claims locked their batch): two rows held under a token no batch has.
-    conn.execute(
-        "UPDATE delivery_batch SET state = 'queued', run_token = NULL, lease_expires_at = NULL "
-        "WHERE id = %s",
-        (batch_id,),
-    )
+    lose_run(conn, batch_id, "queued")
     assert rows(conn, task.id) == {"sent": 1, "sending": 2}
     again = store.run(conn, store.claim_batch(batch_id, uuid.uuid4(), lease=LEASE))
     assert again is not None
@@ -315,25 +310,13 @@ def settled(conn: psycopg.Connection[Any], broadcast_id: int) -> list[store.Stra
     return [s for s in store.run(conn, store.settle_stranded()) if s.broadcast_id == broadcast_id]
 
 
-def lose_run(conn: psycopg.Connection[Any], batch: store.Batch, state: str) -> None:
-    """The batch's run is lost without its rows coming back (what a claim racing a take-back
-    left before claims locked their batch, or a dispatcher of an earlier version): the batch
-    is ``state`` with no run, its rows held under a token nothing has.
-    """
-    conn.execute(
-        "UPDATE delivery_batch SET state = %s, run_token = NULL, lease_expires_at = NULL "
-        "WHERE id = %s",
-        (state, batch.id),
-    )
-
-
 def test_rows_left_held_when_a_run_goes_on_come_back_with_the_batch_it_takes(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
     task = new_task(api, conn, 4, batch_size=2)
     first, second = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
     store.run(conn, store.claim(second, 2))
-    lose_run(conn, second, "ready")
+    lose_run(conn, second.id, "ready")
     held = store.run(conn, store.claim(first, 2))
     store.run(conn, store.record(first, [Record(h.id, DeliveryStatus.SENT) for h in held]))
     # The run finishes its batch and goes on with the next due one: the lost run's rows in it
@@ -354,7 +337,7 @@ def test_rows_left_held_in_a_done_batch_come_back_when_nothing_else_would_send_t
     lost, last = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
     held = store.run(conn, store.claim(lost, 2))
     store.run(conn, store.record(lost, [Record(held[0].id, DeliveryStatus.SENT)]))
-    lose_run(conn, lost, "done")
+    lose_run(conn, lost.id, "done")
     # While another run holds the task's last batch, nothing is stranded: it may yet finish.
     assert settled(conn, task.id) == []
     done = store.run(conn, store.claim(last, 2))
@@ -383,15 +366,12 @@ def test_rows_left_held_in_a_canceled_task_are_canceled_before_its_batches_go(
     lost, running = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
     store.run(conn, store.claim(lost, 2))
     store.run(conn, store.claim(running, 1))
-    lose_run(conn, lost, "done")
+    lose_run(conn, lost.id, "done")
     store.run(conn, store.cancel(task.id))
     assert rows(conn, task.id) == {"sending": 3, "canceled": 1}
     # The live run's row comes back with it: the task is left alone while it runs, and so
     # are its batches, even once the lease ran out (until the sweeper takes that run back).
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (running.id,),
-    )
+    expire_lease(conn, running.id)
     assert settled(conn, task.id) == []
     store.run(conn, store.drop_finished_batches())
     assert states(conn, task.id) == ["done", "running"]

@@ -18,6 +18,8 @@ from tests.delivery_store.conftest import (
     LEASE,
     assert_counters_match_rows,
     batches,
+    expire_lease,
+    lose_run,
     new_task,
     rows,
     run_batch,
@@ -167,10 +169,7 @@ def test_a_renewal_that_comes_too_late_loses_to_the_sweeper(
     task = new_task(api, conn, 2)
     batch = run_batch(conn, task.id)
     store.run(conn, store.claim(batch, 2))
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (batch.id,),
-    )
+    expire_lease(conn, batch.id)
     sweeper = connect()
     with sweeper.transaction():
         op = store.take_back(republish_after=60)
@@ -221,10 +220,7 @@ def test_a_claim_waits_for_a_take_back_under_way_and_then_takes_nothing(
     task = new_task(api, conn, 4)
     batch = run_batch(conn, task.id)
     assert len(store.run(conn, store.claim(batch, 2))) == 2
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (batch.id,),
-    )
+    expire_lease(conn, batch.id)
     sweeper = connect()
     claimed: list[list[store.Claimed]] = []
     with sweeper.transaction():
@@ -248,10 +244,7 @@ def test_a_sweep_skips_a_batch_a_claim_holds_and_takes_it_back_with_its_rows_nex
 ) -> None:
     task = new_task(api, conn, 4)
     batch = run_batch(conn, task.id)
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (batch.id,),
-    )
+    expire_lease(conn, batch.id)
     claiming = connect()
     with claiming.transaction():
         # A stalled run's claim is under way (its transaction not yet committed): the sweep
@@ -283,10 +276,7 @@ def test_a_sweep_and_a_claim_that_gives_back_an_older_runs_rows_do_not_deadlock(
     task = new_task(api, conn, 4, batch_size=2)
     dead, lost = run_batch(conn, task.id, 0), run_batch(conn, task.id, 1)
     store.run(conn, store.claim(lost, 2))
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (dead.id,),
-    )
+    expire_lease(conn, dead.id)
     # The second batch's message was lost after its run lost it with two rows held.
     conn.execute(
         "UPDATE delivery_batch SET state = 'queued', run_token = NULL, lease_expires_at = NULL, "
@@ -325,11 +315,7 @@ def test_a_sweep_never_waits_for_a_batch_a_claim_holds(
     task = new_task(api, conn, 4, batch_size=2)
     lost = run_batch(conn, task.id, 1)
     store.run(conn, store.claim(lost, 2))
-    conn.execute(
-        "UPDATE delivery_batch SET state = 'queued', run_token = NULL, lease_expires_at = NULL "
-        "WHERE id = %s",
-        (lost.id,),
-    )
+    lose_run(conn, lost.id, "queued")
     claiming, sweeping = connect(), connect()
     swept: list[Any] = []
 

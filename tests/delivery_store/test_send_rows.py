@@ -14,6 +14,7 @@ from shared.domain.lifecycle import CANCELED_REASON, CANCELED_UNSURE_REASON, Del
 from tests.conftest import Api
 from tests.delivery_store.conftest import (
     assert_counters_match_rows,
+    expire_lease,
     new_task,
     row_of,
     rows,
@@ -278,10 +279,7 @@ def test_rows_canceled_with_their_task_say_why_and_what_their_last_attempt_got(
     # A row whose retry was waiting keeps what its attempt got after the cancel's reason.
     assert delivery(conn, retried.id)["last_error"] == f"{CANCELED_REASON}; last attempt: HTTP 429"
     # The run holding the other one died: taken back canceled, the call may have gone out.
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (batch.id,),
-    )
+    expire_lease(conn, batch.id)
     assert store.run(conn, store.take_back(republish_after=60)).rows == 1
     assert (delivery(conn, lost.id)["status"], delivery(conn, lost.id)["last_error"]) == (
         "canceled",
@@ -300,10 +298,7 @@ def test_results_of_a_run_that_lost_its_lease_are_not_written(
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 3))
     # The dispatcher stalls; its lease runs out and the sweeper takes its batch back.
-    conn.execute(
-        "UPDATE delivery_batch SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        (batch.id,),
-    )
+    expire_lease(conn, batch.id)
     taken = store.run(conn, store.take_back(republish_after=60))
     assert (taken.batches, taken.rows) == (1, 3)
     assert rows(conn, task.id) == {"queued": 3}

@@ -329,17 +329,13 @@ def test_a_sweep_gives_back_rows_nothing_else_would_and_tells_the_operator(
     settings: Settings, vhost: str, api: Api, conn: psycopg.Connection[Any], caplog: Any
 ) -> None:
     from shared import delivery_store as store
-    from tests.delivery_store.conftest import new_task, rows, run_batch
+    from tests.delivery_store.conftest import lose_run, new_task, rows, run_batch
 
     task = new_task(api, conn, 2)
     batch = run_batch(conn, task.id)
     store.run(conn, store.claim(batch, 2))
     # Its run lost the batch, marked done, with the rows still held (an earlier version's).
-    conn.execute(
-        "UPDATE delivery_batch SET state = 'done', run_token = NULL, lease_expires_at = NULL "
-        "WHERE id = %s",
-        (batch.id,),
-    )
+    lose_run(conn, batch.id, "done")
     counted = REGISTRY.get_sample_value("bcast_stranded_rows_total") or 0.0
     with scheduler(settings, amqp_url(vhost)) as s, caplog.at_level("WARNING"):
         s._sweep()
