@@ -218,6 +218,15 @@ class CloneIn(_In):
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
 
 
+class TestSendIn(_In):
+    contact_ids: list[Id] = Field(
+        min_length=1,
+        max_length=10,
+        description="1 to 10 contacts of the broadcast's channel, neither opted out nor "
+        "unreachable.",
+    )
+
+
 class BroadcastPatch(_In):
     name: Name | None = None
     channel_id: Id | None = None
@@ -267,6 +276,11 @@ class BroadcastOut(BaseModel):
     )
     retries: list[int] = Field(
         default_factory=list, description="The broadcasts made to retry its failed recipients."
+    )
+    test_of: int | None = Field(
+        default=None,
+        description="For a test send (origin test): the broadcast whose content it tries out "
+        "(POST /v1/broadcasts/{id}/test-send).",
     )
     recipients_removed_at: datetime | None = Field(
         description="When retention removed its per-recipient rows "

@@ -264,6 +264,12 @@ class Broadcast(Base):
             "retry_of_id",
             postgresql_where=text("retry_of_id IS NOT NULL"),
         ),
+        # The test sends of a broadcast.
+        Index(
+            "ix_broadcast_test_of_id",
+            "test_of_id",
+            postgresql_where=text("test_of_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = _pk()
@@ -276,6 +282,8 @@ class Broadcast(Base):
     )
     #: The broadcast whose failed recipients this one retries (``POST .../retry-failed``).
     retry_of_id: Mapped[int | None] = mapped_column(ForeignKey("broadcast.id", ondelete="SET NULL"))
+    #: The broadcast whose content this one tries out on a few contacts (origin ``test``).
+    test_of_id: Mapped[int | None] = mapped_column(ForeignKey("broadcast.id", ondelete="CASCADE"))
     audience: Mapped[dict[str, Any]]
     content: Mapped[dict[str, Any]]
     send_at: Mapped[datetime]

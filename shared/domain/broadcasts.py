@@ -29,7 +29,7 @@ from shared.db.models import (
 )
 from shared.db.sql import contains
 from shared.domain.audience import AudienceSpec, check_audience
-from shared.domain.errors import NotFound, StateConflict, ValidationFailed
+from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
     OVERDUE_REASON_PREFIX,
@@ -125,6 +125,7 @@ class NewBroadcast:
     send_at: datetime | None
     origin: Origin = Origin.BROADCAST
     conversation_id: int | None = None
+    test_of_id: int | None = None
 
 
 def create_broadcast(
@@ -161,6 +162,7 @@ def create_broadcast(
         channel_id=new.channel_id,
         origin=new.origin.value,
         conversation_id=new.conversation_id,
+        test_of_id=new.test_of_id,
         # A broadcast to the failed recipients of another is its retry, however it was made.
         retry_of_id=new.audience.failed_in,
         audience=new.audience.model_dump(mode="json"),
@@ -271,6 +273,8 @@ class ListFilter:
     created_before: datetime | None = None
     send_from: datetime | None = None
     send_before: datetime | None = None
+    #: The test sends of this broadcast (origin ``test`` implied).
+    test_of: int | None = None
 
 
 def broadcasts_query(workspace_id: int, where: ListFilter = ListFilter()) -> Select[Broadcast]:
@@ -280,6 +284,11 @@ def broadcasts_query(workspace_id: int, where: ListFilter = ListFilter()) -> Sel
         query = query.where(Broadcast.status.in_([s.value for s in where.statuses]))
     if where.origin is not None:
         query = query.where(Broadcast.origin == where.origin.value)
+    elif where.test_of is None:
+        # Test sends are recorded apart: listed only when asked for (origin, or test_of).
+        query = query.where(Broadcast.origin != Origin.TEST.value)
+    if where.test_of is not None:
+        query = query.where(Broadcast.test_of_id == where.test_of)
     if where.channel_id is not None:
         query = query.where(Broadcast.channel_id == where.channel_id)
     if where.name:
@@ -416,6 +425,11 @@ def modify_broadcast(
         raise StateConflict(
             f"broadcast {broadcast.id} has started sending; it can be modified only before its "
             "first send (while pending, or paused before it started)"
+        )
+    if broadcast.origin == Origin.TEST.value:
+        raise StateConflict(
+            f"broadcast {broadcast.id} is a test send; it cannot be changed: cancel it and "
+            "test again"
         )
     if broadcast.origin == Origin.CONVERSATION.value and changes.fields & {
         "channel_id",
@@ -586,21 +600,9 @@ def conversation_broadcast(
     if row is None:
         raise NotFound("conversation", conversation_id)
     conversation, contact, channel_id = row
-    who = f"contact {contact.id} ({contact.name or contact.address})"
-    if contact.opted_out_at is not None:
-        raise ValidationFailed.one(
-            "conversation_id",
-            f"{who} opted out on {contact.opted_out_at.date().isoformat()}: nothing is sent "
-            "to them",
-            "opted_out",
-        )
-    if contact.unreachable_at is not None:
-        raise ValidationFailed.one(
-            "conversation_id",
-            f"{who} was found unreachable on {contact.unreachable_at.date().isoformat()}: "
-            f"{contact.unreachable_reason or 'no reason given'}",
-            "unreachable",
-        )
+    refused = unsendable(contact, "conversation_id")
+    if refused is not None:
+        raise ValidationFailed([refused])
     return NewBroadcast(
         name=name or f"Timed send to {contact.name or 'contact ' + str(contact.id)}",
         channel_id=channel_id,
@@ -613,4 +615,82 @@ def conversation_broadcast(
         send_at=send_at,
         origin=Origin.CONVERSATION,
         conversation_id=conversation.id,
+    )
+
+
+def unsendable(contact: Contact, field: str) -> FieldError | None:
+    """Why nothing may be sent to ``contact`` (it opted out, or was found unreachable), as an
+    error on ``field`` naming the contact, the date and the reason; None when it may be.
+    """
+    who = f"contact {contact.id} ({contact.name or contact.address})"
+    if contact.opted_out_at is not None:
+        return FieldError(
+            field,
+            f"{who} opted out on {contact.opted_out_at.date().isoformat()}: nothing is sent "
+            "to them",
+            "opted_out",
+        )
+    if contact.unreachable_at is not None:
+        return FieldError(
+            field,
+            f"{who} was found unreachable on {contact.unreachable_at.date().isoformat()}: "
+            f"{contact.unreachable_reason or 'no reason given'}",
+            "unreachable",
+        )
+    return None
+
+
+#: Most contacts one test send goes to.
+MAX_TEST_CONTACTS = 10
+
+
+def new_test_send(
+    session: Session, workspace_id: int, broadcast_id: int, contact_ids: Sequence[int]
+) -> NewBroadcast:
+    """The test send of ``broadcast_id`` to ``contact_ids``: its content, on its channel, to
+    those contacts only, now, whatever the broadcast's status. It is a broadcast of its own
+    (origin ``test``, linked by ``test_of_id``), so the tried one's counts never include it.
+    Each contact must be of the channel and neither opted out nor unreachable; an error names
+    each one that is not, by its place in ``contact_ids``.
+    """
+    source = get_broadcast(session, workspace_id, broadcast_id)
+    found = {
+        c.id: (c, channel)
+        for c, channel in session.execute(
+            select(Contact, Account.channel_id)
+            .join(Account, Account.id == Contact.account_id)
+            .where(Contact.workspace_id == workspace_id, Contact.id.in_(list(contact_ids)))
+        ).all()
+    }
+    errors: list[FieldError] = []
+    for i, contact_id in enumerate(contact_ids):
+        field = f"contact_ids[{i}]"
+        if contact_id in contact_ids[:i]:
+            errors.append(FieldError(field, f"contact {contact_id} is listed twice", "duplicate"))
+        elif contact_id not in found:
+            errors.append(FieldError(field, f"contact {contact_id} not found", "not_found"))
+        elif found[contact_id][1] != source.channel_id:
+            errors.append(
+                FieldError(
+                    field,
+                    f"contact {contact_id} is reached through channel {found[contact_id][1]}, "
+                    f"not through the broadcast's channel {source.channel_id}",
+                    "wrong_channel",
+                )
+            )
+        else:
+            refused = unsendable(found[contact_id][0], field)
+            if refused is not None:
+                errors.append(refused)
+    if errors:
+        raise ValidationFailed(errors)
+    return NewBroadcast(
+        name=f"Test of {source.name}"[:200],
+        channel_id=source.channel_id,
+        audience=AudienceSpec(selection="manual", contact_ids=list(contact_ids)),
+        content=Content.model_validate(source.content),
+        send_at=None,
+        origin=Origin.TEST,
+        # A test of a test tries out the same broadcast.
+        test_of_id=source.test_of_id or source.id,
     )

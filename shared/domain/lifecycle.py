@@ -42,6 +42,8 @@ class BatchState(StrEnum):
 class Origin(StrEnum):
     BROADCAST = "broadcast"
     CONVERSATION = "conversation"
+    #: A broadcast's content sent to a few chosen contacts (``POST .../test-send``).
+    TEST = "test"
 
 
 class ChannelKind(StrEnum):

@@ -319,6 +319,46 @@ def test_the_failed_recipients_are_retried_from_the_detail_in_a_linked_broadcast
     assert "no failed recipients" in refused.text
 
 
+def test_a_test_send_goes_to_contacts_named_by_address_or_id_and_is_listed_apart(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=3)
+    csrf = sign_in(browser, api.token)
+    path = f"/console/broadcasts/{b['id']}/test-send"
+    assert f'action="{path}"' in browser.get(f"/console/broadcasts/{b['id']}").text
+    assert browser.post(path, data={"csrf_token": "forged", "to": "x"}).status_code == 403
+    ids = {c["address"]: c["id"] for c in api.ok("get", "/v1/contacts?limit=500")["items"]}
+    # An address no contact of the channel has: refused, the typed text kept, nothing written.
+    refused = browser.post(
+        path, data={"csrf_token": csrf, "to": "https://hooks.example/0, nobody@example.com"}
+    )
+    assert refused.status_code == 422
+    assert "no contact of this channel has the address &#39;nobody@example.com&#39;" in (
+        refused.text
+    )
+    assert 'value="https://hooks.example/0, nobody@example.com"' in refused.text
+    assert api.ok("get", "/v1/broadcasts?origin=test")["items"] == []
+    done = browser.post(
+        path,
+        data={
+            "csrf_token": csrf,
+            "to": f"https://hooks.example/0\n{ids['https://hooks.example/2']}",
+        },
+    )
+    assert done.status_code == 303, done.text
+    test_id = int(done.headers["location"].rsplit("/", 1)[1])
+    test = api.ok("get", f"/v1/broadcasts/{test_id}")
+    assert (test["origin"], test["test_of"]) == ("test", b["id"])
+    assert test["audience"]["contact_ids"] == [
+        ids["https://hooks.example/0"],
+        ids["https://hooks.example/2"],
+    ]
+    assert "Test send" in browser.get(done.headers["location"]).text
+    detail = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert f'href="/console/broadcasts/{test_id}"' in detail
+    assert f'href="/console/broadcasts/{test_id}"' not in browser.get("/console/broadcasts").text
+
+
 def test_resuming_a_broadcast_paused_as_overdue_asks_for_a_ticked_box(
     browser: TestClient, api: Api
 ) -> None:

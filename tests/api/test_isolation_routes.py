@@ -33,6 +33,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/conversations/{conversation_id}/timed-sends"): {"content": {"text": "x"}},
     ("post", "/v1/broadcasts/{broadcast_id}/retry-failed"): {"name": "again"},
     ("post", "/v1/broadcasts/{broadcast_id}/clone"): {"name": "copy"},
+    ("post", "/v1/broadcasts/{broadcast_id}/test-send"): {"contact_ids": [1]},
     ("post", "/v1/broadcasts/{broadcast_id}/resume"): {"confirm_late_start": True},
 }
 #: Operations that are public by design (signed URLs), not a workspace's.

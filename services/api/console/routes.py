@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
-from services.api.routes.broadcasts import csv_export, lifecycle, retry_created
+from services.api.routes.broadcasts import csv_export, lifecycle, retry_created, test_created
 from services.api.schemas import BroadcastCreate, BroadcastPatch, TagCreate
 from shared.db.models import (
     Account,
@@ -51,6 +51,7 @@ from shared.db.models import (
 from shared.db.sql import contains
 from shared.domain.audience import AudienceFilter, audience_query, count_audience
 from shared.domain.broadcasts import (
+    MAX_TEST_CONTACTS,
     Changes,
     Content,
     ListFilter,
@@ -63,6 +64,7 @@ from shared.domain.broadcasts import (
     create_retry,
     get_broadcast,
     modify_broadcast,
+    new_test_send,
     pause_broadcast,
     recipients_query,
     recipients_removed,
@@ -106,7 +108,7 @@ STATUS_LABELS = {
     "canceled": "Canceled",
     "completed": "Completed",
 }
-ORIGIN_LABELS = {"broadcast": "Broadcast", "conversation": "Timed send"}
+ORIGIN_LABELS = {"broadcast": "Broadcast", "conversation": "Timed send", "test": "Test send"}
 #: Pages may run their own scripts and styles only, and may not be framed.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -511,9 +513,11 @@ def _detail_page(
     *,
     notice: str = "",
     code: int = 200,
+    test_to: str = "",
 ) -> Response:
     """A broadcast's page; ``notice``: why the action just tried was refused (never text
-    from a link: a crafted URL cannot put words in the console's mouth).
+    from a link: a crafted URL cannot put words in the console's mouth); ``test_to``: the
+    test-send form's text, kept when it was refused.
     """
     b = _owned(session, who, broadcast_id)
     choice = who_ if who_ in NOT_REACHED else "all"
@@ -560,6 +564,15 @@ def _detail_page(
             and (b.status_reason or "").startswith(OVERDUE_REASON_PREFIX),
             "retry_of": b.retry_of_id,
             "retries": retries_of(session, who.workspace_id, [b.id])[b.id],
+            "test_of": b.test_of_id,
+            "tests": session.execute(
+                broadcasts_query(who.workspace_id, ListFilter(test_of=b.id))
+                .order_by(Broadcast.id.desc())
+                .limit(TESTS_SHOWN)
+            )
+            .scalars()
+            .all(),
+            "test_to": test_to,
             "reasons": _reasons(session, b),
             "chart": _progress(session, b),
             "removed": removed,
@@ -648,6 +661,74 @@ def retry_failed(
     session.commit()
     retry_created(b, who.workspace_id)
     return RedirectResponse(f"/console/broadcasts/{b.id}", status.HTTP_303_SEE_OTHER)
+
+
+#: Test sends listed on a broadcast's page (the newest).
+TESTS_SHOWN = 10
+
+
+@router.post("/broadcasts/{broadcast_id:int}/test-send")
+def send_test(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    to: Annotated[str, Form(max_length=4000)] = "",
+) -> Response:
+    """Send this broadcast's content now to up to 10 contacts of its channel, named by
+    address or contact id (as the API's test-send); the operator lands on the test's page.
+    """
+    check_csrf(who, csrf_token)
+    b = _owned(session, who, broadcast_id)
+    try:
+        contact_ids = _contacts_named(session, who.workspace_id, b.channel_id, to)
+        test, _ = create_broadcast(
+            session, who.workspace_id, new_test_send(session, who.workspace_id, b.id, contact_ids)
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _detail_page(
+            request, session, who, broadcast_id, notice=str(exc), code=422, test_to=to
+        )
+    session.commit()
+    test_created(test, who.workspace_id)
+    return RedirectResponse(f"/console/broadcasts/{test.id}", status.HTTP_303_SEE_OTHER)
+
+
+def _contacts_named(session: Session, workspace_id: int, channel_id: int, text: str) -> list[int]:
+    """The contacts a comma- or line-separated list names: each an address on one of the
+    channel's accounts, or a contact id.
+    """
+    names = [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
+    if not names:
+        raise ValidationFailed.one("to", "names no contact: give addresses or contact ids", "empty")
+    if len(names) > MAX_TEST_CONTACTS:
+        raise ValidationFailed.one(
+            "to", f"names {len(names)} contacts; a test goes to at most {MAX_TEST_CONTACTS}", "long"
+        )
+    found = dict(
+        session.execute(
+            select(Contact.address, Contact.id)
+            .join(Account, Account.id == Contact.account_id)
+            .where(
+                Contact.workspace_id == workspace_id,
+                Account.channel_id == channel_id,
+                Contact.address.in_(names),
+            )
+        ).all()
+    )
+    ids: list[int] = []
+    for name in names:
+        if name in found:
+            ids.append(found[name])
+        elif name.isdigit() and 0 < int(name) <= MAX_ID:
+            ids.append(int(name))
+        else:
+            raise ValidationFailed.one(
+                "to", f"no contact of this channel has the address {name!r}", "not_found"
+            )
+    return ids
 
 
 @router.get("/broadcasts/{broadcast_id:int}/recipients.csv")

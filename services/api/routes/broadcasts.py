@@ -37,6 +37,7 @@ from services.api.schemas import (
     RecipientPage,
     ResumeIn,
     RetryFailedIn,
+    TestSendIn,
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
@@ -54,6 +55,7 @@ from shared.domain.broadcasts import (
     create_retry,
     get_broadcast,
     modify_broadcast,
+    new_test_send,
     pause_broadcast,
     recipients_query,
     recipients_removed,
@@ -138,6 +140,7 @@ def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> Bro
         conversation_id=broadcast.conversation_id,
         retry_of=broadcast.retry_of_id,
         retries=retries,
+        test_of=broadcast.test_of_id,
         audience=AudienceSpec.model_validate(broadcast.audience),
         content=Content.model_validate(broadcast.content),
         send_at=broadcast.send_at,
@@ -383,6 +386,69 @@ def clone(
     return out
 
 
+@router.post(
+    "/{broadcast_id}/test-send",
+    status_code=status.HTTP_201_CREATED,
+    responses={201: {"description": "Created (or replayed, as for POST /v1/broadcasts)."}},
+)
+def post_test_send(
+    broadcast_id: PathId,
+    body: TestSendIn,
+    response: Response,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    idempotency_key: IdempotencyKey = None,
+) -> BroadcastOut:
+    """Send this broadcast's content, rendered as for each recipient, to 1-10 chosen contacts
+    of its channel now, in any status, without starting it. The test is a broadcast of its own
+    (origin ``test``, ``test_of`` this one): its recipients and their outcomes are read as any
+    broadcast's, and this one's counts never include it. Lists leave tests out unless asked
+    (``origin=test``, or ``GET /v1/broadcasts/{id}/test-sends``).
+    """
+    body_hash = _hash(f"test-send/{broadcast_id}", body) if idempotency_key else None
+    replayed = _replayed(session, response, workspace, idempotency_key, body_hash)
+    if replayed is not None:
+        return replayed
+    broadcast, created = create_broadcast(
+        session,
+        workspace,
+        new_test_send(session, workspace, broadcast_id, body.contact_ids),
+        idempotency_key=idempotency_key,
+        body_hash=body_hash,
+    )
+    out = answer_created(session, response, broadcast, created)
+    if created:
+        test_created(broadcast, workspace)
+    return out
+
+
+def test_created(broadcast: Broadcast, workspace: int) -> None:
+    """The lifecycle line of a test send just made (the API's and the console's)."""
+    lifecycle(
+        "created",
+        broadcast,
+        workspace,
+        f" to test broadcast {broadcast.test_of_id} on {broadcast.audience_size} contacts",
+    )
+
+
+@router.get("/{broadcast_id}/test-sends")
+def list_test_sends(
+    broadcast_id: PathId,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[BroadcastOut]:
+    """The test sends of a broadcast, newest first; each one's recipients are at
+    ``GET /v1/broadcasts/{test id}/recipients``.
+    """
+    get_broadcast(session, workspace, broadcast_id)
+    query = broadcasts_query(workspace, ListFilter(test_of=broadcast_id))
+    rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
+    return Page(items=[broadcast_out(b, []) for b in rows], next_cursor=next_cursor)
+
+
 def _replayed(
     session: SessionDep,
     response: Response,
@@ -399,7 +465,7 @@ def _replayed(
     return None if earlier is None else answer_created(session, response, earlier, False)
 
 
-def _hash(action: str, body: RetryFailedIn | CloneIn) -> str:
+def _hash(action: str, body: RetryFailedIn | CloneIn | TestSendIn) -> str:
     """The request a key was first used for: the action, its broadcast, and the body."""
     return request_hash({"action": action, **body.model_dump(mode="json")})
 
