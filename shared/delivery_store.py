@@ -37,6 +37,7 @@ import psycopg
 from shared.domain.lifecycle import (
     CANCELED_REASON,
     CANCELED_UNSURE_REASON,
+    ERASED_REASON,
     NO_REASON,
     BatchState,
     BroadcastStatus,
@@ -976,17 +977,17 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
     )
 
 
-#: Queued rows of a batch whose contact opted out or was found unreachable since the snapshot.
-_GONE = """
+#: Queued rows of a batch whose contact opted out, was found unreachable or was erased (its
+#: row deleted) since the snapshot.
+_GONE = f"""
     d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.status = 'queued'
-    AND d.part_day = %(p)s
-    AND c.id = d.contact_id AND (c.opted_out_at IS NOT NULL OR c.unreachable_at IS NOT NULL)
+    AND d.part_day = %(p)s AND NOT coalesce({_REACHABLE}, false)
 """
 
 
 def skip_gone(batch: Batch) -> Op[int]:
-    """Queued rows of the batch whose contact opted out or was found unreachable since the
-    snapshot become ``skipped``, with the reason. Returns how many.
+    """Queued rows of the batch whose contact opted out, was found unreachable or was erased
+    since the snapshot become ``skipped``, with the reason. Returns how many.
     """
     bounds = {
         "b": batch.broadcast_id,
@@ -995,15 +996,7 @@ def skip_gone(batch: Batch) -> Op[int]:
         "hi": batch.last_id,
     }
     # The common case is one cheap read (of the batch's rows) and no lock.
-    gone = yield Query(
-        f"""
-        SELECT 1 FROM delivery d
-        WHERE d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.status = 'queued'
-          AND d.part_day = %(p)s AND NOT {_REACHABLE}
-        LIMIT 1
-        """,
-        bounds,
-    )
+    gone = yield Query(f"SELECT 1 FROM delivery d WHERE {_GONE} LIMIT 1", bounds)
     if not gone.rows:
         return 0
     yield from _lock_task(batch.broadcast_id)
@@ -1011,15 +1004,59 @@ def skip_gone(batch: Batch) -> Op[int]:
         f"""
         UPDATE delivery d
         SET status = 'skipped', updated_at = now(),
-            last_error = CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out'
-                              ELSE 'skipped: contact unreachable: '
-                                   || coalesce(c.unreachable_reason, '') END
-        FROM contact c
+            last_error = coalesce(
+                (SELECT CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out'
+                             ELSE 'skipped: contact unreachable: '
+                                  || coalesce(c.unreachable_reason, '') END
+                 FROM contact c WHERE c.id = d.contact_id),
+                %(erased)s)
         WHERE {_GONE}
         """,
-        bounds,
+        {**bounds, "erased": ERASED_REASON},
     )
     return result.rowcount
+
+
+def erase(contact_ids: Sequence[int]) -> Op[int]:
+    """Erase these contacts from delivery history: each of their rows keeps its outcome (and
+    so every broadcast's counts) but its address becomes ``(erased)``, in its reason too.
+    What deleting a contact row does by itself (a trigger of migration 0015), for rows a
+    snapshot under way copied before the contact was deleted. Returns how many rows changed.
+    """
+    result = yield Query(
+        "SELECT bcast_erase_deliveries(%(ids)s::bigint[])", {"ids": list(contact_ids)}
+    )
+    return int(result.scalar() or 0)
+
+
+def purge_step(limit: int = 10_000) -> Op[int | None]:
+    """Delete up to ``limit`` rows of one deleted broadcast (``delivery_purge``); once none is
+    left, its note goes. Returns how many rows went, or None when nothing is left to purge.
+    """
+    row = (
+        yield Query(
+            "SELECT broadcast_id, part_day FROM delivery_purge "
+            "ORDER BY created_at, broadcast_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        )
+    ).first()
+    if row is None:
+        return None
+    params = {"b": row[0], "p": row[1], "n": limit}
+    deleted = (
+        yield Query(
+            """
+            DELETE FROM delivery
+            WHERE part_day = %(p)s AND broadcast_id = %(b)s AND id IN (
+                SELECT id FROM delivery WHERE part_day = %(p)s AND broadcast_id = %(b)s
+                ORDER BY id LIMIT %(n)s
+            )
+            """,
+            params,
+        )
+    ).rowcount
+    if deleted < limit:
+        yield Query("DELETE FROM delivery_purge WHERE broadcast_id = %(b)s", params)
+    return deleted
 
 
 @dataclass(frozen=True, slots=True)

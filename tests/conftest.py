@@ -115,6 +115,9 @@ class Api:
     def patch(self, path: str, **kw: Any) -> Any:
         return self.client.patch(path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
 
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.client.delete(path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
     def ok(self, method: str, path: str, expect: int = 200, **kw: Any) -> Any:
         response = getattr(self, method)(path, **kw)
         assert response.status_code == expect, response.text

@@ -12,7 +12,15 @@ from services.api import errors
 from services.api.console import routes as console
 from services.api.middleware import BodyLimit, InputGuard, Metrics, init_metrics
 from services.api.openapi import install_openapi
-from services.api.routes import broadcasts, channels, contacts, conversations, health, media
+from services.api.routes import (
+    broadcasts,
+    channels,
+    contacts,
+    conversations,
+    health,
+    media,
+    tokens,
+)
 from shared.domain.media import MAX_IMAGES
 from shared.media_store import make_media_store
 from shared.secrets_box import get_secrets_box
@@ -32,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.media_store = make_media_store(settings)
     get_secrets_box()  # made at start, so a process without keys says so at once
     errors.install(app)
-    for module in (health, channels, contacts, broadcasts, conversations, media):
+    for module in (health, channels, contacts, broadcasts, conversations, media, tokens):
         app.include_router(module.router)
     app.include_router(media.public_router)
     app.include_router(console.router)

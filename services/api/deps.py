@@ -57,12 +57,12 @@ QueryId = Annotated[int | None, Query(gt=0, le=MAX_ID), BeforeValidator(_plain_d
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SecretsBoxDep = Annotated[SecretsBox, Depends(get_secrets_box)]
 
-_bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")
+bearer = HTTPBearer(auto_error=False, description="A token from `bcast token create`.")
 
 
 def current_workspace(
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> int:
     """The workspace of the bearer token, or 401."""
     if credentials is None or credentials.scheme.lower() != "bearer":

@@ -60,6 +60,21 @@ class ChannelCreate(_In):
     )
 
 
+class ChannelPatch(_In):
+    name: Name | None = None
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="Keys to change (rotate a bot token or secret, fix a URL); keys left out "
+        "keep their value, and a value sent back as shown (******** for a secret) keeps the "
+        "stored one.",
+    )
+    rate_limit_per_second: float | None = Field(default=None, gt=0, le=10_000)
+
+
+class NamePatch(_In):
+    name: Name
+
+
 class ChannelOut(BaseModel):
     id: int
     name: str
@@ -84,6 +99,10 @@ class AccountOut(BaseModel):
 
 
 class TagCreate(_In):
+    name: TagName
+
+
+class TagPatch(_In):
     name: TagName
 
 
@@ -127,6 +146,18 @@ class ContactPatch(_In):
     unreachable: Literal[False] | None = Field(
         default=None,
         description="false clears an unreachable mark (e.g. the user unblocked the bot).",
+    )
+
+
+class ErasureOut(BaseModel):
+    contact_id: int
+    erased_deliveries: int = Field(
+        description="Its rows in delivery history: kept with their outcome (the counts stay "
+        "true), the address in them replaced by (erased)."
+    )
+    unlisted_from: list[int] = Field(
+        description="Broadcasts not yet started that hand-picked or excluded it: it was taken "
+        "out of their lists (one it was the whole list of is canceled)."
     )
 
 
@@ -353,3 +384,38 @@ class MediaOut(BaseModel):
     sha256: str
     filename: str
     created_at: datetime
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+class TokenIn(_In):
+    name: Name = Field(description="A label to tell tokens apart (who or what uses it).")
+    expires_at: IsoDatetime | None = Field(
+        default=None,
+        description="ISO-8601 with offset, in the future; null: until revoked.",
+    )
+
+
+class TokenPatch(_In):
+    name: Name | None = None
+    expires_at: IsoDatetime | None = Field(
+        default=None, description="A new expiry (in the future), or null: until revoked."
+    )
+
+
+class TokenOut(BaseModel):
+    """What may be shown about a token: never the token itself or its digest."""
+
+    id: int
+    name: str
+    prefix: str = Field(description="Its first characters, to tell tokens apart.")
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    current: bool = Field(description="The token this request was made with.")
+
+
+class NewTokenOut(TokenOut):
+    token: str = Field(description="The token: shown this once, stored only as a digest.")

@@ -45,6 +45,10 @@ REMOVED = Counter(
     "Delivery partitions retention removed, by what it did with them (dropped or archived).",
     ["action"],
 )
+PURGED = Counter(
+    "bcast_delivery_rows_purged_total",
+    "Delivery rows of deleted broadcasts removed (a few thousand per step, after the delete).",
+)
 ROWS_REMOVED = Counter(
     "bcast_delivery_rows_removed_total",
     "Delivery rows in the partitions retention removed, by what it did with them.",
@@ -70,6 +74,8 @@ class Upkeep:
     ahead: list[partitions.Partition]
     #: Partitions past retention, and what became of each.
     removals: list[partitions.Removal]
+    #: Rows of deleted broadcasts removed.
+    purged: int = 0
 
 
 class PartitionKeeper:
@@ -98,6 +104,7 @@ class PartitionKeeper:
                 archive=settings.delivery_archive,
             )
             states = Tally(p.state for p in store.run(conn, partitions.listing()))
+            purged = self.purge(conn)
         for state in partitions.State:
             PARTITIONS.labels(state.value).set(states[state])
         HELD.set(sum(1 for r in removals if r.action == partitions.Action.HELD))
@@ -105,7 +112,26 @@ class PartitionKeeper:
             if r.action != partitions.Action.HELD:
                 REMOVED.labels(r.action.value).inc()
                 ROWS_REMOVED.labels(r.action.value).inc(r.rows)
-        return Upkeep(ahead, removals)
+        return Upkeep(ahead, removals, purged)
+
+    def purge(self, conn: psycopg.Connection) -> int:
+        """Remove the rows of deleted broadcasts, one short transaction per step, until none
+        is left (or the scheduler stops). Returns how many went.
+        """
+        purged = 0
+        while not self.stopping.is_set():
+            step = store.run(conn, store.purge_step())
+            if step is None:
+                break
+            purged += step
+            PURGED.inc(step)
+        if purged:
+            log.info(
+                "delivery rows of deleted broadcasts removed: %s",
+                purged,
+                extra={"event": "rows_purged", "rows": purged},
+            )
+        return purged
 
     def start(self) -> None:
         """Run rounds in a thread until ``stopping`` is set."""

@@ -348,6 +348,8 @@ class Delivery(Base):
         # failed, waited for a retry or were skipped carry ``last_error``; a send that succeeds
         # the first time never writes it.
         Index(None, "broadcast_id", "id"),
+        # A contact's rows in every broadcast (its erasure; migration 0015).
+        Index(None, "contact_id"),
         Index(
             "ix_delivery_not_reached",
             "broadcast_id",
@@ -469,3 +471,16 @@ class ChannelRate(Base):
     #: Set by a provider's "slow down" answer: no slot starts before it.
     blocked_until: Mapped[datetime | None]
     block_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryPurge(Base):
+    """The recipient rows of a deleted broadcast, still to be removed. Deleting a broadcast
+    (or its channel) is one quick statement; its rows, which may be millions, are removed in
+    small steps by the partition keeper (``shared.delivery_store.purge_step``).
+    """
+
+    __tablename__ = "delivery_purge"
+
+    broadcast_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    part_day: Mapped[date] = mapped_column(Date)
+    created_at: Mapped[datetime] = _created_at()

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -560,8 +560,9 @@ def recipients_query(
     the broadcast's: its rows are read from that one partition.
     """
     query = (
-        select(Delivery, Contact.name)
-        .join(Contact, Contact.id == Delivery.contact_id)
+        select(Delivery, func.coalesce(Contact.name, ""))
+        # An erased contact's rows stay, nameless (their address reads "(erased)").
+        .outerjoin(Contact, Contact.id == Delivery.contact_id)
         .where(
             Delivery.broadcast_id == broadcast_id,
             Delivery.part_day == part_day,

@@ -266,3 +266,26 @@ def normalize_address(kind: ChannelKind, address: str) -> str:
     if kind is ChannelKind.WHATSAPP and not value.startswith("+"):
         value = "+" + value
     return value
+
+
+def changed_config(
+    kind: ChannelKind,
+    stored: dict[str, Any],
+    given: dict[str, Any],
+    box: SecretsBox,
+    field: str = "config",
+) -> dict[str, Any]:
+    """A channel's config with the keys ``given`` replaced, checked and sealed as a new one is.
+
+    Keys not given keep their value, secrets included; a value given back exactly as the API
+    shows it (``********`` for a secret, a URL with its password masked) keeps the stored one,
+    so a client may send back what it read with one key changed.
+    """
+    opened = open_config(kind, stored, box)
+    shown = redact_config(kind, opened)
+    merged = {k: v for k, v in opened.items() if not k.startswith("_")}
+    for key, value in given.items():
+        if key in shown and value == shown[key] and shown[key] != opened.get(key):
+            continue  # echoed back as shown: the stored value stays
+        merged[key] = value
+    return seal_config(kind, validate_config(kind, merged, field), box, field)

@@ -89,6 +89,11 @@ CANCELED_REASON = "canceled before it was sent"
 #: a run that was lost (a dispatcher that died or stalled): the provider may have it.
 CANCELED_UNSURE_REASON = "canceled; a send to it was under way when its run was lost"
 
+#: The reason of a recipient whose contact was erased (deleted) before it was sent to.
+ERASED_REASON = "skipped: contact erased"
+#: What an erased contact's address reads as in delivery history.
+ERASED_ADDRESS = "(erased)"
+
 #: How the reason of a task the scheduler paused for being found too late begins: resuming
 #: it asks for the operator's explicit word (it would go out that late).
 OVERDUE_REASON_PREFIX = "overdue: "

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiToken, Workspace
+from shared.domain.errors import NotFound
 from shared.domain.media import new_signing_key
 from shared.domain.types import MAX_ID
 from shared.secrets_box import SecretsBox, get_secrets_box
@@ -105,6 +106,22 @@ def ensure_workspace(session: Session, name: str, box: SecretsBox | None = None)
     return session.execute(select(Workspace.id).where(Workspace.name == name)).scalar_one()
 
 
+def check_expiry(expires_at: datetime | None) -> None:
+    """A ``ValueError`` saying what is wrong with an expiry: naive, past, or too far."""
+    if expires_at is None:
+        return
+    if expires_at.tzinfo is None:
+        raise ValueError("the expiry needs a time zone (e.g. 2030-01-31T12:00:00+00:00)")
+    now = datetime.now(UTC)
+    if expires_at <= now:
+        raise ValueError(f"the expiry {expires_at.isoformat()} is not in the future")
+    if expires_at - now > MAX_LIFETIME:
+        raise ValueError(
+            f"the expiry {expires_at.isoformat()} is further ahead than a token may live "
+            f"({MAX_LIFETIME.days // 365} years)"
+        )
+
+
 def create_token(
     session: Session,
     workspace_name: str,
@@ -115,12 +132,20 @@ def create_token(
     """Make a token for the workspace (created if needed), valid until ``expires_at`` (aware;
     None: until revoked). The plain token exists only here.
     """
-    if expires_at is not None:
-        if expires_at.tzinfo is None:
-            raise ValueError("the expiry needs a time zone (e.g. 2030-01-31T12:00:00+00:00)")
-        if expires_at <= datetime.now(UTC):
-            raise ValueError(f"the expiry {expires_at.isoformat()} is not in the future")
-    workspace_id = ensure_workspace(session, workspace_name)
+    check_expiry(expires_at)
+    return new_token(
+        session, ensure_workspace(session, workspace_name), token_name, expires_at=expires_at
+    )
+
+
+def new_token(
+    session: Session,
+    workspace_id: int,
+    token_name: str = "",
+    *,
+    expires_at: datetime | None = None,
+) -> NewToken:
+    """Make a token for an existing workspace (``expires_at`` checked by the caller)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
         workspace_id=workspace_id,
@@ -174,6 +199,35 @@ def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
     ).scalar_one_or_none()
     [info] = _infos(session, ApiToken.id == ids[0])
     return info, revoked is not None
+
+
+def workspace_tokens(session: Session, workspace_id: int) -> list[TokenInfo]:
+    """A workspace's tokens, oldest first."""
+    return _infos(session, ApiToken.workspace_id == workspace_id)
+
+
+def workspace_token(session: Session, workspace_id: int, token_id: int) -> ApiToken:
+    """One of the workspace's tokens, locked; ``NotFound`` for any other."""
+    row = session.execute(
+        select(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.workspace_id == workspace_id)
+        .with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound("token", token_id)
+    return row
+
+
+def token_info(session: Session, token_id: int) -> TokenInfo:
+    [info] = _infos(session, ApiToken.id == token_id)
+    return info
+
+
+def token_id_of(session: Session, token: str) -> int | None:
+    """The id of the token whose plain value this is."""
+    return session.execute(
+        select(ApiToken.id).where(ApiToken.token_hash == hash_token(token))
+    ).scalar_one_or_none()
 
 
 def _infos(session: Session, where: ColumnElement[bool]) -> list[TokenInfo]:

@@ -25,11 +25,16 @@ KINDS = {
     "broadcast_id": "broadcast",
     "conversation_id": "conversation",
     "media_id": "media",
+    "token_id": "token",
 }
 #: A valid body for every operation with an id in its path that takes one.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("patch", "/v1/contacts/{contact_id}"): {"name": "changed", "opted_out": True},
     ("patch", "/v1/broadcasts/{broadcast_id}"): {"name": "changed"},
+    ("patch", "/v1/channels/{channel_id}"): {"name": "changed", "rate_limit_per_second": 1},
+    ("patch", "/v1/accounts/{account_id}"): {"name": "changed"},
+    ("patch", "/v1/tags/{tag_id}"): {"name": "changed"},
+    ("patch", "/v1/tokens/{token_id}"): {"name": "changed"},
     ("post", "/v1/conversations/{conversation_id}/timed-sends"): {"content": {"text": "x"}},
     ("post", "/v1/broadcasts/{broadcast_id}/retry-failed"): {"name": "again"},
     ("post", "/v1/broadcasts/{broadcast_id}/clone"): {"name": "copy"},
@@ -44,7 +49,9 @@ PUBLIC = {("get", "/media/{media_id}")}
 def mine(api: Api) -> dict[str, int]:
     """The id of one of every row a workspace can own."""
     made = api.one_of_everything("my-contact", "mine")
-    return {kind: row if isinstance(row, int) else row["id"] for kind, row in made.items()}
+    ids = {kind: row if isinstance(row, int) else row["id"] for kind, row in made.items()}
+    ids["token"] = api.ok("get", "/v1/tokens")[0]["id"]
+    return ids
 
 
 def rows_of(workspace_id: int) -> dict[str, list[str]]:

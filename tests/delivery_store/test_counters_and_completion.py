@@ -179,9 +179,31 @@ def test_deleting_rows_moves_the_counters_back(api: Api, conn: psycopg.Connectio
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 3))
     store.run(conn, store.record(batch, [Record(held[0].id, DeliveryStatus.SENT)]))
-    conn.execute("DELETE FROM contact WHERE id = %s", (held[0].contact_id,))
+    conn.execute("DELETE FROM delivery WHERE id = %s", (held[0].id,))
     assert_counters_match_rows(conn, task.id)
     assert task_row(conn, task.id)["total_count"] == 2
+
+
+def test_a_deleted_contact_keeps_its_rows_and_every_count_but_not_its_address(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 3)
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 3))
+    store.run(conn, store.record(batch, [Record(held[0].id, DeliveryStatus.SENT)]))
+    before = task_row(conn, task.id)
+    conn.execute("DELETE FROM contact WHERE id = %s", (held[0].contact_id,))
+    assert_counters_match_rows(conn, task.id)
+    after = task_row(conn, task.id)
+    assert (after["total_count"], after["sent_count"]) == (
+        before["total_count"],
+        before["sent_count"],
+    )
+    assert conn.execute(
+        "SELECT address, status FROM delivery WHERE id = %s", (held[0].id,)
+    ).fetchone() == ("(erased)", "sent")
+    # Erasing again (a copy made meanwhile) finds nothing left to change.
+    assert store.run(conn, store.erase([held[0].contact_id])) == 0
 
 
 def test_one_statement_over_many_tasks_moves_each_task_by_its_own_rows(

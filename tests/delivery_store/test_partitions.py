@@ -199,10 +199,20 @@ def test_counters_stay_exact_for_statements_over_several_partitions(
         assert (t["total_count"], t["sent_count"], t["failed_count"]) == expected
 
 
-def test_deleting_a_broadcast_deletes_its_rows(api: Api, conn: psycopg.Connection[Any]) -> None:
-    task = new_task(api, conn, 4)
+def test_a_deleted_broadcast_s_rows_are_removed_in_steps(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task, kept = new_task(api, conn, 5), new_task(api, conn, 2)
     conn.execute("DELETE FROM broadcast WHERE id = %s", (task.id,))
+    # The delete itself is quick: the rows wait for the purge.
+    assert sum(rows(conn, task.id).values()) == 5
+    steps = []
+    while (step := store.run(conn, store.purge_step(limit=2))) is not None:
+        steps.append(step)
+    assert steps == [2, 2, 1]
     assert rows(conn, task.id) == {}
+    assert sum(rows(conn, kept.id).values()) == 2
+    assert conn.execute("SELECT count(*) FROM delivery_purge").fetchone() == (0,)
 
 
 # --- retention -------------------------------------------------------------------------------

@@ -103,8 +103,10 @@ def test_claim_takes_nothing_while_the_task_is_paused(
 def test_contacts_who_opted_out_or_became_unreachable_are_skipped_with_the_reason(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
-    task = new_task(api, conn, 3)
+    task = new_task(api, conn, 4)
     conn.execute("UPDATE contact SET opted_out_at = now() WHERE id = %s", (task.contacts[0],))
+    # Erased (deleted) since the snapshot: never claimed, skipped, its address gone.
+    conn.execute("DELETE FROM contact WHERE id = %s", (task.contacts[3],))
     conn.execute(
         "UPDATE contact SET unreachable_at = now(), unreachable_reason = '403 blocked' "
         "WHERE id = %s",
@@ -113,7 +115,7 @@ def test_contacts_who_opted_out_or_became_unreachable_are_skipped_with_the_reaso
     batch = run_batch(conn, task.id)
     held = store.run(conn, store.claim(batch, 10))
     assert [h.contact_id for h in held] == [task.contacts[2]], "the claim passes them over"
-    assert store.run(conn, store.skip_gone(batch)) == 2
+    assert store.run(conn, store.skip_gone(batch)) == 3
     reasons = dict(
         conn.execute(
             "SELECT contact_id, last_error FROM delivery WHERE broadcast_id = %s "
@@ -124,7 +126,11 @@ def test_contacts_who_opted_out_or_became_unreachable_are_skipped_with_the_reaso
     assert reasons == {
         task.contacts[0]: "skipped: contact opted out",
         task.contacts[1]: "skipped: contact unreachable: 403 blocked",
+        task.contacts[3]: "skipped: contact erased",
     }
+    assert conn.execute(
+        "SELECT address FROM delivery WHERE contact_id = %s", (task.contacts[3],)
+    ).fetchall() == [("(erased)",)]
     assert_counters_match_rows(conn, task.id)
 
 

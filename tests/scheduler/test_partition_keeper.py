@@ -98,3 +98,25 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "not within the time"
         time.sleep(0.05)
+
+
+def test_a_round_removes_the_rows_of_deleted_broadcasts_and_counts_them(
+    api: Api, conn: psycopg.Connection[Any], settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    deleted = filed_task(api, conn, today(conn), 3, status="completed")
+    kept = filed_task(api, conn, today(conn), 2, status="completed")
+    conn.execute("DELETE FROM broadcast WHERE id = %s", (deleted.id,))
+    before = sample("bcast_delivery_rows_purged_total")
+    keeper = PartitionKeeper(settings, threading.Event())
+    with caplog.at_level(logging.INFO, logger="services.scheduler.partitions"):
+        upkeep = keeper.run_once()
+    assert upkeep.purged >= 3
+    assert sample("bcast_delivery_rows_purged_total") - before == upkeep.purged
+    left = conn.execute(
+        "SELECT broadcast_id, count(*) FROM delivery WHERE broadcast_id = ANY(%s) GROUP BY 1",
+        ([deleted.id, kept.id],),
+    ).fetchall()
+    assert left == [(kept.id, 2)]
+    assert [r.rows for r in caplog.records if r.msg.startswith("delivery rows of deleted")] == [  # type: ignore[attr-defined]
+        upkeep.purged
+    ]

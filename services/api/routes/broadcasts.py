@@ -65,6 +65,7 @@ from shared.domain.broadcasts import (
 )
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
+from shared.domain.removal import delete_broadcast
 from shared.domain.types import IsoDatetime
 from shared.settings import Settings
 
@@ -501,6 +502,22 @@ def patch_broadcast(
     session.commit()
     lifecycle("changed", broadcast, workspace, f" ({', '.join(sorted(given))})")
     return broadcast_out(broadcast)
+
+
+@router.delete(
+    "/{broadcast_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={409: {"description": "It is not final, or a retry or test of it is not."}},
+)
+def delete(broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> Response:
+    """Delete a completed or canceled broadcast with its test sends; its recipient rows are
+    removed in small steps soon after. Refused (409) while it, or a retry or test of it, is
+    pending, in progress or paused.
+    """
+    broadcast = delete_broadcast(session, workspace, broadcast_id)
+    session.commit()
+    lifecycle("deleted", broadcast, workspace)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{broadcast_id}/pause")

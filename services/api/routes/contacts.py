@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from fastapi import APIRouter, Request, status
@@ -22,9 +23,11 @@ from services.api.schemas import (
     AudiencePreviewOut,
     ContactOut,
     ContactPatch,
+    ErasureOut,
     ImportOut,
     Page,
 )
+from shared.db.engine import raw_connection
 from shared.db.models import Contact
 from shared.domain.audience import audience_query, check_audience, count_audience
 from shared.domain.broadcasts import get_channel
@@ -40,6 +43,9 @@ from shared.domain.contacts import (
     update_contact,
 )
 from shared.domain.errors import ValidationFailed
+from shared.domain.removal import erase_contact, finish_erasure
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["contacts"], route_class=StrictQueryRoute)
 
@@ -108,6 +114,40 @@ def patch_contact(
     )
     session.commit()
     return contacts_out(session, [contact])[0]
+
+
+@router.delete(
+    "/contacts/{contact_id}", responses={409: {"description": "A send to it is under way."}}
+)
+def erase(contact_id: PathId, session: SessionDep, workspace: CurrentWorkspace) -> ErasureOut:
+    """Delete a contact and erase it from delivery history (a data-protection request). Its
+    rows in every broadcast stay, so counts stay true, but the address in them (and in their
+    reasons) becomes "(erased)" and no name is shown for them. Its queued rows in broadcasts
+    being sent are skipped ("skipped: contact erased"); a send to it under way this moment
+    answers 409 (ask again in a few seconds). Broadcasts not yet started that hand-picked or
+    excluded it lose it from their lists.
+    """
+    erased = erase_contact(session, workspace, contact_id)
+    session.commit()
+    late = finish_erasure(raw_connection(session), erased)
+    session.commit()
+    log.info(
+        "contact %s erased: %s delivery rows kept without its address",
+        contact_id,
+        erased.rows + late,
+        extra={
+            "event": "contact_erased",
+            "contact_id": contact_id,
+            "channel_id": erased.channel_id,
+            "workspace_id": workspace,
+            "rows": erased.rows + late,
+        },
+    )
+    return ErasureOut(
+        contact_id=contact_id,
+        erased_deliveries=erased.rows + late,
+        unlisted_from=erased.unlisted,
+    )
 
 
 _IMPORT_DOC = {

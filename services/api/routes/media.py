@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated
 
@@ -17,11 +18,16 @@ from services.api.deps import (
     SettingsDep,
     StrictQueryRoute,
 )
-from services.api.schemas import MediaOut
+from services.api.pagination import Cursor, Limit, newest_first
+from services.api.schemas import MediaOut, Page
 from shared.db.models import Media, Workspace
 from shared.db.sql import owned
 from shared.domain.media import create_media, signature_valid
+from shared.domain.removal import delete_media
 from shared.domain.types import MAX_ID
+from shared.logsafe import error_text
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/media", tags=["media"], route_class=StrictQueryRoute)
 
@@ -53,6 +59,47 @@ def upload(
         store.delete(media.storage_key)
         raise
     return MediaOut.model_validate(media)
+
+
+@router.get("")
+def list_media(
+    session: SessionDep, workspace: CurrentWorkspace, limit: Limit = 100, cursor: Cursor = None
+) -> Page[MediaOut]:
+    """The workspace's images, newest first."""
+    query = select(Media).where(Media.workspace_id == workspace)
+    rows, next_cursor = newest_first(session, query, Media.id, limit, cursor)
+    return Page(items=[MediaOut.model_validate(m) for m in rows], next_cursor=next_cursor)
+
+
+@router.delete(
+    "/{media_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={409: {"description": "A broadcast not yet final carries it."}},
+)
+def remove_media(
+    media_id: PathId, session: SessionDep, workspace: CurrentWorkspace, store: MediaStoreDep
+) -> Response:
+    """Delete an image and its stored file. Refused (409, naming them) while a broadcast not
+    yet final carries it; final ones keep its id in their content, and a clone of one is
+    told the image is gone.
+    """
+    media = delete_media(session, workspace, media_id)
+    session.commit()
+    try:
+        store.delete(media.storage_key)
+    except Exception as exc:  # the row is gone: the file is an orphan, not a leak of data
+        log.warning(
+            "media %s: its stored file could not be removed (%s)",
+            media_id,
+            error_text(exc),
+            extra={"event": "media_file_kept", "media_id": media_id, "workspace_id": workspace},
+        )
+    log.info(
+        "media %s deleted",
+        media_id,
+        extra={"event": "media_deleted", "media_id": media_id, "workspace_id": workspace},
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{media_id}")
