@@ -39,6 +39,8 @@ from shared.domain.lifecycle import (
     CANCELED_UNSURE_REASON,
     ERASED_REASON,
     NO_REASON,
+    OPTED_OUT_REASON,
+    UNREACHABLE_REASON,
     BatchState,
     BroadcastStatus,
     DeliveryStatus,
@@ -374,8 +376,9 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
     once. Returns how many rows were copied, or None when the copy was made before (or is
     being made by another dispatcher this moment).
 
-    ``audience`` selects ``(contact_id, address, unreachable, unreachable_reason)``; contacts a
-    provider called unreachable are recorded as skipped with the reason. The copy runs inside
+    ``audience`` selects ``(contact_id, address, skip_reason)``; a contact with a reason (it
+    opted out, or a provider called it unreachable) is recorded as skipped with it. The task's
+    ``audience_size`` becomes the number of rows copied: its ``counts.total``. The copy runs inside
     Postgres (``INSERT ... SELECT``), so memory stays flat for any audience; the task row is
     locked only at the end, so a pause or cancel never waits for a long copy, and a cancel
     that committed meanwhile cancels the rows just copied. The rows go to the partition of
@@ -412,11 +415,9 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
             INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
                                   last_error, part_day)
             SELECT %(snap_ws)s, %(snap_b)s, a.contact_id, a.address,
-                   CASE WHEN a.unreachable THEN 'skipped' ELSE 'queued' END,
-                   CASE WHEN a.unreachable
-                        THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END,
+                   CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
                    %(snap_day)s
-            FROM ({audience.sql}) AS a(contact_id, address, unreachable, reason)
+            FROM ({audience.sql}) AS a(contact_id, address, reason)
             ORDER BY a.contact_id
             ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
             """,
@@ -448,8 +449,9 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
         yield from _cancel_queued(broadcast_id, part_day)
     # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
     yield Query(
-        "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s WHERE id = %(snap_b)s",
-        {"snap_b": broadcast_id, "snap_day": part_day},
+        "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s, "
+        "audience_size = %(n)s WHERE id = %(snap_b)s",
+        {"snap_b": broadcast_id, "snap_day": part_day, "n": copied},
     )
     return copied
 
@@ -475,9 +477,9 @@ def snapshot_group(
     once. Returns how many rows each broadcast copied now; a broadcast missing from it was
     copied before, is being copied by another dispatcher this moment, or is not being sent.
 
-    ``recipients`` selects ``(broadcast_id, contact_id, address, unreachable,
-    unreachable_reason)`` for every broadcast of the group (rows of a broadcast not copied
-    now are left out). The task rows are locked first, in id order, and their status read
+    ``recipients`` selects ``(broadcast_id, contact_id, address, skip_reason)`` for every
+    broadcast of the group (rows of a broadcast not copied now are left out); each one's
+    ``audience_size`` becomes the number of rows it copied. The task rows are locked first, in id order, and their status read
     under the lock: only those still ``in_progress`` are copied, so a pause or cancel either
     commits before the copy (and the task waits for its next start) or after it (and finds
     its rows). A copy is short by design, so the lock is held for a moment only; large
@@ -520,12 +522,9 @@ def snapshot_group(
                 INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
                                       last_error, part_day)
                 SELECT t.workspace_id, a.broadcast_id, a.contact_id, a.address,
-                       CASE WHEN a.unreachable THEN 'skipped' ELSE 'queued' END,
-                       CASE WHEN a.unreachable
-                            THEN 'skipped: contact unreachable: ' || coalesce(a.reason, '') END,
+                       CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
                        coalesce(t.part_day, {TODAY})
-                FROM ({recipients.sql})
-                     AS a(broadcast_id, contact_id, address, unreachable, reason)
+                FROM ({recipients.sql}) AS a(broadcast_id, contact_id, address, reason)
                 JOIN broadcast t ON t.id = a.broadcast_id
                 WHERE a.broadcast_id = ANY(%(grp_ids)s::bigint[])
                 ORDER BY a.broadcast_id, a.contact_id
@@ -554,14 +553,18 @@ def snapshot_group(
             """,
             {"grp_ids": of_day, "grp_day": day, "size": batch_size},
         )
-    # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
-    yield Query(
-        f"UPDATE broadcast SET snapshot_at = now(), part_day = coalesce(part_day, {TODAY}) "
-        "WHERE id = ANY(%(grp_ids)s::bigint[])",
-        {"grp_ids": copy},
-    )
     counts = dict.fromkeys(copy, 0)
     counts.update({int(r[0]): int(r[1]) for r in copied})
+    # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
+    yield Query(
+        f"""
+        UPDATE broadcast b SET snapshot_at = now(), part_day = coalesce(part_day, {TODAY}),
+            audience_size = c.n
+        FROM unnest(%(grp_ids)s::bigint[], %(grp_n)s::bigint[]) AS c(id, n)
+        WHERE b.id = c.id
+        """,
+        {"grp_ids": list(counts), "grp_n": list(counts.values())},
+    )
     return counts
 
 
@@ -1005,14 +1008,18 @@ def skip_gone(batch: Batch) -> Op[int]:
         UPDATE delivery d
         SET status = 'skipped', updated_at = now(),
             last_error = coalesce(
-                (SELECT CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out'
-                             ELSE 'skipped: contact unreachable: '
-                                  || coalesce(c.unreachable_reason, '') END
+                (SELECT CASE WHEN c.opted_out_at IS NOT NULL THEN %(opted_out)s
+                             ELSE %(unreachable)s || coalesce(c.unreachable_reason, '') END
                  FROM contact c WHERE c.id = d.contact_id),
                 %(erased)s)
         WHERE {_GONE}
         """,
-        {**bounds, "erased": ERASED_REASON},
+        {
+            **bounds,
+            "erased": ERASED_REASON,
+            "opted_out": OPTED_OUT_REASON,
+            "unreachable": UNREACHABLE_REASON,
+        },
     )
     return result.rowcount
 

@@ -15,7 +15,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from shared.domain.audience import AudienceFilter, AudienceSpec
+from shared.domain.audience import AudienceSpec
 from shared.domain.broadcasts import Content
 from shared.domain.contacts import TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
@@ -167,17 +167,38 @@ class ImportOut(BaseModel):
     updated: int
 
 
-class AudiencePreviewIn(AudienceFilter):
+class AudiencePreviewIn(AudienceSpec):
     channel_id: Id
-    limit: int = Field(default=50, ge=1, le=500, description="Contacts on the first page.")
+    limit: int = Field(default=50, ge=1, le=500, description="Contacts on this page.")
+    cursor: str | None = Field(
+        default=None, max_length=40, description="next_cursor of the page before."
+    )
+
+
+class ReasonCount(BaseModel):
+    reason: str
+    contacts: int
 
 
 class AudiencePreviewOut(BaseModel):
-    count: int = Field(description="Contacts the broadcast would be sent to.")
-    unreachable: int = Field(
-        description="Matching contacts a provider called unreachable: they would be skipped."
+    count: int = Field(description="Contacts the broadcast would be sent to, exactly.")
+    opted_out: int = Field(
+        description="Matching contacts who opted out: each is recorded as skipped, with the "
+        "reason, when it starts."
     )
-    contacts: list[ContactOut]
+    unreachable: int = Field(
+        description="Matching contacts a provider called unreachable (and not opted out): "
+        "recorded as skipped likewise."
+    )
+    total: int = Field(
+        description="Every matching contact: count + opted_out + unreachable; the "
+        "broadcast's audience_size and, once it starts, its counts.total."
+    )
+    unreachable_reasons: list[ReasonCount] = Field(
+        description="Why the unreachable ones are, most common first (at most 10)."
+    )
+    contacts: list[ContactOut] = Field(description="A page of the contacts it would be sent to.")
+    next_cursor: str | None = Field(description="Pass back as cursor for the next page.")
 
 
 # --- broadcasts -----------------------------------------------------------------------------
@@ -318,6 +339,27 @@ class BroadcastOut(BaseModel):
         "(BCAST_DELIVERY_RETENTION_DAYS): the counts stay, the recipient list is empty from "
         "then on. Null while they are kept."
     )
+
+
+class AudienceSummary(BaseModel):
+    """An audience as a list shows it: its filter, how many contacts it lists, in words."""
+
+    account_ids: list[int]
+    tag_ids: list[int]
+    tag_match: Literal["any", "all"]
+    selection: Literal["all", "manual"]
+    failed_in: int | None
+    contact_count: int = Field(description="Hand-picked contacts (selection manual).")
+    excluded_count: int = Field(description="Contacts left out (selection all).")
+    description: str = Field(description="The audience in a few words.")
+
+
+class BroadcastListItem(BroadcastOut):
+    """A broadcast in a list: its audience summed up (``GET /v1/broadcasts/{id}`` has all of
+    it, every listed contact id included).
+    """
+
+    audience: AudienceSummary  # type: ignore[assignment]
 
 
 class RecipientOut(BaseModel):

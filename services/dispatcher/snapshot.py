@@ -42,7 +42,7 @@ from services.dispatcher import metrics
 from shared import delivery_partitions as partitions
 from shared import delivery_store as store
 from shared.db.models import Contact
-from shared.domain.audience import AudienceSpec, audience_query
+from shared.domain.audience import AudienceSpec, audience_query, skip_reason
 from shared.domain.lifecycle import BroadcastStatus
 
 if TYPE_CHECKING:
@@ -56,16 +56,13 @@ _DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 def audience_source(
     workspace_id: int, channel_id: int, spec: AudienceSpec, started_at: datetime
 ) -> store.Query:
-    """``(contact_id, address, unreachable, unreachable_reason)`` of every recipient."""
+    """``(contact_id, address, skip_reason)`` of every recipient (``skip_reason`` NULL for
+    one to send to).
+    """
     query = (
-        audience_query(workspace_id, channel_id, spec, reachable=None)
+        audience_query(workspace_id, channel_id, spec, reachable=None, opted_out=None)
         .where(Contact.created_at <= started_at)
-        .with_only_columns(
-            Contact.id,
-            Contact.address,
-            Contact.unreachable_at.is_not(None),
-            Contact.unreachable_reason,
-        )
+        .with_only_columns(*_recipient_columns())
     )
     compiled = query.compile(dialect=_DIALECT)
     return store.Query(str(compiled), dict(compiled.params))
@@ -126,12 +123,7 @@ class Starting:
 
 
 def _recipient_columns() -> tuple[Any, ...]:
-    return (
-        Contact.id,
-        Contact.address,
-        Contact.unreachable_at.is_not(None).label("unreachable"),
-        Contact.unreachable_reason,
-    )
+    return (Contact.id, Contact.address, skip_reason().label("skip_reason"))
 
 
 def _picked(tasks: Sequence[Starting]) -> Select[Any]:
@@ -148,7 +140,7 @@ def _picked(tasks: Sequence[Starting]) -> Select[Any]:
         update={"contact_ids": sorted({contact for _, contact, _ in pairs})}
     )
     audience = (
-        audience_query(first.workspace_id, first.channel_id, spec, reachable=None)
+        audience_query(first.workspace_id, first.channel_id, spec, reachable=None, opted_out=None)
         .with_only_columns(*_recipient_columns(), Contact.created_at)
         .subquery()
     )
@@ -169,8 +161,7 @@ def _picked(tasks: Sequence[Starting]) -> Select[Any]:
         pick.c.broadcast_id,
         audience.c.id,
         audience.c.address,
-        audience.c.unreachable,
-        audience.c.unreachable_reason,
+        audience.c.skip_reason,
     ).join_from(
         audience,
         pick,
@@ -179,8 +170,7 @@ def _picked(tasks: Sequence[Starting]) -> Select[Any]:
 
 
 def recipients_source(tasks: Sequence[Starting]) -> store.Query:
-    """``(broadcast_id, contact_id, address, unreachable, unreachable_reason)`` of every
-    recipient of every task, in one query: each task's audience as ``audience_source`` has it.
+    """``(broadcast_id, contact_id, address, skip_reason)`` of every recipient of every task, in one query: each task's audience as ``audience_source`` has it.
     Hand-picked audiences of the same workspace, channel and filter (``failed_in`` included)
     share one audience query.
     """
@@ -200,7 +190,7 @@ def recipients_source(tasks: Sequence[Starting]) -> store.Query:
             picks[key].append(task)
             continue
         parts.append(
-            audience_query(task.workspace_id, task.channel_id, spec, reachable=None)
+            audience_query(task.workspace_id, task.channel_id, spec, reachable=None, opted_out=None)
             .where(Contact.created_at <= task.started_at)
             .with_only_columns(literal(task.broadcast_id, BigInteger), *_recipient_columns())
         )

@@ -7,15 +7,17 @@ the recipients when the broadcast starts, so what an operator previews is what g
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import Select, false, func, select
+from sqlalchemy import ColumnElement, Select, case, false, func, literal, null, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import Account, Broadcast, Contact, ContactTag, Delivery, Tag
 from shared.db.sql import in_ids, not_in_ids
 from shared.domain.errors import FieldError, ValidationFailed
+from shared.domain.lifecycle import NO_REASON, OPTED_OUT_REASON, UNREACHABLE_REASON
 from shared.domain.types import Id
 
 #: Most ids one audience list may carry (a manual selection of a whole imported list).
@@ -65,24 +67,55 @@ class AudienceSpec(AudienceFilter):
         return self
 
 
+def describe(spec: AudienceSpec) -> str:
+    """The audience in a few words: ``everyone on accounts 3, 4 tagged 7 or 9, less 2``."""
+    if spec.failed_in is not None:
+        who = f"the recipients that failed in broadcast {spec.failed_in}"
+    elif spec.selection == "manual":
+        n = len(spec.contact_ids)
+        who = f"{n} hand-picked contact{'s' if n != 1 else ''}"
+    else:
+        who = "everyone"
+    if spec.account_ids:
+        listed = ", ".join(str(a) for a in spec.account_ids[:5])
+        more = f" and {len(spec.account_ids) - 5} more" if len(spec.account_ids) > 5 else ""
+        who += f" on account{'s' if len(spec.account_ids) != 1 else ''} {listed}{more}"
+    else:
+        who += " on the channel"
+    if spec.tag_ids:
+        joiner = " or " if spec.tag_match == "any" else " and "
+        listed = joiner.join(str(t) for t in spec.tag_ids[:5])
+        more = f"{joiner}{len(spec.tag_ids) - 5} more" if len(spec.tag_ids) > 5 else ""
+        who += f" tagged {listed}{more}"
+    if spec.exclude_contact_ids:
+        who += f", less {len(spec.exclude_contact_ids)} excluded"
+    return who
+
+
 def audience_query(
     workspace_id: int,
     channel_id: int,
     spec: AudienceFilter | AudienceSpec,
     *,
     reachable: bool | None = True,
+    opted_out: bool | None = False,
 ) -> Select[int, int, str]:
     """``SELECT contact.id, contact.account_id, contact.address`` of every recipient.
 
-    Contacts of the channel's accounts only, opted-out contacts never, narrowed by the spec.
-    ``reachable``: True leaves out contacts a provider called unreachable, False keeps only
-    them (they are reported as skipped), None takes both.
+    Contacts of the channel's accounts only, narrowed by the spec. ``reachable``: True leaves
+    out contacts a provider called unreachable, False keeps only them, None takes both.
+    ``opted_out`` likewise for contacts who opted out (False: left out). A copy at the start
+    takes both (they are recorded as skipped, with the reason), except for a retry of the
+    failed: it goes to none who opted out or is unreachable now.
     """
     conditions = [
         Contact.workspace_id == workspace_id,
         Account.channel_id == channel_id,
-        Contact.opted_out_at.is_(None),
     ]
+    if opted_out is not None:
+        conditions.append(
+            Contact.opted_out_at.is_not(None) if opted_out else Contact.opted_out_at.is_(None)
+        )
     if reachable is not None:
         conditions.append(
             Contact.unreachable_at.is_(None) if reachable else Contact.unreachable_at.is_not(None)
@@ -112,11 +145,14 @@ def audience_query(
             conditions.append(not_in_ids(Contact.id, spec.exclude_contact_ids))
         if spec.failed_in is not None:
             conditions.append(Contact.id.in_(failed_in(workspace_id, spec.failed_in)))
-            # A retry goes to no contact known to be unreachable (none is copied as skipped).
-            if reachable is False:
+            # A retry goes to no contact known to be unreachable or opted out (none is copied
+            # as skipped).
+            if reachable is False or opted_out is True:
                 conditions.append(false())
-            elif reachable is None:
+            if reachable is None:
                 conditions.append(Contact.unreachable_at.is_(None))
+            if opted_out is None:
+                conditions.append(Contact.opted_out_at.is_(None))
     return (
         select(Contact.id, Contact.account_id, Contact.address)
         .join(Account, Account.id == Contact.account_id)
@@ -155,6 +191,76 @@ def count_audience(
     return int(session.execute(select(func.count()).select_from(query)).scalar_one())
 
 
+def skip_reason() -> ColumnElement[str | None]:
+    """Why a contact the audience matches is not sent to (NULL: it is): it opted out, or a
+    provider called it unreachable. What a copy at the start records for it.
+    """
+    return case(
+        (Contact.opted_out_at.is_not(None), literal(OPTED_OUT_REASON)),
+        (
+            Contact.unreachable_at.is_not(None),
+            literal(UNREACHABLE_REASON) + func.coalesce(Contact.unreachable_reason, ""),
+        ),
+        else_=null(),
+    )
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Who an audience matches right now, and what becomes of each when it starts."""
+
+    #: Contacts that will be sent to.
+    sendable: int
+    #: Contacts that opted out: each gets a row, skipped with the reason.
+    opted_out: int
+    #: Contacts a provider called unreachable (and not opted out): skipped likewise.
+    unreachable: int
+    #: The most common reasons the unreachable ones were given, most common first.
+    reasons: list[tuple[str, int]]
+
+    @property
+    def everyone(self) -> int:
+        """Every contact the audience matches: the rows its start copies (``counts.total``)."""
+        return self.sendable + self.opted_out + self.unreachable
+
+
+#: Reasons a breakdown lists.
+MAX_REASONS = 10
+
+
+def breakdown(
+    session: Session, workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+) -> Breakdown:
+    """The spec's audience right now, counted by what its start would do with each."""
+    matched = audience_query(
+        workspace_id, channel_id, spec, reachable=None, opted_out=None
+    ).with_only_columns(Contact.opted_out_at, Contact.unreachable_at, Contact.unreachable_reason)
+    sub = matched.subquery()
+    opted, gone = sub.c.opted_out_at.is_not(None), sub.c.unreachable_at.is_not(None)
+    row = session.execute(
+        select(
+            func.count().filter(~opted & ~gone),
+            func.count().filter(opted),
+            func.count().filter(~opted & gone),
+        ).select_from(sub)
+    ).one()
+    reasons: list[tuple[str, int]] = []
+    if row[2]:
+        reason = func.coalesce(sub.c.unreachable_reason, NO_REASON)
+        reasons = [
+            (str(r[0]), int(r[1]))
+            for r in session.execute(
+                select(reason, func.count())
+                .select_from(sub)
+                .where(~opted, gone)
+                .group_by(reason)
+                .order_by(func.count().desc(), reason)
+                .limit(MAX_REASONS)
+            )
+        ]
+    return Breakdown(int(row[0]), int(row[1]), int(row[2]), reasons)
+
+
 def check_audience(
     session: Session,
     workspace_id: int,
@@ -163,7 +269,9 @@ def check_audience(
     *,
     field: str = "audience",
 ) -> int:
-    """Check every id in the spec against the workspace and channel; return the audience size.
+    """Check every id in the spec against the workspace and channel; return the audience size:
+    every contact it matches, those who opted out or are unreachable included (its start
+    copies each, as skipped with the reason), so that it is the broadcast's ``counts.total``.
 
     Raises ``ValidationFailed`` naming each unknown or foreign id, a manual pick outside the
     filtered audience, or an audience that matches nobody.
@@ -237,18 +345,24 @@ def check_audience(
         errors.extend(_source_errors(session, workspace_id, channel_id, spec.failed_in, field))
     if errors:
         raise ValidationFailed(errors)
-    size = count_audience(session, workspace_id, channel_id, spec)
-    if size == 0:
-        unreachable = count_audience(session, workspace_id, channel_id, spec, reachable=False)
-        because = (
-            f" ({unreachable} matching contacts are marked unreachable)" if unreachable else ""
-        )
+    found = breakdown(session, workspace_id, channel_id, spec)
+    if found.sendable == 0:
+        held = [
+            f"{n} {what}"
+            for n, what in (
+                (found.opted_out, "opted out"),
+                (found.unreachable, "marked unreachable"),
+            )
+            if n
+        ]
+        because = f" (of the matching contacts, {' and '.join(held)})" if held else ""
         raise ValidationFailed.one(
             field,
-            f"matches no contacts{because}: widen the accounts, tags or selection",
+            f"matches no contacts that can be sent to{because}: widen the accounts, tags or "
+            "selection",
             "empty_audience",
         )
-    return size
+    return found.everyone
 
 
 def _source_errors(

@@ -89,6 +89,12 @@ CANCELED_REASON = "canceled before it was sent"
 #: a run that was lost (a dispatcher that died or stalled): the provider may have it.
 CANCELED_UNSURE_REASON = "canceled; a send to it was under way when its run was lost"
 
+#: The reason of a recipient skipped because its contact opted out (by the snapshot, or
+#: before its send).
+OPTED_OUT_REASON = "skipped: contact opted out"
+#: How the reason of a recipient skipped because a provider called its contact unreachable
+#: begins (the provider's reason follows).
+UNREACHABLE_REASON = "skipped: contact unreachable: "
 #: The reason of a recipient whose contact was erased (deleted) before it was sent to.
 ERASED_REASON = "skipped: contact erased"
 #: What an erased contact's address reads as in delivery history.

@@ -89,6 +89,41 @@ def test_send_at_with_another_offset_is_kept_as_the_same_instant(
     assert datetime.fromisoformat(b["send_at"]) == when
 
 
+def test_a_list_sums_each_audience_up_and_the_detail_has_all_of_it(
+    api: Api, setup: dict[str, Any]
+) -> None:
+    ids = [c["id"] for c in setup["contacts"]]
+    vip = api.tag_id("vip")
+    account = setup["account"]["id"]
+    picked = api.broadcast(setup["channel"]["id"], {"selection": "manual", "contact_ids": ids[:4]})
+    tagged = api.broadcast(
+        setup["channel"]["id"],
+        {"account_ids": [account], "tag_ids": [vip], "exclude_contact_ids": ids[:1]},
+    )
+    items = {b["id"]: b for b in api.ok("get", "/v1/broadcasts")["items"]}
+    assert items[picked["id"]]["audience"] == {
+        "account_ids": [],
+        "tag_ids": [],
+        "tag_match": "any",
+        "selection": "manual",
+        "failed_in": None,
+        "contact_count": 4,
+        "excluded_count": 0,
+        "description": "4 hand-picked contacts on the channel",
+    }
+    summary = items[tagged["id"]]["audience"]
+    assert "contact_ids" not in summary
+    assert "exclude_contact_ids" not in summary
+    assert (summary["excluded_count"], summary["description"]) == (
+        1,
+        f"everyone on account {account} tagged {vip}, less 1 excluded",
+    )
+    assert api.ok("get", f"/v1/broadcasts/{picked['id']}")["audience"]["contact_ids"] == ids[:4]
+    assert api.ok("get", f"/v1/broadcasts/{tagged['id']}")["audience"]["exclude_contact_ids"] == [
+        ids[0]
+    ]
+
+
 def test_manual_selection_and_exclusions_are_stored(api: Api, setup: dict[str, Any]) -> None:
     ids = [c["id"] for c in setup["contacts"]]
     manual = api.broadcast(setup["channel"]["id"], {"selection": "manual", "contact_ids": ids[:2]})

@@ -51,11 +51,20 @@ class Task:
     contacts: list[int]
 
 
+#: What a copy records as the reason a contact is skipped (NULL: it is sent to), as
+#: ``shared.domain.audience.skip_reason`` has it.
+SKIP_REASON = (
+    "CASE WHEN c.opted_out_at IS NOT NULL THEN 'skipped: contact opted out' "
+    "WHEN c.unreachable_at IS NOT NULL "
+    "THEN 'skipped: contact unreachable: ' || coalesce(c.unreachable_reason, '') END"
+)
+
+
 def audience(account_id: int) -> store.Query:
     """The simplest audience: every contact of one account who has not opted out."""
     return store.Query(
-        "SELECT id, address, unreachable_at IS NOT NULL, unreachable_reason FROM contact "
-        "WHERE account_id = %(acct)s AND opted_out_at IS NULL",
+        f"SELECT c.id, c.address, {SKIP_REASON} FROM contact c "
+        "WHERE c.account_id = %(acct)s AND c.opted_out_at IS NULL",
         {"acct": account_id},
     )
 

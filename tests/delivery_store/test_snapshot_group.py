@@ -11,6 +11,7 @@ import psycopg
 from shared import delivery_store as store
 from tests.conftest import Api
 from tests.delivery_store.conftest import (
+    SKIP_REASON,
     Task,
     assert_counters_match_rows,
     audience,
@@ -25,7 +26,7 @@ from tests.delivery_store.test_races import drive_rest, drive_until
 def recipients(tasks: list[Task]) -> store.Query:
     """Every contact of each task's account who has not opted out, for each task."""
     return store.Query(
-        "SELECT t.b, c.id, c.address, c.unreachable_at IS NOT NULL, c.unreachable_reason "
+        f"SELECT t.b, c.id, c.address, {SKIP_REASON} "
         "FROM unnest(%(bs)s::bigint[], %(accts)s::bigint[]) AS t(b, acct) "
         "JOIN contact c ON c.account_id = t.acct AND c.opted_out_at IS NULL",
         {"bs": [t.id for t in tasks], "accts": [t.account_id for t in tasks]},

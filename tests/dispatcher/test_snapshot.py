@@ -53,15 +53,26 @@ def test_the_copy_takes_the_filtered_audience_as_it_stood_when_sending_started(
         (started, b["id"]),
     )
     source = audience_source(api.workspace_id, channel["id"], spec, started)
-    assert store.run(conn, store.snapshot(b["id"], source, batch_size=10)) == 2
-    copied = dict(
-        conn.execute(
-            "SELECT contact_id, status FROM delivery WHERE broadcast_id = %s", (b["id"],)
+    assert b["audience_size"] == 3
+    assert store.run(conn, store.snapshot(b["id"], source, batch_size=10)) == 3
+    copied = {
+        r[0]: r[1:]
+        for r in conn.execute(
+            "SELECT contact_id, status, last_error FROM delivery WHERE broadcast_id = %s",
+            (b["id"],),
         ).fetchall()
-    )
-    assert copied == {vip["id"]: "queued", blocked["id"]: "skipped"}
+    }
+    # The one who opted out and the unreachable one each get a row, skipped with the reason.
+    assert copied == {
+        vip["id"]: ("queued", None),
+        gone["id"]: ("skipped", "skipped: contact opted out"),
+        blocked["id"]: ("skipped", "skipped: contact unreachable: blocked"),
+    }
     assert plain["id"] not in copied
-    assert gone["id"] not in copied
+    # audience_size becomes what was copied: counts.total.
+    after = api.ok("get", f"/v1/broadcasts/{b['id']}")
+    assert after["audience_size"] == after["counts"]["total"] == 3
+    assert (after["counts"]["skipped"], after["counts"]["queued"]) == (2, 1)
 
 
 @pytest.fixture
@@ -196,17 +207,24 @@ def test_many_audiences_in_one_query_are_each_as_its_own_copy_would_take_it(
     by_task: dict[int, set[int]] = {}
     for broadcast_id, contact_id, *_ in together:
         by_task.setdefault(broadcast_id, set()).add(contact_id)
+    # The one who opted out is matched (to be skipped with the reason) wherever the audience
+    # names it, except in the retries of the failed.
     assert by_task == {
         1000: {ann["id"]},
         1001: {ann["id"], bob["id"]},
         1003: {late_one["id"], cyd["id"]},
         1004: {ann["id"]},
+        1005: {gone["id"]},
         1006: {elsewhere["id"]},
-        1007: {ann["id"], cyd["id"], late_one["id"]},
-        1008: {ann["id"], cyd["id"]},
+        1007: {ann["id"], cyd["id"], gone["id"], late_one["id"]},
+        1008: {ann["id"], cyd["id"], gone["id"]},
         1009: {ann["id"]},
         1010: {ann["id"]},
     }
+    reasons = {(b, c): r for b, c, _, r in together}
+    assert reasons[(1005, gone["id"])] == "skipped: contact opted out"
+    assert reasons[(1008, cyd["id"])] == "skipped: contact unreachable: blocked"
+    assert reasons[(1008, ann["id"])] is None
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> None:

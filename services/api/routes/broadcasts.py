@@ -26,8 +26,12 @@ from services.api.deps import (
     StrictQueryRoute,
 )
 from services.api.pagination import Cursor, Limit, cursor_id, fetch_page, newest_first
+from services.api.routes.contacts import audience_page
 from services.api.schemas import (
+    AudiencePreviewOut,
+    AudienceSummary,
     BroadcastCreate,
+    BroadcastListItem,
     BroadcastOut,
     BroadcastPatch,
     CloneIn,
@@ -41,7 +45,7 @@ from services.api.schemas import (
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
-from shared.domain.audience import AudienceSpec
+from shared.domain.audience import AudienceSpec, describe
 from shared.domain.broadcasts import (
     Changes,
     Content,
@@ -63,7 +67,7 @@ from shared.domain.broadcasts import (
     resume_broadcast,
     retries_of,
 )
-from shared.domain.errors import ValidationFailed
+from shared.domain.errors import StateConflict, ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
 from shared.domain.removal import delete_broadcast
 from shared.domain.types import IsoDatetime
@@ -154,6 +158,25 @@ def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> Bro
         started_at=broadcast.started_at,
         finished_at=broadcast.finished_at,
         recipients_removed_at=broadcast.recipients_removed_at,
+    )
+
+
+def list_item(broadcast: Broadcast, retries: list[int]) -> BroadcastListItem:
+    """A broadcast as a list shows it: its audience summed up, not every id it lists."""
+    out = broadcast_out(broadcast, retries)
+    spec = out.audience
+    return BroadcastListItem(
+        **out.model_dump(exclude={"audience"}),
+        audience=AudienceSummary(
+            account_ids=spec.account_ids,
+            tag_ids=spec.tag_ids,
+            tag_match=spec.tag_match,
+            selection=spec.selection,
+            failed_in=spec.failed_in,
+            contact_count=len(spec.contact_ids),
+            excluded_count=len(spec.exclude_contact_ids),
+            description=describe(spec),
+        ),
     )
 
 
@@ -263,7 +286,7 @@ def list_broadcasts(
     send_before: Annotated[QueryTime, Query(description="Due before.")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page[BroadcastOut]:
+) -> Page[BroadcastListItem]:
     """Broadcasts newest first, filtered by status (several at once), origin, channel, part of
     the name, and ranges of creation and send time (ISO-8601 with offset; ``*_from``
     included, ``*_before`` not). A query parameter the list does not take is refused (422).
@@ -283,7 +306,7 @@ def list_broadcasts(
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
     retries = retries_of(session, workspace, [b.id for b in rows])
-    return Page(items=[broadcast_out(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
+    return Page(items=[list_item(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
 
 
 @router.get("/{broadcast_id}")
@@ -292,6 +315,38 @@ def read_broadcast(
 ) -> BroadcastOut:
     """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial."""
     return broadcast_out(get_broadcast(session, workspace, broadcast_id))
+
+
+@router.get(
+    "/{broadcast_id}/audience",
+    responses={409: {"description": "Its audience was copied when it started."}},
+)
+def broadcast_audience(
+    broadcast_id: PathId,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    limit: Annotated[int, Query(ge=1, le=500, description="Contacts on this page.")] = 50,
+    cursor: Cursor = None,
+) -> AudiencePreviewOut:
+    """Who a broadcast not yet started would reach if it started now: as
+    ``POST /v1/audiences/preview`` answers for its channel and audience. Once it has started
+    its audience is fixed: read its recipients instead.
+    """
+    broadcast = get_broadcast(session, workspace, broadcast_id)
+    if broadcast.snapshot_at is not None:
+        raise StateConflict(
+            f"broadcast {broadcast_id} copied its audience when it started "
+            f"({broadcast.snapshot_at.isoformat()}); its recipients are at "
+            f"/v1/broadcasts/{broadcast_id}/recipients"
+        )
+    return audience_page(
+        session,
+        workspace,
+        broadcast.channel_id,
+        AudienceSpec.model_validate(broadcast.audience),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 @router.post(
@@ -440,14 +495,14 @@ def list_test_sends(
     workspace: CurrentWorkspace,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page[BroadcastOut]:
+) -> Page[BroadcastListItem]:
     """The test sends of a broadcast, newest first; each one's recipients are at
     ``GET /v1/broadcasts/{test id}/recipients``.
     """
     get_broadcast(session, workspace, broadcast_id)
     query = broadcasts_query(workspace, ListFilter(test_of=broadcast_id))
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
-    return Page(items=[broadcast_out(b, []) for b in rows], next_cursor=next_cursor)
+    return Page(items=[list_item(b, []) for b in rows], next_cursor=next_cursor)
 
 
 def _replayed(

@@ -26,11 +26,12 @@ from services.api.schemas import (
     ErasureOut,
     ImportOut,
     Page,
+    ReasonCount,
 )
 from shared.db.engine import raw_connection
 from shared.db.models import Contact
-from shared.domain.audience import audience_query, check_audience, count_audience
-from shared.domain.broadcasts import get_channel
+from shared.domain.audience import AudienceSpec, audience_query, breakdown, check_audience
+from shared.domain.broadcasts import decode_cursor, encode_cursor, get_channel
 from shared.domain.contacts import (
     CSV_COLUMNS,
     ContactIn,
@@ -190,25 +191,46 @@ async def import_contacts_route(
 def preview_audience(
     body: AudiencePreviewIn, session: SessionDep, workspace: CurrentWorkspace
 ) -> AudiencePreviewOut:
-    """How many contacts a filter reaches on a channel, and the first of them."""
+    """Who an audience reaches on a channel right now: the exact count, how many it matches
+    who opted out or are unreachable (and why), and a page of the people it would be sent to.
+    Takes the whole audience of a broadcast (filter, selection, contact_ids,
+    exclude_contact_ids, failed_in); an audience that reaches nobody answers count 0.
+    """
     get_channel(session, workspace, body.channel_id)
+    spec = AudienceSpec.model_validate(body.model_dump(include=set(AudienceSpec.model_fields)))
     try:
-        count = check_audience(session, workspace, body.channel_id, body)
+        check_audience(session, workspace, body.channel_id, spec)
     except ValidationFailed as exc:
         if any(e.type != "empty_audience" for e in exc.errors):
             raise
-        count = 0
-    contacts = (
-        session.execute(
-            audience_query(workspace, body.channel_id, body)
-            .with_only_columns(Contact)
-            .order_by(Contact.id)
-            .limit(body.limit)
-        )
-        .scalars()
-        .all()
+    return audience_page(
+        session, workspace, body.channel_id, spec, limit=body.limit, cursor=body.cursor
     )
-    unreachable = count_audience(session, workspace, body.channel_id, body, reachable=False)
+
+
+def audience_page(
+    session: Session,
+    workspace: int,
+    channel_id: int,
+    spec: AudienceSpec,
+    *,
+    limit: int,
+    cursor: str | None,
+) -> AudiencePreviewOut:
+    """The preview of ``spec`` on a channel: its breakdown and a page of who gets it."""
+    found = breakdown(session, workspace, channel_id, spec)
+    query = audience_query(workspace, channel_id, spec).with_only_columns(Contact)
+    if cursor is not None:
+        query = query.where(Contact.id > decode_cursor(cursor))
+    contacts = session.execute(query.order_by(Contact.id).limit(limit + 1)).scalars().all()
+    more = len(contacts) > limit
+    contacts = contacts[:limit]
     return AudiencePreviewOut(
-        count=count, unreachable=unreachable, contacts=contacts_out(session, contacts)
+        count=found.sendable,
+        opted_out=found.opted_out,
+        unreachable=found.unreachable,
+        total=found.everyone,
+        unreachable_reasons=[ReasonCount(reason=r, contacts=n) for r, n in found.reasons],
+        contacts=contacts_out(session, contacts),
+        next_cursor=encode_cursor(contacts[-1].id) if more else None,
     )

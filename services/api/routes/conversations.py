@@ -7,8 +7,9 @@ from sqlalchemy import select
 
 from services.api.deps import CurrentWorkspace, PathId, SessionDep, StrictQueryRoute
 from services.api.pagination import Cursor, Limit, newest_first
-from services.api.routes.broadcasts import IdempotencyKey, answer_created, broadcast_out
+from services.api.routes.broadcasts import IdempotencyKey, answer_created, list_item
 from services.api.schemas import (
+    BroadcastListItem,
     BroadcastOut,
     ConversationCreate,
     ConversationOut,
@@ -130,11 +131,11 @@ def list_timed_sends(
     workspace: CurrentWorkspace,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page[BroadcastOut]:
+) -> Page[BroadcastListItem]:
     read_conversation(conversation_id, session, workspace)
     query = broadcasts_query(workspace, ListFilter(origin=Origin.CONVERSATION)).where(
         Broadcast.conversation_id == conversation_id
     )
     rows, next_cursor = newest_first(session, query, Broadcast.id, limit, cursor)
     retries = retries_of(session, workspace, [b.id for b in rows])
-    return Page(items=[broadcast_out(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
+    return Page(items=[list_item(b, retries[b.id]) for b in rows], next_cursor=next_cursor)
