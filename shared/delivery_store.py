@@ -28,7 +28,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, time
 from itertools import groupby
 from typing import Any, Generic, TypeVar
 
@@ -928,12 +928,40 @@ _REACHABLE = """
 """
 
 
-def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A sending window: the hours of each recipient's local day it may be sent in, and the
+    zone of recipients whose contact has none.
+    """
+
+    start: time
+    end: time
+    zone: str
+
+
+#: The recipient's window is open now (``bcast_window_open``, migration 0016): its contact's
+#: zone, else the window's.
+_WINDOW_OPEN = """
+    bcast_window_open(
+        coalesce((SELECT c.time_zone FROM contact c WHERE c.id = d.contact_id), %(wz)s),
+        %(ws)s::time, %(we)s::time, now())
+"""
+
+
+def _window_params(window: Window | None) -> dict[str, Any]:
+    if window is None:
+        return {}
+    return {"ws": window.start, "we": window.end, "wz": window.zone}
+
+
+def claim(batch: Batch, limit: int, window: Window | None = None) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
     still being sent and the run still holds its batch. Rows of contacts who opted out or
-    became unreachable since the snapshot are left for ``skip_gone``. Rows another run holds
-    are passed over, never waited for.
+    became unreachable since the snapshot are left for ``skip_gone``; with a sending
+    ``window``, rows whose recipient's window is closed now are left for ``defer_to_window``.
+    Rows another run holds are passed over, never waited for.
     """
+    in_window = f"AND {_WINDOW_OPEN}" if window is not None else ""
     return One(
         Query(
             f"""
@@ -952,6 +980,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
                   AND d.status = 'queued'
                   AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
                   AND {_REACHABLE}
+                  {in_window}
                 ORDER BY d.id
                 LIMIT %(n)s
                 FOR UPDATE OF d SKIP LOCKED
@@ -974,6 +1003,7 @@ def claim(batch: Batch, limit: int) -> One[list[Claimed]]:
                 "hi": batch.last_id,
                 "n": limit,
                 "t": batch.token,
+                **_window_params(window),
             },
         ),
         lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
@@ -1020,6 +1050,41 @@ def skip_gone(batch: Batch) -> Op[int]:
             "opted_out": OPTED_OUT_REASON,
             "unreachable": UNREACHABLE_REASON,
         },
+    )
+    return result.rowcount
+
+
+def defer_to_window(batch: Batch, window: Window) -> Op[int]:
+    """Queued, due rows of the batch whose recipient's window is closed now wait until it
+    next opens (``next_attempt_at``; no attempt is used). Returns how many.
+    """
+    params = {
+        "b": batch.broadcast_id,
+        "p": batch.part_day,
+        "lo": batch.first_id,
+        "hi": batch.last_id,
+        **_window_params(window),
+    }
+    closed = f"""
+        d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s AND d.part_day = %(p)s
+        AND d.status = 'queued' AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
+        AND NOT {_WINDOW_OPEN}
+    """
+    # The common case (the window is open) is one cheap read and no lock.
+    found = yield Query(f"SELECT 1 FROM delivery d WHERE {closed} LIMIT 1", params)
+    if not found.rows:
+        return 0
+    yield from _lock_task(batch.broadcast_id)
+    result = yield Query(
+        f"""
+        UPDATE delivery d
+        SET next_attempt_at = bcast_window_next(
+                coalesce((SELECT c.time_zone FROM contact c WHERE c.id = d.contact_id), %(wz)s),
+                %(ws)s::time, %(we)s::time, now()),
+            updated_at = now()
+        WHERE {closed}
+        """,
+        params,
     )
     return result.rowcount
 

@@ -17,9 +17,10 @@ from pydantic.json_schema import SkipJsonSchema
 
 from shared.domain.audience import AudienceSpec
 from shared.domain.broadcasts import Content
-from shared.domain.contacts import TagName
+from shared.domain.contacts import FieldChanges, TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
 from shared.domain.types import Id, IsoDatetime, check_one_line, one_line_schema
+from shared.domain.zones import SendAt, SendingWindow, Zone
 
 Name = Annotated[
     str,
@@ -126,6 +127,8 @@ class ContactOut(BaseModel):
     opted_out: bool
     unreachable: bool
     unreachable_reason: str | None
+    time_zone: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
 
 
@@ -146,6 +149,11 @@ class ContactPatch(_In):
     unreachable: Literal[False] | None = Field(
         default=None,
         description="false clears an unreachable mark (e.g. the user unblocked the bot).",
+    )
+    time_zone: Zone | None = Field(default=None, description="IANA zone; null clears it.")
+    fields: FieldChanges | None = Field(
+        default=None,
+        description="Custom fields to set; a key given null is removed, keys not given stay.",
     )
 
 
@@ -203,6 +211,17 @@ class AudiencePreviewOut(BaseModel):
 
 # --- broadcasts -----------------------------------------------------------------------------
 
+SEND_AT = (
+    "null sends immediately; otherwise at least 5 minutes ahead, as an ISO-8601 time with "
+    'offset (2026-12-01T09:00:00+01:00) or as {"local": "2026-12-01T09:00", "zone": '
+    '"Europe/Berlin"} (a time the clocks skip is refused; one they repeat needs "fold": 0 or 1).'
+)
+WINDOW = (
+    "Hours of each recipient's local day it may be sent in, e.g. "
+    '{"start": "09:00", "end": "20:00"}: the contact\'s time_zone, else the window\'s zone '
+    "(default: send_at's zone, or UTC). Recipients outside it wait until it opens."
+)
+
 
 def _one_channel(value: Any) -> Any:
     if isinstance(value, list):
@@ -218,11 +237,8 @@ class BroadcastCreate(_In):
     channel_id: Id
     audience: AudienceSpec
     content: Content
-    send_at: IsoDatetime | None = Field(
-        default=None,
-        description="null sends immediately; otherwise an ISO-8601 time with offset, "
-        "at least 5 minutes ahead.",
-    )
+    send_at: SendAt | None = Field(default=None, description=SEND_AT)
+    sending_window: SendingWindow | None = Field(default=None, description=WINDOW)
     channel_ids: SkipJsonSchema[list[int] | None] = Field(default=None, exclude=True)
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
@@ -247,11 +263,7 @@ class RetryFailedIn(_In):
     name: Name | None = Field(
         default=None, description='Default: the original\'s name and " (retry of failed)".'
     )
-    send_at: IsoDatetime | None = Field(
-        default=None,
-        description="null sends immediately; otherwise an ISO-8601 time with offset, "
-        "at least 5 minutes ahead.",
-    )
+    send_at: SendAt | None = Field(default=None, description=SEND_AT)
 
 
 class CloneIn(_In):
@@ -261,10 +273,9 @@ class CloneIn(_In):
     channel_id: Id | None = None
     audience: AudienceSpec | None = None
     content: Content | None = None
-    send_at: IsoDatetime | None = Field(
-        default=None,
-        description="null (the default) sends immediately once created; otherwise an ISO-8601 "
-        "time with offset, at least 5 minutes ahead.",
+    send_at: SendAt | None = Field(default=None, description=SEND_AT)
+    sending_window: SendingWindow | None = Field(
+        default=None, description="Default: the original's; null in the body removes it."
     )
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
@@ -284,8 +295,13 @@ class BroadcastPatch(_In):
     channel_id: Id | None = None
     audience: AudienceSpec | None = None
     content: Content | None = None
-    send_at: IsoDatetime | None = Field(
-        default=None, description="null means immediately (once the broadcast is pending)."
+    send_at: SendAt | None = Field(
+        default=None,
+        description="null means immediately (once the broadcast is pending). "
+        + SEND_AT.split(";", 1)[1].strip(),
+    )
+    sending_window: SendingWindow | None = Field(
+        default=None, description=WINDOW + " null removes it."
     )
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
@@ -304,6 +320,20 @@ class Counts(BaseModel):
     )
 
 
+class WindowOut(BaseModel):
+    start: str = Field(description="HH:MM")
+    end: str = Field(description="HH:MM")
+    zone: str = Field(description="For recipients whose contact has no time_zone.")
+    waiting: int | None = Field(
+        default=None,
+        description="Recipients waiting now for their window to open (null in lists, and "
+        "before the broadcast starts).",
+    )
+    until: datetime | None = Field(
+        default=None, description="When the first of those waiting may go."
+    )
+
+
 class BroadcastOut(BaseModel):
     id: int
     name: str
@@ -312,7 +342,13 @@ class BroadcastOut(BaseModel):
     conversation_id: int | None
     audience: AudienceSpec
     content: Content
-    send_at: datetime
+    send_at: datetime = Field(description="The moment it is due, in UTC.")
+    send_at_local: str | None = Field(
+        default=None,
+        description="The wall-clock time send_at was given as (null: given as a moment).",
+    )
+    send_at_zone: str | None = Field(default=None, description="Its IANA zone.")
+    sending_window: WindowOut | None = None
     status: BroadcastStatus
     status_reason: str | None
     audience_size: int = Field(description="Contacts the audience matched when last written.")
@@ -410,9 +446,7 @@ class TimedSendCreate(_In):
         default=None, description='Default: "Timed send to" and the contact\'s name.'
     )
     content: Content
-    send_at: IsoDatetime | None = Field(
-        default=None, description="null sends immediately; otherwise at least 5 minutes ahead."
-    )
+    send_at: SendAt | None = Field(default=None, description=SEND_AT)
 
 
 class MediaOut(BaseModel):

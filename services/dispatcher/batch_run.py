@@ -289,10 +289,10 @@ class BatchRun:
             if (stop := self._stop_reason(lease)) is not None:
                 return stop
             async with self.rt.pool.connection() as conn:
-                claimed = await store.arun(conn, store.claim(self.batch, claim_limit))
+                claimed = await store.arun(conn, store.claim(self.batch, claim_limit, job.window))
             rows = deque(claimed)
             if not rows:
-                ending = await self._nothing_due(recorder)
+                ending = await self._nothing_due(recorder, job)
                 if ending is not None:
                     return ending
                 continue
@@ -510,15 +510,18 @@ class BatchRun:
                 extra={**ids, "event": "paused", "reason": reason},
             )
 
-    async def _nothing_due(self, recorder: Recorder) -> Ending | None:
+    async def _nothing_due(self, recorder: Recorder, job: Job) -> Ending | None:
         """No row to claim now: once this run's own sends are written, is the batch done, due
-        again soon (wait here, return None), or due later (give it back)?
+        again soon (wait here, return None), or due later (give it back)? Recipients outside
+        the sending window wait until it opens.
         """
         if self.sends:
             await asyncio.wait(set(self.sends))
         await recorder.flush()
         async with self.rt.pool.connection() as conn:
             await store.arun(conn, store.skip_gone(self.batch))
+            if job.window is not None:
+                await store.arun(conn, store.defer_to_window(self.batch, job.window))
             left = await store.arun(
                 conn,
                 store.progress(

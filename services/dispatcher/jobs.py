@@ -10,6 +10,7 @@ from psycopg.rows import dict_row
 
 from services.dispatcher.channels import make_adapter
 from services.dispatcher.channels.base import ChannelAdapter, MediaRef, OutboundMessage
+from shared import delivery_store as store
 from shared.domain.channels import open_config
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind
 from shared.domain.media import signed_media_url
@@ -52,6 +53,8 @@ class Job:
     rate: float
     message: OutboundMessage
     adapter: ChannelAdapter
+    #: The broadcast's sending window, if it has one.
+    window: store.Window | None = None
 
 
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
@@ -65,7 +68,8 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         await cur.execute(
             """
             SELECT b.id, b.workspace_id, b.status, b.content, b.name, c.id AS channel_id, c.kind,
-                   c.config, c.rate_limit_per_second, w.signing_key
+                   c.config, c.rate_limit_per_second, w.signing_key,
+                   b.window_start, b.window_end, b.window_zone
             FROM broadcast b
             JOIN channel c ON c.id = b.channel_id
             JOIN workspace w ON w.id = b.workspace_id
@@ -118,4 +122,7 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         rate=float(row["rate_limit_per_second"]),
         message=message,
         adapter=adapter,
+        window=store.Window(row["window_start"], row["window_end"], row["window_zone"])
+        if row["window_start"] is not None
+        else None,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
+from datetime import time as dt_time
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Text,
+    Time,
     UniqueConstraint,
     Uuid,
     func,
@@ -168,6 +170,10 @@ class Contact(Base):
     opted_out_at: Mapped[datetime | None]
     unreachable_at: Mapped[datetime | None]
     unreachable_reason: Mapped[str | None] = mapped_column(Text)
+    #: IANA zone, for sending windows in the recipient's local time.
+    time_zone: Mapped[str | None] = mapped_column(Text)
+    #: Custom fields (``{"city": "Berlin"}``), for personalised text: ``{{city}}``.
+    fields: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
 
@@ -236,6 +242,11 @@ class Broadcast(Base):
     __table_args__ = (
         CheckConstraint(_in("status", BROADCAST_STATUSES), name="status"),
         CheckConstraint(_in("origin", BROADCAST_ORIGINS), name="origin"),
+        CheckConstraint(
+            "(window_start IS NULL) = (window_end IS NULL) "
+            "AND (window_start IS NULL) = (window_zone IS NULL)",
+            name="window",
+        ),
         Index("ix_broadcast_workspace_id_id", "workspace_id", text("id DESC")),
         Index("ix_broadcast_workspace_id_status_id", "workspace_id", "status", text("id DESC")),
         Index("ix_broadcast_workspace_id_origin_id", "workspace_id", "origin", text("id DESC")),
@@ -287,6 +298,14 @@ class Broadcast(Base):
     audience: Mapped[dict[str, Any]]
     content: Mapped[dict[str, Any]]
     send_at: Mapped[datetime]
+    #: The wall-clock time and IANA zone ``send_at`` was given as (None: given as a moment).
+    send_at_local: Mapped[str | None] = mapped_column(Text)
+    send_at_zone: Mapped[str | None] = mapped_column(Text)
+    #: A sending window in each recipient's local time (the contact's zone, else
+    #: ``window_zone``): recipients outside it wait until it opens. All three or none.
+    window_start: Mapped[dt_time | None] = mapped_column(Time)
+    window_end: Mapped[dt_time | None] = mapped_column(Time)
+    window_zone: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text, server_default="pending")
     #: Why the task is in its status when that is not the operator's own doing.
     status_reason: Mapped[str | None] = mapped_column(Text)

@@ -28,10 +28,12 @@ from shared.db.models import (
     DispatchOutbox,
 )
 from shared.db.sql import contains
+from shared.domain import zones
 from shared.domain.audience import AudienceSpec, check_audience
 from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
+    FINAL_BROADCAST_STATUSES,
     OVERDUE_REASON_PREFIX,
     REASONED_DELIVERY_STATUSES,
     BroadcastStatus,
@@ -42,6 +44,7 @@ from shared.domain.lifecycle import (
 )
 from shared.domain.media import MAX_IMAGES, check_media_ids
 from shared.domain.types import MAX_ID, Id, Text
+from shared.domain.zones import LocalTime, SendingWindow
 
 #: A scheduled send must lie at least this far ahead when it is written.
 MIN_LEAD = timedelta(minutes=5)
@@ -122,10 +125,11 @@ class NewBroadcast:
     channel_id: int
     audience: AudienceSpec
     content: Content
-    send_at: datetime | None
+    send_at: datetime | LocalTime | None
     origin: Origin = Origin.BROADCAST
     conversation_id: int | None = None
     test_of_id: int | None = None
+    window: SendingWindow | None = None
 
 
 def create_broadcast(
@@ -146,7 +150,8 @@ def create_broadcast(
         if earlier is not None:
             return earlier, False
     now = utcnow()
-    send_at = resolve_send_at(new.send_at, now)
+    given = zones.resolve(new.send_at)
+    send_at = resolve_send_at(given.at if given else None, now)
     channel = get_channel(session, workspace_id, new.channel_id)
     size = check_audience(session, workspace_id, new.channel_id, new.audience)
     check_media_ids(
@@ -168,6 +173,9 @@ def create_broadcast(
         audience=new.audience.model_dump(mode="json"),
         content=new.content.model_dump(mode="json"),
         send_at=send_at,
+        send_at_local=given.local if given else None,
+        send_at_zone=given.zone if given else None,
+        **_window_columns(new.window, given.zone if given else None),
         status=BroadcastStatus.PENDING.value,
         audience_size=size,
         idempotency_key=idempotency_key,
@@ -188,6 +196,28 @@ def create_broadcast(
             raise
         return earlier, False
     return broadcast, True
+
+
+def _window_columns(window: SendingWindow | None, send_zone: str | None) -> dict[str, Any]:
+    """The broadcast's window columns: all None, or its hours and the zone for recipients
+    without one of their own (the window's, else the send time's, else UTC).
+    """
+    if window is None:
+        return {"window_start": None, "window_end": None, "window_zone": None}
+    return {
+        "window_start": window.start,
+        "window_end": window.end,
+        "window_zone": window.zone or send_zone or "UTC",
+    }
+
+
+def sending_window(broadcast: Broadcast) -> SendingWindow | None:
+    """The broadcast's window as it was given (its zone filled in), or None."""
+    if broadcast.window_start is None or broadcast.window_end is None:
+        return None
+    return SendingWindow(
+        start=broadcast.window_start, end=broadcast.window_end, zone=broadcast.window_zone
+    )
 
 
 def by_idempotency_key(
@@ -310,7 +340,7 @@ def create_retry(
     broadcast_id: int,
     *,
     name: str | None,
-    send_at: datetime | None,
+    send_at: datetime | LocalTime | None,
     idempotency_key: str | None = None,
     body_hash: str | None = None,
 ) -> tuple[Broadcast, bool]:
@@ -372,6 +402,7 @@ def _retry_of_failed(
         audience=AudienceSpec(failed_in=source.id),
         content=Content.model_validate(source.content),
         send_at=None,
+        window=sending_window(source),
     )
 
 
@@ -412,7 +443,8 @@ class Changes:
     channel_id: int | None = None
     audience: AudienceSpec | None = None
     content: Content | None = None
-    send_at: datetime | None = None
+    send_at: datetime | LocalTime | None = None
+    window: SendingWindow | None = None
 
 
 def modify_broadcast(
@@ -442,7 +474,13 @@ def modify_broadcast(
         )
     now = utcnow()
     if "send_at" in changes.fields:
-        broadcast.send_at = resolve_send_at(changes.send_at, now)
+        given = zones.resolve(changes.send_at)
+        broadcast.send_at = resolve_send_at(given.at if given else None, now)
+        broadcast.send_at_local = given.local if given else None
+        broadcast.send_at_zone = given.zone if given else None
+    if "window" in changes.fields:
+        for key, value in _window_columns(changes.window, broadcast.send_at_zone).items():
+            setattr(broadcast, key, value)
     if changes.name is not None:
         broadcast.name = changes.name
     channel_id = changes.channel_id if changes.channel_id is not None else broadcast.channel_id
@@ -585,7 +623,7 @@ def conversation_broadcast(
     workspace_id: int,
     conversation_id: int,
     content: Content,
-    send_at: datetime | None,
+    send_at: datetime | LocalTime | None,
     *,
     name: str | None = None,
 ) -> NewBroadcast:
@@ -695,3 +733,32 @@ def new_test_send(
         # A test of a test tries out the same broadcast.
         test_of_id=source.test_of_id or source.id,
     )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Recipients of a broadcast being sent that wait for their next attempt: outside the
+    sending window (or, for a moment, held back by the channel's rate), and when the first of
+    them may go.
+    """
+
+    recipients: int
+    until: datetime | None
+
+
+def waiting(session: Session, broadcast: Broadcast) -> Waiting | None:
+    """For a broadcast with a sending window whose audience was copied; None otherwise."""
+    if broadcast.window_start is None or broadcast.part_day is None:
+        return None
+    if broadcast.status in FINAL_BROADCAST_STATUSES:
+        return Waiting(0, None)
+    row = session.execute(
+        select(func.count(), func.min(Delivery.next_attempt_at)).where(
+            Delivery.broadcast_id == broadcast.id,
+            Delivery.part_day == broadcast.part_day,
+            Delivery.status == DeliveryStatus.QUEUED.value,
+            Delivery.last_error.is_(None),
+            Delivery.next_attempt_at > func.now(),
+        )
+    ).one()
+    return Waiting(int(row[0]), row[1])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from psycopg.types.json import Jsonb
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -36,6 +38,7 @@ from shared.domain.types import (
     tag_key,
     tag_name,
 )
+from shared.domain.zones import Zone
 
 TagName = Annotated[
     str,
@@ -45,8 +48,51 @@ TagName = Annotated[
 ]
 #: How many row errors one failed import lists before it summarises the rest.
 MAX_IMPORT_ERRORS = 100
-#: Columns a CSV import understands; ``tags`` holds names separated by ``;``.
-CSV_COLUMNS = ("account_id", "address", "name", "tags", "opted_out")
+#: Columns a CSV import understands; ``tags`` holds names separated by ``;``. Custom fields
+#: are columns named ``field.<key>`` (``field.city``).
+CSV_COLUMNS = ("account_id", "address", "name", "tags", "opted_out", "time_zone")
+#: How a CSV column names a custom field.
+FIELD_COLUMN = "field."
+#: Names a custom field may not take: text fills them in from the contact itself.
+BUILTIN_FIELDS = frozenset({"name", "address"})
+_FIELD_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
+#: Most custom fields one contact holds.
+MAX_FIELDS = 50
+
+
+def _field_keys(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not _FIELD_KEY.fullmatch(key):
+            raise ValueError(
+                f"key {key[:60]!r} must be 1 to 40 lower-case letters, digits or _, starting "
+                "with a letter (e.g. city, plan_2026)"
+            )
+        if key in BUILTIN_FIELDS:
+            raise ValueError(f"key {key!r} is taken by the contact's own {key}")
+    return value
+
+
+#: A contact's custom fields: ``{"city": "Berlin"}``.
+Fields = Annotated[
+    dict[str, Annotated[OneLine, Field(max_length=500)]],
+    Field(max_length=MAX_FIELDS),
+    AfterValidator(_field_keys),
+]
+
+
+#: Changes to a contact's custom fields: a value sets a key, null removes it.
+FieldChanges = Annotated[
+    dict[str, Annotated[OneLine, Field(max_length=500)] | None],
+    Field(max_length=MAX_FIELDS),
+    AfterValidator(_field_keys),
+]
+
+
+class Unset:
+    """Not given (where None means something: clear it)."""
+
+
+UNSET = Unset()
 
 
 class ContactIn(BaseModel):
@@ -59,6 +105,14 @@ class ContactIn(BaseModel):
     name: OneLine = Field(default="", max_length=200)
     tags: list[TagName] = Field(default_factory=list, max_length=50)
     opted_out: bool = False
+    time_zone: Zone | None = Field(
+        default=None, description="IANA zone, for sending windows in local time."
+    )
+    fields: Fields = Field(
+        default_factory=dict,
+        description="Custom fields for personalised text ({{city}}); keys are lower-case "
+        "letters, digits and _.",
+    )
 
 
 _ROWS = TypeAdapter(list[ContactIn])
@@ -159,6 +213,8 @@ def create_contact(session: Session, workspace_id: int, data: ContactIn) -> Cont
         address=address,
         name=data.name,
         opted_out_at=func.now() if data.opted_out else None,
+        time_zone=data.time_zone,
+        fields=data.fields,
     )
     session.add(contact)
     session.flush()
@@ -204,12 +260,24 @@ def update_contact(
     tags: Sequence[str] | None = None,
     opted_out: bool | None = None,
     clear_unreachable: bool = False,
+    time_zone: str | Unset | None = UNSET,
+    fields: dict[str, str | None] | None = None,
 ) -> Contact:
-    """Change a contact's name, tags or opt-out, or clear its unreachable mark; fields left
-    None stay as they are.
+    """Change a contact's name, tags, opt-out, zone (None clears it) or custom fields (each
+    key given is set, or removed when None), or clear its unreachable mark; what is not given
+    stays as it is.
     """
     contact = get_contact(session, workspace_id, contact_id)
     values: dict[str, Any] = {}
+    if not isinstance(time_zone, Unset):
+        values["time_zone"] = time_zone
+    if fields:
+        merged = {k: v for k, v in {**contact.fields, **fields}.items() if v is not None}
+        if len(merged) > MAX_FIELDS:
+            raise ValidationFailed.one(
+                "fields", f"would hold {len(merged)} fields; a contact holds at most {MAX_FIELDS}"
+            )
+        values["fields"] = merged
     if clear_unreachable:
         values.update(unreachable_at=None, unreachable_reason=None)
     if name is not None:
@@ -393,15 +461,15 @@ def _csv_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
 
 def _read_csv(reader: csv.DictReader[str], max_rows: int) -> list[dict[str, Any]]:
     header = reader.fieldnames or []
-    unknown = [c for c in header if c not in CSV_COLUMNS]
+    unknown = [c for c in header if c not in CSV_COLUMNS and not c.startswith(FIELD_COLUMN)]
     missing = [c for c in ("account_id", "address") if c not in header]
     if unknown or missing:
         problems = [f"unknown: {', '.join(unknown)}"] if unknown else []
         problems += [f"missing: {', '.join(missing)}"] if missing else []
         raise ValidationFailed.one(
             "body",
-            f"CSV header must name columns from {', '.join(CSV_COLUMNS)} (account_id and "
-            f"address required); {'; '.join(problems)}",
+            f"CSV header must name columns from {', '.join(CSV_COLUMNS)} or field.<key> for "
+            f"a custom field (account_id and address required); {'; '.join(problems)}",
             "csv_header",
         )
     rows: list[dict[str, Any]] = []
@@ -423,6 +491,14 @@ def _read_csv(reader: csv.DictReader[str], max_rows: int) -> list[dict[str, Any]
             row["tags"] = [t for t in row["tags"].split(";") if t.strip()]
         if row.get("opted_out") == "":
             del row["opted_out"]
+        if row.get("time_zone") == "":
+            del row["time_zone"]
+        custom = {
+            k.removeprefix(FIELD_COLUMN): row.pop(k)
+            for k in [k for k in row if k.startswith(FIELD_COLUMN)]
+        }
+        if any(custom.values()):
+            row["fields"] = {k: v for k, v in custom.items() if v}
         account_id = row.get("account_id")
         if (
             isinstance(account_id, str)
@@ -482,7 +558,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
     session.execute(
         text(
             "CREATE TEMP TABLE contact_import (account_id bigint, address text, name text,"
-            " opted_out boolean, tag_ids bigint[]) ON COMMIT DROP"
+            " opted_out boolean, tag_ids bigint[], time_zone text, fields jsonb) ON COMMIT DROP"
         )
     )
     driver = session.connection().connection.driver_connection
@@ -490,7 +566,8 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
     with (
         driver.cursor() as cursor,
         cursor.copy(
-            "COPY contact_import (account_id, address, name, opted_out, tag_ids) FROM STDIN"
+            "COPY contact_import (account_id, address, name, opted_out, tag_ids, time_zone,"
+            " fields) FROM STDIN"
         ) as copy,
     ):
         for row, address in zip(rows, normalized, strict=True):
@@ -501,6 +578,8 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
                     row.name,
                     row.opted_out,
                     [tag_ids[tag_key(t)] for t in row.tags],
+                    row.time_zone,
+                    Jsonb(row.fields),
                 )
             )
     session.execute(text("ANALYZE contact_import"))
@@ -508,13 +587,16 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
         text(
             """
             WITH upserted AS (
-                INSERT INTO contact (workspace_id, account_id, address, name, opted_out_at)
+                INSERT INTO contact (workspace_id, account_id, address, name, opted_out_at,
+                                     time_zone, fields)
                 SELECT :workspace_id, account_id, address, name,
-                       CASE WHEN opted_out THEN now() END
+                       CASE WHEN opted_out THEN now() END, time_zone, fields
                 FROM contact_import
                 ON CONFLICT (account_id, address) DO UPDATE
                 SET name = CASE WHEN EXCLUDED.name <> '' THEN EXCLUDED.name ELSE contact.name END,
                     opted_out_at = COALESCE(contact.opted_out_at, EXCLUDED.opted_out_at),
+                    time_zone = COALESCE(EXCLUDED.time_zone, contact.time_zone),
+                    fields = contact.fields || EXCLUDED.fields,
                     updated_at = now()
                 RETURNING id, account_id, address, (xmax = 0) AS inserted
             ), tagged AS (

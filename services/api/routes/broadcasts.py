@@ -42,6 +42,7 @@ from services.api.schemas import (
     ResumeIn,
     RetryFailedIn,
     TestSendIn,
+    WindowOut,
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
@@ -66,6 +67,8 @@ from shared.domain.broadcasts import (
     request_hash,
     resume_broadcast,
     retries_of,
+    sending_window,
+    waiting,
 )
 from shared.domain.errors import StateConflict, ValidationFailed
 from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
@@ -149,6 +152,9 @@ def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> Bro
         audience=AudienceSpec.model_validate(broadcast.audience),
         content=Content.model_validate(broadcast.content),
         send_at=broadcast.send_at,
+        send_at_local=broadcast.send_at_local,
+        send_at_zone=broadcast.send_at_zone,
+        sending_window=_window_out(broadcast),
         status=BroadcastStatus(broadcast.status),
         status_reason=broadcast.status_reason,
         audience_size=broadcast.audience_size,
@@ -159,6 +165,22 @@ def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> Bro
         finished_at=broadcast.finished_at,
         recipients_removed_at=broadcast.recipients_removed_at,
     )
+
+
+def _window_out(broadcast: Broadcast, *, waiting_now: bool = False) -> WindowOut | None:
+    if broadcast.window_start is None or broadcast.window_end is None:
+        return None
+    out = WindowOut(
+        start=broadcast.window_start.strftime("%H:%M"),
+        end=broadcast.window_end.strftime("%H:%M"),
+        zone=broadcast.window_zone or "UTC",
+    )
+    session = object_session(broadcast)
+    if waiting_now and session is not None:
+        found = waiting(session, broadcast)
+        if found is not None:
+            out.waiting, out.until = found.recipients, found.until
+    return out
 
 
 def list_item(broadcast: Broadcast, retries: list[int]) -> BroadcastListItem:
@@ -236,6 +258,7 @@ def post_broadcast(
             audience=body.audience,
             content=body.content,
             send_at=body.send_at,
+            window=body.sending_window,
         ),
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")) if idempotency_key else None,
@@ -313,8 +336,13 @@ def list_broadcasts(
 def read_broadcast(
     broadcast_id: PathId, session: SessionDep, workspace: CurrentWorkspace
 ) -> BroadcastOut:
-    """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial."""
-    return broadcast_out(get_broadcast(session, workspace, broadcast_id))
+    """A broadcast with its counts: total, queued, sent, failed, canceled, skipped, partial;
+    with a sending window, how many recipients wait for it and until when.
+    """
+    broadcast = get_broadcast(session, workspace, broadcast_id)
+    out = broadcast_out(broadcast)
+    out.sending_window = _window_out(broadcast, waiting_now=True)
+    return out
 
 
 @router.get(
@@ -432,6 +460,9 @@ def clone(
             audience=given.audience or AudienceSpec.model_validate(source.audience),
             content=given.content or Content.model_validate(source.content),
             send_at=given.send_at,
+            window=given.sending_window
+            if "sending_window" in given.model_fields_set
+            else sending_window(source),
         ),
         idempotency_key=idempotency_key,
         body_hash=body_hash,
@@ -536,11 +567,15 @@ def patch_broadcast(
     given = frozenset(body.model_fields_set)
     if not given:
         raise ValidationFailed.one(
-            "body", "changes nothing: give name, channel_id, audience, content or send_at", "empty"
+            "body",
+            "changes nothing: give name, channel_id, audience, content, send_at or sending_window",
+            "empty",
         )
     for field in ("name", "channel_id", "audience", "content"):
         if field in given and getattr(body, field) is None:
             raise ValidationFailed.one(field, "may not be null", "null")
+    if "sending_window" in given:
+        given = (given - {"sending_window"}) | {"window"}
     broadcast = modify_broadcast(
         session,
         workspace,
@@ -552,6 +587,7 @@ def patch_broadcast(
             audience=body.audience,
             content=body.content,
             send_at=body.send_at,
+            window=body.sending_window,
         ),
     )
     session.commit()

@@ -34,6 +34,7 @@ from shared.domain.audience import AudienceSpec, audience_query, breakdown, chec
 from shared.domain.broadcasts import decode_cursor, encode_cursor, get_channel
 from shared.domain.contacts import (
     CSV_COLUMNS,
+    UNSET,
     ContactIn,
     contacts_query,
     create_contact,
@@ -63,6 +64,8 @@ def contacts_out(session: Session, contacts: Sequence[Contact]) -> list[ContactO
             opted_out=c.opted_out_at is not None,
             unreachable=c.unreachable_at is not None,
             unreachable_reason=c.unreachable_reason,
+            time_zone=c.time_zone,
+            fields=c.fields or {},
             created_at=c.created_at,
         )
         for c in contacts
@@ -112,6 +115,8 @@ def patch_contact(
         tags=body.tags,
         opted_out=body.opted_out,
         clear_unreachable=body.unreachable is False,
+        time_zone=body.time_zone if "time_zone" in body.model_fields_set else UNSET,
+        fields=body.fields,
     )
     session.commit()
     return contacts_out(session, [contact])[0]
