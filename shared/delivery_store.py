@@ -917,6 +917,9 @@ class Claimed:
     #: Calls of a several-call message an earlier attempt already made.
     parts_done: int
     provider_message_id: str | None
+    #: For personalised text: the contact's ``name`` and ``fields`` (None when not asked for,
+    #: or the contact was erased).
+    contact: dict[str, Any] | None = None
 
 
 #: The row's contact may still be sent to: a subquery per row by the contact's key, which
@@ -954,14 +957,23 @@ def _window_params(window: Window | None) -> dict[str, Any]:
     return {"ws": window.start, "we": window.end, "wz": window.zone}
 
 
-def claim(batch: Batch, limit: int, window: Window | None = None) -> One[list[Claimed]]:
+def claim(
+    batch: Batch, limit: int, window: Window | None = None, *, personal: bool = False
+) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
     still being sent and the run still holds its batch. Rows of contacts who opted out or
     became unreachable since the snapshot are left for ``skip_gone``; with a sending
     ``window``, rows whose recipient's window is closed now are left for ``defer_to_window``.
-    Rows another run holds are passed over, never waited for.
+    Rows another run holds are passed over, never waited for. ``personal``: each row comes
+    with its contact's name and fields, for personalised text.
     """
     in_window = f"AND {_WINDOW_OPEN}" if window is not None else ""
+    contact = (
+        """, (SELECT jsonb_build_object('name', c.name, 'fields', c.fields)
+                 FROM contact c WHERE c.id = d.contact_id)"""
+        if personal
+        else ""
+    )
     return One(
         Query(
             f"""
@@ -993,7 +1005,7 @@ def claim(batch: Batch, limit: int, window: Window | None = None) -> One[list[Cl
               AND d.part_day = %(p)s
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
             RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
-                      d.provider_message_id
+                      d.provider_message_id{contact}
             """,
             {
                 "b": batch.broadcast_id,

@@ -19,7 +19,7 @@ from shared.domain.audience import AudienceSpec
 from shared.domain.broadcasts import Content
 from shared.domain.contacts import FieldChanges, TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
-from shared.domain.types import Id, IsoDatetime, check_one_line, one_line_schema
+from shared.domain.types import Id, IsoDatetime, Text, check_one_line, one_line_schema
 from shared.domain.zones import SendAt, SendingWindow, Zone
 
 Name = Annotated[
@@ -177,9 +177,21 @@ class ImportOut(BaseModel):
 
 class AudiencePreviewIn(AudienceSpec):
     channel_id: Id
+    text: Text | None = Field(
+        default=None,
+        max_length=4096,
+        description="Message text with placeholders ({{name}}, {{city | there}}): each "
+        "contact on the page comes with it rendered for them.",
+    )
     limit: int = Field(default=50, ge=1, le=500, description="Contacts on this page.")
     cursor: str | None = Field(
         default=None, max_length=40, description="next_cursor of the page before."
+    )
+
+
+class PreviewContact(ContactOut):
+    text: str | None = Field(
+        default=None, description="The message text as this contact would get it."
     )
 
 
@@ -205,7 +217,9 @@ class AudiencePreviewOut(BaseModel):
     unreachable_reasons: list[ReasonCount] = Field(
         description="Why the unreachable ones are, most common first (at most 10)."
     )
-    contacts: list[ContactOut] = Field(description="A page of the contacts it would be sent to.")
+    contacts: list[PreviewContact] = Field(
+        description="A page of the contacts it would be sent to."
+    )
     next_cursor: str | None = Field(description="Pass back as cursor for the next page.")
 
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -289,7 +289,12 @@ class BatchRun:
             if (stop := self._stop_reason(lease)) is not None:
                 return stop
             async with self.rt.pool.connection() as conn:
-                claimed = await store.arun(conn, store.claim(self.batch, claim_limit, job.window))
+                claimed = await store.arun(
+                    conn,
+                    store.claim(
+                        self.batch, claim_limit, job.window, personal=job.template is not None
+                    ),
+                )
             rows = deque(claimed)
             if not rows:
                 ending = await self._nothing_due(recorder, job)
@@ -422,8 +427,11 @@ class BatchRun:
         self.in_call.add(row.id)
         started = time.perf_counter()
         try:
+            message = job.message
+            if job.template is not None:
+                message = replace(message, text=job.template.render(row.address, row.contact))
             return await job.adapter.send(
-                job.message,
+                message,
                 row.address,
                 str(row.id),
                 parts_done=row.parts_done,

@@ -11,9 +11,11 @@ from psycopg.rows import dict_row
 from services.dispatcher.channels import make_adapter
 from services.dispatcher.channels.base import ChannelAdapter, MediaRef, OutboundMessage
 from shared import delivery_store as store
+from shared.domain import templates
 from shared.domain.channels import open_config
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind
 from shared.domain.media import signed_media_url
+from shared.domain.templates import Template
 from shared.secrets_box import SETTING, SecretKeyError
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ class Job:
     adapter: ChannelAdapter
     #: The broadcast's sending window, if it has one.
     window: store.Window | None = None
+    #: Its text when personalised (``{{name}}``): rendered for each recipient.
+    template: Template | None = None
 
 
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
@@ -125,4 +129,5 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         window=store.Window(row["window_start"], row["window_end"], row["window_zone"])
         if row["window_start"] is not None
         else None,
+        template=templates.stored(message.text),
     )

@@ -28,7 +28,7 @@ from shared.db.models import (
     DispatchOutbox,
 )
 from shared.db.sql import contains
-from shared.domain import zones
+from shared.domain import templates, zones
 from shared.domain.audience import AudienceSpec, check_audience
 from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
@@ -161,6 +161,7 @@ def create_broadcast(
         field="content.media_ids",
         kind=ChannelKind(channel.kind),
     )
+    templates.check(session, workspace_id, new.content.text, "content.text")
     broadcast = Broadcast(
         workspace_id=workspace_id,
         name=new.name,
@@ -502,6 +503,7 @@ def modify_broadcast(
             field="content.media_ids",
             kind=ChannelKind(channel.kind),
         )
+        templates.check(session, workspace_id, content.text, "content.text")
         broadcast.content = content.model_dump(mode="json")
     broadcast.updated_at = now
     session.flush()

@@ -41,3 +41,41 @@ def test_a_test_send_reaches_the_chosen_contacts_only_and_leaves_the_broadcast_w
         0,
         0,
     )
+
+
+def test_personalised_text_is_rendered_for_each_recipient_in_tests_and_broadcasts(
+    api: Api,
+) -> None:
+    channel, hook = api.webhook_channel()
+    account = api.account(channel["id"])
+    for address, name, fields in (
+        ("pz-1", "Ann", {"city": "Berlin"}),
+        ("pz-2", "", {}),
+        ("pz-3", "Cy", {"city": "Lagos"}),
+    ):
+        api.ok(
+            "POST",
+            "/v1/contacts",
+            201,
+            json={"account_id": account["id"], "address": address, "name": name, "fields": fields},
+        )
+    ids = api.contacts(account["id"])
+    text = "Hi {{name | friend}}, news for {{city | your town}}"
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    b = api.broadcast(channel["id"], {}, send_at=later, content={"text": text})
+    test = api.ok(
+        "POST", f"/v1/broadcasts/{b['id']}/test-send", 201, json={"contact_ids": [ids["pz-2"]]}
+    )
+    api.wait_status(test["id"], "completed")
+    assert [(r["to"], r["text"]) for r in api.sim_requests(hook)] == [
+        ("pz-2", "Hi friend, news for your town")
+    ]
+    api.ok("PATCH", f"/v1/broadcasts/{b['id']}", json={"send_at": None})
+    api.wait_status(b["id"], "completed")
+    got = sorted((r["to"], r["text"]) for r in api.sim_requests(hook))
+    assert got == [
+        ("pz-1", "Hi Ann, news for Berlin"),
+        ("pz-2", "Hi friend, news for your town"),
+        ("pz-2", "Hi friend, news for your town"),
+        ("pz-3", "Hi Cy, news for Lagos"),
+    ]

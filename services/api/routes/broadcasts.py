@@ -46,6 +46,7 @@ from services.api.schemas import (
 )
 from shared.db.engine import get_sessionmaker
 from shared.db.models import Broadcast, Delivery
+from shared.domain import templates
 from shared.domain.audience import AudienceSpec, describe
 from shared.domain.broadcasts import (
     Changes,
@@ -356,9 +357,9 @@ def broadcast_audience(
     limit: Annotated[int, Query(ge=1, le=500, description="Contacts on this page.")] = 50,
     cursor: Cursor = None,
 ) -> AudiencePreviewOut:
-    """Who a broadcast not yet started would reach if it started now: as
-    ``POST /v1/audiences/preview`` answers for its channel and audience. Once it has started
-    its audience is fixed: read its recipients instead.
+    """Who a broadcast not yet started would reach if it started now, each with its text as
+    they would get it: as ``POST /v1/audiences/preview`` answers for its channel, audience and
+    text. Once it has started its audience is fixed: read its recipients instead.
     """
     broadcast = get_broadcast(session, workspace, broadcast_id)
     if broadcast.snapshot_at is not None:
@@ -367,6 +368,7 @@ def broadcast_audience(
             f"({broadcast.snapshot_at.isoformat()}); its recipients are at "
             f"/v1/broadcasts/{broadcast_id}/recipients"
         )
+    text = Content.model_validate(broadcast.content).text
     return audience_page(
         session,
         workspace,
@@ -374,6 +376,8 @@ def broadcast_audience(
         AudienceSpec.model_validate(broadcast.audience),
         limit=limit,
         cursor=cursor,
+        text=text,
+        template=templates.stored(text),
     )
 
 

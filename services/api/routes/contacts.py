@@ -26,10 +26,12 @@ from services.api.schemas import (
     ErasureOut,
     ImportOut,
     Page,
+    PreviewContact,
     ReasonCount,
 )
 from shared.db.engine import raw_connection
 from shared.db.models import Contact
+from shared.domain import templates
 from shared.domain.audience import AudienceSpec, audience_query, breakdown, check_audience
 from shared.domain.broadcasts import decode_cursor, encode_cursor, get_channel
 from shared.domain.contacts import (
@@ -46,6 +48,7 @@ from shared.domain.contacts import (
 )
 from shared.domain.errors import ValidationFailed
 from shared.domain.removal import erase_contact, finish_erasure
+from shared.domain.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +211,16 @@ def preview_audience(
     except ValidationFailed as exc:
         if any(e.type != "empty_audience" for e in exc.errors):
             raise
+    template = templates.parse(body.text, field="text") if body.text else None
     return audience_page(
-        session, workspace, body.channel_id, spec, limit=body.limit, cursor=body.cursor
+        session,
+        workspace,
+        body.channel_id,
+        spec,
+        limit=body.limit,
+        cursor=body.cursor,
+        text=body.text,
+        template=template,
     )
 
 
@@ -221,8 +232,12 @@ def audience_page(
     *,
     limit: int,
     cursor: str | None,
+    text: str | None = None,
+    template: Template | None = None,
 ) -> AudiencePreviewOut:
-    """The preview of ``spec`` on a channel: its breakdown and a page of who gets it."""
+    """The preview of ``spec`` on a channel: its breakdown and a page of who gets it, each
+    with ``text`` as they would get it (rendered from ``template`` when personalised).
+    """
     found = breakdown(session, workspace, channel_id, spec)
     query = audience_query(workspace, channel_id, spec).with_only_columns(Contact)
     if cursor is not None:
@@ -236,6 +251,14 @@ def audience_page(
         unreachable=found.unreachable,
         total=found.everyone,
         unreachable_reasons=[ReasonCount(reason=r, contacts=n) for r, n in found.reasons],
-        contacts=contacts_out(session, contacts),
+        contacts=[
+            PreviewContact(
+                **c.model_dump(),
+                text=template.render(c.address, {"name": c.name, "fields": c.fields})
+                if template is not None
+                else text,
+            )
+            for c in contacts_out(session, contacts)
+        ],
         next_cursor=encode_cursor(contacts[-1].id) if more else None,
     )
