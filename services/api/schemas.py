@@ -16,7 +16,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from shared.domain.audience import AudienceSpec
-from shared.domain.broadcasts import Content
+from shared.domain.broadcasts import AutoPause, Content
 from shared.domain.contacts import FieldChanges, TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
 from shared.domain.types import Id, IsoDatetime, Text, check_one_line, one_line_schema
@@ -59,6 +59,12 @@ class ChannelCreate(_In):
         le=10_000,
         description="Sends per second across all dispatchers; default: the provider's own limit.",
     )
+    auto_pause: AutoPause | None = Field(
+        default=None,
+        description="Its broadcasts' default auto-pause, e.g. "
+        '{"failure_ratio": 0.5, "last": 100}: a broadcast pauses itself when at least that '
+        "share of its last sends failed. null: off.",
+    )
 
 
 class ChannelPatch(_In):
@@ -70,6 +76,9 @@ class ChannelPatch(_In):
         "stored one.",
     )
     rate_limit_per_second: float | None = Field(default=None, gt=0, le=10_000)
+    auto_pause: AutoPause | None = Field(
+        default=None, description="Its broadcasts' default auto-pause; null turns it off."
+    )
 
 
 class NamePatch(_In):
@@ -82,6 +91,7 @@ class ChannelOut(BaseModel):
     kind: ChannelKind
     config: dict[str, Any] = Field(description="Secret values are shown as ********.")
     rate_limit_per_second: float
+    auto_pause: AutoPause | None = None
     created_at: datetime
 
 
@@ -230,6 +240,10 @@ SEND_AT = (
     'offset (2026-12-01T09:00:00+01:00) or as {"local": "2026-12-01T09:00", "zone": '
     '"Europe/Berlin"} (a time the clocks skip is refused; one they repeat needs "fold": 0 or 1).'
 )
+AUTO_PAUSE = (
+    'Pause by itself when too many of the last sends failed: {"failure_ratio": 0.5, '
+    '"last": 100}; {"failure_ratio": null} turns it off; null or left out: the channel\'s.'
+)
 WINDOW = (
     "Hours of each recipient's local day it may be sent in, e.g. "
     '{"start": "09:00", "end": "20:00"}: the contact\'s time_zone, else the window\'s zone '
@@ -253,6 +267,7 @@ class BroadcastCreate(_In):
     content: Content
     send_at: SendAt | None = Field(default=None, description=SEND_AT)
     sending_window: SendingWindow | None = Field(default=None, description=WINDOW)
+    auto_pause: AutoPause | None = Field(default=None, description=AUTO_PAUSE)
     channel_ids: SkipJsonSchema[list[int] | None] = Field(default=None, exclude=True)
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
@@ -291,6 +306,9 @@ class CloneIn(_In):
     sending_window: SendingWindow | None = Field(
         default=None, description="Default: the original's; null in the body removes it."
     )
+    auto_pause: AutoPause | None = Field(
+        default=None, description="Default: the original's; null: its channel's."
+    )
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
 
@@ -317,6 +335,7 @@ class BroadcastPatch(_In):
     sending_window: SendingWindow | None = Field(
         default=None, description=WINDOW + " null removes it."
     )
+    auto_pause: AutoPause | None = Field(default=None, description=AUTO_PAUSE)
 
     _single_channel = field_validator("channel_id", mode="before")(_one_channel)
 
@@ -363,6 +382,13 @@ class BroadcastOut(BaseModel):
     )
     send_at_zone: str | None = Field(default=None, description="Its IANA zone.")
     sending_window: WindowOut | None = None
+    auto_pause: AutoPause | None = Field(
+        default=None, description="As given for this broadcast; null: its channel's."
+    )
+    auto_paused_at: datetime | None = Field(
+        default=None,
+        description="When it last paused itself for its failures (status_reason says why).",
+    )
     status: BroadcastStatus
     status_reason: str | None
     audience_size: int = Field(description="Contacts the audience matched when last written.")

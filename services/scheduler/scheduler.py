@@ -133,6 +133,14 @@ IN_PROGRESS = Gauge(
     "bcast_broadcasts_in_progress",
     "Broadcasts being sent (status in_progress), measured every few seconds.",
 )
+AUTO_PAUSED = Gauge(
+    "bcast_broadcasts_auto_paused",
+    "Broadcasts paused by themselves for too many failed sends and not resumed yet.",
+)
+AUTO_PAUSES = Counter(
+    "bcast_auto_pauses_total",
+    "Times a broadcast paused itself because too many of its last sends failed.",
+)
 #: The stages of a pass; each runs whatever happened to the ones before it.
 STAGES = ("claim", "outbox", "relay", "observe", "sweep")
 #: What ``bcast_scheduler_errors_total`` counts: the stages, and the loop around them (its
@@ -422,6 +430,14 @@ def observe(session: Session) -> None:
             text("SELECT count(*) FROM broadcast WHERE status = 'in_progress'")
         ).scalar_one()
     )
+    AUTO_PAUSED.set(
+        session.execute(
+            text(
+                "SELECT count(*) FROM broadcast "
+                "WHERE status = 'paused' AND auto_paused_at IS NOT NULL"
+            )
+        ).scalar_one()
+    )
     for state, count in store.run(raw_connection(session), store.batch_counts()).items():
         BATCHES.labels(state).set(count)
 
@@ -470,6 +486,49 @@ def take_ended(
             {"n": limit, "settle": settle_seconds},
         ).all()
     )
+
+
+def take_auto_paused(session: Session, *, limit: int = END_LINES_LIMIT) -> list[Any]:
+    """Mark up to ``limit`` broadcasts that paused themselves, not yet logged, as logged and
+    return them (logged by the caller before its transaction commits), each taken once.
+    """
+    return list(
+        session.execute(
+            text(
+                """
+                UPDATE broadcast b SET auto_pause_logged_at = now()
+                WHERE b.id = ANY(ARRAY(
+                    SELECT id FROM broadcast
+                    WHERE auto_paused_at IS NOT NULL AND auto_pause_logged_at IS NULL
+                    ORDER BY id LIMIT :n
+                    FOR UPDATE SKIP LOCKED
+                ))
+                RETURNING b.id, b.workspace_id, b.channel_id, b.status_reason
+                """
+            ),
+            {"n": limit},
+        ).all()
+    )
+
+
+def log_auto_paused(paused: list[Any]) -> None:
+    """A line (ERROR: a broadcast stopped for its failures needs an operator) per broadcast
+    that paused itself, and the count.
+    """
+    for b in paused:
+        AUTO_PAUSES.inc()
+        log.error(
+            "broadcast %s: %s",
+            b.id,
+            b.status_reason,
+            extra={
+                "event": "auto_paused",
+                "broadcast_id": b.id,
+                "workspace_id": b.workspace_id,
+                "channel_id": b.channel_id,
+                "reason": b.status_reason,
+            },
+        )
 
 
 def log_ended(ended: list[Any]) -> None:
@@ -628,6 +687,7 @@ class Scheduler:
             observe(session)
             # Logged before the commit: a crash in between logs them again, never loses them.
             log_ended(take_ended(session, settle_seconds=self.settings.lease_seconds * 3))
+            log_auto_paused(take_auto_paused(session))
 
     def _sweep(self) -> None:
         with self.sessions() as session, session.begin():

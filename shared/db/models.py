@@ -26,7 +26,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import BIT, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.domain.lifecycle import (
@@ -134,6 +134,8 @@ class Channel(Base):
     kind: Mapped[str] = mapped_column(Text)
     config: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     rate_limit_per_second: Mapped[float] = mapped_column(Float)
+    #: The default auto-pause of its broadcasts: ``{"failure_ratio", "last"}``; None: off.
+    auto_pause: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -275,6 +277,12 @@ class Broadcast(Base):
             "retry_of_id",
             postgresql_where=text("retry_of_id IS NOT NULL"),
         ),
+        # Broadcasts that paused themselves, not yet logged by the scheduler.
+        Index(
+            "ix_broadcast_auto_paused_unlogged",
+            "id",
+            postgresql_where=text("auto_paused_at IS NOT NULL AND auto_pause_logged_at IS NULL"),
+        ),
         # The test sends of a broadcast.
         Index(
             "ix_broadcast_test_of_id",
@@ -306,6 +314,16 @@ class Broadcast(Base):
     window_start: Mapped[dt_time | None] = mapped_column(Time)
     window_end: Mapped[dt_time | None] = mapped_column(Time)
     window_zone: Mapped[str | None] = mapped_column(Text)
+    #: Auto-pause as given for this broadcast (None: its channel's; ``failure_ratio`` None:
+    #: off), and the values it runs with, fixed when it starts (migration 0017).
+    auto_pause: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    pause_ratio: Mapped[float | None] = mapped_column(Float)
+    pause_last: Mapped[int | None] = mapped_column(Integer)
+    #: One bit per recent outcome (1: failed), the last ``pause_last``.
+    recent_outcomes: Mapped[str | None] = mapped_column(BIT(varying=True))
+    #: When it paused itself; when the scheduler logged that.
+    auto_paused_at: Mapped[datetime | None]
+    auto_pause_logged_at: Mapped[datetime | None]
     status: Mapped[str] = mapped_column(Text, server_default="pending")
     #: Why the task is in its status when that is not the operator's own doing.
     status_reason: Mapped[str | None] = mapped_column(Text)

@@ -53,6 +53,25 @@ MAX_LEAD = timedelta(days=366)
 MAX_TEXT = 4096
 
 
+class AutoPause(BaseModel):
+    """Pause a broadcast by itself when too many of its last sends failed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failure_ratio: float | None = Field(
+        gt=0,
+        le=1,
+        description="Pause when at least this share of the last sends failed (0.5: half); "
+        "null turns auto-pause off.",
+    )
+    last: int = Field(
+        default=100,
+        ge=10,
+        le=10_000,
+        description="How many of the most recent sends (recipients sent to or failed) count.",
+    )
+
+
 class Content(BaseModel):
     """What is sent: text, images, or both."""
 
@@ -130,6 +149,8 @@ class NewBroadcast:
     conversation_id: int | None = None
     test_of_id: int | None = None
     window: SendingWindow | None = None
+    #: None: the channel's.
+    auto_pause: AutoPause | None = None
 
 
 def create_broadcast(
@@ -177,6 +198,7 @@ def create_broadcast(
         send_at_local=given.local if given else None,
         send_at_zone=given.zone if given else None,
         **_window_columns(new.window, given.zone if given else None),
+        auto_pause=new.auto_pause.model_dump() if new.auto_pause else None,
         status=BroadcastStatus.PENDING.value,
         audience_size=size,
         idempotency_key=idempotency_key,
@@ -210,6 +232,11 @@ def _window_columns(window: SendingWindow | None, send_zone: str | None) -> dict
         "window_end": window.end,
         "window_zone": window.zone or send_zone or "UTC",
     }
+
+
+def auto_pause_of(broadcast: Broadcast) -> AutoPause | None:
+    """The auto-pause a broadcast was given (None: its channel's)."""
+    return AutoPause.model_validate(broadcast.auto_pause) if broadcast.auto_pause else None
 
 
 def sending_window(broadcast: Broadcast) -> SendingWindow | None:
@@ -404,6 +431,7 @@ def _retry_of_failed(
         content=Content.model_validate(source.content),
         send_at=None,
         window=sending_window(source),
+        auto_pause=auto_pause_of(source),
     )
 
 
@@ -446,6 +474,7 @@ class Changes:
     content: Content | None = None
     send_at: datetime | LocalTime | None = None
     window: SendingWindow | None = None
+    auto_pause: AutoPause | None = None
 
 
 def modify_broadcast(
@@ -479,6 +508,8 @@ def modify_broadcast(
         broadcast.send_at = resolve_send_at(given.at if given else None, now)
         broadcast.send_at_local = given.local if given else None
         broadcast.send_at_zone = given.zone if given else None
+    if "auto_pause" in changes.fields:
+        broadcast.auto_pause = changes.auto_pause.model_dump() if changes.auto_pause else None
     if "window" in changes.fields:
         for key, value in _window_columns(changes.window, broadcast.send_at_zone).items():
             setattr(broadcast, key, value)
@@ -558,6 +589,9 @@ def resume_broadcast(
                 )
             )
     broadcast.status_reason = None
+    # A task that paused itself for its failures starts its window of recent sends afresh.
+    broadcast.recent_outcomes = None
+    broadcast.auto_pause_logged_at = None
     broadcast.updated_at = utcnow()
     session.flush()
     # A task whose rows all ended while it was paused completes as it resumes (the store's

@@ -77,11 +77,14 @@ def new_task(
     rate: float = 100.0,
     snapshot: bool = True,
     batch_size: int = 500,
+    auto_pause: dict[str, Any] | None = None,
+    channel_auto_pause: dict[str, Any] | None = None,
 ) -> Task:
     """A broadcast to ``n`` contacts, moved to in_progress (and snapshotted) as the scheduler
-    and the start of a dispatcher would.
+    and the start of a dispatcher would; ``auto_pause`` its own, ``channel_auto_pause`` its
+    channel's.
     """
-    channel = api.channel(rate_limit_per_second=rate)
+    channel = api.channel(rate_limit_per_second=rate, auto_pause=channel_auto_pause)
     account = api.account(channel["id"])
     contacts = [
         r[0]
@@ -92,7 +95,7 @@ def new_task(
             (api.workspace_id, account["id"], n),
         ).fetchall()
     ]
-    b = api.broadcast(channel["id"])
+    b = api.broadcast(channel["id"], auto_pause=auto_pause)
     conn.execute(
         "UPDATE broadcast SET status = 'in_progress', started_at = now() WHERE id = %s",
         (b["id"],),

@@ -72,6 +72,7 @@ TABLE_WIDE = frozenset(
         "bcast_outbox_oldest_age_seconds",
         "bcast_batches",
         "bcast_broadcasts_in_progress",
+        "bcast_broadcasts_auto_paused",
         "bcast_delivery_partitions",
         "bcast_delivery_partitions_held",
     }

@@ -147,6 +147,8 @@ class Api:
     def __init__(self, system: System, token: str) -> None:
         self.system = system
         self.token = token
+        #: Each simulator hook's webhook secret, by hook name.
+        self.hook_secrets: dict[str, str] = {}
         self.http = httpx.Client(
             base_url=system.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
@@ -164,6 +166,7 @@ class Api:
         """A webhook channel to a fresh simulator hook configured with ``sim``; returns (channel, hook)."""
         hook = f"h-{secrets.token_hex(4)}"
         secret = secrets.token_urlsafe(24)
+        self.hook_secrets[hook] = secret
         r = self.system.sim.put(f"/_sim/hooks/{hook}", json={"secret": secret, **sim})
         assert r.status_code == 200, r.text
         channel = self.ok(

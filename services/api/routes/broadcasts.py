@@ -53,6 +53,7 @@ from shared.domain.broadcasts import (
     Content,
     ListFilter,
     NewBroadcast,
+    auto_pause_of,
     broadcasts_query,
     by_idempotency_key,
     cancel_broadcast,
@@ -156,6 +157,8 @@ def broadcast_out(broadcast: Broadcast, retries: list[int] | None = None) -> Bro
         send_at_local=broadcast.send_at_local,
         send_at_zone=broadcast.send_at_zone,
         sending_window=_window_out(broadcast),
+        auto_pause=auto_pause_of(broadcast),
+        auto_paused_at=broadcast.auto_paused_at,
         status=BroadcastStatus(broadcast.status),
         status_reason=broadcast.status_reason,
         audience_size=broadcast.audience_size,
@@ -260,6 +263,7 @@ def post_broadcast(
             content=body.content,
             send_at=body.send_at,
             window=body.sending_window,
+            auto_pause=body.auto_pause,
         ),
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")) if idempotency_key else None,
@@ -467,6 +471,9 @@ def clone(
             window=given.sending_window
             if "sending_window" in given.model_fields_set
             else sending_window(source),
+            auto_pause=given.auto_pause
+            if "auto_pause" in given.model_fields_set
+            else auto_pause_of(source),
         ),
         idempotency_key=idempotency_key,
         body_hash=body_hash,
@@ -572,7 +579,8 @@ def patch_broadcast(
     if not given:
         raise ValidationFailed.one(
             "body",
-            "changes nothing: give name, channel_id, audience, content, send_at or sending_window",
+            "changes nothing: give name, channel_id, audience, content, send_at, sending_window "
+            "or auto_pause",
             "empty",
         )
     for field in ("name", "channel_id", "audience", "content"):
@@ -592,6 +600,7 @@ def patch_broadcast(
             content=body.content,
             send_at=body.send_at,
             window=body.sending_window,
+            auto_pause=body.auto_pause,
         ),
     )
     session.commit()

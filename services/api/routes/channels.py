@@ -30,7 +30,7 @@ from services.api.schemas import (
 )
 from shared.db.models import Account, Channel, Tag
 from shared.db.sql import owned
-from shared.domain.broadcasts import get_channel
+from shared.domain.broadcasts import AutoPause, get_channel
 from shared.domain.channels import (
     DEFAULT_RATE_LIMIT_PER_SECOND,
     changed_config,
@@ -56,6 +56,7 @@ def channel_out(channel: Channel) -> ChannelOut:
         kind=kind,
         config=redact_config(kind, channel.config),
         rate_limit_per_second=channel.rate_limit_per_second,
+        auto_pause=AutoPause.model_validate(channel.auto_pause) if channel.auto_pause else None,
         created_at=channel.created_at,
     )
 
@@ -76,6 +77,7 @@ def create_channel(
         config=config,
         rate_limit_per_second=body.rate_limit_per_second
         or DEFAULT_RATE_LIMIT_PER_SECOND[body.kind],
+        auto_pause=body.auto_pause.model_dump() if body.auto_pause else None,
     )
     session.add(channel)
     session.commit()
@@ -112,9 +114,11 @@ def patch_channel(
     given = body.model_fields_set
     if not given:
         raise ValidationFailed.one(
-            "body", "changes nothing: give name, config or rate_limit_per_second", "empty"
+            "body",
+            "changes nothing: give name, config, rate_limit_per_second or auto_pause",
+            "empty",
         )
-    for field in given:
+    for field in given - {"auto_pause"}:
         if getattr(body, field) is None:
             raise ValidationFailed.one(field, "may not be null", "null")
     channel = session.execute(
@@ -131,6 +135,8 @@ def patch_channel(
         channel.config = changed_config(ChannelKind(channel.kind), channel.config, body.config, box)
     if body.rate_limit_per_second is not None:
         channel.rate_limit_per_second = body.rate_limit_per_second
+    if "auto_pause" in given:
+        channel.auto_pause = body.auto_pause.model_dump() if body.auto_pause else None
     session.commit()
     log.info(
         "channel %s changed (%s)",
