@@ -25,9 +25,11 @@ from shared import delivery_partitions, delivery_store
 from shared.db import migrate
 from shared.db.engine import libpq_url, transaction
 from shared.domain.tokens import (
+    KEEP,
     TokenAmbiguous,
     TokenInfo,
     TokenNotFound,
+    change_token,
     create_token,
     list_tokens,
     parse_duration,
@@ -266,6 +268,46 @@ def token_revoke(
         typer.echo(f"revoked {label}")
     else:
         typer.echo(f"{label} was already revoked at {_when(info.revoked_at)}")
+
+
+@token_app.command("change")
+def token_change(
+    token: str = typer.Argument(
+        ...,
+        metavar="ID_OR_PREFIX",
+        help="The token's id, or its prefix as `bcast token list` shows it.",
+    ),
+    name: str | None = typer.Option(None, "--name", help="A new label."),
+    expires_in: str | None = typer.Option(
+        None, "--expires-in", help="Valid for this long from now: 30d, 12h, 1d12h."
+    ),
+    expires_at: str | None = typer.Option(
+        None, "--expires-at", help="Valid until this ISO 8601 time (UTC if no zone)."
+    ),
+    never: bool = typer.Option(False, "--never-expires", help="Valid until revoked."),
+) -> None:
+    """Rename a token, or give it a new expiry."""
+    if sum(x is not None for x in (expires_in, expires_at)) + never > 1:
+        raise typer.BadParameter("give one of --expires-in, --expires-at, --never-expires")
+    if name is None and expires_in is None and expires_at is None and not never:
+        raise typer.BadParameter("nothing to change: give --name or an expiry")
+    until: Any = KEEP
+    try:
+        if expires_in is not None:
+            until = datetime.now(UTC) + parse_duration(expires_in)
+        elif expires_at is not None:
+            until = _parse_moment(expires_at)
+        elif never:
+            until = None
+        with transaction() as session:
+            info = change_token(session, token, name=name, expires_at=until)
+    except (TokenNotFound, TokenAmbiguous) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    expires = "never" if info.expires_at is None else _when(info.expires_at)
+    typer.echo(f"token {info.id} ({info.prefix}): name {info.name or '-'!r}, expires {expires}")
 
 
 def _parse_moment(text: str) -> datetime:

@@ -7,6 +7,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert
@@ -166,10 +167,10 @@ def list_tokens(session: Session, workspace_name: str | None = None) -> list[Tok
     return _infos(session, Workspace.name == workspace_name.strip())
 
 
-def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
-    """Revoke the token with id ``ref`` or the shown prefix ``ref`` (``bcast_`` and 6 more
-    characters, as ``bcast token list`` shows it). Returns the token and whether this call
-    revoked it (False: it already was). Raises ``TokenNotFound`` or ``TokenAmbiguous``.
+def _by_ref(session: Session, ref: str) -> int:
+    """The id of the token with id ``ref`` or the shown prefix ``ref`` (``bcast_`` and 6 more
+    characters, as ``bcast token list`` shows it), locked. Raises ``TokenNotFound`` or
+    ``TokenAmbiguous``.
     """
     ref = ref.strip()
     if ref.isascii() and ref.isdigit():
@@ -189,16 +190,47 @@ def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
     if len(ids) > 1:
         listed = ", ".join(str(i) for i in sorted(ids))
         raise TokenAmbiguous(
-            f"{len(ids)} tokens have the prefix {ref!r} (ids {listed}); revoke one by its id"
+            f"{len(ids)} tokens have the prefix {ref!r} (ids {listed}); revoke or change it by its id"
         )
+    return int(ids[0])
+
+
+def revoke_token(session: Session, ref: str) -> tuple[TokenInfo, bool]:
+    """Revoke the token ``ref`` names (see ``_by_ref``). Returns the token and whether this
+    call revoked it (False: it already was).
+    """
+    token_id = _by_ref(session, ref)
     revoked = session.execute(
         update(ApiToken)
-        .where(ApiToken.id == ids[0], ApiToken.revoked_at.is_(None))
+        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=func.now())
         .returning(ApiToken.id)
     ).scalar_one_or_none()
-    [info] = _infos(session, ApiToken.id == ids[0])
-    return info, revoked is not None
+    return token_info(session, token_id), revoked is not None
+
+
+#: ``change_token``'s expiry left as it is.
+KEEP = object()
+
+
+def change_token(
+    session: Session, ref: str, *, name: str | None = None, expires_at: Any = KEEP
+) -> TokenInfo:
+    """Rename the token ``ref`` names, or give it a new expiry (aware; None: never). A
+    revoked token is not changed: ``ValueError``.
+    """
+    token_id = _by_ref(session, ref)
+    row = session.get(ApiToken, token_id)
+    assert row is not None
+    if row.revoked_at is not None:
+        raise ValueError(f"token {token_id} is revoked; make a new one")
+    if name is not None:
+        row.name = name
+    if expires_at is not KEEP:
+        check_expiry(expires_at)
+        row.expires_at = expires_at
+    session.flush()
+    return token_info(session, token_id)
 
 
 def workspace_tokens(session: Session, workspace_id: int) -> list[TokenInfo]:

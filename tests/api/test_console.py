@@ -191,7 +191,8 @@ def test_the_detail_offers_only_the_actions_its_status_allows(
     csrf = sign_in(browser, api.token)
     page = browser.get(f"/console/broadcasts/{b['id']}").text
     actions = set(re.findall(rf'action="/console/broadcasts/{b["id"]}/(\w+)"', page))
-    assert actions == {"pause", "cancel"}
+    # Pause and cancel by its status; a copy whatever it is.
+    assert actions == {"pause", "cancel", "copy"}
     # A forged form is refused and changes nothing.
     forged = browser.post(f"/console/broadcasts/{b['id']}/pause", data={"csrf_token": "x"})
     assert forged.status_code == 403
@@ -203,6 +204,7 @@ def test_the_detail_offers_only_the_actions_its_status_allows(
     assert set(re.findall(rf'action="/console/broadcasts/{b["id"]}/(\w+)"', page)) == {
         "resume",
         "cancel",
+        "copy",
     }
     # An action its status does not allow says why, with the API's words.
     again = browser.post(f"/console/broadcasts/{b['id']}/pause", data={"csrf_token": csrf})
@@ -357,6 +359,44 @@ def test_a_test_send_goes_to_contacts_named_by_address_or_id_and_is_listed_apart
     detail = browser.get(f"/console/broadcasts/{b['id']}").text
     assert f'href="/console/broadcasts/{test_id}"' in detail
     assert f'href="/console/broadcasts/{test_id}"' not in browser.get("/console/broadcasts").text
+
+
+def test_a_copy_is_due_in_an_hour_and_only_a_final_broadcast_is_deleted_box_ticked(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=2, sending_window={"start": "08:00", "end": "18:00"})
+    csrf = sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert "08:00-18:00" in page
+    assert f'action="/console/broadcasts/{b["id"]}/delete"' not in page
+    copied = browser.post(f"/console/broadcasts/{b['id']}/copy", data={"csrf_token": csrf})
+    assert copied.status_code == 303
+    copy_id = int(copied.headers["location"].split("/")[-2])
+    assert copied.headers["location"].endswith("/edit")
+    copy = api.ok("get", f"/v1/broadcasts/{copy_id}")
+    assert (copy["status"], copy["name"], copy["sending_window"]["start"]) == (
+        "pending",
+        "the detail (copy)",
+        "08:00",
+    )
+    ahead = datetime.fromisoformat(copy["send_at"]) - datetime.now(UTC)
+    assert timedelta(minutes=55) < ahead <= timedelta(hours=1)
+    # Not final: no delete, and a forged one is refused.
+    refused = browser.post(
+        f"/console/broadcasts/{b['id']}/delete", data={"csrf_token": csrf, "confirm": "yes"}
+    )
+    assert refused.status_code == 409
+    api.ok("post", f"/v1/broadcasts/{b['id']}/cancel")
+    assert f'action="/console/broadcasts/{b["id"]}/delete"' in browser.get(
+        f"/console/broadcasts/{b['id']}"
+    ).text
+    unticked = browser.post(f"/console/broadcasts/{b['id']}/delete", data={"csrf_token": csrf})
+    assert unticked.status_code == 422
+    done = browser.post(
+        f"/console/broadcasts/{b['id']}/delete", data={"csrf_token": csrf, "confirm": "yes"}
+    )
+    assert (done.status_code, done.headers["location"]) == (303, "/console/broadcasts")
+    assert api.get(f"/v1/broadcasts/{b['id']}").status_code == 404
 
 
 def test_resuming_a_broadcast_paused_as_overdue_asks_for_a_ticked_box(

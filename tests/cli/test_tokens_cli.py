@@ -173,7 +173,7 @@ def test_revoke_by_prefix_and_refusals(env: dict[str, str], client: TestClient) 
     ambiguous = run("token", "revoke", twin[:12], env=env)
     assert ambiguous.returncode == 1
     assert f"2 tokens have the prefix {twin[:12]!r}" in ambiguous.stderr
-    assert "revoke one by its id" in ambiguous.stderr
+    assert "revoke or change it by its id" in ambiguous.stderr
     assert answers(client, twin) == 200, "nothing revoked"
 
     for ref, said in [
@@ -208,3 +208,35 @@ def test_an_expiry_too_far_ahead_is_refused_with_a_reason(env: dict[str, str]) -
     assert result.returncode != 0
     assert "longer than a token may live" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_change_renames_and_moves_or_removes_the_expiry(
+    env: dict[str, str], client: TestClient
+) -> None:
+    token = create(env, workspace_name(), "--name", "old")
+    token_id = stored(token).id
+    renamed = run("token", "change", str(token_id), "--name", "deploy bot", env=env)
+    assert renamed.returncode == 0, renamed.stderr
+    assert "name 'deploy bot', expires never" in renamed.stdout
+    before = datetime.now(UTC)
+    run("token", "change", token[:12], "--expires-in", "2d", env=env)
+    row = stored(token)
+    assert row.name == "deploy bot"
+    assert row.expires_at is not None
+    assert before + timedelta(days=2) <= row.expires_at <= datetime.now(UTC) + timedelta(days=2)
+    assert run("token", "change", str(token_id), "--never-expires", env=env).returncode == 0
+    assert stored(token).expires_at is None
+    for args, words in (
+        (["--expires-at", "2001-01-01T00:00:00Z"], "not in the future"),
+        (["--never-expires", "--expires-in", "1d"], "give one of"),
+        ([], "nothing to change"),
+    ):
+        refused = run("token", "change", str(token_id), *args, env=env)
+        assert refused.returncode != 0
+        assert words in refused.stderr
+    assert stored(token).expires_at is None
+    assert answers(client, token) == 200
+    run("token", "revoke", str(token_id), env=env)
+    revoked = run("token", "change", str(token_id), "--name", "x", env=env)
+    assert revoked.returncode != 0
+    assert "is revoked" in revoked.stderr

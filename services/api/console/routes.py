@@ -7,7 +7,7 @@ import hmac
 import math
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -49,13 +49,14 @@ from shared.db.models import (
     Tag,
 )
 from shared.db.sql import contains
-from shared.domain.audience import AudienceFilter, audience_query, count_audience
+from shared.domain.audience import AudienceFilter, AudienceSpec, audience_query, count_audience
 from shared.domain.broadcasts import (
     MAX_TEST_CONTACTS,
     Changes,
     Content,
     ListFilter,
     NewBroadcast,
+    auto_pause_of,
     broadcasts_query,
     cancel_broadcast,
     conversation_broadcast,
@@ -71,6 +72,7 @@ from shared.domain.broadcasts import (
     request_hash,
     resume_broadcast,
     retries_of,
+    sending_window,
 )
 from shared.domain.console_sessions import SESSION_HOURS, Signed, sign_in, sign_out, signed
 from shared.domain.contacts import (
@@ -91,6 +93,7 @@ from shared.domain.lifecycle import (
     Origin,
 )
 from shared.domain.media import MAX_IMAGES, PROVIDER_IMAGES, create_media
+from shared.domain.removal import delete_broadcast
 from shared.domain.types import MAX_ID
 from shared.media_store import MediaStore
 from shared.settings import Settings, get_settings
@@ -565,6 +568,8 @@ def _detail_page(
             "retry_of": b.retry_of_id,
             "retries": retries_of(session, who.workspace_id, [b.id])[b.id],
             "test_of": b.test_of_id,
+            "deletable": b.status in ("completed", "canceled"),
+            "window": sending_window(b),
             "tests": session.execute(
                 broadcasts_query(who.workspace_id, ListFilter(test_of=b.id))
                 .order_by(Broadcast.id.desc())
@@ -661,6 +666,79 @@ def retry_failed(
     session.commit()
     retry_created(b, who.workspace_id)
     return RedirectResponse(f"/console/broadcasts/{b.id}", status.HTTP_303_SEE_OTHER)
+
+
+#: How far ahead the console's copy of a broadcast is due: it is not sent before the operator
+#: has looked at it (and changed its time, or sent it now, on its page to edit).
+COPY_LEAD = timedelta(hours=1)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/copy")
+def copy_broadcast(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    """A pending copy of this broadcast (as the API's clone: channel, audience and content,
+    its audience worked out anew), due in an hour; the operator lands on its page to edit.
+    """
+    check_csrf(who, csrf_token)
+    source = _owned(session, who, broadcast_id)
+    try:
+        b, _ = create_broadcast(
+            session,
+            who.workspace_id,
+            NewBroadcast(
+                name=f"{source.name} (copy)"[:200],
+                channel_id=source.channel_id,
+                audience=AudienceSpec.model_validate(source.audience),
+                content=Content.model_validate(source.content),
+                send_at=datetime.now(UTC) + COPY_LEAD,
+                window=sending_window(source),
+                auto_pause=auto_pause_of(source),
+            ),
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _detail_page(request, session, who, broadcast_id, notice=str(exc), code=422)
+    session.commit()
+    lifecycle("created", b, who.workspace_id, f" as a copy of broadcast {broadcast_id}")
+    return RedirectResponse(f"/console/broadcasts/{b.id}/edit", status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/broadcasts/{broadcast_id:int}/delete")
+def remove_broadcast(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    broadcast_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    confirm: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    """Delete a completed or canceled broadcast (as the API's DELETE), its box ticked; back
+    to the list.
+    """
+    check_csrf(who, csrf_token)
+    _owned(session, who, broadcast_id)
+    if confirm != "yes":
+        return _detail_page(
+            request,
+            session,
+            who,
+            broadcast_id,
+            notice="tick the box to delete the broadcast and its recipient list",
+            code=422,
+        )
+    try:
+        b = delete_broadcast(session, who.workspace_id, broadcast_id)
+    except DomainError as exc:
+        session.rollback()
+        return _detail_page(request, session, who, broadcast_id, notice=str(exc), code=409)
+    session.commit()
+    lifecycle("deleted", b, who.workspace_id)
+    return RedirectResponse("/console/broadcasts", status.HTTP_303_SEE_OTHER)
 
 
 #: Test sends listed on a broadcast's page (the newest).
