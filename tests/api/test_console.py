@@ -387,9 +387,10 @@ def test_a_copy_is_due_in_an_hour_and_only_a_final_broadcast_is_deleted_box_tick
     )
     assert refused.status_code == 409
     api.ok("post", f"/v1/broadcasts/{b['id']}/cancel")
-    assert f'action="/console/broadcasts/{b["id"]}/delete"' in browser.get(
-        f"/console/broadcasts/{b['id']}"
-    ).text
+    assert (
+        f'action="/console/broadcasts/{b["id"]}/delete"'
+        in browser.get(f"/console/broadcasts/{b['id']}").text
+    )
     unticked = browser.post(f"/console/broadcasts/{b['id']}/delete", data={"csrf_token": csrf})
     assert unticked.status_code == 422
     done = browser.post(
