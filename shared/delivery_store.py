@@ -1101,16 +1101,126 @@ def defer_to_window(batch: Batch, window: Window) -> Op[int]:
     return result.rowcount
 
 
-def erase(contact_ids: Sequence[int]) -> Op[int]:
-    """Erase these contacts from delivery history: each of their rows keeps its outcome (and
-    so every broadcast's counts) but its address becomes ``(erased)``, in its reason too.
-    What deleting a contact row does by itself (a trigger of migration 0015), for rows a
-    snapshot under way copied before the contact was deleted. Returns how many rows changed.
+def hold_for_erasure(contact_id: int) -> Op[int | None]:
+    """Make ready to erase a contact: in the broadcasts with rows of it not yet final, lock
+    the tasks (in id order, then its rows: the store's order), and skip its queued rows
+    (``ERASED_REASON``), so nothing is sent to it once the erasure commits. Returns the id
+    of a broadcast with a send to it under way (a row ``sending``: the erasure must wait for
+    it), or None.
     """
-    result = yield Query(
-        "SELECT bcast_erase_deliveries(%(ids)s::bigint[])", {"ids": list(contact_ids)}
+    params = {"c": contact_id, "why": ERASED_REASON}
+    found = (
+        yield Query(
+            "SELECT DISTINCT broadcast_id FROM delivery "
+            "WHERE contact_id = %(c)s AND status IN ('queued', 'sending')",
+            params,
+        )
+    ).rows
+    tasks = sorted(int(r[0]) for r in found)
+    for task in tasks:
+        yield from _lock_task(task)
+    held = (
+        yield Query(
+            "SELECT broadcast_id, status FROM delivery WHERE contact_id = %(c)s "
+            "AND broadcast_id = ANY(%(b)s::bigint[]) AND status IN ('queued', 'sending') "
+            "FOR UPDATE",
+            {**params, "b": tasks},
+        )
+    ).rows
+    sending = sorted(int(r[0]) for r in held if r[1] == SENDING)
+    if sending:
+        return sending[0]
+    yield Query(
+        "UPDATE delivery SET status = 'skipped', last_error = %(why)s, updated_at = now() "
+        "WHERE contact_id = %(c)s AND broadcast_id = ANY(%(b)s::bigint[]) AND status = 'queued'",
+        {**params, "b": tasks},
     )
-    return int(result.scalar() or 0)
+    return None
+
+
+#: What an erased contact's address reads as in delivery history.
+_ERASED = "'(erased)'"
+
+
+def erase(contact_ids: Sequence[int], *, limit: int | None = None) -> One[int]:
+    """Erase deleted contacts from delivery history: each of their rows keeps its outcome
+    (and so every broadcast's counts) but its address becomes ``(erased)``, in its reason too.
+    Rows of deleted broadcasts (being purged) are left alone; rows another transaction holds
+    are passed over, never waited for (so this takes no task lock: it changes no status),
+    and found again by the next call. Returns how many rows changed.
+    """
+    cap = "LIMIT %(n)s" if limit is not None else ""
+    return One(
+        Query(
+            f"""
+            WITH picked AS (
+                SELECT d.id, d.part_day FROM delivery d
+                WHERE d.contact_id = ANY(%(ids)s::bigint[]) AND d.address <> {_ERASED}
+                  AND NOT EXISTS (
+                      SELECT 1 FROM delivery_purge p WHERE p.broadcast_id = d.broadcast_id)
+                {cap}
+                FOR UPDATE OF d SKIP LOCKED
+            )
+            UPDATE delivery d
+            SET address = {_ERASED}, last_error = replace(d.last_error, d.address, {_ERASED})
+            FROM picked
+            WHERE d.id = picked.id AND d.part_day = picked.part_day
+            """,
+            {"ids": list(contact_ids), "n": limit},
+        ),
+        lambda result: result.rowcount,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What one step of ``settle_erasures`` did."""
+
+    #: Rows whose address it erased.
+    rows: int
+    #: Erasures it found done and dropped.
+    done: int
+
+
+def settle_erasures(*, notes: int = 100, rows: int = 10_000) -> Op[Settled]:
+    """One step of finishing erasures (``contact_erasure``): erase up to ``rows`` rows of up
+    to ``notes`` erased contacts, then drop the notes of those with no row left to erase and
+    no audience copy running that began before the contact was deleted (it may have read the
+    contact and may still write a row with its address).
+    """
+    ids = [
+        int(r[0])
+        for r in (
+            yield Query(
+                "SELECT contact_id FROM contact_erasure ORDER BY created_at, contact_id "
+                "LIMIT %(k)s FOR UPDATE SKIP LOCKED",
+                {"k": notes},
+            )
+        ).rows
+    ]
+    if not ids:
+        return Settled(0, 0)
+    op = erase(ids, limit=rows)
+    erased = op.read((yield op.query))
+    done = (
+        yield Query(
+            f"""
+            DELETE FROM contact_erasure e
+            WHERE e.contact_id = ANY(%(ids)s::bigint[])
+              AND NOT EXISTS (
+                  SELECT 1 FROM delivery d
+                  WHERE d.contact_id = e.contact_id AND d.address <> {_ERASED}
+                    AND NOT EXISTS (
+                        SELECT 1 FROM delivery_purge p WHERE p.broadcast_id = d.broadcast_id))
+              AND NOT EXISTS (
+                  SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND l.classid::text::bigint = %(ns)s
+                    AND l.objsubid = 2 AND a.xact_start <= e.created_at)
+            """,
+            {"ids": ids, "ns": SNAPSHOT_LOCK},
+        )
+    ).rowcount
+    return Settled(erased, done)
 
 
 def purge_step(limit: int = 10_000) -> Op[int | None]:

@@ -139,6 +139,9 @@ class ContactOut(BaseModel):
     unreachable_reason: str | None
     time_zone: str | None = None
     fields: dict[str, str] = Field(default_factory=dict)
+    last_inbound_at: datetime | None = Field(
+        default=None, description="When it last wrote in: its conversation window's start."
+    )
     created_at: datetime
 
 
@@ -164,6 +167,16 @@ class ContactPatch(_In):
     fields: FieldChanges | None = Field(
         default=None,
         description="Custom fields to set; a key given null is removed, keys not given stay.",
+    )
+    last_inbound_at: IsoDatetime | None = Field(
+        default=None,
+        description="When it last wrote in (an earlier time than the one known is ignored).",
+    )
+
+
+class InboundIn(_In):
+    at: IsoDatetime | None = Field(
+        default=None, description="When the contact wrote (with offset); default: now."
     )
 
 
@@ -223,6 +236,12 @@ class AudiencePreviewOut(BaseModel):
     total: int = Field(
         description="Every matching contact: count + opted_out + unreachable; the "
         "broadcast's audience_size and, once it starts, its counts.total."
+    )
+    inside_window: int | None = Field(
+        default=None,
+        description="On a channel whose provider takes free-form messages only within a "
+        "window after the contact last wrote in (WhatsApp: 24 hours): how many of count are "
+        "inside it now. null on other channels.",
     )
     unreachable_reasons: list[ReasonCount] = Field(
         description="Why the unreachable ones are, most common first (at most 10)."
@@ -385,9 +404,16 @@ class BroadcastOut(BaseModel):
     auto_pause: AutoPause | None = Field(
         default=None, description="As given for this broadcast; null: its channel's."
     )
+    inside_window: int | None = Field(
+        default=None,
+        description="On a WhatsApp channel (free-form messages only within 24 hours of the "
+        "contact's last message): how many of its recipients still to send to are inside "
+        "that window now. Only in a broadcast's own answer; null elsewhere.",
+    )
     auto_paused_at: datetime | None = Field(
         default=None,
-        description="When it last paused itself for its failures (status_reason says why).",
+        description="When it paused itself for its failures (status_reason says why); null "
+        "once resumed.",
     )
     status: BroadcastStatus
     status_reason: str | None

@@ -33,7 +33,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from services.dispatcher import metrics
-from services.dispatcher.channels.base import Outcome, Transient
+from services.dispatcher.channels.base import Outcome, Permanent, Transient
 from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
@@ -41,6 +41,7 @@ from services.dispatcher.recorder import Recorder
 from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
 from shared.delivery_store import MAX_WAIT, Batch, Claimed
+from shared.domain.broadcasts import MAX_TEXT
 from shared.domain.lifecycle import BroadcastStatus
 from shared.logsafe import error_text
 
@@ -429,7 +430,14 @@ class BatchRun:
         try:
             message = job.message
             if job.template is not None:
-                message = replace(message, text=job.template.render(row.address, row.contact))
+                text = job.template.render(row.address, row.contact)
+                if len(text) > MAX_TEXT:
+                    # A contact's long fields made it longer than any message may be.
+                    return Permanent(
+                        f"personalised text is {len(text)} characters for this recipient; a "
+                        f"message holds at most {MAX_TEXT}"
+                    )
+                message = replace(message, text=text)
             return await job.adapter.send(
                 message,
                 row.address,

@@ -133,6 +133,11 @@ IN_PROGRESS = Gauge(
     "bcast_broadcasts_in_progress",
     "Broadcasts being sent (status in_progress), measured every few seconds.",
 )
+ERASED_ROWS = Counter(
+    "bcast_erased_rows_total",
+    "Delivery rows of erased (deleted) contacts whose address the sweep erased after the "
+    "delete (an account's contacts, rows an audience copy under way wrote).",
+)
 AUTO_PAUSED = Gauge(
     "bcast_broadcasts_auto_paused",
     "Broadcasts paused by themselves for too many failed sends and not resumed yet.",
@@ -360,6 +365,7 @@ class Swept:
     taken_back: store.TakenBack = field(default_factory=store.TakenBack)
     restarted: int = 0
     stranded: list[store.Stranded] = field(default_factory=list)
+    erased: store.Settled = field(default_factory=lambda: store.Settled(0, 0))
 
 
 def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
@@ -409,7 +415,9 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
         _to_outbox(session, list(stalled), "stalled")
         STALLED.inc(len(stalled))
     store.run(conn, store.drop_finished_batches())
-    return Swept(taken, len(stalled), stranded)
+    erased = store.run(conn, store.settle_erasures())
+    ERASED_ROWS.inc(erased.rows)
+    return Swept(taken, len(stalled), stranded, erased)
 
 
 def observe(session: Session) -> None:
@@ -705,6 +713,17 @@ class Scheduler:
                 taken.rows,
                 taken.republished,
                 swept.restarted,
+            )
+        if swept.erased.rows or swept.erased.done:
+            log.info(
+                "erasure: %s delivery rows of erased contacts erased, %s erasures finished",
+                swept.erased.rows,
+                swept.erased.done,
+                extra={
+                    "event": "contacts_erased",
+                    "rows": swept.erased.rows,
+                    "erasures": swept.erased.done,
+                },
             )
         for s in swept.stranded:
             # Nothing in the normal course leaves rows so: a dispatcher of an earlier version

@@ -176,6 +176,9 @@ class Contact(Base):
     time_zone: Mapped[str | None] = mapped_column(Text)
     #: Custom fields (``{"city": "Berlin"}``), for personalised text: ``{{city}}``.
     fields: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    #: When the contact last wrote to the business on its account: the start of the
+    #: provider's conversation window (24 hours on WhatsApp, Messenger, Instagram).
+    last_inbound_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
 
@@ -277,11 +280,10 @@ class Broadcast(Base):
             "retry_of_id",
             postgresql_where=text("retry_of_id IS NOT NULL"),
         ),
-        # Broadcasts that paused themselves, not yet logged by the scheduler.
+        # Broadcasts that paused themselves (and were not resumed since): the scheduler logs
+        # each once and counts those paused.
         Index(
-            "ix_broadcast_auto_paused_unlogged",
-            "id",
-            postgresql_where=text("auto_paused_at IS NOT NULL AND auto_pause_logged_at IS NULL"),
+            "ix_broadcast_auto_paused", "id", postgresql_where=text("auto_paused_at IS NOT NULL")
         ),
         # The test sends of a broadcast.
         Index(
@@ -508,6 +510,17 @@ class ChannelRate(Base):
     #: Set by a provider's "slow down" answer: no slot starts before it.
     blocked_until: Mapped[datetime | None]
     block_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ContactErasure(Base):
+    """A deleted contact whose delivery rows may still hold its address: the scheduler's
+    sweep erases them in small steps (``shared.delivery_store.settle_erasures``).
+    """
+
+    __tablename__ = "contact_erasure"
+
+    contact_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = _created_at()
 
 
 class DeliveryPurge(Base):

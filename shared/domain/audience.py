@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -217,6 +218,9 @@ class Breakdown:
     unreachable: int
     #: The most common reasons the unreachable ones were given, most common first.
     reasons: list[tuple[str, int]]
+    #: Of those to be sent to, how many wrote in within the provider's conversation window
+    #: (None: the channel has no such window).
+    inside_window: int | None = None
 
     @property
     def everyone(self) -> int:
@@ -229,19 +233,33 @@ MAX_REASONS = 10
 
 
 def breakdown(
-    session: Session, workspace_id: int, channel_id: int, spec: AudienceFilter | AudienceSpec
+    session: Session,
+    workspace_id: int,
+    channel_id: int,
+    spec: AudienceFilter | AudienceSpec,
+    *,
+    window: timedelta | None = None,
 ) -> Breakdown:
-    """The spec's audience right now, counted by what its start would do with each."""
+    """The spec's audience right now, counted by what its start would do with each; with a
+    conversation ``window``, how many of those to be sent to are inside it.
+    """
     matched = audience_query(
         workspace_id, channel_id, spec, reachable=None, opted_out=None
-    ).with_only_columns(Contact.opted_out_at, Contact.unreachable_at, Contact.unreachable_reason)
+    ).with_only_columns(
+        Contact.opted_out_at,
+        Contact.unreachable_at,
+        Contact.unreachable_reason,
+        Contact.last_inbound_at,
+    )
     sub = matched.subquery()
     opted, gone = sub.c.opted_out_at.is_not(None), sub.c.unreachable_at.is_not(None)
+    inside = sub.c.last_inbound_at > func.now() - (window or timedelta(0))
     row = session.execute(
         select(
             func.count().filter(~opted & ~gone),
             func.count().filter(opted),
             func.count().filter(~opted & gone),
+            func.count().filter(~opted & ~gone & inside),
         ).select_from(sub)
     ).one()
     reasons: list[tuple[str, int]] = []
@@ -258,7 +276,13 @@ def breakdown(
                 .limit(MAX_REASONS)
             )
         ]
-    return Breakdown(int(row[0]), int(row[1]), int(row[2]), reasons)
+    return Breakdown(
+        int(row[0]),
+        int(row[1]),
+        int(row[2]),
+        reasons,
+        int(row[3]) if window is not None else None,
+    )
 
 
 def check_audience(

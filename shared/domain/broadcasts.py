@@ -29,7 +29,7 @@ from shared.db.models import (
 )
 from shared.db.sql import contains
 from shared.domain import templates, zones
-from shared.domain.audience import AudienceSpec, check_audience
+from shared.domain.audience import AudienceSpec, breakdown, check_audience
 from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
@@ -589,8 +589,10 @@ def resume_broadcast(
                 )
             )
     broadcast.status_reason = None
-    # A task that paused itself for its failures starts its window of recent sends afresh.
+    # A task that paused itself for its failures starts its window of recent sends afresh
+    # (and is no longer counted as paused by itself).
     broadcast.recent_outcomes = None
+    broadcast.auto_paused_at = None
     broadcast.auto_pause_logged_at = None
     broadcast.updated_at = utcnow()
     session.flush()
@@ -798,3 +800,33 @@ def waiting(session: Session, broadcast: Broadcast) -> Waiting | None:
         )
     ).one()
     return Waiting(int(row[0]), row[1])
+
+
+def inside_window(session: Session, broadcast: Broadcast, window: timedelta) -> int:
+    """How many of a broadcast's recipients are inside the provider's conversation window now
+    (wrote in less than ``window`` ago): of its audience before it starts, of the recipients
+    it has yet to send to once it has.
+    """
+    since = func.now() - window
+    if broadcast.part_day is None:
+        found = breakdown(
+            session,
+            broadcast.workspace_id,
+            broadcast.channel_id,
+            AudienceSpec.model_validate(broadcast.audience),
+            window=window,
+        )
+        return found.inside_window or 0
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Delivery)
+            .join(Contact, Contact.id == Delivery.contact_id)
+            .where(
+                Delivery.broadcast_id == broadcast.id,
+                Delivery.part_day == broadcast.part_day,
+                Delivery.status == DeliveryStatus.QUEUED.value,
+                Contact.last_inbound_at > since,
+            )
+        ).scalar_one()
+    )

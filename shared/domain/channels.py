@@ -7,6 +7,7 @@ where a provider is called (``open_config``); the API shows them redacted.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -133,6 +134,10 @@ DEFAULT_RATE_LIMIT_PER_SECOND: dict[ChannelKind, float] = {
     ChannelKind.WHATSAPP: 80.0,
     ChannelKind.SMTP: 10.0,
 }
+
+#: Kinds whose provider takes free-form messages only within a window after the contact last
+#: wrote in, and that window.
+CONVERSATION_WINDOW: dict[ChannelKind, timedelta] = {ChannelKind.WHATSAPP: timedelta(hours=24)}
 
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _E164 = re.compile(r"\+?[1-9]\d{6,14}")
@@ -278,14 +283,58 @@ def changed_config(
     """A channel's config with the keys ``given`` replaced, checked and sealed as a new one is.
 
     Keys not given keep their value, secrets included; a value given back exactly as the API
-    shows it (``********`` for a secret, a URL with its password masked) keeps the stored one,
-    so a client may send back what it read with one key changed.
+    shows it (``********`` for a secret, a URL with its user name and password masked) keeps
+    the stored one, so a client may send back what it read with one key changed. A stored
+    secret never follows the channel to another address: changing where it connects (its URL
+    or host) needs every secret it holds given again.
     """
     opened = open_config(kind, stored, box)
     shown = redact_config(kind, opened)
     merged = {k: v for k, v in opened.items() if not k.startswith("_")}
+    target = TARGET_KEYS[kind]
     for key, value in given.items():
         if key in shown and value == shown[key] and shown[key] != opened.get(key):
             continue  # echoed back as shown: the stored value stays
+        if key == target and isinstance(value, str) and kind is not ChannelKind.SMTP:
+            value = _keep_userinfo(value, str(opened.get(target, "")))
         merged[key] = value
+    if _place(kind, str(merged.get(target, ""))) != _place(kind, str(opened.get(target, ""))):
+        kept = [
+            f"{field}.{k}"
+            for k in SECRET_KEYS[kind]
+            if opened.get(k) not in (None, "") and (k not in given or given[k] == REDACTED)
+        ]
+        if kind is not ChannelKind.SMTP and f"{REDACTED}@" in str(merged.get(target, "")):
+            kept.append(f"{field}.{target} (its user name and password)")
+        if kept:
+            raise ValidationFailed.one(
+                f"{field}.{target}",
+                "changes where the channel connects; a stored secret is never sent to a new "
+                f"address: give {', '.join(kept)} again with it",
+                "secret_required",
+            )
     return seal_config(kind, validate_config(kind, merged, field), box, field)
+
+
+def _place(kind: ChannelKind, target: str) -> tuple[str, ...]:
+    """Where a config connects, as far as its secrets are concerned: scheme, host and port
+    (the SMTP host as it is); a change of path keeps the same server.
+    """
+    if kind is ChannelKind.SMTP:
+        return (target.strip().lower(),)
+    parts = urlsplit(target)
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), str(parts.port or ""))
+
+
+def _keep_userinfo(url: str, stored_url: str) -> str:
+    """A URL given back with its user name and password masked (``********@``) gets the
+    stored ones again, on the same server; elsewhere it is refused by ``changed_config``.
+    """
+    parts = urlsplit(url)
+    if parts.netloc.rsplit("@", 1)[0] != REDACTED or "@" not in parts.netloc:
+        return url
+    old = urlsplit(stored_url)
+    if "@" not in old.netloc or (old.hostname, old.port) != (parts.hostname, parts.port):
+        return url
+    userinfo = old.netloc.rsplit("@", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc.rsplit('@', 1)[1]}"))

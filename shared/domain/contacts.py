@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from psycopg.types.json import Jsonb
@@ -19,6 +20,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 from sqlalchemy import Select, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -31,6 +33,7 @@ from shared.domain.errors import FieldError, NotFound, StateConflict, Validation
 from shared.domain.lifecycle import ChannelKind
 from shared.domain.types import (
     Id,
+    IsoDatetime,
     OneLine,
     check_one_line,
     json_too_deep,
@@ -50,7 +53,18 @@ TagName = Annotated[
 MAX_IMPORT_ERRORS = 100
 #: Columns a CSV import understands; ``tags`` holds names separated by ``;``. Custom fields
 #: are columns named ``field.<key>`` (``field.city``).
-CSV_COLUMNS = ("account_id", "address", "name", "tags", "opted_out", "time_zone")
+CSV_COLUMNS = (
+    "account_id",
+    "address",
+    "name",
+    "tags",
+    "opted_out",
+    "time_zone",
+    "last_inbound_at",
+)
+#: How far ahead of this server's clock an inbound time may be (the inbox's clock may run a
+#: little fast).
+INBOUND_SKEW = timedelta(minutes=1)
 #: How a CSV column names a custom field.
 FIELD_COLUMN = "field."
 #: Names a custom field may not take: text fills them in from the contact itself.
@@ -113,6 +127,21 @@ class ContactIn(BaseModel):
         description="Custom fields for personalised text ({{city}}); keys are lower-case "
         "letters, digits and _.",
     )
+    last_inbound_at: IsoDatetime | None = Field(
+        default=None,
+        description="When the contact last wrote in (with offset): its conversation window.",
+    )
+
+    @field_validator("last_inbound_at")
+    @classmethod
+    def _inbound(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("needs its UTC offset (Z or +01:00)")
+        if value > datetime.now(UTC) + INBOUND_SKEW:
+            raise ValueError("is in the future")
+        return value
 
 
 _ROWS = TypeAdapter(list[ContactIn])
@@ -262,6 +291,7 @@ def update_contact(
     clear_unreachable: bool = False,
     time_zone: str | Unset | None = UNSET,
     fields: dict[str, str | None] | None = None,
+    last_inbound_at: datetime | None = None,
 ) -> Contact:
     """Change a contact's name, tags, opt-out, zone (None clears it) or custom fields (each
     key given is set, or removed when None), or clear its unreachable mark; what is not given
@@ -271,6 +301,10 @@ def update_contact(
     values: dict[str, Any] = {}
     if not isinstance(time_zone, Unset):
         values["time_zone"] = time_zone
+    if last_inbound_at is not None:
+        values["last_inbound_at"] = func.greatest(
+            Contact.last_inbound_at, _inbound_time(last_inbound_at, "last_inbound_at")
+        )
     if fields:
         merged = {k: v for k, v in {**contact.fields, **fields}.items() if v is not None}
         if len(merged) > MAX_FIELDS:
@@ -292,6 +326,26 @@ def update_contact(
         set_tags(session, workspace_id, contact_id, tags)
     session.refresh(contact)
     return contact
+
+
+def _inbound_time(at: datetime, field: str) -> datetime:
+    """A time a contact wrote in: with its offset, and not ahead of now."""
+    if at.tzinfo is None:
+        raise ValidationFailed.one(field, "needs its UTC offset (Z or +01:00)", "timezone_missing")
+    if at > datetime.now(UTC) + INBOUND_SKEW:
+        raise ValidationFailed.one(field, "is in the future", "in_future")
+    return at
+
+
+def record_inbound(
+    session: Session, workspace_id: int, contact_id: int, at: datetime | None
+) -> Contact:
+    """The contact wrote in at ``at`` (None: now); an earlier time than the one known is kept
+    as it is.
+    """
+    return update_contact(
+        session, workspace_id, contact_id, last_inbound_at=at or datetime.now(UTC)
+    )
 
 
 def tags_of(session: Session, contact_ids: Sequence[int]) -> dict[int, list[str]]:
@@ -491,8 +545,9 @@ def _read_csv(reader: csv.DictReader[str], max_rows: int) -> list[dict[str, Any]
             row["tags"] = [t for t in row["tags"].split(";") if t.strip()]
         if row.get("opted_out") == "":
             del row["opted_out"]
-        if row.get("time_zone") == "":
-            del row["time_zone"]
+        for optional in ("time_zone", "last_inbound_at"):
+            if row.get(optional) == "":
+                del row[optional]
         custom = {
             k.removeprefix(FIELD_COLUMN): row.pop(k)
             for k in [k for k in row if k.startswith(FIELD_COLUMN)]
@@ -558,7 +613,8 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
     session.execute(
         text(
             "CREATE TEMP TABLE contact_import (account_id bigint, address text, name text,"
-            " opted_out boolean, tag_ids bigint[], time_zone text, fields jsonb) ON COMMIT DROP"
+            " opted_out boolean, tag_ids bigint[], time_zone text, fields jsonb,"
+            " last_inbound_at timestamptz) ON COMMIT DROP"
         )
     )
     driver = session.connection().connection.driver_connection
@@ -567,7 +623,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
         driver.cursor() as cursor,
         cursor.copy(
             "COPY contact_import (account_id, address, name, opted_out, tag_ids, time_zone,"
-            " fields) FROM STDIN"
+            " fields, last_inbound_at) FROM STDIN"
         ) as copy,
     ):
         for row, address in zip(rows, normalized, strict=True):
@@ -580,6 +636,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
                     [tag_ids[tag_key(t)] for t in row.tags],
                     row.time_zone,
                     Jsonb(row.fields),
+                    row.last_inbound_at,
                 )
             )
     session.execute(text("ANALYZE contact_import"))
@@ -588,15 +645,16 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
             """
             WITH upserted AS (
                 INSERT INTO contact (workspace_id, account_id, address, name, opted_out_at,
-                                     time_zone, fields)
+                                     time_zone, fields, last_inbound_at)
                 SELECT :workspace_id, account_id, address, name,
-                       CASE WHEN opted_out THEN now() END, time_zone, fields
+                       CASE WHEN opted_out THEN now() END, time_zone, fields, last_inbound_at
                 FROM contact_import
                 ON CONFLICT (account_id, address) DO UPDATE
                 SET name = CASE WHEN EXCLUDED.name <> '' THEN EXCLUDED.name ELSE contact.name END,
                     opted_out_at = COALESCE(contact.opted_out_at, EXCLUDED.opted_out_at),
                     time_zone = COALESCE(EXCLUDED.time_zone, contact.time_zone),
                     fields = contact.fields || EXCLUDED.fields,
+                    last_inbound_at = greatest(contact.last_inbound_at, EXCLUDED.last_inbound_at),
                     updated_at = now()
                 RETURNING id, account_id, address, (xmax = 0) AS inserted
             ), tagged AS (

@@ -17,19 +17,20 @@ broadcasts not yet final (pending, in progress or paused) that use the row, and 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import ColumnElement, func, select, text
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import delivery_store
-from shared.db.models import Account, Broadcast, Channel, Contact, Media, Tag
-from shared.domain.audience import AudienceSpec, count_audience
+from shared.db.engine import raw_connection
+from shared.db.models import Account, Broadcast, Channel, Contact, Conversation, Media, Tag
+from shared.domain.audience import AudienceSpec, breakdown
 from shared.domain.errors import NotFound, StateConflict
 from shared.domain.lifecycle import (
+    ERASED_ADDRESS,
     FINAL_BROADCAST_STATUSES,
     BroadcastStatus,
 )
@@ -176,46 +177,69 @@ class Erased:
 
 def erase_contact(session: Session, workspace_id: int, contact_id: int) -> Erased:
     """Delete a contact and erase it from delivery history (a data-protection request): its
-    rows keep their outcome, the address in them becomes ``(erased)``. Its queued rows are
-    skipped by their batch's next run (``skipped: contact erased``); a send to it under way
-    this moment is a 409 (ask again in a few seconds). Broadcasts not yet started that
-    hand-picked it lose it from their list; a list it was all of is canceled.
-    Call ``finish_erasure`` once this commits.
+    rows keep their outcome, the address in them becomes ``(erased)``, and so does its name
+    in the names of its conversations' timed sends. Its queued rows in broadcasts being sent
+    are skipped (``skipped: contact erased``); a send to it under way this moment is a 409
+    (ask again in a few seconds). Broadcasts not yet started that hand-picked it lose it from
+    their list; a list it was all of is canceled. Rows this cannot reach now (held by another
+    transaction, or written by an audience copy under way) are erased by the scheduler's
+    sweep (``delivery_store.settle_erasures``), from the note the delete leaves.
     """
-    contact = _locked(session, Contact, contact_id, workspace_id, "contact")
-    channel_id = session.execute(
-        select(Account.channel_id).where(Account.id == contact.account_id)
-    ).scalar_one()
+    found = session.execute(
+        select(Account.channel_id)
+        .join(Contact, Contact.account_id == Account.id)
+        .where(Contact.id == contact_id, Contact.workspace_id == workspace_id)
+    ).scalar_one_or_none()
+    if found is None:
+        raise NotFound("contact", contact_id)
+    channel_id = int(found)
+    conn = raw_connection(session)
+    # The store's order: the tasks sending to it, then its rows in them (then the tasks not
+    # yet started that list it), then the contact.
+    _hold(conn, contact_id)
     unlisted = _unlist(session, workspace_id, channel_id, contact_id)
-    # Its rows are erased (and locked) by the delete's trigger: a claim from now on passes
-    # them over, and finds no contact once this commits. One claimed just before is a send
-    # under way: refused, so nothing is sent to the contact after its erasure.
+    contact = _locked(session, Contact, contact_id, workspace_id, "contact")
+    _rename_timed_sends(session, contact)
     session.delete(contact)
     session.flush()
+    # Once more: an audience copy may have committed rows of it meanwhile (and a claim from
+    # them started a send); from the contact's delete on, no claim takes its rows.
+    _hold(conn, contact_id)
     for b in session.execute(
         select(Broadcast).where(
             Broadcast.id.in_(unlisted), Broadcast.status != BroadcastStatus.CANCELED
         )
     ).scalars():
-        b.audience_size = count_audience(
+        b.audience_size = breakdown(
             session, workspace_id, channel_id, AudienceSpec.model_validate(b.audience)
-        )
-    sending = session.execute(
-        text(
-            "SELECT d.broadcast_id FROM delivery d WHERE d.contact_id = :c "
-            "AND d.status = 'sending' LIMIT 1"
-        ),
-        {"c": contact_id},
-    ).scalar_one_or_none()
+        ).everyone
+    rows = delivery_store.run(conn, delivery_store.erase([contact_id]))
+    return Erased(contact_id, channel_id, rows, unlisted)
+
+
+def _hold(conn: psycopg.Connection[Any], contact_id: int) -> None:
+    """``hold_for_erasure``, or a 409 when a send to the contact is under way."""
+    sending = delivery_store.run(conn, delivery_store.hold_for_erasure(contact_id))
     if sending is not None:
         raise StateConflict(
             f"a send to contact {contact_id} is under way in broadcast {sending}; ask again "
             "in a few seconds"
         )
-    rows = session.execute(
-        text("SELECT count(*) FROM delivery WHERE contact_id = :c"), {"c": contact_id}
-    ).scalar_one()
-    return Erased(contact_id, channel_id, int(rows), unlisted)
+
+
+def _rename_timed_sends(session: Session, contact: Contact) -> None:
+    """The contact's name and address out of the names of its conversations' timed sends
+    ("Timed send to Ann").
+    """
+    ids = select(Conversation.id).where(Conversation.contact_id == contact.id)
+    for said in {contact.name, contact.address} - {""}:
+        session.execute(
+            update(Broadcast)
+            .where(
+                Broadcast.conversation_id.in_(ids), Broadcast.name.contains(said, autoescape=True)
+            )
+            .values(name=func.replace(Broadcast.name, said, ERASED_ADDRESS))
+        )
 
 
 def _unlist(session: Session, workspace_id: int, channel_id: int, contact_id: int) -> list[int]:
@@ -255,27 +279,3 @@ def _unlist(session: Session, workspace_id: int, channel_id: int, contact_id: in
         b.updated_at = func.now()
         changed.append(b.id)
     return changed
-
-
-#: How long ``finish_erasure`` waits for audience copies under way.
-COPY_WAIT = 60.0
-
-
-def finish_erasure(conn: psycopg.Connection[Any], erased: Erased) -> int:
-    """After an erasure committed: wait for the audience copies under way on its channel
-    (one may have read the contact before it was deleted), then erase the rows they made.
-    Returns how many rows that erased (usually 0).
-    """
-    deadline = time.monotonic() + COPY_WAIT
-    while time.monotonic() < deadline:
-        copying = conn.execute(
-            "SELECT 1 FROM pg_locks l JOIN broadcast b ON b.id = l.objid::text::bigint "
-            "WHERE l.locktype = 'advisory' AND l.classid::text::bigint = %s "
-            "AND l.objsubid = 2 "
-            "AND b.channel_id = %s AND b.snapshot_at IS NULL LIMIT 1",
-            (delivery_store.SNAPSHOT_LOCK, erased.channel_id),
-        ).fetchone()
-        if copying is None:
-            break
-        time.sleep(0.05)
-    return delivery_store.run(conn, delivery_store.erase([erased.contact_id]))

@@ -127,7 +127,13 @@ def resolve(value: datetime | LocalTime | None, *, field: str = "send_at") -> Re
     zone = ZoneInfo(value.zone)
     wall = datetime.fromisoformat(value.local)
     first, second = wall.replace(tzinfo=zone, fold=0), wall.replace(tzinfo=zone, fold=1)
-    back = first.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+    try:
+        back = first.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+        second.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed.one(
+            field, f"{value.local} in {value.zone} is out of the range of times", "out_of_range"
+        ) from None
     if back != wall:
         before, after = first.utcoffset(), second.utcoffset()
         raise ValidationFailed.one(

@@ -344,7 +344,7 @@ def test_a_test_send_goes_to_contacts_named_by_address_or_id_and_is_listed_apart
         path,
         data={
             "csrf_token": csrf,
-            "to": f"https://hooks.example/0\n{ids['https://hooks.example/2']}",
+            "to": f"https://hooks.example/0\n#{ids['https://hooks.example/2']}",
         },
     )
     assert done.status_code == 303, done.text

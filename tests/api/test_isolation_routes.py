@@ -30,6 +30,7 @@ KINDS = {
 #: A valid body for every operation with an id in its path that takes one.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("patch", "/v1/contacts/{contact_id}"): {"name": "changed", "opted_out": True},
+    ("post", "/v1/contacts/{contact_id}/inbound"): {},
     ("patch", "/v1/broadcasts/{broadcast_id}"): {"name": "changed"},
     ("patch", "/v1/channels/{channel_id}"): {"name": "changed", "rate_limit_per_second": 1},
     ("patch", "/v1/accounts/{account_id}"): {"name": "changed"},

@@ -12,9 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 from PIL import Image
+from sqlalchemy import text
 
 from shared import delivery_store as store
-from shared.db.engine import libpq_url
+from shared.db.engine import libpq_url, transaction
 from shared.domain.channels import open_config
 from shared.domain.lifecycle import ChannelKind
 from shared.secrets_box import get_secrets_box
@@ -292,6 +293,49 @@ def test_erasing_a_contact_keeps_every_count_and_removes_its_address_and_name(
     )
 
 
+def test_deleting_an_account_erases_its_contacts_rows_in_steps(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    channel = api.channel()
+    account = api.account(channel["id"])
+    api.contact(account["id"], "gone-1@example.com")
+    b = api.broadcast(channel["id"], send_at=later())
+    start_with_deliveries(b["id"], ["sent"])
+    set_status(b["id"], "completed")
+    assert api.delete(f"/v1/accounts/{account['id']}").status_code == 204
+    # The delete itself is one quick statement: the rows are erased by the sweep's steps.
+    while store.run(conn, store.settle_erasures(rows=1)).rows:
+        pass
+    assert conn.execute(
+        "SELECT address FROM delivery WHERE broadcast_id = %s", (b["id"],)
+    ).fetchall() == [("(erased)",)]
+    assert api.ok("get", f"/v1/broadcasts/{b['id']}")["counts"]["sent"] == 1
+
+
+def test_an_erased_contact_s_name_leaves_its_timed_sends_names(api: Api) -> None:
+    channel = api.channel()
+    account = api.account(channel["id"])
+    ann = api.contact(account["id"], "ann-3@example.com", name="Ann Person")
+    conversation = api.ok(
+        "post",
+        "/v1/conversations",
+        201,
+        json={"account_id": account["id"], "contact_id": ann["id"]},
+    )
+    timed = api.ok(
+        "post",
+        f"/v1/conversations/{conversation['id']}/timed-sends",
+        201,
+        json={"content": {"text": "hi"}, "send_at": later()},
+    )
+    assert "Ann Person" in timed["name"]
+    api.ok("delete", f"/v1/contacts/{ann['id']}")
+    renamed = api.ok("get", f"/v1/broadcasts/{timed['id']}")
+    assert "Ann Person" not in renamed["name"]
+    assert "(erased)" in renamed["name"]
+    assert renamed["status"] == "canceled"
+
+
 def test_a_contact_being_sent_to_is_not_erased_until_the_send_ends(
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
@@ -346,3 +390,95 @@ def test_tokens_are_listed_named_given_an_expiry_and_revoked(api: Api, client: A
     assert other.delete(f"/v1/tokens/{mine}").status_code == 404
     assert other.patch(f"/v1/tokens/{mine}", json={"name": "x"}).status_code == 404
     assert api.get("/v1/tokens").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "move", "secret"),
+    [
+        ("telegram", {"api_base_url": "https://evil.example"}, {"bot_token": "42:NEW-token_1"}),
+        (
+            "whatsapp",
+            {"api_base_url": "https://evil.example"},
+            {"access_token": "EAAG-new-token"},
+        ),
+        ("smtp", {"host": "smtp.evil.example"}, {"password": "new-smtp-pass"}),
+        ("webhook", {"url": "https://evil.example/hook"}, {"secret": "a-new-webhook-secret-1"}),
+    ],
+)
+def test_a_stored_secret_never_follows_the_channel_to_another_address(
+    api: Api,
+    conn: psycopg.Connection[Any],
+    kind: str,
+    move: dict[str, str],
+    secret: dict[str, str],
+) -> None:
+    channel = api.channel(kind)
+    path = f"/v1/channels/{channel['id']}"
+    before = stored_config(conn, channel["id"])
+    refused = api.patch(path, json={"config": move})
+    assert refused.status_code == 422, refused.text
+    [error] = refused.json()["errors"]
+    assert error["type"] == "secret_required"
+    assert f"config.{next(iter(secret))}" in error["msg"]
+    assert stored_config(conn, channel["id"]) == before
+    # Shown as ********, the stored secret still does not follow.
+    echoed = api.patch(path, json={"config": {**move, next(iter(secret)): "********"}})
+    assert echoed.status_code == 422
+    moved = api.ok("patch", path, json={"config": {**move, **secret}})
+    after = stored_config(conn, channel["id"])
+    assert all(str(after[k]).rstrip("/") == v for k, v in {**move, **secret}.items())
+    assert next(iter(secret.values())) not in str(moved)
+
+
+def test_a_url_with_a_login_keeps_it_on_the_same_server_sent_back_masked(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    channel = api.channel(
+        config={"url": "http://user:pw-1@127.0.0.1:9/v1", "secret": "s3cret-webhook-key-0001"}
+    )
+    shown = api.ok("get", f"/v1/channels/{channel['id']}")["config"]
+    assert shown["url"] == "http://********@127.0.0.1:9/v1"
+    path = f"/v1/channels/{channel['id']}"
+    api.ok("patch", path, json={"config": {**shown, "url": "http://********@127.0.0.1:9/v2"}})
+    assert stored_config(conn, channel["id"])["url"] == "http://user:pw-1@127.0.0.1:9/v2"
+    elsewhere = api.patch(
+        path,
+        json={
+            "config": {"url": "http://********@127.0.0.2:9/v2", "secret": "another-secret-00002"}
+        },
+    )
+    assert elsewhere.status_code == 422
+    assert "user name and password" in elsewhere.json()["errors"][0]["msg"]
+
+
+def test_a_token_that_expires_cannot_outlive_itself_through_another(api: Api, client: Any) -> None:
+    soon = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    short = api.ok(
+        "post", "/v1/tokens", 201, json={"name": "short", "expires_at": soon.isoformat()}
+    )
+    headers = {"Authorization": f"Bearer {short['token']}"}
+    longer = (soon + timedelta(days=1)).isoformat()
+    for method, path, body in (
+        ("post", "/v1/tokens", {"name": "x", "expires_at": longer}),
+        ("post", "/v1/tokens", {"name": "x"}),
+        ("patch", f"/v1/tokens/{short['id']}", {"expires_at": None}),
+        ("patch", f"/v1/tokens/{short['id']}", {"expires_at": longer}),
+    ):
+        refused = getattr(client, method)(path, json=body, headers=headers)
+        assert refused.status_code == 422, (method, path, body)
+        assert refused.json()["errors"][0]["type"] == "beyond_own_expiry"
+    ok = client.post(
+        "/v1/tokens",
+        json={"name": "shorter", "expires_at": (soon - timedelta(hours=1)).isoformat()},
+        headers=headers,
+    )
+    assert ok.status_code == 201
+    # An expired token is not revived by another.
+    with transaction() as session:
+        session.execute(
+            text("UPDATE api_token SET expires_at = now() - interval '1 minute' WHERE id = :i"),
+            {"i": short["id"]},
+        )
+    revived = api.patch(f"/v1/tokens/{short['id']}", json={"expires_at": None})
+    assert revived.status_code == 409
+    assert "expired" in revived.json()["detail"]

@@ -128,4 +128,26 @@ def test_resuming_starts_the_window_afresh(api: Api, conn: psycopg.Connection[An
     assert (row["pause_ratio"], row["pause_last"]) == (0.5, 10)
     detail = api.ok("get", f"/v1/broadcasts/{task.id}")
     assert detail["auto_pause"] == {"failure_ratio": 0.5, "last": 10}
-    assert detail["auto_paused_at"] is not None
+    # No longer counted as paused by itself, nor logged again.
+    assert (detail["auto_paused_at"], row["auto_pause_logged_at"]) == (None, None)
+
+
+def test_the_outcomes_of_one_statement_count_in_proportion_however_many(
+    api: Api, conn: psycopg.Connection[Any]
+) -> None:
+    task = new_task(api, conn, 60, auto_pause={"failure_ratio": 0.5, "last": 20})
+    batch = run_batch(conn, task.id)
+    held = store.run(conn, store.claim(batch, 40))
+    # One statement writes 30 sent and 10 failed: a quarter failed, under the limit.
+    store.run(
+        conn,
+        store.record(
+            batch,
+            [Record(h.id, SENT) for h in held[:30]]
+            + [Record(h.id, FAILED, error="HTTP 500") for h in held[30:]],
+        ),
+    )
+    row = task_row(conn, task.id)
+    assert row["status"] == "in_progress"
+    assert len(row["recent_outcomes"]) == 20
+    assert row["recent_outcomes"].count("1") == 5

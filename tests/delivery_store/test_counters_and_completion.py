@@ -199,11 +199,22 @@ def test_a_deleted_contact_keeps_its_rows_and_every_count_but_not_its_address(
         before["total_count"],
         before["sent_count"],
     )
+    # The delete notes the erasure; its rows are erased by the next step (here, at once).
+    noted = conn.execute(
+        "SELECT count(*) FROM contact_erasure WHERE contact_id = %s", (held[0].contact_id,)
+    ).fetchone()
+    assert noted == (1,)
+    assert store.run(conn, store.erase([held[0].contact_id])) == 1
     assert conn.execute(
         "SELECT address, status FROM delivery WHERE id = %s", (held[0].id,)
     ).fetchone() == ("(erased)", "sent")
-    # Erasing again (a copy made meanwhile) finds nothing left to change.
+    # Erasing again finds nothing left to change, and the note goes.
     assert store.run(conn, store.erase([held[0].contact_id])) == 0
+    while store.run(conn, store.settle_erasures()).done:
+        pass
+    assert conn.execute(
+        "SELECT count(*) FROM contact_erasure WHERE contact_id = %s", (held[0].contact_id,)
+    ).fetchone() == (0,)
 
 
 def test_one_statement_over_many_tasks_moves_each_task_by_its_own_rows(
@@ -216,3 +227,24 @@ def test_one_statement_over_many_tasks_moves_each_task_by_its_own_rows(
     )
     assert (task_row(conn, a.id)["failed_count"], task_row(conn, b.id)["failed_count"]) == (3, 5)
     assert task_row(conn, a.id)["status"] == task_row(conn, b.id)["status"] == "completed"
+
+
+def test_an_erasure_waits_for_an_audience_copy_that_began_before_it(
+    api: Api, conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    from shared.delivery_store import SNAPSHOT_LOCK
+
+    task = new_task(api, conn, 2)
+    copying = connect()
+    copying.autocommit = False
+    # An audience copy under way (it holds its broadcast's copy lock), begun before the delete.
+    copying.execute("SELECT pg_advisory_xact_lock(%s, %s)", (SNAPSHOT_LOCK, 999_999))
+    conn.execute("DELETE FROM contact WHERE id = %s", (task.contacts[0],))
+    settled = store.run(conn, store.settle_erasures())
+    assert settled.rows == 1
+    noted = "SELECT count(*) FROM contact_erasure WHERE contact_id = %s"
+    assert conn.execute(noted, (task.contacts[0],)).fetchone() == (1,), "kept while it runs"
+    copying.rollback()
+    while store.run(conn, store.settle_erasures()).done:
+        pass
+    assert conn.execute(noted, (task.contacts[0],)).fetchone() == (0,)

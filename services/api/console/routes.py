@@ -776,11 +776,14 @@ def send_test(
 
 def _contacts_named(session: Session, workspace_id: int, channel_id: int, text: str) -> list[int]:
     """The contacts a comma- or line-separated list names: each an address on one of the
-    channel's accounts, or a contact id.
+    channel's accounts, or a contact id written ``#123`` (digits alone are an address: a
+    Telegram chat id is one).
     """
     names = [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
     if not names:
-        raise ValidationFailed.one("to", "names no contact: give addresses or contact ids", "empty")
+        raise ValidationFailed.one(
+            "to", "names no contact: give addresses, or contact ids as #123", "empty"
+        )
     if len(names) > MAX_TEST_CONTACTS:
         raise ValidationFailed.one(
             "to", f"names {len(names)} contacts; a test goes to at most {MAX_TEST_CONTACTS}", "long"
@@ -800,8 +803,8 @@ def _contacts_named(session: Session, workspace_id: int, channel_id: int, text: 
     for name in names:
         if name in found:
             ids.append(found[name])
-        elif name.isdigit() and 0 < int(name) <= MAX_ID:
-            ids.append(int(name))
+        elif name.startswith("#") and name[1:].isdigit() and 0 < int(name[1:]) <= MAX_ID:
+            ids.append(int(name[1:]))
         else:
             raise ValidationFailed.one(
                 "to", f"no contact of this channel has the address {name!r}", "not_found"

@@ -45,7 +45,7 @@ from services.api.schemas import (
     WindowOut,
 )
 from shared.db.engine import get_sessionmaker
-from shared.db.models import Broadcast, Delivery
+from shared.db.models import Broadcast, Channel, Delivery
 from shared.domain import templates
 from shared.domain.audience import AudienceSpec, describe
 from shared.domain.broadcasts import (
@@ -61,6 +61,7 @@ from shared.domain.broadcasts import (
     create_broadcast,
     create_retry,
     get_broadcast,
+    inside_window,
     modify_broadcast,
     new_test_send,
     pause_broadcast,
@@ -72,8 +73,15 @@ from shared.domain.broadcasts import (
     sending_window,
     waiting,
 )
+from shared.domain.channels import CONVERSATION_WINDOW
 from shared.domain.errors import StateConflict, ValidationFailed
-from shared.domain.lifecycle import BroadcastStatus, DeliveryStatus, Origin
+from shared.domain.lifecycle import (
+    FINAL_BROADCAST_STATUSES,
+    BroadcastStatus,
+    ChannelKind,
+    DeliveryStatus,
+    Origin,
+)
 from shared.domain.removal import delete_broadcast
 from shared.domain.types import IsoDatetime
 from shared.settings import Settings
@@ -347,6 +355,10 @@ def read_broadcast(
     broadcast = get_broadcast(session, workspace, broadcast_id)
     out = broadcast_out(broadcast)
     out.sending_window = _window_out(broadcast, waiting_now=True)
+    channel = session.get(Channel, broadcast.channel_id)
+    window = CONVERSATION_WINDOW.get(ChannelKind(channel.kind)) if channel else None
+    if window is not None and broadcast.status not in FINAL_BROADCAST_STATUSES:
+        out.inside_window = inside_window(session, broadcast, window)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 
 from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -25,15 +26,16 @@ from services.api.schemas import (
     ContactPatch,
     ErasureOut,
     ImportOut,
+    InboundIn,
     Page,
     PreviewContact,
     ReasonCount,
 )
-from shared.db.engine import raw_connection
 from shared.db.models import Contact
 from shared.domain import templates
 from shared.domain.audience import AudienceSpec, audience_query, breakdown, check_audience
 from shared.domain.broadcasts import decode_cursor, encode_cursor, get_channel
+from shared.domain.channels import CONVERSATION_WINDOW
 from shared.domain.contacts import (
     CSV_COLUMNS,
     UNSET,
@@ -43,11 +45,13 @@ from shared.domain.contacts import (
     get_contact,
     import_contacts,
     parse_import,
+    record_inbound,
     tags_of,
     update_contact,
 )
 from shared.domain.errors import ValidationFailed
-from shared.domain.removal import erase_contact, finish_erasure
+from shared.domain.lifecycle import ChannelKind
+from shared.domain.removal import erase_contact
 from shared.domain.templates import Template
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ def contacts_out(session: Session, contacts: Sequence[Contact]) -> list[ContactO
             unreachable_reason=c.unreachable_reason,
             time_zone=c.time_zone,
             fields=c.fields or {},
+            last_inbound_at=c.last_inbound_at,
             created_at=c.created_at,
         )
         for c in contacts
@@ -120,6 +125,7 @@ def patch_contact(
         clear_unreachable=body.unreachable is False,
         time_zone=body.time_zone if "time_zone" in body.model_fields_set else UNSET,
         fields=body.fields,
+        last_inbound_at=body.last_inbound_at,
     )
     session.commit()
     return contacts_out(session, [contact])[0]
@@ -138,25 +144,39 @@ def erase(contact_id: PathId, session: SessionDep, workspace: CurrentWorkspace) 
     """
     erased = erase_contact(session, workspace, contact_id)
     session.commit()
-    late = finish_erasure(raw_connection(session), erased)
-    session.commit()
     log.info(
         "contact %s erased: %s delivery rows kept without its address",
         contact_id,
-        erased.rows + late,
+        erased.rows,
         extra={
             "event": "contact_erased",
             "contact_id": contact_id,
             "channel_id": erased.channel_id,
             "workspace_id": workspace,
-            "rows": erased.rows + late,
+            "rows": erased.rows,
         },
     )
     return ErasureOut(
         contact_id=contact_id,
-        erased_deliveries=erased.rows + late,
+        erased_deliveries=erased.rows,
         unlisted_from=erased.unlisted,
     )
+
+
+@router.post("/contacts/{contact_id}/inbound")
+def inbound(
+    contact_id: PathId,
+    session: SessionDep,
+    workspace: CurrentWorkspace,
+    body: InboundIn | None = None,
+) -> ContactOut:
+    """The contact wrote in (now, or at ``at``): its provider's conversation window (24 hours
+    on WhatsApp) runs from its latest message. An earlier time than the one known changes
+    nothing.
+    """
+    contact = record_inbound(session, workspace, contact_id, (body or InboundIn()).at)
+    session.commit()
+    return contacts_out(session, [contact])[0]
 
 
 _IMPORT_DOC = {
@@ -204,7 +224,7 @@ def preview_audience(
     Takes the whole audience of a broadcast (filter, selection, contact_ids,
     exclude_contact_ids, failed_in); an audience that reaches nobody answers count 0.
     """
-    get_channel(session, workspace, body.channel_id)
+    channel = get_channel(session, workspace, body.channel_id)
     spec = AudienceSpec.model_validate(body.model_dump(include=set(AudienceSpec.model_fields)))
     try:
         check_audience(session, workspace, body.channel_id, spec)
@@ -221,6 +241,7 @@ def preview_audience(
         cursor=body.cursor,
         text=body.text,
         template=template,
+        window=CONVERSATION_WINDOW.get(ChannelKind(channel.kind)),
     )
 
 
@@ -234,11 +255,12 @@ def audience_page(
     cursor: str | None,
     text: str | None = None,
     template: Template | None = None,
+    window: timedelta | None = None,
 ) -> AudiencePreviewOut:
     """The preview of ``spec`` on a channel: its breakdown and a page of who gets it, each
     with ``text`` as they would get it (rendered from ``template`` when personalised).
     """
-    found = breakdown(session, workspace, channel_id, spec)
+    found = breakdown(session, workspace, channel_id, spec, window=window)
     query = audience_query(workspace, channel_id, spec).with_only_columns(Contact)
     if cursor is not None:
         query = query.where(Contact.id > decode_cursor(cursor))
@@ -250,6 +272,7 @@ def audience_page(
         opted_out=found.opted_out,
         unreachable=found.unreachable,
         total=found.everyone,
+        inside_window=found.inside_window,
         unreachable_reasons=[ReasonCount(reason=r, contacts=n) for r, n in found.reasons],
         contacts=[
             PreviewContact(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response, status
@@ -12,7 +12,8 @@ from sqlalchemy import func
 
 from services.api.deps import CurrentWorkspace, PathId, SessionDep, StrictQueryRoute, bearer
 from services.api.schemas import NewTokenOut, TokenIn, TokenOut, TokenPatch
-from shared.domain.errors import ValidationFailed
+from shared.db.models import ApiToken
+from shared.domain.errors import StateConflict, ValidationFailed
 from shared.domain.tokens import (
     TokenInfo,
     check_expiry,
@@ -48,11 +49,27 @@ def _current(session: SessionDep, credentials: CurrentToken) -> int | None:
     return token_id_of(session, credentials.credentials) if credentials else None
 
 
-def _expiry(value: datetime | None) -> datetime | None:
+def _expiry(
+    session: SessionDep, credentials: CurrentToken, value: datetime | None
+) -> datetime | None:
+    """An expiry as given, checked; a token that expires cannot give a token (itself or
+    another) a longer life than its own: expiry limits what a leaked token can do.
+    """
     try:
         check_expiry(value)
     except ValueError as exc:
         raise ValidationFailed.one("expires_at", str(exc), "expiry") from None
+    caller_id = _current(session, credentials)
+    caller = session.get(ApiToken, caller_id) if caller_id is not None else None
+    limit = caller.expires_at if caller is not None else None
+    if limit is not None and (value is None or value > limit):
+        raise ValidationFailed.one(
+            "expires_at",
+            f"this request's token expires at {limit.isoformat()}; it can give no token a "
+            "later expiry (or none): make longer-lived tokens with a token that lives as long, "
+            "or with `bcast token create`",
+            "beyond_own_expiry",
+        )
     return value
 
 
@@ -66,9 +83,15 @@ def list_tokens(
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create(body: TokenIn, session: SessionDep, workspace: CurrentWorkspace) -> NewTokenOut:
-    """Make a token for this workspace; the answer is the only place it is ever shown."""
-    made = new_token(session, workspace, body.name, expires_at=_expiry(body.expires_at))
+def create(
+    body: TokenIn, session: SessionDep, workspace: CurrentWorkspace, credentials: CurrentToken
+) -> NewTokenOut:
+    """Make a token for this workspace; the answer is the only place it is ever shown. A
+    token that expires makes only tokens that expire no later than itself.
+    """
+    made = new_token(
+        session, workspace, body.name, expires_at=_expiry(session, credentials, body.expires_at)
+    )
     session.commit()
     log.info(
         "token %s made",
@@ -87,7 +110,9 @@ def change(
     workspace: CurrentWorkspace,
     credentials: CurrentToken,
 ) -> TokenOut:
-    """Rename a token, or change its expiry (null: until revoked)."""
+    """Rename a token, or change its expiry (null: until revoked; never later than the
+    expiry of the token making the request). A revoked or expired token is not revived.
+    """
     given = body.model_fields_set
     if not given:
         raise ValidationFailed.one("body", "changes nothing: give name or expires_at", "empty")
@@ -95,11 +120,13 @@ def change(
         raise ValidationFailed.one("name", "may not be null", "null")
     row = workspace_token(session, workspace, token_id)
     if row.revoked_at is not None:
-        raise ValidationFailed.one("token_id", f"token {token_id} is revoked", "revoked")
+        raise StateConflict(f"token {token_id} is revoked; make a new one")
+    if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
+        raise StateConflict(f"token {token_id} has expired; make a new one")
     if body.name is not None:
         row.name = body.name
     if "expires_at" in given:
-        row.expires_at = _expiry(body.expires_at)
+        row.expires_at = _expiry(session, credentials, body.expires_at)
     session.commit()
     return _out(token_info(session, token_id), _current(session, credentials))
 

@@ -15,8 +15,12 @@ deletion took its outcomes out of every broadcast's counts.
 * A deleted contact (``DELETE /v1/contacts/{id}``, a data-protection erasure, or its account's
   deletion) keeps its delivery rows, and so every broadcast's counts, but its address is
   replaced by ``(erased)`` in each of them, in the reasons too; its name was only ever read
-  from the contact row. ``ix_delivery_contact_id`` (built per partition, concurrently) finds
-  its rows in every partition without reading the others.
+  from the contact row. The delete notes the contact in ``contact_erasure``; the API erases a
+  single contact's rows at once, and the scheduler's sweep erases what is left (an account's
+  many contacts, rows an audience copy under way made) in small steps, dropping the note once
+  no row is left and no copy that began before the delete is still running.
+  ``ix_delivery_contact_id`` (built per partition, concurrently) finds a contact's rows in
+  every partition without reading the others.
 """
 
 from __future__ import annotations
@@ -33,19 +37,6 @@ down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-ERASE = """
-CREATE OR REPLACE FUNCTION bcast_erase_deliveries(contact_ids bigint[]) RETURNS bigint
-LANGUAGE sql AS $$
-    WITH erased AS (
-        UPDATE delivery d
-        SET address = '(erased)', last_error = replace(d.last_error, d.address, '(erased)')
-        WHERE d.contact_id = ANY(contact_ids) AND d.address <> '(erased)'
-        RETURNING 1
-    )
-    SELECT count(*) FROM erased
-$$
-"""
-
 CASCADE = """
 CREATE OR REPLACE FUNCTION bcast_delivery_cascade() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -54,7 +45,8 @@ BEGIN
         SELECT id, part_day FROM old_rows WHERE part_day IS NOT NULL
         ON CONFLICT (broadcast_id) DO NOTHING;
     ELSE
-        PERFORM bcast_erase_deliveries(ARRAY(SELECT id FROM old_rows));
+        INSERT INTO contact_erasure (contact_id) SELECT id FROM old_rows
+        ON CONFLICT (contact_id) DO NOTHING;
     END IF;
     RETURN NULL;
 END $$
@@ -83,7 +75,14 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("broadcast_id", name=op.f("pk_delivery_purge")),
     )
-    op.execute(ERASE)
+    op.create_table(
+        "contact_erasure",
+        sa.Column("contact_id", sa.BigInteger(), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.PrimaryKeyConstraint("contact_id", name=op.f("pk_contact_erasure")),
+    )
     op.execute(CASCADE)
     with op.get_context().autocommit_block():
         online_ddl.create_index(op.get_bind(), "ix_delivery_contact_id", "contact_id")
@@ -93,5 +92,5 @@ def downgrade() -> None:
     with op.get_context().autocommit_block():
         online_ddl.drop_index(op.get_bind(), "ix_delivery_contact_id")
     op.execute(OLD_CASCADE)
-    op.execute("DROP FUNCTION bcast_erase_deliveries(bigint[])")
+    op.drop_table("contact_erasure")
     op.drop_table("delivery_purge")

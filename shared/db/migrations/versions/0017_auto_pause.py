@@ -11,9 +11,9 @@ copied, the task-row rule fixes the values it runs with (``pause_ratio``, ``paus
 
 The same rule that completes a task keeps ``recent_outcomes``: one bit per recipient sent to
 (0) or failed, wholly or in part (1), the last ``pause_last`` of them, in the order their
-results were written. When the window is full and its share of 1s reaches ``pause_ratio``, the
+results were written (the outcomes one statement writes are spread evenly). When the window is full and its share of 1s reaches ``pause_ratio``, the
 task becomes ``paused`` with the reason, and ``auto_paused_at`` is set (the scheduler logs it
-once and counts it). Resuming starts the window afresh. No statement of the send path is
+once and counts it). Resuming starts the window afresh (and clears ``auto_paused_at``). No statement of the send path is
 added: the counters' update of the task row carries it.
 """
 
@@ -35,6 +35,8 @@ CREATE OR REPLACE FUNCTION bcast_complete_when_done() RETURNS trigger LANGUAGE p
 DECLARE
     ok bigint;
     bad bigint;
+    n bigint;
+    b bigint;
     bits varbit;
     setting jsonb;
 BEGIN
@@ -57,9 +59,15 @@ BEGIN
         bad := greatest(NEW.failed_count + NEW.partial_count
                         - OLD.failed_count - OLD.partial_count, 0);
         IF ok > 0 OR bad > 0 THEN
-            bits := coalesce(NEW.recent_outcomes, B'')
-                    || repeat('0', least(ok, NEW.pause_last)::int)::varbit
-                    || repeat('1', least(bad, NEW.pause_last)::int)::varbit;
+            -- One statement's outcomes happened together: their failures are spread evenly
+            -- among them (and, beyond the window's length, kept in proportion).
+            n := least(ok + bad, NEW.pause_last);
+            b := round(bad::numeric * n / (ok + bad));
+            bits := coalesce(NEW.recent_outcomes, B'') || (
+                SELECT string_agg(
+                    CASE WHEN (i * b) / n > ((i - 1) * b) / n THEN '1' ELSE '0' END, ''
+                    ORDER BY i)
+                FROM generate_series(1, n) AS i)::varbit;
             IF length(bits) > NEW.pause_last THEN
                 bits := substring(bits FROM length(bits) - NEW.pause_last + 1);
             END IF;
@@ -117,16 +125,16 @@ def upgrade() -> None:
         )
     op.execute(RULE)
     with op.get_context().autocommit_block():
-        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_broadcast_auto_paused_unlogged")
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_broadcast_auto_paused")
         op.execute(
-            "CREATE INDEX CONCURRENTLY ix_broadcast_auto_paused_unlogged ON broadcast (id) "
-            "WHERE auto_paused_at IS NOT NULL AND auto_pause_logged_at IS NULL"
+            "CREATE INDEX CONCURRENTLY ix_broadcast_auto_paused ON broadcast (id) "
+            "WHERE auto_paused_at IS NOT NULL"
         )
 
 
 def downgrade() -> None:
     op.execute(OLD_RULE)
-    op.drop_index("ix_broadcast_auto_paused_unlogged", table_name="broadcast")
+    op.drop_index("ix_broadcast_auto_paused", table_name="broadcast")
     for column in COLUMNS:
         op.drop_column("broadcast", column)
     op.drop_column("channel", "auto_pause")
