@@ -183,6 +183,8 @@ def create_broadcast(
         kind=ChannelKind(channel.kind),
     )
     templates.check(session, workspace_id, new.content.text, "content.text")
+    if new.window is not None:
+        zones.check_known(session, [new.window.zone], "sending_window.zone")
     broadcast = Broadcast(
         workspace_id=workspace_id,
         name=new.name,
@@ -510,6 +512,8 @@ def modify_broadcast(
         broadcast.send_at_zone = given.zone if given else None
     if "auto_pause" in changes.fields:
         broadcast.auto_pause = changes.auto_pause.model_dump() if changes.auto_pause else None
+    if "window" in changes.fields and changes.window is not None:
+        zones.check_known(session, [changes.window.zone], "sending_window.zone")
     if "window" in changes.fields:
         for key, value in _window_columns(changes.window, broadcast.send_at_zone).items():
             setattr(broadcast, key, value)

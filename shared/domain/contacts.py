@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import Account, Channel, Contact, ContactTag, Tag
 from shared.db.sql import in_ids, owned
+from shared.domain import zones
 from shared.domain.channels import normalize_address
 from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed, describe
 from shared.domain.lifecycle import ChannelKind
@@ -236,6 +237,7 @@ def create_contact(session: Session, workspace_id: int, data: ContactIn) -> Cont
         raise StateConflict(
             f"account {data.account_id} already has a contact at {address!r} (id {existing})"
         )
+    zones.check_known(session, [data.time_zone], "time_zone")
     contact = Contact(
         workspace_id=workspace_id,
         account_id=data.account_id,
@@ -300,6 +302,7 @@ def update_contact(
     contact = get_contact(session, workspace_id, contact_id)
     values: dict[str, Any] = {}
     if not isinstance(time_zone, Unset):
+        zones.check_known(session, [time_zone], "time_zone")
         values["time_zone"] = time_zone
     if last_inbound_at is not None:
         values["last_inbound_at"] = func.greatest(
@@ -606,6 +609,7 @@ def import_contacts(session: Session, workspace_id: int, rows: list[ContactIn]) 
     if errors:
         raise ValidationFailed(errors)
 
+    zones.check_known(session, {r.time_zone for r in rows}, "rows[].time_zone")
     tag_ids = ensure_tags(session, workspace_id, {t for r in rows for t in r.tags})
     # One import per transaction is the API's case; a second one in the same transaction
     # starts from an empty staging table too.

@@ -15,6 +15,7 @@ queued, until its window next opens; the dispatcher asks Postgres (``bcast_windo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from functools import lru_cache
@@ -30,6 +31,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from shared.domain.errors import ValidationFailed
 from shared.domain.types import _iso_only
@@ -105,6 +108,29 @@ def _send_at(value: Any) -> Any:
 
 #: A send time: an ISO-8601 string with its offset, or ``{"local", "zone"[, "fold"]}``.
 SendAt = Annotated[datetime | LocalTime, BeforeValidator(_send_at)]
+
+
+def check_known(session: Session, names: Iterable[str | None], field: str) -> None:
+    """Refuse zones Postgres does not know (its time zone data may differ from Python's):
+    a window in such a zone would make every claim of its broadcast fail.
+    """
+    wanted = sorted({n for n in names if n})
+    if not wanted:
+        return
+    known = set(
+        session.execute(
+            text("SELECT name FROM pg_timezone_names WHERE name = ANY(:names)"),
+            {"names": wanted},
+        ).scalars()
+    )
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise ValidationFailed.one(
+            field,
+            f"{', '.join(repr(m) for m in missing[:5])} is not a time zone the database "
+            "knows; use another name for the same zone (e.g. Europe/Berlin)",
+            "zone_unknown",
+        )
 
 
 @dataclass(frozen=True)

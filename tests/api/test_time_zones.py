@@ -10,6 +10,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from shared.db.engine import transaction
+from shared.domain.errors import ValidationFailed
+from shared.domain.zones import check_known
 from tests.conftest import Api
 
 
@@ -242,3 +245,13 @@ def test_contacts_carry_a_zone_and_custom_fields(api: Api, channel: dict[str, An
     )
     assert bad.status_code == 422
     assert bad.json()["errors"][0]["field"] == "rows[0].time_zone"
+
+
+def test_a_zone_the_database_does_not_know_is_refused_naming_the_field(api: Api) -> None:
+    with transaction() as session:
+        check_known(session, ["Europe/Berlin", None, "UTC"], "time_zone")
+        with pytest.raises(ValidationFailed) as caught:
+            check_known(session, ["Europe/Berlin", "Atlantis/Capital"], "time_zone")
+    [error] = caught.value.errors
+    assert (error.field, error.type) == ("time_zone", "zone_unknown")
+    assert "'Atlantis/Capital'" in error.message

@@ -54,6 +54,18 @@ def test_telegram_long_text_with_images_goes_after_them_as_its_own_message() -> 
     assert telegram().base == "https://tg.test/bot1:abc"
 
 
+def test_telegram_never_asks_for_markup_so_user_text_is_sent_as_written() -> None:
+    text = "<b>50% off</b> *today* [link](https://evil.example) _x_"
+    for message in (OutboundMessage(1, text), OutboundMessage(1, text, IMG[:1])):
+        for _, params in telegram().calls(message, "42"):
+            assert "parse_mode" not in params
+            media = params.get("media")
+            assert not any("parse_mode" in m for m in media or [])
+    assert telegram().calls(OutboundMessage(1, text), "42") == [
+        ("sendMessage", {"chat_id": "42", "text": text})
+    ]
+
+
 def test_whatsapp_long_text_with_images_goes_first_then_one_message_per_image() -> None:
     parts = whatsapp().parts(OutboundMessage(1, "y" * 1500, IMG))
     assert [p["type"] for p in parts] == ["text", "image", "image", "image"]
