@@ -565,6 +565,68 @@ def test_creating_takes_everyone_less_the_unticked_or_only_the_ticked(
     assert made["audience_size"] == 2
 
 
+def test_a_sending_window_and_auto_pause_are_set_changed_and_cleared_in_the_form(
+    browser: TestClient, api: Api
+) -> None:
+    world = picker_world(api)
+    csrf = sign_in(browser, api.token)
+    ids = [p["id"] for p in world["people"]]
+    base = {
+        "csrf_token": csrf,
+        "channel": str(world["channel"]["id"]),
+        "shown": ",".join(map(str, ids)),
+        "text": "hello",
+        "when": "later",
+        "at": (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"),
+        "tz": "Europe/Lisbon",
+        "name": "windowed",
+        "selection": "all",
+        "contact": ids,
+    }
+    bad = browser.post(
+        "/console/broadcasts/new", data={**base, "window_start": "09:00", "pause_percent": "x"}
+    )
+    assert bad.status_code == 422
+    assert "sending_window.end" in bad.text
+    assert "auto_pause.failure_ratio" in bad.text
+    made = browser.post(
+        "/console/broadcasts/new",
+        data={
+            **base,
+            "window_start": "09:00",
+            "window_end": "20:00",
+            "pause_percent": "25",
+            "pause_last": "50",
+        },
+    )
+    assert made.status_code == 303, made.text
+    b_id = made.headers["location"].rsplit("/", 1)[1]
+    b = api.ok("get", f"/v1/broadcasts/{b_id}")
+    assert (b["sending_window"]["start"], b["sending_window"]["zone"]) == (
+        "09:00",
+        "Europe/Lisbon",
+    )
+    assert b["auto_pause"] == {"failure_ratio": 0.25, "last": 50}
+    edit = browser.get(f"/console/broadcasts/{b_id}/edit").text
+    assert 'name="window_start" type="time" value="09:00"' in edit
+    assert 'value="25"' in edit
+    shown = re.search(r'name="shown_at" value="([^"]+)"', edit)
+    assert shown
+    cleared = browser.post(
+        f"/console/broadcasts/{b_id}/edit",
+        data={
+            **base,
+            "at": shown.group(1),
+            "shown_at": shown.group(1),
+            "tz": "UTC",
+            "media_listed": "1",
+        },
+    )
+    assert cleared.status_code == 303, cleared.text
+    after = api.ok("get", f"/v1/broadcasts/{b_id}")
+    assert (after["sending_window"], after["auto_pause"]) == (None, None)
+
+
 def test_a_create_the_api_would_refuse_is_refused_with_its_words_and_nothing_written(
     browser: TestClient, api: Api
 ) -> None:

@@ -1065,6 +1065,10 @@ def _picker_form(
         "tz": "",
         "media": [],
         "key": secrets.token_urlsafe(16),
+        "window_start": "",
+        "window_end": "",
+        "pause_percent": "",
+        "pause_last": "",
         **rest,
     }
 
@@ -1097,6 +1101,10 @@ class FormIn:
         shown_at: Annotated[str, Form(max_length=40)] = "",
         tz: Annotated[str, Form(max_length=64)] = "",
         form_key: Annotated[str, Form(max_length=64)] = "",
+        window_start: Annotated[str, Form(max_length=10)] = "",
+        window_end: Annotated[str, Form(max_length=10)] = "",
+        pause_percent: Annotated[str, Form(max_length=10)] = "",
+        pause_last: Annotated[str, Form(max_length=10)] = "",
     ) -> None:
         self.csrf_token = csrf_token
         self.go = go
@@ -1128,6 +1136,10 @@ class FormIn:
             shown_at=shown_at,
             tz=tz,
             key=form_key,
+            window_start=window_start.strip(),
+            window_end=window_end.strip(),
+            pause_percent=pause_percent.strip(),
+            pause_last=pause_last.strip(),
         )
 
     def turned_page(self) -> bool:
@@ -1139,6 +1151,27 @@ class FormIn:
             self.state["ppage"] = plain_id(self.go.removeprefix("page-")) or 1
             return True
         return False
+
+    def extras(self) -> dict[str, Any]:
+        """The sending window and auto-pause as the API takes them (None: not set), from
+        the form's optional fields; what the API refuses is refused with its words.
+        """
+        form = self.state
+        window: dict[str, Any] | None = None
+        if form["window_start"] or form["window_end"]:
+            window = {"start": form["window_start"], "end": form["window_end"]}
+            if form["tz"] and form["tz"] != "UTC":
+                window["zone"] = form["tz"]
+        pause: dict[str, Any] | None = None
+        if form["pause_percent"]:
+            try:
+                ratio: Any = float(form["pause_percent"]) / 100
+            except ValueError:
+                ratio = form["pause_percent"]
+            pause = {"failure_ratio": ratio}
+            if form["pause_last"]:
+                pause["last"] = form["pause_last"]
+        return {"sending_window": window, "auto_pause": pause}
 
     def audience(self) -> dict[str, Any]:
         form = self.state
@@ -1355,6 +1388,7 @@ def create(
             "audience": f.audience(),
             "content": {"text": form["text"], "media_ids": media_ids},
             "send_at": send_at.isoformat() if send_at else None,
+            **f.extras(),
         }
         # The API's own input rules, field by field, with its words.
         try:
@@ -1371,6 +1405,8 @@ def create(
                 audience=valid.audience,
                 content=valid.content,
                 send_at=valid.send_at,
+                window=valid.sending_window,
+                auto_pause=valid.auto_pause,
             ),
             idempotency_key=f"console-new-{form['key']}" if form["key"] else None,
             body_hash=request_hash({**body, "media": len(media_ids)}) if form["key"] else None,
@@ -1707,7 +1743,15 @@ def _stored_form(b: Broadcast) -> dict[str, Any]:
         shown_at=at,
         tz="UTC",
         key="",
+        window_start=b.window_start.strftime("%H:%M") if b.window_start else "",
+        window_end=b.window_end.strftime("%H:%M") if b.window_end else "",
+        pause_percent=_percent((b.auto_pause or {}).get("failure_ratio")),
+        pause_last=str((b.auto_pause or {}).get("last") or ""),
     )
+
+
+def _percent(ratio: Any) -> str:
+    return "" if ratio is None else f"{float(ratio) * 100:g}"
 
 
 @router.get("/broadcasts/{broadcast_id:int}/edit")
@@ -1731,7 +1775,22 @@ def edit_form(
     if plain_id(channel) in {c.id for c in _channels(session, who.workspace_id)}:
         form.update(
             _picker_form(channel=channel, account=account, tag=tag, tag_match=tag_match, name="")
-            | {k: form[k] for k in ("name", "text", "media", "when", "at", "shown_at", "tz")}
+            | {
+                k: form[k]
+                for k in (
+                    "name",
+                    "text",
+                    "media",
+                    "when",
+                    "at",
+                    "shown_at",
+                    "tz",
+                    "window_start",
+                    "window_end",
+                    "pause_percent",
+                    "pause_last",
+                )
+            }
         )
     return _form_page(request, session, who, form, editing=b)
 
@@ -1782,6 +1841,8 @@ def edit(
                 patch["audience"] = f.audience()
         if moved:
             patch["send_at"] = send_at.isoformat() if send_at else None
+        if not timed:
+            patch.update(f.extras())
         try:
             valid = BroadcastPatch.model_validate(patch)
         except ValidationError as exc:
@@ -1791,12 +1852,14 @@ def edit(
             who.workspace_id,
             broadcast_id,
             Changes(
-                fields=frozenset(patch),
+                fields=frozenset("window" if k == "sending_window" else k for k in patch),
                 name=valid.name,
                 channel_id=valid.channel_id,
                 audience=valid.audience,
                 content=valid.content,
                 send_at=valid.send_at,
+                window=valid.sending_window,
+                auto_pause=valid.auto_pause,
             ),
         )
         session.commit()
