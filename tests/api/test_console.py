@@ -22,7 +22,7 @@ from sqlalchemy import text
 from shared.db.engine import transaction
 from shared.domain.tokens import revoke_token
 from tests.conftest import Api
-from tests.factories import start_with_deliveries
+from tests.factories import set_status, start_with_deliveries
 
 
 @pytest.fixture
@@ -398,6 +398,63 @@ def test_a_copy_is_due_in_an_hour_and_only_a_final_broadcast_is_deleted_box_tick
     )
     assert (done.status_code, done.headers["location"]) == (303, "/console/broadcasts")
     assert api.get(f"/v1/broadcasts/{b['id']}").status_code == 404
+
+
+def test_a_contact_is_erased_from_the_contacts_page_box_ticked(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=2)
+    start_with_deliveries(b["id"], ["sent", "sent"])
+    set_status(b["id"], "completed")
+    csrf = sign_in(browser, api.token)
+    ids = {c["address"]: c["id"] for c in api.ok("get", "/v1/contacts?limit=500")["items"]}
+    gone = ids["https://hooks.example/0"]
+    page = browser.get("/console/contacts").text
+    assert f'action="/console/contacts/{gone}/erase"' in page
+    path = f"/console/contacts/{gone}/erase"
+    assert browser.post(path, data={"csrf_token": "forged", "confirm": "yes"}).status_code == 403
+    assert browser.post(path, data={"csrf_token": csrf}).status_code == 422
+    done = browser.post(path, data={"csrf_token": csrf, "confirm": "yes"})
+    assert done.status_code == 303
+    assert "was erased" in browser.get(done.headers["location"]).text
+    assert api.get(f"/v1/contacts/{gone}").status_code == 404
+    rows = api.ok("get", f"/v1/broadcasts/{b['id']}/recipients")["items"]
+    assert sorted(r["address"] for r in rows) == ["(erased)", "https://hooks.example/1"]
+    # Erased already: not found.
+    assert browser.post(path, data={"csrf_token": csrf, "confirm": "yes"}).status_code == 404
+
+
+def test_a_personalised_broadcast_s_page_shows_its_text_as_recipients_will_get_it(
+    browser: TestClient, api: Api
+) -> None:
+    b = made_broadcast(api, contacts=2, content={"text": "Hi {{name | friend}} <b>!</b>"})
+    sign_in(browser, api.token)
+    page = browser.get(f"/console/broadcasts/{b['id']}").text
+    assert "As its first recipients will get it" in page
+    assert "Hi person 0 &lt;b&gt;!&lt;/b&gt;" in page
+    plain = made_broadcast(api, contacts=1)
+    assert "As its first recipients" not in browser.get(f"/console/broadcasts/{plain['id']}").text
+
+
+def test_a_tag_is_deleted_from_the_contacts_page_unless_an_audience_picks_by_it(
+    browser: TestClient, api: Api
+) -> None:
+    channel = api.channel()
+    api.contact(api.account(channel["id"])["id"], "t-1", tags=["doomed", "kept"])
+    doomed = api.tag_id("doomed")
+    csrf = sign_in(browser, api.token)
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    b = api.broadcast(channel["id"], {"tag_ids": [doomed]}, send_at=later)
+    path = f"/console/tags/{doomed}/delete"
+    assert f'action="{path}"' in browser.get("/console/contacts").text
+    refused = browser.post(path, data={"csrf_token": csrf})
+    assert refused.status_code == 409
+    assert f"{b['id']} (pending)" in refused.text
+    api.ok("post", f"/v1/broadcasts/{b['id']}/cancel")
+    done = browser.post(path, data={"csrf_token": csrf})
+    assert done.status_code == 303
+    assert "The tag was deleted" in browser.get(done.headers["location"]).text
+    assert api.get(f"/v1/tags/{doomed}").status_code == 404
 
 
 def test_resuming_a_broadcast_paused_as_overdue_asks_for_a_ticked_box(

@@ -36,6 +36,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle, retry_created, test_created
+from services.api.routes.contacts import audience_page, contact_erased
 from services.api.schemas import BroadcastCreate, BroadcastPatch, TagCreate
 from shared.db.models import (
     Account,
@@ -49,6 +50,7 @@ from shared.db.models import (
     Tag,
 )
 from shared.db.sql import contains
+from shared.domain import templates as message_templates
 from shared.domain.audience import AudienceFilter, AudienceSpec, audience_query, count_audience
 from shared.domain.broadcasts import (
     MAX_TEST_CONTACTS,
@@ -93,7 +95,7 @@ from shared.domain.lifecycle import (
     Origin,
 )
 from shared.domain.media import MAX_IMAGES, PROVIDER_IMAGES, create_media
-from shared.domain.removal import delete_broadcast
+from shared.domain.removal import delete_broadcast, delete_tag, erase_contact
 from shared.domain.types import MAX_ID
 from shared.media_store import MediaStore
 from shared.settings import Settings, get_settings
@@ -569,6 +571,7 @@ def _detail_page(
             "retries": retries_of(session, who.workspace_id, [b.id])[b.id],
             "test_of": b.test_of_id,
             "deletable": b.status in ("completed", "canceled"),
+            "rendered": _rendered(session, b),
             "window": sending_window(b),
             "tests": session.execute(
                 broadcasts_query(who.workspace_id, ListFilter(test_of=b.id))
@@ -666,6 +669,31 @@ def retry_failed(
     session.commit()
     retry_created(b, who.workspace_id)
     return RedirectResponse(f"/console/broadcasts/{b.id}", status.HTTP_303_SEE_OTHER)
+
+
+#: Recipients whose personalised text a broadcast's page shows before it starts.
+RENDERED_SHOWN = 3
+
+
+def _rendered(session: Session, b: Broadcast) -> list[tuple[str, str]]:
+    """(who, text) for the first recipients of a broadcast not yet started whose text is
+    personalised: the text as each will get it.
+    """
+    text = (b.content or {}).get("text")
+    template = message_templates.stored(text)
+    if template is None or b.snapshot_at is not None:
+        return []
+    page = audience_page(
+        session,
+        b.workspace_id,
+        b.channel_id,
+        AudienceSpec.model_validate(b.audience),
+        limit=RENDERED_SHOWN,
+        cursor=None,
+        text=text,
+        template=template,
+    )
+    return [(c.name or c.address, c.text or "") for c in page.contacts]
 
 
 #: How far ahead the console's copy of a broadcast is due: it is not sent before the operator
@@ -1497,8 +1525,43 @@ def contacts_page(
     return _contacts_page(request, session, who, report=_notice(report), q=q, cursor=cursor)
 
 
+@router.post("/contacts/{contact_id:int}/erase")
+def erase_contact_form(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    contact_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+    confirm: Annotated[str, Form(max_length=10)] = "",
+) -> Response:
+    """Erase a contact (as the API's ``DELETE /v1/contacts/{id}``), its box ticked."""
+    check_csrf(who, csrf_token)
+    if not 0 < contact_id <= MAX_ID:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such contact")
+    if confirm != "yes":
+        return _contacts_page(
+            request, session, who, report="tick the box to erase the contact", code=422
+        )
+    try:
+        erased = erase_contact(session, who.workspace_id, contact_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such contact") from None
+    except DomainError as exc:
+        session.rollback()
+        return _contacts_page(request, session, who, report=str(exc), code=409)
+    session.commit()
+    contact_erased(erased, who.workspace_id)
+    return RedirectResponse("/console/contacts?report=contact-erased", status.HTTP_303_SEE_OTHER)
+
+
 #: What a tag form did, by the ``report`` code the redirect carries (never free text).
-TAG_NOTICES = {"tag-created": "The tag was created.", "tag-renamed": "The tag was renamed."}
+TAG_NOTICES = {
+    "tag-created": "The tag was created.",
+    "tag-renamed": "The tag was renamed.",
+    "tag-deleted": "The tag was deleted (from every contact).",
+    "contact-erased": "The contact was erased: gone, and its address removed from every "
+    "broadcast's recipients (their outcomes and counts stay).",
+}
 
 
 def _notice(code: str) -> str:
@@ -1577,6 +1640,31 @@ def tag_rename(
         lambda valid: rename_tag(session, who.workspace_id, tag_id, valid),
         "tag-renamed",
     )
+
+
+@router.post("/tags/{tag_id:int}/delete")
+def tag_delete(
+    request: Request,
+    session: SessionDep,
+    who: Operator,
+    tag_id: int,
+    csrf_token: Annotated[str, Form(max_length=200)],
+) -> Response:
+    """Delete a tag (as the API's DELETE): refused while a broadcast not yet final picks its
+    audience by it.
+    """
+    check_csrf(who, csrf_token)
+    if not 0 < tag_id <= MAX_ID:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such tag")
+    try:
+        delete_tag(session, who.workspace_id, tag_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such tag") from None
+    except DomainError as exc:
+        session.rollback()
+        return _contacts_page(request, session, who, tag_error=str(exc), code=409)
+    session.commit()
+    return RedirectResponse("/console/contacts?report=tag-deleted", status.HTTP_303_SEE_OTHER)
 
 
 @router.post("/contacts/import")

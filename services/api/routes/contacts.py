@@ -51,7 +51,7 @@ from shared.domain.contacts import (
 )
 from shared.domain.errors import ValidationFailed
 from shared.domain.lifecycle import ChannelKind
-from shared.domain.removal import erase_contact
+from shared.domain.removal import Erased, erase_contact
 from shared.domain.templates import Template
 
 log = logging.getLogger(__name__)
@@ -144,18 +144,7 @@ def erase(contact_id: PathId, session: SessionDep, workspace: CurrentWorkspace) 
     """
     erased = erase_contact(session, workspace, contact_id)
     session.commit()
-    log.info(
-        "contact %s erased: %s delivery rows kept without its address",
-        contact_id,
-        erased.rows,
-        extra={
-            "event": "contact_erased",
-            "contact_id": contact_id,
-            "channel_id": erased.channel_id,
-            "workspace_id": workspace,
-            "rows": erased.rows,
-        },
-    )
+    contact_erased(erased, workspace)
     return ErasureOut(
         contact_id=contact_id,
         erased_deliveries=erased.rows,
@@ -177,6 +166,22 @@ def inbound(
     contact = record_inbound(session, workspace, contact_id, (body or InboundIn()).at)
     session.commit()
     return contacts_out(session, [contact])[0]
+
+
+def contact_erased(erased: Erased, workspace: int) -> None:
+    """The log line of an erasure that committed (the API's and the console's)."""
+    log.info(
+        "contact %s erased: %s delivery rows kept without its address",
+        erased.contact_id,
+        erased.rows,
+        extra={
+            "event": "contact_erased",
+            "contact_id": erased.contact_id,
+            "channel_id": erased.channel_id,
+            "workspace_id": workspace,
+            "rows": erased.rows,
+        },
+    )
 
 
 _IMPORT_DOC = {
