@@ -493,8 +493,9 @@ class BatchRun:
             )
 
     async def _refused(self, job: Job, outcome: Transient) -> None:
-        """The egress rule refused the channel's provider address: every send would be refused
-        alike, so the broadcast is paused with the reason until an operator fixes the channel.
+        """Every send would be refused alike (the egress rule refused the channel's provider
+        address, or the provider refused the message's template), so the broadcast is paused
+        with the reason until an operator fixes the channel or the content.
         """
         self.halt()
         if self._paused_for_refusal:

@@ -61,6 +61,13 @@ class HookConfig(BaseModel):
     #: Parts of a several-call message from this index on are refused for good (the key of
     #: part ``i`` ends in ``-i``); None refuses none.
     refuse_parts_from: int | None = Field(default=None, ge=0)
+    #: WhatsApp: addresses that last wrote more than 24 hours ago: a free-form message (text
+    #: or image) to them is refused with 131047, as the Cloud API refuses it.
+    outside_window: list[str] = Field(default_factory=list)
+    #: WhatsApp: addresses over the marketing-message frequency cap (131049).
+    frequency_capped: list[str] = Field(default_factory=list)
+    #: WhatsApp: answer every message with this error code (e.g. 132001, a template problem).
+    error_code: int | None = None
     seed: int = 0
 
 
@@ -248,6 +255,18 @@ class Simulator:
         }
         hook, now = self.receive(request.match_info["name"], record)
         await self.lag(hook)
+        refusal = self.whatsapp_rule(hook.config, kind, str(record["to"]))
+        if refusal is not None:
+            code, message, details = refusal
+            record["status"] = 400
+            error = {
+                "message": message,
+                "type": "OAuthException",
+                "code": code,
+                "error_data": {"messaging_product": "whatsapp", "details": details},
+                "fbtrace_id": "sim",
+            }
+            return web.json_response({"error": error}, status=400)
         verdict, detail = self.decide(hook, str(record["key"]), record["to"], now)
         if verdict in ("ok", "duplicate"):
             record["status"] = 200
@@ -267,6 +286,27 @@ class Simulator:
         record["status"] = status
         error = {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "sim"}
         return web.json_response({"error": error}, status=status)
+
+    @staticmethod
+    def whatsapp_rule(config: HookConfig, kind: Any, to: str) -> tuple[int, str, str] | None:
+        """The Cloud API's own refusals: (code, message, details), or None."""
+        if config.error_code is not None:
+            return config.error_code, f"(#{config.error_code}) Simulated error", "simulated"
+        if kind in ("text", "image") and to in config.outside_window:
+            return (
+                131047,
+                "Re-engagement message",
+                "Message failed to send because more than 24 hours have passed since the "
+                "customer last replied to this number.",
+            )
+        if to in config.frequency_capped:
+            return (
+                131049,
+                "This message was not delivered to maintain healthy ecosystem engagement.",
+                "In order to maintain a healthy ecosystem engagement, the message failed to "
+                "be delivered.",
+            )
+        return None
 
     def stats(self, hook: Hook) -> dict[str, Any]:
         statuses = [r.get("status") for r in hook.records]

@@ -206,6 +206,42 @@ def test_whatsapp_throughput_error_is_transient_and_undeliverable_is_permanent(a
     assert api.ok("GET", f"/v1/contacts/{failed['contact_id']}")["unreachable"] is True
 
 
+def test_whatsapp_outside_the_window_or_over_the_cap_fails_with_the_reason_and_no_retry(
+    api: Api,
+) -> None:
+    channel, _ = api.channel(
+        "whatsapp",
+        outside_window=["+4915100000021"],
+        frequency_capped=["+4915100000022"],
+    )
+    done = send(
+        api,
+        channel,
+        ["+4915100000020", "+4915100000021", "+4915100000022"],
+        {"text": "news"},
+    )
+    assert (done["counts"]["sent"], done["counts"]["failed"]) == (1, 2)
+    failed = {r["address"]: r for r in recipients(api, done["id"]) if r["status"] == "failed"}
+    outside = failed["+4915100000021"]
+    assert outside["last_error"].startswith("WhatsApp 131047: Re-engagement message")
+    assert "24 hours" in outside["last_error"]
+    assert failed["+4915100000022"]["last_error"].startswith("WhatsApp 131049")
+    assert {r["attempts"] for r in failed.values()} == {1}, "not tried again"
+    # Neither is a reason to think the contact unreachable.
+    assert api.ok("GET", f"/v1/contacts/{outside['contact_id']}")["unreachable"] is False
+
+
+def test_whatsapp_template_problem_pauses_the_broadcast_with_the_reason(api: Api) -> None:
+    channel, name = api.channel("whatsapp", error_code=132001)
+    account = api.account(channel["id"])
+    api.import_contacts(account["id"], [f"+49151000000{i:02d}" for i in range(30, 40)])
+    b = api.broadcast(channel["id"], {"account_ids": [account["id"]]}, content={"text": "x"})
+    paused = api.wait_status(b["id"], "paused")
+    assert "WhatsApp 132001" in paused["status_reason"]
+    assert paused["counts"]["failed"] == 0, "nobody is failed for the template's fault"
+    assert api.sim_stats(name)["requests"] <= 10
+
+
 # --- SMTP -----------------------------------------------------------------------------------
 
 

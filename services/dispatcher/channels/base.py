@@ -59,8 +59,9 @@ class Transient:
     #: Not a failure: the sender stopped before the next part (a pause, a lost lease); the
     #: rest goes later, and no attempt is spent.
     held_back: bool = False
-    #: The egress rule refused the provider's address: no send on this channel can work until
-    #: an operator changes its config, so the broadcast is paused with this reason.
+    #: No send of this broadcast can work until an operator acts (the egress rule refused the
+    #: provider's address, or the provider refused the message's template), so the broadcast
+    #: is paused with this reason.
     refused: bool = False
 
 

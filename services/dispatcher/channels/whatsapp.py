@@ -4,6 +4,9 @@ WhatsApp has no albums: several images are several messages (the text as the fir
 and a retry skips the ones already accepted. Errors are judged by their code: throughput and
 temporary codes (130429, 131056, 80007, 131000, 131016, ...) are transient; an undeliverable
 or unregistered recipient (131026, 133010) is permanent and marks the contact unreachable.
+A recipient outside the 24-hour customer service window (131047) or over the marketing cap
+(131049) fails with that reason and is not retried; a template problem (132xxx) pauses the
+broadcast with the reason, since every recipient would be refused alike.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ THROTTLE_CODES = frozenset({4, 80007, 130429, 131056, 613})
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 133004}) | THROTTLE_CODES
 #: The recipient is not reachable on WhatsApp at all.
 UNREACHABLE_CODES = frozenset({131026, 133010, 131021})
+#: Template problems (132000-132999: unknown template or language, wrong parameters, paused
+#: or disabled template): every recipient would be refused alike, so the broadcast is paused
+#: with the reason for an operator to fix.
+TEMPLATE_CODES = range(132000, 133000)
+#: Refused for this recipient, not worth trying again now: outside the 24-hour customer
+#: service window (131047; only a template may go) and the marketing frequency cap (131049).
+NOT_NOW_CODES = frozenset({131047, 131049})
 #: Wait when a throughput error gives no Retry-After.
 THROTTLE_WAIT = 1.0
 
@@ -133,6 +143,8 @@ class WhatsappAdapter:
             return Transient(text, parse_retry_after(retry_after) or THROTTLE_WAIT, throttled=True)
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
+        if code in TEMPLATE_CODES:
+            return Transient(text, refused=True)
         return Permanent(text, unreachable=code in UNREACHABLE_CODES)
 
     def _scrub(self, text: str) -> str:
