@@ -61,6 +61,9 @@ class HookConfig(BaseModel):
     #: Parts of a several-call message from this index on are refused for good (the key of
     #: part ``i`` ends in ``-i``); None refuses none.
     refuse_parts_from: int | None = Field(default=None, ge=0)
+    #: Telegram: answer 429 to a second message to one chat within a second (three seconds for
+    #: a group: a negative id or an @username), as Telegram's per-chat limit does.
+    chat_limit: bool = False
     #: WhatsApp: addresses that last wrote more than 24 hours ago: a free-form message (text
     #: or image) to them is refused with 131047, as the Cloud API refuses it.
     outside_window: list[str] = Field(default_factory=list)
@@ -80,6 +83,8 @@ class Hook:
     attempts: dict[str, int] = field(default_factory=dict)
     arrivals: list[float] = field(default_factory=list)
     duplicates: int = 0
+    #: Telegram: when each chat was last sent to.
+    chat_last: dict[str, float] = field(default_factory=dict)
 
 
 class Simulator:
@@ -213,8 +218,15 @@ class Simulator:
         }
         hook, now = self.receive(request.match_info["name"], record)
         await self.lag(hook)
-        verdict, detail = self.decide(hook, str(record["key"]), record["to"], now)
+        chat = str(record["to"])
+        gap = 3.0 if chat.startswith(("-", "@")) else 1.0
+        last = hook.chat_last.get(chat)
+        if hook.config.chat_limit and last is not None and now - last < gap:
+            verdict, detail = "throttled", "too many messages to one chat"
+        else:
+            verdict, detail = self.decide(hook, str(record["key"]), record["to"], now)
         if verdict in ("ok", "duplicate"):
+            hook.chat_last[chat] = now
             message_id = int(detail.removeprefix("sim-"))
             count = len(payload.get("media") or []) if method == "sendMediaGroup" else 1
             result: Any = {"message_id": message_id, "chat": {"id": record["to"]}}

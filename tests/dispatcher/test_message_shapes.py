@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -22,7 +23,7 @@ from services.dispatcher.channels.base import (
     send_in_parts,
     wait_asked,
 )
-from services.dispatcher.channels.telegram import TelegramAdapter
+from services.dispatcher.channels.telegram import TelegramAdapter, chat_gap
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from services.simulator.app import max_in_window
 from shared.domain.channels import normalize_address
@@ -190,3 +191,25 @@ def test_a_wait_a_provider_asks_for_is_finite_and_bounded(
     assert parse_retry_after(given) == seconds
     if given is not None and seconds is not None:
         assert wait_asked(given) == seconds
+
+
+def test_telegram_s_per_chat_gap_is_a_second_for_a_person_three_for_a_group() -> None:
+    assert chat_gap("123456") == 1.0
+    assert chat_gap("-1001234567890") == 3.0
+    assert chat_gap("@news_channel") == 3.0
+
+
+def test_the_parts_of_one_message_go_the_gap_apart() -> None:
+    times: list[float] = []
+
+    async def call(index: int, key: str) -> Outcome:
+        times.append(asyncio.get_running_loop().time())
+        return Sent(f"id-{index}")
+
+    async def run() -> Outcome:
+        return await send_in_parts(3, 0, "k", call, gap=0.2)
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, Sent)
+    assert len(times) == 3
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(times))

@@ -68,6 +68,22 @@ def test_telegram_text_one_image_and_several_images(api: Api) -> None:
     assert len(row["provider_message_id"].split(",")) == 3
 
 
+def test_telegram_keeps_the_calls_of_one_message_apart_per_chat(api: Api) -> None:
+    channel, name = api.channel("telegram", chat_limit=True)
+    media = images(api, 2)
+    long = "x" * 1500  # too long for a caption: the album, then the text, to the same chat
+    done = send(api, channel, ["2001", "-1002001"], {"text": long, "media_ids": media})
+    assert done["counts"]["sent"] == 2
+    calls = api.sim_requests(name)
+    assert [r["status"] for r in calls] == [200] * 4, "no call was refused as too soon"
+    by_chat: dict[str, list[float]] = {}
+    for r in calls:
+        by_chat.setdefault(str(r["to"]), []).append(r["t"])
+    private, group = sorted(by_chat["2001"]), sorted(by_chat["-1002001"])
+    assert private[1] - private[0] >= 1.0
+    assert group[1] - group[0] >= 3.0
+
+
 def test_telegram_429_retry_after_is_honoured_then_sent(api: Api) -> None:
     channel, name = api.channel("telegram", throttle_ratio=0.5, retry_after=1, seed=7)
     done = send(api, channel, [str(2000 + i) for i in range(10)], {"text": "hi"})

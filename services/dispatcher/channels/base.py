@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 import unicodedata
@@ -194,8 +195,11 @@ async def send_in_parts(
     idempotency_key: str,
     call: Callable[[int, str], Awaitable[Outcome]],
     may_go_on: Callable[[], bool] = go_on,
+    *,
+    gap: float = 0.0,
 ) -> Outcome:
-    """Make the calls of a several-call message in order, from ``parts_done`` on.
+    """Make the calls of a several-call message in order, from ``parts_done`` on, ``gap``
+    seconds apart (a provider's limit of messages to one chat).
 
     ``call(index, key)`` makes one call; each gets its own idempotency key when there are
     several. A failure reports how many parts the provider accepted (a transient one so the
@@ -204,6 +208,8 @@ async def send_in_parts(
     """
     ids: list[str] = []
     for index in range(parts_done, count):
+        if index > parts_done and gap > 0:
+            await asyncio.sleep(gap)
         if index > parts_done and not may_go_on():
             return Transient(
                 f"held back before part {index + 1} of {count}",

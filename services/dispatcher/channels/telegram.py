@@ -3,6 +3,9 @@
 A 429 carries ``parameters.retry_after``; 403 (the user blocked the bot, or deactivated) and
 "chat not found" mean the contact is unreachable; other 4xx are permanent; 5xx and network
 trouble are transient. Images go as the API's signed, expiring URLs (Telegram fetches them).
+The calls of one message to one chat go a second apart (three to a group): Telegram's per-chat
+limit, beside the bot-wide one the channel's rate holds. User text is sent with no
+``parse_mode``, so it is never read as markup.
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ from services.dispatcher.channels.http import (
 #: Longest caption Telegram accepts; longer text goes as its own message after the images.
 MAX_CAPTION = 1024
 UNREACHABLE_HINTS = ("chat not found", "user is deactivated", "bot was blocked", "user not found")
+
+
+#: Telegram's limits of messages to one chat, beside the bot-wide limit (the channel's rate):
+#: about one a second to a private chat, 20 a minute to a group or channel (negative ids,
+#: @usernames). A message of several calls (an album and its long text) keeps its calls apart.
+PRIVATE_CHAT_GAP = 1.0
+GROUP_CHAT_GAP = 3.0
+
+
+def chat_gap(address: str) -> float:
+    """Seconds between two calls to one chat."""
+    return GROUP_CHAT_GAP if address.startswith(("-", "@")) else PRIVATE_CHAT_GAP
 
 
 class TelegramAdapter:
@@ -83,7 +98,9 @@ class TelegramAdapter:
             method, payload = calls[index]
             return await self._call(method, payload, key)
 
-        return await send_in_parts(len(calls), parts_done, idempotency_key, call, may_go_on)
+        return await send_in_parts(
+            len(calls), parts_done, idempotency_key, call, may_go_on, gap=chat_gap(address)
+        )
 
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
         try:
