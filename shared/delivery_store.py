@@ -37,6 +37,7 @@ import psycopg
 from shared.domain.lifecycle import (
     CANCELED_REASON,
     CANCELED_UNSURE_REASON,
+    ERASED_ADDRESS,
     ERASED_REASON,
     NO_REASON,
     OPTED_OUT_REASON,
@@ -1139,7 +1140,7 @@ def hold_for_erasure(contact_id: int) -> Op[int | None]:
 
 
 #: What an erased contact's address reads as in delivery history.
-_ERASED = "'(erased)'"
+_ERASED = f"'{ERASED_ADDRESS}'"
 
 
 def erase(contact_ids: Sequence[int], *, limit: int | None = None) -> One[int]:

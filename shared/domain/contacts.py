@@ -136,12 +136,9 @@ class ContactIn(BaseModel):
     @field_validator("last_inbound_at")
     @classmethod
     def _inbound(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("needs its UTC offset (Z or +01:00)")
-        if value > datetime.now(UTC) + INBOUND_SKEW:
-            raise ValueError("is in the future")
+        problem = None if value is None else inbound_problem(value)
+        if problem is not None:
+            raise ValueError(problem[0])
         return value
 
 
@@ -331,12 +328,22 @@ def update_contact(
     return contact
 
 
-def _inbound_time(at: datetime, field: str) -> datetime:
-    """A time a contact wrote in: with its offset, and not ahead of now."""
+def inbound_problem(at: datetime) -> tuple[str, str] | None:
+    """What is wrong with a time a contact wrote in, as (message, type): it needs its
+    offset, and may not be ahead of now. None when it is right.
+    """
     if at.tzinfo is None:
-        raise ValidationFailed.one(field, "needs its UTC offset (Z or +01:00)", "timezone_missing")
+        return "needs its UTC offset (Z or +01:00)", "timezone_missing"
     if at > datetime.now(UTC) + INBOUND_SKEW:
-        raise ValidationFailed.one(field, "is in the future", "in_future")
+        return "is in the future", "in_future"
+    return None
+
+
+def _inbound_time(at: datetime, field: str) -> datetime:
+    """A time a contact wrote in, or a 422 on ``field`` saying what is wrong with it."""
+    problem = inbound_problem(at)
+    if problem is not None:
+        raise ValidationFailed.one(field, *problem)
     return at
 
 
