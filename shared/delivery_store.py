@@ -918,9 +918,13 @@ class Claimed:
     #: Calls of a several-call message an earlier attempt already made.
     parts_done: int
     provider_message_id: str | None
-    #: For personalised text: the contact's ``name`` and ``fields`` (None when not asked for,
-    #: or the contact was erased).
+    #: For personalised text: the contact's ``name`` and ``fields``; for a provider with a
+    #: conversation window, its ``last_inbound_at`` (ISO text or None). None when not asked
+    #: for, or the contact was erased.
     contact: dict[str, Any] | None = None
+    #: The key of the provider call that carries the row (LINE's retry key), kept from one
+    #: attempt to the next: rows sharing one were one multicast (``keyed`` claims only).
+    call_key: uuid.UUID | None = None
 
 
 #: The row's contact may still be sent to: a subquery per row by the contact's key, which
@@ -958,21 +962,44 @@ def _window_params(window: Window | None) -> dict[str, Any]:
     return {"ws": window.start, "we": window.end, "wz": window.zone}
 
 
+def _contact_values(personal: bool, inbound: bool) -> str:
+    """The claim's ``contact`` column: what of each row's contact the send needs, or NULL."""
+    keys = [*(["'name', c.name", "'fields', c.fields"] if personal else [])]
+    keys += ["'last_inbound_at', c.last_inbound_at"] if inbound else []
+    if not keys:
+        return "NULL::jsonb"
+    return (
+        f"(SELECT jsonb_build_object({', '.join(keys)}) FROM contact c WHERE c.id = d.contact_id)"
+    )
+
+
 def claim(
-    batch: Batch, limit: int, window: Window | None = None, *, personal: bool = False
+    batch: Batch,
+    limit: int,
+    window: Window | None = None,
+    *,
+    personal: bool = False,
+    inbound: bool = False,
+    keyed: bool = False,
 ) -> One[list[Claimed]]:
     """Take up to ``limit`` due, queued rows of the batch under its run token, if the task is
     still being sent and the run still holds its batch. Rows of contacts who opted out or
     became unreachable since the snapshot are left for ``skip_gone``; with a sending
     ``window``, rows whose recipient's window is closed now are left for ``defer_to_window``.
     Rows another run holds are passed over, never waited for. ``personal``: each row comes
-    with its contact's name and fields, for personalised text.
+    with its contact's name and fields, for personalised text; ``inbound``: with when its
+    contact last wrote in. ``keyed``: a row without a ``call_key`` is given a fresh one, in
+    the same statement, so the key of its first call is stored before the call is made; a
+    row whose last attempt was used keeps its key (a repeat of that call).
     """
     in_window = f"AND {_WINDOW_OPEN}" if window is not None else ""
-    contact = (
-        """, (SELECT jsonb_build_object('name', c.name, 'fields', c.fields)
-                 FROM contact c WHERE c.id = d.contact_id)"""
-        if personal
+    contact = ", " + _contact_values(personal, inbound)
+    # A key is kept only while a call may have been made with it (an attempt was used):
+    # a row given back untouched gets a fresh one, so no two calls ever share a key by chance.
+    key = (
+        ", call_key = CASE WHEN d.attempts = 0 OR d.call_key IS NULL THEN gen_random_uuid() "
+        "ELSE d.call_key END"
+        if keyed
         else ""
     )
     return One(
@@ -1000,13 +1027,13 @@ def claim(
             )
             UPDATE delivery d
             SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s,
-                updated_at = now()
+                updated_at = now(){key}
             FROM picked
             WHERE d.id = picked.id
               AND d.part_day = %(p)s
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
             RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
-                      d.provider_message_id{contact}
+                      d.provider_message_id{contact}, d.call_key
             """,
             {
                 "b": batch.broadcast_id,
@@ -1020,6 +1047,79 @@ def claim(
             },
         ),
         lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
+    )
+
+
+def claim_call_rest(batch: Batch, keys: Sequence[uuid.UUID]) -> One[list[Claimed]]:
+    """Take the other queued rows of the calls ``keys`` name (rows of one multicast share its
+    key): a claim's limit may have cut a call's rows apart, and a repeated call must carry the
+    same recipients as the first. Due or not, in its window or not: they go with the rest of
+    their call, which the provider may already have accepted. Rows of contacts gone since
+    are left for ``skip_gone``.
+    """
+    return One(
+        Query(
+            f"""
+            WITH held AS (
+                SELECT 1 FROM delivery_batch
+                WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running'
+                FOR KEY SHARE
+            ),
+            picked AS (
+                SELECT d.id FROM delivery d
+                WHERE EXISTS (SELECT 1 FROM held)
+                  AND d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
+                  AND d.part_day = %(p)s
+                  AND d.status = 'queued'
+                  AND d.call_key = ANY(%(keys)s::uuid[])
+                  AND {_REACHABLE}
+                FOR UPDATE OF d SKIP LOCKED
+            )
+            UPDATE delivery d
+            SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s,
+                updated_at = now()
+            FROM picked
+            WHERE d.id = picked.id
+              AND d.part_day = %(p)s
+              AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
+            RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
+                      d.provider_message_id, NULL::jsonb, d.call_key
+            """,
+            {
+                "b": batch.broadcast_id,
+                "p": batch.part_day,
+                "batch": batch.id,
+                "lo": batch.first_id,
+                "hi": batch.last_id,
+                "t": batch.token,
+                "keys": list(keys),
+            },
+        ),
+        lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
+    )
+
+
+def share_call_key(batch: Batch, key: uuid.UUID, ids: Sequence[int]) -> One[int]:
+    """Rows ``ids``, held by the run, become one call under ``key``: written before the call is
+    made, so a repeat after a crash carries the same recipients under the same key. Returns
+    how many rows the run still held.
+    """
+    return One(
+        Query(
+            """
+            UPDATE delivery SET call_key = %(k)s
+            WHERE id = ANY(%(ids)s::bigint[]) AND part_day = %(p)s AND broadcast_id = %(b)s
+              AND lease_token = %(t)s AND status = 'sending'
+            """,
+            {
+                "k": key,
+                "ids": list(ids),
+                "p": batch.part_day,
+                "b": batch.broadcast_id,
+                "t": batch.token,
+            },
+        ),
+        lambda result: result.rowcount,
     )
 
 

@@ -25,15 +25,16 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from services.dispatcher import metrics
-from services.dispatcher.channels.base import Outcome, Permanent, Transient
+from services.dispatcher import conversation, metrics
+from services.dispatcher.channels.base import Multicaster, Outcome, Permanent, Transient
 from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
@@ -44,6 +45,15 @@ from shared.delivery_store import MAX_WAIT, Batch, Claimed
 from shared.domain.broadcasts import MAX_TEXT
 from shared.domain.lifecycle import BroadcastStatus
 from shared.logsafe import error_text
+
+#: What one provider call carries: one row, or the rows of one multicast.
+Unit = Claimed | tuple[Claimed, ...]
+
+
+def members_of(units: Iterable[Unit]) -> list[Claimed]:
+    """The rows of some calls."""
+    return [row for unit in units for row in (unit if isinstance(unit, tuple) else (unit,))]
+
 
 if TYPE_CHECKING:
     from services.dispatcher.pacing import Lane, Place
@@ -63,6 +73,8 @@ SUMMARY_REASONS = 5
 MAX_RESLOTS = 5
 #: Waits shorter than this are not slept (a slot due now, give or take the clock's grain).
 MIN_SLEEP = 0.001
+#: A multicast claim takes rows for at most this many calls.
+MULTICAST_CALLS = 2
 #: When its lane is full, a run waits for this share of the lane to free up before taking
 #: slots, so a busy channel takes slots in groups, not one round trip per send.
 LANE_CHUNK = 0.25
@@ -286,6 +298,9 @@ class BatchRun:
         claim_limit = max(
             1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), 2 * lane.size)
         )
+        if job.multicast > 1:
+            # A call carries up to ``multicast`` rows: claim enough for a few calls.
+            claim_limit = job.multicast * min(claim_limit, MULTICAST_CALLS)
         while True:
             if (stop := self._stop_reason(lease)) is not None:
                 return stop
@@ -293,10 +308,18 @@ class BatchRun:
                 claimed = await store.arun(
                     conn,
                     store.claim(
-                        self.batch, claim_limit, job.window, personal=job.template is not None
+                        self.batch,
+                        claim_limit,
+                        job.window,
+                        personal=job.personal,
+                        inbound=job.conversation is not None,
+                        keyed=job.keyed,
                     ),
                 )
-            rows = deque(claimed)
+            units: list[Unit] = list(claimed)
+            if job.multicast > 1 and claimed:
+                units = await self._calls(job, claimed)
+            rows = deque(units)
             if not rows:
                 ending = await self._nothing_due(recorder, job)
                 if ending is not None:
@@ -304,7 +327,7 @@ class BatchRun:
                 continue
             while rows:
                 if (stop := self._stop_reason(lease)) is not None:
-                    for row in rows:
+                    for row in members_of(rows):
                         recorder.release(row)
                     return stop
                 wait = await self._pace(job, lane, slots, rows, group, lease, recorder)
@@ -313,7 +336,7 @@ class BatchRun:
                 if wait > MAX_WAIT:
                     # The channel must wait (booked ahead, or told to by its provider): its
                     # other batches must too, so the run goes on with none of them.
-                    for row in rows:
+                    for row in members_of(rows):
                         recorder.release(row)
                     return Ending("wait", due_in=wait)
                 await self._sleep(wait)
@@ -323,7 +346,7 @@ class BatchRun:
         job: Job,
         lane: Lane,
         cache: SlotCache,
-        rows: deque[Claimed],
+        rows: deque[Unit],
         group: asyncio.TaskGroup,
         lease: Lease,
         recorder: Recorder,
@@ -353,12 +376,53 @@ class BatchRun:
         metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
         return None
 
-    async def _send(
-        self, job: Job, row: Claimed, at: float, lease: Lease, recorder: Recorder
-    ) -> None:
-        """One recipient: wait for the slot, call, record. A row never called goes back (a
-        database hiccup while taking a fresh slot costs the row a turn, not the run).
+    async def _calls(self, job: Job, rows: list[Claimed]) -> list[Unit]:
+        """The claimed rows as provider calls of up to ``job.multicast`` rows each.
+
+        Rows whose last attempt was used go as that attempt's call went: with the other rows
+        of its key (taken now if the claim's limit left them out) and under the same key, so
+        a call the provider may have accepted is repeated exactly. Fresh rows are grouped in
+        order, and each group's key is written on its rows before its call is made.
         """
+        again = {r.call_key for r in rows if r.attempts > 1 and r.call_key is not None}
+        if again:
+            async with self.rt.pool.connection() as conn:
+                rest = await store.arun(conn, store.claim_call_rest(self.batch, sorted(again)))
+            rows = sorted([*rows, *rest], key=lambda r: r.id)
+        earlier: dict[uuid.UUID, list[Claimed]] = {}
+        fresh: list[Claimed] = []
+        for row in rows:
+            if row.attempts > 1 and row.call_key is not None:
+                earlier.setdefault(row.call_key, []).append(row)
+            else:
+                fresh.append(row)
+        units: list[Unit] = [tuple(g) if len(g) > 1 else g[0] for g in earlier.values()]
+        fresh.sort(key=lambda r: (r.parts_done, r.id))
+        groups: list[list[Claimed]] = []
+        for row in fresh:
+            last = groups[-1] if groups else None
+            if last and len(last) < job.multicast and last[0].parts_done == row.parts_done:
+                last.append(row)
+            else:
+                groups.append([row])
+        async with self.rt.pool.connection() as conn:
+            for chunk in groups:
+                if len(chunk) == 1:
+                    units.append(chunk[0])
+                    continue
+                key = chunk[0].call_key or uuid.uuid4()
+                await store.arun(conn, store.share_call_key(self.batch, key, [r.id for r in chunk]))
+                units.append(tuple(replace(r, call_key=key) for r in chunk))
+        return units
+
+    async def _send(
+        self, job: Job, unit: Unit, at: float, lease: Lease, recorder: Recorder
+    ) -> None:
+        """One call (one recipient, or the rows of one multicast): wait for the slot, call,
+        record. Rows never called go back (a database hiccup while taking a fresh slot costs
+        them a turn, not the run).
+        """
+        members = unit if isinstance(unit, tuple) else (unit,)
         outcome: Outcome | None = None
         after: float | None = None
         try:
@@ -382,7 +446,7 @@ class BatchRun:
                         if self._may_call(lease):
                             after = self.rt.limiter.blocked_for(job.channel_id) or None
                             if after is None:
-                                outcome = await self._call(job, row)
+                                outcome = await self._call(job, unit)
                                 # The call counts as under way until its answer is written
                                 # (the recorder gives the place back then): what a process
                                 # killed outright can repeat stays within the call pool.
@@ -394,42 +458,67 @@ class BatchRun:
                     break
                 at = slots.times[0]
         except asyncio.CancelledError:
-            if row.id not in self.in_call:
-                recorder.release(row)
+            for row in members:
+                if row.id not in self.in_call:
+                    recorder.release(row)
             raise
         except Exception as exc:
             log.warning(
                 "broadcast %s: taking a fresh slot for delivery %s failed (%s); it goes back",
                 job.broadcast_id,
-                row.id,
+                members[0].id,
                 error_text(exc),
                 extra=self._ids,
             )
         if outcome is None:
-            recorder.release(row, after=after)
+            for row in members:
+                recorder.release(row, after=after)
             return
         try:
-            label = recorder.outcome(row, outcome, holds_place=True).label
+            # A multicast's answer is each of its rows'; the call's place goes with the first.
+            for i, row in enumerate(members):
+                label = recorder.outcome(row, outcome, holds_place=i == 0).label
         except Exception:
             # The call was made but its answer cannot be judged (a bug): the row stays held,
             # and the sweeper sends it again once the lease runs out.
             self.rt.calls.give_back(1)
             log.exception(
-                "delivery %s: the provider's answer could not be recorded", row.id, extra=self._ids
+                "delivery %s: the provider's answer could not be recorded",
+                members[0].id,
+                extra=self._ids,
             )
             return
-        self.in_call.discard(row.id)
+        for row in members:
+            self.in_call.discard(row.id)
         if label == "throttled" and isinstance(outcome, Transient):
             await self._throttled(job, outcome)
         elif isinstance(outcome, Transient) and outcome.refused:
             await self._refused(job, outcome)
 
-    async def _call(self, job: Job, row: Claimed) -> Outcome:
-        self.in_call.add(row.id)
+    async def _call(self, job: Job, unit: Unit) -> Outcome:
+        members = unit if isinstance(unit, tuple) else (unit,)
+        for member in members:
+            self.in_call.add(member.id)
+        row = members[0]
         started = time.perf_counter()
         try:
+            if len(members) > 1:
+                return await cast(Multicaster, job.adapter).send_many(
+                    job.message,
+                    [r.address for r in members],
+                    str(row.call_key),
+                    parts_done=row.parts_done,
+                    may_go_on=lambda: self._may_call(self._lease),
+                )
             message = job.message
-            if job.template is not None:
+            if job.conversation is not None:
+                chosen = conversation.message_for(
+                    job.conversation, message, row.address, row.contact, datetime.now(UTC)
+                )
+                if isinstance(chosen, Permanent):
+                    return chosen
+                message = chosen
+            if job.template is not None and message.text is not None:
                 text = job.template.render(row.address, row.contact)
                 if len(text) > MAX_TEXT:
                     # A contact's long fields made it longer than any message may be.
@@ -441,7 +530,7 @@ class BatchRun:
             return await job.adapter.send(
                 message,
                 row.address,
-                str(row.id),
+                str(row.call_key) if job.keyed and row.call_key else str(row.id),
                 parts_done=row.parts_done,
                 may_go_on=lambda: self._may_call(self._lease),
             )

@@ -10,6 +10,7 @@ from psycopg.rows import dict_row
 
 from services.dispatcher.channels import make_adapter
 from services.dispatcher.channels.base import ChannelAdapter, MediaRef, OutboundMessage
+from services.dispatcher.conversation import Rule, rule_for
 from shared import delivery_store as store
 from shared.domain import templates
 from shared.domain.channels import open_config
@@ -59,6 +60,28 @@ class Job:
     window: store.Window | None = None
     #: Its text when personalised (``{{name}}``): rendered for each recipient.
     template: Template | None = None
+    #: What may go to each recipient, where the provider has a conversation window.
+    conversation: Rule | None = None
+
+    @property
+    def personal(self) -> bool:
+        """Each recipient's message needs its contact's name and fields."""
+        return self.template is not None or (
+            self.conversation is not None and self.conversation.needs_contact
+        )
+
+    @property
+    def multicast(self) -> int:
+        """Recipients one provider call may carry (1: one call per recipient). A personalised
+        message goes to each recipient alone.
+        """
+        most = getattr(self.adapter, "max_recipients", 1)
+        return 1 if self.personal or self.conversation is not None else most
+
+    @property
+    def keyed(self) -> bool:
+        """The provider takes a retry key per call, stored on the rows before the call."""
+        return bool(getattr(self.adapter, "keyed", False))
 
 
 async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
@@ -85,12 +108,13 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         if row is None or row["status"] != BroadcastStatus.IN_PROGRESS:
             return None
         media_ids = [int(m) for m in row["content"].get("media_ids") or []]
+        header_ids = _template_media(row["content"].get("template"))
         media_rows = []
-        if media_ids:
+        if media_ids or header_ids:
             await cur.execute(
                 "SELECT id, content_type, storage_key FROM media "
                 "WHERE id = ANY(%s) AND workspace_id = %s",
-                (media_ids, row["workspace_id"]),
+                (media_ids + header_ids, row["workspace_id"]),
             )
             media_rows = await cur.fetchall()
     try:
@@ -111,6 +135,10 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         for mid in media_ids
         if mid in by_id
     )
+    header_urls = {
+        mid: signed_media_url(base, signing_key, mid, now=now) for mid in header_ids if mid in by_id
+    }
+    conversation = rule_for(ChannelKind(row["kind"]), row["content"], header_urls)
     message = OutboundMessage(
         broadcast_id=broadcast_id, text=row["content"].get("text"), media=media, subject=row["name"]
     )
@@ -130,4 +158,17 @@ async def load_job(rt: Runtime, broadcast_id: int) -> Job | None:
         if row["window_start"] is not None
         else None,
         template=templates.stored(message.text),
+        conversation=conversation,
     )
+
+
+def _template_media(template: object) -> list[int]:
+    """The media ids of a stored WhatsApp template's header images."""
+    if not isinstance(template, dict):
+        return []
+    return [
+        int(p["media_id"])
+        for c in template.get("components") or []
+        for p in c.get("parameters") or []
+        if p.get("type") == "image" and isinstance(p.get("media_id"), int)
+    ]

@@ -4,6 +4,9 @@ Provider side (``name`` picks a simulated endpoint with its own switches and rec
   ``POST /hooks/{name}``                                        the signed webhook format
   ``POST /telegram/{name}/bot{token}/{method}``                 the Telegram Bot API
   ``POST /whatsapp/{name}/{version}/{phone_number_id}/messages``  the WhatsApp Cloud API
+  ``POST /messenger/{name}/{version}/me/messages``              Messenger's Send API (``graph``)
+  ``POST /instagram/{name}/{version}/{ig_user_id}/messages``    Instagram's Send API (``graph``)
+  ``POST /line/{name}/v2/bot/message/push`` and ``.../multicast``  LINE's Messaging API (``line``)
 Control side (for tests and benchmarks):
   ``PUT /_sim/hooks/{name}``           set how the hook behaves (see ``HookConfig``)
   ``GET /_sim/hooks/{name}/stats``     counts: requests, accepted, unique keys, duplicates, ...
@@ -32,6 +35,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.simulator import graph, line
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
 #: Oldest signed webhook body the simulator accepts, as a receiver should.
@@ -71,6 +76,10 @@ class HookConfig(BaseModel):
     frequency_capped: list[str] = Field(default_factory=list)
     #: WhatsApp: answer every message with this error code (e.g. 132001, a template problem).
     error_code: int | None = None
+    #: WhatsApp: the approved templates, ``"name:language"`` -> the number of body
+    #: parameters; when set, a template message is checked against them as the Cloud API
+    #: does (132001 unknown name or language, 132000 wrong number of parameters).
+    templates: dict[str, int] = Field(default_factory=dict)
     seed: int = 0
 
 
@@ -263,11 +272,12 @@ class Simulator:
             "type": kind,
             "text": body.get("body") if kind == "text" else body.get("caption"),
             "link": body.get("link"),
+            "template": body if kind == "template" else None,
             "signature_ok": None,
         }
         hook, now = self.receive(request.match_info["name"], record)
         await self.lag(hook)
-        refusal = self.whatsapp_rule(hook.config, kind, str(record["to"]))
+        refusal = self.whatsapp_rule(hook.config, kind, str(record["to"]), record["template"])
         if refusal is not None:
             code, message, details = refusal
             record["status"] = 400
@@ -300,10 +310,14 @@ class Simulator:
         return web.json_response({"error": error}, status=status)
 
     @staticmethod
-    def whatsapp_rule(config: HookConfig, kind: Any, to: str) -> tuple[int, str, str] | None:
+    def whatsapp_rule(
+        config: HookConfig, kind: Any, to: str, template: Any
+    ) -> tuple[int, str, str] | None:
         """The Cloud API's own refusals: (code, message, details), or None."""
         if config.error_code is not None:
             return config.error_code, f"(#{config.error_code}) Simulated error", "simulated"
+        if kind == "template" and config.templates:
+            return template_problem(config.templates, template)
         if kind in ("text", "image") and to in config.outside_window:
             return (
                 131047,
@@ -336,6 +350,31 @@ class Simulator:
             "first_at": hook.arrivals[0] if hook.arrivals else None,
             "last_at": hook.arrivals[-1] if hook.arrivals else None,
         }
+
+
+def template_problem(approved: dict[str, int], template: Any) -> tuple[int, str, str] | None:
+    """Why the Cloud API would refuse this template message, or None."""
+    if not isinstance(template, dict):
+        return 131008, "Required parameter is missing", "template is required"
+    language = template.get("language")
+    code = language.get("code") if isinstance(language, dict) else None
+    wanted = approved.get(f"{template.get('name')}:{code}")
+    if wanted is None:
+        return (
+            132001,
+            "Template name does not exist in the translation",
+            f"template name ({template.get('name')}) does not exist in {code}",
+        )
+    body = [c for c in template.get("components") or [] if c.get("type") == "body"]
+    given = len(body[0].get("parameters") or []) if body else 0
+    if given != wanted:
+        return (
+            132000,
+            "Number of parameters does not match the expected number of params",
+            f"body: number of localizable_params ({given}) does not match the expected "
+            f"number of params ({wanted})",
+        )
+    return None
 
 
 class ExtraPorts:
@@ -450,6 +489,8 @@ def make_app() -> web.Application:
     app.router.add_post("/hooks/{name}", sim.webhook)
     app.router.add_post("/telegram/{name}/bot{token}/{method}", sim.telegram)
     app.router.add_post("/whatsapp/{name}/{version}/{phone_number_id}/messages", sim.whatsapp)
+    graph.add_routes(app, sim)
+    line.add_routes(app, sim)
     app.router.add_put("/_sim/hooks/{name}", put_hook)
     app.router.add_get("/_sim/hooks/{name}/stats", get_stats)
     app.router.add_get("/_sim/hooks/{name}/requests", get_requests)

@@ -412,6 +412,10 @@ class Delivery(Base):
     provider_message_id: Mapped[str | None] = mapped_column(Text)
     #: Provider calls of a several-call message already accepted; a retry starts after them.
     parts_done: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: The key of the one provider call that carries this row with others (a LINE multicast),
+    #: written before the call is made: a repeat after a crash or a timeout is the same call,
+    #: to the same recipients under the same key, which the provider refuses as a repeat.
+    call_key: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     #: The run of a batch that holds the row while ``sending``; that run's lease (on its batch)
     #: is the row's lease, and results written under any other token are ignored.
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -239,9 +239,10 @@ def breakdown(
     spec: AudienceFilter | AudienceSpec,
     *,
     window: timedelta | None = None,
+    at: datetime | None = None,
 ) -> Breakdown:
     """The spec's audience right now, counted by what its start would do with each; with a
-    conversation ``window``, how many of those to be sent to are inside it.
+    conversation ``window``, how many of those to be sent to are inside it now (or at ``at``).
     """
     matched = audience_query(
         workspace_id, channel_id, spec, reachable=None, opted_out=None
@@ -253,7 +254,7 @@ def breakdown(
     )
     sub = matched.subquery()
     opted, gone = sub.c.opted_out_at.is_not(None), sub.c.unreachable_at.is_not(None)
-    inside = sub.c.last_inbound_at > func.now() - (window or timedelta(0))
+    inside = sub.c.last_inbound_at > (func.now() if at is None else at) - (window or timedelta(0))
     row = session.execute(
         select(
             func.count().filter(~opted & ~gone),

@@ -30,6 +30,7 @@ from shared.db.models import (
 from shared.db.sql import contains
 from shared.domain import templates, zones
 from shared.domain.audience import AudienceSpec, breakdown, check_audience
+from shared.domain.channels import CONVERSATION_WINDOW, MESSAGE_TAGS
 from shared.domain.errors import FieldError, NotFound, StateConflict, ValidationFailed
 from shared.domain.lifecycle import (
     ACTION_ALLOWED_FROM,
@@ -44,6 +45,7 @@ from shared.domain.lifecycle import (
 )
 from shared.domain.media import MAX_IMAGES, check_media_ids
 from shared.domain.types import MAX_ID, Id, Text
+from shared.domain.wa_templates import WhatsappTemplate
 from shared.domain.zones import LocalTime, SendingWindow
 
 #: A scheduled send must lie at least this far ahead when it is written.
@@ -73,12 +75,26 @@ class AutoPause(BaseModel):
 
 
 class Content(BaseModel):
-    """What is sent: text, images, or both."""
+    """What is sent: text, images, or both; on WhatsApp, a template (to everyone, or to those
+    outside the 24-hour window when text or images are given too); on Messenger and
+    Instagram, the message tag for those outside it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     text: Text | None = Field(default=None, max_length=MAX_TEXT)
     media_ids: list[Id] = Field(default_factory=list)
+    template: WhatsappTemplate | None = Field(
+        default=None,
+        description="WhatsApp: an approved template message. With text or images too, the "
+        "template goes to recipients outside the 24-hour window and the text and images to "
+        "those inside it.",
+    )
+    message_tag: str | None = Field(
+        default=None,
+        description="Messenger and Instagram: the message tag for recipients outside the "
+        "24-hour window (HUMAN_AGENT: within 7 days of their last message).",
+    )
 
     @field_validator("media_ids")
     @classmethod
@@ -91,9 +107,14 @@ class Content(BaseModel):
     def _not_empty(self) -> Content:
         if self.text is not None and not self.text.strip():
             self.text = None
-        if self.text is None and not self.media_ids:
-            raise ValueError("is empty: give text, media_ids, or both")
+        if self.text is None and not self.media_ids and self.template is None:
+            raise ValueError("is empty: give text, media_ids, or both (or a WhatsApp template)")
         return self
+
+    @property
+    def free_form(self) -> bool:
+        """Text or images (which a conversation window restricts), not only a template."""
+        return self.text is not None or bool(self.media_ids)
 
 
 def utcnow() -> datetime:
@@ -175,14 +196,7 @@ def create_broadcast(
     send_at = resolve_send_at(given.at if given else None, now)
     channel = get_channel(session, workspace_id, new.channel_id)
     size = check_audience(session, workspace_id, new.channel_id, new.audience)
-    check_media_ids(
-        session,
-        workspace_id,
-        new.content.media_ids,
-        field="content.media_ids",
-        kind=ChannelKind(channel.kind),
-    )
-    templates.check(session, workspace_id, new.content.text, "content.text")
+    check_content(session, workspace_id, channel, new.content, new.audience, send_at)
     if new.window is not None:
         zones.check_known(session, [new.window.zone], "sending_window.zone")
     broadcast = Broadcast(
@@ -221,6 +235,86 @@ def create_broadcast(
             raise
         return earlier, False
     return broadcast, True
+
+
+def check_content(
+    session: Session,
+    workspace_id: int,
+    channel: Channel,
+    content: Content,
+    audience: AudienceSpec,
+    send_at: datetime,
+) -> None:
+    """Refuse content the channel cannot send: images of a type or size its provider refuses,
+    malformed placeholders, a template anywhere but WhatsApp, a message tag anywhere but
+    Messenger and Instagram, and, where the provider has a conversation window, free-form
+    content for recipients who will be outside it at ``send_at`` with nothing given for them
+    (a template, a message tag).
+    """
+    kind = ChannelKind(channel.kind)
+    check_media_ids(session, workspace_id, content.media_ids, field="content.media_ids", kind=kind)
+    templates.check(session, workspace_id, content.text, "content.text")
+    if content.template is not None:
+        if kind is not ChannelKind.WHATSAPP:
+            raise ValidationFailed.one(
+                "content.template",
+                f"only a WhatsApp channel sends templates; channel {channel.id} is {kind.value}",
+                "template_not_supported",
+            )
+        for path, value in content.template.texts():
+            templates.check(session, workspace_id, value, f"content.template.{path}")
+        check_media_ids(
+            session,
+            workspace_id,
+            content.template.media_ids(),
+            field="content.template.header",
+            kind=kind,
+        )
+    tags = MESSAGE_TAGS.get(kind)
+    if content.message_tag is not None and (tags is None or content.message_tag not in tags):
+        allowed = (
+            f"one of {', '.join(tags)}"
+            if tags
+            else "none: only Messenger and Instagram channels take message tags"
+        )
+        raise ValidationFailed.one(
+            "content.message_tag",
+            f"{content.message_tag!r} is not a message tag of a {kind.value} channel; allowed: "
+            f"{allowed}",
+            "invalid_tag",
+        )
+    window = CONVERSATION_WINDOW.get(kind)
+    if window is None or not content.free_form:
+        return
+    if content.template is not None:
+        return  # the template goes to everyone outside the window
+    tag_window = window
+    if content.message_tag is not None and tags is not None:
+        allowed_for = tags[content.message_tag]
+        if allowed_for is None:
+            return  # the tag may be used whenever the contact last wrote
+        tag_window = allowed_for
+    found = breakdown(session, workspace_id, channel.id, audience, window=tag_window, at=send_at)
+    outside = found.sendable - (found.inside_window or 0)
+    if outside <= 0:
+        return
+    hours = int(tag_window.total_seconds() // 3600)
+    span = f"{hours // 24} days" if hours % 24 == 0 and hours > 24 else f"{hours} hours"
+    remedy = (
+        "give content.template (an approved template: it goes to them, and the text and "
+        "images to the others)"
+        if kind is ChannelKind.WHATSAPP
+        else "give content.message_tag (HUMAN_AGENT reaches those who wrote within 7 days)"
+        if content.message_tag is None
+        else "narrow the audience to those who wrote in since"
+    )
+    raise ValidationFailed.one(
+        "content",
+        f"{outside} of {found.sendable} recipients will not have written in within {span} of "
+        f"the send time: {kind.value} takes free-form messages only inside that window; "
+        f"{remedy}",
+        "outside_window",
+    )
 
 
 def _window_columns(window: SendingWindow | None, send_zone: str | None) -> dict[str, Any]:
@@ -529,16 +623,10 @@ def modify_broadcast(
         broadcast.audience = audience.model_dump(mode="json")
         # A broadcast to the failed recipients of another is its retry, however it was made.
         broadcast.retry_of_id = audience.failed_in
-    if changes.content is not None or changes.channel_id is not None:
+    if changes.fields & {"content", "channel_id", "audience", "send_at"}:
         content = changes.content or Content.model_validate(broadcast.content)
-        check_media_ids(
-            session,
-            workspace_id,
-            content.media_ids,
-            field="content.media_ids",
-            kind=ChannelKind(channel.kind),
-        )
-        templates.check(session, workspace_id, content.text, "content.text")
+        audience = changes.audience or AudienceSpec.model_validate(broadcast.audience)
+        check_content(session, workspace_id, channel, content, audience, broadcast.send_at)
         broadcast.content = content.model_dump(mode="json")
     broadcast.updated_at = now
     session.flush()

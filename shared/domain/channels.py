@@ -85,6 +85,25 @@ class WhatsappConfig(_Config):
     api_base_url: AnyHttpUrl = AnyHttpUrl("https://graph.facebook.com")
 
 
+class LineConfig(_Config):
+    channel_access_token: str = Field(min_length=1, max_length=4096)
+    api_base_url: AnyHttpUrl = AnyHttpUrl("https://api.line.me")
+
+    _token = field_validator("channel_access_token")(_visible_ascii)
+
+
+class MessengerConfig(_Config):
+    page_access_token: str = Field(min_length=1, max_length=4096)
+    api_version: str = Field(default="v21.0", pattern=r"^v\d+\.\d+$")
+    api_base_url: AnyHttpUrl = AnyHttpUrl("https://graph.facebook.com")
+
+    _token = field_validator("page_access_token")(_visible_ascii)
+
+
+class InstagramConfig(MessengerConfig):
+    ig_user_id: str = Field(min_length=1, max_length=32, pattern=r"^\d+$")
+
+
 class SmtpConfig(_Config):
     host: str = Field(min_length=1, max_length=255)
     port: int = Field(default=587, ge=1, le=65535)
@@ -109,6 +128,9 @@ CONFIG_MODELS: dict[ChannelKind, type[_Config]] = {
     ChannelKind.TELEGRAM: TelegramConfig,
     ChannelKind.WHATSAPP: WhatsappConfig,
     ChannelKind.SMTP: SmtpConfig,
+    ChannelKind.LINE: LineConfig,
+    ChannelKind.MESSENGER: MessengerConfig,
+    ChannelKind.INSTAGRAM: InstagramConfig,
 }
 
 #: Config keys never shown back to anyone, per kind.
@@ -117,6 +139,9 @@ SECRET_KEYS: dict[ChannelKind, frozenset[str]] = {
     ChannelKind.TELEGRAM: frozenset({"bot_token"}),
     ChannelKind.WHATSAPP: frozenset({"access_token"}),
     ChannelKind.SMTP: frozenset({"password"}),
+    ChannelKind.LINE: frozenset({"channel_access_token"}),
+    ChannelKind.MESSENGER: frozenset({"page_access_token"}),
+    ChannelKind.INSTAGRAM: frozenset({"page_access_token"}),
 }
 
 #: Config keys that name where a channel connects: a URL, or (SMTP) a host.
@@ -125,6 +150,9 @@ TARGET_KEYS: dict[ChannelKind, str] = {
     ChannelKind.TELEGRAM: "api_base_url",
     ChannelKind.WHATSAPP: "api_base_url",
     ChannelKind.SMTP: "host",
+    ChannelKind.LINE: "api_base_url",
+    ChannelKind.MESSENGER: "api_base_url",
+    ChannelKind.INSTAGRAM: "api_base_url",
 }
 
 #: The provider's own limit, used when a channel is created without one.
@@ -133,15 +161,40 @@ DEFAULT_RATE_LIMIT_PER_SECOND: dict[ChannelKind, float] = {
     ChannelKind.TELEGRAM: 30.0,
     ChannelKind.WHATSAPP: 80.0,
     ChannelKind.SMTP: 10.0,
+    # Requests a second: LINE's multicast limit (each carries up to 500 recipients).
+    ChannelKind.LINE: 200.0,
+    ChannelKind.MESSENGER: 100.0,
+    # Instagram's limit for text and images: 100 calls a second per professional account.
+    ChannelKind.INSTAGRAM: 100.0,
 }
 
 #: Kinds whose provider takes free-form messages only within a window after the contact last
 #: wrote in, and that window.
-CONVERSATION_WINDOW: dict[ChannelKind, timedelta] = {ChannelKind.WHATSAPP: timedelta(hours=24)}
+CONVERSATION_WINDOW: dict[ChannelKind, timedelta] = {
+    ChannelKind.WHATSAPP: timedelta(hours=24),
+    ChannelKind.MESSENGER: timedelta(hours=24),
+    ChannelKind.INSTAGRAM: timedelta(hours=24),
+}
+
+#: Messenger and Instagram message tags that let a message go after the window closes, and
+#: how long after the contact last wrote each may be used (None: any time). Instagram takes
+#: only HUMAN_AGENT.
+MESSAGE_TAGS: dict[ChannelKind, dict[str, timedelta | None]] = {
+    ChannelKind.MESSENGER: {
+        "HUMAN_AGENT": timedelta(days=7),
+        "ACCOUNT_UPDATE": None,
+        "CONFIRMED_EVENT_UPDATE": None,
+        "POST_PURCHASE_UPDATE": None,
+    },
+    ChannelKind.INSTAGRAM: {"HUMAN_AGENT": timedelta(days=7)},
+}
 
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _E164 = re.compile(r"\+?[1-9]\d{6,14}")
 _TELEGRAM_CHAT = re.compile(r"-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31}")
+_LINE_USER = re.compile(r"U[0-9a-f]{32}")
+#: A page-scoped (Messenger) or Instagram-scoped user id.
+_SCOPED_ID = re.compile(r"\d{1,32}")
 
 #: Per kind: the address pattern and how it is described to a user who got it wrong.
 ADDRESS_RULES: dict[ChannelKind, tuple[re.Pattern[str], str]] = {
@@ -149,6 +202,9 @@ ADDRESS_RULES: dict[ChannelKind, tuple[re.Pattern[str], str]] = {
     ChannelKind.TELEGRAM: (_TELEGRAM_CHAT, "a Telegram chat id (digits) or @username"),
     ChannelKind.WHATSAPP: (_E164, "a phone number in E.164 form, e.g. +4915112345678"),
     ChannelKind.SMTP: (EMAIL, "an email address such as ann@example.com"),
+    ChannelKind.LINE: (_LINE_USER, "a LINE user id: U and 32 hex digits"),
+    ChannelKind.MESSENGER: (_SCOPED_ID, "a page-scoped user id (PSID, digits)"),
+    ChannelKind.INSTAGRAM: (_SCOPED_ID, "an Instagram-scoped user id (IGSID, digits)"),
 }
 MAX_ADDRESS_LENGTH = 320
 

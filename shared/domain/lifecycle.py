@@ -51,6 +51,9 @@ class ChannelKind(StrEnum):
     TELEGRAM = "telegram"
     WHATSAPP = "whatsapp"
     SMTP = "smtp"
+    LINE = "line"
+    MESSENGER = "messenger"
+    INSTAGRAM = "instagram"
 
 
 BROADCAST_STATUSES: tuple[str, ...] = tuple(s.value for s in BroadcastStatus)

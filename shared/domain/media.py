@@ -156,6 +156,10 @@ def create_media(
 PROVIDER_IMAGES: dict[ChannelKind, tuple[frozenset[str], int]] = {
     ChannelKind.WHATSAPP: (frozenset({"image/jpeg", "image/png"}), 5 * 1024 * 1024),
     ChannelKind.TELEGRAM: (frozenset({"image/jpeg", "image/png", "image/webp"}), 10 * 1024 * 1024),
+    # The same URL serves as LINE's preview image, which may be at most 1 MB.
+    ChannelKind.LINE: (frozenset({"image/jpeg", "image/png"}), 1024 * 1024),
+    ChannelKind.MESSENGER: (frozenset({"image/jpeg", "image/png", "image/gif"}), 25 * 1024 * 1024),
+    ChannelKind.INSTAGRAM: (frozenset({"image/jpeg", "image/png"}), 8 * 1024 * 1024),
 }
 
 

@@ -136,7 +136,12 @@ def test_manual_selection_and_exclusions_are_stored(api: Api, setup: dict[str, A
 def test_content_with_images(api: Api, setup: dict[str, Any]) -> None:
     media_ids = [upload_png(api) for _ in range(2)]
     b = api.broadcast(setup["channel"]["id"], content={"media_ids": media_ids})
-    assert b["content"] == {"text": None, "media_ids": media_ids}
+    assert b["content"] == {
+        "text": None,
+        "media_ids": media_ids,
+        "template": None,
+        "message_tag": None,
+    }
 
 
 BAD_CREATES: list[tuple[str, dict[str, Any], str, str]] = [

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +201,28 @@ class Api:
                 "api_version": "v21.0",
                 "api_base_url": f"{self.system.sim_url}/whatsapp/{name}",
             },
+            "line": {
+                "channel_access_token": secrets.token_urlsafe(32),
+                "api_base_url": f"{self.system.sim_url}/line/{name}",
+            },
+            "messenger": {
+                "page_access_token": f"EAAB{secrets.token_urlsafe(24)}",
+                "api_version": "v21.0",
+                "api_base_url": f"{self.system.sim_url}/messenger/{name}",
+            },
+            "instagram": {
+                "page_access_token": f"IGQV{secrets.token_urlsafe(24)}",
+                "ig_user_id": "17841400000000001",
+                "api_version": "v21.0",
+                "api_base_url": f"{self.system.sim_url}/instagram/{name}",
+            },
         }[kind]
-        self.secrets = [
-            *getattr(self, "secrets", []),
-            config.get("bot_token") or config["access_token"],
-        ]
+        secret = next(
+            config[k]
+            for k in ("bot_token", "access_token", "channel_access_token", "page_access_token")
+            if k in config
+        )
+        self.secrets = [*getattr(self, "secrets", []), secret]
         channel = self.ok(
             "POST",
             "/v1/channels",
@@ -225,10 +243,25 @@ class Api:
         )
 
     def import_contacts(
-        self, account_id: int, addresses: list[str], tags: list[str] | None = None
+        self,
+        account_id: int,
+        addresses: list[str],
+        tags: list[str] | None = None,
+        *,
+        wrote_in: bool = False,
     ) -> None:
+        """Import contacts; ``wrote_in``: each wrote in just now (inside every provider's
+        conversation window).
+        """
+        now = datetime.now(UTC).isoformat() if wrote_in else None
         rows = [
-            {"account_id": account_id, "address": a, "name": f"N {a}", "tags": tags or []}
+            {
+                "account_id": account_id,
+                "address": a,
+                "name": f"N {a}",
+                "tags": tags or [],
+                **({"last_inbound_at": now} if now else {}),
+            }
             for a in addresses
         ]
         self.ok("POST", "/v1/contacts/import", json=rows)

@@ -33,7 +33,7 @@ def send(
     api: Api, channel: dict[str, Any], addresses: list[str], content: dict[str, Any]
 ) -> dict[str, Any]:
     account = api.account(channel["id"])
-    api.import_contacts(account["id"], addresses)
+    api.import_contacts(account["id"], addresses, wrote_in=channel["kind"] == "whatsapp")
     b = api.broadcast(channel["id"], {"account_ids": [account["id"]]}, content=content)
     return api.wait_status(b["id"], "completed")
 
@@ -250,7 +250,9 @@ def test_whatsapp_outside_the_window_or_over_the_cap_fails_with_the_reason_and_n
 def test_whatsapp_template_problem_pauses_the_broadcast_with_the_reason(api: Api) -> None:
     channel, name = api.channel("whatsapp", error_code=132001)
     account = api.account(channel["id"])
-    api.import_contacts(account["id"], [f"+49151000000{i:02d}" for i in range(30, 40)])
+    api.import_contacts(
+        account["id"], [f"+49151000000{i:02d}" for i in range(30, 40)], wrote_in=True
+    )
     b = api.broadcast(channel["id"], {"account_ids": [account["id"]]}, content={"text": "x"})
     paused = api.wait_status(b["id"], "paused")
     assert "WhatsApp 132001" in paused["status_reason"]

@@ -6,6 +6,8 @@ from typing import Any
 
 from services.dispatcher.channels.base import ChannelAdapter
 from services.dispatcher.channels.client import HttpClient
+from services.dispatcher.channels.graph import InstagramAdapter, MessengerAdapter
+from services.dispatcher.channels.line import LineAdapter
 from services.dispatcher.channels.smtp import STRICT, TIMEOUT_SECONDS, SmtpAdapter
 from services.dispatcher.channels.telegram import TelegramAdapter
 from services.dispatcher.channels.webhook import WebhookAdapter
@@ -35,6 +37,12 @@ def make_adapter(
         return TelegramAdapter(config, http)
     if kind == ChannelKind.WHATSAPP:
         return WhatsappAdapter(config, http)
+    if kind == ChannelKind.MESSENGER:
+        return MessengerAdapter(config, http)
+    if kind == ChannelKind.INSTAGRAM:
+        return InstagramAdapter(config, http)
+    if kind == ChannelKind.LINE:
+        return LineAdapter(config, http)
     if kind == ChannelKind.SMTP:
         return SmtpAdapter(
             config, store, timeout=http.timeout_seconds or TIMEOUT_SECONDS, egress=egress

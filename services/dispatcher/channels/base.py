@@ -6,9 +6,9 @@ import asyncio
 import email.utils
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 #: Longest provider answer kept as a failure reason.
 MAX_REASON = 500
@@ -37,6 +37,13 @@ class OutboundMessage:
     media: tuple[MediaRef, ...] = field(default_factory=tuple)
     #: The broadcast's name: an email's subject.
     subject: str | None = None
+    #: WhatsApp: the template message (the Cloud API's ``template`` object, its parameters
+    #: rendered for the recipient) sent in place of text and images, to a recipient outside
+    #: the 24-hour window or when the broadcast is a template only.
+    template: dict[str, Any] | None = None
+    #: Messenger and Instagram: the message tag a message outside the 24-hour window goes
+    #: with (``messaging_type`` MESSAGE_TAG); None inside it (``messaging_type`` UPDATE).
+    tag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,26 @@ class ChannelAdapter(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Multicaster(ChannelAdapter, Protocol):
+    """An adapter whose provider sends one message to many recipients in one call
+    (``max_recipients`` of them), every call under a retry key stored before it is made.
+    """
+
+    max_recipients: int
+
+    async def send_many(
+        self,
+        message: OutboundMessage,
+        addresses: Sequence[str],
+        idempotency_key: str,
+        *,
+        parts_done: int = 0,
+        may_go_on: Callable[[], bool] = go_on,
+    ) -> Outcome:
+        """Send to every address in one call; the outcome is each one's."""
+        ...
 
 
 def printable(text: str) -> str:

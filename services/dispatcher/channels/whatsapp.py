@@ -1,8 +1,10 @@
-"""WhatsApp Cloud API: ``POST /{version}/{phone_number_id}/messages`` with text or image messages.
+"""WhatsApp Cloud API: ``POST /{version}/{phone_number_id}/messages`` with text, image or
+template messages.
 
 WhatsApp has no albums: several images are several messages (the text as the first caption),
 and a retry skips the ones already accepted. Errors are judged by their code: throughput and
-temporary codes (130429, 131056, 80007, 131000, 131016, ...) are transient; an undeliverable
+temporary codes (130429, 80007, 131000, 131016, ...) are transient, the pair's limit (131056)
+only for that recipient; an undeliverable
 or unregistered recipient (131026, 133010) is permanent and marks the contact unreachable.
 A recipient outside the 24-hour customer service window (131047) or over the marketing cap
 (131049) fails with that reason and is not retried; a template problem (132xxx) pauses the
@@ -38,9 +40,14 @@ from services.dispatcher.channels.http import (
 
 MAX_CAPTION = 1024
 #: Rate and throughput limits: the whole channel must slow down.
-THROTTLE_CODES = frozenset({4, 80007, 130429, 131056, 613})
+THROTTLE_CODES = frozenset({4, 80007, 130429, 613})
+#: Too many messages to one recipient in a short time (the business and user pair's limit):
+#: that recipient waits, not the channel.
+PAIR_CODE = 131056
+#: The pair's limit: about one message every six seconds to one user.
+PAIR_WAIT = 6.0
 #: Temporary trouble on the provider's side.
-TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 133004}) | THROTTLE_CODES
+TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 133004, PAIR_CODE}) | THROTTLE_CODES
 #: The recipient is not reachable on WhatsApp at all.
 UNREACHABLE_CODES = frozenset({131026, 133010, 131021})
 #: Template problems (132000-132999: unknown template or language, wrong parameters, paused
@@ -69,7 +76,9 @@ class WhatsappAdapter:
         self.http = http
 
     def parts(self, message: OutboundMessage) -> list[dict[str, Any]]:
-        """One message body per call, in order."""
+        """One message body per call, in order: a template alone, or the text and images."""
+        if message.template is not None:
+            return [{"type": "template", "template": message.template}]
         text, media = message.text, message.media
         caption = text if text and len(text) <= MAX_CAPTION else None
         parts: list[dict[str, Any]] = []
@@ -139,6 +148,8 @@ class WhatsappAdapter:
         if 300 <= status < 400:
             # Not an answer of the Cloud API: redirects are never followed.
             return Permanent(text)
+        if code == PAIR_CODE:
+            return Transient(text, parse_retry_after(retry_after) or PAIR_WAIT)
         if code in THROTTLE_CODES or status == 429:
             return Transient(text, parse_retry_after(retry_after) or THROTTLE_WAIT, throttled=True)
         if code in TRANSIENT_CODES or status >= 500:

@@ -1,0 +1,191 @@
+"""WhatsApp template messages: ``content.template`` as the Cloud API takes it.
+
+A business may start a conversation on WhatsApp only with a template its account had
+approved; free-form text and images go only to a contact who wrote in within 24 hours. A
+broadcast's template is ``{name, language, components}``: a header (text, or an image from the
+workspace's media), body parameters, and button parameters, in the shapes of the Cloud API's
+``template`` object. The text of every parameter may use personalisation placeholders
+(``{{name}}``); they are rendered for each recipient when it is sent.
+
+What is checked here is what the Cloud API would refuse whatever the approved template says
+(names, language codes, lengths, characters a parameter may not hold, a button's index given
+twice); whether the parameters match the approved template is the Cloud API's to say (its
+132xxx errors pause the broadcast with the reason).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.domain import templates
+from shared.domain.types import Id, Text
+
+#: Longest text of one body parameter, and of a header's text parameter.
+MAX_BODY_PARAM = 1024
+MAX_HEADER_TEXT = 60
+#: Longest quick-reply payload and URL-button suffix.
+MAX_BUTTON_PARAM = 1000
+MAX_BODY_PARAMS = 100
+MAX_BUTTONS = 10
+_TABS_OR_SPACES = re.compile(r"[\n\t]| {5,}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _no_layout(value: str) -> str:
+    # The Cloud API refuses (132018) a parameter holding a line break, a tab or more than
+    # four spaces in a row: it would change the approved layout.
+    if _TABS_OR_SPACES.search(value):
+        raise ValueError("must not hold a line break, a tab or more than four spaces in a row")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+class TextParameter(_Strict):
+    type: Literal["text"]
+    text: Text = Field(min_length=1, max_length=MAX_BODY_PARAM)
+
+    _layout = field_validator("text")(_no_layout)
+
+
+class ImageParameter(_Strict):
+    """A header image: one of the workspace's uploads, sent as a signed link."""
+
+    type: Literal["image"]
+    media_id: Id
+
+
+class HeaderComponent(_Strict):
+    type: Literal["header"]
+    parameters: list[Annotated[TextParameter | ImageParameter, Field(discriminator="type")]] = (
+        Field(min_length=1, max_length=1)
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _short_text(
+        cls, value: list[TextParameter | ImageParameter]
+    ) -> list[TextParameter | ImageParameter]:
+        for p in value:
+            if isinstance(p, TextParameter) and len(p.text) > MAX_HEADER_TEXT:
+                raise ValueError(f"a header's text is at most {MAX_HEADER_TEXT} characters")
+        return value
+
+
+class BodyComponent(_Strict):
+    type: Literal["body"]
+    parameters: list[TextParameter] = Field(min_length=1, max_length=MAX_BODY_PARAMS)
+
+
+class PayloadParameter(_Strict):
+    type: Literal["payload"]
+    payload: Text = Field(min_length=1, max_length=MAX_BUTTON_PARAM)
+
+
+class UrlSuffixParameter(_Strict):
+    type: Literal["text"]
+    text: Text = Field(min_length=1, max_length=MAX_BUTTON_PARAM)
+
+
+class ButtonComponent(_Strict):
+    type: Literal["button"]
+    sub_type: Literal["quick_reply", "url"]
+    index: int = Field(ge=0, lt=MAX_BUTTONS, description="The button's place in the template.")
+    parameters: list[PayloadParameter | UrlSuffixParameter] = Field(min_length=1, max_length=1)
+
+    @model_validator(mode="after")
+    def _fits_sub_type(self) -> ButtonComponent:
+        wanted = PayloadParameter if self.sub_type == "quick_reply" else UrlSuffixParameter
+        if not isinstance(self.parameters[0], wanted):
+            shape = "payload" if self.sub_type == "quick_reply" else "text"
+            raise ValueError(f"a {self.sub_type} button takes one parameter of type {shape!r}")
+        return self
+
+
+Component = Annotated[
+    HeaderComponent | BodyComponent | ButtonComponent, Field(discriminator="type")
+]
+
+
+class WhatsappTemplate(_Strict):
+    """An approved template and the values of its parameters."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^[a-z0-9_]+$",
+        description="The template's name as approved: lowercase letters, digits, underscores.",
+    )
+    language: str = Field(
+        pattern=r"^[a-z]{2,3}(_[A-Z]{2}|_[A-Za-z]{4})?$",
+        description="The template's language code, e.g. en, en_US, pt_BR, zh_Hant.",
+    )
+    components: list[Component] = Field(default_factory=list, max_length=2 + MAX_BUTTONS)
+
+    @field_validator("components")
+    @classmethod
+    def _once_each(cls, value: list[Any]) -> list[Any]:
+        for kind in ("header", "body"):
+            if sum(1 for c in value if c.type == kind) > 1:
+                raise ValueError(f"has more than one {kind}")
+        indexes = [c.index for c in value if c.type == "button"]
+        if len(indexes) != len(set(indexes)):
+            raise ValueError("gives the same button index twice")
+        return value
+
+    def texts(self) -> list[tuple[str, str]]:
+        """Every parameter text, with its field path under the template."""
+        found: list[tuple[str, str]] = []
+        for i, c in enumerate(self.components):
+            for j, p in enumerate(c.parameters):
+                if isinstance(p, PayloadParameter):
+                    found.append((f"components[{i}].parameters[{j}].payload", p.payload))
+                elif not isinstance(p, ImageParameter):
+                    found.append((f"components[{i}].parameters[{j}].text", p.text))
+        return found
+
+    def media_ids(self) -> list[int]:
+        return [
+            p.media_id
+            for c in self.components
+            for p in c.parameters
+            if isinstance(p, ImageParameter)
+        ]
+
+
+def cloud_api_object(
+    template: dict[str, Any],
+    address: str,
+    contact: dict[str, Any] | None,
+    media_urls: dict[int, str],
+) -> dict[str, Any]:
+    """The Cloud API's ``template`` object for one recipient: parameters rendered, header
+    images as links (``media_urls`` by media id), button indexes as the strings it takes.
+    """
+    components = []
+    for c in template.get("components") or []:
+        parameters = []
+        for p in c.get("parameters") or []:
+            if p.get("type") == "image":
+                parameters.append({"type": "image", "image": {"link": media_urls[p["media_id"]]}})
+                continue
+            key = "payload" if p.get("type") == "payload" else "text"
+            parsed = templates.stored(p.get(key))
+            value = parsed.render(address, contact) if parsed else p.get(key)
+            parameters.append({"type": p["type"], key: value})
+        out: dict[str, Any] = {"type": c["type"], "parameters": parameters}
+        if c["type"] == "button":
+            out["sub_type"] = c["sub_type"]
+            out["index"] = str(c["index"])
+        components.append(out)
+    return {
+        "name": template["name"],
+        "language": {"code": template["language"]},
+        "components": components,
+    }
