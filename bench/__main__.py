@@ -4,6 +4,7 @@
     .venv/bin/python -m bench e2e [--recipients N]
     .venv/bin/python -m bench naive [--recipients N]     # the naive design against the pipeline
     .venv/bin/python -m bench scale-out [--recipients N] # all: 20,000 quick, 50,000 full
+    .venv/bin/python -m bench channels                   # each provider kind at its limit
 
 ``all`` sends to a tenth of the audience and to all of it (time per recipient and memory as it
 grows), and after the large run sends it once more as the 10th broadcast the delivery table has
@@ -24,7 +25,7 @@ import signal
 import sys
 from typing import Any
 
-from bench import e2e, http_client, naive, pause, rate_limited, scale_out, scheduler
+from bench import channels, e2e, http_client, naive, pause, rate_limited, scale_out, scheduler
 from bench.results import DIR, LATEST, load, markdown, save
 
 QUICK = 100_000
@@ -87,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         help="1, 2 and 4 dispatcher groups, 2 schedulers, 25 channels: throughput and cost",
     )
     scaled.add_argument("--recipients", type=int, default=SCALE_OUT_QUICK, help="a run")
+    kinds = sub.add_parser(
+        "channels", help="each provider kind at its own limit (LINE: push and multicast)"
+    )
+    kinds.add_argument("--seconds", type=float, default=channels.SECONDS)
+    kinds.add_argument("--line-recipients", type=int, default=channels.LINE_MULTICAST)
     limited = sub.add_parser("rate-limited", help="channels at their limits, 4 dispatchers")
     limited.add_argument("--seconds", type=float, default=15.0)
     for p in (every, one, naive_one, scaled):
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         sections["pause"] = pause.run()
     if args.what in ("all", "rate-limited"):
         sections["rate_limited"] = rate_limited.run(seconds=getattr(args, "seconds", 15.0))
+    if args.what in ("all", "channels"):
+        sections["channels"] = channels.run(
+            seconds=getattr(args, "seconds", channels.SECONDS),
+            line_recipients=getattr(args, "line_recipients", channels.LINE_MULTICAST),
+        )
     dated = save(sections, shlex.join(["python", "-m", "bench", *(argv or sys.argv[1:])]))
     print(markdown(load()))
     print(f"\nwritten to {LATEST} and {dated}")

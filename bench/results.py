@@ -157,6 +157,9 @@ def markdown(results: dict[str, Any]) -> str:
                 f"-{r['mean_fraction']:.3f} of the limit (min-mean); worst second "
                 f"{r['worst_window_ratio']:.3f} of it |"
             )
+    kinds = results.get("channels")
+    if kinds:
+        lines += channel_rows(kinds)
     timed = results.get("scheduler")
     if timed:
         lines.append(
@@ -178,6 +181,22 @@ def markdown(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     lines.append(f"| machine | {m.get('cores', '?')} cores, Python {m.get('python', '?')} |")
     return "\n".join(lines)
+
+
+def channel_rows(kinds: dict[str, Any]) -> list[str]:
+    """One row per provider kind at its own limit."""
+    rows = []
+    for label, r in kinds.items():
+        per_call = r["recipients"] / max(1, r["requests"])
+        rows.append(
+            f"| {label.replace('_', ' ')}: {r['recipients']:,} recipients at the provider's "
+            f"{r['limit_requests_per_second']:g} requests/s | {r['requests_per_second']:,.1f} "
+            f"requests/s ({r['fraction_of_limit']:.3f} of the limit; worst second "
+            f"{r['worst_window_ratio']:.3f} of it), **{r['recipients_per_second']:,.0f} "
+            f"recipients/s** ({per_call:,.1f} a request; "
+            f"{r['recipients_per_second_create_to_completed']:,.0f}/s create -> completed) |"
+        )
+    return rows
 
 
 def cpu_row(label: str, cpu: dict[str, float]) -> str:

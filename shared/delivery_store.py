@@ -39,6 +39,7 @@ from shared.domain.lifecycle import (
     CANCELED_UNSURE_REASON,
     ERASED_ADDRESS,
     ERASED_REASON,
+    MULTICAST_RECIPIENTS,
     NO_REASON,
     OPTED_OUT_REASON,
     UNREACHABLE_REASON,
@@ -793,6 +794,20 @@ def progress(broadcast_id: int, first_id: int, last_id: int, part_day: date) -> 
     )
 
 
+#: Recipients one provider call of the task ``t`` on channel ``c`` carries: a multicast's
+#: size on a kind that has one (unless the text is personalised: each recipient its own call),
+#: else one. The channel's rate counts calls; its recipients go this many times faster.
+_RECIPIENTS_PER_CALL = (
+    "(CASE c.kind "
+    + " ".join(
+        f"WHEN '{kind.value}' THEN CASE WHEN position('{{{{' in coalesce(t.content->>'text', '')) "
+        f"= 0 THEN {size} ELSE 1 END"
+        for kind, size in MULTICAST_RECIPIENTS.items()
+    )
+    + " ELSE 1 END)"
+)
+
+
 def relay(
     *, per_batch_rate: float, max_window: int, limit: int, max_queued: int | None = None
 ) -> Op[list[tuple[int, int]]]:
@@ -802,7 +817,8 @@ def relay(
     between the two leaves the batches queued, and the sweeper hands them out again.
 
     The window: a task being sent has at most ``ceil(rate / per_batch_rate)`` batches in
-    flight (at least 2, at most ``max_window``): enough to reach its channel's rate, and few
+    flight (at least 2, at most ``max_window``; the rate in recipients, a multicast carrying
+    many a call): enough to reach its channel's rate, and few
     enough that the send queue never holds more than a few messages per task, so a new task
     never waits behind the backlog of another. Batches of a channel throttled by its provider
     or booked more than ``MAX_WAIT`` ahead wait until it is free (``_free_at``), so a channel
@@ -845,7 +861,8 @@ def relay(
             JOIN channel c ON c.id = t.channel_id
             LEFT JOIN channel_rate r ON r.channel_id = t.channel_id
             CROSS JOIN LATERAL (
-                SELECT least(%(max)s, greatest(2, ceil(c.rate_limit_per_second / %(per)s)))::int
+                SELECT least(%(max)s, greatest(2, ceil(
+                           c.rate_limit_per_second * {_RECIPIENTS_PER_CALL} / %(per)s)))::int
                        - (SELECT count(*) FROM delivery_batch
                           WHERE broadcast_id = t.id AND state IN ('queued', 'running')) AS room
             ) AS w

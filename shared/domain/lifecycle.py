@@ -56,6 +56,9 @@ class ChannelKind(StrEnum):
     INSTAGRAM = "instagram"
 
 
+#: Kinds whose provider sends one message to many recipients in one call, and how many.
+MULTICAST_RECIPIENTS: dict[ChannelKind, int] = {ChannelKind.LINE: 500}
+
 BROADCAST_STATUSES: tuple[str, ...] = tuple(s.value for s in BroadcastStatus)
 DELIVERY_STATUSES: tuple[str, ...] = tuple(s.value for s in DeliveryStatus)
 BROADCAST_ORIGINS: tuple[str, ...] = tuple(o.value for o in Origin)

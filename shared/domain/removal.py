@@ -134,7 +134,14 @@ def delete_media(session: Session, workspace_id: int, media_id: int) -> Media:
     _refuse_if_used(
         session,
         f"media {media_id}",
-        (Broadcast.workspace_id == workspace_id) & _names(Broadcast.content, "media_ids", media_id),
+        (Broadcast.workspace_id == workspace_id)
+        & (
+            _names(Broadcast.content, "media_ids", media_id)
+            # A WhatsApp template's header image.
+            | Broadcast.content["template"]["components"].contains(
+                [{"parameters": [{"type": "image", "media_id": media_id}]}]
+            )
+        ),
         "change their content, cancel them or let them finish, then delete it",
     )
     session.delete(media)

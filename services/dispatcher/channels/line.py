@@ -45,9 +45,10 @@ from services.dispatcher.channels.http import (
     json_body,
     provider_message,
 )
+from shared.domain.lifecycle import MULTICAST_RECIPIENTS, ChannelKind
 
 #: Users one multicast call may carry.
-MAX_RECIPIENTS = 500
+MAX_RECIPIENTS = MULTICAST_RECIPIENTS[ChannelKind.LINE]
 #: Message objects one request may carry.
 MAX_MESSAGES = 5
 #: Longest text object.
