@@ -123,10 +123,23 @@ class LineAdapter:
         parts_done: int = 0,
         may_go_on: Callable[[], bool] = go_on,
     ) -> Outcome:
-        """Multicast to up to ``MAX_RECIPIENTS`` users; the outcome is each one's."""
+        """Multicast to up to ``MAX_RECIPIENTS`` users; the outcome is each one's. A refusal
+        of the request (400: a message LINE does not take) would refuse every call of the
+        broadcast alike, never one user (ids are checked when contacts are written, and LINE
+        passes over an unknown one): the broadcast pauses with the reason instead of failing
+        every recipient.
+        """
         if len(addresses) > MAX_RECIPIENTS:
             raise ValueError(f"a multicast carries at most {MAX_RECIPIENTS} users")
-        return await self._send(message, list(addresses), idempotency_key, parts_done, may_go_on)
+        outcome = await self._send(message, list(addresses), idempotency_key, parts_done, may_go_on)
+        if isinstance(outcome, Permanent):
+            return Transient(
+                outcome.reason,
+                parts_done=outcome.parts_done,
+                provider_message_id=outcome.provider_message_id,
+                refused=True,
+            )
+        return outcome
 
     async def _send(
         self,
