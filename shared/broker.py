@@ -8,6 +8,7 @@ enqueues both kinds by name, so it never imports the dispatcher.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,35 @@ def send_batch_message(batch_id: int) -> Message[None]:
     return Message(
         queue_name=SEND_QUEUE, actor_name=SEND_ACTOR, args=(batch_id,), kwargs={}, options={}
     )
+
+
+#: pika's loggers that report a connection found broken.
+PIKA_LOGGERS = (
+    "pika.adapters.utils.io_services_utils",
+    "pika.adapters.base_connection",
+    "pika.adapters.blocking_connection",
+)
+#: What pika says of a connection RabbitMQ already dropped.
+_DROPPED = ("Connection reset by peer", "Broken pipe", "Stream connection lost", "StreamLostError")
+
+
+class _DroppedWhileStopping(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(words in text for words in _DROPPED)
+
+
+def quiet_dropped_connections() -> None:
+    """The process is stopping: pika's reports of connections RabbitMQ already dropped are
+    not errors any more. A blocking connection answers heartbeats only while it is used, so
+    one a thread opened to publish and then left idle is dropped by RabbitMQ after its
+    heartbeat timeout; closing it at a normal stop would log pika's ERROR lines, with a
+    traceback, for nothing lost (the next publish would have opened a new one).
+    """
+    for name in PIKA_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DroppedWhileStopping) for f in logger.filters):
+            logger.addFilter(_DroppedWhileStopping())
 
 
 #: Seconds a publisher waits while RabbitMQ blocks publishing (a memory or disk alarm).
@@ -100,6 +130,19 @@ class BatchPublisher:
             self._channel = self._connection.channel()
             self._channel.tx_select()
         return self._channel
+
+    def keep_alive(self) -> None:
+        """Answer RabbitMQ's heartbeats on the connection while it is idle (a blocking
+        connection does so only while it is used), so that it is not dropped between
+        publishes; a connection found broken is closed, and the next publish opens another.
+        """
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return
+        try:
+            connection.process_data_events(time_limit=0)
+        except Exception:
+            self.close()
 
     def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None

@@ -40,6 +40,7 @@ from services.dispatcher.ratelimit import RateLimiter, SlotCache
 from services.dispatcher.recorder import ResultGroups
 from services.dispatcher.status import StatusBoard
 from shared import heartbeat
+from shared.broker import quiet_dropped_connections
 from shared.db.engine import libpq_url
 from shared.egress import Egress
 from shared.logsafe import error_text
@@ -326,6 +327,8 @@ class RuntimeMiddleware(dramatiq.Middleware):
         log.info("dispatcher runtime open")
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # The broker's idle publishing connections may have been dropped by RabbitMQ long ago.
+        quiet_dropped_connections()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             # The runs halt and give their batches back at once, not after the pause below

@@ -56,7 +56,13 @@ from services.scheduler import partitions as partition_keeper
 from services.scheduler.partitions import PartitionKeeper
 from shared import delivery_store as store
 from shared import heartbeat
-from shared.broker import BatchPublisher, make_broker, send_batch_message, start_message
+from shared.broker import (
+    BatchPublisher,
+    make_broker,
+    quiet_dropped_connections,
+    send_batch_message,
+    start_message,
+)
 from shared.db.engine import get_sessionmaker, libpq_url, raw_connection
 from shared.domain.lifecycle import OVERDUE_REASON_PREFIX, BatchState
 from shared.logsafe import error_text, listed_ids
@@ -818,6 +824,8 @@ class Scheduler:
                 try:
                     self._listen_and_loop(conninfo)
                 finally:
+                    if self.stopping.is_set():
+                        quiet_dropped_connections()
                     self.publisher.close()
                 break
         heartbeat.forget(self.settings.heartbeat_dir, "scheduler")
@@ -832,6 +840,7 @@ class Scheduler:
             backoff = 0.0
             while not self.stopping.is_set():
                 heartbeat.beat(self.settings.heartbeat_dir, "scheduler")
+                self.publisher.keep_alive()
                 if self.run_pass():
                     backoff = 0.0
                 else:
