@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from services.api.console import message_form
 from services.api.deps import MediaStoreDep, SessionDep, SettingsDep, plain_id
 from services.api.pagination import newest_first
 from services.api.routes.broadcasts import csv_export, lifecycle, retry_created, test_created
@@ -132,6 +133,7 @@ templates.env.globals.update(
     static=lambda name: f"/console/static/{name}",
     status_label=lambda value: STATUS_LABELS.get(value, value),
     origin_label=lambda value: ORIGIN_LABELS.get(value, value),
+    kind_label=message_form.kind_label,
 )
 
 
@@ -546,6 +548,19 @@ def _detail_page(
             for d, name in rows[:RECIPIENTS_SHOWN]
         ]
     channel = session.get(Channel, b.channel_id)
+    kind = channel.kind if channel else None
+    content = b.content or {}
+    template = content.get("template")
+    names: dict[int, str] = {}
+    if ids := message_form.header_media_ids(template):
+        names = {
+            int(i): str(n)
+            for i, n in session.execute(
+                select(Media.id, Media.filename).where(
+                    Media.workspace_id == who.workspace_id, Media.id.in_(ids)
+                )
+            ).all()
+        }
     return page(
         request,
         "detail.html",
@@ -556,6 +571,10 @@ def _detail_page(
             "numbers": _row(b)["counts"],
             "count_fields": COUNT_FIELDS,
             "channel_name": channel.name if channel else b.channel_id,
+            "channel_kind": kind,
+            "template": message_form.template_view(template, names),
+            "message_tag": content.get("message_tag"),
+            "tag_meaning": message_form.tag_meaning(kind, content.get("message_tag")),
             "actions": [
                 (action, label)
                 for action, label in ACTION_LABELS.items()
@@ -1097,6 +1116,7 @@ def _picker_form(
         "window_end": "",
         "pause_percent": "",
         "pause_last": "",
+        **message_form.empty_fields(),
         **rest,
     }
 
@@ -1133,8 +1153,23 @@ class FormIn:
         window_end: Annotated[str, Form(max_length=10)] = "",
         pause_percent: Annotated[str, Form(max_length=10)] = "",
         pause_last: Annotated[str, Form(max_length=10)] = "",
+        tpl_listed: Annotated[str, Form(max_length=1)] = "",
+        tpl_name: Annotated[str, Form(max_length=1000)] = "",
+        tpl_language: Annotated[str, Form(max_length=100)] = "",
+        tpl_header_text: Annotated[str, Form(max_length=2000)] = "",
+        tpl_header_media: Annotated[str, Form(max_length=20)] = "",
+        tpl_body: Annotated[str, Form(max_length=200_000)] = "",
+        tpl_quick_replies: Annotated[str, Form(max_length=20_000)] = "",
+        tpl_url_suffix: Annotated[str, Form(max_length=2000)] = "",
+        tpl_url_index: Annotated[str, Form(max_length=10)] = "",
+        tag_listed: Annotated[str, Form(max_length=1)] = "",
+        message_tag: Annotated[str, Form(max_length=100)] = "",
     ) -> None:
         self.csrf_token = csrf_token
+        #: The form showed the template fields, or the message tag (their channel's kind
+        #: takes them): what they say replaces what the broadcast had.
+        self.template_listed = tpl_listed == "1"
+        self.tag_listed = tag_listed == "1"
         self.go = go
         #: The form listed the images it carries (the edit page): those not kept go.
         self.media_listed = media_listed == "1"
@@ -1168,6 +1203,17 @@ class FormIn:
             window_end=window_end.strip(),
             pause_percent=pause_percent.strip(),
             pause_last=pause_last.strip(),
+            **message_form.posted_fields(
+                tpl_name=tpl_name,
+                tpl_language=tpl_language,
+                tpl_header_text=tpl_header_text,
+                tpl_header_media=tpl_header_media,
+                tpl_body=tpl_body,
+                tpl_quick_replies=tpl_quick_replies,
+                tpl_url_suffix=tpl_url_suffix,
+                tpl_url_index=tpl_url_index,
+                message_tag=message_tag,
+            ),
         )
 
     def turned_page(self) -> bool:
@@ -1200,6 +1246,24 @@ class FormIn:
             if form["pause_last"]:
                 pause["last"] = form["pause_last"]
         return {"sending_window": window, "auto_pause": pause}
+
+    def window_content(
+        self, content: dict[str, Any], kind: str | None, *, editing: bool = False
+    ) -> None:
+        """Set ``content``'s WhatsApp template and message tag from the form. A new
+        broadcast takes what the form says; an edit takes the fields the form showed (an
+        unchanged part of the template kept as stored) and keeps the others unless the
+        channel's kind cannot take them.
+        """
+        form = self.state
+        if self.template_listed or not editing:
+            content["template"] = message_form.template_from_form(form, content.get("template"))
+        elif kind != ChannelKind.WHATSAPP.value:
+            content["template"] = None
+        if self.tag_listed or not editing:
+            content["message_tag"] = form["message_tag"] or None
+        elif not message_form.tag_choices(kind):
+            content["message_tag"] = None
 
     def audience(self) -> dict[str, Any]:
         form = self.state
@@ -1278,7 +1342,7 @@ def _form_page(
         types, max_bytes = PROVIDER_IMAGES[ChannelKind(kind)]
         names = ", ".join(sorted(t.removeprefix("image/").upper() for t in types))
         limits = (
-            f"Up to {MAX_IMAGES} images; {kind} takes {names}, "
+            f"Up to {MAX_IMAGES} images; {message_form.kind_label(kind)} takes {names}, "
             f"at most {max_bytes // (1024 * 1024)} MB each"
         )
     kept = []
@@ -1315,6 +1379,7 @@ def _form_page(
             "kept_media": kept,
             "image_limits": limits + ".",
             "error": error,
+            **_window_fields(session, who, kind, form, editing),
         },
         code=code,
     )
@@ -1410,11 +1475,13 @@ def create(
     try:
         send_at = local_send_time(form["at"], form["tz"]) if form["when"] == "later" else None
         media_ids = _store_images(session, settings, store, who, images, 0, stored)
+        content: dict[str, Any] = {"text": form["text"], "media_ids": media_ids}
+        f.window_content(content, _kind_of(session, who, form["channel"]))
         body = {
             "name": form["name"],
             "channel_id": form["channel"],
             "audience": f.audience(),
-            "content": {"text": form["text"], "media_ids": media_ids},
+            "content": content,
             "send_at": send_at.isoformat() if send_at else None,
             **f.extras(),
         }
@@ -1756,6 +1823,7 @@ def audience_count(
 
 def _edit_page(
     request: Request,
+    session: Session,
     who: Signed,
     b: Broadcast,
     form: dict[str, Any],
@@ -1763,10 +1831,12 @@ def _edit_page(
     error: str = "",
     code: int = 200,
 ) -> Response:
-    """A broadcast whose recipients are fixed: its name, message and send time. A
-    conversation's timed send (its one recipient and channel are the conversation's) and a
-    retry of the failed recipients of another broadcast (its audience is those).
+    """A broadcast whose recipients are fixed: its name, message (with its template or
+    message tag, as its channel takes) and send time. A conversation's timed send (its one
+    recipient and channel are the conversation's) and a retry of the failed recipients of
+    another broadcast (its audience is those).
     """
+    channel = session.get(Channel, b.channel_id)
     return page(
         request,
         "edit.html",
@@ -1777,9 +1847,48 @@ def _edit_page(
             "form": form,
             "error": error,
             "retry_of": _failed_in(b),
+            **_window_fields(session, who, channel.kind if channel else None, form, b),
         },
         code=code,
     )
+
+
+#: The workspace's images a template's header may be picked from (the newest).
+HEADER_IMAGES_SHOWN = 50
+
+
+def _window_fields(
+    session: Session,
+    who: Signed,
+    kind: str | None,
+    form: dict[str, Any],
+    editing: Broadcast | None,
+) -> dict[str, Any]:
+    """What the form's template or message-tag section needs, for a channel of ``kind``."""
+    images: list[Media] = []
+    if kind == ChannelKind.WHATSAPP.value:
+        types, _ = PROVIDER_IMAGES[ChannelKind.WHATSAPP]
+        images = list(
+            session.scalars(
+                select(Media)
+                .where(Media.workspace_id == who.workspace_id, Media.content_type.in_(types))
+                .order_by(Media.id.desc())
+                .limit(HEADER_IMAGES_SHOWN)
+            )
+        )
+        chosen = form.get("tpl_header_media") or 0
+        if chosen and chosen not in {m.id for m in images}:
+            found = session.get(Media, chosen) if chosen <= MAX_ID else None
+            if found is not None and found.workspace_id == who.workspace_id:
+                images.insert(0, found)
+    stored = (editing.content or {}).get("template") if editing is not None else None
+    return {
+        "kind": kind,
+        "header_images": images,
+        "tag_choices": message_form.tag_choices(kind),
+        "tag_help": message_form.tag_help(kind),
+        "buttons_full": message_form.buttons_shown_in_full(stored),
+    }
 
 
 def _failed_in(b: Broadcast) -> int | None:
@@ -1835,7 +1944,14 @@ def _stored_form(b: Broadcast) -> dict[str, Any]:
         window_end=b.window_end.strftime("%H:%M") if b.window_end else "",
         pause_percent=_percent((b.auto_pause or {}).get("failure_ratio")),
         pause_last=str((b.auto_pause or {}).get("last") or ""),
+        **message_form.form_from_template(content.get("template")),
+        message_tag=str(content.get("message_tag") or ""),
     )
+
+
+def _kind_of(session: Session, who: Signed, channel_id: int) -> str | None:
+    """The kind of one of the workspace's channels (None: no such channel)."""
+    return next((c.kind for c in _channels(session, who.workspace_id) if c.id == channel_id), None)
 
 
 def _percent(ratio: Any) -> str:
@@ -1859,7 +1975,7 @@ def edit_form(
     b = _owned(session, who, broadcast_id)
     form = _stored_form(b)
     if _fixed_recipients(b):
-        return _edit_page(request, who, b, form)
+        return _edit_page(request, session, who, b, form)
     if plain_id(channel) in {c.id for c in _channels(session, who.workspace_id)}:
         form.update(
             _picker_form(channel=channel, account=account, tag=tag, tag_match=tag_match, name="")
@@ -1877,6 +1993,7 @@ def edit_form(
                     "window_end",
                     "pause_percent",
                     "pause_last",
+                    *message_form.FIELDS,
                 )
             }
         )
@@ -1914,6 +2031,8 @@ def edit(
         )
         content = dict(b.content or {})
         content["text"] = form["text"]
+        target = b.channel_id if timed else form["channel"] or b.channel_id
+        f.window_content(content, _kind_of(session, who, target), editing=True)
         patch: dict[str, Any] = {"name": form["name"], "content": content}
         if not timed:
             carried = list(content.get("media_ids") or [])
@@ -1954,7 +2073,7 @@ def edit(
     except BaseException as exc:
         refusal = _refused(session, store, stored, exc)
         if timed:
-            return _edit_page(request, who, b, form, error=str(refusal), code=422)
+            return _edit_page(request, session, who, b, form, error=str(refusal), code=422)
         return _form_page(request, session, who, form, editing=b, error=str(refusal), code=422)
     lifecycle("changed", changed, who.workspace_id, f" ({', '.join(sorted(patch))})")
     return RedirectResponse(f"/console/broadcasts/{broadcast_id}", status.HTTP_303_SEE_OTHER)
