@@ -263,13 +263,14 @@ def check_content(
             )
         for path, value in content.template.texts():
             templates.check(session, workspace_id, value, f"content.template.{path}")
-        check_media_ids(
-            session,
-            workspace_id,
-            content.template.media_ids(),
-            field="content.template.header",
-            kind=kind,
-        )
+        for path, media_id in content.template.images():
+            try:
+                check_media_ids(session, workspace_id, [media_id], field=path, kind=kind)
+            except ValidationFailed as exc:
+                # Named where it is given, not as an item of a list of images.
+                raise ValidationFailed(
+                    [replace(e, field=f"content.template.{path}") for e in exc.errors]
+                ) from None
     tags = MESSAGE_TAGS.get(kind)
     if content.message_tag is not None and (tags is None or content.message_tag not in tags):
         allowed = (

@@ -18,7 +18,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.domain import templates
 from shared.domain.types import Id, Text
@@ -31,10 +40,23 @@ MAX_BUTTON_PARAM = 1000
 MAX_BODY_PARAMS = 100
 MAX_BUTTONS = 10
 _TABS_OR_SPACES = re.compile(r"[\n\t]| {5,}")
+_NAME = re.compile(r"[a-z0-9_]+")
+_LANGUAGE = re.compile(r"[a-z]{2,3}(_[A-Z]{2}|_[A-Za-z]{4})?")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _error(
+    loc: tuple[int | str, ...], message: str, value: Any, kind: str = "value_error"
+) -> InitErrorDetails:
+    """An error at ``loc`` under the field being validated, saying ``message``."""
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
+def _invalid(errors: list[InitErrorDetails]) -> ValidationError:
+    return ValidationError.from_exception_data("WhatsappTemplate", errors)
 
 
 def _no_layout(value: str) -> str:
@@ -61,21 +83,22 @@ class ImageParameter(_Strict):
     media_id: Id
 
 
+class HeaderTextParameter(TextParameter):
+    """A header's text: shorter than a body's."""
+
+    @field_validator("text")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        if len(value) > MAX_HEADER_TEXT:
+            raise ValueError(f"a header's text is at most {MAX_HEADER_TEXT} characters")
+        return value
+
+
 class HeaderComponent(_Strict):
     type: Literal["header"]
-    parameters: list[Annotated[TextParameter | ImageParameter, Field(discriminator="type")]] = (
-        Field(min_length=1, max_length=1)
-    )
-
-    @field_validator("parameters")
-    @classmethod
-    def _short_text(
-        cls, value: list[TextParameter | ImageParameter]
-    ) -> list[TextParameter | ImageParameter]:
-        for p in value:
-            if isinstance(p, TextParameter) and len(p.text) > MAX_HEADER_TEXT:
-                raise ValueError(f"a header's text is at most {MAX_HEADER_TEXT} characters")
-        return value
+    parameters: list[
+        Annotated[HeaderTextParameter | ImageParameter, Field(discriminator="type")]
+    ] = Field(min_length=1, max_length=1)
 
 
 class BodyComponent(_Strict):
@@ -97,20 +120,41 @@ class ButtonComponent(_Strict):
     type: Literal["button"]
     sub_type: Literal["quick_reply", "url"]
     index: int = Field(ge=0, lt=MAX_BUTTONS, description="The button's place in the template.")
-    parameters: list[PayloadParameter | UrlSuffixParameter] = Field(min_length=1, max_length=1)
+    parameters: list[
+        Annotated[PayloadParameter | UrlSuffixParameter, Field(discriminator="type")]
+    ] = Field(min_length=1, max_length=1)
 
     @model_validator(mode="after")
     def _fits_sub_type(self) -> ButtonComponent:
         wanted = PayloadParameter if self.sub_type == "quick_reply" else UrlSuffixParameter
-        if not isinstance(self.parameters[0], wanted):
+        given = self.parameters[0]
+        if not isinstance(given, wanted):
             shape = "payload" if self.sub_type == "quick_reply" else "text"
-            raise ValueError(f"a {self.sub_type} button takes one parameter of type {shape!r}")
+            message = f"a {self.sub_type} button takes one parameter of type {shape!r}"
+            raise _invalid([_error(("parameters", 0, "type"), message, given.type)])
         return self
 
 
 Component = Annotated[
     HeaderComponent | BodyComponent | ButtonComponent, Field(discriminator="type")
 ]
+
+_COMPONENT_TAGS = frozenset({"header", "body", "button"})
+_PARAMETER_TAGS = frozenset({"text", "image", "payload"})
+
+
+def _untagged(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """An error's place in ``components`` as the request has it. A discriminated union puts
+    the tag it chose in the place (``[0].header.parameters[0].text.text``); the request has
+    no such key. A body's parameters are of one type, without a tag.
+    """
+    path = list(loc)
+    if len(path) > 1 and isinstance(path[0], int) and path[1] in _COMPONENT_TAGS:
+        kind = path.pop(1)
+        tagged = kind != "body" and len(path) > 3 and path[1] == "parameters"
+        if tagged and isinstance(path[2], int) and path[3] in _PARAMETER_TAGS:
+            del path[3]
+    return tuple(path)
 
 
 class WhatsappTemplate(_Strict):
@@ -119,25 +163,69 @@ class WhatsappTemplate(_Strict):
     name: str = Field(
         min_length=1,
         max_length=512,
-        pattern=r"^[a-z0-9_]+$",
         description="The template's name as approved: lowercase letters, digits, underscores.",
     )
     language: str = Field(
-        pattern=r"^[a-z]{2,3}(_[A-Z]{2}|_[A-Za-z]{4})?$",
+        max_length=12,
         description="The template's language code, e.g. en, en_US, pt_BR, zh_Hant.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _approved_name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                "must be the template's name as approved: lowercase letters, digits and "
+                "underscores only, e.g. spring_sale"
+            )
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, value: str) -> str:
+        if not _LANGUAGE.fullmatch(value):
+            raise ValueError("must be a WhatsApp language code such as en, en_US, pt_BR or zh_Hant")
+        return value
+
     components: list[Component] = Field(default_factory=list, max_length=2 + MAX_BUTTONS)
 
-    @field_validator("components")
+    @field_validator("components", mode="wrap")
     @classmethod
-    def _once_each(cls, value: list[Any]) -> list[Any]:
-        for kind in ("header", "body"):
-            if sum(1 for c in value if c.type == kind) > 1:
-                raise ValueError(f"has more than one {kind}")
-        indexes = [c.index for c in value if c.type == "button"]
-        if len(indexes) != len(set(indexes)):
-            raise ValueError("gives the same button index twice")
-        return value
+    def _once_each(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[Any]:
+        try:
+            components: list[Any] = handler(value)
+        except ValidationError as exc:
+            # Placed where the request has them, without the tags of the unions on the way.
+            raise _invalid(
+                [
+                    _error(
+                        _untagged(e["loc"]),
+                        e["msg"].removeprefix("Value error, "),
+                        e["input"],
+                        e["type"],
+                    )
+                    for e in exc.errors(include_url=False)
+                ]
+            ) from None
+        errors: list[InitErrorDetails] = []
+        first: dict[str | int, int] = {}
+        for i, c in enumerate(components):
+            if c.type == "button":
+                seen = first.setdefault(c.index, i)
+                if seen != i:
+                    message = (
+                        f"button index {c.index} is given twice: components[{seen}] has it too"
+                    )
+                    errors.append(_error((i, "index"), message, c.index))
+            elif first.setdefault(c.type, i) != i:
+                message = (
+                    f"has more than one {c.type}: components[{first[c.type]}] is the "
+                    f"template's {c.type}"
+                )
+                errors.append(_error((i,), message, c.type))
+        if errors:
+            raise _invalid(errors)
+        return components
 
     def texts(self) -> list[tuple[str, str]]:
         """Every parameter text, with its field path under the template."""
@@ -149,6 +237,15 @@ class WhatsappTemplate(_Strict):
                 elif not isinstance(p, ImageParameter):
                     found.append((f"components[{i}].parameters[{j}].text", p.text))
         return found
+
+    def images(self) -> list[tuple[str, int]]:
+        """Every header image's media id, with its field path under the template."""
+        return [
+            (f"components[{i}].parameters[{j}].media_id", p.media_id)
+            for i, c in enumerate(self.components)
+            for j, p in enumerate(c.parameters)
+            if isinstance(p, ImageParameter)
+        ]
 
     def media_ids(self) -> list[int]:
         return [

@@ -291,21 +291,27 @@ def test_a_refusal_shows_the_api_s_words_on_the_form_and_keeps_what_was_typed(
     assert html.escape(f"{error['field']}: {error['msg']}") in refused.text
     assert "2 of 3 recipients will not have written in within 24 hours" in refused.text
     cases = [
-        ({"tpl_name": "Spring Sale"}, "content.template.name: String should match pattern"),
-        ({"tpl_language": "english"}, "content.template.language: String should match pattern"),
+        (
+            {"tpl_name": "Spring Sale"},
+            "content.template.name: must be the template&#39;s name as approved",
+        ),
+        (
+            {"tpl_language": "english"},
+            "content.template.language: must be a WhatsApp language code",
+        ),
         (
             {"tpl_body": "one\ttab"},
-            "content.template.components[0].body.parameters[0].text: must not hold a line break",
+            "content.template.components[0].parameters[0].text: must not hold a line break",
         ),
         (
             {"tpl_header_text": "x" * 61},
-            "content.template.components[0].header.parameters: a header&#39;s text is at most 60",
+            "content.template.components[0].parameters[0].text: a header&#39;s text is at most 60",
         ),
         (
             {"tpl_header_text": "hi", "tpl_header_media": str(header)},
             "content.template.header: give a header text or a header image, not both",
         ),
-        ({"tpl_url_index": "x"}, "button.index: Input should be a valid integer"),
+        ({"tpl_url_index": "x"}, "].index: Input should be a valid integer"),
         ({"tpl_url_index": "12"}, "Input should be less than 10"),
         ({"tpl_body": "{{nmae}}"}, "content.template.components[0].parameters[0].text"),
     ]
