@@ -64,7 +64,10 @@ def test_the_preview_and_the_broadcast_count_who_is_inside_the_window(
     )
     assert (preview["count"], preview["inside_window"]) == (4, 2)
     later = (now + timedelta(hours=1)).isoformat()
-    b = api.broadcast(whatsapp["channel"]["id"], send_at=later)
+    # Text to those inside the window, a template to the others (free-form alone is refused).
+    template = {"name": "news", "language": "en"}
+    content = {"text": "hi", "template": template}
+    b = api.broadcast(whatsapp["channel"]["id"], send_at=later, content=content)
     assert api.ok("get", f"/v1/broadcasts/{b['id']}")["inside_window"] == 2
     # Not in lists, and not on channels without such a window.
     assert api.ok("get", "/v1/broadcasts")["items"][0]["inside_window"] is None

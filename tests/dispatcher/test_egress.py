@@ -240,6 +240,18 @@ def config_for(
             "api_base_url": base,
         },
         ChannelKind.SMTP: {"host": host, "port": port, "from_address": "a@b.co", "starttls": False},
+        ChannelKind.LINE: {"channel_access_token": "line-token", "api_base_url": base},
+        ChannelKind.MESSENGER: {
+            "page_access_token": "EAAB-page-token",
+            "api_version": "v21.0",
+            "api_base_url": base,
+        },
+        ChannelKind.INSTAGRAM: {
+            "page_access_token": "IGQV-page-token",
+            "ig_user_id": "1",
+            "api_version": "v21.0",
+            "api_base_url": base,
+        },
     }
     return configs[kind]
 
@@ -265,8 +277,11 @@ ADDRESS = {
     ChannelKind.TELEGRAM: "42",
     ChannelKind.WHATSAPP: "+4915112345678",
     ChannelKind.SMTP: "ann@example.com",
+    ChannelKind.LINE: "U" + "0" * 31 + "1",
+    ChannelKind.MESSENGER: "1000000001",
+    ChannelKind.INSTAGRAM: "1000000002",
 }
-HTTP_KINDS = [ChannelKind.WEBHOOK, ChannelKind.TELEGRAM, ChannelKind.WHATSAPP]
+HTTP_KINDS = [k for k in ChannelKind if k is not ChannelKind.SMTP]
 LOOPBACK_SPELLINGS = ["127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]", "127.1"]
 
 

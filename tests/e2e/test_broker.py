@@ -102,6 +102,8 @@ def test_an_idle_publisher_answers_heartbeats_and_keeps_its_connection(own_vhost
 def test_pikas_reports_of_a_dropped_connection_are_silenced_only_once_stopping(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    for name in PIKA_LOGGERS:  # as in a process not stopping (others in this one may have)
+        logging.getLogger(name).filters.clear()
     logger = logging.getLogger("pika.adapters.base_connection")
     dropped = "connection_lost: StreamLostError: (\"Stream connection lost: ConnectionResetError(104, 'Connection reset by peer')\",)"
     with caplog.at_level(logging.ERROR, logger="pika"):
