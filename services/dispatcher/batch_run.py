@@ -474,14 +474,18 @@ class BatchRun:
             for row in members:
                 recorder.release(row, after=after)
             return
+        recorded = 0
         try:
             # A multicast's answer is each of its rows'; the call's place goes with the first.
-            for i, row in enumerate(members):
-                label = recorder.outcome(row, outcome, holds_place=i == 0).label
+            for row in members:
+                label = recorder.outcome(row, outcome, holds_place=recorded == 0).label
+                recorded += 1
         except Exception:
             # The call was made but its answer cannot be judged (a bug): the row stays held,
-            # and the sweeper sends it again once the lease runs out.
-            self.rt.calls.give_back(1)
+            # and the sweeper sends it again once the lease runs out. The call's place goes
+            # back here unless a recorded answer holds it.
+            if recorded == 0:
+                self.rt.calls.give_back(1)
             log.exception(
                 "delivery %s: the provider's answer could not be recorded",
                 members[0].id,
@@ -517,6 +521,13 @@ class BatchRun:
                 )
                 if isinstance(chosen, Permanent):
                     return chosen
+                if chosen.template is not None and row.parts_done:
+                    # Parts of the free-form message went while the window was open; it has
+                    # closed since: the rest cannot go, and the template is another message.
+                    return Permanent(
+                        f"the conversation window closed after {row.parts_done} part(s) of "
+                        "the message went; the rest may not go outside it"
+                    )
                 message = chosen
             if job.template is not None and message.text is not None:
                 text = job.template.render(row.address, row.contact)

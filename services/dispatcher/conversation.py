@@ -18,7 +18,7 @@ from typing import Any
 from services.dispatcher.channels.base import OutboundMessage, Permanent
 from shared.domain.channels import CONVERSATION_WINDOW, MESSAGE_TAGS
 from shared.domain.lifecycle import ChannelKind
-from shared.domain.wa_templates import cloud_api_object
+from shared.domain.wa_templates import NotRenderable, cloud_api_object
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,12 @@ def message_for(
     last = last_inbound(contact)
     inside = last is not None and last > now - rule.window
     if rule.template is not None and not (inside and rule.free_form):
-        template = cloud_api_object(rule.template, address, contact, rule.template_media or {})
+        try:
+            template = cloud_api_object(rule.template, address, contact, rule.template_media or {})
+        except NotRenderable as exc:
+            return Permanent(str(exc))
+        except KeyError:
+            return Permanent("the template's header image is gone (deleted since)")
         return replace(message, text=None, media=(), template=template)
     if inside:
         return message

@@ -261,7 +261,8 @@ class Recorder:
                     and (error in reasons or len(reasons) < REASONS_KEPT)
                 ):
                     reasons[error] += 1
-        if calls := len(taken) - labels["released"]:
+        # A call's answer holds its place (the first row of a multicast only): calls, not rows.
+        if calls := sum(1 for _, _, holds in taken if holds):
             metrics.CHANNEL_SENDS.labels(channel, self.job.kind).inc(calls)
         if any(record.id not in written for record, _, _ in taken):
             self._report_dropped(taken, written)

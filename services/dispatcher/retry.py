@@ -70,6 +70,12 @@ def decide(
     parts = max(parts_before, outcome.parts_done)
     if isinstance(outcome, Permanent):
         return _final(outcome.reason, parts)
+    if outcome.refused and outcome.by_provider:
+        # The broadcast pauses; the attempt counts, so a recipient whose own refusal was
+        # taken for everyone's fails after the last one instead of pausing it at each resume.
+        if attempts >= policy.max_attempts:
+            return _final(f"gave up after {attempts} attempts: {outcome.reason}", parts)
+        return Decision(DeliveryStatus.QUEUED, reason=outcome.reason, label="held")
     if outcome.held_back or outcome.refused:
         return Decision(
             DeliveryStatus.QUEUED, attempt_used=False, reason=outcome.reason, label="held"

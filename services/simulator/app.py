@@ -94,6 +94,8 @@ class Hook:
     duplicates: int = 0
     #: Telegram: when each chat was last sent to.
     chat_last: dict[str, float] = field(default_factory=dict)
+    #: LINE: the call each accepted retry key carried (its users and messages).
+    line_calls: dict[str, Any] = field(default_factory=dict)
 
 
 class Simulator:

@@ -36,6 +36,15 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"message": message}, status=status, headers=headers)
 
 
+def _call_of(payload: Any) -> Any:
+    """What makes a call the same call: its users (in any order) and its messages."""
+    if not isinstance(payload, dict):
+        return None
+    to = payload.get("to")
+    users = sorted(to) if isinstance(to, list) else [to]
+    return (users, json.dumps(payload.get("messages"), sort_keys=True))
+
+
 def _problem(payload: Any, multicast: bool) -> str | None:
     """Why LINE would refuse this body (400), or None."""
     if not isinstance(payload, dict):
@@ -104,6 +113,10 @@ def _decide(
         return _error(400, "The value of the X-Line-Retry-Key header is invalid")
     if key in hook.accepted:
         hook.duplicates += 1
+        # LINE does not compare a repeat with the request it accepted; a sender must repeat
+        # exactly the same call. The record says whether it did.
+        first = hook.line_calls.get(key)
+        record["same_as_first"] = first == _call_of(payload)
         return _error(
             409,
             "The retry key is already accepted",
@@ -126,6 +139,7 @@ def _decide(
     record["to"] = list(to) if multicast else [to]
     request_id = f"line-{detail}"
     hook.accepted[key] = request_id
+    hook.line_calls[key] = _call_of(payload)
     headers = {"x-line-request-id": request_id}
     if multicast:
         return web.json_response({}, headers=headers)

@@ -256,6 +256,34 @@ class WhatsappTemplate(_Strict):
         ]
 
 
+class NotRenderable(ValueError):
+    """A template's parameter, personalised for one recipient, is one the Cloud API would
+    refuse (blank, or too long): that recipient cannot be sent this template.
+    """
+
+
+#: The longest value of a parameter, by the component it is in.
+_LIMITS = {"header": MAX_HEADER_TEXT, "body": MAX_BODY_PARAM, "button": MAX_BUTTON_PARAM}
+_LAYOUT = re.compile(r"[\r\n\t]")
+_SPACES = re.compile(r" {5,}")
+
+
+def _personalised(value: str, where: str, limit: int) -> str:
+    """A rendered parameter as the Cloud API takes it: a contact's line breaks and tabs made
+    spaces and long runs of spaces cut to four (the template's own text was checked when
+    written); ``NotRenderable`` when it is blank or longer than ``limit``.
+    """
+    value = _SPACES.sub("    ", _LAYOUT.sub(" ", value))
+    if not value.strip():
+        raise NotRenderable(f"template parameter {where} is empty for this recipient")
+    if len(value) > limit:
+        raise NotRenderable(
+            f"template parameter {where} is {len(value)} characters for this recipient; "
+            f"at most {limit}"
+        )
+    return value
+
+
 def cloud_api_object(
     template: dict[str, Any],
     address: str,
@@ -264,17 +292,23 @@ def cloud_api_object(
 ) -> dict[str, Any]:
     """The Cloud API's ``template`` object for one recipient: parameters rendered, header
     images as links (``media_urls`` by media id), button indexes as the strings it takes.
+    Raises ``NotRenderable`` when a personalised parameter comes out blank or too long.
     """
     components = []
-    for c in template.get("components") or []:
+    for i, c in enumerate(template.get("components") or []):
         parameters = []
-        for p in c.get("parameters") or []:
+        for j, p in enumerate(c.get("parameters") or []):
             if p.get("type") == "image":
                 parameters.append({"type": "image", "image": {"link": media_urls[p["media_id"]]}})
                 continue
             key = "payload" if p.get("type") == "payload" else "text"
             parsed = templates.stored(p.get(key))
-            value = parsed.render(address, contact) if parsed else p.get(key)
+            value = p.get(key)
+            if parsed is not None:
+                where = f"components[{i}].parameters[{j}]"
+                value = _personalised(
+                    parsed.render(address, contact), where, _LIMITS.get(c["type"], MAX_BODY_PARAM)
+                )
             parameters.append({"type": p["type"], key: value})
         out: dict[str, Any] = {"type": c["type"], "parameters": parameters}
         if c["type"] == "button":

@@ -312,6 +312,8 @@ def test_a_refusal_shows_the_api_s_words_on_the_form_and_keeps_what_was_typed(
             "content.template.header: give a header text or a header image, not both",
         ),
         ({"tpl_url_index": "x"}, "].index: Input should be a valid integer"),
+        # A digit Python reads as one but int() does not: a 422 in the API's words, not a 500.
+        ({"tpl_url_index": "²"}, "].index: Input should be a valid integer"),
         ({"tpl_url_index": "12"}, "Input should be less than 10"),
         ({"tpl_body": "{{nmae}}"}, "content.template.components[0].parameters[0].text"),
     ]

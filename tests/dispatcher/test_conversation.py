@@ -96,7 +96,7 @@ def test_whatsapp_sends_the_template_rendered_for_each_recipient_outside_the_win
 def test_a_template_alone_goes_to_everyone_inside_the_window_or_not() -> None:
     rule = rule_for(ChannelKind.WHATSAPP, {"template": TEMPLATE}, {9: "u"})
     assert rule is not None
-    for wrote in (contact(1), contact(None)):
+    for wrote in (contact(1, fields={"code": "A"}), contact(None, fields={"code": "B"})):
         out = message_for(rule, OutboundMessage(7, None), "+49151", wrote, NOW)
         assert isinstance(out, OutboundMessage)
         assert out.template is not None
@@ -122,3 +122,31 @@ def test_a_tag_with_no_time_limit_reaches_even_one_who_never_wrote() -> None:
     out = message_for(rule, MESSAGE, "1", contact(None), NOW)
     assert isinstance(out, OutboundMessage)
     assert out.tag == "ACCOUNT_UPDATE"
+
+
+def test_a_contacts_values_are_fitted_to_what_a_parameter_may_hold_or_fail_that_recipient() -> None:
+    template = {
+        "name": "t",
+        "language": "en",
+        "components": [
+            {"type": "header", "parameters": [{"type": "text", "text": "{{city}}"}]},
+            {"type": "body", "parameters": [{"type": "text", "text": "Hi {{name}}"}]},
+        ],
+    }
+    rule = rule_for(ChannelKind.WHATSAPP, {"template": template}, {})
+    assert rule is not None
+    spaced = contact(None, name="Ann\tB      C", fields={"city": "Rome"})
+    out = message_for(rule, OutboundMessage(7, None), "+49151", spaced, NOW)
+    assert isinstance(out, OutboundMessage)
+    assert out.template is not None
+    assert out.template["components"][1]["parameters"][0]["text"] == "Hi Ann B    C"
+    long_city = contact(None, fields={"city": "x" * 61})
+    refused = message_for(rule, OutboundMessage(7, None), "+49151", long_city, NOW)
+    assert isinstance(refused, Permanent)
+    assert refused.reason == (
+        "template parameter components[0].parameters[0] is 61 characters for this recipient; "
+        "at most 60"
+    )
+    no_city = message_for(rule, OutboundMessage(7, None), "+49151", contact(None), NOW)
+    assert isinstance(no_city, Permanent)
+    assert "is empty for this recipient" in no_city.reason

@@ -303,7 +303,9 @@ def test_a_part_refused_after_others_were_accepted_reports_them() -> None:
         (
             graph_error(400, 190, "Error validating access token: Session has expired"),
             Transient(
-                "Messenger 190: Error validating access token: Session has expired", refused=True
+                "Messenger 190: Error validating access token: Session has expired",
+                refused=True,
+                by_provider=True,
             ),
         ),
         (
@@ -311,11 +313,33 @@ def test_a_part_refused_after_others_were_accepted_reports_them() -> None:
             Transient(
                 "Messenger 10: (#10) Application does not have permission for this action",
                 refused=True,
+                by_provider=True,
             ),
         ),
         (
             graph_error(403, 230, "(#230) Requires pages_messaging permission"),
-            Transient("Messenger 230: (#230) Requires pages_messaging permission", refused=True),
+            Transient(
+                "Messenger 230: (#230) Requires pages_messaging permission",
+                refused=True,
+                by_provider=True,
+            ),
+        ),
+        (
+            graph_error(
+                400, 10, "(#10) This person isn't receiving messages from you right now.", 2018108
+            ),
+            Permanent(
+                "Messenger 10/2018108: (#10) This person isn't receiving messages from you right "
+                "now."
+            ),
+        ),
+        (
+            graph_error(
+                403, 200, "(#200) This person isn't receiving messages from you right now."
+            ),
+            Permanent(
+                "Messenger 200: (#200) This person isn't receiving messages from you right now."
+            ),
         ),
         (
             graph_error(400, 100, "(#100) Invalid parameter", 2018047),
@@ -486,7 +510,7 @@ def test_the_simulator_answers_graph_errors_the_adapters_judge_as_meant() -> Non
             "Messenger 2: Service temporarily unavailable"
         )
         assert await fb("token").send(message, "3", "4") == Transient(
-            "Messenger 190: (#190) Simulated error", refused=True
+            "Messenger 190: (#190) Simulated error", refused=True, by_provider=True
         )
         # No token at all: what Graph answers an unauthenticated call.
         got = await http.post(

@@ -166,3 +166,24 @@ def test_many_recipients_retrying_at_once_spread_out() -> None:
     assert min(delays) == pytest.approx(1.0)
     assert max(delays) == pytest.approx(1.0 + 0.99 * 16.0)
     assert len(set(delays)) == 100
+
+
+def test_a_providers_refusal_holds_the_row_and_uses_its_attempt_until_the_last() -> None:
+    """The broadcast pauses on a refusal the provider gave (a template, a revoked token); the
+    attempt counts, so if the refusal was in fact this recipient's own it fails after its
+    last attempt instead of pausing the broadcast at every resume.
+    """
+    policy = RetryPolicy(max_attempts=3, base_seconds=1, max_seconds=10)
+    refused = Transient(
+        "WhatsApp 132001: template name does not exist", refused=True, by_provider=True
+    )
+    held = decide(policy, refused, attempts=2, parts_before=0, jitter=0.5)
+    assert (held.status, held.attempt_used, held.label) == (S.QUEUED, True, "held")
+    last = decide(policy, refused, attempts=3, parts_before=0, jitter=0.5)
+    assert last.status is S.FAILED
+    assert last.reason == "gave up after 3 attempts: WhatsApp 132001: template name does not exist"
+    # The sender's own refusal (no call was made) spends nothing, however often.
+    own = decide(
+        policy, Transient("egress refused", refused=True), attempts=3, parts_before=0, jitter=0.5
+    )
+    assert (own.status, own.attempt_used) == (S.QUEUED, False)

@@ -117,7 +117,11 @@ def _buttons(form: dict[str, Any]) -> list[dict[str, Any]]:
     if suffix:
         # Blank: the place after the quick replies. Anything not a number goes to the API's
         # rules as typed (and is refused with its words).
-        url_index = (int(given) if given.isdigit() else given) if given else len(replies)
+        url_index = (
+            (int(given) if given.isascii() and given.isdigit() else given)
+            if given
+            else len(replies)
+        )
     places = [i for i in range(len(replies) + 1) if i != url_index][: len(replies)]
     buttons: list[dict[str, Any]] = [
         {

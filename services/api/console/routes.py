@@ -850,7 +850,12 @@ def _contacts_named(session: Session, workspace_id: int, channel_id: int, text: 
     for name in names:
         if name in found:
             ids.append(found[name])
-        elif name.startswith("#") and name[1:].isdigit() and 0 < int(name[1:]) <= MAX_ID:
+        elif (
+            name.startswith("#")
+            and name[1:].isascii()
+            and name[1:].isdigit()
+            and 0 < int(name[1:]) <= MAX_ID
+        ):
             ids.append(int(name[1:]))
         else:
             raise ValidationFailed.one(

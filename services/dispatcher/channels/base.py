@@ -71,6 +71,10 @@ class Transient:
     #: provider's address, or the provider refused the message's template), so the broadcast
     #: is paused with this reason.
     refused: bool = False
+    #: The refusal is the provider's answer to a call (not the sender's own refusal to
+    #: connect): the attempt counts, so a refusal of one recipient misjudged as everyone's
+    #: cannot hold the broadcast for ever (after the last attempt the recipient fails).
+    by_provider: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,7 @@ async def send_in_parts(
                 parts_done=index,
                 provider_message_id=join_ids(None, ids),
                 refused=outcome.refused,
+                by_provider=outcome.by_provider,
             )
         if isinstance(outcome, Permanent):
             return Permanent(

@@ -54,6 +54,9 @@ UNREACHABLE_SUBCODES = frozenset({(100, 2018001)})  # no matching user found
 #: The message went outside the 24-hour window without a tag that allows it.
 OUTSIDE_WINDOW_SUBCODE = 2018278
 OUTSIDE_WINDOW_WORDS = "outside of allowed window"
+#: One person not receiving the page's messages (code 10, 200 or 551 and these subcodes).
+NOT_RECEIVING = frozenset({(10, 2018108), (200, 2018108), (551, 1545041)})
+NOT_RECEIVING_WORDS = "isn't receiving messages"
 #: Invalid or expired access token.
 TOKEN_CODE = 190
 #: Permission errors: the app or token lacks a permission, so every send would be refused.
@@ -192,8 +195,14 @@ class GraphAdapter:
             # This recipient only, and not before they write in again: no retry, and no
             # reason to think them unreachable.
             return Permanent(text)
+        if (code, subcode) in NOT_RECEIVING or (
+            code in (10, 200) and NOT_RECEIVING_WORDS in (described or "").lower()
+        ):
+            # This person does not take messages from the page now (blocked it, or turned
+            # its messages off): this recipient fails, the broadcast goes on.
+            return Permanent(text)
         if code == TOKEN_CODE or code in PERMISSION_CODES:
-            return Transient(text, refused=True)
+            return Transient(text, refused=True, by_provider=True)
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
         return Permanent(text)

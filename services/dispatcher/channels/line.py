@@ -138,6 +138,7 @@ class LineAdapter:
                 parts_done=outcome.parts_done,
                 provider_message_id=outcome.provider_message_id,
                 refused=True,
+                by_provider=True,
             )
         return outcome
 
@@ -189,13 +190,13 @@ class LineAdapter:
         )
         if status == 429:
             if said and QUOTA_HINT in said.lower():
-                return Transient(text, refused=True)
+                return Transient(text, refused=True, by_provider=True)
             wait = parse_retry_after(got.headers.get("retry-after")) or THROTTLE_WAIT
             return Transient(text, wait, throttled=True)
         if status >= 500:
             return Transient(text)
         if status in (401, 403):
-            return Transient(text, refused=True)
+            return Transient(text, refused=True, by_provider=True)
         return Permanent(text)
 
     def _scrub(self, text: str) -> str:

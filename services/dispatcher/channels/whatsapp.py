@@ -155,7 +155,7 @@ class WhatsappAdapter:
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
         if code in TEMPLATE_CODES:
-            return Transient(text, refused=True)
+            return Transient(text, refused=True, by_provider=True)
         return Permanent(text, unreachable=code in UNREACHABLE_CODES)
 
     def _scrub(self, text: str) -> str:
