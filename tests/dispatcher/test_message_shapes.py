@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -23,6 +24,7 @@ from services.dispatcher.channels.base import (
     send_in_parts,
     wait_asked,
 )
+from services.dispatcher.channels.client import Answer
 from services.dispatcher.channels.telegram import TelegramAdapter, chat_gap
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from services.simulator.app import max_in_window
@@ -213,3 +215,34 @@ def test_the_parts_of_one_message_go_the_gap_apart() -> None:
     assert isinstance(outcome, Sent)
     assert len(times) == 3
     assert all(b - a >= 0.2 for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (131026, Permanent("WhatsApp 131026: x", unreachable=True)),
+        (131047, Permanent("WhatsApp 131047: x")),
+        (131049, Permanent("WhatsApp 131049: x")),
+        (133010, Transient("WhatsApp 133010: x", refused=True, by_provider=True)),
+        (132001, Transient("WhatsApp 132001: x", refused=True, by_provider=True)),
+        (131056, Transient("WhatsApp 131056: x", 6.0)),
+        (130429, Transient("WhatsApp 130429: x", 1.0, throttled=True)),
+    ],
+)
+def test_whatsapp_errors_are_judged_by_what_each_code_means(code: int, expected: Outcome) -> None:
+    body = json.dumps({"error": {"message": "x", "code": code}}).encode()
+
+    class Http:
+        async def post(self, url: str, body_: bytes, headers: dict[str, str]) -> Answer:
+            return Answer(400, {}, body)
+
+    adapter = WhatsappAdapter(
+        {
+            "access_token": "t",
+            "phone_number_id": "1",
+            "api_version": "v21.0",
+            "api_base_url": "https://wa.test",
+        },
+        Http(),  # type: ignore[arg-type]
+    )
+    assert asyncio.run(adapter.send(OutboundMessage(1, "hi"), "+4915112345678", "7")) == expected

@@ -5,7 +5,9 @@ WhatsApp has no albums: several images are several messages (the text as the fir
 and a retry skips the ones already accepted. Errors are judged by their code: throughput and
 temporary codes (130429, 80007, 131000, 131016, ...) are transient, the pair's limit (131056)
 only for that recipient; an undeliverable
-or unregistered recipient (131026, 133010) is permanent and marks the contact unreachable.
+recipient (131026) is permanent and marks the contact unreachable; 133010 says the business's
+own phone number is not registered on the platform, which no recipient can be sent from, so it
+pauses the broadcast.
 A recipient outside the 24-hour customer service window (131047) or over the marketing cap
 (131049) fails with that reason and is not retried; a template problem (132xxx) pauses the
 broadcast with the reason, since every recipient would be refused alike.
@@ -49,7 +51,10 @@ PAIR_WAIT = 6.0
 #: Temporary trouble on the provider's side.
 TRANSIENT_CODES = frozenset({1, 2, 131000, 131016, 133004, PAIR_CODE}) | THROTTLE_CODES
 #: The recipient is not reachable on WhatsApp at all.
-UNREACHABLE_CODES = frozenset({131026, 133010, 131021})
+UNREACHABLE_CODES = frozenset({131026, 131021})
+#: The business's own number cannot send at all (133010: not registered on the platform; 368:
+#: the account restricted for a policy): every recipient would be refused alike.
+SENDER_CODES = frozenset({133010, 368})
 #: Template problems (132000-132999: unknown template or language, wrong parameters, paused
 #: or disabled template): every recipient would be refused alike, so the broadcast is paused
 #: with the reason for an operator to fix.
@@ -154,8 +159,10 @@ class WhatsappAdapter:
             return Transient(text, parse_retry_after(retry_after) or THROTTLE_WAIT, throttled=True)
         if code in TRANSIENT_CODES or status >= 500:
             return Transient(text)
-        if code in TEMPLATE_CODES:
+        if code in TEMPLATE_CODES or code in SENDER_CODES:
             return Transient(text, refused=True, by_provider=True)
+        if code in NOT_NOW_CODES:
+            return Permanent(text)
         return Permanent(text, unreachable=code in UNREACHABLE_CODES)
 
     def _scrub(self, text: str) -> str:
