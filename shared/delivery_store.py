@@ -1010,7 +1010,6 @@ def claim(
     row whose last attempt was used keeps its key (a repeat of that call).
     """
     in_window = f"AND {_WINDOW_OPEN}" if window is not None else ""
-    contact = ", " + _contact_values(personal, inbound)
     # A key is kept only while a call may have been made with it (an attempt was used):
     # a row given back untouched gets a fresh one, so no two calls ever share a key by chance.
     key = (
@@ -1019,6 +1018,32 @@ def claim(
         if keyed
         else ""
     )
+    due = f"""
+        (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()) AND {_REACHABLE} {in_window}
+    """
+    return _take(
+        batch,
+        due,
+        {"n": limit, **_window_params(window)},
+        limit=True,
+        contact=_contact_values(personal, inbound),
+        key=key,
+    )
+
+
+def _take(
+    batch: Batch,
+    which: str,
+    params: dict[str, Any],
+    *,
+    limit: bool = False,
+    contact: str = "NULL::jsonb",
+    key: str = "",
+) -> One[list[Claimed]]:
+    """Take the batch's queued rows ``which`` names (in id order, at most ``%(n)s`` with
+    ``limit``) under its run token, if the task is still being sent and the run still holds
+    its batch; rows another run holds are passed over, never waited for.
+    """
     return One(
         Query(
             f"""
@@ -1035,11 +1060,9 @@ def claim(
                   AND d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
                   AND d.part_day = %(p)s
                   AND d.status = 'queued'
-                  AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
-                  AND {_REACHABLE}
-                  {in_window}
+                  AND {which}
                 ORDER BY d.id
-                LIMIT %(n)s
+                {"LIMIT %(n)s" if limit else ""}
                 FOR UPDATE OF d SKIP LOCKED
             )
             UPDATE delivery d
@@ -1050,7 +1073,7 @@ def claim(
               AND d.part_day = %(p)s
               AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
             RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
-                      d.provider_message_id{contact}, d.call_key
+                      d.provider_message_id, {contact}, d.call_key
             """,
             {
                 "b": batch.broadcast_id,
@@ -1058,9 +1081,8 @@ def claim(
                 "batch": batch.id,
                 "lo": batch.first_id,
                 "hi": batch.last_id,
-                "n": limit,
                 "t": batch.token,
-                **_window_params(window),
+                **params,
             },
         ),
         lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
@@ -1074,45 +1096,8 @@ def claim_call_rest(batch: Batch, keys: Sequence[uuid.UUID]) -> One[list[Claimed
     their call, which the provider may already have accepted. Rows of contacts gone since
     are left for ``skip_gone``.
     """
-    return One(
-        Query(
-            f"""
-            WITH held AS (
-                SELECT 1 FROM delivery_batch
-                WHERE id = %(batch)s AND run_token = %(t)s AND state = 'running'
-                FOR KEY SHARE
-            ),
-            picked AS (
-                SELECT d.id FROM delivery d
-                WHERE EXISTS (SELECT 1 FROM held)
-                  AND d.broadcast_id = %(b)s AND d.id BETWEEN %(lo)s AND %(hi)s
-                  AND d.part_day = %(p)s
-                  AND d.status = 'queued'
-                  AND d.call_key = ANY(%(keys)s::uuid[])
-                  AND {_REACHABLE}
-                FOR UPDATE OF d SKIP LOCKED
-            )
-            UPDATE delivery d
-            SET status = 'sending', attempts = d.attempts + 1, lease_token = %(t)s,
-                updated_at = now()
-            FROM picked
-            WHERE d.id = picked.id
-              AND d.part_day = %(p)s
-              AND EXISTS (SELECT 1 FROM broadcast WHERE id = %(b)s AND status = 'in_progress')
-            RETURNING d.id, d.contact_id, d.address, d.attempts, d.parts_done,
-                      d.provider_message_id, NULL::jsonb, d.call_key
-            """,
-            {
-                "b": batch.broadcast_id,
-                "p": batch.part_day,
-                "batch": batch.id,
-                "lo": batch.first_id,
-                "hi": batch.last_id,
-                "t": batch.token,
-                "keys": list(keys),
-            },
-        ),
-        lambda result: sorted((Claimed(*r) for r in result.rows), key=lambda c: c.id),
+    return _take(
+        batch, f"d.call_key = ANY(%(keys)s::uuid[]) AND {_REACHABLE}", {"keys": list(keys)}
     )
 
 
