@@ -51,7 +51,14 @@ PIKA_LOGGERS = (
     "pika.adapters.blocking_connection",
 )
 #: What pika says of a connection RabbitMQ already dropped.
-_DROPPED = ("Connection reset by peer", "Broken pipe", "Stream connection lost", "StreamLostError")
+_DROPPED = (
+    "Connection reset by peer",
+    "Broken pipe",
+    "Stream connection lost",
+    "StreamLostError",
+    # Closing one it already found dropped.
+    "called on closed connection",
+)
 
 
 class _DroppedWhileStopping(logging.Filter):

@@ -115,6 +115,9 @@ def test_pikas_reports_of_a_dropped_connection_are_silenced_only_once_stopping(
         logger.error("something else went wrong")
         for name in PIKA_LOGGERS:
             logging.getLogger(name).error("Broken pipe")
+        logging.getLogger("pika.adapters.blocking_connection").error(
+            "BlockingConnection.close(200, 'Normal shutdown') called on closed connection."
+        )
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
     for name in PIKA_LOGGERS:
         logging.getLogger(name).filters.clear()
