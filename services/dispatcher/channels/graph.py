@@ -18,7 +18,6 @@ words and is not retried; an invalid or expired token (190) and other permission
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -36,10 +35,10 @@ from services.dispatcher.channels.base import (
 )
 from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
-    NO_ANSWER,
-    connection_failure,
-    header_refused,
+    graph_code,
     json_body,
+    json_object,
+    post,
     provider_message,
 )
 
@@ -156,27 +155,19 @@ class GraphAdapter:
             "Content-Type": "application/json",
             "Idempotency-Key": key,
         }
-        try:
-            got = await self.http.post(self.url, json_body(body), headers)
-        except NO_ANSWER as exc:
-            return connection_failure(exc)
-        except ValueError as exc:
-            return header_refused(exc)
+        got = await post(self.http, self.url, json_body(body), headers)
+        if isinstance(got, Transient):
+            return got
         return self.judge(got.status, got.body, got.headers.get("retry-after"))
 
     def judge(self, status: int, raw: bytes, retry_after: str | None) -> Outcome:
         """The outcome of one answer."""
-        try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            answer = None
-        if not isinstance(answer, dict):
-            answer = {}
+        answer = json_object(raw)
         if 200 <= status < 300:
             return Sent(message_id(answer.get("message_id")))
         error = answer.get("error")
         error = error if isinstance(error, dict) else {}
-        code, subcode = _code(error.get("code")), _code(error.get("error_subcode"))
+        code, subcode = graph_code(error.get("code")), graph_code(error.get("error_subcode"))
         described = provider_message(raw, (("error", "message"),), self._scrub)
         head = f"{self.label} {code}" if code else f"{self.label} HTTP {status}"
         if code and subcode:
@@ -252,10 +243,3 @@ def _cut(window: str) -> int:
         if window[i].isspace():
             return i
     return len(window)
-
-
-def _code(value: Any) -> int:
-    """A Graph error's code or subcode, or 0 when it gave none worth reading."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9:
-        return value
-    return 0

@@ -14,12 +14,12 @@ Connection failures read the same whatever their cause, so a reason cannot map p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from services.dispatcher.channels.base import Transient, printable
 from services.dispatcher.channels.client import MAX_ANSWER as MAX_ANSWER
-from services.dispatcher.channels.client import HttpClient, HttpError, InvalidUrl
+from services.dispatcher.channels.client import Answer, HttpClient, HttpError, InvalidUrl
 from shared.egress import Egress, EgressRefused
 
 #: Whatever a call can raise when it got no HTTP answer.
@@ -81,6 +81,38 @@ def connection_failure(exc: BaseException) -> Transient:
             refused=True,
         )
     return Transient(UNREACHABLE_PROVIDER)
+
+
+async def post(
+    http: HttpClient, url: str, body: bytes, headers: Mapping[str, str]
+) -> Answer | Transient:
+    """One provider call: its answer, or the outcome of a call that got none (see
+    ``connection_failure``) or whose headers HTTP cannot carry (see ``header_refused``).
+    """
+    try:
+        return await http.post(url, body, headers)
+    except NO_ANSWER as exc:
+        return connection_failure(exc)
+    except ValueError as exc:
+        return header_refused(exc)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """An answer's JSON object; an empty one for a body that is not one."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def graph_code(value: Any) -> int:
+    """A Graph API error's ``code`` or ``error_subcode`` (Meta's: WhatsApp, Messenger,
+    Instagram), or 0 when it gave none worth reading.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9:
+        return value
+    return 0
 
 
 def clean(text: str, scrub: Callable[[str], str] = str) -> str:

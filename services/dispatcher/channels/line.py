@@ -19,7 +19,6 @@ no answer are transient; another 4xx fails the recipients with LINE's message.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,11 +37,10 @@ from services.dispatcher.channels.base import (
 )
 from services.dispatcher.channels.client import Answer, HttpClient
 from services.dispatcher.channels.http import (
-    NO_ANSWER,
     clean,
-    connection_failure,
-    header_refused,
     json_body,
+    json_object,
+    post,
     provider_message,
 )
 from shared.domain.lifecycle import MULTICAST_RECIPIENTS, ChannelKind
@@ -165,13 +163,8 @@ class LineAdapter:
             "Content-Type": "application/json",
             "X-Line-Retry-Key": key,
         }
-        try:
-            got = await self.http.post(url, json_body(body), headers)
-        except NO_ANSWER as exc:
-            return connection_failure(exc)
-        except ValueError as exc:
-            return header_refused(exc)
-        return self.judge(got)
+        got = await post(self.http, url, json_body(body), headers)
+        return got if isinstance(got, Transient) else self.judge(got)
 
     def judge(self, got: Answer) -> Outcome:
         """The outcome of one LINE answer."""
@@ -208,11 +201,7 @@ class LineAdapter:
 
 def _first_detail(raw: bytes, scrub: Callable[[str], str]) -> str | None:
     """The first of LINE's ``details`` (``{"message", "property"}``), cleaned."""
-    try:
-        answer = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    details = answer.get("details") if isinstance(answer, dict) else None
+    details = json_object(raw).get("details")
     if not isinstance(details, list) or not details or not isinstance(details[0], dict):
         return None
     said, where = details[0].get("message"), details[0].get("property")
@@ -223,11 +212,8 @@ def _first_detail(raw: bytes, scrub: Callable[[str], str]) -> str | None:
 
 def _sent_id(got: Answer) -> str | None:
     """A push answers the ids of its messages; a multicast only its request id."""
-    try:
-        answer = json.loads(got.body)
-    except (ValueError, UnicodeDecodeError):
-        answer = None
-    if isinstance(answer, dict) and isinstance(answer.get("sentMessages"), list):
+    answer = json_object(got.body)
+    if isinstance(answer.get("sentMessages"), list):
         ids = [message_id(m.get("id")) for m in answer["sentMessages"] if isinstance(m, dict)]
         if found := ",".join(i for i in ids if i):
             return found

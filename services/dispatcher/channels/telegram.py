@@ -10,7 +10,6 @@ limit, beside the bot-wide one the channel's rate holds. User text is sent with 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +26,9 @@ from services.dispatcher.channels.base import (
 )
 from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
-    NO_ANSWER,
-    connection_failure,
-    header_refused,
     json_body,
+    json_object,
+    post,
     provider_message,
 )
 
@@ -103,23 +101,16 @@ class TelegramAdapter:
         )
 
     async def _call(self, method: str, payload: dict[str, Any], key: str) -> Outcome:
-        try:
-            got = await self.http.post(
-                f"{self.base}/{method}",
-                json_body(payload),
-                {"Content-Type": "application/json", "Idempotency-Key": key},
-            )
-        except NO_ANSWER as exc:
-            return connection_failure(exc)
-        except ValueError as exc:
-            return header_refused(exc)
+        got = await post(
+            self.http,
+            f"{self.base}/{method}",
+            json_body(payload),
+            {"Content-Type": "application/json", "Idempotency-Key": key},
+        )
+        if isinstance(got, Transient):
+            return got
         status, raw = got.status, got.body
-        try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            answer = None
-        if not isinstance(answer, dict):
-            answer = {}
+        answer = json_object(raw)
         if status == 200 and answer.get("ok") is True:
             return Sent(_message_id(answer.get("result")))
         code = _code(answer.get("error_code"), status)

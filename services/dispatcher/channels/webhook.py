@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,11 +20,10 @@ from services.dispatcher.channels.base import (
 )
 from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
-    NO_ANSWER,
-    connection_failure,
-    header_refused,
     http_reason,
     json_body,
+    json_object,
+    post,
 )
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
@@ -84,15 +82,12 @@ class WebhookAdapter:
             "Idempotency-Key": idempotency_key,
             SIGNATURE_HEADER: sign(self.secret, body),
         }
-        try:
-            got = await self.http.post(self.url, body, headers)
-        except NO_ANSWER as exc:
-            return connection_failure(exc)
-        except ValueError as exc:
-            return header_refused(exc)
+        got = await post(self.http, self.url, body, headers)
+        if isinstance(got, Transient):
+            return got
         status, answer, retry_after = got.status, got.body, got.headers.get("retry-after")
         if 200 <= status < 300:
-            return Sent(_message_id(answer))
+            return Sent(message_id(json_object(answer).get("id")))
         text = http_reason("webhook", status, answer, ERROR_PATHS, self._scrub)
         if status == 429:
             return Transient(text, parse_retry_after(retry_after), throttled=True)
@@ -120,13 +115,3 @@ class WebhookAdapter:
             )[1:]
             self._cached = (message, rest)
         return self._cached[1]
-
-
-def _message_id(answer: bytes) -> str | None:
-    try:
-        data = json.loads(answer)
-    except ValueError:
-        return None
-    if isinstance(data, dict):
-        return message_id(data.get("id"))
-    return None

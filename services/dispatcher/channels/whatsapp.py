@@ -15,7 +15,6 @@ broadcast with the reason, since every recipient would be refused alike.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +32,10 @@ from services.dispatcher.channels.base import (
 )
 from services.dispatcher.channels.client import HttpClient
 from services.dispatcher.channels.http import (
-    NO_ANSWER,
-    connection_failure,
-    header_refused,
+    graph_code,
     json_body,
+    json_object,
+    post,
     provider_message,
 )
 
@@ -126,26 +125,16 @@ class WhatsappAdapter:
             "Content-Type": "application/json",
             "Idempotency-Key": key,
         }
-        try:
-            got = await self.http.post(self.url, json_body(body), headers)
-        except NO_ANSWER as exc:
-            return connection_failure(exc)
-        except ValueError as exc:
-            return header_refused(exc)
+        got = await post(self.http, self.url, json_body(body), headers)
+        if isinstance(got, Transient):
+            return got
         status, raw, retry_after = got.status, got.body, got.headers.get("retry-after")
-        try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            answer = None
-        if not isinstance(answer, dict):
-            answer = {}
+        answer = json_object(raw)
         if 200 <= status < 300:
             return Sent(_message_id(answer.get("messages")))
         error = answer.get("error")
         error = error if isinstance(error, dict) else {}
-        code = error.get("code")
-        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
-        code = code if 0 < code < 10**9 else 0
+        code = graph_code(error.get("code"))
         described = provider_message(raw, (("error", "message"),), self._scrub)
         details = provider_message(raw, (("error", "error_data", "details"),), self._scrub)
         text = f"WhatsApp {code or f'HTTP {status}'}" + (f": {described}" if described else "")
