@@ -46,6 +46,7 @@ from bench.common import (
     webhook_channel,
 )
 from shared.db.engine import libpq_url
+from shared.domain.channels import MAX_RATE_PER_SECOND
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
 
@@ -305,6 +306,8 @@ def _run(
         "ratio_to_raw": round(per_second / raw, 3),
         "import_seconds": round(import_seconds, 2),
         "dispatchers": f"{shape.processes} processes x {shape.threads} threads",
+        # The channel's own limit, held as on any channel; set above what this box can send.
+        "channel_rate_per_second": MAX_RATE_PER_SECOND,
         "cpu_us_per_recipient": {name: round(v / n * 1e6, 1) for name, v in cpu.items()},
         "dispatcher_peak_rss_mib": round(rss.peak, 1),
         "postgres_settings": postgres_settings(env["BCAST_DATABASE_URL"]),

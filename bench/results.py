@@ -75,7 +75,12 @@ def markdown(results: dict[str, Any]) -> str:
     if e2e:
         lines += [
             f"| recipients, create -> completed | {e2e['recipients']:,} in {e2e['seconds']:.1f} s |",
-            f"| pipeline (unique accepted sends / s) | {e2e['per_second']:,.0f} |",
+            f"| pipeline (unique accepted sends / s) | {e2e['per_second']:,.0f}"
+            + (
+                f" (one webhook channel, its limit {e2e['channel_rate_per_second']:,.0f} / s) |"
+                if "channel_rate_per_second" in e2e
+                else " |"
+            ),
             f"| raw limit, same route, unique signed bodies (/ s) | {e2e['raw_per_second']:,.0f} |",
             f"| **ratio pipeline / raw** | **{e2e['ratio_to_raw']:.2f}** |",
             f"| accepted / duplicates / bad signatures | {e2e['accepted']:,} / {e2e['duplicates']} / {e2e['bad_signatures']} |",

@@ -60,6 +60,7 @@ from bench.common import (
 from bench.e2e import Shape
 from bench.faults.servers import PrivatePostgres
 from shared.db.engine import libpq_url
+from shared.domain.channels import MAX_RATE_PER_SECOND
 
 #: Settings of the private Postgres beyond the fault suite's: statement counts.
 PG_SETTINGS = {"shared_preload_libraries": "pg_stat_statements"}
@@ -100,7 +101,7 @@ class Case:
     groups: int
     schedulers: int = 1
     channels: int = 1
-    rate: float = 10_000
+    rate: float = MAX_RATE_PER_SECOND
 
     @property
     def name(self) -> str:

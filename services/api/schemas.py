@@ -17,6 +17,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from shared.domain.audience import AudienceSpec
 from shared.domain.broadcasts import AutoPause, Content
+from shared.domain.channels import MAX_RATE_PER_SECOND
 from shared.domain.contacts import FieldChanges, TagName
 from shared.domain.lifecycle import BroadcastStatus, ChannelKind, DeliveryStatus, Origin
 from shared.domain.types import Id, IsoDatetime, Text, check_one_line, one_line_schema
@@ -56,8 +57,9 @@ class ChannelCreate(_In):
     rate_limit_per_second: float | None = Field(
         default=None,
         gt=0,
-        le=10_000,
-        description="Sends per second across all dispatchers; default: the provider's own limit.",
+        le=MAX_RATE_PER_SECOND,
+        description="Sends per second across all dispatchers, at most 100,000; default: the "
+        "provider's own limit.",
     )
     auto_pause: AutoPause | None = Field(
         default=None,
@@ -75,7 +77,7 @@ class ChannelPatch(_In):
         "keep their value, and a value sent back as shown (******** for a secret) keeps the "
         "stored one.",
     )
-    rate_limit_per_second: float | None = Field(default=None, gt=0, le=10_000)
+    rate_limit_per_second: float | None = Field(default=None, gt=0, le=MAX_RATE_PER_SECOND)
     auto_pause: AutoPause | None = Field(
         default=None, description="Its broadcasts' default auto-pause; null turns it off."
     )

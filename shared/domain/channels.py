@@ -155,6 +155,11 @@ TARGET_KEYS: dict[ChannelKind, str] = {
     ChannelKind.INSTAGRAM: "api_base_url",
 }
 
+#: The highest ``rate_limit_per_second`` a channel takes: a webhook to the customer's own
+#: service may take far more than any messaging provider, and slots that close together
+#: (10 µs) are still held exactly by the shared GCRA row.
+MAX_RATE_PER_SECOND = 100_000
+
 #: The provider's own limit, used when a channel is created without one.
 DEFAULT_RATE_LIMIT_PER_SECOND: dict[ChannelKind, float] = {
     ChannelKind.WEBHOOK: 100.0,

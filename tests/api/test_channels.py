@@ -31,6 +31,9 @@ def test_default_rate_limits_come_from_the_provider(api: Api) -> None:
     assert api.channel("whatsapp")["rate_limit_per_second"] == 80
     assert api.channel("telegram")["rate_limit_per_second"] == 30
     assert api.channel("webhook", rate_limit_per_second=20)["rate_limit_per_second"] == 20
+    # A webhook to the customer's own service may take far more than a messaging provider.
+    fast = api.channel("webhook", rate_limit_per_second=100_000)
+    assert fast["rate_limit_per_second"] == 100_000
 
 
 def test_config_defaults_are_filled_in(api: Api) -> None:
@@ -80,6 +83,15 @@ def test_config_defaults_are_filled_in(api: Api) -> None:
             },
             "rate_limit_per_second",
             "greater than 0",
+        ),
+        (
+            {
+                "kind": "webhook",
+                "config": {"url": "http://x.test/h", "secret": "0123456789abcdef"},
+                "rate_limit_per_second": 100_001,
+            },
+            "rate_limit_per_second",
+            "less than or equal to 100000",
         ),
     ],
 )

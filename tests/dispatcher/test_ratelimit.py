@@ -9,6 +9,7 @@ import itertools
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -17,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache
 from shared.db.engine import libpq_url
+from shared.domain.channels import MAX_RATE_PER_SECOND
 from tests.conftest import Api
 
 
@@ -88,6 +90,43 @@ def test_slots_taken_at_once_by_many_workers_never_overlap(api: Api, database_ur
     for i, t in enumerate(ordered):
         in_window = sum(1 for u in ordered[i:] if u < t + 1.0)
         assert in_window <= rate
+
+
+def test_at_the_highest_rate_single_slots_never_come_closer_than_the_rate(
+    api: Api, database_url: str
+) -> None:
+    # A slot at 100,000 a second is 10.4 microseconds, finer than a timestamp's grain: the
+    # channel's row must move on by at least that for every slot, however they are taken.
+    channel = api.channel(rate_limit_per_second=MAX_RATE_PER_SECOND)["id"]
+    rate = float(MAX_RATE_PER_SECOND)
+    taken = 2_000
+
+    async def body(limiter: RateLimiter) -> tuple[Decimal, Decimal]:
+        # Booked 10 s ahead first, so each slot below follows the last, not the clock.
+        ahead = await limiter.reserve(
+            channel, api.workspace_id, rate, int(rate * HEADROOM * 10), within=60.0
+        )
+        assert ahead.next_free > time.time() + 5
+        async with limiter.pool.connection() as conn:
+            start = await (await conn.execute(TAT, (channel,))).fetchone()
+        for _ in range(taken):
+            got = await limiter.reserve(channel, api.workspace_id, rate, 1, within=60.0)
+            assert len(got.times) == 1
+        async with limiter.pool.connection() as conn:
+            end = await (await conn.execute(TAT, (channel,))).fetchone()
+        assert start is not None
+        assert end is not None
+        return start[0], end[0]
+
+    start, end = with_limiter(database_url, body)
+    moved_us = float((end - start) * 1_000_000)
+    exact_us = taken / (rate * HEADROOM) * 1e6
+    assert moved_us >= exact_us
+    # Rounded up by less than a microsecond a slot.
+    assert moved_us <= exact_us + taken
+
+
+TAT = "SELECT extract(epoch FROM tat)::numeric FROM channel_rate WHERE channel_id = %s"
 
 
 def test_a_providers_retry_after_pushes_the_channel_back_for_everyone(
