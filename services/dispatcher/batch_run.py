@@ -244,7 +244,8 @@ class BatchRun:
                 recorder.close()
             watching.cancel()
             self.rt.status.untrack(self.batch.broadcast_id, self._heard)
-            metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
+            metrics.TALLY.set(metrics.CHANNEL_IN_FLIGHT, (str(job.channel_id), job.kind), lane.used)
+            metrics.TALLY.flush()
         if lease.lost:
             return Ending("lease_lost"), []
         return ending, [*recorder.unwritten(), *self.in_call]
@@ -364,16 +365,19 @@ class BatchRun:
             slots = await cache.take(job.rate, grant.size, within=LOOKAHEAD, block=lane.size)
             if not slots.times:
                 return max(0.0, slots.next_free - LOOKAHEAD - time.time())
-            metrics.RATE_WAIT.labels(job.kind).observe(max(0.0, slots.times[-1] - taken_at))
-            metrics.CHANNEL_SLOT_WAIT.labels(str(job.channel_id), job.kind).inc(
-                sum(at - taken_at for at in slots.times if at > taken_at)
+            tally = metrics.TALLY
+            tally.observe(metrics.RATE_WAIT, (job.kind,), max(0.0, slots.times[-1] - taken_at))
+            tally.inc(
+                metrics.CHANNEL_SLOT_WAIT,
+                (str(job.channel_id), job.kind),
+                sum(at - taken_at for at in slots.times if at > taken_at),
             )
             for at in slots.times:
                 task = group.create_task(self._send(job, rows.popleft(), at, lease, recorder))
                 self.sends.add(task)
                 task.add_done_callback(self.sends.discard)
                 task.add_done_callback(_releaser(grant.hand_out()))
-        metrics.CHANNEL_IN_FLIGHT.labels(str(job.channel_id), job.kind).set(lane.used)
+        metrics.TALLY.set(metrics.CHANNEL_IN_FLIGHT, (str(job.channel_id), job.kind), lane.used)
         return None
 
     async def _calls(self, job: Job, rows: list[Claimed]) -> list[Unit]:
@@ -558,7 +562,9 @@ class BatchRun:
             log.debug("adapter failure", exc_info=True)
             return Transient(f"internal error in the {job.kind} adapter: {type(exc).__name__}")
         finally:
-            metrics.PROVIDER_LATENCY.labels(job.kind).observe(time.perf_counter() - started)
+            metrics.TALLY.observe(
+                metrics.PROVIDER_LATENCY, (job.kind,), time.perf_counter() - started
+            )
 
     async def _throttled(self, job: Job, outcome: Transient) -> None:
         """The provider pushed back: the channel waits, for every worker."""

@@ -6,6 +6,9 @@ Per-channel series carry the channel id (and its kind); never a recipient.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.domain.lifecycle import CHANNEL_KINDS
@@ -124,3 +127,62 @@ def init_channel(channel_id: int, kind: str) -> None:
         metric.labels(channel, kind)
     for outcome in CHANNEL_OUTCOMES:
         CHANNEL_DELIVERIES.labels(channel, kind, outcome)
+
+
+class Tally:
+    """Updates made on the send path, held in this process and applied to the shared values
+    in one go (``flush``: at each result write and when a run ends). In a worker process an
+    update of a metric takes a lock, reads the process id and writes the value to its mmap
+    file, 1.5-2.5 µs, and a send made several; a tally's update is a dict lookup and an
+    addition. What Prometheus reads is the same, at most one write tick (50 ms) later. Used
+    from the event loop's thread only.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        #: Histogram child -> count per bucket, then the sum of the values.
+        self._observed: dict[Any, list[float]] = {}
+        self._added: dict[Any, float] = {}
+        self._set: dict[Any, float] = {}
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
+        child = self._child(metric, labels)
+        counts = self._observed.get(child)
+        if counts is None:
+            counts = self._observed[child] = [0.0] * (len(child._upper_bounds) + 1)
+        # The first bucket whose bound is at least the value, as Histogram.observe picks.
+        counts[bisect_left(child._upper_bounds, value)] += 1
+        counts[-1] += value
+
+    def inc(self, metric: Counter, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        child = self._child(metric, labels)
+        self._added[child] = self._added.get(child, 0.0) + amount
+
+    def set(self, metric: Gauge, labels: tuple[str, ...], value: float) -> None:
+        self._set[self._child(metric, labels)] = value
+
+    def flush(self) -> None:
+        """Apply what is held (the only updates to these series' values)."""
+        observed, self._observed = self._observed, {}
+        added, self._added = self._added, {}
+        held, self._set = self._set, {}
+        for child, counts in observed.items():
+            child._sum.inc(counts[-1])
+            for bucket, count in zip(child._buckets, counts[:-1], strict=True):
+                if count:
+                    bucket.inc(count)
+        for counter, amount in added.items():
+            counter.inc(amount)
+        for gauge, value in held.items():
+            gauge.set(value)
+
+
+#: The process's tally of send-path updates.
+TALLY = Tally()

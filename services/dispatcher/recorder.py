@@ -64,6 +64,7 @@ class ResultGroup:
         write took its results at least ``FLUSH_SECONDS`` ago (ticks of several runs make one
         write).
         """
+        metrics.TALLY.flush()
         async with self.lock:
             if not force and time.monotonic() - self.taken_at < FLUSH_SECONDS:
                 return
