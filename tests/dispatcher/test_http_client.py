@@ -300,6 +300,69 @@ def test_a_call_past_its_deadline_is_a_timeout_and_its_connection_is_closed() ->
     run(go)
 
 
+def test_only_the_calls_past_their_deadline_fail_and_the_watch_stops_when_none_waits() -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
+        while True:
+            await peer.read_request(reader)
+            await asyncio.sleep(0.1)
+            writer.write(OK)
+            await writer.drain()
+
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        await peer.read_request(reader)
+        await reader.read()
+
+    async def go() -> None:
+        async with (
+            Peer(slow) as answers,
+            Peer(silent) as never,
+            client(timeout_seconds=0.5) as http,
+        ):
+            started = asyncio.get_running_loop().time()
+            got = await asyncio.gather(
+                *(http.post(answers.url, b"x", {}) for _ in range(3)),
+                http.post(never.url, b"x", {}),
+                return_exceptions=True,
+            )
+            assert [a.body for a in got[:3] if isinstance(a, Answer)] == [b"ok"] * 3
+            assert isinstance(got[3], TimeoutError)
+            assert 0.5 <= asyncio.get_running_loop().time() - started < 2
+            # No call waits: the watch ends at its next tick, no timer left to wake the loop.
+            until = asyncio.get_running_loop().time() + 1
+            while http._watching is not None and asyncio.get_running_loop().time() < until:
+                await asyncio.sleep(0.01)
+            assert http._watching is None
+            # Kept connections still serve later calls, each with a deadline of its own.
+            later = await http.post(answers.url, b"x", {})
+            assert later.body == b"ok"
+
+    run(go)
+
+
+def test_a_connection_that_never_completes_its_handshake_is_held_to_the_call_deadline(
+    tmp_path: Path,
+) -> None:
+    cert, _ = _self_signed(tmp_path)
+    trusting = ssl.create_default_context(cafile=str(cert))
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
+        await reader.read()
+
+    async def go() -> None:
+        # Accepts the connection and never says a word: the TLS handshake never ends.
+        async with Peer(mute) as peer:
+            https = peer.url.replace("http://", "https://")
+            async with client(timeout_seconds=0.3, tls_context=trusting) as http:
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(TimeoutError):
+                    await http.post(https, b"x", {})
+                assert asyncio.get_running_loop().time() - started < 2
+
+    run(go)
+
+
 def test_a_peer_that_is_not_http_gives_no_answer() -> None:
     async def banner(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer

@@ -57,6 +57,9 @@ IDLE_SECONDS = 15.0
 DNS_TTL = 300.0
 #: Parsed URLs kept (an adapter calls a handful).
 MAX_TARGETS = 1024
+#: Calls waiting for their answer are held to their deadline this often (at most this late):
+#: one timer for all of them, not one set and cancelled per call.
+DEADLINE_TICK = 0.05
 
 _FORBIDDEN_IN_HEADERS = str.maketrans("", "", "\r\n\x00")
 _TOKEN_CHARS = frozenset(
@@ -146,6 +149,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        #: When the call waiting on this connection must have its answer (monotonic).
+        self.deadline = float("inf")
         self._waiter: asyncio.Future[Answer] | None = None
         self._reset()
 
@@ -259,6 +264,10 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             self.close()
 
+    def expire(self) -> None:
+        """The call is past its deadline: it fails, and the connection is closed."""
+        self._fail(TimeoutError("no whole answer within the deadline"))
+
     def _fail(self, exc: Exception) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -311,6 +320,7 @@ class HttpClient:
         self._resolved: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
         self._tls = tls_context
         self._pruning: asyncio.TimerHandle | None = None
+        self._watching: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def __aenter__(self) -> HttpClient:
@@ -364,19 +374,31 @@ class HttpClient:
             )
         )
         repeatable = any(n.lower() == "idempotency-key" for n in headers)
-        async with asyncio.timeout(self.timeout_seconds):
-            conn = self._take_idle(target.origin)
-            if conn is not None:
-                try:
-                    return await self._exchange(conn, target, request)
-                except _Closed:
-                    if not repeatable or self.closed:
-                        raise
+        # One deadline for the whole call: a connection made for it counts against it too.
+        deadline = time.monotonic() + self.timeout_seconds
+        conn = self._take_idle(target.origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, target, request, deadline)
+            except _Closed:
+                if not repeatable or self.closed:
+                    raise
+        async with asyncio.timeout(deadline - time.monotonic()):
             conn = await self._connect(target)
-            return await self._exchange(conn, target, request)
+        return await self._exchange(conn, target, request, deadline)
 
-    async def _exchange(self, conn: _Connection, target: _Target, request: bytes) -> Answer:
+    async def _exchange(
+        self, conn: _Connection, target: _Target, request: bytes, deadline: float
+    ) -> Answer:
+        if time.monotonic() >= deadline:
+            conn.close()
+            raise TimeoutError("no whole answer within the deadline")
+        conn.deadline = deadline
         self._busy.add(conn)
+        if self._watching is None:
+            self._watching = asyncio.get_running_loop().call_later(
+                DEADLINE_TICK, self._hold_to_deadlines
+            )
         try:
             answer = await conn.send(request)
         except BaseException:
@@ -389,6 +411,19 @@ class HttpClient:
         else:
             conn.close()
         return answer
+
+    def _hold_to_deadlines(self) -> None:
+        """Calls past their deadline fail (their connections closed); checked every
+        ``DEADLINE_TICK`` while any call waits for its answer.
+        """
+        self._watching = None
+        now = time.monotonic()
+        for conn in [c for c in self._busy if c.deadline <= now]:
+            conn.expire()
+        if self._busy and not self.closed:
+            self._watching = asyncio.get_running_loop().call_later(
+                DEADLINE_TICK, self._hold_to_deadlines
+            )
 
     def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -493,6 +528,9 @@ class HttpClient:
         if self._pruning is not None:
             self._pruning.cancel()
             self._pruning = None
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
