@@ -374,18 +374,51 @@ def _analyze(broadcast_id: int, part_day: date) -> Op[None]:
 
 
 def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int | None]:
-    """Copy the audience into one delivery row per recipient and cut the rows into batches,
-    once. Returns how many rows were copied, or None when the copy was made before (or is
-    being made by another dispatcher this moment).
+    """Copy the whole audience in one transaction (``snapshot_part`` without a limit).
+    Returns how many rows were copied, or None when the copy was made before (or is being
+    made by another dispatcher this moment).
+    """
+    part = yield from snapshot_part(broadcast_id, audience, batch_size=batch_size)
+    return None if part is None else part.rows
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    """What one part of an audience copy did."""
+
+    #: Rows this part copied.
+    rows: int
+    #: The audience is copied whole (the task's ``snapshot_at`` is set).
+    done: bool
+
+
+def snapshot_part(
+    broadcast_id: int,
+    audience: Query,
+    *,
+    batch_size: int,
+    limit: int | None = None,
+    copied_before: int = 0,
+) -> Op[Copied | None]:
+    """Copy the next recipients of the audience (at most ``limit``, all without one) into
+    delivery rows, in contact order from where the rows copied so far end, and cut them into
+    batches, which the scheduler may hand out as soon as this commits: a large audience is
+    copied in parts while its first batches are already being sent. Returns None when the
+    copy was finished before (or another dispatcher is copying a part this moment).
 
     ``audience`` selects ``(contact_id, address, skip_reason)``; a contact with a reason (it
-    opted out, or a provider called it unreachable) is recorded as skipped with it. The task's
-    ``audience_size`` becomes the number of rows copied: its ``counts.total``. The copy runs inside
-    Postgres (``INSERT ... SELECT``), so memory stays flat for any audience; the task row is
-    locked only at the end, so a pause or cancel never waits for a long copy, and a cancel
-    that committed meanwhile cancels the rows just copied. The rows go to the partition of
-    the broadcast's ``part_day`` (``snapshot_day``; today if it was not fixed), which must
-    exist (``shared.delivery_partitions.ensure``).
+    opted out, or a provider called it unreachable) is recorded as skipped with it. The part
+    that copies the last recipients sets the task's ``snapshot_at`` (until then it cannot
+    complete, whatever its counters say) and its ``audience_size``: its ``counts.total``.
+    The copy runs inside Postgres (``INSERT ... SELECT``), so memory stays flat for any
+    audience; the task row is locked only at the end of a part, so a pause or cancel never
+    waits for a long copy, and a cancel that committed meanwhile cancels the rows just
+    copied. A part cut short (a crash) leaves nothing of itself, and the next part goes on
+    from the rows committed. The rows go to the partition of the broadcast's ``part_day``
+    (``snapshot_day``; today if it was not fixed), which must exist
+    (``shared.delivery_partitions.ensure``). ``copied_before``: rows the caller's earlier
+    parts copied (the partition's statistics are taken once the copy passes
+    ``ANALYZE_AFTER``).
     """
     copying = (
         yield Query(
@@ -410,7 +443,23 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
         "snap_b": broadcast_id,
         "snap_ws": workspace_id,
         "snap_day": part_day,
+        "snap_n": limit,
     }
+    # Where the rows copied so far end: in contact order, and their batches in id order
+    # (this broadcast's rows are only ever added here, one part at a time, each after the
+    # last committed).
+    after, batched = (
+        yield Query(
+            """
+            SELECT (SELECT max(contact_id) FROM delivery
+                    WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s),
+                   (SELECT max(last_id) FROM delivery_batch WHERE broadcast_id = %(snap_b)s)
+            """,
+            params,
+        )
+    ).rows[0]
+    params["snap_after"] = after
+    params["snap_batched"] = batched
     copied = (
         yield Query(
             f"""
@@ -420,42 +469,53 @@ def snapshot(broadcast_id: int, audience: Query, *, batch_size: int) -> Op[int |
                    CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
                    %(snap_day)s
             FROM ({audience.sql}) AS a(contact_id, address, reason)
+            {"WHERE a.contact_id > %(snap_after)s" if after is not None else ""}
             ORDER BY a.contact_id
+            {"LIMIT %(snap_n)s" if limit is not None else ""}
             ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
             """,
             params,
         )
     ).rowcount
-    if copied >= ANALYZE_AFTER:
+    # Contacts come in strict order from past the last one copied: none can be copied twice,
+    # so a part that found fewer than its limit found the last of them.
+    done = limit is None or copied < limit
+    if copied_before < ANALYZE_AFTER <= copied_before + copied:
         yield from _analyze(broadcast_id, part_day)
     yield Query(
-        """
+        f"""
         INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id, last_id)
         SELECT %(snap_ws)s, %(snap_b)s, %(snap_day)s, min(id), max(id)
         FROM (
             SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(size)s AS n
             FROM delivery
             WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s AND status = 'queued'
+              {"AND id > %(snap_batched)s" if batched is not None else ""}
         ) AS run
         GROUP BY n
         """,
-        {
-            "snap_b": broadcast_id,
-            "snap_ws": workspace_id,
-            "snap_day": part_day,
-            "size": batch_size,
-        },
+        {**params, "size": batch_size},
     )
     status = yield from _lock_task(broadcast_id)
     if status == BroadcastStatus.CANCELED:
         yield from _cancel_queued(broadcast_id, part_day)
-    # With snapshot_at set, the completion rule can see a task that had nobody left to send to.
-    yield Query(
-        "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s, "
-        "audience_size = %(n)s WHERE id = %(snap_b)s",
-        {"snap_b": broadcast_id, "snap_day": part_day, "n": copied},
-    )
-    return copied
+    if done:
+        # With snapshot_at set, the completion rule can see a task that had nobody left to
+        # send to. Its total is every row copied, by this part and the ones before.
+        yield Query(
+            "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s, "
+            "audience_size = total_count WHERE id = %(snap_b)s",
+            params,
+        )
+    else:
+        # The rows' day is the task's from its first part (a cancel finds them by it), and a
+        # copy making progress is not a stalled start (the scheduler's sweep).
+        yield Query(
+            "UPDATE broadcast SET part_day = %(snap_day)s, heartbeat_at = now() "
+            "WHERE id = %(snap_b)s",
+            params,
+        )
+    return Copied(copied, done)
 
 
 def snapshot_days(broadcast_ids: Sequence[int]) -> One[dict[int, date]]:

@@ -362,7 +362,11 @@ class BroadcastPatch(_In):
 
 
 class Counts(BaseModel):
-    total: int = Field(description="Recipients snapshotted when sending started.")
+    total: int = Field(
+        description="Recipients snapshotted when sending started (a large audience is copied "
+        "in parts, its first batches sent meanwhile: until the last part, the recipients "
+        "copied so far)."
+    )
     queued: int = Field(description="Not yet final: waiting, being sent, or to be retried.")
     sent: int
     failed: int

@@ -189,8 +189,8 @@ class Engine:
     async def stop(self, timeout: float) -> None:
         """Take no more work; every run gives its batch back (calls already at a provider
         finish and are written), and audience copies finish. What is still going after
-        ``timeout`` is cancelled (a copy rolls back; a run's rows are taken back by the
-        sweeper once its lease runs out).
+        ``timeout`` is cancelled (a copy's part under way rolls back, the parts before it
+        stay; a run's rows are taken back by the sweeper once its lease runs out).
         """
         self.stopping.set()
         deadline = time.monotonic() + timeout

@@ -2,11 +2,17 @@
 
 The audience is the same query the API previews (``shared.domain.audience``), narrowed to the
 contacts that existed when the broadcast started (a contact added later does not receive it).
-The copy itself is the delivery store's: one ``INSERT ... SELECT`` inside Postgres, so no
+The copy itself is the delivery store's: ``INSERT ... SELECT`` inside Postgres, so no
 recipient passes through this process and memory stays flat for any audience size. Before it,
 the broadcast's day is fixed and the partition of ``delivery`` for that day made sure of, each
 in a short transaction of its own (the scheduler makes partitions ahead, so this is most often
 one read of the catalog).
+
+A large audience is copied in parts, in contact order, each part a transaction that also cuts
+its rows into batches: the first part is small, so the first batches are handed out and sent
+while the rest is still being copied (a million recipients take seconds to copy). A part cut
+short leaves nothing; a copy started again (the scheduler restarts a stalled one) goes on
+from the last part committed.
 
 Small audiences (a conversation's timed send has one recipient) are copied many at a time:
 one read of their rows, one statement that fixes their days, one query for all their
@@ -50,6 +56,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Recipients the first part of a copy takes: enough batches for every worker to start on.
+FIRST_PART = 10_000
+#: Recipients each later part takes.
+PART = 50_000
+
 _DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -92,9 +103,7 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
         if day is None:
             return None
         await store.arun(conn, partitions.ensure(day, rt.settings.delivery_partition_days))
-        copied = await store.arun(
-            conn, store.snapshot(broadcast_id, source, batch_size=rt.settings.batch_size)
-        )
+    copied = await _copy_in_parts(rt, broadcast_id, channel_id, source)
     if copied is not None:
         metrics.SNAPSHOT_ROWS.inc(copied)
         log.info(
@@ -109,6 +118,40 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
             },
         )
     return copied
+
+
+async def _copy_in_parts(
+    rt: Runtime, broadcast_id: int, channel_id: int, source: store.Query
+) -> int | None:
+    """Copy the audience part by part until the last; the rows this process copied, or None
+    when it copied none (copied before, or another dispatcher is copying it).
+    """
+    copied: int | None = None
+    limit = FIRST_PART
+    while True:
+        async with rt.pool.connection() as conn:
+            part = await store.arun(
+                conn,
+                store.snapshot_part(
+                    broadcast_id,
+                    source,
+                    batch_size=rt.settings.batch_size,
+                    limit=limit,
+                    copied_before=copied or 0,
+                ),
+            )
+        if part is None:
+            return copied
+        copied = (copied or 0) + part.rows
+        if part.done:
+            return copied
+        log.debug(
+            "broadcast %s: %s recipients copied so far",
+            broadcast_id,
+            copied,
+            extra={"broadcast_id": broadcast_id, "channel_id": channel_id},
+        )
+        limit = PART
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import httpx2 as httpx
 import pytest
 from PIL import Image
 
+from services.dispatcher.snapshot import FIRST_PART, PART
 from tests.e2e.conftest import Api, System
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +75,33 @@ def test_immediate_broadcast_to_5000_tagged_contacts_reaches_each_exactly_once(
         assert httpx.get(m["url"]).content == data, "the signed media URL serves the upload"
     tampered = first[0]["url"].replace("signature=", "signature=0")
     assert httpx.get(tampered).status_code == 403
+
+
+def test_an_audience_copied_in_parts_is_sent_while_copied_and_reaches_each_once(
+    api: Api, system: System
+) -> None:
+    # More recipients than the copy's first part: its batches go out as soon as that part
+    # commits, before the rest is copied.
+    channel, hook = api.webhook_channel(rate=10_000)
+    account = api.account(channel["id"])
+    targets = [f"p-{i}" for i in range(FIRST_PART + PART // 10)]
+    api.import_contacts(account["id"], targets, tags=["target"])
+    api.import_contacts(account["id"], [f"no-{i}" for i in range(300)], tags=["other"])
+    b = api.broadcast(channel["id"], {"tag_ids": [api.tag_id("target")]}, send_at=None)
+    done = api.wait_status(b["id"], "completed", timeout=120)
+    assert done["counts"]["total"] == done["counts"]["sent"] == len(targets)
+    stats = api.sim_stats(hook)
+    assert (stats["accepted"], stats["duplicates"]) == (len(targets), 0)
+    assert sorted(r["to"] for r in api.sim_requests(hook)) == sorted(targets)
+    # Two parts, each its own transaction: the first part's rows (and their batches) were
+    # committed, for the scheduler to hand out, before the copy ended.
+    [(first_rows, last_rows, copied)] = system.sql(
+        "SELECT min(d.created_at), max(d.created_at), b.snapshot_at "
+        "FROM broadcast b JOIN delivery d ON d.broadcast_id = b.id "
+        "WHERE b.id = %s GROUP BY b.snapshot_at",
+        (b["id"],),
+    )
+    assert first_rows < last_rows <= copied
 
 
 def test_webhook_signature_is_hmac_sha256_of_the_body(api: Api, system: System) -> None:

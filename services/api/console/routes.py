@@ -343,7 +343,7 @@ def broadcasts(
 
 def _row(b: Broadcast) -> dict[str, Any]:
     numbers = counts(b)
-    if b.snapshot_at is None:
+    if b.snapshot_at is None and b.total_count == 0:
         # Not started: its audience is not copied yet; what waits is the audience as counted.
         numbers["queued"] = b.audience_size
     return {
