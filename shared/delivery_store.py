@@ -397,14 +397,16 @@ def snapshot_part(
     audience: Query,
     *,
     batch_size: int,
-    limit: int | None = None,
+    upto: int | None = None,
     copied_before: int = 0,
 ) -> Op[Copied | None]:
-    """Copy the next recipients of the audience (at most ``limit``, all without one) into
-    delivery rows, in contact order from where the rows copied so far end, and cut them into
-    batches, which the scheduler may hand out as soon as this commits: a large audience is
-    copied in parts while its first batches are already being sent. Returns None when the
-    copy was finished before (or another dispatcher is copying a part this moment).
+    """Copy the next recipients of the audience (those whose contact id is at most ``upto``;
+    all the rest without it, which ends the copy) into delivery rows, in contact order from
+    where the rows copied so far end, and cut them into batches, which the scheduler may hand
+    out as soon as this commits: a large audience is copied in parts while its first batches
+    are already being sent. Parts are windows of contact ids, so each reads only its own
+    contacts (by the contact table's key), never the whole audience again. Returns None when
+    the copy was finished before (or another dispatcher is copying a part this moment).
 
     ``audience`` selects ``(contact_id, address, skip_reason)``; a contact with a reason (it
     opted out, or a provider called it unreachable) is recorded as skipped with it. The part
@@ -443,7 +445,7 @@ def snapshot_part(
         "snap_b": broadcast_id,
         "snap_ws": workspace_id,
         "snap_day": part_day,
-        "snap_n": limit,
+        "snap_upto": upto,
     }
     # Where the rows copied so far end: in contact order, and their batches in id order
     # (this broadcast's rows are only ever added here, one part at a time, each after the
@@ -460,6 +462,10 @@ def snapshot_part(
     ).rows[0]
     params["snap_after"] = after
     params["snap_batched"] = batched
+    window = [
+        *(["a.contact_id > %(snap_after)s"] if after is not None else []),
+        *(["a.contact_id <= %(snap_upto)s"] if upto is not None else []),
+    ]
     copied = (
         yield Query(
             f"""
@@ -469,17 +475,15 @@ def snapshot_part(
                    CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
                    %(snap_day)s
             FROM ({audience.sql}) AS a(contact_id, address, reason)
-            {"WHERE a.contact_id > %(snap_after)s" if after is not None else ""}
+            {"WHERE " + " AND ".join(window) if window else ""}
             ORDER BY a.contact_id
-            {"LIMIT %(snap_n)s" if limit is not None else ""}
             ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
             """,
             params,
         )
     ).rowcount
-    # Contacts come in strict order from past the last one copied: none can be copied twice,
-    # so a part that found fewer than its limit found the last of them.
-    done = limit is None or copied < limit
+    # Contacts come in strict order from past the last one copied: none is copied twice.
+    done = upto is None
     if copied_before < ANALYZE_AFTER <= copied_before + copied:
         yield from _analyze(broadcast_id, part_day)
     yield Query(

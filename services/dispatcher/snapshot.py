@@ -23,6 +23,7 @@ second cost a few statements, not a few thousand.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,10 +57,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Recipients the first part of a copy takes: enough batches for every worker to start on.
+#: Recipients the first part of a copy takes, about: enough batches for every worker to
+#: start on.
 FIRST_PART = 10_000
-#: Recipients each later part takes.
+#: Recipients each later part takes, about (the audience spread evenly over contact ids).
 PART = 50_000
+#: The most parts of one copy.
+MAX_PARTS = 200
 
 _DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 
@@ -86,14 +90,14 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
     async with rt.pool.connection() as conn:
         row = await (
             await conn.execute(
-                "SELECT workspace_id, channel_id, audience, started_at, status, snapshot_at "
-                "FROM broadcast WHERE id = %s",
+                "SELECT workspace_id, channel_id, audience, started_at, status, snapshot_at, "
+                "audience_size FROM broadcast WHERE id = %s",
                 (broadcast_id,),
             )
         ).fetchone()
         if row is None:
             return None
-        workspace_id, channel_id, audience, started_at, status, snapshot_at = row
+        workspace_id, channel_id, audience, started_at, status, snapshot_at, expected = row
         if status != BroadcastStatus.IN_PROGRESS or snapshot_at is not None:
             return None
         source = audience_source(
@@ -103,7 +107,14 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
         if day is None:
             return None
         await store.arun(conn, partitions.ensure(day, rt.settings.delivery_partition_days))
-    copied = await _copy_in_parts(rt, broadcast_id, channel_id, source)
+        ids = await (
+            await conn.execute(
+                "SELECT min(id), max(id) FROM contact WHERE workspace_id = %s", (workspace_id,)
+            )
+        ).fetchone()
+    low, high = ids if ids is not None else (None, None)
+    bounds = part_bounds(low, high, expected)
+    copied = await _copy_in_parts(rt, broadcast_id, channel_id, source, bounds)
     if copied is not None:
         metrics.SNAPSHOT_ROWS.inc(copied)
         log.info(
@@ -120,15 +131,36 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
     return copied
 
 
+def part_bounds(low: int | None, high: int | None, expected: int) -> list[int | None]:
+    """The last contact id of each part of a copy (None: the rest, the last part), for a
+    workspace whose contact ids run from ``low`` to ``high`` and an audience of about
+    ``expected`` recipients: windows of ids that hold about ``PART`` of them each if they are
+    spread evenly, the first about ``FIRST_PART``; at most ``MAX_PARTS``.
+    """
+    if low is None or high is None or expected <= FIRST_PART:
+        return [None]
+    parts = min(MAX_PARTS, math.ceil(expected / PART))
+    span = max(1, math.ceil((high - low + 1) / parts))
+    bounds: list[int | None] = []
+    upto = low - 1 + max(1, span * FIRST_PART // PART)
+    while upto < high:
+        bounds.append(upto)
+        upto += span
+    return [*bounds, None]
+
+
 async def _copy_in_parts(
-    rt: Runtime, broadcast_id: int, channel_id: int, source: store.Query
+    rt: Runtime,
+    broadcast_id: int,
+    channel_id: int,
+    source: store.Query,
+    bounds: list[int | None],
 ) -> int | None:
     """Copy the audience part by part until the last; the rows this process copied, or None
     when it copied none (copied before, or another dispatcher is copying it).
     """
     copied: int | None = None
-    limit = FIRST_PART
-    while True:
+    for upto in bounds:
         async with rt.pool.connection() as conn:
             part = await store.arun(
                 conn,
@@ -136,7 +168,7 @@ async def _copy_in_parts(
                     broadcast_id,
                     source,
                     batch_size=rt.settings.batch_size,
-                    limit=limit,
+                    upto=upto,
                     copied_before=copied or 0,
                 ),
             )
@@ -144,14 +176,14 @@ async def _copy_in_parts(
             return copied
         copied = (copied or 0) + part.rows
         if part.done:
-            return copied
+            break
         log.debug(
             "broadcast %s: %s recipients copied so far",
             broadcast_id,
             copied,
             extra={"broadcast_id": broadcast_id, "channel_id": channel_id},
         )
-        limit = PART
+    return copied
 
 
 @dataclass(frozen=True, slots=True)

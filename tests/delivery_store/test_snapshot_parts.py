@@ -10,11 +10,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.dispatcher.snapshot import FIRST_PART, MAX_PARTS, PART, part_bounds
 from shared import delivery_store as store
 from shared.delivery_store import Copied, Record
 from shared.domain.lifecycle import DeliveryStatus
 from tests.conftest import Api
 from tests.delivery_store.conftest import (
+    Task,
     assert_counters_match_rows,
     audience,
     batches,
@@ -26,12 +28,13 @@ from tests.delivery_store.conftest import (
 
 
 def part(
-    conn: psycopg.Connection[Any], task_id: int, account_id: int, limit: int, before: int = 0
+    conn: psycopg.Connection[Any], task: Task, upto: int | None, before: int = 0
 ) -> Copied | None:
+    """The part of the copy up to contact id ``upto`` (None: the rest)."""
     return store.run(
         conn,
         store.snapshot_part(
-            task_id, audience(account_id), batch_size=3, limit=limit, copied_before=before
+            task.id, audience(task.account_id), batch_size=3, upto=upto, copied_before=before
         ),
     )
 
@@ -60,9 +63,9 @@ def assert_batches_cover_every_queued_row_once(conn: psycopg.Connection[Any], ta
         assert 1 <= sum(1 for i in queued if lo <= i <= hi) <= 3
 
 
-@pytest.mark.parametrize(("n", "limit"), [(7, 3), (6, 3), (5, 10), (4, 1)])
+@pytest.mark.parametrize(("n", "step"), [(7, 3), (6, 3), (5, 10), (4, 1)])
 def test_parts_copy_every_recipient_once_in_contact_order_and_only_the_last_ends_the_copy(
-    api: Api, conn: psycopg.Connection[Any], n: int, limit: int
+    api: Api, conn: psycopg.Connection[Any], n: int, step: int
 ) -> None:
     task = new_task(api, conn, n, snapshot=False)
     # One contact opted out: the copy leaves it out (this audience's rule) ...
@@ -73,30 +76,26 @@ def test_parts_copy_every_recipient_once_in_contact_order_and_only_the_last_ends
         (task.contacts[-1],),
     )
     expected = [c for c in task.contacts if c != task.contacts[1]]
-    parts: list[Copied] = []
+    # Windows of ``step`` contacts, then the rest (a window may hold none of the audience).
+    bounds: list[int | None] = [*task.contacts[step - 1 :: step], None]
     total = 0
-    while True:
-        got = part(conn, task.id, task.account_id, limit, total)
-        assert got is not None
-        parts.append(got)
+    for i, upto in enumerate(bounds):
+        got = part(conn, task, upto, total)
+        low = bounds[i - 1] if i else None
+        inside = [c for c in expected if (low is None or c > low) and (upto is None or c <= upto)]
+        assert got == Copied(len(inside), done=upto is None)
         total += got.rows
         t = task_row(conn, task.id)
         # Until the last part the task has no snapshot_at, whatever was copied so far.
         assert (t["snapshot_at"] is not None) is got.done
         assert_batches_cover_every_queued_row_once(conn, task.id)
-        if got.done:
-            break
-    assert [p.rows for p in parts[:-1]] == [limit] * (len(parts) - 1)
-    assert sum(p.rows for p in parts) == len(expected)
-    assert parts[-1].rows < limit
-    assert len(parts) == len(expected) // limit + 1
     assert copied_contacts(conn, task.id) == expected
     assert rows(conn, task.id) == {"queued": len(expected) - 1, "skipped": 1}
     t = task_row(conn, task.id)
     assert (t["audience_size"], t["total_count"]) == (len(expected), len(expected))
     assert_counters_match_rows(conn, task.id)
     # Copied whole: a part asked for again finds nothing to do.
-    assert part(conn, task.id, task.account_id, limit) is None
+    assert part(conn, task, None) is None
     assert copied_contacts(conn, task.id) == expected
 
 
@@ -104,7 +103,7 @@ def test_a_task_whose_copied_rows_are_all_sent_completes_only_after_its_last_par
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
     task = new_task(api, conn, 5, snapshot=False)
-    first = part(conn, task.id, task.account_id, 3)
+    first = part(conn, task, task.contacts[2])
     assert first == Copied(3, done=False)
     # The first part's batch is handed out and every row of it sent ...
     batch = run_batch(conn, task.id)
@@ -114,7 +113,7 @@ def test_a_task_whose_copied_rows_are_all_sent_completes_only_after_its_last_par
     t = task_row(conn, task.id)
     # ... which is every row copied so far: still being sent, more to come.
     assert (t["status"], t["sent_count"], t["total_count"]) == ("in_progress", 3, 3)
-    last = part(conn, task.id, task.account_id, 3, 3)
+    last = part(conn, task, None, 3)
     assert last == Copied(2, done=True)
     assert task_row(conn, task.id)["status"] == "in_progress"
     batch = run_batch(conn, task.id, 1)
@@ -128,12 +127,14 @@ def test_a_part_cut_short_leaves_nothing_and_the_next_goes_on_from_the_last_comm
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
     task = new_task(api, conn, 7, snapshot=False)
-    assert part(conn, task.id, task.account_id, 3) == Copied(3, done=False)
+    assert part(conn, task, task.contacts[2]) == Copied(3, done=False)
     # The next part dies before it commits (its dispatcher was killed).
 
     def killed_after_its_rows() -> None:
         with conn.transaction():
-            op = store.snapshot_part(task.id, audience(task.account_id), batch_size=3, limit=3)
+            op = store.snapshot_part(
+                task.id, audience(task.account_id), batch_size=3, upto=task.contacts[5]
+            )
             query = next(op)
             while True:
                 cur = conn.execute(query.sql, query.params)
@@ -147,8 +148,8 @@ def test_a_part_cut_short_leaves_nothing_and_the_next_goes_on_from_the_last_comm
     assert copied_contacts(conn, task.id) == task.contacts[:3]
     assert len(batches(conn, task.id)) == 1
     # Started again, the copy goes on from there.
-    assert part(conn, task.id, task.account_id, 3, 3) == Copied(3, done=False)
-    assert part(conn, task.id, task.account_id, 3, 6) == Copied(1, done=True)
+    assert part(conn, task, task.contacts[5], 3) == Copied(3, done=False)
+    assert part(conn, task, None, 6) == Copied(1, done=True)
     assert copied_contacts(conn, task.id) == task.contacts
     assert_batches_cover_every_queued_row_once(conn, task.id)
     assert_counters_match_rows(conn, task.id)
@@ -158,11 +159,11 @@ def test_a_cancel_between_parts_cancels_what_was_copied_and_what_is_copied_after
     api: Api, conn: psycopg.Connection[Any]
 ) -> None:
     task = new_task(api, conn, 5, snapshot=False)
-    assert part(conn, task.id, task.account_id, 2) == Copied(2, done=False)
+    assert part(conn, task, task.contacts[1]) == Copied(2, done=False)
     store.run(conn, store.cancel(task.id))
     assert rows(conn, task.id) == {"canceled": 2}
-    assert part(conn, task.id, task.account_id, 2, 2) == Copied(2, done=False)
-    assert part(conn, task.id, task.account_id, 2, 4) == Copied(1, done=True)
+    assert part(conn, task, task.contacts[3], 2) == Copied(2, done=False)
+    assert part(conn, task, None, 4) == Copied(1, done=True)
     # Every recipient is on record, none left to be sent.
     assert rows(conn, task.id) == {"canceled": 5}
     t = task_row(conn, task.id)
@@ -176,14 +177,16 @@ def test_a_part_being_copied_elsewhere_is_not_copied_twice(
     task = new_task(api, conn, 4, snapshot=False)
     other = connect()
     with other.transaction():
-        op = store.snapshot_part(task.id, audience(task.account_id), batch_size=3, limit=2)
+        op = store.snapshot_part(
+            task.id, audience(task.account_id), batch_size=3, upto=task.contacts[1]
+        )
         query = next(op)
         cur = other.execute(query.sql, query.params)  # holds the copy's lock
         assert cur.fetchone() == (True,)
         # Meanwhile another dispatcher's part finds the copy taken and does nothing.
-        assert part(conn, task.id, task.account_id, 2) is None
+        assert part(conn, task, task.contacts[1]) is None
     assert copied_contacts(conn, task.id) == []
-    assert part(conn, task.id, task.account_id, 2) == Copied(2, done=False)
+    assert part(conn, task, task.contacts[1]) == Copied(2, done=False)
 
 
 def test_a_middle_part_marks_the_copy_alive_for_the_stall_sweep(
@@ -193,9 +196,41 @@ def test_a_middle_part_marks_the_copy_alive_for_the_stall_sweep(
     conn.execute(
         "UPDATE broadcast SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (task.id,)
     )
-    assert part(conn, task.id, task.account_id, 2) == Copied(2, done=False)
+    assert part(conn, task, task.contacts[1]) == Copied(2, done=False)
     beat = conn.execute(
         "SELECT now() - heartbeat_at < interval '1 minute' FROM broadcast WHERE id = %s",
         (task.id,),
     ).fetchone()
     assert beat == (True,)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [(1, 1_000_000, 1_000_000), (500, 80_500, 60_000), (1, 10**9, 1_000_000), (7, 7, 20_000)],
+)
+def test_part_bounds_cut_the_contact_ids_into_windows_of_about_a_part(
+    low: int, high: int, expected: int
+) -> None:
+    bounds = part_bounds(low, high, expected)
+    *windows, last = bounds
+    assert last is None  # the rest: whatever lies past the last window
+    ends = [b for b in windows if b is not None]
+    assert ends == sorted(set(ends))
+    assert all(low <= b < high for b in ends)
+    assert len(bounds) <= MAX_PARTS + 1
+    if len(ends) >= 2:
+        # The first window is the smaller one, so sends start early.
+        span = ends[1] - ends[0]
+        assert ends[0] - low + 1 == max(1, span * FIRST_PART // PART)
+        # Evenly spread, a window holds at most a part and more than half of one (unless
+        # the copy is at its most parts).
+        per_window = expected * span / (high - low + 1)
+        if len(bounds) < MAX_PARTS + 1:
+            assert PART / 2 < per_window <= PART * 1.001
+        else:
+            assert per_window >= PART
+
+
+def test_a_small_audience_or_no_contacts_is_copied_in_one_part() -> None:
+    assert part_bounds(1, 1_000_000, FIRST_PART) == [None]
+    assert part_bounds(None, None, 50_000) == [None]
