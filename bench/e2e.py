@@ -399,6 +399,9 @@ class FlameGraph(threading.Thread):
                     "200",
                     "--format",
                     "flamegraph",
+                    # Read without stopping the worker: the run being profiled is the one
+                    # measured (py-spy stops a process for each sample by default).
+                    "--nonblocking",
                     "--output",
                     str(self.out),
                     "--pid",

@@ -390,6 +390,9 @@ class Copied:
     rows: int
     #: The audience is copied whole (the task's ``snapshot_at`` is set).
     done: bool
+    #: The last contact id of the window this part read (None once done): the next part
+    #: reads from past it.
+    upto: int | None = None
 
 
 def snapshot_part(
@@ -397,30 +400,34 @@ def snapshot_part(
     audience: Query,
     *,
     batch_size: int,
-    upto: int | None = None,
+    contacts: int | None = None,
+    after: int | None = None,
     copied_before: int = 0,
 ) -> Op[Copied | None]:
-    """Copy the next recipients of the audience (those whose contact id is at most ``upto``;
-    all the rest without it, which ends the copy) into delivery rows, in contact order from
-    where the rows copied so far end, and cut them into batches, which the scheduler may hand
-    out as soon as this commits: a large audience is copied in parts while its first batches
-    are already being sent. Parts are windows of contact ids, so each reads only its own
-    contacts (by the contact table's key), never the whole audience again. Returns None when
-    the copy was finished before (or another dispatcher is copying a part this moment).
+    """Copy the next recipients of the audience into delivery rows and cut them into batches,
+    which the scheduler may hand out as soon as this commits: a large audience is copied in
+    parts while its first batches are already being sent. A part reads the window of the
+    workspace's next ``contacts`` contacts by id (found by walking the contact table's
+    ``(workspace_id, id)`` index, so every window holds at most that many recipients however
+    the audience is spread), from past the last contact copied or past ``after`` (the last
+    window read), whichever is further; without ``contacts``, or when fewer are left, it
+    reads the rest and ends the copy. Returns None when the copy was finished before (or
+    another dispatcher is copying a part this moment).
 
     ``audience`` selects ``(contact_id, address, skip_reason)``; a contact with a reason (it
     opted out, or a provider called it unreachable) is recorded as skipped with it. The part
-    that copies the last recipients sets the task's ``snapshot_at`` (until then it cannot
-    complete, whatever its counters say) and its ``audience_size``: its ``counts.total``.
-    The copy runs inside Postgres (``INSERT ... SELECT``), so memory stays flat for any
-    audience; the task row is locked only at the end of a part, so a pause or cancel never
-    waits for a long copy, and a cancel that committed meanwhile cancels the rows just
-    copied. A part cut short (a crash) leaves nothing of itself, and the next part goes on
-    from the rows committed. The rows go to the partition of the broadcast's ``part_day``
+    that ends the copy sets the task's ``snapshot_at`` (until then it cannot complete,
+    whatever its counters say) and its ``audience_size``: its ``counts.total``. A canceled
+    task's copy ends at the next part, which copies nothing more (as a cancel before the copy
+    left no rows). The copy runs inside Postgres (``INSERT ... SELECT``), so memory stays
+    flat for any audience; the task row is locked only at the end of a part, so a pause or
+    cancel never waits for a long copy, and a cancel that committed meanwhile cancels the
+    rows just copied. A part cut short (a crash) leaves nothing of itself, and the next part
+    goes on from the rows committed. Only the rows a part inserted are cut into batches, so
+    no row is ever in two. The rows go to the partition of the broadcast's ``part_day``
     (``snapshot_day``; today if it was not fixed), which must exist
     (``shared.delivery_partitions.ensure``). ``copied_before``: rows the caller's earlier
-    parts copied (the partition's statistics are taken once the copy passes
-    ``ANALYZE_AFTER``).
+    parts copied (for when the partition's statistics are taken).
     """
     copying = (
         yield Query(
@@ -432,85 +439,90 @@ def snapshot_part(
         return None  # another dispatcher is copying it right now
     task = (
         yield Query(
-            f"SELECT workspace_id, snapshot_at, coalesce(part_day, {TODAY}) FROM broadcast "
-            "WHERE id = %(snap_b)s",
+            f"SELECT workspace_id, snapshot_at, coalesce(part_day, {TODAY}), status "
+            "FROM broadcast WHERE id = %(snap_b)s",
             {"snap_b": broadcast_id},
         )
     ).first()
     if task is None or task[1] is not None:
         return None
-    workspace_id, part_day = task[0], task[2]
-    params = {
+    workspace_id, part_day, status = task[0], task[2], task[3]
+    params: dict[str, Any] = {
         **audience.params,
         "snap_b": broadcast_id,
         "snap_ws": workspace_id,
         "snap_day": part_day,
-        "snap_upto": upto,
     }
-    # Where the rows copied so far end: in contact order, and their batches in id order
-    # (this broadcast's rows are only ever added here, one part at a time, each after the
-    # last committed).
-    after, batched = (
+    if status == BroadcastStatus.CANCELED:
+        yield from _end_copy(params)
+        return Copied(0, done=True)
+    # The last contact copied (this broadcast's rows are only ever added here, one part at a
+    # time, each after the last committed), and the end of this part's window.
+    copied_upto = (
         yield Query(
-            """
-            SELECT (SELECT max(contact_id) FROM delivery
-                    WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s),
-                   (SELECT max(last_id) FROM delivery_batch WHERE broadcast_id = %(snap_b)s)
-            """,
+            "SELECT max(contact_id) FROM delivery "
+            "WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s",
             params,
         )
-    ).rows[0]
-    params["snap_after"] = after
-    params["snap_batched"] = batched
+    ).scalar()
+    starts = [x for x in (after, copied_upto) if x is not None]
+    params["snap_after"] = max(starts) if starts else None
+    upto = None
+    if contacts is not None:
+        upto = (
+            yield Query(
+                """
+                SELECT id FROM contact
+                WHERE workspace_id = %(snap_ws)s AND id > coalesce(%(snap_after)s, 0)
+                ORDER BY id OFFSET %(snap_n)s LIMIT 1
+                """,
+                {**params, "snap_n": contacts - 1},
+            )
+        ).scalar()
+    params["snap_upto"] = upto
     window = [
-        *(["a.contact_id > %(snap_after)s"] if after is not None else []),
+        *(["a.contact_id > %(snap_after)s"] if params["snap_after"] is not None else []),
         *(["a.contact_id <= %(snap_upto)s"] if upto is not None else []),
     ]
+    # One statement copies the window and cuts the rows it inserted into batches.
     copied = (
         yield Query(
             f"""
-            INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
-                                  last_error, part_day)
-            SELECT %(snap_ws)s, %(snap_b)s, a.contact_id, a.address,
-                   CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
-                   %(snap_day)s
-            FROM ({audience.sql}) AS a(contact_id, address, reason)
-            {"WHERE " + " AND ".join(window) if window else ""}
-            ORDER BY a.contact_id
-            ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
+            WITH copied AS (
+                INSERT INTO delivery (workspace_id, broadcast_id, contact_id, address, status,
+                                      last_error, part_day)
+                SELECT %(snap_ws)s, %(snap_b)s, a.contact_id, a.address,
+                       CASE WHEN a.reason IS NULL THEN 'queued' ELSE 'skipped' END, a.reason,
+                       %(snap_day)s
+                FROM ({audience.sql}) AS a(contact_id, address, reason)
+                {"WHERE " + " AND ".join(window) if window else ""}
+                ORDER BY a.contact_id
+                ON CONFLICT (broadcast_id, contact_id, part_day) DO NOTHING
+                RETURNING id, status
+            ), cut AS (
+                INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id,
+                                            last_id)
+                SELECT %(snap_ws)s, %(snap_b)s, %(snap_day)s, min(id), max(id)
+                FROM (
+                    SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(size)s AS n
+                    FROM copied WHERE status = 'queued'
+                ) AS run
+                GROUP BY n
+            )
+            SELECT count(*) FROM copied
             """,
-            params,
+            {**params, "size": batch_size},
         )
-    ).rowcount
-    # Contacts come in strict order from past the last one copied: none is copied twice.
+    ).scalar()
     done = upto is None
-    if copied_before < ANALYZE_AFTER <= copied_before + copied:
+    total = copied_before + copied
+    if copied_before < ANALYZE_AFTER <= total or (done and copied and total >= ANALYZE_AFTER):
         yield from _analyze(broadcast_id, part_day)
-    yield Query(
-        f"""
-        INSERT INTO delivery_batch (workspace_id, broadcast_id, part_day, first_id, last_id)
-        SELECT %(snap_ws)s, %(snap_b)s, %(snap_day)s, min(id), max(id)
-        FROM (
-            SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(size)s AS n
-            FROM delivery
-            WHERE broadcast_id = %(snap_b)s AND part_day = %(snap_day)s AND status = 'queued'
-              {"AND id > %(snap_batched)s" if batched is not None else ""}
-        ) AS run
-        GROUP BY n
-        """,
-        {**params, "size": batch_size},
-    )
     status = yield from _lock_task(broadcast_id)
     if status == BroadcastStatus.CANCELED:
         yield from _cancel_queued(broadcast_id, part_day)
     if done:
-        # With snapshot_at set, the completion rule can see a task that had nobody left to
-        # send to. Its total is every row copied, by this part and the ones before.
-        yield Query(
-            "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s, "
-            "audience_size = total_count WHERE id = %(snap_b)s",
-            params,
-        )
+        yield from _end_copy(params)
     else:
         # The rows' day is the task's from its first part (a cancel finds them by it), and a
         # copy making progress is not a stalled start (the scheduler's sweep).
@@ -519,7 +531,18 @@ def snapshot_part(
             "WHERE id = %(snap_b)s",
             params,
         )
-    return Copied(copied, done)
+    return Copied(copied, done, upto)
+
+
+def _end_copy(params: Mapping[str, Any]) -> Op[None]:
+    """The copy is whole: with snapshot_at set, the completion rule can see a task that had
+    nobody left to send to. Its total is every row copied, by this part and those before.
+    """
+    yield Query(
+        "UPDATE broadcast SET snapshot_at = now(), part_day = %(snap_day)s, "
+        "audience_size = total_count WHERE id = %(snap_b)s",
+        params,
+    )
 
 
 def snapshot_days(broadcast_ids: Sequence[int]) -> One[dict[int, date]]:
@@ -549,7 +572,9 @@ def snapshot_group(
     under the lock: only those still ``in_progress`` are copied, so a pause or cancel either
     commits before the copy (and the task waits for its next start) or after it (and finds
     its rows). A copy is short by design, so the lock is held for a moment only; large
-    audiences go through ``snapshot``, which locks the task last. Each broadcast's rows go to
+    audiences go through ``snapshot_part``, which locks the task last. A broadcast a copy in
+    parts already began is left out (its copy goes on as it began, part by part): the group
+    would cut its earlier rows into batches again. Each broadcast's rows go to
     the partition of its ``part_day`` (``snapshot_days``; today if it was not fixed), which
     must exist (``shared.delivery_partitions.ensure``).
     """
@@ -568,6 +593,7 @@ def snapshot_group(
             f"""
             SELECT id, coalesce(part_day, {TODAY}) FROM broadcast
             WHERE id = ANY(%(grp_ids)s::bigint[]) AND status = 'in_progress' AND snapshot_at IS NULL
+              AND total_count = 0
             ORDER BY id
             FOR UPDATE
             """,

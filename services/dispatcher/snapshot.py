@@ -10,9 +10,10 @@ one read of the catalog).
 
 A large audience is copied in parts, in contact order, each part a transaction that also cuts
 its rows into batches: the first part is small, so the first batches are handed out and sent
-while the rest is still being copied (a million recipients take seconds to copy). A part cut
-short leaves nothing; a copy started again (the scheduler restarts a stalled one) goes on
-from the last part committed.
+while the rest is still being copied (a million recipients take seconds to copy). A part
+reads a window of the workspace's next contacts by id (at most that many recipients,
+however the audience is spread). A part cut short leaves nothing; a copy started again (the
+scheduler restarts a stalled one, or a stopped one) goes on from the last part committed.
 
 Small audiences (a conversation's timed send has one recipient) are copied many at a time:
 one read of their rows, one statement that fixes their days, one query for all their
@@ -23,7 +24,6 @@ second cost a few statements, not a few thousand.
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,13 +57,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Recipients the first part of a copy takes, about: enough batches for every worker to
-#: start on.
+#: Contacts of the workspace the first part of a copy reads, so at most as many recipients:
+#: enough batches for every worker to start on. An audience counted at most this many when
+#: written is copied in one part.
 FIRST_PART = 10_000
-#: Recipients each later part takes, about (the audience spread evenly over contact ids).
+#: Contacts each later part reads.
 PART = 50_000
-#: The most parts of one copy.
-MAX_PARTS = 200
 
 _DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 
@@ -107,16 +106,11 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
         if day is None:
             return None
         await store.arun(conn, partitions.ensure(day, rt.settings.delivery_partition_days))
-        ids = await (
-            await conn.execute(
-                "SELECT min(id), max(id) FROM contact WHERE workspace_id = %s", (workspace_id,)
-            )
-        ).fetchone()
-    low, high = ids if ids is not None else (None, None)
-    bounds = part_bounds(low, high, expected)
-    copied = await _copy_in_parts(rt, broadcast_id, channel_id, source, bounds)
-    if copied is not None:
-        metrics.SNAPSHOT_ROWS.inc(copied)
+    copied, done = await _copy_in_parts(rt, broadcast_id, source, expected)
+    if copied is None:
+        return None
+    metrics.SNAPSHOT_ROWS.inc(copied)
+    if done:
         log.info(
             "broadcast %s: %s recipients copied",
             broadcast_id,
@@ -128,39 +122,34 @@ async def start(rt: Runtime, broadcast_id: int) -> int | None:
                 "recipients": copied,
             },
         )
+    else:
+        log.info(
+            "broadcast %s: the copy stops with this process after %s recipients; the "
+            "scheduler starts it again, from there",
+            broadcast_id,
+            copied,
+            extra={
+                "event": "copy_stopped",
+                "broadcast_id": broadcast_id,
+                "channel_id": channel_id,
+                "recipients": copied,
+            },
+        )
     return copied
 
 
-def part_bounds(low: int | None, high: int | None, expected: int) -> list[int | None]:
-    """The last contact id of each part of a copy (None: the rest, the last part), for a
-    workspace whose contact ids run from ``low`` to ``high`` and an audience of about
-    ``expected`` recipients: windows of ids that hold about ``PART`` of them each if they are
-    spread evenly, the first about ``FIRST_PART``; at most ``MAX_PARTS``.
-    """
-    if low is None or high is None or expected <= FIRST_PART:
-        return [None]
-    parts = min(MAX_PARTS, math.ceil(expected / PART))
-    span = max(1, math.ceil((high - low + 1) / parts))
-    bounds: list[int | None] = []
-    upto = low - 1 + max(1, span * FIRST_PART // PART)
-    while upto < high:
-        bounds.append(upto)
-        upto += span
-    return [*bounds, None]
-
-
 async def _copy_in_parts(
-    rt: Runtime,
-    broadcast_id: int,
-    channel_id: int,
-    source: store.Query,
-    bounds: list[int | None],
-) -> int | None:
-    """Copy the audience part by part until the last; the rows this process copied, or None
-    when it copied none (copied before, or another dispatcher is copying it).
+    rt: Runtime, broadcast_id: int, source: store.Query, expected: int
+) -> tuple[int | None, bool]:
+    """Copy the audience part by part until the last (an audience counted at most
+    ``FIRST_PART`` in one). Returns the rows this process copied (None when it copied none:
+    copied before, or another dispatcher is copying it) and whether the copy ended here; a
+    stopping process stops between parts.
     """
     copied: int | None = None
-    for upto in bounds:
+    contacts = FIRST_PART if expected > FIRST_PART else None
+    after: int | None = None
+    while copied is None or not rt.engine.stopping.is_set():
         async with rt.pool.connection() as conn:
             part = await store.arun(
                 conn,
@@ -168,22 +157,24 @@ async def _copy_in_parts(
                     broadcast_id,
                     source,
                     batch_size=rt.settings.batch_size,
-                    upto=upto,
+                    contacts=contacts,
+                    after=after,
                     copied_before=copied or 0,
                 ),
             )
         if part is None:
-            return copied
+            return copied, False
         copied = (copied or 0) + part.rows
         if part.done:
-            break
+            return copied, True
         log.debug(
             "broadcast %s: %s recipients copied so far",
             broadcast_id,
             copied,
-            extra={"broadcast_id": broadcast_id, "channel_id": channel_id},
+            extra={"broadcast_id": broadcast_id},
         )
-    return copied
+        after, contacts = part.upto, PART
+    return copied, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +275,8 @@ async def start_group(rt: Runtime, broadcast_ids: Sequence[int]) -> dict[int, in
         rows = await (
             await conn.execute(
                 "SELECT id, workspace_id, channel_id, audience, started_at FROM broadcast "
-                "WHERE id = ANY(%s) AND status = %s AND snapshot_at IS NULL",
+                "WHERE id = ANY(%s) AND status = %s AND snapshot_at IS NULL "
+                "AND total_count = 0",
                 (list(broadcast_ids), BroadcastStatus.IN_PROGRESS.value),
             )
         ).fetchall()

@@ -325,13 +325,17 @@ def relay_outbox(session: Session, publish: Callable[[list[Start]], None]) -> in
     rows = session.execute(
         text(
             """
-            SELECT o.id, o.broadcast_id, o.reason, b.audience_size
+            SELECT o.id, o.broadcast_id, o.reason,
+                   -- A copy in parts already begun goes on alone, as it began.
+                   CASE WHEN b.total_count > 0 AND b.snapshot_at IS NULL
+                        THEN greatest(b.audience_size, :alone) ELSE b.audience_size END
+                       AS audience_size
             FROM dispatch_outbox o JOIN broadcast b ON b.id = o.broadcast_id
             ORDER BY o.id LIMIT :n
             FOR UPDATE OF o SKIP LOCKED
             """
         ),
-        {"n": RELAY_LIMIT},
+        {"n": RELAY_LIMIT, "alone": SMALL_AUDIENCE + 1},
     ).all()
     publish(start_groups([(row.broadcast_id, row.audience_size) for row in rows]))
     for row in rows:
@@ -396,8 +400,10 @@ def sweep(session: Session, *, lease: timedelta, stall: timedelta) -> Swept:
     stranded = store.run(conn, store.settle_stranded())
     STRANDED.inc(sum(s.rows for s in stranded))
     BATCHES_RECOVERED.labels("stranded").inc(sum(s.batches for s in stranded))
-    # Started, but the audience was never copied: the start message was lost or its
-    # dispatcher died mid-copy (the copy is one transaction, so nothing half-done remains).
+    # Started, but the audience was never copied whole: the start message was lost or its
+    # dispatcher died or stopped mid-copy (a part is one transaction, so nothing half-done
+    # remains; a large copy goes on from its last part, and one making progress keeps its
+    # heartbeat fresh).
     stalled = (
         session.execute(
             text(

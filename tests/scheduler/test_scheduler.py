@@ -149,6 +149,37 @@ def test_small_audiences_go_in_groups_and_large_ones_alone() -> None:
     assert start_groups([(1, half), (2, half), (3, 1)]) == [[1, 2], [3]]
 
 
+def test_a_copy_in_parts_already_begun_starts_again_alone_whatever_its_size(
+    api: Api, conn: psycopg.Connection[Any], settings: Settings
+) -> None:
+    conn.execute("DELETE FROM dispatch_outbox")
+    channel = api.channel()
+    api.contact(api.account(channel["id"])["id"], "someone")
+    small = [api.broadcast(channel["id"])["id"] for _ in range(3)]
+    conn.execute(
+        "UPDATE broadcast SET status = 'in_progress', started_at = now(), audience_size = 5 "
+        "WHERE id = ANY(%s)",
+        (small,),
+    )
+    # The second one's copy in parts began (rows copied, snapshot_at not set); its audience
+    # as counted at creation is small.
+    conn.execute("UPDATE broadcast SET total_count = 40000 WHERE id = %s", (small[1],))
+    conn.execute(
+        "INSERT INTO dispatch_outbox (workspace_id, broadcast_id, reason) "
+        "SELECT workspace_id, id, 'stalled' FROM broadcast WHERE id = ANY(%s) ORDER BY id",
+        (small,),
+    )
+    published: list[Any] = []
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            assert sched.relay_outbox(session, published.extend) == 3
+    finally:
+        engine.dispose()
+    # The begun copy goes on alone (a group's copy would leave it out); the others together.
+    assert published == [small[1], [small[0], small[2]]]
+
+
 def test_many_tasks_due_in_the_same_second_all_start_in_one_pass_each_in_one_message(
     api: Api, conn: psycopg.Connection[Any], settings: Settings, vhost: str
 ) -> None:

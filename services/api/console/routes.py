@@ -700,7 +700,7 @@ def _rendered(session: Session, b: Broadcast) -> list[tuple[str, str]]:
     """
     text = (b.content or {}).get("text")
     template = message_templates.stored(text)
-    if template is None or b.snapshot_at is not None:
+    if template is None or b.snapshot_at is not None or b.total_count > 0:
         return []
     page = audience_page(
         session,

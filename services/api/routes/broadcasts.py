@@ -378,11 +378,11 @@ def broadcast_audience(
     text. Once it has started its audience is fixed: read its recipients instead.
     """
     broadcast = get_broadcast(session, workspace, broadcast_id)
-    if broadcast.snapshot_at is not None:
+    if broadcast.snapshot_at is not None or broadcast.total_count > 0:
+        when = f" ({broadcast.snapshot_at.isoformat()})" if broadcast.snapshot_at else ""
         raise StateConflict(
-            f"broadcast {broadcast_id} copied its audience when it started "
-            f"({broadcast.snapshot_at.isoformat()}); its recipients are at "
-            f"/v1/broadcasts/{broadcast_id}/recipients"
+            f"broadcast {broadcast_id} copied its audience when it started{when}; its "
+            f"recipients are at /v1/broadcasts/{broadcast_id}/recipients"
         )
     text = Content.model_validate(broadcast.content).text
     return audience_page(
