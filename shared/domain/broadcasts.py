@@ -377,6 +377,13 @@ def get_broadcast(
     return broadcast
 
 
+def audience_fixed(broadcast: Broadcast) -> bool:
+    """Its audience is copied, or its copy in parts has begun: its recipients are rows now,
+    no longer what the audience query would find.
+    """
+    return broadcast.snapshot_at is not None or broadcast.total_count > 0
+
+
 def counts(broadcast: Broadcast) -> dict[str, int]:
     """Recipients by delivery status; ``queued`` counts every one not yet final."""
     done = (

@@ -261,7 +261,8 @@ def _unlist(session: Session, workspace_id: int, channel_id: int, contact_id: in
                 Broadcast.workspace_id == workspace_id,
                 Broadcast.channel_id == channel_id,
                 Broadcast.status.in_([BroadcastStatus.PENDING, BroadcastStatus.PAUSED]),
-                # Not a recipient of it yet: a copy in parts, paused, may have begun.
+                # Its audience not fixed yet (``broadcasts.audience_fixed``): a copy in parts,
+                # paused, may have begun.
                 Broadcast.snapshot_at.is_(None),
                 Broadcast.total_count == 0,
                 _names(Broadcast.audience, "contact_ids", contact_id)

@@ -59,6 +59,7 @@ from shared.domain.broadcasts import (
     Content,
     ListFilter,
     NewBroadcast,
+    audience_fixed,
     auto_pause_of,
     broadcasts_query,
     cancel_broadcast,
@@ -343,7 +344,7 @@ def broadcasts(
 
 def _row(b: Broadcast) -> dict[str, Any]:
     numbers = counts(b)
-    if b.snapshot_at is None and b.total_count == 0:
+    if not audience_fixed(b):
         # Not started: its audience is not copied yet; what waits is the audience as counted.
         numbers["queued"] = b.audience_size
     return {
@@ -700,7 +701,7 @@ def _rendered(session: Session, b: Broadcast) -> list[tuple[str, str]]:
     """
     text = (b.content or {}).get("text")
     template = message_templates.stored(text)
-    if template is None or b.snapshot_at is not None or b.total_count > 0:
+    if template is None or audience_fixed(b):
         return []
     page = audience_page(
         session,

@@ -53,6 +53,7 @@ from shared.domain.broadcasts import (
     Content,
     ListFilter,
     NewBroadcast,
+    audience_fixed,
     auto_pause_of,
     broadcasts_query,
     by_idempotency_key,
@@ -378,7 +379,7 @@ def broadcast_audience(
     text. Once it has started its audience is fixed: read its recipients instead.
     """
     broadcast = get_broadcast(session, workspace, broadcast_id)
-    if broadcast.snapshot_at is not None or broadcast.total_count > 0:
+    if audience_fixed(broadcast):
         when = f" ({broadcast.snapshot_at.isoformat()})" if broadcast.snapshot_at else ""
         raise StateConflict(
             f"broadcast {broadcast_id} copied its audience when it started{when}; its "
