@@ -237,6 +237,17 @@ def test_a_request_that_may_be_repeated_goes_again_when_a_kept_connection_was_dr
     run(go)
 
 
+def test_an_idempotency_key_named_in_any_case_makes_a_request_repeatable() -> None:
+    async def go() -> None:
+        async with Peer(answer_one_then_drop) as peer, client() as http:
+            await http.post(peer.url, b"x", {"idempotency-KEY": "1"})
+            got = await http.post(peer.url, b"x", {"idempotency-KEY": "2"})
+            assert got.body == b"ok"
+            assert len(peer.requests) == 3, "sent once more, on a new connection"
+
+    run(go)
+
+
 def test_a_request_without_an_idempotency_key_is_never_sent_twice() -> None:
     async def go() -> None:
         async with Peer(answer_one_then_drop) as peer, client() as http:
@@ -395,6 +406,19 @@ def test_a_header_a_request_cannot_carry_is_refused_before_anything_is_sent(
     run(go)
 
 
+def test_a_known_header_name_with_a_line_break_in_its_value_is_still_refused() -> None:
+    async def go() -> None:
+        async with Peer(answering(OK)) as peer, client() as http:
+            await http.post(peer.url, b"x", {"X-Known": "fine"})
+            with pytest.raises(ValueError, match="header"):
+                await http.post(peer.url, b"x", {"X-Known": "a\r\nInjected: 1"})
+            with pytest.raises(ValueError, match="header"):
+                await http.post(peer.url, b"x", {"X-Known": "ok", "X Known": "x"})
+            assert len(peer.requests) == 1
+
+    run(go)
+
+
 def test_a_urls_user_and_password_become_basic_authorization() -> None:
     async def go() -> None:
         async with Peer(answering(OK)) as peer, client() as http:
@@ -402,6 +426,17 @@ def test_a_urls_user_and_password_become_basic_authorization() -> None:
             await http.post(url, b"x", {})
             expected = base64.b64encode(b"ann:p@ss").decode()
             assert f"Authorization: Basic {expected}\r\n".encode() in peer.requests[0]
+
+    run(go)
+
+
+def test_an_authorization_header_given_in_any_case_replaces_the_urls_credentials() -> None:
+    async def go() -> None:
+        async with Peer(answering(OK)) as peer, client() as http:
+            url = peer.url.replace("http://", "http://ann:pass@") + "/h"
+            await http.post(url, b"x", {"AUTHORIZATION": "Bearer t"})
+            assert b"AUTHORIZATION: Bearer t\r\n" in peer.requests[0]
+            assert b"Basic" not in peer.requests[0]
 
     run(go)
 

@@ -62,6 +62,10 @@ MAX_TARGETS = 1024
 DEADLINE_TICK = 0.05
 
 _FORBIDDEN_IN_HEADERS = str.maketrans("", "", "\r\n\x00")
+#: Header names already found to be HTTP tokens, each with its lower-case form (an adapter
+#: sends the same few on every call).
+_TOKENS: dict[str, str] = {}
+MAX_TOKENS = 256
 _TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
@@ -130,15 +134,23 @@ def _target(url: str) -> _Target:
     return _Target((scheme, host, port), host, port, scheme == "https", line_rest, authorization)
 
 
-def _header_lines(headers: Mapping[str, str]) -> list[str]:
+def _header_lines(headers: Mapping[str, str]) -> tuple[list[str], set[str]]:
+    """The header lines of a request, and the lower-case names they carry."""
     lines = []
+    names = set()
     for name, value in headers.items():
-        if not name or not _TOKEN_CHARS.issuperset(name):
-            raise ValueError(f"header name {name!r} is not an HTTP token")
+        lower = _TOKENS.get(name)
+        if lower is None:
+            if not name or not _TOKEN_CHARS.issuperset(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if len(_TOKENS) >= MAX_TOKENS:
+                _TOKENS.clear()
+            lower = _TOKENS[name] = name.lower()
+        names.add(lower)
         if value.translate(_FORBIDDEN_IN_HEADERS) != value:
             raise ValueError(f"header {name} holds a line break or NUL")
         lines.append(f"{name}: {value}\r\n")
-    return lines
+    return lines, names
 
 
 class _Connection(asyncio.Protocol):
@@ -313,7 +325,7 @@ class HttpClient:
         self.timeout_seconds = timeout_seconds
         self.idle_seconds = idle_seconds
         self.dns_ttl = dns_ttl
-        self._agent = f"User-Agent: {user_agent}\r\n"
+        self._agent = f"User-Agent: {user_agent}\r\n".encode()
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
@@ -356,10 +368,8 @@ class HttpClient:
             if len(self._targets) >= MAX_TARGETS:
                 self._targets.clear()
             self._targets[url] = target
-        lines = _header_lines(headers)
-        if target.authorization is not None and not any(
-            n.lower() == "authorization" for n in headers
-        ):
+        lines, names = _header_lines(headers)
+        if target.authorization is not None and "authorization" not in names:
             lines.append(f"Authorization: {target.authorization}\r\n")
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}\r\n")
@@ -367,13 +377,13 @@ class HttpClient:
             (
                 method.encode("ascii"),
                 target.line_rest,
-                self._agent.encode(),
+                self._agent,
                 "".join(lines).encode(),
                 b"\r\n",
                 body,
             )
         )
-        repeatable = any(n.lower() == "idempotency-key" for n in headers)
+        repeatable = "idempotency-key" in names
         # One deadline for the whole call: a connection made for it counts against it too.
         deadline = time.monotonic() + self.timeout_seconds
         conn = self._take_idle(target.origin)
