@@ -38,7 +38,7 @@ from services.dispatcher.channels.base import Multicaster, Outcome, Permanent, T
 from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
-from services.dispatcher.recorder import Recorder
+from services.dispatcher.recorder import Recorder, Stop, wake
 from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
 from shared.delivery_store import MAX_WAIT, Batch, Claimed
@@ -104,11 +104,6 @@ def _releaser(place: Place) -> Callable[[asyncio.Task[None]], None]:
 def _connection_trouble(exc: Exception) -> bool:
     """Is this the database being out of reach (worth trying again), not a refused write?"""
     return isinstance(exc, psycopg.OperationalError | PoolTimeout | OSError)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class BatchRun:
@@ -216,7 +211,7 @@ class BatchRun:
         slots = self._cache = self.rt.slots(job)
         self._reslot = lambda: slots.take(job.rate, 1, within=LOOKAHEAD, block=lane.size)
         recorder = self.recorder = Recorder(self.rt, job, self.batch, self.policy)
-        stop_flushing = asyncio.Event()
+        stop_flushing = Stop()
         watching = asyncio.create_task(self._watch_stopping())
         flushing = asyncio.create_task(recorder.keep_flushing(stop_flushing))
         ending = Ending("error", due_in=ERROR_DELAY)
@@ -696,7 +691,7 @@ class BatchRun:
         """Start no more calls; sends waiting for their slot wake at once."""
         self.halted = True
         for waiter in self._sleepers:
-            _wake(waiter)
+            wake(waiter)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on a halt; False when halted."""
@@ -706,7 +701,7 @@ class BatchRun:
             return True
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        timer = loop.call_later(seconds, _wake, waiter)
+        timer = loop.call_later(seconds, wake, waiter)
         self._sleepers.add(waiter)
         try:
             await waiter

@@ -13,7 +13,6 @@ and the recorder says so, loudly, with a metric).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -45,6 +44,44 @@ FLUSH_SECONDS = 0.05
 FAILURE_LABELS = frozenset(("failed", "partial", "retry"))
 #: The most distinct failure texts a run keeps for its summary line.
 REASONS_KEPT = 20
+
+
+class Stop:
+    """A flag that wakes its sleeper at once when set: the tick of a run's result writes, 20
+    times a second for each run, without the task and timeout ``asyncio.wait_for`` makes for
+    each wait on an ``asyncio.Event``.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._sleeper: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until set (at once if it already is). One sleeper at a time."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._sleeper = loop.create_future()
+        timer = loop.call_later(seconds, wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._sleeper = None
+
+
+def wake(waiter: asyncio.Future[None]) -> None:
+    """Wake a sleeper (its future), unless it is already awake."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ResultGroup:
@@ -321,13 +358,12 @@ class Recorder:
             },
         )
 
-    async def keep_flushing(self, stop: asyncio.Event) -> None:
+    async def keep_flushing(self, stop: Stop) -> None:
         """Write every ``FLUSH_SECONDS`` until ``stop`` is set (the last write is the run's);
         the ticks of the task's runs in this process make one write.
         """
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
+            await stop.sleep(FLUSH_SECONDS)
             if self.pending and not stop.is_set():
                 try:
                     await self.flush(force=False)
