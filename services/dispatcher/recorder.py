@@ -54,28 +54,29 @@ class Stop:
 
     def __init__(self) -> None:
         self._set = False
-        self._sleeper: asyncio.Future[None] | None = None
+        self._sleepers: set[asyncio.Future[None]] = set()
 
     def set(self) -> None:
         self._set = True
-        if self._sleeper is not None and not self._sleeper.done():
-            self._sleeper.set_result(None)
+        for waiter in self._sleepers:
+            wake(waiter)
 
     def is_set(self) -> bool:
         return self._set
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, or until set (at once if it already is). One sleeper at a time."""
+        """Sleep ``seconds``, or until set (at once if it already is)."""
         if self._set:
             return
         loop = asyncio.get_running_loop()
-        waiter = self._sleeper = loop.create_future()
+        waiter = loop.create_future()
         timer = loop.call_later(seconds, wake, waiter)
+        self._sleepers.add(waiter)
         try:
             await waiter
         finally:
             timer.cancel()
-            self._sleeper = None
+            self._sleepers.discard(waiter)
 
 
 def wake(waiter: asyncio.Future[None]) -> None:

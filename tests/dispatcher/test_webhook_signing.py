@@ -24,9 +24,20 @@ def test_a_keyed_hmac_signs_each_body_as_the_secret_itself_does() -> None:
 
 
 def test_json_bodies_are_compact_utf8_and_escape_what_json_must() -> None:
-    for value in ["+15550001234", 'quote " and \\ back', "line\nbreak", "naïve ✓", 7, None]:
+    values = [
+        "+15550001234",
+        'quote " and \\ back',
+        "line\nbreak",
+        "naïve ✓",
+        7,
+        2.5,
+        None,
+        True,
+        {"z": 1, "a": [1, 2, {"b": None}], "text": "ü\u2028"},
+    ]
+    for value in values:
         raw = json_body(value)
         assert json.loads(raw) == value
-        assert b" " not in json_body({"a": [1, 2]})
+        assert raw == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
     assert json_body("naïve") == '"naïve"'.encode()
-    assert json_body({"a": [1, 2], "b": "x"}) == b'{"a":[1,2],"b":"x"}'
+    assert json_body({"b": [1, 2], "a": "x"}) == b'{"b":[1,2],"a":"x"}', "keys keep their order"

@@ -35,7 +35,7 @@ def sign(secret: bytes | hmac.HMAC, body: bytes) -> str:
     """The signature header value a receiver recomputes to trust the body. ``secret`` may be
     an HMAC already keyed with it (``keyed``): copying one costs less than keying afresh.
     """
-    if isinstance(secret, bytes):
+    if not isinstance(secret, hmac.HMAC):
         return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
     mac = secret.copy()
     mac.update(body)
