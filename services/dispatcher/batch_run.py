@@ -38,7 +38,7 @@ from services.dispatcher.channels.base import Multicaster, Outcome, Permanent, T
 from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
-from services.dispatcher.recorder import Recorder, Stop, wake
+from services.dispatcher.recorder import Recorder, Stop
 from services.dispatcher.retry import RetryPolicy
 from shared import delivery_store as store
 from shared.delivery_store import MAX_WAIT, Batch, Claimed
@@ -139,7 +139,8 @@ class BatchRun:
         self.sends: set[asyncio.Task[None]] = set()
         #: Rows whose provider call has started and whose answer is not yet recorded.
         self.in_call: set[int] = set()
-        self._sleepers: set[asyncio.Future[None]] = set()
+        #: Set by ``halt``: wakes the sends sleeping until their slot.
+        self._halt = Stop()
         #: A fresh slot for a send that missed its own.
         self._reslot: Callable[[], Awaitable[Slots]]
         self._cache: SlotCache
@@ -690,8 +691,7 @@ class BatchRun:
     def halt(self) -> None:
         """Start no more calls; sends waiting for their slot wake at once."""
         self.halted = True
-        for waiter in self._sleepers:
-            wake(waiter)
+        self._halt.set()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on a halt; False when halted."""
@@ -699,15 +699,7 @@ class BatchRun:
             return False
         if seconds < MIN_SLEEP:
             return True
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(seconds, wake, waiter)
-        self._sleepers.add(waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._sleepers.discard(waiter)
+        await self._halt.sleep(seconds)
         return not self.halted
 
     def _heard(self, status: str) -> None:

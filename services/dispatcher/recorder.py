@@ -47,9 +47,10 @@ REASONS_KEPT = 20
 
 
 class Stop:
-    """A flag that wakes its sleeper at once when set: the tick of a run's result writes, 20
-    times a second for each run, without the task and timeout ``asyncio.wait_for`` makes for
-    each wait on an ``asyncio.Event``.
+    """A flag that wakes whoever sleeps on it at once when set: a run's halt (its sends
+    sleeping until their slots) and the end of its result writes' tick, which sleeps 20 times
+    a second for each run, without the task and timeout ``asyncio.wait_for`` makes for each
+    wait on an ``asyncio.Event``.
     """
 
     def __init__(self) -> None:
