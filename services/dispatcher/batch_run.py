@@ -133,13 +133,12 @@ class BatchRun:
         #: Until when the run may go on with the broadcast's next batch itself (the engine
         #: sets it for the chain of batches this run belongs to).
         self.chain_until = math.inf
-        #: Set when the run must start no more calls (a stop, a pause, a lost lease).
-        self.halted = False
         self.status = BroadcastStatus.IN_PROGRESS.value
         self.sends: set[asyncio.Task[None]] = set()
         #: Rows whose provider call has started and whose answer is not yet recorded.
         self.in_call: set[int] = set()
-        #: Set by ``halt``: wakes the sends sleeping until their slot.
+        #: Set by ``halt``, when the run must start no more calls (a stop, a pause, a lost
+        #: lease): it wakes the sends sleeping until their slot.
         self._halt = Stop()
         #: A fresh slot for a send that missed its own.
         self._reslot: Callable[[], Awaitable[Slots]]
@@ -688,9 +687,13 @@ class BatchRun:
             not self.halted and self.rt.status.is_sending(self.batch.broadcast_id) and lease.held()
         )
 
+    @property
+    def halted(self) -> bool:
+        """Must the run start no more calls?"""
+        return self._halt.is_set()
+
     def halt(self) -> None:
         """Start no more calls; sends waiting for their slot wake at once."""
-        self.halted = True
         self._halt.set()
 
     async def _sleep(self, seconds: float) -> bool:
