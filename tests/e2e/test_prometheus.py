@@ -252,9 +252,13 @@ def test_every_dashboard_query_answers_during_the_first_broadcast_after_a_start(
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
     assert not still, "panels that did not move during the broadcast:\n" + "\n".join(still)
 
-    # The SLO's recording rules evaluate: once the last sends are in, 2 of 400 failed.
+    # The SLO's recording rules evaluate: once the last sends are in, 2 of 400 failed. Only an
+    # evaluation made after those sends were scraped counts: an instant query answers with the
+    # rule's latest sample, which may have been computed a moment before the last scrape.
+    rule = "bcast:send_errors:ratio_rate5m"
+
     def recorded() -> float | None:
-        errors = prometheus.instant("bcast:send_errors:ratio_rate5m")
+        errors = prometheus.instant(f"{rule} and on() (timestamp({rule}) > {end:.3f})")
         return float(errors[0]["value"][1]) if errors else None
 
     assert wait_for("the send error ratio to be recorded", recorded, timeout=30) == (
