@@ -161,6 +161,22 @@ def simulator_up(base: str) -> bool:
         return False
 
 
+def machine_busy() -> tuple[float, float]:
+    """The machine's CPU time so far, busy and in all, in clock ticks over every core (from
+    /proc/stat; idle and I/O wait are not busy). Two readings give how much of the cores an
+    interval used.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # guest time is counted in user time already
+    return total - fields[3] - fields[4], total
+
+
+def busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Of the cores' time between two ``machine_busy`` readings, the part that was busy."""
+    spent = after[1] - before[1]
+    return (after[0] - before[0]) / spent if spent > 0 else 0.0
+
+
 def cpu_seconds(pid: int, *, descendants: bool = True, ended: bool = False) -> float:
     """User + system CPU time of a process and (unless told) all its descendants, from /proc.
     With ``ended``, also the time of its children that already ended (a server whose workers

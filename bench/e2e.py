@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -35,11 +36,13 @@ from bench.common import (
     Children,
     _descendants,
     bench_system,
+    busy_fraction,
     check_provider,
     completed,
     cpu_seconds,
     create_broadcast,
     import_contacts,
+    machine_busy,
     start_api,
     start_simulator,
     wait_for,
@@ -198,10 +201,22 @@ def _run(
     flame: Path | None,
 ) -> dict[str, Any]:
     sim = start_simulator(children)
+    sim_pid = children.procs[-1].pid
     secret = secrets.token_urlsafe(24)
     for hook in ("raw", "bench"):
         httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
-    raw = raw_limit(f"{sim}/hooks/raw", secret, min(n, 50_000), shape.concurrency)
+    raw_n = min(n, 50_000)
+    raw_cpu = (cpu_seconds(sim_pid), cpu_seconds(os.getpid(), descendants=False))
+    raw_busy = machine_busy()
+    raw = raw_limit(f"{sim}/hooks/raw", secret, raw_n, shape.concurrency)
+    raw_used = {
+        # Where the raw limit's CPU goes: the simulator, and the plain client (this process).
+        "simulator_us_per_request": round((cpu_seconds(sim_pid) - raw_cpu[0]) / raw_n * 1e6, 1),
+        "client_us_per_request": round(
+            (cpu_seconds(os.getpid(), descendants=False) - raw_cpu[1]) / raw_n * 1e6, 1
+        ),
+        "machine_busy": round(busy_fraction(raw_busy, machine_busy()), 3),
+    }
     raw_stats = httpx.get(f"{sim}/_sim/hooks/raw/stats").json()
     if raw_stats["bad_signatures"] or raw_stats["duplicates"]:
         raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
@@ -229,6 +244,7 @@ def _run(
             # The server and its backends, those that ended since included.
             "postgres": cpu_seconds(server, ended=True),
             "rabbitmq": cpu_of(pids_named("beam.smp"), descendants=False),
+            "simulator": cpu_of([sim_pid]),
         }
 
     def send_all() -> tuple[int, float, dict[str, float], dict[str, dict[str, int]]]:
@@ -237,6 +253,7 @@ def _run(
         """
         vacuums_before = vacuum_counts(env["BCAST_DATABASE_URL"])
         cpu_before = cpu_now()
+        busy_before = machine_busy()
         broadcast_id = create_broadcast(client, channel_id)
         # Polled twice a second: each poll is an API request on the same cores, and the time
         # is the broadcast's own (created to finished, both stamped by Postgres), not the poll's.
@@ -247,6 +264,7 @@ def _run(
             every=0.5,
         )
         cpu = {k: v - cpu_before[k] for k, v in cpu_now().items()}
+        busy.append(busy_fraction(busy_before, machine_busy()))
         vacuums = {}
         for table, counts in vacuum_counts(env["BCAST_DATABASE_URL"]).items():
             ran = {k: v - vacuums_before.get(table, {}).get(k, 0) for k, v in counts.items()}
@@ -262,6 +280,7 @@ def _run(
             raise SystemExit(f"broadcast {broadcast_id} is completed without finished_at")
         return broadcast_id, float(row[0]), cpu, vacuums
 
+    busy: list[float] = []
     profiler = (
         FlameGraph(dispatcher.pid, f"{sim}/_sim/hooks/bench/stats", n, flame) if flame else None
     )
@@ -303,6 +322,10 @@ def _run(
         "seconds": round(seconds, 2),
         "per_second": round(per_second, 1),
         "raw_per_second": round(raw, 1),
+        "raw_cpu": raw_used,
+        # Of both cores' time from create to completed (the poll included), the part used: below
+        # 1, the pipeline waited on something other than CPU for the rest.
+        "machine_busy": round(busy[0], 3),
         "ratio_to_raw": round(per_second / raw, 3),
         "import_seconds": round(import_seconds, 2),
         "dispatchers": f"{shape.processes} processes x {shape.threads} threads",
