@@ -163,12 +163,20 @@ def simulator_up(base: str) -> bool:
 
 def machine_busy() -> tuple[float, float]:
     """The machine's CPU time so far, busy and in all, in clock ticks over every core (from
-    /proc/stat; idle and I/O wait are not busy). Two readings give how much of the cores an
-    interval used.
+    /proc/stat). Two readings give how much of the cores an interval used.
     """
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(fields[:8])  # guest time is counted in user time already
-    return total - fields[3] - fields[4], total
+    return cpu_line_ticks(Path("/proc/stat").read_text().split("\n", 1)[0])
+
+
+def cpu_line_ticks(line: str) -> tuple[int, int]:
+    """Busy and all ticks of /proc/stat's ``cpu`` line: user nice system idle iowait irq
+    softirq steal [guest guest_nice]. Idle and I/O wait are not busy; steal (time the
+    hypervisor gave to other machines) is left out of both, so the share is of the time the
+    cores were this machine's; guest time is counted in user and nice already.
+    """
+    user, nice, system, idle, iowait, irq, softirq = (int(v) for v in line.split()[1:8])
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
 
 
 def busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:

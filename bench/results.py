@@ -91,7 +91,7 @@ def markdown(results: dict[str, Any]) -> str:
         raw_cpu = e2e.get("raw_cpu")
         if raw_cpu and "machine_busy" in e2e:
             lines.append(
-                f"| both cores busy: pipeline / raw limit | {e2e['machine_busy']:.0%} / "
+                f"| cores busy: pipeline / raw limit | {e2e['machine_busy']:.0%} / "
                 f"{raw_cpu['machine_busy']:.0%} (raw CPU µs per request: simulator "
                 f"{raw_cpu['simulator_us_per_request']:.0f}, client "
                 f"{raw_cpu['client_us_per_request']:.0f}) |"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import busy_fraction, machine_busy
+from bench.common import busy_fraction, cpu_line_ticks, machine_busy
 from bench.results import markdown
 
 
@@ -14,6 +14,14 @@ def test_busy_fraction_is_the_busy_part_of_the_time_between_two_readings() -> No
     assert busy_fraction((50, 100), (50, 300)) == 0.0
     # No tick between the readings: nothing to divide, not a division by zero.
     assert busy_fraction((50, 100), (50, 100)) == 0.0
+
+
+def test_idle_and_io_wait_are_not_busy_and_steal_and_guest_are_left_out() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    assert cpu_line_ticks("cpu  1 2 3 40 50 6 7 800 9 10") == (1 + 2 + 3 + 6 + 7, 19 + 40 + 50)
+    # Older kernels stop after steal, or before it.
+    assert cpu_line_ticks("cpu 1 2 3 40 50 6 7 800") == (19, 109)
+    assert cpu_line_ticks("cpu 1 2 3 40 50 6 7") == (19, 109)
 
 
 def test_the_cpu_this_process_burns_shows_as_busy_time() -> None:
@@ -47,6 +55,6 @@ def test_the_results_table_shows_how_busy_the_cores_were() -> None:
     }
     table = markdown({"e2e": e2e})
     assert (
-        "| both cores busy: pipeline / raw limit | 86% / 93% (raw CPU µs per request: "
+        "| cores busy: pipeline / raw limit | 86% / 93% (raw CPU µs per request: "
         "simulator 108, client 124) |"
     ) in table

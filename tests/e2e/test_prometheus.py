@@ -231,8 +231,12 @@ def test_every_dashboard_query_answers_during_the_first_broadcast_after_a_start(
     api.wait_status(b["id"], "completed", timeout=90)
 
     def sent_seen() -> bool:
-        result = prometheus.instant('sum(bcast_deliveries_total{outcome="sent"})')
-        return bool(result) and float(result[0]["value"][1]) >= 398
+        # Every answer scraped: the 398 sends and the 2 refusals.
+        for outcome, least in (("sent", 398), ("failed|partial", 2)):
+            result = prometheus.instant(f'sum(bcast_deliveries_total{{outcome=~"{outcome}"}})')
+            if not result or float(result[0]["value"][1]) < least:
+                return False
+        return True
 
     wait_for("Prometheus to scrape the last sends", sent_seen, timeout=30, every=0.5)
     end = time.time()
