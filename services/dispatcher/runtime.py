@@ -303,6 +303,21 @@ def dead_threads(worker: dramatiq.Worker) -> list[str]:
     return [t.name for t in threads if t.ident is not None and not t.is_alive()]
 
 
+class QuietPausedRestart(logging.Filter):
+    """Drops dramatiq's "Restarting consumer in N seconds." line. dramatiq pauses a consumer
+    by ending its fetch loop, which it then reports as a restart: during a stop, when the
+    worker pauses its consumers, the line says something that is not happening. Installed on
+    the consumers' loggers only when the worker stops, so a real restart (after the broker
+    connection dropped) is still logged, after dramatiq's own CRITICAL line about it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Restarting consumer")
+
+
+QUIET_PAUSED_RESTART = QuietPausedRestart()
+
+
 class RuntimeMiddleware(dramatiq.Middleware):
     """Opens the process's runtime when a worker boots and closes it when the worker stops.
 
@@ -339,6 +354,8 @@ class RuntimeMiddleware(dramatiq.Middleware):
         # No new message reaches an actor while the runs give their batches back (the worker
         # puts back what it fetched when it stops; one that comes meanwhile finds the engine
         # stopping and goes back to the queue).
+        for consumer in worker.consumers.values():
+            consumer.logger.addFilter(QUIET_PAUSED_RESTART)
         worker.pause()
         if runtime is not None:
             runtime.close()

@@ -155,6 +155,9 @@ def test_a_dispatcher_stopped_mid_send_gives_back_its_rows_and_nothing_repeats(
         stopped = [json.loads(line) for line in procs.log("leaving").splitlines() if line]
         assert any("giving back its batches" in e["message"] for e in stopped)
         assert [e for e in stopped if e["level"] in ("ERROR", "CRITICAL") or "traceback" in e] == []
+        # Pausing its consumers is no restart of them (dramatiq would say so: the line is
+        # dropped while the worker stops).
+        assert [e for e in stopped if e["message"].startswith("Restarting consumer")] == []
         # Gone, and it kept nothing: every row is sent or back in the queue, none held.
         held = system.sql(
             "SELECT count(*) FROM delivery WHERE broadcast_id = %s AND status = 'sending'",
