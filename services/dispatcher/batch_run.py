@@ -38,8 +38,9 @@ from services.dispatcher.channels.base import Multicaster, Outcome, Permanent, T
 from services.dispatcher.jobs import ChannelUnusable, Job, load_job
 from services.dispatcher.lease import Lease
 from services.dispatcher.ratelimit import LATE_TOLERANCE, SlotCache, Slots
-from services.dispatcher.recorder import Recorder, Stop
+from services.dispatcher.recorder import Recorder
 from services.dispatcher.retry import RetryPolicy
+from services.dispatcher.stop import Stop
 from shared import delivery_store as store
 from shared.delivery_store import MAX_WAIT, Batch, Claimed
 from shared.domain.broadcasts import MAX_TEXT

@@ -25,6 +25,7 @@ import psycopg
 from services.dispatcher import metrics
 from services.dispatcher.channels.base import MAX_WAIT_ASKED, Outcome, Sent, join_ids
 from services.dispatcher.retry import Decision, RetryPolicy, decide
+from services.dispatcher.stop import Stop
 from shared import delivery_store as store
 from shared.delivery_store import Batch, Claimed, Record
 from shared.domain.lifecycle import DeliveryStatus
@@ -44,46 +45,6 @@ FLUSH_SECONDS = 0.05
 FAILURE_LABELS = frozenset(("failed", "partial", "retry"))
 #: The most distinct failure texts a run keeps for its summary line.
 REASONS_KEPT = 20
-
-
-class Stop:
-    """A flag that wakes whoever sleeps on it at once when set: a run's halt (its sends
-    sleeping until their slots) and the end of its result writes' tick, which sleeps 20 times
-    a second for each run, without the task and timeout ``asyncio.wait_for`` makes for each
-    wait on an ``asyncio.Event``.
-    """
-
-    def __init__(self) -> None:
-        self._set = False
-        self._sleepers: set[asyncio.Future[None]] = set()
-
-    def set(self) -> None:
-        self._set = True
-        for waiter in self._sleepers:
-            wake(waiter)
-
-    def is_set(self) -> bool:
-        return self._set
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, or until set (at once if it already is)."""
-        if self._set:
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(seconds, wake, waiter)
-        self._sleepers.add(waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._sleepers.discard(waiter)
-
-
-def wake(waiter: asyncio.Future[None]) -> None:
-    """Wake a sleeper (its future), unless it is already awake."""
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class ResultGroup:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.dispatcher.recorder import Stop
+from services.dispatcher.stop import Stop
 
 #: However a tick is broken, a test ends within this.
 DEADLINE = 5.0
