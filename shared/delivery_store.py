@@ -47,6 +47,7 @@ from shared.domain.lifecycle import (
     BroadcastStatus,
     DeliveryStatus,
 )
+from shared.values import value
 
 T = TypeVar("T")
 
@@ -149,6 +150,14 @@ def array_literal(values: Iterable[object]) -> str:
     quoted, with backslash and double quote escaped: the literal reads back as the same text.
     """
     return "{" + ",".join(map(_element, values)) + "}"
+
+
+def repeated_literal(values: Iterable[object]) -> str:
+    """``array_literal`` of values of one type with few distinct ones (a run's token, a row's
+    next status): each is written out once, a UUID's text costing microseconds.
+    """
+    seen: dict[object, str] = {}
+    return "{" + ",".join([seen.get(v) or seen.setdefault(v, _element(v)) for v in values]) + "}"
 
 
 def _element(value: object) -> str:
@@ -1013,7 +1022,7 @@ def next_relay_in() -> Op[float | None]:
 # --- the send loop's rows --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Claimed:
     """A delivery row a run holds, with what it needs to send it."""
 
@@ -1446,7 +1455,7 @@ def purge_step(limit: int = 10_000) -> Op[int | None]:
     return deleted
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Record:
     """The next state of one held row, as the retry policy decided it."""
 
@@ -1528,7 +1537,7 @@ def record_runs(
             """,
             {
                 "ids": array_literal(r.id for _, r in records),
-                "statuses": array_literal(r.status.value for _, r in records),
+                "statuses": repeated_literal(r.status.value for _, r in records),
                 "pmids": array_literal(r.provider_message_id for _, r in records),
                 "errs": array_literal(r.error for _, r in records),
                 "waits": array_literal(
@@ -1537,7 +1546,7 @@ def record_runs(
                 "give_back": array_literal(0 if r.attempt_used else 1 for _, r in records),
                 "parts": array_literal(r.parts_done for _, r in records),
                 "gone": array_literal(r.unreachable_contact for _, r in records),
-                "tokens": array_literal(token for token, _ in records),
+                "tokens": repeated_literal(token for token, _ in records),
                 "b": broadcast_id,
                 "p": part_day,
             },

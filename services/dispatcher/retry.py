@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from services.dispatcher.channels.base import Outcome, Permanent, Sent
 from shared.domain.lifecycle import DeliveryStatus
+from shared.values import value
 
 #: Largest exponent of the backoff's doubling; past it the ceiling (``max_seconds``) rules.
 MAX_DOUBLINGS = 60
@@ -42,7 +43,7 @@ class RetryPolicy:
         return min(self.max_seconds, self.base_seconds / 2 + jitter * ceiling)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Decision:
     """A row's next state after one provider call."""
 
@@ -57,6 +58,10 @@ class Decision:
     label: str = "sent"
 
 
+#: What every accepted call comes to (made once: a send makes enough records as it is).
+SENT = Decision(DeliveryStatus.SENT)
+
+
 def decide(
     policy: RetryPolicy, outcome: Outcome, *, attempts: int, parts_before: int, jitter: float
 ) -> Decision:
@@ -66,7 +71,7 @@ def decide(
     that comes after any part was accepted is ``partial``: the recipient got something.
     """
     if isinstance(outcome, Sent):
-        return Decision(DeliveryStatus.SENT)
+        return SENT
     parts = max(parts_before, outcome.parts_done)
     if isinstance(outcome, Permanent):
         return _final(outcome.reason, parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -221,6 +222,19 @@ def test_array_literals_read_back_as_the_values_given(conn: psycopg.Connection[A
     assert numbers == ([1, None, 2**62], [0.1, 1e-05, None, 2.5], [])
     with pytest.raises(TypeError, match="bool"):
         store.array_literal([True])
+
+
+def test_repeated_literals_read_back_in_order(conn: psycopg.Connection[Any]) -> None:
+    """Values written out once each still come back each in its place."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    tokens = [a, b, a, a, None, b]
+    texts: list[Any] = ["sent", 'say "hi"', "sent", None, "queued", 'say "hi"']
+    got = conn.execute(
+        "SELECT %s::uuid[], %s::text[]",
+        (store.repeated_literal(tokens), store.repeated_literal(texts)),
+    ).fetchone()
+    assert got == (tokens, texts)
+    assert store.repeated_literal([]) == "{}"
 
 
 def test_release_gives_back_the_attempt_and_can_hold_the_row_back(

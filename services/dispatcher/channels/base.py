@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.values import value
+
 #: Longest provider answer kept as a failure reason.
 MAX_REASON = 500
 #: Longest wait a provider may ask for (Retry-After); a longer one is taken as this.
@@ -46,14 +48,14 @@ class OutboundMessage:
     tag: str | None = None
 
 
-@dataclass(frozen=True)
+@value
 class Sent:
     """The provider accepted the message."""
 
     provider_message_id: str | None
 
 
-@dataclass(frozen=True)
+@value
 class Transient:
     """Try again later: throttled, provider trouble, timeout. ``retry_after`` in seconds, if told."""
 
@@ -77,7 +79,7 @@ class Transient:
     by_provider: bool = False
 
 
-@dataclass(frozen=True)
+@value
 class Permanent:
     """It will never work for this recipient; ``reason`` says why, in the provider's words."""
 

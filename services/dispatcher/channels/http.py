@@ -102,10 +102,15 @@ async def post(
         return header_refused(exc)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """An answer's JSON object; an empty one for a body that is not one."""
     try:
-        answer = json.loads(raw)
+        # UTF-8 (RFC 8259), a byte order mark allowed: decoded here, ``json.loads`` would
+        # first guess the encoding of the bytes, a third of the cost of a small answer.
+        answer = _DECODER.decode(raw.decode("utf-8-sig"))
     except ValueError:  # UnicodeDecodeError included
         return {}
     return answer if isinstance(answer, dict) else {}
