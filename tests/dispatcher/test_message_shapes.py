@@ -25,6 +25,7 @@ from services.dispatcher.channels.base import (
     wait_asked,
 )
 from services.dispatcher.channels.client import Answer
+from services.dispatcher.channels.http import json_object
 from services.dispatcher.channels.telegram import TelegramAdapter, chat_gap
 from services.dispatcher.channels.whatsapp import WhatsappAdapter
 from services.simulator.app import max_in_window
@@ -91,6 +92,26 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
 def test_join_ids_keeps_earlier_parts() -> None:
     assert join_ids(None, []) is None
     assert join_ids("a,b", ["c"]) == "a,b,c"
+    assert join_ids(None, ["c"]) == "c"
+    assert join_ids("", ["c"]) == "c"
+    assert join_ids(None, ["c", "d"]) == "c,d"
+
+
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        (b'{"id": "m-1"}', {"id": "m-1"}),
+        (b'\xef\xbb\xbf{"id": "m-1"}', {"id": "m-1"}),  # a byte order mark first
+        (' {"id": "\u00e9"} '.encode(), {"id": "\u00e9"}),
+        (b'["m-1"]', {}),
+        (b"\xff\xfe{}", {}),  # not UTF-8
+        (b'{"id": ', {}),
+        (b'{"id": 1} trailing', {}),
+        (b"", {}),
+    ],
+)
+def test_an_answer_reads_as_its_json_object_or_none(raw: bytes, read: dict[str, str]) -> None:
+    assert json_object(raw) == read
 
 
 def test_most_arrivals_in_any_half_open_second() -> None:

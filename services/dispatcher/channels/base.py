@@ -218,6 +218,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 def join_ids(earlier: str | None, more: list[str]) -> str | None:
     """Provider message ids of a several-call message, comma-separated."""
+    if not earlier and len(more) == 1:
+        return more[0] or None  # one call, the common case
     ids = [*(earlier.split(",") if earlier else []), *more]
     return ",".join(ids) or None
 

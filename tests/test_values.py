@@ -1,0 +1,80 @@
+"""``shared.values.value``: records the send path makes per recipient, frozen to mypy."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+from mypy import api as mypy_api
+
+from shared.delivery_store import Claimed, Record
+from shared.domain.lifecycle import DeliveryStatus
+from shared.values import value
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@value
+class Point:
+    x: int
+    label: str = "p"
+
+
+def test_a_value_compares_hashes_and_copies_by_its_fields() -> None:
+    a = Point(1)
+    assert a == Point(1, "p")
+    assert a != Point(2)
+    assert hash(a) == hash(Point(1))
+    assert len({a, Point(1), Point(2)}) == 2
+    assert dataclasses.replace(a, label="q") == Point(1, "q")
+    assert a.label == "p"
+    assert not hasattr(a, "__dict__")  # slots: no per-instance dict
+    with pytest.raises(AttributeError):
+        a.z = 3  # type: ignore[attr-defined]
+
+
+def test_send_path_records_are_values() -> None:
+    record = Record(7, DeliveryStatus.SENT, provider_message_id="m-1")
+    assert record == Record(7, DeliveryStatus.SENT, provider_message_id="m-1")
+    assert hash(record) == hash(dataclasses.replace(record))
+    assert dataclasses.fields(Claimed)[0].name == "id"
+
+
+def test_mypy_refuses_an_assignment_to_a_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records are frozen where it is checked: mypy (CI runs it) rejects a write."""
+    monkeypatch.setenv("MYPYPATH", str(ROOT))
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        textwrap.dedent(
+            """
+            from shared.delivery_store import Record
+            from shared.domain.lifecycle import DeliveryStatus
+            from shared.values import value
+
+            @value
+            class Point:
+                x: int
+
+            p = Point(1)
+            p.x = 2
+            r = Record(1, DeliveryStatus.SENT)
+            r.error = "changed"
+            """
+        )
+    )
+    out, err, code = mypy_api.run(
+        [
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--ignore-missing-imports",
+            "--config-file",
+            "",
+            str(probe),
+        ]
+    )
+    assert code == 1, (out, err)
+    assert out.count("is read-only") == 2, out
