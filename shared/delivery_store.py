@@ -156,8 +156,15 @@ def repeated_literal(values: Iterable[object]) -> str:
     """``array_literal`` of values of one type with few distinct ones (a run's token, a row's
     next status): each is written out once, a UUID's text costing microseconds.
     """
-    seen: dict[object, str] = {}
-    return "{" + ",".join([seen.get(v) or seen.setdefault(v, _element(v)) for v in values]) + "}"
+    seen: dict[tuple[type, object], str] = {}
+    return (
+        "{"
+        # Keyed by type too: 1, 1.0 and True are one key to a dict.
+        + ",".join(
+            [seen.get((type(v), v)) or seen.setdefault((type(v), v), _element(v)) for v in values]
+        )
+        + "}"
+    )
 
 
 def _element(value: object) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 from mypy import api as mypy_api
 
+from services.dispatcher.channels.base import Permanent, Sent, Transient
+from services.dispatcher.channels.client import Answer
+from services.dispatcher.retry import Decision
 from shared.delivery_store import Claimed, Record
 from shared.domain.lifecycle import DeliveryStatus
 from shared.values import value
@@ -33,6 +37,19 @@ def test_a_value_compares_hashes_and_copies_by_its_fields() -> None:
     assert not hasattr(a, "__dict__")  # slots: no per-instance dict
     with pytest.raises(AttributeError):
         a.z = 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "record", [Claimed, Record, Decision, Sent, Transient, Permanent, Answer], ids=str
+)
+def test_send_path_records_are_made_without_a_frozen_setattr(record: type) -> None:
+    """A frozen dataclass defines ``__setattr__`` (to refuse writes), and its ``__init__``
+    goes through ``object.__setattr__`` for each field: what ``@value`` leaves out.
+    """
+    assert dataclasses.is_dataclass(record)
+    assert "__setattr__" not in record.__dict__
+    assert "__slots__" in record.__dict__
+    assert record.__hash__ is not None
 
 
 def test_send_path_records_are_values() -> None:
@@ -69,6 +86,8 @@ def test_mypy_refuses_an_assignment_to_a_field(
     out, err, code = mypy_api.run(
         [
             "--no-incremental",
+            "--cache-dir",
+            os.devnull,  # the project's own cache stays as CI's mypy run left it
             "--follow-imports=silent",
             "--ignore-missing-imports",
             "--config-file",

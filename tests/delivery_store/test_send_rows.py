@@ -235,6 +235,10 @@ def test_repeated_literals_read_back_in_order(conn: psycopg.Connection[Any]) -> 
     ).fetchone()
     assert got == (tokens, texts)
     assert store.repeated_literal([]) == "{}"
+    # Equal to a dict, not to Postgres: each keeps its own text, and a bool is refused.
+    assert store.repeated_literal([1, 1.0, 1]) == "{1,1.0,1}"
+    with pytest.raises(TypeError, match="bool"):
+        store.repeated_literal([1, True])
 
 
 def test_release_gives_back_the_attempt_and_can_hold_the_row_back(

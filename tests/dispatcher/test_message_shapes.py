@@ -95,6 +95,7 @@ def test_join_ids_keeps_earlier_parts() -> None:
     assert join_ids(None, ["c"]) == "c"
     assert join_ids("", ["c"]) == "c"
     assert join_ids(None, ["c", "d"]) == "c,d"
+    assert join_ids(None, [""]) is None
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,10 @@ def test_join_ids_keeps_earlier_parts() -> None:
         (b'\xef\xbb\xbf{"id": "m-1"}', {"id": "m-1"}),  # a byte order mark first
         (' {"id": "\u00e9"} '.encode(), {"id": "\u00e9"}),
         (b'["m-1"]', {}),
-        (b"\xff\xfe{}", {}),  # not UTF-8
+        (b"\xff\xfe{}", {}),  # a UTF-16 byte order mark, then no JSON
+        ('{"id": "x"}'.encode("utf-16"), {"id": "x"}),  # not UTF-8: read as json.loads reads it
+        (b'{"id": "\xed\xa0\x80"}', {"id": "\ud800"}),  # a lone surrogate, as json.loads
+        (b'{"id": "\xff"}', {}),  # not text in any encoding JSON allows
         (b'{"id": ', {}),
         (b'{"id": 1} trailing', {}),
         (b"", {}),
