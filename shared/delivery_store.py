@@ -157,14 +157,14 @@ def repeated_literal(values: Iterable[object]) -> str:
     next status): each is written out once, a UUID's text costing microseconds.
     """
     seen: dict[tuple[type, object], str] = {}
-    return (
-        "{"
-        # Keyed by type too: 1, 1.0 and True are one key to a dict.
-        + ",".join(
-            [seen.get((type(v), v)) or seen.setdefault((type(v), v), _element(v)) for v in values]
-        )
-        + "}"
-    )
+    parts = []
+    for v in values:
+        key = (type(v), v)  # by type too: 1, 1.0 and True are one key to a dict
+        text = seen.get(key)
+        if text is None:
+            text = seen[key] = _element(v)
+        parts.append(text)
+    return "{" + ",".join(parts) + "}"
 
 
 def _element(value: object) -> str:
