@@ -78,6 +78,14 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _drop_database(name)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that start processes (``tests/e2e``, the longest by far) go first. With
+    several workers (``-n``) they start early and the short tests fill in at the end, instead
+    of the run ending on one worker's last long test.
+    """
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/"))
+
+
 def _clear_caches() -> None:
     get_settings.cache_clear()
     get_engine.cache_clear()
