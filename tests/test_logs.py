@@ -60,7 +60,7 @@ def test_configure_replaces_its_own_handler_and_leaves_others(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     root = logging.getLogger()
-    before = list(root.handlers)
+    before, level = list(root.handlers), root.level
     try:
         logs.configure("scheduler", "json")
         logs.configure("scheduler", "json")
@@ -80,6 +80,9 @@ def test_configure_replaces_its_own_handler_and_leaves_others(
     finally:
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
+        # The level goes back too: the tests after this one in the process see the root
+        # logger as they would have without it.
+        root.setLevel(level)
 
 
 def test_auto_is_plain_in_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
