@@ -105,6 +105,19 @@ def app(settings: Settings) -> FastAPI:
     return create_app(settings)
 
 
+@pytest.fixture
+def egress_rule_on(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The production setting: channels may reach public addresses only. It asks for
+    ``settings`` so the run's own environment is in place first, and this test's change is the
+    one undone afterwards (even when it is the first test of its process).
+    """
+    monkeypatch.setenv("BCAST_ALLOW_PRIVATE_TARGETS", "false")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
 class Api:
     """A client signed in to one workspace, with shortcuts for the rows most tests need."""
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -83,17 +85,24 @@ def test_mypy_refuses_an_assignment_to_a_field(
             """
         )
     )
-    out, err, code = mypy_api.run(
-        [
-            "--no-incremental",
-            "--cache-dir",
-            os.devnull,  # the project's own cache stays as CI's mypy run left it
-            "--follow-imports=silent",
-            "--ignore-missing-imports",
-            "--config-file",
-            "",
-            str(probe),
-        ]
-    )
+    # mypy raises the recursion limit and the collector's thresholds for its own process and
+    # leaves them so: the tests after this one in the process get them back.
+    limit, threshold = sys.getrecursionlimit(), gc.get_threshold()
+    try:
+        out, err, code = mypy_api.run(
+            [
+                "--no-incremental",
+                "--cache-dir",
+                os.devnull,  # the project's own cache stays as CI's mypy run left it
+                "--follow-imports=silent",
+                "--ignore-missing-imports",
+                "--config-file",
+                "",
+                str(probe),
+            ]
+        )
+    finally:
+        sys.setrecursionlimit(limit)
+        gc.set_threshold(*threshold)
     assert code == 1, (out, err)
     assert out.count("is read-only") == 2, out

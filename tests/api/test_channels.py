@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -150,16 +150,6 @@ def test_lists_page_with_cursors_newest_first(api: Api) -> None:
     bad = api.get("/v1/channels?cursor=%%%")
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["field"] == "cursor"
-
-
-@pytest.fixture
-def egress_rule_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The production setting: channels may reach public addresses only."""
-    monkeypatch.setenv("BCAST_ALLOW_PRIVATE_TARGETS", "false")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 TARGETS: dict[str, tuple[str, Callable[[str], dict[str, str]]]] = {

@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import io
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from shared.settings import get_settings
 from tests.conftest import Api
 
 LINE_USER = "U" + "0123456789abcdef" * 2
@@ -225,16 +224,6 @@ def test_a_bad_social_config_names_the_field_and_writes_nothing(
     assert error["field"] == field
     assert words in error["msg"]
     assert api.ok("get", "/v1/channels")["items"] == []
-
-
-@pytest.fixture
-def egress_rule_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The production setting: channels may reach public addresses only."""
-    monkeypatch.setenv("BCAST_ALLOW_PRIVATE_TARGETS", "false")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 SOCIAL_TARGETS: dict[str, Callable[[str], dict[str, str]]] = {
