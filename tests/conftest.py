@@ -78,12 +78,24 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _drop_database(name)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that start processes (``tests/e2e``, the longest by far) go first. With
-    several workers (``-n``) they start early and the short tests fill in at the end, instead
-    of the run ending on one worker's last long test.
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``-n N --dist loadfile`` (as ``deploy/local/test.sh`` runs the suite) each test file
+    goes whole to one worker, and the files that start processes (``tests/e2e``) count as one:
+    one worker runs them one at a time, as a run without workers does, since several of them
+    measure rates and delays that another one's processes would skew. The other workers share
+    the rest. Being the largest unit, the e2e files are handed out first.
     """
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/"))
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class E2eTogether(LoadScopeScheduling):  # type: ignore[misc]  # an untyped base
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/e2e/"):
+                return "tests/e2e"
+            return nodeid.split("::", 1)[0]
+
+    return E2eTogether(config, log)
 
 
 def _clear_caches() -> None:

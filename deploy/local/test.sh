@@ -11,13 +11,13 @@ bash deploy/local/services.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 # The suite runs on BCAST_TEST_WORKERS workers (pytest-xdist), each with its own database and
-# vhost; a test file stays on one worker, and files are handed out in the collected order
-# (tests/conftest.py puts the long, process-starting ones first). Most of the suite waits on
-# processes it started, so three workers fit two cores. BCAST_TEST_WORKERS=0 runs it in this
+# vhost, and takes whole test files. One worker takes all the tests that start processes
+# (tests/e2e, handed out first as the largest unit: tests/conftest.py), one at a time; the
+# others share the rest. Much of the suite waits, so three workers fit two cores. BCAST_TEST_WORKERS=0 runs it all in this
 # one process.
 workers=${BCAST_TEST_WORKERS:-3}
 set +e
-.venv/bin/pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
+.venv/bin/pytest -n "$workers" --dist loadfile "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
