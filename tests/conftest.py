@@ -78,24 +78,45 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _drop_database(name)
 
 
+#: The e2e files that break things or start whole stacks of their own (private servers,
+#: crashes, a browser): one lane of the suite; the other e2e files, which measure rates and
+#: delays, are another.
+WHOLE_STACK_FILES = frozenset(
+    {
+        "test_faults.py",
+        "test_schemathesis.py",
+        "test_resilience.py",
+        "test_console_browser.py",
+        "test_cli_tools.py",
+        "test_prometheus.py",
+    }
+)
+
+
+def lane_of(nodeid: str) -> str:
+    """The lane (one worker, tests one at a time in their collected order) a test runs in."""
+    path = nodeid.split("::", 1)[0]
+    if not path.startswith("tests/e2e/"):
+        return "in-process"
+    return "e2e: whole stacks" if path.rsplit("/", 1)[1] in WHOLE_STACK_FILES else "e2e"
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """With ``-n N --dist loadfile`` (as ``deploy/local/test.sh`` runs the suite) each test file
-    goes whole to one worker, and the files that start processes (``tests/e2e``) count as one:
-    one worker runs them one at a time, as a run without workers does, since several of them
-    measure rates and delays that another one's processes would skew. The other workers share
-    the rest. Being the largest unit, the e2e files are handed out first.
+    """With ``-n 3 --dist loadfile`` (as ``deploy/local/test.sh`` runs the suite) the suite runs
+    as three lanes side by side, each on a worker of its own, each in the order one process
+    would run it: the in-process tests, the e2e tests that measure rates and delays, and the
+    e2e tests that break things or start whole stacks of their own (``lane_of``). The tests
+    within a lane see each other's leftovers (a sweep is global) as they always did.
     """
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class E2eTogether(LoadScopeScheduling):  # type: ignore[misc]  # an untyped base
+    class Lanes(LoadScopeScheduling):  # type: ignore[misc]  # an untyped base
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith("tests/e2e/"):
-                return "tests/e2e"
-            return nodeid.split("::", 1)[0]
+            return lane_of(nodeid)
 
-    return E2eTogether(config, log)
+    return Lanes(config, log)
 
 
 def _clear_caches() -> None:

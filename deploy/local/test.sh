@@ -10,11 +10,11 @@ bash deploy/local/services.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# The suite runs on BCAST_TEST_WORKERS workers (pytest-xdist), each with its own database and
-# vhost, and takes whole test files. One worker takes all the tests that start processes
-# (tests/e2e, handed out first as the largest unit: tests/conftest.py), one at a time; the
-# others share the rest. Much of the suite waits, so three workers fit two cores. BCAST_TEST_WORKERS=0 runs it all in this
-# one process.
+# The suite runs as three lanes side by side (pytest-xdist workers, each with its own database
+# and vhost; tests/conftest.py): the in-process tests, the e2e tests that measure rates and
+# delays, and the e2e tests that break things or start whole stacks of their own. Each lane
+# runs its tests one at a time in their collected order. BCAST_TEST_WORKERS=0 runs the whole
+# suite in this one process.
 workers=${BCAST_TEST_WORKERS:-3}
 set +e
 .venv/bin/pytest -n "$workers" --dist loadfile "$@"
