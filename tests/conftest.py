@@ -131,8 +131,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     are doing meanwhile.
     """
     if (
-        os.environ.get("PYTEST_XDIST_WORKER")
-        and item.config.getvalue("dist") == "loadfile"
+        os.environ.get("PYTEST_XDIST_WORKER")  # (a worker's own --dist reads "no")
         and lane_of(item.nodeid) != "e2e"
         and os.nice(0) < BACKGROUND_NICENESS
     ):
