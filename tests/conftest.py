@@ -102,7 +102,7 @@ def lane_of(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """With ``-n 3 --dist loadfile`` (as ``deploy/local/test.sh`` runs the suite) the suite runs
+    """With ``-n 3 --dist loadfile`` (``BCAST_TEST_WORKERS=3 deploy/local/test.sh``) the suite runs
     as three lanes side by side, each on a worker of its own, each in the order one process
     would run it: the in-process tests, the e2e tests that measure rates and delays, and the
     e2e tests that break things or start whole stacks of their own (``lane_of``). The tests
@@ -119,20 +119,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return Lanes(config, log)
 
 
-#: How much the lanes that measure nothing give way to the one that does (``os.nice``).
+#: How much the lane of whole stacks gives way to the others (``os.nice``).
 BACKGROUND_NICENESS = 10
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """On a worker of a run in lanes, the lanes whose tests measure no rate or delay give way
-    on the cores (``nice``, inherited by every process they start) to the lane whose tests
-    do: a fair share of two cores for the rates those tests check, whatever the other lanes
-    are doing meanwhile.
+    """On a worker of a run in lanes, the lane of whole stacks (fault scenarios on private
+    servers, the browser: the heaviest) gives way on the cores (``nice``, inherited by every
+    process it starts) to the lanes whose tests check rates and timeouts.
     """
     if (
         os.environ.get("PYTEST_XDIST_WORKER")  # (a worker's own --dist reads "no")
-        and lane_of(item.nodeid) != "e2e"
+        and lane_of(item.nodeid) == "e2e: whole stacks"
         and os.nice(0) < BACKGROUND_NICENESS
     ):
         os.nice(BACKGROUND_NICENESS - os.nice(0))
