@@ -14,7 +14,7 @@ bash deploy/local/services.sh
 # with its own database and vhost; tests/conftest.py): the in-process tests, the e2e tests that
 # measure rates and delays, and the e2e tests that break things or start whole stacks of their
 # own, each lane one test at a time in its collected order. Faster, but the lanes share the
-# cores, and a few tests with tight rates and timeouts can miss on a slow machine; CI runs the
+# cores, and a few tests with tight rates and timeouts can miss on two cores; CI runs the
 # suite in one process (the default, 0).
 workers=${BCAST_TEST_WORKERS:-0}
 set +e
