@@ -425,6 +425,9 @@ class BatchRun:
         members = unit if isinstance(unit, tuple) else (unit,)
         outcome: Outcome | None = None
         after: float | None = None
+        #: Slots this send took (its own, and fresh ones when it came too late for it), and
+        #: whether it called: the others passed unused.
+        slots_taken, called = 1, False
         try:
             for _ in range(MAX_RESLOTS):
                 if not await self._sleep(at - time.time()):
@@ -440,12 +443,14 @@ class BatchRun:
                             late = True
                         else:
                             at = fresh
+                            slots_taken += 1
                             if not await self._sleep(at - time.time()):
                                 break
                     if not late:
                         if self._may_call(lease):
                             after = self.rt.limiter.blocked_for(job.channel_id) or None
                             if after is None:
+                                called = True
                                 outcome = await self._call(job, unit)
                                 # The call counts as under way until its answer is written
                                 # (the recorder gives the place back then): what a process
@@ -457,6 +462,7 @@ class BatchRun:
                 if not slots.times:
                     break
                 at = slots.times[0]
+                slots_taken += 1
         except asyncio.CancelledError:
             for row in members:
                 if row.id not in self.in_call:
@@ -470,6 +476,9 @@ class BatchRun:
                 error_text(exc),
                 extra=self._ids,
             )
+        finally:
+            if slots_taken > called:
+                self._cache.unused(slots_taken - called)
         if outcome is None:
             for row in members:
                 recorder.release(row, after=after)

@@ -42,6 +42,13 @@ CHANNEL_SLOT_WAIT = Counter(
     "Seconds sends of a channel waited for their rate-limit slot (summed over sends).",
     ["channel", "kind"],
 )
+CHANNEL_SLOTS_UNUSED = Counter(
+    "bcast_channel_slots_unused_total",
+    "Rate-limit slots a channel's sends took but did not use: passed before a send could use "
+    "it (a busy or stalled process), or left when sending stopped. Capacity lost, never a "
+    "call made late: a rise means the channel sends below its limit.",
+    ["channel", "kind"],
+)
 CHANNEL_SENDS = Counter(
     "bcast_channel_sends_total",
     "Provider calls made for a channel.",
@@ -123,7 +130,7 @@ def init_metrics() -> None:
 def init_channel(channel_id: int, kind: str) -> None:
     """A channel's series at 0 when this process first sees it, before its first send."""
     channel = str(channel_id)
-    for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT):
+    for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT, CHANNEL_SLOTS_UNUSED):
         metric.labels(channel, kind)
     for outcome in CHANNEL_OUTCOMES:
         CHANNEL_DELIVERIES.labels(channel, kind, outcome)

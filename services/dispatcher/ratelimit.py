@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
+from services.dispatcher import metrics
 from services.dispatcher.status import CHANNEL_CHANNEL
 
 #: Slots taken per round trip cover at most this much time, so a pause wastes little.
@@ -210,12 +211,19 @@ class SlotCache:
     Parameters:
       limiter: where blocks of slots come from.
       channel_id, workspace_id: the channel.
+      kind: the channel's kind, when slots dropped unused are counted in the channel's
+        ``bcast_channel_slots_unused_total``.
     """
 
-    def __init__(self, limiter: RateLimiter, channel_id: int, workspace_id: int) -> None:
+    def __init__(
+        self, limiter: RateLimiter, channel_id: int, workspace_id: int, kind: str | None = None
+    ) -> None:
         self.limiter = limiter
         self.channel_id = channel_id
         self.workspace_id = workspace_id
+        self._labels = None if kind is None else (str(channel_id), kind)
+        #: Slots taken into the cache and dropped there, unused (too late to use).
+        self.dropped = 0
         self._times: deque[float] = deque()
         self._next_free = 0.0
         self._refill = asyncio.Lock()
@@ -247,7 +255,21 @@ class SlotCache:
         return None
 
     def _fresh(self) -> deque[float]:
-        stale = time.time() - LATE_TOLERANCE
-        while self._times and self._times[0] < stale:
-            self._times.popleft()
-        return self._times
+        times = self._times
+        if times:
+            stale = time.time() - LATE_TOLERANCE
+            if times[0] < stale:
+                dropped = 0
+                while times and times[0] < stale:
+                    times.popleft()
+                    dropped += 1
+                self.unused(dropped)
+        return times
+
+    def unused(self, n: int) -> None:
+        """``n`` slots of this channel passed unused (dropped here, or by a send that came
+        too late for its own or stopped before its call).
+        """
+        self.dropped += n
+        if self._labels is not None:
+            metrics.TALLY.inc(metrics.CHANNEL_SLOTS_UNUSED, self._labels, n)

@@ -230,7 +230,7 @@ class Runtime:
         cache = self._slots.get(job.channel_id)
         if cache is None:
             cache = self._slots[job.channel_id] = SlotCache(
-                self.limiter, job.channel_id, job.workspace_id
+                self.limiter, job.channel_id, job.workspace_id, job.kind
             )
         return cache
 

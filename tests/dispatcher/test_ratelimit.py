@@ -14,12 +14,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
+from services.dispatcher import metrics
 from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache
 from shared.db.engine import libpq_url
 from shared.domain.channels import MAX_RATE_PER_SECOND
 from tests.conftest import Api
+
+UNUSED = "bcast_channel_slots_unused_total"
 
 
 def with_limiter(
@@ -168,7 +172,9 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
             return await real(*args, **kw)
 
         limiter.reserve = counted  # type: ignore[method-assign]
-        cache = SlotCache(limiter, channel, api.workspace_id)
+        cache = SlotCache(limiter, channel, api.workspace_id, "webhook")
+        labels = {"channel": str(channel), "kind": "webhook"}
+        unused_before = REGISTRY.get_sample_value(UNUSED, labels) or 0.0
         taken: list[float] = []
         for _ in range(8):
             got = await cache.take(rate, 10, within=1.0, block=100)
@@ -176,11 +182,16 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
         assert len(taken) == 80
         assert calls == 1, "one round trip for a block of 100"
         assert len(set(taken)) == 80
-        # A slot left unused past its time is dropped, never used late.
+        assert cache.dropped == 0
+        # A slot left unused past its time is dropped, never used late, and counted: the 20
+        # of the block no run took are the channel's capacity lost.
         await asyncio.sleep(0.2)
         later = await cache.take(rate, 10, within=1.0, block=100)
         assert min(later.times) >= time.time() - 0.03
         assert calls == 2
+        assert cache.dropped == 20
+        metrics.TALLY.flush()
+        assert REGISTRY.get_sample_value(UNUSED, labels) == unused_before + 20
 
     with_limiter(database_url, body)
 
