@@ -79,8 +79,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 #: The e2e files that break things or start whole stacks of their own (private servers,
-#: crashes, a browser): one lane of the suite; the other e2e files, which measure rates and
-#: delays, are another.
+#: crashes, a browser).
 WHOLE_STACK_FILES = frozenset(
     {
         "test_faults.py",
@@ -91,47 +90,70 @@ WHOLE_STACK_FILES = frozenset(
         "test_prometheus.py",
     }
 )
+#: Folders whose tests start processes of their own and measure no rate or delay: the
+#: ``bcast`` command line, promtool and amtool.
+OWN_PROCESS_DIRS = ("tests/cli/", "tests/deploy/")
+#: The lanes a test can run in (``lane_of``).
+IN_PROCESS, E2E, OWN_PROCESSES, REST = "in-process", "e2e", "own processes", "the rest"
 
 
-def lane_of(nodeid: str) -> str:
-    """The lane (one worker, tests one at a time in their collected order) a test runs in."""
+def lane_of(nodeid: str, lanes: int = 3) -> str:
+    """The lane (one worker, tests one at a time in their collected order) a test runs in.
+
+    The tests that start processes of their own and measure no rate or delay (whole stacks,
+    the command line, promtool) are one lane. With three lanes, the in-process tests and the
+    e2e tests that measure rates and delays are the other two; with two, they are one.
+    """
     path = nodeid.split("::", 1)[0]
-    if not path.startswith("tests/e2e/"):
-        return "in-process"
-    return "e2e: whole stacks" if path.rsplit("/", 1)[1] in WHOLE_STACK_FILES else "e2e"
+    if path.startswith(OWN_PROCESS_DIRS) or (
+        path.startswith("tests/e2e/") and path.rsplit("/", 1)[1] in WHOLE_STACK_FILES
+    ):
+        return OWN_PROCESSES
+    if lanes < 3:
+        return REST
+    return E2E if path.startswith("tests/e2e/") else IN_PROCESS
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """With ``-n 3 --dist loadfile`` (``BCAST_TEST_WORKERS=3 deploy/local/test.sh``) the suite runs
-    as three lanes side by side, each on a worker of its own, each in the order one process
-    would run it: the in-process tests, the e2e tests that measure rates and delays, and the
-    e2e tests that break things or start whole stacks of their own (``lane_of``). The tests
-    within a lane see each other's leftovers (a sweep is global) as they always did.
+    """With ``-n 2`` or ``-n 3`` and ``--dist loadfile`` (``BCAST_TEST_WORKERS=2
+    deploy/local/test.sh``) the suite runs as lanes side by side, each on a worker of its own,
+    each in the order one process would run it (``lane_of``). The tests within a lane see
+    each other's leftovers (a sweep is global) as they always did.
     """
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    lanes = _lanes(config)
+
     class Lanes(LoadScopeScheduling):  # type: ignore[misc]  # an untyped base
         def _split_scope(self, nodeid: str) -> str:
-            return lane_of(nodeid)
+            return lane_of(nodeid, lanes)
 
     return Lanes(config, log)
 
 
-#: How much the lane of whole stacks gives way to the others (``os.nice``).
+def _lanes(config: pytest.Config) -> int:
+    """How many lanes the run has: its worker count, at most three."""
+    try:
+        return max(1, min(3, int(config.getvalue("numprocesses") or 0)))
+    except (TypeError, ValueError):
+        return 3
+
+
+#: How much the lane of own processes gives way to the others (``os.nice``).
 BACKGROUND_NICENESS = 10
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """On a worker of a run in lanes, the lane of whole stacks (fault scenarios on private
-    servers, the browser: the heaviest) gives way on the cores (``nice``, inherited by every
-    process it starts) to the lanes whose tests check rates and timeouts.
+    """On a worker of a run in lanes, the lane of own processes (fault scenarios on private
+    servers, the browser, the command line: the heaviest) gives way on the cores (``nice``,
+    inherited by every process it starts) to the lanes whose tests check rates and timeouts.
     """
     if (
         os.environ.get("PYTEST_XDIST_WORKER")  # (a worker's own --dist reads "no")
-        and lane_of(item.nodeid) == "e2e: whole stacks"
+        and lane_of(item.nodeid) == OWN_PROCESSES
         and os.nice(0) < BACKGROUND_NICENESS
     ):
         os.nice(BACKGROUND_NICENESS - os.nice(0))
