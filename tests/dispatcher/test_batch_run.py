@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from services.dispatcher import metrics, snapshot
 from services.dispatcher.engine import Taken
 from services.dispatcher.jobs import load_job
-from services.dispatcher.ratelimit import SlotCache
+from services.dispatcher.ratelimit import SlotCache, Slots
 from services.dispatcher.recorder import Recorder
 from services.dispatcher.retry import RetryPolicy
 from services.dispatcher.runtime import Runtime, RuntimeClosed, RuntimeMiddleware
@@ -298,6 +298,15 @@ def test_a_pause_stops_calls_at_once_and_the_rows_come_back(
     sending: Any, conn: psycopg.Connection[Any]
 ) -> None:
     s = sending(300, rate=40)
+    reserved: list[int] = []
+    reserve: Callable[..., Awaitable[Slots]] = s.rt.limiter.reserve
+
+    async def counted(*args: Any, **kw: Any) -> Slots:
+        got = await reserve(*args, **kw)
+        reserved.append(len(got.times))
+        return got
+
+    s.rt.limiter.reserve = counted
     s.adopt_first()
     wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)
     conn.execute("UPDATE broadcast SET status = 'paused' WHERE id = %s", (s.id,))
@@ -309,6 +318,11 @@ def test_a_pause_stops_calls_at_once_and_the_rows_come_back(
     assert rows["sent"] == len(s.arrivals())
     assert rows["queued"] == 300 - rows["sent"]
     assert [b[1] for b in s.batches()] == ["ready"]
+    # Every slot taken for the channel was used by a call, is still at hand, or was counted
+    # unused: those of the sends that were waiting for their slot when the pause came.
+    [cache] = s.rt._slots.values()
+    assert sum(reserved) == len(s.arrivals()) + cache.dropped + len(cache._times)
+    assert cache.dropped > 0
 
 
 def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime) -> None:
