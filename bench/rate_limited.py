@@ -15,11 +15,13 @@ import time
 from typing import Any
 
 import httpx2 as httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     Children,
     bench_env,
     follow_database,
+    free_port,
     scratch_database,
     scratch_vhost,
     start_simulator,
@@ -67,7 +69,19 @@ def _case(
     follow_database()
     sim = start_simulator(children)
     children.start("scheduler", "scheduler")
-    children.start("dispatcher", "dispatcher", "--processes", str(processes), "--threads", "4")
+    # The dispatchers serve their metrics, as in production: the slots each channel took and
+    # let pass unused are read from them at the end.
+    metrics_port = free_port()
+    children.start(
+        "dispatcher",
+        "dispatcher",
+        "--processes",
+        str(processes),
+        "--threads",
+        "4",
+        "--metrics-port",
+        str(metrics_port),
+    )
     hooks: list[tuple[str, int]] = []
     with transaction() as session:
         ws = ensure_workspace(session, "bench")
@@ -123,8 +137,11 @@ def _case(
         "every broadcast to complete", all_done, timeout=per_channel / limit * 4 + 60, every=0.2
     )
     get_engine().dispose()
-    fractions, windows, throttled = [], [], 0
-    for hook, _ in hooks:
+    unused = unused_slots(f"http://127.0.0.1:{metrics_port}/metrics")
+    fractions, windows, throttled, unused_shares = [], [], 0, []
+    for hook, channel_id in hooks:
+        sent, lost = unused.get(str(channel_id), (0.0, 0.0))
+        unused_shares.append(lost / max(1.0, sent + lost))
         records = httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()
         seen: set[str] = set()
         accepted: list[float] = []
@@ -147,4 +164,26 @@ def _case(
         "mean_fraction": round(sum(fractions) / len(fractions), 3),
         "worst_window_ratio": round(max(windows), 3),
         "throttled": throttled,
+        # Of the slots the dispatchers took for a channel, the share that passed unused
+        # (bcast_channel_slots_unused_total): the capacity a busy machine cost it.
+        "max_unused_slot_share": round(max(unused_shares), 3),
     }
+
+
+def unused_slots(url: str) -> dict[str, tuple[float, float]]:
+    """Per channel id, from the dispatchers' metrics: (calls made, slots let pass unused)."""
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for("the dispatchers' metrics", ready, timeout=30)
+    values: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("bcast_channel_sends_total", "bcast_channel_slots_unused_total"):
+                pair = values.setdefault(sample.labels["channel"], [0.0, 0.0])
+                pair[sample.name.endswith("unused_total")] += sample.value
+    return {channel: (pair[0], pair[1]) for channel, pair in values.items()}

@@ -168,7 +168,14 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['channels']} channels at {r['limit_per_second']:g}/s, "
                 f"{r['dispatcher_processes']} dispatcher processes | achieved {r['min_fraction']:.3f}"
                 f"-{r['mean_fraction']:.3f} of the limit (min-mean); worst second "
-                f"{r['worst_window_ratio']:.3f} of it |"
+                f"{r['worst_window_ratio']:.3f} of it"
+                + (
+                    f"; slots taken but let pass unused: at most {r['max_unused_slot_share']:.1%}"
+                    " of a channel's"
+                    if "max_unused_slot_share" in r
+                    else ""
+                )
+                + " |"
             )
     kinds = results.get("channels")
     if kinds:
