@@ -203,23 +203,13 @@ def _run(
     sim = start_simulator(children)
     sim_pid = children.procs[-1].pid
     secret = secrets.token_urlsafe(24)
-    for hook in ("raw", "bench"):
+    for hook in ("raw", "raw-after", "bench"):
         httpx.put(f"{sim}/_sim/hooks/{hook}", json={"secret": secret}).raise_for_status()
     raw_n = min(n, 50_000)
-    raw_cpu = (cpu_seconds(sim_pid), cpu_seconds(os.getpid(), descendants=False))
-    raw_busy = machine_busy()
-    raw = raw_limit(f"{sim}/hooks/raw", secret, raw_n, shape.concurrency)
-    raw_used = {
-        # Where the raw limit's CPU goes: the simulator, and the plain client (this process).
-        "simulator_us_per_request": round((cpu_seconds(sim_pid) - raw_cpu[0]) / raw_n * 1e6, 1),
-        "client_us_per_request": round(
-            (cpu_seconds(os.getpid(), descendants=False) - raw_cpu[1]) / raw_n * 1e6, 1
-        ),
-        "machine_busy": round(busy_fraction(raw_busy, machine_busy()), 3),
-    }
-    raw_stats = httpx.get(f"{sim}/_sim/hooks/raw/stats").json()
-    if raw_stats["bad_signatures"] or raw_stats["duplicates"]:
-        raise SystemExit(f"raw limit: the simulator counted {raw_stats}")
+    # The raw limit is measured before the pipeline and again after it, and the better of the
+    # two is the limit: a shared box's speed drifts from minute to minute (runs minutes apart
+    # measured 4,163 and 5,519/s), and the pipeline must not be set against its slowest one.
+    raw_before, raw_used = measure_raw(sim, sim_pid, secret, "raw", raw_n, shape.concurrency)
 
     client, api_proc = start_api(children, api)
     channel_id, import_seconds = webhook_audience(client, f"{sim}/hooks/bench", secret, n)
@@ -292,6 +282,13 @@ def _run(
         profiler.join(timeout=60)
     stats = httpx.get(f"{sim}/_sim/hooks/bench/stats").json()
     check_provider(stats, n)
+    raw_after, raw_used_after = measure_raw(
+        sim, sim_pid, secret, "raw-after", raw_n, shape.concurrency
+    )
+    raw = max(raw_before, raw_after)
+    raw_cpu_each = {"before": raw_used, "after": raw_used_after}
+    if raw_after > raw_before:
+        raw_used = raw_used_after
     later: dict[str, Any] = {}
     if history >= 2:
         filled = fill_history(env["BCAST_DATABASE_URL"], broadcast_id, history - 2)
@@ -322,7 +319,10 @@ def _run(
         "seconds": round(seconds, 2),
         "per_second": round(per_second, 1),
         "raw_per_second": round(raw, 1),
+        "raw_per_second_before": round(raw_before, 1),
+        "raw_per_second_after": round(raw_after, 1),
         "raw_cpu": raw_used,
+        "raw_cpu_each": raw_cpu_each,
         # Of both cores' time from create to completed (the poll included), the part used: below
         # 1, the pipeline waited on something other than CPU for the rest.
         "machine_busy": round(busy, 3),
@@ -339,6 +339,27 @@ def _run(
         **({"flame_graph": profiler.out.name} if profiler and profiler.made else {}),
         **later,
     }
+
+
+def measure_raw(
+    sim: str, sim_pid: int, secret: str, hook: str, n: int, concurrency: int
+) -> tuple[float, dict[str, float]]:
+    """The raw limit on ``hook`` (``n`` unique signed bodies), and where its CPU went."""
+    cpu = (cpu_seconds(sim_pid), cpu_seconds(os.getpid(), descendants=False))
+    busy = machine_busy()
+    rate = raw_limit(f"{sim}/hooks/{hook}", secret, n, concurrency)
+    used = {
+        # Where the raw limit's CPU goes: the simulator, and the plain client (this process).
+        "simulator_us_per_request": round((cpu_seconds(sim_pid) - cpu[0]) / n * 1e6, 1),
+        "client_us_per_request": round(
+            (cpu_seconds(os.getpid(), descendants=False) - cpu[1]) / n * 1e6, 1
+        ),
+        "machine_busy": round(busy_fraction(busy, machine_busy()), 3),
+    }
+    stats = httpx.get(f"{sim}/_sim/hooks/{hook}/stats").json()
+    if stats["bad_signatures"] or stats["duplicates"] or stats["accepted"] != n:
+        raise SystemExit(f"raw limit: the simulator counted {stats}")
+    return rate, used
 
 
 def vacuum_counts(database_url: str) -> dict[str, dict[str, int]]:
