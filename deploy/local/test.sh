@@ -10,17 +10,13 @@ bash deploy/local/services.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# The suite runs as two lanes side by side (pytest-xdist workers, each with its own database
-# and vhost; lane_of in tests/conftest.py), each running its tests one at a time in their
-# collected order: the tests that start processes of their own and measure no rate or delay
-# (whole stacks, the command line, promtool; niced), and the rest. BCAST_TEST_WORKERS=0 runs
-# the suite in one process; 3 splits the rest into in-process and e2e lanes (faster, but
-# tests with tight rates and timeouts can then miss on two cores). One core: one process.
-if [ -z "${BCAST_TEST_WORKERS:-}" ]; then
-  if [ "$(nproc)" -ge 2 ]; then workers=2; else workers=0; fi
-else
-  workers=$BCAST_TEST_WORKERS
-fi
+# BCAST_TEST_WORKERS=2 runs the suite as two lanes side by side (pytest-xdist workers, each
+# with its own database and vhost; lane_of in tests/conftest.py), each running its tests one at
+# a time in their collected order: the tests that start processes of their own and measure no
+# rate or delay (whole stacks, the command line, promtool; niced), and the rest; 3 splits the
+# rest into in-process and e2e lanes. Faster, but on two cores the lanes' contention can make
+# tests with tight rates and timeouts miss: CI runs the suite in one process (the default, 0).
+workers=${BCAST_TEST_WORKERS:-0}
 set +e
 if [ "$workers" = "0" ]; then
   .venv/bin/pytest "$@"

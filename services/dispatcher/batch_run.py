@@ -239,6 +239,9 @@ class BatchRun:
                 recorder.give_back_places()
                 recorder.close()
             watching.cancel()
+            # What this run left in the channel's slot cache is counted once it has passed
+            # (if no other run here takes it), not whenever the channel next sends here.
+            asyncio.get_running_loop().call_later(LOOKAHEAD + 2 * LATE_TOLERANCE, slots.settle)
             self.rt.status.untrack(self.batch.broadcast_id, self._heard)
             metrics.TALLY.set(metrics.CHANNEL_IN_FLIGHT, (str(job.channel_id), job.kind), lane.used)
             metrics.TALLY.flush()
@@ -425,11 +428,12 @@ class BatchRun:
         members = unit if isinstance(unit, tuple) else (unit,)
         outcome: Outcome | None = None
         after: float | None = None
-        #: Slots this send took (its own, and fresh ones when it came too late for it), and
-        #: whether it called: the others passed unused.
-        slots_taken, called = 1, False
+        # Slots this send took (its own, and fresh ones when it came too late for it), those
+        # it came too late for, and whether it used one (it called, or its row was settled
+        # without a call): the others passed unused.
+        slots_taken, late_for, called = 1, 0, False
         try:
-            for _ in range(MAX_RESLOTS):
+            for attempt in range(MAX_RESLOTS):
                 if not await self._sleep(at - time.time()):
                     break
                 late = False
@@ -439,6 +443,7 @@ class BatchRun:
                         # now it would crowd the next ones into a window over the limit. It
                         # takes a fresh slot: one already at hand and due now keeps its place.
                         fresh = self._cache.take_at_hand(within=LATE_TOLERANCE)
+                        late_for += 1
                         if fresh is None:
                             late = True
                         else:
@@ -457,6 +462,8 @@ class BatchRun:
                                 # killed outright can repeat stays within the call pool.
                                 place.keep()
                         break
+                if attempt == MAX_RESLOTS - 1:
+                    break  # out of turns: the row goes back without taking a slot it cannot use
                 # A fresh slot from the database, taken without holding a place.
                 slots = await self._reslot()
                 if not slots.times:
@@ -477,8 +484,8 @@ class BatchRun:
                 extra=self._ids,
             )
         finally:
-            if slots_taken > called:
-                self._cache.unused(slots_taken - called)
+            self._cache.unused(late_for, "late")
+            self._cache.unused(slots_taken - late_for - called, "stopped")
         if outcome is None:
             for row in members:
                 recorder.release(row, after=after)

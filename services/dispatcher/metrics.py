@@ -44,11 +44,15 @@ CHANNEL_SLOT_WAIT = Counter(
 )
 CHANNEL_SLOTS_UNUSED = Counter(
     "bcast_channel_slots_unused_total",
-    "Rate-limit slots a channel's sends took but did not use: passed before a send could use "
-    "it (a busy or stalled process), or left when sending stopped. Capacity lost, never a "
-    "call made late: a rise means the channel sends below its limit.",
-    ["channel", "kind"],
+    "Rate-limit slots a channel's sends took but did not use, by why: late (the send came "
+    "too late for its slot: a busy or stalled process; it takes another), stopped (sending "
+    "stopped or the provider said wait while the send waited for its slot), left (taken in a "
+    "block and needed by no send before it passed: the end of a broadcast, a small one on a "
+    "fast channel). Capacity lost, never a call made late.",
+    ["channel", "kind", "reason"],
 )
+#: Values of ``CHANNEL_SLOTS_UNUSED``' reason label.
+SLOT_REASONS = ("late", "stopped", "left")
 CHANNEL_SENDS = Counter(
     "bcast_channel_sends_total",
     "Provider calls made for a channel.",
@@ -130,8 +134,10 @@ def init_metrics() -> None:
 def init_channel(channel_id: int, kind: str) -> None:
     """A channel's series at 0 when this process first sees it, before its first send."""
     channel = str(channel_id)
-    for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT, CHANNEL_SLOTS_UNUSED):
+    for metric in (CHANNEL_SENDS, CHANNEL_THROTTLED, CHANNEL_SLOT_WAIT):
         metric.labels(channel, kind)
+    for reason in SLOT_REASONS:
+        CHANNEL_SLOTS_UNUSED.labels(channel, kind, reason)
     for outcome in CHANNEL_OUTCOMES:
         CHANNEL_DELIVERIES.labels(channel, kind, outcome)
 

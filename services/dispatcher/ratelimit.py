@@ -222,8 +222,9 @@ class SlotCache:
         self.channel_id = channel_id
         self.workspace_id = workspace_id
         self._labels = None if kind is None else (str(channel_id), kind)
-        #: Slots taken into the cache and dropped there, unused (too late to use).
-        self.dropped = 0
+        #: Slots of this channel taken by this process and let pass unused, by reason
+        #: (``metrics.SLOT_REASONS``).
+        self.unused_by: dict[str, int] = dict.fromkeys(metrics.SLOT_REASONS, 0)
         self._times: deque[float] = deque()
         self._next_free = 0.0
         self._refill = asyncio.Lock()
@@ -263,13 +264,19 @@ class SlotCache:
                 while times and times[0] < stale:
                     times.popleft()
                     dropped += 1
-                self.unused(dropped)
+                self.unused(dropped, "left")
         return times
 
-    def unused(self, n: int) -> None:
-        """``n`` slots of this channel passed unused (dropped here, or by a send that came
-        too late for its own or stopped before its call).
+    def settle(self) -> None:
+        """Drop (and count) the slots that passed in the cache: called a little after a run
+        ends, so what it left is counted then, not whenever the channel next sends here.
         """
-        self.dropped += n
+        self._fresh()
+
+    def unused(self, n: int, reason: str) -> None:
+        """``n`` slots of this channel passed unused, for ``reason`` (``metrics.SLOT_REASONS``)."""
+        if n <= 0:
+            return
+        self.unused_by[reason] += n
         if self._labels is not None:
-            metrics.TALLY.inc(metrics.CHANNEL_SLOTS_UNUSED, self._labels, n)
+            metrics.TALLY.inc(metrics.CHANNEL_SLOTS_UNUSED, (*self._labels, reason), n)

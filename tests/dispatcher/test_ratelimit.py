@@ -173,7 +173,7 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
 
         limiter.reserve = counted  # type: ignore[method-assign]
         cache = SlotCache(limiter, channel, api.workspace_id, "webhook")
-        labels = {"channel": str(channel), "kind": "webhook"}
+        labels = {"channel": str(channel), "kind": "webhook", "reason": "left"}
         unused_before = REGISTRY.get_sample_value(UNUSED, labels) or 0.0
         taken: list[float] = []
         for _ in range(8):
@@ -182,14 +182,14 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
         assert len(taken) == 80
         assert calls == 1, "one round trip for a block of 100"
         assert len(set(taken)) == 80
-        assert cache.dropped == 0
+        assert cache.unused_by == {"late": 0, "stopped": 0, "left": 0}
         # A slot left unused past its time is dropped, never used late, and counted: the 20
         # of the block no run took are the channel's capacity lost.
         await asyncio.sleep(0.2)
         later = await cache.take(rate, 10, within=1.0, block=100)
         assert min(later.times) >= time.time() - 0.03
         assert calls == 2
-        assert cache.dropped == 20
+        assert cache.unused_by == {"late": 0, "stopped": 0, "left": 20}
         metrics.TALLY.flush()
         assert REGISTRY.get_sample_value(UNUSED, labels) == unused_before + 20
 
