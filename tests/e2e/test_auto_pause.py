@@ -27,8 +27,11 @@ def test_a_broadcast_whose_sends_fail_pauses_itself_and_resume_continues(
     assert paused["status_reason"].startswith("auto-paused: ")
     assert "of the last 20 sends failed" in paused["status_reason"]
     assert paused["auto_paused_at"] is not None
-    # It stopped well before the end: not every failing recipient was tried.
-    assert paused["counts"]["sent"] == GOOD
+    # It stopped well before the end: not every failing recipient was tried. The good
+    # recipients come first, but not all need be sent yet: one whose answer is still on its
+    # way is counted once it comes, and one late for its slot (a busy machine) may have been
+    # put back and waits for the resume; the end below shows each sent once.
+    assert 0 < paused["counts"]["sent"] <= GOOD
     assert 10 <= paused["counts"]["failed"] < BAD
     lines = wait_for(
         "the scheduler's auto_paused line",
