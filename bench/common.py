@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from shared.db import migrate
@@ -389,3 +391,36 @@ def bench_system() -> Iterator[tuple[Children, dict[str, str], str]]:
             yield children, env, api
         finally:
             children.stop_all()
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: Mapping[str, str]
+    value: float
+
+
+def scrape(port: int) -> list[Sample] | None:
+    """Every sample a metrics endpoint on loopback serves; None while it does not answer."""
+    import httpx2
+
+    try:
+        response = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    except httpx2.TransportError:
+        return None
+    if response.status_code != 200:
+        return None
+    return [
+        Sample(s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    ]
+
+
+def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

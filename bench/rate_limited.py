@@ -15,13 +15,14 @@ import time
 from typing import Any
 
 import httpx2 as httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     Children,
     bench_env,
     follow_database,
     free_port,
+    metric,
+    scrape,
     scratch_database,
     scratch_vhost,
     start_simulator,
@@ -137,10 +138,11 @@ def _case(
         "every broadcast to complete", all_done, timeout=per_channel / limit * 4 + 60, every=0.2
     )
     get_engine().dispose()
-    unused = unused_slots(f"http://127.0.0.1:{metrics_port}/metrics")
+    samples = wait_for("the dispatchers' metrics", lambda: scrape(metrics_port), timeout=30)
     fractions, windows, throttled, unused_shares = [], [], 0, []
     for hook, channel_id in hooks:
-        sent, lost = unused.get(str(channel_id), (0.0, 0.0))
+        sent = metric(samples, "bcast_channel_sends_total", channel=str(channel_id))
+        lost = metric(samples, "bcast_channel_slots_unused_total", channel=str(channel_id))
         unused_shares.append(lost / max(1.0, sent + lost))
         records = httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()
         seen: set[str] = set()
@@ -168,22 +170,3 @@ def _case(
         # (bcast_channel_slots_unused_total): the capacity a busy machine cost it.
         "max_unused_slot_share": round(max(unused_shares), 3),
     }
-
-
-def unused_slots(url: str) -> dict[str, tuple[float, float]]:
-    """Per channel id, from the dispatchers' metrics: (calls made, slots let pass unused)."""
-
-    def ready() -> bool:
-        try:
-            return httpx.get(url, timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for("the dispatchers' metrics", ready, timeout=30)
-    values: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name in ("bcast_channel_sends_total", "bcast_channel_slots_unused_total"):
-                pair = values.setdefault(sample.labels["channel"], [0.0, 0.0])
-                pair[sample.name.endswith("unused_total")] += sample.value
-    return {channel: (pair[0], pair[1]) for channel, pair in values.items()}

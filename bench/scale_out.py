@@ -39,10 +39,10 @@ from typing import Any
 
 import httpx2 as httpx
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     Children,
+    Sample,
     bench_env,
     check_provider,
     completed,
@@ -50,6 +50,8 @@ from bench.common import (
     create_broadcast,
     free_port,
     import_contacts,
+    metric,
+    scrape,
     scratch_database,
     scratch_vhost,
     start_api,
@@ -354,37 +356,6 @@ def _group_ready(log: Path, port: int, processes: int) -> Callable[[], bool]:
 
 
 # --- metrics -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    name: str
-    labels: Mapping[str, str]
-    value: float
-
-
-def scrape(port: int) -> list[Sample] | None:
-    """Every sample a metrics endpoint on loopback serves; None while it does not answer."""
-    try:
-        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-    except httpx.TransportError:
-        return None
-    if response.status_code != 200:
-        return None
-    return [
-        Sample(s.name, s.labels, s.value)
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-    ]
-
-
-def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
-    """The sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 class Sampler:

@@ -257,14 +257,12 @@ class SlotCache:
 
     def _fresh(self) -> deque[float]:
         times = self._times
-        if times:
-            stale = time.time() - LATE_TOLERANCE
-            if times[0] < stale:
-                dropped = 0
-                while times and times[0] < stale:
-                    times.popleft()
-                    dropped += 1
-                self.unused(dropped, "left")
+        stale = time.time() - LATE_TOLERANCE
+        dropped = 0
+        while times and times[0] < stale:
+            times.popleft()
+            dropped += 1
+        self.unused(dropped, "left")
         return times
 
     def settle(self) -> None:
