@@ -303,21 +303,6 @@ def dead_threads(worker: dramatiq.Worker) -> list[str]:
     return [t.name for t in threads if t.ident is not None and not t.is_alive()]
 
 
-class QuietPausedRestart(logging.Filter):
-    """Drops dramatiq's "Restarting consumer in N seconds." line. dramatiq pauses a consumer
-    by ending its fetch loop, which it then reports as a restart: during a stop, when the
-    worker pauses its consumers, the line says something that is not happening. Installed on
-    the consumers' loggers only when the worker stops, so a real restart (after the broker
-    connection dropped) is still logged, after dramatiq's own CRITICAL line about it.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Restarting consumer")
-
-
-QUIET_PAUSED_RESTART = QuietPausedRestart()
-
-
 class RuntimeMiddleware(dramatiq.Middleware):
     """Opens the process's runtime when a worker boots and closes it when the worker stops.
 
@@ -346,17 +331,17 @@ class RuntimeMiddleware(dramatiq.Middleware):
         quiet_dropped_connections()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
-            # The runs halt and give their batches back at once, not after the pause below
-            # (pausing the consumers takes dramatiq seconds): a stopping dispatcher starts no
-            # more calls, and another one takes its batches sooner.
+            # The runs halt and give their batches back at once: a stopping dispatcher starts
+            # no more calls, and another one takes its batches sooner.
             log.info("dispatcher stopping: giving back its batches")
             runtime.stop_taking_work()
-        # No new message reaches an actor while the runs give their batches back (the worker
-        # puts back what it fetched when it stops; one that comes meanwhile finds the engine
-        # stopping and goes back to the queue).
-        for consumer in worker.consumers.values():
-            consumer.logger.addFilter(QUIET_PAUSED_RESTART)
-        worker.pause()
+        # The worker threads take no new message while the runs give their batches back: what
+        # the consumers fetch meanwhile waits in memory, and the worker puts it back on its
+        # queue when it stops (a message already taken finds the runtime closed and goes back
+        # itself). Not ``worker.pause()``: pausing the consumers too costs seconds (dramatiq
+        # ends their fetch loop and sleeps before it looks again), for nothing at a stop.
+        for thread in worker.workers:
+            thread.pause()
         if runtime is not None:
             runtime.close()
             log.info("dispatcher runtime closed")

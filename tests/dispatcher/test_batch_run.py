@@ -365,7 +365,7 @@ def test_a_stopping_engine_gives_every_batch_back(sending: Any, runtime: Runtime
 def test_a_runtime_told_to_stop_taking_work_gives_every_batch_back_while_still_open(
     sending: Any, runtime: Runtime
 ) -> None:
-    # What a dispatcher does first on SIGTERM, before dramatiq pauses its consumers.
+    # What a dispatcher does first on SIGTERM, before its worker threads stop.
     s = sending(300, rate=40)
     s.adopt_first()
     wait_for("sending to be under way", lambda: len(s.arrivals()) >= 10)

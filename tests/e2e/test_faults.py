@@ -20,9 +20,9 @@ pytestmark = pytest.mark.e2e
 #: Small enough for CI on two cores; the same scenarios as ``python -m bench.faults``.
 SMALL = Scale(
     recipients=2_000,
-    send_seconds=6.0,
-    outage_seconds=6.0,
-    storm_seconds=4.0,
+    send_seconds=4.0,
+    outage_seconds=4.0,
+    storm_seconds=3.0,
     deadline_seconds=120.0,
     lease_seconds=8.0,
 )

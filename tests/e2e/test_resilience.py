@@ -98,7 +98,7 @@ def test_a_killed_dispatcher_loses_nothing(api: Api, system: System) -> None:
     procs.stop("dispatcher")
     procs.start("victim", "dispatcher", "--processes", "1", "--threads", "4")
     try:
-        channel, hook = api.webhook_channel(rate=40)
+        channel, hook = api.webhook_channel(rate=80)
         account = api.account(channel["id"])
         api.import_contacts(account["id"], [f"k-{i}" for i in range(300)])
         b = api.broadcast(channel["id"], {})
@@ -145,7 +145,7 @@ def test_a_dispatcher_stopped_mid_send_gives_back_its_rows_and_nothing_repeats(
     procs.stop("dispatcher")
     procs.start("leaving", "dispatcher", "--processes", "1", "--threads", "4")
     try:
-        channel, hook = api.webhook_channel(rate=40, latency_ms=20)
+        channel, hook = api.webhook_channel(rate=80, latency_ms=20)
         account = api.account(channel["id"])
         api.import_contacts(account["id"], [f"g-{i}" for i in range(300)])
         b = api.broadcast(channel["id"], {})
@@ -155,8 +155,8 @@ def test_a_dispatcher_stopped_mid_send_gives_back_its_rows_and_nothing_repeats(
         stopped = [json.loads(line) for line in procs.log("leaving").splitlines() if line]
         assert any("giving back its batches" in e["message"] for e in stopped)
         assert [e for e in stopped if e["level"] in ("ERROR", "CRITICAL") or "traceback" in e] == []
-        # Pausing its consumers is no restart of them (dramatiq would say so: the line is
-        # dropped while the worker stops).
+        # A stop is no restart of its consumers (dramatiq says so when it ends their fetch
+        # loops while they should go on, as ``worker.pause()`` does).
         assert [e for e in stopped if e["message"].startswith("Restarting consumer")] == []
         # Gone, and it kept nothing: every row is sent or back in the queue, none held.
         held = system.sql(

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 CONFIG = Path(__file__).parents[1] / "api" / "schemathesis.toml"
 #: Seconds of fuzzing and stateful testing; the examples and coverage phases come first.
-BUDGET = int(os.environ.get("BCAST_SCHEMATHESIS_SECONDS", "60"))
+BUDGET = int(os.environ.get("BCAST_SCHEMATHESIS_SECONDS", "25"))
 LEAST_CASES = 1000
 
 
