@@ -111,6 +111,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 "| Postgres of these runs (a private cluster) | "
                 + ", ".join(f"{k} {v}" for k, v in settings.items())
+                + (
+                    "; the imported contacts vacuumed and checkpointed before the clock starts"
+                    if e2e.get("settled")
+                    else ""
+                )
                 + " |"
             )
         small = e2e.get("small")
@@ -127,7 +132,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{history['rows_before_last']:,} delivery rows already in the table | "
                 f"{history['last_seconds']:.1f} s against {history['first_seconds']:.1f} s for "
                 f"the first (**{history['growth']:.2f}x**); Postgres CPU µs per recipient "
-                f"{history['postgres_us_last']:,.0f} against {history['postgres_us_first']:,.0f} |"
+                f"{history['postgres_us_last']:,.0f} against {history['postgres_us_first']:,.0f}"
+                + (
+                    "; py-spy sampled one of its dispatcher workers"
+                    if history.get("profiled")
+                    else ""
+                )
+                + " |"
             )
     memory = results.get("memory")
     if memory:

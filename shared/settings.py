@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     #: Postgres connections of each dispatcher process's pool (plus one that listens for
     #: pauses and throttles), whatever its thread count.
     dispatcher_db_connections: int = Field(default=2, ge=2)
+    #: How long a dispatcher worker process waits for Postgres when it starts; a process that
+    #: cannot reach it by then exits (its supervisor starts it again), never runs without it.
+    dispatcher_open_timeout_seconds: float = Field(default=30.0, gt=0)
     #: Longest one provider call may take (HTTP request, SMTP conversation).
     send_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Attempts per recipient before a transient error becomes a failure.

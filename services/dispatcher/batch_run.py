@@ -316,6 +316,9 @@ class BatchRun:
                         keyed=job.keyed,
                     ),
                 )
+            # A claim short of its limit took what the batch has due: its rows are all the
+            # run has a use for slots for (until more come due).
+            last = len(claimed) < claim_limit
             units: list[Unit] = list(claimed)
             if job.multicast > 1 and claimed:
                 units = await self._calls(job, claimed)
@@ -330,7 +333,7 @@ class BatchRun:
                     for row in members_of(rows):
                         recorder.release(row)
                     return stop
-                wait = await self._pace(job, lane, slots, rows, group, lease, recorder)
+                wait = await self._pace(job, lane, slots, rows, group, lease, recorder, last)
                 if wait is None:
                     continue
                 if wait > MAX_WAIT:
@@ -350,10 +353,12 @@ class BatchRun:
         group: asyncio.TaskGroup,
         lease: Lease,
         recorder: Recorder,
+        last: bool = False,
     ) -> float | None:
         """Start sends for the next rows: lane places first, slots second (a slot taken must
         never then wait for a place). Returns None when sends were started (or the run was
-        halted meanwhile), else how long until the channel has a slot within reach.
+        halted meanwhile), else how long until the channel has a slot within reach. ``last``:
+        the rows are the batch's last due ones, so slots beyond them are not taken ahead.
         """
         wanted = self.rt.limiter.grant_size(job.rate, len(rows))
         at_least = max(1, min(wanted, int(lane.size * LANE_CHUNK)))
@@ -361,7 +366,13 @@ class BatchRun:
             if self.halted:
                 return None  # the loop sees why and gives the rows back
             taken_at = time.time()
-            slots = await cache.take(job.rate, grant.size, within=LOOKAHEAD, block=lane.size)
+            slots = await cache.take(
+                job.rate,
+                grant.size,
+                within=LOOKAHEAD,
+                block=lane.size,
+                need=len(rows) if last else None,
+            )
             if not slots.times:
                 return max(0.0, slots.next_free - LOOKAHEAD - time.time())
             tally = metrics.TALLY

@@ -229,13 +229,22 @@ class SlotCache:
         self._next_free = 0.0
         self._refill = asyncio.Lock()
 
-    async def take(self, rate: float, n: int, *, within: float, block: int) -> Slots:
-        """Up to ``n`` slots that start within ``within`` seconds."""
+    async def take(
+        self, rate: float, n: int, *, within: float, block: int, need: int | None = None
+    ) -> Slots:
+        """Up to ``n`` slots that start within ``within`` seconds. ``need``: how many slots
+        the caller has a use for in all (its rows still waiting for one, ``n`` of them now);
+        a round trip takes a block of slots, but no more than that: what no send here needs
+        would pass unused while other processes wait for the channel's slots.
+        """
         if len(self._fresh()) < n:
             async with self._refill:
                 have = len(self._fresh())
                 if have < n:
-                    wanted = max(n - have, min(block, self.limiter.grant_size(rate, block)))
+                    ahead = min(block, self.limiter.grant_size(rate, block))
+                    if need is not None:
+                        ahead = min(ahead, need - have)
+                    wanted = max(n - have, ahead)
                     got = await self.limiter.reserve(
                         self.channel_id, self.workspace_id, rate, wanted, within=within
                     )

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: How long a stopping process waits for its runs to give their batches back.
 STOP_SECONDS = 20.0
+#: Exit code of a worker process that could not open its runtime (dramatiq's own code for a
+#: connection that failed at boot).
+BOOT_FAILED = 3
 #: How long an interrupted actor's coroutine may take to give back what it holds.
 CLEANUP_SECONDS = 15.0
 WAIT_SLICE = 0.25
@@ -122,7 +125,7 @@ class Runtime:
             kwargs={"autocommit": True, "application_name": "bcast-dispatcher"},
             open=False,
         )
-        await self.pool.open(wait=True, timeout=30)
+        await self.pool.open(wait=True, timeout=self.settings.dispatcher_open_timeout_seconds)
         # Copies of small audiences have a connection of their own: timed sends due by the
         # thousand are not queued behind the statements of every run, nor behind a large copy.
         self.group_pool = AsyncConnectionPool(
@@ -132,7 +135,7 @@ class Runtime:
             kwargs={"autocommit": True, "application_name": "bcast-dispatcher-copy"},
             open=False,
         )
-        await self.group_pool.open(wait=True, timeout=30)
+        await self.group_pool.open(wait=True, timeout=self.settings.dispatcher_open_timeout_seconds)
         self.http = make_client(
             self.egress,
             max_in_flight=self.settings.max_in_flight,
@@ -322,7 +325,18 @@ class RuntimeMiddleware(dramatiq.Middleware):
         metrics.init_metrics()
         runtime = Runtime(self._settings())
         runtime.dead_threads = lambda: dead_threads(worker)
-        runtime.open()
+        try:
+            runtime.open()
+        except Exception as exc:
+            # dramatiq would log this and boot the worker anyway, a worker that takes messages
+            # and can send none: the process exits instead, and dramatiq's main process stops
+            # the rest and exits with its code, for the supervisor to start it again.
+            log.critical(
+                "dispatcher runtime could not open (%s); the process exits",
+                error_text(exc),
+                extra={"event": "boot_failed"},
+            )
+            raise SystemExit(BOOT_FAILED) from None
         self.runtime = runtime
         log.info("dispatcher runtime open")
 

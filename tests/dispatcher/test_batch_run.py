@@ -329,6 +329,21 @@ def test_a_pause_stops_calls_at_once_and_the_rows_come_back(
     assert sum(reserved) == len(s.arrivals()) + sum(cache.unused_by.values())
 
 
+def test_a_run_takes_no_slots_beyond_its_batchs_last_rows(sending: Any) -> None:
+    # 30 rows at 400/s: one claim short of its limit. A block of slots (the lane's size) would
+    # leave most of it unused, and other processes would wait for the channel meanwhile.
+    s = sending(30, rate=400)
+    s.adopt_first()
+    wait_for("every recipient to be sent", lambda: s.rows().get("sent", 0) == 30, timeout=30)
+    wait_for("the run to end", lambda: not s.rt.engine.runs)
+    [cache] = s.rt._slots.values()
+    s.rt.call(asyncio.sleep(0.1))
+    s.rt.loop.call_soon_threadsafe(cache.settle)
+    s.rt.call(asyncio.sleep(0))
+    assert cache.unused_by == {"late": 0, "stopped": 0, "left": 0}
+    assert len(s.arrivals()) == 30
+
+
 def test_sends_too_late_for_their_slots_give_them_up_as_late_and_keep_the_limit(
     sending: Any,
 ) -> None:

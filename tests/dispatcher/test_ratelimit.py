@@ -196,6 +196,38 @@ def test_the_slot_cache_takes_a_block_and_serves_runs_from_it(api: Api, database
     with_limiter(database_url, body)
 
 
+def test_a_cache_takes_no_more_ahead_than_its_callers_need(api: Api, database_url: str) -> None:
+    # A run's last rows: the block would leave slots nobody here sends in, while other
+    # processes wait for the channel. The slots not taken stay in the channel's row.
+    channel = api.channel()["id"]
+    rate = 1000.0
+
+    async def body(limiter: RateLimiter) -> None:
+        cache = SlotCache(limiter, channel, api.workspace_id, "webhook")
+        got = await cache.take(rate, 5, within=1.0, block=100, need=7)
+        assert len(got.times) == 5
+        # Two more at hand for the caller's other rows, none beyond: the next slot is the
+        # channel's, one interval after the seventh.
+        assert cache.take_at_hand(within=1.0) is not None
+        assert cache.take_at_hand(within=1.0) is not None
+        assert cache.take_at_hand(within=1.0) is None
+        other = SlotCache(limiter, channel, api.workspace_id, "webhook")
+        theirs = await other.take(rate, 1, within=1.0, block=1)
+        step = 1 / (rate * HEADROOM)
+        assert theirs.times[0] == pytest.approx(got.times[0] + 7 * step, abs=1e-5)
+        # What the caller needs now is taken however small the need said it is.
+        more = await cache.take(rate, 4, within=1.0, block=100, need=2)
+        assert len(more.times) == 4
+        # Without a need, a block: the next take is served from the cache.
+        await cache.take(rate, 1, within=1.0, block=100)
+        at_hand = 0
+        while cache.take_at_hand(within=1.0) is not None:
+            at_hand += 1
+        assert at_hand >= 90
+
+    with_limiter(database_url, body)
+
+
 def test_slots_start_when_the_channel_row_is_ours_not_when_we_began_to_wait_for_it(
     api: Api, database_url: str
 ) -> None:
