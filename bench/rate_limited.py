@@ -140,10 +140,23 @@ def _case(
     get_engine().dispose()
     samples = wait_for("the dispatchers' metrics", lambda: scrape(metrics_port), timeout=30)
     fractions, windows, throttled, unused_shares = [], [], 0, []
+    worst_unused: dict[str, int] = {}
     for hook, channel_id in hooks:
         sent = metric(samples, "bcast_channel_sends_total", channel=str(channel_id))
         lost = metric(samples, "bcast_channel_slots_unused_total", channel=str(channel_id))
         unused_shares.append(lost / max(1.0, sent + lost))
+        if lost / max(1.0, sent + lost) >= max(unused_shares):
+            worst_unused = {
+                reason: int(
+                    metric(
+                        samples,
+                        "bcast_channel_slots_unused_total",
+                        channel=str(channel_id),
+                        reason=reason,
+                    )
+                )
+                for reason in ("late", "stopped", "left")
+            }
         records = httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()
         seen: set[str] = set()
         accepted: list[float] = []
@@ -169,4 +182,6 @@ def _case(
         # Of the slots the dispatchers took for a channel, the share that passed unused
         # (bcast_channel_slots_unused_total): the capacity a busy machine cost it.
         "max_unused_slot_share": round(max(unused_shares), 3),
+        # That channel's unused slots by reason (late, stopped, left).
+        "unused_slots_by_reason": worst_unused,
     }
