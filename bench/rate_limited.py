@@ -28,6 +28,7 @@ from bench.common import (
     start_simulator,
     wait_for,
 )
+from services.dispatcher.metrics import SLOT_REASONS
 from services.simulator.app import max_in_window
 
 #: (channels, limit per channel) pairs a full run measures.
@@ -139,13 +140,14 @@ def _case(
     )
     get_engine().dispose()
     samples = wait_for("the dispatchers' metrics", lambda: scrape(metrics_port), timeout=30)
-    fractions, windows, throttled, unused_shares = [], [], 0, []
+    fractions, windows, throttled = [], [], 0
+    unused_shares: list[float] = []
     worst_unused: dict[str, int] = {}
     for hook, channel_id in hooks:
         sent = metric(samples, "bcast_channel_sends_total", channel=str(channel_id))
         lost = metric(samples, "bcast_channel_slots_unused_total", channel=str(channel_id))
-        unused_shares.append(lost / max(1.0, sent + lost))
-        if lost / max(1.0, sent + lost) >= max(unused_shares):
+        share = lost / max(1.0, sent + lost)
+        if share >= max(unused_shares, default=0.0):
             worst_unused = {
                 reason: int(
                     metric(
@@ -155,8 +157,9 @@ def _case(
                         reason=reason,
                     )
                 )
-                for reason in ("late", "stopped", "left")
+                for reason in SLOT_REASONS
             }
+        unused_shares.append(share)
         records = httpx.get(f"{sim}/_sim/hooks/{hook}/requests").json()
         seen: set[str] = set()
         accepted: list[float] = []
