@@ -6,7 +6,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
+from bench.ports import free_port
 from shared.db import migrate
 from shared.db.engine import libpq_url
 from shared.domain.channels import MAX_RATE_PER_SECOND
@@ -29,12 +29,6 @@ if TYPE_CHECKING:
 
 BCAST = [sys.executable, "-m", "services.cli"]
 ADMIN_URL = os.environ.get("BCAST_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(

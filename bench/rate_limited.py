@@ -20,7 +20,6 @@ from bench.common import (
     Children,
     bench_env,
     follow_database,
-    free_port,
     metric,
     scrape,
     scratch_database,
@@ -28,6 +27,7 @@ from bench.common import (
     start_simulator,
     wait_for,
 )
+from bench.ports import free_port
 from services.dispatcher.metrics import SLOT_REASONS
 from services.simulator.app import max_in_window
 

@@ -48,7 +48,6 @@ from bench.common import (
     completed,
     cpu_seconds,
     create_broadcast,
-    free_port,
     import_contacts,
     metric,
     scrape,
@@ -61,6 +60,7 @@ from bench.common import (
 )
 from bench.e2e import Shape
 from bench.faults.servers import PrivatePostgres
+from bench.ports import free_port
 from shared.db.engine import libpq_url
 from shared.domain.channels import MAX_RATE_PER_SECOND
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -11,6 +10,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+from bench.ports import free_port
 
 
 class Mailbox:
@@ -87,12 +88,6 @@ def authenticator(
         b"s3cret-pass",
     )
     return AuthResult(success=ok, handled=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(mailbox: Mailbox, **kwargs: Any) -> Controller:

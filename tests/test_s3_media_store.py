@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from bench.ports import free_port
 from shared.media_store import S3MediaStore, make_media_store
 from shared.settings import Settings
 from tests.conftest import Api
@@ -23,9 +23,7 @@ from tests.conftest import Api
 
 @pytest.fixture(scope="module")
 def s3_url() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -23,6 +22,8 @@ from typing import Self
 
 import psycopg
 from psycopg import sql
+
+from bench.ports import free_port
 
 #: Where Debian keeps each Postgres version's server binaries.
 POSTGRES_BINARIES = Path("/usr/lib/postgresql")
@@ -34,21 +35,6 @@ START_SECONDS = 90.0
 
 class ServerError(Exception):
     """A private server did not start or stop; the message says which and why."""
-
-
-def free_port(low: int = 20_000, high: int = 30_000) -> int:
-    """A loopback port nobody listens on. Kept low enough that RabbitMQ's CLI ports
-    (distribution port + 10000 and up) stay in range.
-    """
-    for _ in range(200):
-        port = low + secrets.randbelow(high - low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise ServerError("no free port found")
 
 
 def _run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 60.0) -> str:

@@ -21,7 +21,8 @@ import psycopg
 from sqlalchemy.orm import Session
 
 from bench import common
-from bench.faults.servers import PrivatePostgres, PrivateRabbit, free_port
+from bench.faults.servers import PrivatePostgres, PrivateRabbit
+from bench.ports import free_port
 from shared.db import migrate
 from shared.db.engine import make_engine
 from shared.domain.tokens import create_token

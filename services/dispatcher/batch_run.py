@@ -316,9 +316,14 @@ class BatchRun:
                         keyed=job.keyed,
                     ),
                 )
-            # A claim short of its limit took what the batch has due: its rows are all the
-            # run has a use for slots for (until more come due).
-            last = len(claimed) < claim_limit
+            # A claim short of its limit, or one that reached the batch's last row, took what
+            # the batch has due: its rows are all the run has a use for slots for (until more
+            # come due). A batch whose rows are a multiple of the claim's limit ends in a full
+            # claim, and slots taken ahead then would pass unused between this run and the
+            # next while other processes wait for the channel.
+            last = len(claimed) < claim_limit or (
+                bool(claimed) and max(c.id for c in claimed) >= self.batch.last_id
+            )
             units: list[Unit] = list(claimed)
             if job.multicast > 1 and claimed:
                 units = await self._calls(job, claimed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import httpx2 as httpx
 import psycopg
 import pytest
 
+from bench.ports import free_port
 from shared.db.engine import libpq_url
 from shared.domain.tokens import hash_token
 from tests.conftest import _drop_database
@@ -33,12 +33,6 @@ def fresh_env(database_url: str) -> Iterator[dict[str, str]]:
     env = {**os.environ, "BCAST_DATABASE_URL": database_url.rsplit("/", 1)[0] + "/" + name}
     yield env
     _drop_database(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_db_upgrade_creates_and_migrates_then_token_create_and_api_work(

@@ -9,7 +9,8 @@ import json
 import os
 import subprocess
 
-from tests.cli.test_cli import BCAST, free_port
+from bench.ports import free_port
+from tests.cli.test_cli import BCAST
 from tests.conftest import scratch_vhost
 
 

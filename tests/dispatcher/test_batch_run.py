@@ -9,7 +9,6 @@ import gc
 import logging
 import re
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from bench.ports import free_port
 from services.dispatcher import metrics, snapshot
 from services.dispatcher.engine import Taken
 from services.dispatcher.jobs import load_job
@@ -53,9 +53,7 @@ def simulator() -> Iterator[tuple[str, Simulator]]:
     app = make_app()
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app, access_log=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -329,19 +327,27 @@ def test_a_pause_stops_calls_at_once_and_the_rows_come_back(
     assert sum(reserved) == len(s.arrivals()) + sum(cache.unused_by.values())
 
 
-def test_a_run_takes_no_slots_beyond_its_batchs_last_rows(sending: Any) -> None:
-    # 30 rows at 400/s: one claim short of its limit. A block of slots (the lane's size) would
-    # leave most of it unused, and other processes would wait for the channel meanwhile.
-    s = sending(30, rate=400)
+@pytest.mark.parametrize("claims", [0.3, 2.0], ids=["short-claim", "full-last-claim"])
+def test_a_run_takes_no_slots_beyond_its_batchs_last_rows(
+    sending: Any, runtime: Runtime, claims: float
+) -> None:
+    # At 400/s: 0.3 of a claim (one claim short of its limit), or exactly two claims (the last
+    # one full, ending on the batch's last row). A block of slots taken ahead (the lane's
+    # size) would leave most of it unused, and other processes would wait for the channel
+    # meanwhile.
+    s_ = runtime.settings
+    claim_limit = min(s_.claim_size, 400, 2 * s_.channel_max_in_flight)
+    n = int(claim_limit * claims)
+    s = sending(n, rate=400)
     s.adopt_first()
-    wait_for("every recipient to be sent", lambda: s.rows().get("sent", 0) == 30, timeout=30)
+    wait_for("every recipient to be sent", lambda: s.rows().get("sent", 0) == n, timeout=30)
     wait_for("the run to end", lambda: not s.rt.engine.runs)
     [cache] = s.rt._slots.values()
     s.rt.call(asyncio.sleep(0.1))
     s.rt.loop.call_soon_threadsafe(cache.settle)
     s.rt.call(asyncio.sleep(0))
     assert cache.unused_by == {"late": 0, "stopped": 0, "left": 0}
-    assert len(s.arrivals()) == 30
+    assert len(s.arrivals()) == n
 
 
 def test_sends_too_late_for_their_slots_give_them_up_as_late_and_keep_the_limit(

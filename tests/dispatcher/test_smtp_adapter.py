@@ -202,7 +202,7 @@ def test_a_server_that_never_greets_cannot_hold_a_send_past_its_timeout(
 
 
 def test_server_down_is_transient(store: LocalMediaStore) -> None:
-    from tests.smtp_box import free_port
+    from bench.ports import free_port
 
     result = send(adapter(free_port(), store), OutboundMessage(1, "x"), "ann@x.test")
     assert result == Transient(UNREACHABLE_SERVER)

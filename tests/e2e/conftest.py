@@ -8,7 +8,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import httpx2 as httpx
 import psycopg
 import pytest
 
+from bench.ports import free_port
 from shared.db import migrate
 from shared.db.engine import libpq_url
 from tests.conftest import _drop_database, scratch_vhost
@@ -28,12 +28,6 @@ from tests.conftest import _drop_database, scratch_vhost
 BCAST = [sys.executable, "-m", "services.cli"]
 #: Every wait in these tests gives up after this long; the system should take a fraction.
 WAIT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT, every: float = 0.1) -> Any:

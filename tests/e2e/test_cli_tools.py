@@ -10,7 +10,8 @@ import subprocess
 import httpx2 as httpx
 import pytest
 
-from tests.e2e.conftest import BCAST, Api, System, free_port, wait_for
+from bench.ports import free_port
+from tests.e2e.conftest import BCAST, Api, System, wait_for
 
 pytestmark = pytest.mark.e2e
 

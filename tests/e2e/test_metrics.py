@@ -7,7 +7,8 @@ import re
 import httpx2 as httpx
 import pytest
 
-from tests.e2e.conftest import Api, System, free_port, wait_for
+from bench.ports import free_port
+from tests.e2e.conftest import Api, System, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,8 @@ import httpx2 as httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import Api, System, free_port, wait_for
+from bench.ports import free_port
+from tests.e2e.conftest import Api, System, wait_for
 
 pytestmark = pytest.mark.e2e
 
