@@ -36,6 +36,39 @@ LATE_TOLERANCE = 0.015
 OFFSET_MAX_AGE = 60.0
 #: Round trips per measurement; the quickest one gives the offset.
 OFFSET_PROBES = 5
+#: How fast two clocks may drift apart (a generous bound for clocks kept by NTP): what a
+#: measurement of the offset may have become wrong by since it was made.
+CLOCK_DRIFT = 50e-6
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetSample:
+    """One measurement of the offset between this machine's clock and the database's."""
+
+    #: Local clock minus the database's, in seconds.
+    offset: float
+    #: The round trip it was measured over: the offset is the trip's midpoint, so it is off
+    #: by at most half of it.
+    round_trip: float
+    #: When it was measured (monotonic seconds).
+    at: float
+
+    def error(self, now: float) -> float:
+        """How far off it may be at ``now``: half its round trip, and the drift since."""
+        return self.round_trip / 2 + max(0.0, now - self.at) * CLOCK_DRIFT
+
+
+def better_offset(kept: OffsetSample | None, new: OffsetSample, now: float) -> OffsetSample:
+    """The measurement to use: the new one unless the one kept may be off by less. A round trip
+    made while the event loop or the database was busy can be milliseconds long, and half of
+    it is the new offset's possible error; every process converts slots with its own offset,
+    so such an error puts one process's sends that much out of step with the others', inside
+    the lateness a provider's one-second window can take (``HEADROOM``). A measurement over a
+    short trip is kept until the drift it may have gathered makes a new one better.
+    """
+    if kept is None or new.error(now) <= kept.error(now):
+        return new
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +93,9 @@ class RateLimiter:
         self._known: set[int] = set()
         #: channel id -> wall-clock time before which no call may start.
         self._blocked_until: dict[int, float] = {}
-        #: Local clock minus the database's, and when it was last measured (monotonic).
-        self._offset = 0.0
+        #: The measurement of the local clock minus the database's in use, and when the offset
+        #: was last measured (monotonic).
+        self._sample: OffsetSample | None = None
         self._measured = -OFFSET_MAX_AGE
         self._measuring = asyncio.Lock()
 
@@ -71,11 +105,12 @@ class RateLimiter:
 
     async def offset(self) -> float:
         """Seconds this machine's clock is ahead of the database's (NTP-style: the midpoint of
-        the quickest of a few round trips). Slots are spaced in the database's clock and all
-        convert with this one offset, so their spacing survives the trip to this process.
+        the quickest of a few round trips, kept while no later one can be surer: see
+        ``better_offset``). Slots are spaced in the database's clock and all convert with this
+        one offset, so their spacing survives the trip to this process.
         """
-        if time.monotonic() - self._measured < OFFSET_MAX_AGE:
-            return self._offset
+        if self._sample is not None and time.monotonic() - self._measured < OFFSET_MAX_AGE:
+            return self._sample.offset
         async with self._measuring:
             if time.monotonic() - self._measured >= OFFSET_MAX_AGE:
                 best: tuple[float, float] | None = None
@@ -90,9 +125,11 @@ class RateLimiter:
                         if best is None or back - sent < best[0]:
                             best = (back - sent, (sent + back) / 2 - float(row[0]))
                 assert best is not None
-                self._offset = best[1]
-                self._measured = time.monotonic()
-        return self._offset
+                now = time.monotonic()
+                self._sample = better_offset(self._sample, OffsetSample(best[1], best[0], now), now)
+                self._measured = now
+        assert self._sample is not None
+        return self._sample.offset
 
     async def reserve(
         self, channel_id: int, workspace_id: int, rate: float, n: int, *, within: float

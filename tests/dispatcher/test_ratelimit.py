@@ -18,7 +18,14 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
 from services.dispatcher import metrics
-from services.dispatcher.ratelimit import HEADROOM, RateLimiter, SlotCache
+from services.dispatcher.ratelimit import (
+    CLOCK_DRIFT,
+    HEADROOM,
+    OffsetSample,
+    RateLimiter,
+    SlotCache,
+    better_offset,
+)
 from shared.db.engine import libpq_url
 from shared.domain.channels import MAX_RATE_PER_SECOND
 from tests.conftest import Api
@@ -261,3 +268,50 @@ def test_slots_start_when_the_channel_row_is_ours_not_when_we_began_to_wait_for_
     # dated the slots half a second back and granted none, or a burst of stale ones.
     assert slots.times[0] >= released[0] - 0.05
     assert len(slots.times) == int(0.5 / interval) + 1
+
+
+@pytest.mark.parametrize(
+    ("kept", "new", "now", "chosen"),
+    [
+        # Nothing kept yet: the new one, however long its trip.
+        (None, OffsetSample(0.004, 0.008, 100.0), 100.0, "new"),
+        # A shorter trip: the new one.
+        (OffsetSample(0.0, 0.002, 40.0), OffsetSample(0.0001, 0.0002, 100.0), 100.0, "new"),
+        # A longer trip while the one kept is recent: the kept one (its error: 0.1 ms + 60 s
+        # of drift, 3 ms; the new one's: 4 ms).
+        (OffsetSample(0.0, 0.0002, 40.0), OffsetSample(0.004, 0.008, 100.0), 100.0, "kept"),
+        # The same trip later: the new one (as sure, and no drift yet).
+        (OffsetSample(0.0, 0.001, 40.0), OffsetSample(0.0002, 0.001, 100.0), 100.0, "new"),
+        # The kept one, 50 s old, may be off by 2.6 ms; at 150 s old, by 7.6 ms: then the new
+        # one's 4 ms is surer.
+        (OffsetSample(0.0, 0.0002, 50.0), OffsetSample(0.004, 0.008, 100.0), 100.0, "kept"),
+        (OffsetSample(0.0, 0.0002, 50.0), OffsetSample(0.004, 0.008, 200.0), 200.0, "new"),
+    ],
+)
+def test_an_offset_measured_over_a_longer_trip_does_not_replace_a_surer_one(
+    kept: OffsetSample | None, new: OffsetSample, now: float, chosen: str
+) -> None:
+    assert better_offset(kept, new, now) is (new if chosen == "new" else kept)
+    assert new.error(now) == pytest.approx(new.round_trip / 2 + (now - new.at) * CLOCK_DRIFT)
+
+
+def test_a_limiter_keeps_its_surest_offset_across_measurements(database_url: str) -> None:
+    async def body(limiter: RateLimiter) -> tuple[float, float, float]:
+        # The database is on this machine: the measured offset is close to nothing.
+        measured = await limiter.offset()
+        # A measurement known to be exact (a zero-length trip) stands in for it, 0.25 s off
+        # this machine's clock on purpose: the next measurement, over a real trip, is less
+        # sure and leaves it in place.
+        limiter._sample = OffsetSample(0.25, 0.0, time.monotonic())
+        limiter._measured = -1e9
+        kept = await limiter.offset()
+        # Once it is old enough to have drifted more than a trip's length, a new one counts.
+        limiter._sample = OffsetSample(0.25, 0.0, time.monotonic() - 3600)
+        limiter._measured = -1e9
+        replaced = await limiter.offset()
+        return measured, kept, replaced
+
+    measured, kept, replaced = with_limiter(database_url, body)
+    assert abs(measured) < 0.01
+    assert kept == 0.25
+    assert abs(replaced) < 0.01
