@@ -28,7 +28,8 @@ GRANT_SECONDS = 0.2
 #: Fraction of the configured rate actually used. Slots 1/(rate x HEADROOM) apart put at most
 #: ``rate`` of them in any one-second window even if some go out up to 1/HEADROOM - 1 (41 ms)
 #: late: ``LATE_TOLERANCE`` of that is lateness the send loop allows, the rest room for what
-#: happens between the last check and the wire (the event loop, the network, the clocks).
+#: happens between the last check and the provider's count (the event loop, the network, the
+#: clocks, and above all a busy provider reading requests late: see docs/performance.md).
 HEADROOM = 0.96
 #: A slot not used within this long after its time is dropped, never used late.
 LATE_TOLERANCE = 0.015
