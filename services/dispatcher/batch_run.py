@@ -95,6 +95,17 @@ class Ending:
     go_on: bool = False
 
 
+def claim_limit(claim_size: int, rate: float, lane_size: int, multicast: int = 1) -> int:
+    """How many rows one claim takes: at most ``claim_size``, a second's worth at the channel's
+    rate (``LOOKAHEAD``) and two lanes' worth; for a channel whose calls carry up to
+    ``multicast`` rows, enough for a few calls.
+    """
+    limit = max(1, min(claim_size, math.ceil(rate * LOOKAHEAD), 2 * lane_size))
+    if multicast > 1:
+        limit = multicast * min(limit, MULTICAST_CALLS)
+    return limit
+
+
 def _releaser(place: Place) -> Callable[[asyncio.Task[None]], None]:
     """A done callback that gives a send's lane place back however the send ended (even a
     task cancelled before it began).
@@ -295,12 +306,7 @@ class BatchRun:
         lease: Lease,
         recorder: Recorder,
     ) -> Ending:
-        claim_limit = max(
-            1, min(self.rt.settings.claim_size, math.ceil(job.rate * LOOKAHEAD), 2 * lane.size)
-        )
-        if job.multicast > 1:
-            # A call carries up to ``multicast`` rows: claim enough for a few calls.
-            claim_limit = job.multicast * min(claim_limit, MULTICAST_CALLS)
+        limit = claim_limit(self.rt.settings.claim_size, job.rate, lane.size, job.multicast)
         while True:
             if (stop := self._stop_reason(lease)) is not None:
                 return stop
@@ -309,7 +315,7 @@ class BatchRun:
                     conn,
                     store.claim(
                         self.batch,
-                        claim_limit,
+                        limit,
                         job.window,
                         personal=job.personal,
                         inbound=job.conversation is not None,
@@ -321,9 +327,7 @@ class BatchRun:
             # come due). A batch whose rows are a multiple of the claim's limit ends in a full
             # claim, and slots taken ahead then would pass unused between this run and the
             # next while other processes wait for the channel.
-            last = len(claimed) < claim_limit or (
-                bool(claimed) and max(c.id for c in claimed) >= self.batch.last_id
-            )
+            last = len(claimed) < limit or claimed[-1].id >= self.batch.last_id
             units: list[Unit] = list(claimed)
             if job.multicast > 1 and claimed:
                 units = await self._calls(job, claimed)

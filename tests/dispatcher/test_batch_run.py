@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from bench.ports import free_port
 from services.dispatcher import metrics, snapshot
+from services.dispatcher.batch_run import claim_limit
 from services.dispatcher.engine import Taken
 from services.dispatcher.jobs import load_job
 from services.dispatcher.ratelimit import SlotCache, Slots
@@ -335,9 +336,8 @@ def test_a_run_takes_no_slots_beyond_its_batchs_last_rows(
     # one full, ending on the batch's last row). A block of slots taken ahead (the lane's
     # size) would leave most of it unused, and other processes would wait for the channel
     # meanwhile.
-    s_ = runtime.settings
-    claim_limit = min(s_.claim_size, 400, 2 * s_.channel_max_in_flight)
-    n = int(claim_limit * claims)
+    settings = runtime.settings
+    n = int(claim_limit(settings.claim_size, 400, settings.channel_max_in_flight) * claims)
     s = sending(n, rate=400)
     s.adopt_first()
     wait_for("every recipient to be sent", lambda: s.rows().get("sent", 0) == n, timeout=30)
