@@ -29,7 +29,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.simulator import graph, line
+from services.simulator.front import Front
 
 SIGNATURE_HEADER = "X-Bcast-Signature"
 #: Oldest signed webhook body the simulator accepts, as a receiver should.
@@ -100,6 +101,18 @@ class Hook:
     chat_last: dict[str, float] = field(default_factory=dict)
     #: LINE: the call each accepted retry key carried (its users and messages).
     line_calls: dict[str, Any] = field(default_factory=dict)
+    #: The webhook secret's HMAC, keyed once and copied per body.
+    mac: Any = None
+
+
+@dataclass
+class Arrival:
+    """A webhook call noted on arrival, not yet answered."""
+
+    hook: Hook
+    key: str
+    record: dict[str, Any]
+    now: float
 
 
 class Simulator:
@@ -118,6 +131,7 @@ class Simulator:
     def configure(self, name: str, config: HookConfig) -> None:
         hook = self.hook(name)
         hook.config = config
+        hook.mac = None
         hook.rng = random.Random(config.seed)  # noqa: S311 - a simulation
 
     def over_rate(self, hook: Hook, now: float) -> bool:
@@ -185,19 +199,39 @@ class Simulator:
         return "ok", hook.accepted[key]
 
     async def webhook(self, request: web.Request) -> web.Response:
-        """The signed webhook: 2xx with ``id``, 429 + Retry-After, 503, 404, 401."""
-        body = await request.read()
+        """The signed webhook: 2xx with ``id``, 429 + Retry-After, 503, 404, 401. (The
+        listener ``serve`` opens answers it itself, through the same two methods.)
+        """
+        got = self.take_webhook(
+            request.match_info["name"],
+            await request.read(),
+            request.headers.get(SIGNATURE_HEADER),
+            request.headers.get("Idempotency-Key"),
+        )
+        if isinstance(got, tuple):
+            return web.json_response(got[1], status=got[0])
+        await self.lag(got.hook)
+        status, answer, headers = self.answer_webhook(got)
+        return web.json_response(answer, status=status, headers=headers)
+
+    def take_webhook(
+        self, name: str, body: bytes, signature: str | None, idempotency_header: str | None
+    ) -> Arrival | tuple[int, dict[str, Any]]:
+        """A webhook call's arrival, noted; or, for a body that is not JSON, the answer."""
         try:
             payload = json.loads(body)
         except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
-        hook = self.hook(request.match_info["name"])
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(payload, dict):
+            return 400, {"error": "body is not a JSON object"}
+        hook = self.hook(name)
         signature_ok: bool | None = None
         if hook.config.secret:
-            expected = (
-                "sha256=" + hmac.new(hook.config.secret.encode(), body, hashlib.sha256).hexdigest()
-            )
-            signature_ok = hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, ""))
+            if hook.mac is None:
+                hook.mac = hmac.new(hook.config.secret.encode(), digestmod=hashlib.sha256)
+            mac = hook.mac.copy()
+            mac.update(body)
+            signature_ok = hmac.compare_digest("sha256=" + mac.hexdigest(), signature or "")
             # A receiver refuses signed bodies that are too old: a replay of a captured one.
             stamp = payload.get("timestamp")
             if not isinstance(stamp, int) or abs(time.time() - stamp) > MAX_SIGNED_AGE:
@@ -210,12 +244,20 @@ class Simulator:
             "media": payload.get("media"),
             "broadcast_id": payload.get("broadcast_id"),
             "signature_ok": signature_ok,
-            "idempotency_header": request.headers.get("Idempotency-Key"),
+            "idempotency_header": idempotency_header,
         }
-        hook, now = self.receive(request.match_info["name"], record)
-        await self.lag(hook)
-        verdict, detail = self.decide(hook, key, record["to"], now)
-        status, answer, headers = {
+        hook, now = self.receive(name, record)
+        return Arrival(hook, key, record, now)
+
+    def lags(self, hook: Hook) -> bool:
+        """Does the hook answer after a latency?"""
+        return bool(hook.config.latency_ms or hook.config.latency_jitter_ms)
+
+    def answer_webhook(self, got: Arrival) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The answer to a noted webhook call: status, JSON body, extra headers."""
+        hook = got.hook
+        verdict, detail = self.decide(hook, got.key, got.record["to"], got.now)
+        answers: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
             "ok": (200, {"id": detail}, {}),
             "duplicate": (200, {"id": detail, "duplicate": True}, {}),
             "throttled": (429, {"error": detail}, {"Retry-After": f"{hook.config.retry_after:g}"}),
@@ -223,9 +265,10 @@ class Simulator:
             "unreachable": (404, {"error": detail}, {}),
             "refused": (422, {"error": detail}, {}),
             "bad_signature": (401, {"error": detail}, {}),
-        }[verdict]
-        record["status"] = status
-        return web.json_response(answer, status=status, headers=headers)
+        }
+        status, answer, headers = answers[verdict]
+        got.record["status"] = status
+        return status, answer, headers
 
     async def telegram(self, request: web.Request) -> web.Response:
         """Bot API shape: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error_code", ...}``."""
@@ -399,20 +442,19 @@ class ExtraPorts:
     the control port, and every record, stay.
 
     Parameters:
-      runner: the simulator's runner (its sites).
       host: the listen address.
+      protocol: makes the protocol of each connection (``serve``'s listener).
     """
 
-    def __init__(self, runner: web.AppRunner, host: str) -> None:
-        self.runner = runner
+    def __init__(self, host: str, protocol: Callable[[], asyncio.Protocol]) -> None:
         self.host = host
-        self.sites: dict[int, web.TCPSite | None] = {}
+        self.protocol = protocol
+        self.sites: dict[int, asyncio.AbstractServer | None] = {}
 
     async def open(self, port: int) -> None:
         if self.sites.get(port) is None:
-            site = web.TCPSite(self.runner, self.host, port)
-            await site.start()
-            self.sites[port] = site
+            loop = asyncio.get_running_loop()
+            self.sites[port] = await loop.create_server(self.protocol, self.host, port)
 
     async def close(self, port: int) -> None:
         """Stop listening on ``port``: new connections are refused, and a connection already
@@ -421,16 +463,21 @@ class ExtraPorts:
         site = self.sites.get(port)
         if site is not None:
             self.sites[port] = None
-            await site.stop()
+            site.close()
+
+    def is_closed(self, port: int | None) -> bool:
+        """Is ``port`` an extra port that is closed now?"""
+        return port in self.sites and self.sites[port] is None
 
     def cut(self, request: web.Request) -> bool:
         """Cut the request's connection if it came through a closed port; True if it did."""
+        if all(site is not None for site in self.sites.values()):
+            return False
         transport = request.transport
         if transport is None:
             return False
         sockname = transport.get_extra_info("sockname")
-        port = sockname[1] if isinstance(sockname, tuple) else None
-        if port not in self.sites or self.sites[port] is not None:
+        if not self.is_closed(sockname[1] if isinstance(sockname, tuple) else None):
             return False
         transport.close()
         return True
@@ -519,25 +566,50 @@ def make_app() -> web.Application:
 
 def serve(host: str, port: int, extra_ports: Iterable[int] = ()) -> None:
     """Serve the simulator on ``port`` (and on each of ``extra_ports``, which the control
-    side can close and open again) until SIGINT or SIGTERM.
+    side can close and open again) until SIGINT or SIGTERM, on uvloop where it is installed.
     """
-    asyncio.run(_serve(host, port, list(extra_ports)))
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve(host, port, list(extra_ports)))
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 async def _serve(host: str, port: int, extra_ports: list[int]) -> None:
     app = make_app()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    ports = app[EXTRA_PORTS] = ExtraPorts(runner, host)
+    conns: set[Front] = set()
+
+    def app_protocol() -> asyncio.Protocol:
+        assert runner.server is not None
+        return runner.server()
+
+    def protocol() -> Front:
+        return Front(app[SIMULATOR], app_protocol, ports, conns)
+
+    ports = app[EXTRA_PORTS] = ExtraPorts(host, protocol)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    main: asyncio.AbstractServer | None = None
     try:
-        await web.TCPSite(runner, host, port).start()
+        main = await loop.create_server(protocol, host, port)
         for extra in extra_ports:
             await ports.open(extra)
         await stop.wait()
     finally:
+        for server in [main, *ports.sites.values()]:
+            if server is not None:
+                server.close()
+        for conn in list(conns):
+            if conn.transport is not None:
+                conn.transport.close()
         with contextlib.suppress(Exception):
             await runner.cleanup()
