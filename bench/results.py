@@ -81,7 +81,7 @@ def markdown(results: dict[str, Any]) -> str:
                 if "channel_rate_per_second" in e2e
                 else " |"
             ),
-            f"| raw limit, same route, unique signed bodies (/ s) | {e2e['raw_per_second']:,.0f}"
+            f"| raw limit: one plain aiohttp client process, same route, unique signed bodies (/ s) | {e2e['raw_per_second']:,.0f}"
             + (
                 f" (the better of {e2e['raw_per_second_before']:,.0f} before the pipeline and "
                 f"{e2e['raw_per_second_after']:,.0f} after it) |"
