@@ -198,12 +198,13 @@ def cpu_seconds(pid: int, *, descendants: bool = True, ended: bool = False) -> f
 
 
 def _descendants(pid: int) -> list[int]:
+    """The process's descendants now (one that ends while they are listed is left out)."""
     out: list[int] = []
-    for child in (
-        Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if Path(f"/proc/{pid}").exists()
-        else []
-    ):
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for child in children:
         out.append(int(child))
         out.extend(_descendants(int(child)))
     return out

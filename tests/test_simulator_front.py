@@ -193,16 +193,20 @@ def test_answers_keep_request_order_behind_a_latency(sim: tuple[str, int]) -> No
 
 
 def test_connection_close_is_honoured(sim: tuple[str, int]) -> None:
+    """Answered, then closed; a request pipelined behind it is never taken."""
     base, _ = sim
     _hook(base, "f3")
     conn = Conn(_port(base))
     try:
-        conn.send(_post("f3", _body("c1"), extra="Connection: close\r\n"))
+        conn.send(
+            _post("f3", _body("c1"), extra="Connection: close\r\n") + _post("f3", _body("c2"))
+        )
         status, headers, _ = conn.answer()
         assert (status, headers["connection"]) == (200, "close")
         assert conn.closed()
     finally:
         conn.close()
+    assert [r["key"] for r in httpx.get(f"{base}/_sim/hooks/f3/requests").json()] == ["c1"]
 
 
 def test_other_requests_on_the_connection_go_to_the_app(sim: tuple[str, int]) -> None:

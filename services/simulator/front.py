@@ -157,6 +157,8 @@ class Front(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.between = True
         self.completed = True
+        if self.transport is None or self.transport.is_closing():
+            return  # a request pipelined behind one that closed the connection: never taken
         keep_alive = self.parser.should_keep_alive()
         name = self.url.split(b"?", 1)[0][len(_PREFIX) :].decode("utf-8", "replace")
         if self.too_big:
