@@ -6,11 +6,9 @@ import io
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import boto3
-import httpx2 as httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
@@ -19,6 +17,7 @@ from bench.ports import free_port
 from shared.media_store import S3MediaStore, make_media_store
 from shared.settings import Settings
 from tests.conftest import Api
+from tests.serving import wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +31,7 @@ def s3_url() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url)
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the S3 server did not come up"
-            time.sleep(0.2)
+    wait_until_up(url, "the S3 server")
     yield url
     server.terminate()
     server.wait(timeout=10)

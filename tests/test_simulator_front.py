@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 
-import httpx
+import httpx2 as httpx
 import pytest
 
 from bench.ports import free_port
+from tests.serving import wait_until_up
 
 SECRET = "front-secret"
 
@@ -42,15 +43,7 @@ def sim() -> Iterator[tuple[str, int]]:
         stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/_sim/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the simulator did not come up"
-        time.sleep(0.05)
+    wait_until_up(f"{base}/_sim/health", "the simulator", ready=lambda r: r.status_code == 200)
     try:
         yield base, extra
     finally:

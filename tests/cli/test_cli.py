@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx2 as httpx
@@ -16,6 +15,7 @@ from bench.ports import free_port
 from shared.db.engine import libpq_url
 from shared.domain.tokens import hash_token
 from tests.conftest import _drop_database
+from tests.serving import wait_until_up
 
 BCAST = [sys.executable, "-m", "services.cli"]
 
@@ -62,15 +62,7 @@ def test_db_upgrade_creates_and_migrates_then_token_create_and_api_work(
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API did not come up"
-            time.sleep(0.2)
+        wait_until_up(f"{base}/readyz", "the API", ready=lambda r: r.status_code == 200)
         assert httpx.get(f"{base}/v1/channels").status_code == 401
         ok = httpx.get(f"{base}/v1/channels", headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200
