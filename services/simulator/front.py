@@ -79,6 +79,7 @@ class Front(asyncio.Protocol):
         # A request the app must answer was found: the connection is being handed over.
         self.handing_over = False
         self.url = b""
+        self.name = ""
         self.headers: dict[bytes, bytes] = {}
         self.body = bytearray()
         self.too_big = False
@@ -147,6 +148,7 @@ class Front(asyncio.Protocol):
         ):
             self.handing_over = True
             raise _HandOver
+        self.name = name.decode("utf-8", "replace")
 
     def on_body(self, body: bytes) -> None:
         if len(self.body) + len(body) > MAX_BODY:
@@ -160,7 +162,6 @@ class Front(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return  # a request pipelined behind one that closed the connection: never taken
         keep_alive = self.parser.should_keep_alive()
-        name = self.url.split(b"?", 1)[0][len(_PREFIX) :].decode("utf-8", "replace")
         if self.too_big:
             self._answer(413, {"error": f"body over {MAX_BODY} bytes"}, {}, close=True)
             return
@@ -170,7 +171,7 @@ class Front(asyncio.Protocol):
                 self.transport.close()
             return
         got = self.sim.take_webhook(
-            name,
+            self.name,
             bytes(self.body),
             _text(self.headers.get(b"x-bcast-signature")),
             _text(self.headers.get(b"idempotency-key")),
